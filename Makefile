@@ -1,0 +1,39 @@
+# Quickstart: `make demo` then `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch build to install first. The default is the CPU build that lies on this kind of machine;
+# on a GPU machine use e.g. `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"`.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DATA  ?= data/shakespeare
+DEMO_RUN   ?= runs/demo
+
+.PHONY: venv dev demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+demo: venv
+	$(VENV)/bin/lmforge prepare shakespeare --out $(DEMO_DATA) --overwrite
+	$(VENV)/bin/lmforge train --data $(DEMO_DATA) --out $(DEMO_RUN) --recipe demo --overwrite
+	$(VENV)/bin/lmforge generate --ckpt $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 1 --num-samples 2
+	$(VENV)/bin/lmforge eval --ckpt $(DEMO_RUN) --data $(DEMO_DATA)
+
+test: dev
+	$(VENV)/bin/python -m pytest -x -q --durations=15
+
+bench: dev
+	$(VENV)/bin/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs data build *.egg-info

@@ -1,0 +1,288 @@
+"""`lmforge` command line: thin verbs that parse arguments and call one library function each.
+
+    lmforge prepare SOURCE... --out DIR          corpus -> tokenizer + train/val token memmaps
+    lmforge train --data DIR --out RUN           train a decoder (config: --recipe, --config, --section.key VALUE)
+    lmforge generate --ckpt RUN --prompt TEXT    sample text (KV cache, temperature / top-k / top-p)
+    lmforge eval --ckpt RUN --data DIR|FILES     loss, perplexity, bits per byte (JSON)
+    lmforge info --preset NAME                   parameter count, FLOPs and KV-cache bytes per token
+    lmforge convert --from-hf DIR | --to-hf RUN  Hugging Face checkpoint import / export
+    lmforge bench train|decode                   side-by-side speed against transformers
+
+A user error prints one line `error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from lmforge.errors import LMForgeError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like LMForgeError
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+# ---- verbs -------------------------------------------------------------------------------------
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from lmforge.data.prepare import prepare
+
+    meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, overwrite=args.overwrite, progress=not args.quiet)
+    splits = meta.get("splits", {})
+    parts = [f"{name}: {s.get('tokens', 0):,} tokens / {s.get('bytes', 0):,} bytes / {s.get('documents', 0)} docs"
+             for name, s in splits.items()]
+    print(f"prepared {args.out} (vocab {meta.get('vocab_size')}, {meta.get('dtype')}) — " + "; ".join(parts))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmforge.train.config import config_help
+    from lmforge.train.loop import run_training
+
+    if args.help_config:
+        print(config_help())
+        return 0
+    if not args.data or not args.out:
+        raise LMForgeError("lmforge train needs --data DIR and --out RUN")
+    summary = run_training(args.data, args.out, config_file=args.config, overrides=extra, recipe=args.recipe,
+                           resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=None, default=str))
+    return 0
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise LMForgeError("give either --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        from pathlib import Path
+
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise LMForgeError(f"prompt file not found: {path}")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LMForgeError(f"prompt file {path} is not UTF-8 text") from None
+    if args.prompt is None:
+        raise LMForgeError("lmforge generate needs --prompt TEXT or --prompt-file FILE")
+    return args.prompt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmforge.infer.llm import LLM
+
+    prompt = _read_prompt(args)
+    llm = LLM.load(args.ckpt, device=args.device)
+    opts: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None)
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}/{args.num_samples} ---")
+        if args.stream:
+            sys.stdout.write(prompt)
+            for piece in llm.stream(prompt, seed=seed, **opts):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            print(prompt + llm.generate(prompt, seed=seed, **opts))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lmforge.eval.perplexity import evaluate
+
+    result = evaluate(args.ckpt, args.data, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
+    from dataclasses import asdict
+
+    from lmforge.config import parse_overrides
+    from lmforge.models.decoder import PRESETS, config_from_preset
+
+    if args.list or (args.preset is None and not extra):
+        rows = [(name, config_from_preset(name)) for name in PRESETS]
+        print(f"{'preset':<12} {'params':>18} {'layers':>6} {'heads':>5} {'kv':>3} {'width':>6} {'ctx':>6}  flavour")
+        for name, c in rows:
+            flavour = f"{c.pos_encoding}/{c.norm}/{c.mlp}{'/tied' if c.tie_embeddings else ''}"
+            print(f"{name:<12} {c.num_params():>18,} {c.n_layer:>6} {c.n_head:>5} {c.n_kv_head:>3} {c.n_embd:>6} {c.block_size:>6}  {flavour}")
+        return 0
+    overrides = parse_overrides(extra)
+    model_over = overrides.pop("model", {})
+    if overrides:
+        raise LMForgeError(f"lmforge info takes only --model.KEY overrides, got: {', '.join('--' + k for k in overrides)}")
+    from lmforge.config import from_dict
+    from lmforge.models.decoder import DecoderConfig
+
+    config_from_preset(args.preset)  # checks the name
+    cfg = from_dict(DecoderConfig, {**PRESETS[args.preset], **model_over, "preset": args.preset}, prefix="model.")
+    seq = args.seq_len or cfg.block_size
+    info = {
+        "preset": args.preset,
+        "params": cfg.num_params(),
+        "params_non_embedding": cfg.num_params(non_embedding=True),
+        "flops_per_token_train": cfg.flops_per_token(seq),
+        "flops_per_token_forward": cfg.flops_per_token(seq) // 3,
+        "seq_len": seq,
+        "kv_cache_bytes_per_token": {"fp32": cfg.kv_cache_bytes_per_token(4), "bf16": cfg.kv_cache_bytes_per_token(2)},
+        "config": asdict(cfg),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"preset                 {args.preset}")
+        print(f"parameters             {info['params']:,}  ({info['params'] / 1e6:,.2f}M; non-embedding {info['params_non_embedding']:,})")
+        print(f"FLOPs / token (train)  {info['flops_per_token_train']:,}  (6N + 12·L·H·D·T at T={seq})")
+        print(f"FLOPs / token (fwd)    {info['flops_per_token_forward']:,}")
+        print(f"KV cache / token       {info['kv_cache_bytes_per_token']['bf16']:,} bytes bf16, {info['kv_cache_bytes_per_token']['fp32']:,} bytes fp32")
+        print(f"shape                  {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} kv), width {cfg.n_embd}, "
+              f"mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}, context {cfg.block_size}")
+        print(f"flavour                {cfg.pos_encoding} positions, {cfg.norm}, {cfg.mlp}, "
+              f"{'tied' if cfg.tie_embeddings else 'untied'} head")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lmforge.interop import hf
+
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise LMForgeError("lmforge convert needs exactly one of --from-hf HF_DIR or --to-hf RUN")
+    if args.from_hf:
+        out = hf.convert_from_hf(args.from_hf, args.out, overwrite=args.overwrite)
+    else:
+        out = hf.convert_to_hf(args.to_hf, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    opts = {"quick": args.quick}
+    if args.what == "train":
+        from lmforge.bench.train import run
+    else:
+        from lmforge.bench.decode import run
+    result = run(opts)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        from lmforge.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
+    print(text)
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lmforge", description="Build, train, evaluate and run transformer language models.")
+    from lmforge import __version__
+
+    p.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("prepare", help="tokenize a corpus into train/val memmaps")
+    s.add_argument("sources", nargs="+", metavar="SOURCE", help="'shakespeare', or .txt/.jsonl files, globs, directories")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--tokenizer", default="bpe", choices=["bpe", "char"], help="byte-level BPE or characters (default bpe)")
+    s.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE vocabulary size (default 4096)")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="share of bytes held out, as whole documents (default 0.1)")
+    s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("train", help="train a decoder; extra --section.key VALUE flags override the config",
+                       epilog="Config keys: lmforge train --help-config")
+    s.add_argument("--data", help="prepared data directory (lmforge prepare)")
+    s.add_argument("--out", help="run directory")
+    s.add_argument("--config", help="YAML config file with sections model, train, data")
+    s.add_argument("--recipe", help="a config shipped with lmforge: demo, speedrun, baseline")
+    s.add_argument("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint path")
+    s.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
+    s.add_argument("--help-config", action="store_true", help="list every config key with its default")
+
+    s = sub.add_parser("generate", help="generate text from a trained model")
+    s.add_argument("--ckpt", required=True, help="run directory, model directory or Hugging Face folder")
+    s.add_argument("--prompt", help="prompt text")
+    s.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    s.add_argument("--top-k", type=_positive_int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--num-samples", type=_positive_int, default=1)
+    s.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    s.add_argument("--device", default="cpu")
+
+    s = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out data")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--data", required=True, nargs="+", help="prepared data directory, or text files")
+    s.add_argument("--batch-size", type=_positive_int, default=8)
+    s.add_argument("--max-tokens", type=_positive_int, default=None)
+
+    s = sub.add_parser("info", help="parameter count, FLOPs and KV-cache size of a preset (+ --model.KEY overrides)")
+    s.add_argument("--preset", help="preset name; --list shows them all")
+    s.add_argument("--list", action="store_true")
+    s.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length for attention FLOPs (default: context)")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("convert", help="import from / export to a Hugging Face checkpoint folder")
+    s.add_argument("--from-hf", metavar="HF_DIR")
+    s.add_argument("--to-hf", metavar="RUN")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+
+    s = sub.add_parser("bench", help="speed side by side with transformers")
+    s.add_argument("what", choices=["train", "decode"])
+    s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
+    s.add_argument("--json", help="also write the result to this file")
+    return p
+
+
+_TAKES_OVERRIDES = {"train", "info"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.verb not in _TAKES_OVERRIDES:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        verb = args.verb
+        if verb == "train":
+            return cmd_train(args, extra)
+        if verb == "info":
+            return cmd_info(args, extra)
+        return {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
+                "convert": cmd_convert, "bench": cmd_bench}[verb](args)
+    except LMForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

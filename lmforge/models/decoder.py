@@ -1,0 +1,303 @@
+"""Decoder-only (GPT-style, autoregressive) transformer: config, presets and the model, in one file.
+
+    tokens -> embedding (+ learned or sinusoidal positions) -> n_layer x Block -> final norm -> LM head
+    Block: x + Attention(norm(x)) then x + MLP(norm(x))        (pre-norm residual)
+
+The same module covers GPT-2 (learned positions, LayerNorm, GELU, tied head, biases) and the Llama
+family (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head), chosen by `DecoderConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from lmforge.errors import LMForgeError
+from lmforge.nn.layers import MLP, Attention, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
+
+
+def _h(text: str) -> Any:
+    return field(default=None, metadata={"help": text})
+
+
+@dataclass
+class DecoderConfig:
+    """Shape and flavour of a decoder. Defaults are the CPU-sized 'small' preset (nanoGPT's baby GPT)."""
+
+    preset: Optional[str] = field(default=None, metadata={"help": "preset the other keys start from (see `lmforge info --list`)"})
+    vocab_size: int = field(default=50257, metadata={"help": "vocabulary size; `lmforge train` sets it from the data's tokenizer"})
+    block_size: int = field(default=256, metadata={"help": "context length (positions)"})
+    n_layer: int = field(default=6, metadata={"help": "number of transformer blocks"})
+    n_head: int = field(default=6, metadata={"help": "query heads"})
+    n_kv_head: Optional[int] = field(default=None, metadata={"help": "key/value heads (grouped-query attention); default n_head"})
+    n_embd: int = field(default=384, metadata={"help": "model width"})
+    head_dim: Optional[int] = field(default=None, metadata={"help": "per-head width; default n_embd // n_head"})
+    mlp_hidden: Optional[int] = field(default=None, metadata={"help": "MLP hidden width; default 4*n_embd (gelu/relu2) or Llama's 8/3*n_embd rounded to 256 (swiglu)"})
+    pos_encoding: str = field(default="learned", metadata={"help": "learned | sinusoidal | rope"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    rope_scaling: Optional[dict] = field(default=None, metadata={"help": "HF-style rope_scaling dict (linear, dynamic, llama3, yarn)"})
+    mlp: str = field(default="gelu", metadata={"help": "gelu | swiglu | relu2"})
+    norm: str = field(default="layernorm", metadata={"help": "layernorm | rmsnorm"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of every norm"})
+    bias: bool = field(default=True, metadata={"help": "biases in linear layers and LayerNorms (GPT-2: true)"})
+    qkv_bias: bool = field(default=False, metadata={"help": "biases on q/k/v only (Qwen2)"})
+    qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise queries and keys per head"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "share the token embedding with the LM head"})
+    sliding_window: Optional[int] = field(default=None, metadata={"help": "attend only to the last N positions (Mistral / Longformer-style local attention)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings, attention and residual branches"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the normal init of weights"})
+    zero_init_proj: bool = field(default=False, metadata={"help": "start residual output projections at zero"})
+    logit_softcap: Optional[float] = field(default=None, metadata={"help": "cap logits with c*tanh(x/c) (Gemma-2 / modded-nanoGPT)"})
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.n_head
+        if self.mlp_hidden is None:
+            if self.mlp == "swiglu":
+                self.mlp_hidden = 256 * math.ceil(int(8 * self.n_embd / 3) / 256)
+            else:
+                self.mlp_hidden = 4 * self.n_embd
+        self.validate()
+
+    def validate(self) -> None:
+        choices = {"pos_encoding": ("learned", "sinusoidal", "rope"), "mlp": ("gelu", "swiglu", "relu2"),
+                   "norm": ("layernorm", "rmsnorm")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise LMForgeError(f"model.{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "mlp_hidden"):
+            if getattr(self, key) <= 0:
+                raise LMForgeError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.n_head % self.n_kv_head:
+            raise LMForgeError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise LMForgeError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise LMForgeError(f"model.sliding_window must be positive, got {self.sliding_window}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LMForgeError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    # ---- sizes -----------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Exact parameter count, from the shape alone (so 175B-parameter presets need no memory)."""
+        C, L, V, F = self.n_embd, self.n_layer, self.vocab_size, self.mlp_hidden
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        norm = C * (2 if self.norm == "layernorm" and self.bias else 1)
+        attn = C * (H + 2 * K) * D + (H + 2 * K) * D * (self.bias or self.qkv_bias) + H * D * C + C * self.bias
+        attn += 2 * D * self.qk_norm
+        n_in = 2 * F if self.mlp == "swiglu" else F
+        mlp = C * n_in + F * C + (n_in + C) * self.bias
+        block = 2 * norm + attn + mlp
+        emb = V * C
+        pos = self.block_size * C if self.pos_encoding == "learned" else 0
+        head = 0 if self.tie_embeddings else V * C
+        total = emb + pos + L * block + norm + head
+        return total - (emb + pos) if non_embedding else total
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token (forward + backward): 6*N + 12*L*H*D*T (PaLM appendix B),
+        with N the non-embedding parameters plus the LM head matmul."""
+        T = seq_len or self.block_size
+        n = self.num_params(non_embedding=True) + (self.vocab_size * self.n_embd if self.tie_embeddings else 0)
+        return 6 * n + 12 * self.n_layer * self.n_head * self.head_dim * T
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return 2 * self.n_layer * self.n_kv_head * self.head_dim * bytes_per_value
+
+
+# Published shapes. GPT-2 sizes from OpenAI's release (124M with tied head = 124,439,808);
+# GPT-3 175B from Brown et al. 2020, table 2.1 (dense attention here; shape only).
+_GPT2 = dict(vocab_size=50257, block_size=1024, pos_encoding="learned", mlp="gelu", norm="layernorm",
+             bias=True, tie_embeddings=True, dropout=0.0)
+_LLAMA = dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, bias=False, tie_embeddings=False)
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=64),
+    "small": dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=384),
+    "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
+    "gpt3-175b": dict(_GPT2, block_size=2048, n_layer=96, n_head=96, n_embd=12288),
+    "llama-small": dict(_LLAMA, vocab_size=32000, block_size=2048, n_layer=12, n_head=12, n_kv_head=4, n_embd=768,
+                        mlp_hidden=2048),
+    "llama2-7b": dict(_LLAMA, vocab_size=32000, block_size=4096, n_layer=32, n_head=32, n_embd=4096, mlp_hidden=11008),
+}
+
+
+def config_from_preset(name: Optional[str], **overrides: Any) -> DecoderConfig:
+    """The preset's shape with `overrides` on top; checks the preset name."""
+    base: dict[str, Any] = {}
+    if name is not None:
+        if name not in PRESETS:
+            import difflib
+
+            near = difflib.get_close_matches(name, list(PRESETS), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise LMForgeError(f"unknown preset '{name}'{hint}; presets: {', '.join(PRESETS)}")
+        base = dict(PRESETS[name])
+    base.update({k: v for k, v in overrides.items() if k != "preset"})
+    valid = {f.name for f in dataclasses.fields(DecoderConfig)}
+    unknown = set(base) - valid
+    if unknown:
+        raise LMForgeError(f"unknown model keys: {', '.join(sorted(unknown))}")
+    return DecoderConfig(preset=name, **base)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, bias=cfg.bias, qkv_bias=cfg.qkv_bias,
+                              qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dropout=cfg.dropout)
+        self.norm2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden, cfg.mlp, cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTC: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
+        x_BTC = x_BTC + self.drop(self.attn(self.norm1(x_BTC), **attn_kwargs))
+        return x_BTC + self.drop(self.mlp(self.norm2(x_BTC)))
+
+
+class Decoder(nn.Module):
+    """GPT-style language model. `forward(idx_BT)` returns next-token logits (B, T, vocab)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos_encoding == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        else:
+            inv_freq, attn_factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.block_size)
+            cos, sin = rope_cos_sin(inv_freq, cfg.block_size, attn_factor)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, init_std); residual output projections scaled by 1/sqrt(2*n_layer)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                if name.endswith(("attn.proj.weight", "mlp.fc_out.weight")):
+                    if self.cfg.zero_init_proj:
+                        nn.init.zeros_(p)
+                    else:
+                        nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+                else:
+                    nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim,
+                       dtype=dtype or p.dtype, device=p.device)
+
+    def _attention_mask(self, T: int, S: int, start: int, valid_BS: torch.Tensor | None,
+                        pos_BS: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """Boolean mask (B or 1, 1, T, S), True = may attend; None when plain causal attention does it."""
+        window = self.cfg.sliding_window
+        needs_window = window is not None and S > window
+        if valid_BS is None and not needs_window and (start == 0 or T == 1):
+            return None  # causal (T == S) or a single new token seeing the whole cache
+        q_slot = torch.arange(start, start + T, device=device)[:, None]
+        k_slot = torch.arange(S, device=device)[None, :]
+        allowed_TS = k_slot <= q_slot
+        if valid_BS is None:
+            if needs_window:
+                allowed_TS = allowed_TS & (q_slot - k_slot < window)
+            return allowed_TS[None, None]
+        allowed_BTS = allowed_TS[None] & valid_BS[:, None, :S]
+        if needs_window:
+            q_pos = pos_BS[:, start:start + T, None]
+            allowed_BTS = allowed_BTS & (q_pos - pos_BS[:, None, :S] < window)
+        # A padding query sees at least itself, so its softmax has no empty row (no NaNs).
+        allowed_BTS = allowed_BTS | (q_slot == k_slot)[None]
+        return allowed_BTS[:, None]
+
+    def forward(self, idx_BT: torch.Tensor, *, pad_mask_BT: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits for every position (or only the last with `last_only`).
+
+        pad_mask_BT: True where idx is a real token, False for (left) padding. With a cache the
+        new tokens are appended after `cache.length` and the cache advances.
+        """
+        B, T = idx_BT.shape
+        device = idx_BT.device
+        start = cache.length if cache is not None else 0
+        S = start + T
+        limit = cache.max_len if cache is not None else self.cfg.block_size
+        if S > limit or S > self.cfg.block_size and self.cfg.pos_encoding != "rope":
+            raise LMForgeError(f"sequence of {S} tokens is longer than the context ({min(limit, self.cfg.block_size)})")
+
+        valid_BS = None
+        if cache is not None:
+            new_valid = pad_mask_BT if pad_mask_BT is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            cache.valid_BS[:, start:S] = new_valid
+            if pad_mask_BT is not None and not bool(pad_mask_BT.all()):
+                cache.has_padding = True
+            if cache.has_padding:
+                valid_BS = cache.valid_BS[:, :S]
+        elif pad_mask_BT is not None and not bool(pad_mask_BT.all()):
+            valid_BS = pad_mask_BT
+
+        if valid_BS is not None:
+            pos_BS = (valid_BS.long().cumsum(-1) - 1).clamp(min=0)
+            pos_BT = pos_BS[:, start:S]
+        else:
+            pos_BS = None
+            pos_BT = torch.arange(start, S, device=device)[None].expand(B, T)
+        if self.cfg.sliding_window is not None and pos_BS is None:
+            pos_BS = torch.arange(S, device=device)[None]
+
+        x_BTC = self.tok_emb(idx_BT)
+        rope = None
+        if self.cfg.pos_encoding == "learned":
+            x_BTC = x_BTC + self.pos_emb(pos_BT)
+        elif self.cfg.pos_encoding == "sinusoidal":
+            x_BTC = x_BTC + self.pos_table[pos_BT].to(x_BTC.dtype)
+        else:
+            if S > self.rope_cos.shape[0]:
+                raise LMForgeError(f"sequence of {S} tokens is longer than the context ({self.rope_cos.shape[0]})")
+            rope = (self.rope_cos[pos_BT], self.rope_sin[pos_BT])
+        x_BTC = self.drop(x_BTC)
+
+        mask = self._attention_mask(T, S, start, valid_BS, pos_BS, device)
+        for i, block in enumerate(self.blocks):
+            x_BTC = block(x_BTC, rope=rope, mask=mask, is_causal=T > 1, cache=cache, layer=i)
+        if cache is not None:
+            cache.length = S
+
+        x_BTC = self.norm_f(x_BTC)
+        if last_only:
+            x_BTC = x_BTC[:, -1:]
+        logits_BTV = self.lm_head(x_BTC)
+        if self.cfg.logit_softcap:
+            c = self.cfg.logit_softcap
+            logits_BTV = c * torch.tanh(logits_BTV / c)
+        return logits_BTV
