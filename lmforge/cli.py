@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any, Sequence
 
 from lmforge.errors import LMForgeError
@@ -262,8 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
 _TAKES_OVERRIDES = {"train", "info"}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _show_warning  # "warning: ..." lines, not file:line: UserWarning
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

@@ -1,0 +1,160 @@
+"""`LLM`: the Python API for using a trained model.
+
+    from lmforge import LLM
+    llm = LLM.load("runs/shakespeare")            # run dir, model/checkpoint dir or Hugging Face folder
+    llm.generate("ROMEO:", max_new_tokens=50, temperature=0.8, top_k=200, seed=0)   # -> str
+    llm.generate([15, 27, 3], temperature=0)      # -> list of new token ids
+    for piece in llm.stream("ROMEO:"): print(piece, end="")
+    logits = llm.model(torch.tensor([[15, 27, 3]]))  # (batch, time, vocab)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from lmforge.errors import LMForgeError
+from lmforge.infer.generate import generate as _generate
+from lmforge.infer.generate import stream_text
+
+
+def _is_hf_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"{cfg} is not valid JSON: {e}") from None
+    return isinstance(data, dict) and "architectures" in data
+
+
+def _load_tokenizer(tok: Any) -> Any:
+    if tok is None or not isinstance(tok, (str, Path)):
+        return tok
+    from lmforge.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(tok)
+
+
+class LLM:
+    """A model, its config and (when it has one) its tokenizer, ready to generate.
+
+    Attributes: `model` (the `Decoder`; calling it on ids (B, T) returns logits (B, T, vocab)),
+    `config` (its `DecoderConfig`), `tokenizer` (or None), `path`.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: Any, tokenizer: Any = None, path: str | Path | None = None):
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.path = Path(path) if path is not None else None
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "LLM":
+        """Load a training run directory (its latest checkpoint), a model/checkpoint directory, or a
+        Hugging Face model folder (config.json with "architectures")."""
+        path = Path(path)
+        if not path.exists():
+            raise LMForgeError(f"checkpoint not found: {path}")
+        if path.is_dir() and _is_hf_dir(path):
+            from lmforge.interop.hf import load_hf_dir
+
+            model, cfg, tok = load_hf_dir(path, device=device)
+        else:
+            from lmforge.checkpoint import load_model_dir
+
+            model, cfg, tok = load_model_dir(path, device=device)
+        model.eval()
+        return cls(model, cfg, _load_tokenizer(tok), path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_emb.weight.device
+
+    @property
+    def eos_id(self) -> int | None:
+        return getattr(self.tokenizer, "eos_id", None) if self.tokenizer is not None else None
+
+    @property
+    def pad_id(self) -> int | None:
+        return getattr(self.tokenizer, "pad_id", None) if self.tokenizer is not None else None
+
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            where = f"the model at {self.path}" if self.path is not None else "this model"
+            raise LMForgeError(f"{where} has no tokenizer (no tokenizer.json), so prompts must be lists of token ids")
+        return self.tokenizer
+
+    def _encode_text(self, texts: Sequence[str]) -> list[list[int]]:
+        tok = self._need_tokenizer()
+        ids = tok.encode_batch(list(texts)) if len(texts) > 1 else [tok.encode(texts[0])]
+        out = []
+        for row in ids:
+            row = list(row)
+            if not row:
+                # An empty prompt starts a new document: training data separates documents with EOS.
+                if self.eos_id is None:
+                    raise LMForgeError("prompt is empty and the tokenizer has no end-of-text token to start from")
+                row = [self.eos_id]
+            out.append(row)
+        return out
+
+    def _prompts(self, prompt: Any) -> tuple[str, list[list[int]]]:
+        """('text' | 'ids' | 'texts', token-id prompts)."""
+        if isinstance(prompt, str):
+            return "text", self._encode_text([prompt])
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (list, tuple)):
+            if len(prompt) == 0:
+                raise LMForgeError("prompt is empty; give a string, a list of strings or a list of token ids")
+            if all(isinstance(p, str) for p in prompt):
+                return "texts", self._encode_text(list(prompt))
+            if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+                return "ids", [list(prompt)]
+        raise LMForgeError(f"prompt must be a string, a list of strings or a list of token ids, got {type(prompt).__name__}")
+
+    def generate(self, prompt: str | Sequence[str] | Sequence[int], max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                 stop: str | Sequence[str] | None = None, seed: int | None = None, num_samples: int = 1) -> Any:
+        """Continue `prompt`.
+
+        A string gives the generated text (str); a list of token ids gives the list of new ids; a
+        list of strings gives one result per string (generated together in one batch). With
+        num_samples > 1 each prompt's result is a list of that many samples. temperature 0 is
+        greedy; `seed` makes sampling reproducible. Generation stops at the end-of-text token, at
+        any `stop` string (not included in the text) or after max_new_tokens. For token-id prompts
+        a stop string ends generation and the ids run through the token that completed it.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise LMForgeError(f"num_samples must be a positive integer, got {num_samples!r}")
+        kind, prompts = self._prompts(prompt)
+        rows = [p for p in prompts for _ in range(num_samples)]
+        gens = _generate(self.model, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.eos_id, pad_id=self.pad_id,
+                         stop=stop, tokenizer=self.tokenizer, seed=seed, decode_text=kind != "ids")
+        outs = [g.ids if kind == "ids" else g.text for g in gens]
+        grouped = [outs[i:i + num_samples] if num_samples > 1 else outs[i] for i in range(0, len(outs), num_samples)]
+        return grouped if kind == "texts" else grouped[0]
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, repetition_penalty: float = 1.0, stop: str | Sequence[str] | None = None,
+               seed: int | None = None, num_samples: int = 1) -> Iterator[str]:
+        """Yield the generated text in pieces as tokens are produced (same settings as `generate`);
+        the pieces join to what `generate` returns for the same seed."""
+        if not isinstance(prompt, str):
+            raise LMForgeError(f"stream takes one string prompt, got {type(prompt).__name__}")
+        if num_samples != 1:
+            raise LMForgeError("stream produces one sample; use generate(..., num_samples=N) for several")
+        (ids,) = self._encode_text([prompt])
+        return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.eos_id,
+                           stop=stop, seed=seed)
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return f"LLM({self.path or 'in-memory'}, {n / 1e6:.2f}M parameters, tokenizer={'yes' if self.tokenizer else 'no'})"

@@ -1,0 +1,154 @@
+"""Tokenizers: byte-level BPE or one-token-per-character, both stored as a `tokenizers` tokenizer.json.
+
+`Tokenizer` is a thin wrapper around a `tokenizers.Tokenizer` (`.hf`) so that HF-imported
+tokenizers (GPT-2, Llama, ...) and the ones lmforge trains behave the same. lmforge-trained
+vocabularies start with the special tokens, in this order (so their ids are fixed):
+
+    0 <|endoftext|>   end of document (EOS); `prepare` appends it after every document
+    1 <|pad|>         padding for batched generation / fine-tuning
+    2 <|im_start|>    reserved for chat templates
+    3 <|im_end|>      reserved for chat templates
+    4 <|mask|>        reserved for masked / diffusion objectives
+
+`encode` never adds special tokens and, by default, treats text that merely *looks* like a special
+token ("<|endoftext|>" inside a document) as ordinary text, so data can't inject control tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmforge.errors import LMForgeError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, "<|im_start|>", "<|im_end|>", "<|mask|>"]
+UNK_TOKEN = "<|unk|>"  # char tokenizer only: characters not seen in training
+N_BYTES = 256
+MIN_BPE_VOCAB = N_BYTES + len(SPECIAL_TOKENS)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids of its EOS and pad tokens (None when the vocab lacks them)."""
+
+    def __init__(self, hf: tokenizers.Tokenizer, eos_token: str | None = EOS_TOKEN, pad_token: str | None = PAD_TOKEN):
+        self.hf = hf
+        self.eos_token = eos_token
+        self.pad_token = pad_token
+        self.eos_id: int | None = hf.token_to_id(eos_token) if eos_token is not None else None
+        self.pad_id: int | None = hf.token_to_id(pad_token) if pad_token is not None else None
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, progress: bool = False) -> Tokenizer:
+        """Byte-level BPE (GPT-2 pre-tokenization) with exactly `vocab_size` tokens, specials included.
+
+        `texts` is consumed once, as a stream (memory is bounded by the number of distinct words,
+        not the corpus size). If the text is too small to learn enough merges, the vocabulary is
+        padded with `<|reserved_N|>` special tokens so the model's embedding size is what was asked.
+        """
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise LMForgeError(f"vocab_size must be an integer, got {vocab_size!r}")
+        if vocab_size < MIN_BPE_VOCAB:
+            raise LMForgeError(
+                f"vocab_size {vocab_size} is too small for a byte-level BPE tokenizer; the minimum is "
+                f"{MIN_BPE_VOCAB} ({N_BYTES} bytes + {len(SPECIAL_TOKENS)} special tokens)"
+            )
+        hf = tokenizers.Tokenizer(models.BPE())
+        # add_prefix_space=False keeps decode(encode(s)) == s exactly.
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+            show_progress=progress,
+        )
+        hf.train_from_iterator(_nonempty(texts), trainer=trainer)
+        have = hf.get_vocab_size(with_added_tokens=True)
+        if have < vocab_size:
+            warnings.warn(
+                f"the training text supports only {have} BPE tokens; padding the vocabulary to {vocab_size} "
+                f"with {vocab_size - have} unused <|reserved_N|> tokens",
+                stacklevel=2,
+            )
+            hf.add_special_tokens([tokenizers.AddedToken(f"<|reserved_{i}|>", special=True, normalized=False)
+                                   for i in range(vocab_size - have)])
+        assert hf.get_vocab_size(with_added_tokens=True) == vocab_size
+        return cls(hf)
+
+    @classmethod
+    def train_char(cls, texts: Iterable[str]) -> Tokenizer:
+        """One token per distinct character seen (sorted by code point) after the specials and `<|unk|>`."""
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, UNK_TOKEN, *sorted(seen)])}
+        # A BPE model with no merges maps each character to its id; no pre-tokenizer is needed.
+        hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+        hf.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        hf.decoder = decoders.Fuse()  # concatenate characters (the default decoder joins with spaces)
+        return cls(hf)
+
+    @classmethod
+    def from_file(cls, path: str | Path, eos_token: str | None = EOS_TOKEN, pad_token: str | None = PAD_TOKEN) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise LMForgeError(f"tokenizer file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+            hf = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON / schema
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LMForgeError(f"{path} is not a valid tokenizer.json ({first})") from None
+        return cls(hf, eos_token=eos_token, pad_token=pad_token)
+
+    def save(self, path: str | Path) -> None:
+        from lmforge.checkpoint import atomic_write_text  # lazy: checkpoint imports torch
+
+        self.hf.encode_special_tokens = False  # never persist the per-call setting used by encode()
+        atomic_write_text(path, self.hf.to_str(pretty=True))
+
+    # ---- use ---------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.hf.id_to_token(i)
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`; no BOS/EOS added. allow_special=True parses "<|im_start|>" etc. as specials."""
+        # A flag on the shared Rust object: don't call encode with different allow_special from threads.
+        self.hf.encode_special_tokens = not allow_special
+        return self.hf.encode_batch_fast([text], add_special_tokens=False)[0].ids
+
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        """`encode` over many texts, in parallel threads in Rust (TOKENIZERS_PARALLELISM=false turns that off)."""
+        self.hf.encode_special_tokens = not allow_special
+        return [e.ids for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({type(self.hf.model).__name__}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+
+
+def _nonempty(texts: Iterable[str]) -> Iterator[str]:
+    for t in texts:
+        if t:
+            yield t
