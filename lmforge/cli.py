@@ -32,6 +32,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        value = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size like 2GB or 500MB, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got '{text}'")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like LMForgeError
         self.exit(2, f"error: {self.prog}: {message}\n")
@@ -170,7 +183,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.from_hf:
         out = hf.convert_from_hf(args.from_hf, args.out, overwrite=args.overwrite)
     else:
-        out = hf.convert_to_hf(args.to_hf, args.out, overwrite=args.overwrite)
+        out = hf.convert_to_hf(args.to_hf, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
     return 0
 
@@ -252,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to-hf", metavar="RUN")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--max-shard-size", type=_size, default=5 * 2**30, metavar="SIZE",
+                   help="--to-hf: split safetensors above this size, e.g. 2GB, 500MB (default 5GB)")
 
     s = sub.add_parser("bench", help="speed side by side with transformers")
     s.add_argument("what", choices=["train", "decode"])

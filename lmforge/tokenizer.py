@@ -16,9 +16,10 @@ token ("<|endoftext|>" inside a document) as ordinary text, so data can't inject
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -109,6 +110,26 @@ class Tokenizer:
             raise LMForgeError(f"{path} is not a valid tokenizer.json ({first})") from None
         return cls(hf, eos_token=eos_token, pad_token=pad_token)
 
+    @classmethod
+    def from_model_dir_file(cls, path: str | Path) -> Tokenizer:
+        """`from_file`, taking the EOS / pad token names from a `tokenizer_config.json` beside it
+        (Hugging Face folders name them there, e.g. Llama's `</s>`)."""
+        path = Path(path)
+        side = path.with_name("tokenizer_config.json")
+        eos, pad = EOS_TOKEN, PAD_TOKEN
+        if side.is_file():
+            try:
+                conf = json.loads(side.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise LMForgeError(f"{side} is not valid JSON") from None
+
+            def name(v: Any) -> str | None:
+                return v.get("content") if isinstance(v, dict) else v
+
+            eos = name(conf.get("eos_token")) or EOS_TOKEN
+            pad = name(conf.get("pad_token")) or PAD_TOKEN
+        return cls.from_file(path, eos_token=eos, pad_token=pad)
+
     def save(self, path: str | Path) -> None:
         from lmforge.checkpoint import atomic_write_text  # lazy: checkpoint imports torch
 
@@ -132,6 +153,12 @@ class Tokenizer:
         # A flag on the shared Rust object: don't call encode with different allow_special from threads.
         self.hf.encode_special_tokens = not allow_special
         return self.hf.encode_batch_fast([text], add_special_tokens=False)[0].ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt as Hugging Face tokenizers make them: special-token text is parsed
+        as specials and the tokenizer's own template (e.g. a Llama BOS) is applied."""
+        self.hf.encode_special_tokens = False
+        return self.hf.encode(text, add_special_tokens=True).ids
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """`encode` over many texts, in parallel threads in Rust (TOKENIZERS_PARALLELISM=false turns that off)."""

@@ -37,7 +37,7 @@ def _load_tokenizer(tok: Any) -> Any:
         return tok
     from lmforge.tokenizer import Tokenizer
 
-    return Tokenizer.from_file(tok)
+    return Tokenizer.from_model_dir_file(tok)
 
 
 class LLM:
@@ -91,7 +91,7 @@ class LLM:
 
     def _encode_text(self, texts: Sequence[str]) -> list[list[int]]:
         tok = self._need_tokenizer()
-        ids = tok.encode_batch(list(texts)) if len(texts) > 1 else [tok.encode(texts[0])]
+        ids = [tok.encode_prompt(t) for t in texts]
         out = []
         for row in ids:
             row = list(row)

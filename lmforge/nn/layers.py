@@ -63,7 +63,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None, m
     if not scaling:
         return inv, 1.0
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    factor = float(scaling.get("factor", 1.0))
+    factor = float(scaling["factor"]) if scaling.get("factor") is not None else 1.0
     if kind == "default":
         return inv, 1.0
     if kind == "linear":
@@ -87,18 +87,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None, m
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
-        orig = int(scaling.get("original_max_position_embeddings", max_pos))
+        orig = int(scaling.get("original_max_position_embeddings") or max_pos)
+        if scaling.get("factor") is None:  # HF: the factor is implied by the two context lengths
+            factor = max_pos / orig
         beta_fast = float(scaling.get("beta_fast") or 32)
         beta_slow = float(scaling.get("beta_slow") or 1)
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 0.1 * m * math.log(scale) + 1.0 if scale > 1 else 1.0
+
         mscale = scaling.get("attention_factor")
         if mscale is None:
-            mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            # DeepSeek-style ratio when both are given, as HF does.
+            mscale = get_mscale(factor, m) / get_mscale(factor, m_all) if m and m_all else get_mscale(factor)
 
         def corr_dim(n_rot: float) -> float:
             return (head_dim * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(theta))
 
-        low = max(math.floor(corr_dim(beta_fast)), 0)
-        high = min(math.ceil(corr_dim(beta_slow)), head_dim - 1)
+        low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+        if scaling.get("truncate", True):  # HF default: round the ramp ends to whole dims
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
