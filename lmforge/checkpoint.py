@@ -35,6 +35,14 @@ LATEST = "latest"
 
 # ---- atomic file primitives ------------------------------------------------------------------
 
+def _umask_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_file_mode()
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -53,6 +61,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; give them the usual umask mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -72,6 +81,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     """safetensors file written atomically (tmp + fsync + rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -224,3 +234,114 @@ def replace_dir_atomically(tmp_dir: Path, final_dir: Path) -> None:
     else:
         os.replace(tmp_dir, final_dir)
     fsync_dir(final_dir.parent)
+
+
+# ---- training state (resume) -------------------------------------------------------------------
+# A training checkpoint is a model directory plus two sidecar files:
+#   train_state.safetensors  optimizer / grad-scaler tensors and RNG states (uint8), no pickle
+#   train_state.json         step, tokens, schedule, data position, config, and the structure that
+#                            puts the tensors back into the optimizer's state_dict
+
+TRAIN_STATE_TENSORS = "train_state.safetensors"
+TRAIN_STATE_JSON = "train_state.json"
+RUN_CONFIG = "config.yaml"
+RUN_METRICS = "metrics.jsonl"
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "s") -> tuple[Any, dict[str, torch.Tensor]]:
+    """A JSON-able copy of a nested state (dicts, lists, tuples, scalars, tensors) plus its tensors.
+
+    Each tensor becomes {"__tensor__": name}; dicts whose keys are not all strings (an optimizer's
+    per-parameter state is keyed by int) and tuples are tagged so `unflatten_state` rebuilds them.
+    """
+    tensors = {} if tensors is None else tensors
+    if isinstance(obj, torch.Tensor):
+        name = prefix
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"__tensor__": name}, tensors
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj:
+            return {k: flatten_state(v, tensors, f"{prefix}.{k}")[0] for k, v in obj.items()}, tensors
+        items = [[k, flatten_state(v, tensors, f"{prefix}.{k}")[0]] for k, v in obj.items()]
+        return {"__items__": items}, tensors
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten_state(v, tensors, f"{prefix}.{i}")[0] for i, v in enumerate(obj)]}, tensors
+    if isinstance(obj, list):
+        return [flatten_state(v, tensors, f"{prefix}.{i}")[0] for i, v in enumerate(obj)], tensors
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj, tensors
+    raise TypeError(f"cannot store {type(obj).__name__} in a training state")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor], source: Path | None = None) -> Any:
+    """Inverse of `flatten_state`."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            name = obj["__tensor__"]
+            if name not in tensors:
+                raise LMForgeError(f"{source or TRAIN_STATE_TENSORS} lacks the tensor '{name}' that {TRAIN_STATE_JSON} names")
+            return tensors[name]
+        if "__items__" in obj:
+            return {k: unflatten_state(v, tensors, source) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors, source) for v in obj["__tuple__"])
+        return {k: unflatten_state(v, tensors, source) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors, source) for v in obj]
+    return obj
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _step_dirs(ckpt_root: Path) -> list[Path]:
+    return sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+                           tensors: dict[str, torch.Tensor], tokenizer_path: str | Path | None = None,
+                           keep: int = 0) -> Path:
+    """Write RUN/checkpoints/step_XXXXXXXX atomically, point `latest` at it, keep the newest `keep`.
+
+    Everything goes into a hidden temp directory first, which is renamed into place only once
+    complete; `latest` is updated after that. A crash at any point leaves the previous checkpoint
+    as the latest complete one.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    tmp = root / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model_dir(tmp, model, tokenizer_path)
+    save_tensors(tmp / TRAIN_STATE_TENSORS, tensors, metadata={"format": "pt", "lmforge": "train_state"})
+    atomic_write_text(tmp / TRAIN_STATE_JSON, json.dumps(state, indent=1))
+    final = root / name
+    replace_dir_atomically(tmp, final)
+    atomic_write_text(root / LATEST, name + "\n")
+    if keep > 0:
+        for old in _step_dirs(root)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_train_state(ckpt_dir: str | Path, with_tensors: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(train_state.json contents, train_state.safetensors tensors) of a training checkpoint
+    (tensors {} when with_tensors is False: reading the config and counters only)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / TRAIN_STATE_JSON).is_file():
+        raise LMForgeError(f"{ckpt_dir} holds no training state ({TRAIN_STATE_JSON}); it is a model directory "
+                           "that can be loaded but not resumed")
+    state = read_json(ckpt_dir / TRAIN_STATE_JSON)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise LMForgeError(f"{ckpt_dir / TRAIN_STATE_JSON} is corrupt: no step number")
+    tensors = load_tensors(ckpt_dir / TRAIN_STATE_TENSORS) if with_tensors else {}
+    return state, tensors
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` holds an lmforge training run (its config.yaml plus metrics or checkpoints)."""
+    path = Path(path)
+    return (path / RUN_CONFIG).is_file() and ((path / RUN_METRICS).is_file() or (path / CKPT_DIR).is_dir())

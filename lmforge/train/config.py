@@ -1,0 +1,258 @@
+"""Training configuration: `RunConfig(model, train, data)` and how it is assembled.
+
+Precedence, lowest to highest: the dataclass defaults below (or, on resume, the checkpoint's
+config), a shipped recipe (`lmforge/recipes/NAME.yaml`), a `--config` YAML file, then
+`--section.key VALUE` overrides. The `model` section mirrors `DecoderConfig`; every key in it
+defaults to "unset" so that `model.preset` supplies the shape and only the keys the user sets
+override it. `model.vocab_size` always comes from the prepared data's tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from lmforge.config import deep_merge, from_dict, load_yaml, parse_overrides
+from lmforge.errors import LMForgeError
+from lmforge.models.decoder import DecoderConfig, config_from_preset
+
+DEFAULT_PRESET = "small"
+
+
+def _h(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+def _model_section() -> type:
+    """A dataclass with DecoderConfig's keys, each Optional and unset (None) by default."""
+    hints = typing.get_type_hints(DecoderConfig)
+    fields = []
+    for f in dataclasses.fields(DecoderConfig):
+        tp = hints[f.name]
+        help_ = f.metadata.get("help", "")
+        if f.name == "preset":
+            fields.append((f.name, Optional[str], _h(DEFAULT_PRESET, f"{help_} (default {DEFAULT_PRESET}; "
+                                                                  "keys set here override it)")))
+        else:
+            fields.append((f.name, Optional[tp], _h(None, help_)))
+    cls = dataclasses.make_dataclass("ModelConfig", fields)
+    cls.__module__ = __name__
+    cls.__doc__ = "DecoderConfig's keys; unset keys take the preset's value."
+    return cls
+
+
+ModelConfig = _model_section()
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation, checkpointing and hardware settings."""
+
+    objective: str = _h("causal_lm", "training objective (see lmforge.train.objectives.OBJECTIVES)")
+    max_steps: int = _h(1000, "optimizer steps to train for")
+    max_minutes: Optional[float] = _h(None, "wall-clock budget in minutes (total over resumes): stop cleanly "
+                                            "(eval + checkpoint) when reached; the cosine schedule then ends at the "
+                                            "step count estimated from the measured time per step")
+    micro_batch_size: int = _h(16, "sequences per forward/backward pass (per process)")
+    grad_accum: int = _h(1, "micro-batches accumulated per optimizer step (per process)")
+    seq_len: Optional[int] = _h(None, "tokens per training sequence; default model.block_size (must not exceed it)")
+    lr: float = _h(1e-3, "peak learning rate")
+    min_lr: Optional[float] = _h(None, "learning rate at the end of the cosine decay; default lr / 10")
+    warmup_steps: int = _h(100, "linear warmup steps from 0 to lr")
+    weight_decay: float = _h(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)")
+    beta1: float = _h(0.9, "AdamW beta1")
+    beta2: float = _h(0.95, "AdamW beta2")
+    eps: float = _h(1e-8, "AdamW epsilon")
+    grad_clip: float = _h(1.0, "clip the global gradient norm to this value (0 = no clipping)")
+    eval_every: int = _h(250, "evaluate every N steps (and always at the end; 0 = only at the end)")
+    eval_iters: int = _h(20, "validation batches (of micro_batch_size sequences) per evaluation")
+    log_every: int = _h(10, "write a metrics.jsonl row every N steps (and at steps 1 and the last)")
+    ckpt_every: int = _h(500, "checkpoint every N steps (and always at the end; 0 = only at the end)")
+    keep_checkpoints: int = _h(3, "keep the newest N checkpoints (0 = keep all)")
+    seed: int = _h(1337, "seed of the weight init, the data windows and dropout")
+    compile: bool = _h(False, "torch.compile the model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _h(
+        "auto", "auto | float32 | bfloat16 | float16; auto = bf16 autocast on CUDA if supported, else fp32")
+    device: Literal["auto", "cpu", "cuda"] = _h("auto", "auto | cpu | cuda; auto = cuda if available")
+    peak_flops: Optional[float] = _h(None, "peak FLOP/s of one device for the MFU figure; default from a small "
+                                           "table (GPUs) or a nominal CPU estimate")
+    progress: bool = _h(True, "show a progress bar on stderr")
+
+
+@dataclass
+class DataConfig:
+    """Which splits of the prepared data directory to read."""
+
+    train_split: str = _h("train", "split trained on (SPLIT.bin)")
+    val_split: str = _h("val", "split evaluated on (SPLIT.bin)")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# Keys that may differ between a checkpoint's config and the config a run is resumed with.
+RESUMABLE_CHANGES = frozenset({
+    "train.max_steps", "train.max_minutes", "train.eval_every", "train.eval_iters", "train.log_every",
+    "train.ckpt_every", "train.keep_checkpoints", "train.progress", "train.compile", "train.device",
+    "train.peak_flops",
+})
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of a recipe shipped in lmforge/recipes/."""
+    root = resources.files("lmforge.recipes")
+    available = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    if name not in available:
+        import difflib
+
+        near = difflib.get_close_matches(name, available, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise LMForgeError(f"unknown recipe '{name}'{hint}; recipes: {', '.join(available) or 'none'}")
+    return Path(str(root / f"{name}.yaml"))
+
+
+def gather_config_dict(config_file: str | None = None, overrides: typing.Sequence[str] | dict = (),
+                       recipe: str | None = None, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge base, recipe, config file and overrides into one nested dict (not yet validated)."""
+    merged: dict[str, Any] = dict(base or {})
+    if recipe:
+        merged = deep_merge(merged, load_yaml(recipe_path(recipe)))
+    if config_file:
+        merged = deep_merge(merged, load_yaml(config_file))
+    over = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+    return deep_merge(merged, over)
+
+
+def build_config(config_file: str | None = None, overrides: typing.Sequence[str] | dict = (),
+                 recipe: str | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """RunConfig from the layers above, every key and value type checked."""
+    return from_dict(RunConfig, gather_config_dict(config_file, overrides, recipe, base))
+
+
+def resolve_model(cfg: RunConfig, data_vocab_size: int) -> DecoderConfig:
+    """The DecoderConfig to train: preset, then the keys the user set, vocab from the data."""
+    user = {k: v for k, v in dataclasses.asdict(cfg.model).items() if v is not None and k != "preset"}
+    if "vocab_size" in user and user["vocab_size"] < data_vocab_size:
+        raise LMForgeError(f"model.vocab_size ({user['vocab_size']}) is smaller than the data's tokenizer "
+                           f"vocabulary ({data_vocab_size}); remove model.vocab_size to use the tokenizer's")
+    user["vocab_size"] = max(user.get("vocab_size", 0), data_vocab_size)
+    return config_from_preset(cfg.model.preset, **user)
+
+
+def resolved_dict(cfg: RunConfig, model_cfg: DecoderConfig) -> dict[str, Any]:
+    """The config as written to RUN/config.yaml: model keys fully resolved, seq_len/min_lr filled in."""
+    d = dataclasses.asdict(cfg)
+    d["model"] = dataclasses.asdict(model_cfg)
+    d["train"]["seq_len"] = effective_seq_len(cfg, model_cfg)
+    d["train"]["min_lr"] = effective_min_lr(cfg)
+    return d
+
+
+def effective_seq_len(cfg: RunConfig, model_cfg: DecoderConfig) -> int:
+    return cfg.train.seq_len if cfg.train.seq_len is not None else model_cfg.block_size
+
+
+def effective_min_lr(cfg: RunConfig) -> float:
+    return cfg.train.min_lr if cfg.train.min_lr is not None else cfg.train.lr / 10
+
+
+def validate(cfg: RunConfig, model_cfg: DecoderConfig) -> None:
+    """Value checks the type system cannot express, each naming its key."""
+    t = cfg.train
+    positive = ("max_steps", "micro_batch_size", "grad_accum", "eval_iters", "log_every")
+    for key in positive:
+        if getattr(t, key) <= 0:
+            raise LMForgeError(f"train.{key} must be positive, got {getattr(t, key)}")
+    for key in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "weight_decay", "grad_clip"):
+        if getattr(t, key) < 0:
+            raise LMForgeError(f"train.{key} must not be negative, got {getattr(t, key)}")
+    if t.lr <= 0:
+        raise LMForgeError(f"train.lr must be positive, got {t.lr}")
+    if effective_min_lr(cfg) < 0 or effective_min_lr(cfg) > t.lr:
+        raise LMForgeError(f"train.min_lr must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        raise LMForgeError(f"train.max_minutes must be positive, got {t.max_minutes}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            raise LMForgeError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
+    seq = effective_seq_len(cfg, model_cfg)
+    if seq <= 0:
+        raise LMForgeError(f"train.seq_len must be positive, got {seq}")
+    if seq > model_cfg.block_size:
+        raise LMForgeError(f"train.seq_len ({seq}) is longer than model.block_size ({model_cfg.block_size}); "
+                           f"raise model.block_size or lower train.seq_len")
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    """sha256 of the resolved config without the keys that may change on resume."""
+    flat = {k: v for k, v in flatten(resolved).items() if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and prefix == "":
+            out.update(flatten(v, f"{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key (old -> new)' for every key that differs and may not change on resume."""
+    a, b = flatten(saved), flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key} ({a.get(key)} -> {b.get(key)})")
+    return diffs
+
+
+def _type_str(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(tp)):
+        return (_type_str(args[0]) if len(args) == 1 else "|".join(map(_type_str, args))) + "?"
+    if origin is typing.Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
+
+
+def config_help() -> str:
+    """Every config key with its type, default and help, for `lmforge train --help-config`.
+
+    A type ending in '?' also accepts none/null (meaning "unset": use the default or the preset).
+    """
+    rows = []
+    for section in dataclasses.fields(RunConfig):
+        cls = typing.get_type_hints(RunConfig)[section.name]
+        hints = typing.get_type_hints(cls)
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(inst, f.name)
+            shown = "preset" if section.name == "model" and default is None else json.dumps(default)
+            rows.append((f"{section.name}.{f.name}", _type_str(hints[f.name]), shown, f.metadata.get("help", "")))
+    kw = max(len(r[0]) for r in rows)
+    tw = max(len(r[1]) for r in rows)
+    dw = max(len(r[2]) for r in rows)
+    lines = ["Config keys of `lmforge train`: set them in a --config YAML file (under the section name),",
+             "a --recipe, or as --section.key VALUE. Precedence: defaults < recipe < --config < flags.",
+             "model.* keys default to model.preset's value; model.vocab_size comes from the data's tokenizer.",
+             "A type ending in '?' also accepts 'none'.", "",
+             f"  {'key':<{kw}}  {'type':<{tw}}  {'default':<{dw}}  help"]
+    for key, tp, default, help_ in rows:
+        lines.append(f"  {key:<{kw}}  {tp:<{tw}}  {default:<{dw}}  {help_}")
+    return "\n".join(lines)

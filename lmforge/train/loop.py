@@ -1,0 +1,501 @@
+"""The training loop: one loop for every objective.
+
+    run_training(data, out, config_file=None, overrides=(), recipe=None, resume=None, overwrite=False)
+
+Per optimizer step: set the scheduled learning rate, run grad_accum micro-batches (forward under
+autocast, loss / grad_accum backward; DDP syncs gradients only on the last one), unscale (fp16),
+clip the global gradient norm, step AdamW. Every log_every steps a metrics.jsonl row; every
+eval_every steps validation loss / perplexity / bits per byte and the loss plot; every ckpt_every
+steps a checkpoint. Evaluation and a checkpoint always happen at the end, including a stop forced
+by train.max_minutes.
+
+Wall-clock budget (train.max_minutes, counted over resumes): once a few steps have run, the number
+of steps that fit in the remaining time is estimated from the mean wall time per step so far
+(evaluation and checkpoint time included) and the cosine schedule ends there (never beyond
+train.max_steps), so the learning rate has decayed when time runs out. The run stops when the time
+left is less than the last evaluation + checkpoint took. Such runs are not bit-reproducible (their
+schedule depends on timing); runs without max_minutes are, including across resumes.
+
+Exact resume: weights, AdamW moments, grad-scaler state, RNG states and the step counter (which
+is the data position, see batches.py) are saved; a resumed run continues as if never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+from lmforge import checkpoint as ckpt_io
+from lmforge.errors import LMForgeError
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.train import distributed as D
+from lmforge.data.dataset import TokenData
+from lmforge.train.batches import EvalWindows, TrainWindows
+from lmforge.train.config import (RunConfig, build_config, config_differences, config_hash, effective_min_lr,
+                                  effective_seq_len, resolve_model, resolved_dict, validate)
+from lmforge.train.metrics import MetricsLog, peak_flops, plot_loss
+from lmforge.train.objectives import Objective, get_objective
+from lmforge.train.optim import build_optimizer, lr_at
+
+PREVIOUS_RUN = ".previous_run"  # where --overwrite parks the old run until the new one has a checkpoint
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "loss.png", "tokenizer.json", "data_meta.json", "checkpoints")
+_clock = time.perf_counter  # wall clock of the step timing (a test replaces it with a fake one)
+_ESTIMATE_AFTER = 3  # steps timed before the max_minutes schedule estimate starts (step 1 includes warm-up)
+
+
+def run_training(data: str, out: str, config_file: str | None = None, overrides: Sequence[str] = (),
+                 recipe: str | None = None, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Assemble the config (recipe < config file < overrides; on resume the checkpoint's config is
+    the base) and train. Returns a summary dict."""
+    base = None
+    if resume:
+        found = resolve_resume(resume, Path(out))
+        if found is not None:
+            state, _ = ckpt_io.load_train_state(found, with_tensors=False)
+            base = state.get("config") if isinstance(state.get("config"), dict) else None
+    cfg = build_config(config_file, overrides, recipe, base=base)
+    return train(cfg, data, out, resume=resume, overwrite=overwrite)
+
+
+def resolve_resume(resume: str, out: Path) -> Path | None:
+    """'auto' -> latest checkpoint of `out` (None if it has none); a path -> that checkpoint."""
+    if resume == "auto":
+        return ckpt_io.latest_checkpoint(out) if out.is_dir() else None
+    path = Path(resume)
+    if not path.exists():
+        raise LMForgeError(f"checkpoint to resume from not found: {path}")
+    return ckpt_io.resolve_model_dir(path)
+
+
+def check_out_dir(out: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse to write into a directory holding something else (read-only; every rank runs it)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LMForgeError(f"--out {out} is a file, not a directory")
+    holds_run = ckpt_io.is_run_dir(out) or ckpt_io.is_run_dir(out / PREVIOUS_RUN)
+    if holds_run:
+        if not (resuming or overwrite):
+            raise LMForgeError(f"{out} already holds a training run; pass --resume auto to continue it "
+                               "or --overwrite to start over")
+        return
+    if any(out.iterdir()):
+        raise LMForgeError(f"{out} is not empty and holds no lmforge run; choose a new or empty --out directory")
+
+
+def _park_old_run(out: Path) -> Path | None:
+    """--overwrite: move the old run's files to RUN/.previous_run (deleted after the new run's first
+    checkpoint). Only lmforge's own entries move; anything else in RUN is left alone."""
+    prev = out / PREVIOUS_RUN
+    has_ckpt = ckpt_io.latest_checkpoint(out) is not None
+    if prev.exists() and not has_ckpt:
+        # An earlier --overwrite stopped before its first checkpoint: keep the parked run, drop the stub.
+        for name in RUN_ENTRIES:
+            _remove(out / name)
+        return prev
+    shutil.rmtree(prev, ignore_errors=True)
+    prev.mkdir()
+    for name in RUN_ENTRIES:
+        if (out / name).exists():
+            (out / name).rename(prev / name)
+    return prev
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _say(msg: str, info: D.DistInfo) -> None:
+    if info.is_main:
+        print(f"lmforge train: {msg}", file=sys.stderr, flush=True)
+
+
+def _autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, resume: str | Path | None = None,
+          overwrite: bool = False, objective: Objective | None = None) -> dict[str, Any]:
+    """Train per `cfg` on the prepared data in `data_dir`, writing the run to `out_dir`."""
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise LMForgeError("pass either --resume or --overwrite, not both")
+    data = TokenData(data_dir)
+    data.split(cfg.data.train_split), data.split(cfg.data.val_split)  # check the split names
+    model_cfg = resolve_model(cfg, data.vocab_size)
+    validate(cfg, model_cfg)
+    resolved = resolved_dict(cfg, model_cfg)
+    objective = objective or get_objective(cfg.train.objective)
+
+    ckpt = resolve_resume(str(resume), out) if resume else None
+    check_out_dir(out, resuming=bool(resume), overwrite=overwrite)
+    state: dict[str, Any] | None = None
+    tensors: dict[str, torch.Tensor] = {}
+    if ckpt is not None:
+        state, tensors = ckpt_io.load_train_state(ckpt)
+        diffs = config_differences(state.get("config", {}), resolved)
+        if diffs:
+            raise LMForgeError(f"the config differs from the one checkpoint {ckpt} was trained with: {'; '.join(diffs)}; "
+                               "only the train keys max_steps, max_minutes, eval_every, eval_iters, log_every, "
+                               "ckpt_every, keep_checkpoints, progress, compile, device and peak_flops may change")
+        saved_splits = (state.get("data") or {}).get("splits")
+        if saved_splits is not None and saved_splits != data.meta.get("splits"):
+            raise LMForgeError(f"the data in {data.directory} is not the data checkpoint {ckpt} was trained on "
+                               "(meta.json splits differ)")
+
+    info = D.setup(cfg.train.device)
+    try:
+        return _Trainer(cfg, model_cfg, resolved, data, out, objective, info, ckpt, state, tensors,
+                        resume_requested=bool(resume), overwrite=overwrite).run()
+    finally:
+        D.teardown(info)
+
+
+class _Trainer:
+    def __init__(self, cfg: RunConfig, model_cfg: DecoderConfig, resolved: dict, data: TokenData, out: Path,
+                 objective: Objective, info: D.DistInfo, ckpt: Path | None, state: dict | None,
+                 tensors: dict[str, torch.Tensor], resume_requested: bool, overwrite: bool):
+        self.cfg, self.t, self.model_cfg, self.resolved = cfg, cfg.train, model_cfg, resolved
+        self.data, self.out, self.objective, self.info = data, out, objective, info
+        self.ckpt, self.state, self.tensors = ckpt, state, tensors
+        self.resume_requested, self.overwrite = resume_requested, overwrite
+        self.device = info.device
+        self.seq_len = effective_seq_len(cfg, model_cfg)
+        self.min_lr = effective_min_lr(cfg)
+        self.per_step = self.t.grad_accum * info.world_size  # micro-batches per optimizer step, all ranks
+        self.global_batch = self.t.micro_batch_size * self.per_step
+        self.tokens_per_step = self.global_batch * self.seq_len
+        self.parked: Path | None = None
+
+    # ---- setup -----------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        t, info = self.t, self.info
+        torch.manual_seed(t.seed)  # identical init on every rank and every device
+        raw = Decoder(self.model_cfg)
+        if self.state is not None:
+            weights = ckpt_io.load_tensors(self.ckpt / ckpt_io.MODEL_WEIGHTS)
+            ckpt_io.load_state_checked(raw, weights, self.ckpt / ckpt_io.MODEL_WEIGHTS)
+        self.raw = raw.to(self.device)
+        self.raw.train()
+        self.dtype = _autocast_dtype(t.dtype, self.device)
+        self.optimizer = build_optimizer(self.raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        model: torch.nn.Module = torch.compile(self.raw) if t.compile else self.raw
+        self.eval_model = model
+        self.model = D.wrap(model, info)
+        torch.manual_seed(t.seed + 1 + info.rank)  # dropout stream, distinct per rank
+
+        self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
+        self.horizon = t.max_steps
+        self.best_val: float | None = None
+        self.last_val: dict[str, float] | None = None
+        if self.state is not None:
+            self._restore()
+
+    def _restore(self) -> None:
+        s, tens, info = self.state, self.tensors, self.info
+        src = self.ckpt / ckpt_io.TRAIN_STATE_TENSORS
+        try:
+            self.optimizer.load_state_dict(ckpt_io.unflatten_state(s["optimizer"], tens, src))
+            if s.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(ckpt_io.unflatten_state(s["scaler"], tens, src))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise LMForgeError(f"{src} does not fit this model's optimizer ({str(e).splitlines()[0]})") from None
+        rank_key = f"rng.torch_cpu.r{info.rank}" if f"rng.torch_cpu.r{info.rank}" in tens else "rng.torch_cpu.r0"
+        if rank_key in tens:
+            torch.set_rng_state(tens[rank_key])
+        cuda_key = f"rng.cuda.r{info.rank}"
+        if self.device.type == "cuda" and cuda_key in tens:
+            torch.cuda.set_rng_state(tens[cuda_key], self.device)
+        self.step = s["step"]
+        self.tokens = int(s.get("tokens", 0))
+        self.elapsed_before = float(s.get("elapsed_seconds", 0.0))
+        self.horizon = int((s.get("schedule") or {}).get("total_steps", self.t.max_steps))
+        if self.t.max_minutes is None:
+            self.horizon = self.t.max_steps  # max_steps may have changed on resume
+        self.best_val = s.get("best_val_loss")
+        self.last_val = s.get("last_eval")
+
+    def _prepare_run_dir(self) -> None:
+        out, info = self.out, self.info
+        if not info.is_main:
+            return
+        if self.overwrite and out.exists() and (ckpt_io.is_run_dir(out) or ckpt_io.is_run_dir(out / PREVIOUS_RUN)):
+            self.parked = _park_old_run(out)
+            _say(f"moved the old run's files to {self.parked}; they are deleted once this run's first checkpoint "
+                 "is written", info)
+        elif (out / PREVIOUS_RUN).is_dir():
+            self.parked = out / PREVIOUS_RUN  # left by an --overwrite that stopped before its first checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.atomic_write_text(out / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+        ckpt_io.atomic_write_bytes(out / "tokenizer.json", self.data.tokenizer_path.read_bytes())
+        ckpt_io.atomic_write_bytes(out / "data_meta.json", (self.data.directory / "meta.json").read_bytes())
+
+    # ---- main ------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        t, info = self.t, self.info
+        train_split, val_split = self.cfg.data.train_split, self.cfg.data.val_split
+        self.train_windows = TrainWindows(self.data.split(train_split), self.seq_len, t.micro_batch_size,
+                                          self.per_step, t.seed, name=f"{train_split} split of {self.data.directory}")
+        self.eval_windows = EvalWindows(self.data.split(val_split), self.seq_len, t.micro_batch_size, t.eval_iters,
+                                        name=f"{val_split} split of {self.data.directory}")
+        self._build()
+        self._prepare_run_dir()  # the first write to --out: every check is done by now
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main)
+        self.metrics.truncate_after(self.step)  # also creates the file for a new run
+        if self.ckpt is not None:
+            _say(f"resuming from {self.ckpt} at step {self.step}", info)
+        elif self.resume_requested:
+            _say(f"no checkpoint in {self.out}; starting a new run", info)
+        n_params = self.raw.num_params()
+        _say(f"{n_params / 1e6:.2f}M parameters, device {self.device}, {str(self.dtype).replace('torch.', '')}, "
+             f"{info.world_size} process(es), global batch {self.global_batch} x {self.seq_len} tokens, "
+             f"max {t.max_steps} steps" + (f" / {t.max_minutes:g} min" if t.max_minutes else ""), info)
+
+        low_precision = self.dtype != torch.float32
+        self.peak = t.peak_flops or peak_flops(self.device, low_precision)
+        self.flops_per_token = self.model_cfg.flops_per_token(self.seq_len)
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.horizon, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   dynamic_ncols=True, disable=not (t.progress and info.is_main), leave=True)
+        session_start = _clock()
+        first_step_done: tuple[float, int] | None = None  # (time, step) after this session's first step
+        interval_start, interval_tokens = _clock(), 0
+        eval_s: float | None = None  # how long the last evaluation / checkpoint took
+        ckpt_s = 0.0
+        stop_reason = "max_steps"
+        loss_val = float("nan")
+        while self.step < t.max_steps:
+            loss_t, gnorm_t, lr = self._train_step(self.step)
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            interval_tokens += self.tokens_per_step
+            bar.update(1)
+            now = _clock()
+            elapsed = self.elapsed_before + (now - session_start)
+            if first_step_done is None:
+                first_step_done = (now, self.step)
+
+            stop = self.step >= t.max_steps
+            if t.max_minutes is not None:
+                horizon, out_of_time = self.horizon, elapsed >= t.max_minutes * 60.0
+                timed = self.step - first_step_done[1]
+                if timed >= _ESTIMATE_AFTER:
+                    per_step = (now - first_step_done[0]) / timed  # includes eval/checkpoint time so far
+                    if eval_s is None:  # an eval batch costs about a third of a training micro-batch
+                        eval_s = per_step * t.eval_iters / (3 * t.grad_accum * info.world_size)
+                    left = t.max_minutes * 60.0 - elapsed - eval_s - ckpt_s  # keep time for the final ones
+                    horizon = min(t.max_steps, self.step + max(0, int(left / per_step)))
+                    out_of_time = left <= 0
+                # Rank 0's clock decides for every rank, so all ranks stop at the same step.
+                decision = D.broadcast_from_main(torch.tensor([float(horizon), float(out_of_time)]), info)
+                self.horizon = int(decision[0])
+                if bar.total != self.horizon:
+                    bar.total = self.horizon
+                if decision[1] > 0 and not stop:
+                    stop, stop_reason = True, "max_minutes"
+
+            if self.step % t.log_every == 0 or self.step == 1 or stop:
+                loss_val = float(D.all_reduce_mean(loss_t, info))
+                interval = max(_clock() - interval_start, 1e-9)
+                tok_per_s = interval_tokens / interval
+                mfu = self.flops_per_token * tok_per_s / (self.peak * info.world_size) if self.peak else None
+                row = {"step": self.step, "loss": loss_val, "lr": lr, "tokens": self.tokens,
+                       "grad_norm": float(gnorm_t), "tok_per_s": round(tok_per_s, 1),
+                       "mfu": round(mfu, 5) if mfu is not None else None, "elapsed": round(elapsed, 3)}
+                self.metrics.write(row)
+                if not math.isfinite(loss_val):
+                    bar.close()
+                    raise LMForgeError(f"the training loss became {loss_val} at step {self.step}; lower train.lr "
+                                       "or raise train.warmup_steps (the last checkpoint is unaffected)")
+                post = {"loss": f"{loss_val:.4f}", "tok/s": f"{tok_per_s:,.0f}"}
+                if mfu is not None:
+                    post["mfu"] = f"{100 * mfu:.1f}%"
+                bar.set_postfix(post, refresh=False)
+                interval_start, interval_tokens = _clock(), 0
+
+            extra_start = _clock()
+            if (t.eval_every and self.step % t.eval_every == 0) or stop:
+                self._evaluate(elapsed)
+                eval_s = _clock() - extra_start
+            if (t.ckpt_every and self.step % t.ckpt_every == 0) or stop:
+                ckpt_start = _clock()
+                self._checkpoint(self.elapsed_before + (ckpt_start - session_start))
+                ckpt_s = _clock() - ckpt_start
+            interval_start += _clock() - extra_start  # tokens/s measures training only
+            _test_kill_hook(self.step)
+            if stop:
+                break
+        bar.close()
+
+        seconds = self.elapsed_before + (_clock() - session_start)
+        summary = {
+            "run_dir": str(self.out),
+            "steps": self.step,
+            "stopped_by": stop_reason,
+            "tokens": self.tokens,
+            "train_loss": loss_val if math.isfinite(loss_val) else None,
+            "val_loss": self.last_val["val_loss"] if self.last_val else None,
+            "best_val_loss": self.best_val,
+            "val_ppl": self.last_val["val_ppl"] if self.last_val else None,
+            "val_bpb": self.last_val["val_bpb"] if self.last_val else None,
+            "seconds": round(seconds, 2),
+            "checkpoint": str(ckpt_io.latest_checkpoint(self.out)) if info.is_main else None,
+        }
+        if self.last_val:
+            _say(f"done: {self.step} steps, val loss {self.last_val['val_loss']:.4f}"
+                 + (f", {self.last_val['val_bpb']:.4f} bits/byte" if self.last_val["val_bpb"] is not None else "")
+                 + f", {seconds:.0f}s; run in {self.out}", info)
+        return summary
+
+    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        t, info = self.t, self.info
+        lr = lr_at(step, t.lr, self.min_lr, t.warmup_steps, self.horizon)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for a in range(t.grad_accum):
+            x_BT, y_BT = self.train_windows.micro_batch(step, info.rank * t.grad_accum + a)
+            x_BT = x_BT.to(self.device, non_blocking=True)
+            y_BT = y_BT.to(self.device, non_blocking=True)
+            last = a == t.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not info.enabled else self.model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    loss, _ = self.objective(self.model, (x_BT, y_BT))
+                self.scaler.scale(loss / t.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        self.scaler.unscale_(self.optimizer)
+        # max_norm=inf still returns the norm and leaves the gradients as they are.
+        gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / t.grad_accum, gnorm, lr
+
+    @torch.no_grad()
+    def _evaluate(self, elapsed: float) -> dict[str, float]:
+        info, n = self.info, self.eval_windows.n_batches
+        self.raw.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of batch losses, batches)
+        for i in range(info.rank, n, info.world_size):
+            x_BT, y_BT = (b.to(self.device) for b in self.eval_windows.batch(i))
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                loss, _ = self.objective(self.eval_model, (x_BT, y_BT))
+            total[0] += loss.double()
+            total[1] += 1
+        self.raw.train()
+        total = D.all_reduce_sum(total, info)
+        val_loss = float(total[0] / total[1])
+        split = self.cfg.data.val_split
+        n_tok, n_bytes = self.data.tokens(split), self.data.bytes(split)
+        bpt = n_bytes / n_tok if n_tok and n_bytes else None  # bytes per token
+        row = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)),
+               "val_bpb": val_loss / math.log(2) / bpt if bpt else None, "elapsed": round(elapsed, 3)}
+        self.last_val = row
+        self.best_val = val_loss if self.best_val is None else min(self.best_val, val_loss)
+        if info.is_main:
+            self.metrics.write(row)
+            bpb = f", {row['val_bpb']:.3f} bits/byte" if row["val_bpb"] is not None else ""
+            plot_loss(self.metrics.rows, self.out / "loss.png",
+                      title=f"{self.out.name}: step {self.step}, val loss {val_loss:.3f}{bpb}")
+        return row
+
+    def _checkpoint(self, elapsed: float) -> None:
+        info = self.info
+        tensors: dict[str, torch.Tensor] = {}
+        cpu_states = D.all_gather_bytes(torch.get_rng_state(), info)
+        for r, st in enumerate(cpu_states):
+            tensors[f"rng.torch_cpu.r{r}"] = st
+        if self.device.type == "cuda":
+            for r, st in enumerate(D.all_gather_bytes(torch.cuda.get_rng_state(self.device), info)):
+                tensors[f"rng.cuda.r{r}"] = st
+        if not info.is_main:
+            return
+        opt_struct, _ = ckpt_io.flatten_state(self.optimizer.state_dict(), tensors, "opt")
+        scaler_struct = None
+        if self.scaler.is_enabled():
+            scaler_struct, _ = ckpt_io.flatten_state(self.scaler.state_dict(), tensors, "scaler")
+        from lmforge import __version__
+
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_seconds": elapsed,
+            "data_position": {"next_step": self.step, "sampler": "splitmix64_windows_v1", "seed": self.t.seed,
+                              "global_batch": self.global_batch, "seq_len": self.seq_len},
+            "schedule": {"kind": "warmup_cosine", "lr": self.t.lr, "min_lr": self.min_lr,
+                         "warmup_steps": self.t.warmup_steps, "total_steps": self.horizon},
+            "best_val_loss": self.best_val,
+            "last_eval": self.last_val,
+            "world_size": info.world_size,
+            "config_hash": config_hash(self.resolved),
+            "config": self.resolved,
+            "data": {"dir": str(self.data.directory), "splits": self.data.meta.get("splits")},
+            "optimizer": opt_struct,
+            "scaler": scaler_struct,
+            "lmforge_version": __version__,
+        }
+        ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
+                                       tokenizer_path=self.out / "tokenizer.json", keep=self.t.keep_checkpoints)
+        if self.parked is not None:
+            shutil.rmtree(self.parked, ignore_errors=True)
+            self.parked = None
+
+
+def _test_kill_hook(step: int) -> None:
+    """For crash-recovery tests: LMFORGE_TEST_KILL_AT_STEP=N makes the process SIGKILL itself at the
+    end of step N (after its log row, eval and checkpoint), as a crash or an OOM kill would."""
+    import os
+
+    target = os.environ.get("LMFORGE_TEST_KILL_AT_STEP")
+    if target is not None and int(target) == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lmforge.train.loop --data DIR --out RUN [...]` (same flags as `lmforge train`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="lmforge.train.loop")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config")
+    p.add_argument("--recipe")
+    p.add_argument("--resume")
+    p.add_argument("--overwrite", action="store_true")
+    args, extra = p.parse_known_args(argv)
+    try:
+        summary = run_training(args.data, args.out, args.config, extra, args.recipe, args.resume, args.overwrite)
+    except LMForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import json
+
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

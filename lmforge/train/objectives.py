@@ -1,0 +1,56 @@
+"""Training objectives: what a batch means and which loss it gives.
+
+The loop knows nothing about language modelling. It asks an objective for a loss:
+
+    loss, stats = objective(model, batch)
+
+`loss` is a scalar tensor to backpropagate (a mean over the batch, so micro-batches of equal size
+average correctly under gradient accumulation); `stats` maps names to detached scalar tensors the
+loop may log. New methods (MLM, classification, SFT, DPO, reward modelling, PPO, distillation) add
+an objective class and register it in `OBJECTIVES`; the loop stays as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LMForgeError
+
+
+class Objective(Protocol):
+    name: str
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ...
+
+
+class CausalLMObjective:
+    """Next-token cross entropy. batch = (x_BT, y_BT) with y the inputs shifted left by one;
+    targets equal to `ignore_index` (default -100) do not count."""
+
+    name = "causal_lm"
+
+    def __init__(self, ignore_index: int = -100):
+        self.ignore_index = ignore_index
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        x_BT, y_BT = batch
+        logits_BTV = model(x_BT)
+        # Cross entropy in fp32 even under autocast: the softmax over a large vocabulary is where
+        # half precision loses the most.
+        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten(), ignore_index=self.ignore_index)
+        return loss, {"loss": loss.detach()}
+
+
+OBJECTIVES: dict[str, Callable[[], Objective]] = {
+    "causal_lm": CausalLMObjective,
+}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise LMForgeError(f"unknown objective '{name}' in train.objective; available: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]()
