@@ -21,9 +21,14 @@ def data(tmp_path_factory) -> Path:
     return make_data_dir(tmp_path_factory.mktemp("resume") / "data")
 
 
-def test_resume_after_sigkill_is_exact(data, tmp_path):
+MUON = ["--train.optimizer", "muon", "--model.pos_encoding", "rope", "--model.norm", "rmsnorm",
+        "--model.tie_embeddings", "false"]
+
+
+@pytest.mark.parametrize("optimizer_args", [[], MUON], ids=["adamw", "muon"])
+def test_resume_after_sigkill_is_exact(data, tmp_path, optimizer_args):
     args = TINY + ["--train.max_steps", "8", "--train.ckpt_every", "4", "--train.eval_every", "4",
-                   "--train.keep_checkpoints", "0", "--model.dropout", "0.1"]  # dropout: RNG state matters
+                   "--train.keep_checkpoints", "0", "--model.dropout", "0.1"] + optimizer_args  # dropout: RNG state matters
     whole, killed = tmp_path / "whole", tmp_path / "killed"
 
     done = run_python(training_code(data, whole, args))

@@ -337,3 +337,21 @@ def test_error_val_split_too_short(tmp_path):
     msg = _error(d, tmp_path / "r")
     assert re.fullmatch(rf"the val split of {re.escape(str(d))} has 20 tokens, fewer than train.seq_len \+ 1 "
                         r"\(33\); lower train.seq_len or prepare more data", msg), msg
+
+
+# ---- Muon through the loop -------------------------------------------------------------------
+
+
+
+def test_muon_optimizer_trains(data, tmp_path):
+    _train(data, tmp_path / "run", "--train.max_steps", "8", "--train.optimizer", "muon", "--train.eval_every", "0",
+           "--model.tie_embeddings", "false")
+    rows = train_rows(tmp_path / "run")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000008" / "train_state.json").read_text())
+    assert json.dumps(state).count("momentum_buffer") > 0  # Muon's state is what was saved
+
+
+def test_unknown_optimizer_is_refused(data, tmp_path):
+    with pytest.raises(LMForgeError, match="config key 'train.optimizer' must be one of adamw, muon, got 'sgd'"):
+        _train(data, tmp_path / "run", "--train.optimizer", "sgd")

@@ -69,6 +69,11 @@ class TrainConfig:
     beta1: float = _h(0.9, "AdamW beta1")
     beta2: float = _h(0.95, "AdamW beta2")
     eps: float = _h(1e-8, "AdamW epsilon")
+    optimizer: Literal["adamw", "muon"] = _h("adamw", "adamw | muon; muon = Muon for the blocks' weight matrices "
+                                                      "(peak lr muon_lr) and AdamW (peak lr lr) for the rest")
+    muon_lr: float = _h(0.02, "Muon peak learning rate (follows the same warmup + cosine shape as lr)")
+    muon_momentum: float = _h(0.95, "Muon momentum (Nesterov)")
+    muon_weight_decay: float = _h(0.0, "decoupled weight decay of the Muon matrices")
     grad_clip: float = _h(1.0, "clip the global gradient norm to this value (0 = no clipping)")
     eval_every: int = _h(250, "evaluate every N steps (and always at the end; 0 = only at the end)")
     eval_iters: int = _h(20, "validation batches (of micro_batch_size sequences) per evaluation")

@@ -194,7 +194,9 @@ class _Trainer:
         self.raw = raw.to(self.device)
         self.raw.train()
         self.dtype = _autocast_dtype(t.dtype, self.device)
-        self.optimizer = build_optimizer(self.raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.device.type)
+        self.optimizer = build_optimizer(self.raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.device.type,
+                                         name=t.optimizer, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
+                                         muon_weight_decay=t.muon_weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         model: torch.nn.Module = torch.compile(self.raw) if t.compile else self.raw
         self.eval_model = model

@@ -32,7 +32,13 @@ def param_group_names(model: nn.Module, weight_decay: float) -> tuple[list[str],
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                    device_type: str) -> torch.optim.AdamW:
+                    device_type: str, name: str = "adamw", **muon: float) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`, or (name='muon') Muon for hidden matrices + AdamW for the rest;
+    `muon` takes muon_lr, muon_momentum, muon_weight_decay."""
+    if name == "muon":
+        from lmforge.train.muon import build_muon_optimizer
+
+        return build_muon_optimizer(model, lr, weight_decay, betas, eps, **muon)
     # fused AdamW is one kernel per step on CUDA; on CPU the default (foreach) path is used.
     fused = device_type == "cuda"
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
