@@ -16,7 +16,7 @@ def test_layers_recipe_then_file_then_flags(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr: 5.0e-4\n  seed: 7\nmodel:\n  n_layer: 5\n")
     cfg = build_config(str(f), ["--train.seed", "9", "--model.dropout=0.1"], recipe="demo")
-    assert cfg.train.lr == 5e-4  # file beats recipe (2e-3)
+    assert cfg.train.lr == 5e-4  # file beats recipe (4e-3)
     assert cfg.train.seed == 9  # flag beats file
     assert cfg.model.n_layer == 5 and cfg.model.n_embd == 256  # file over recipe; recipe kept elsewhere
     assert cfg.model.dropout == 0.1 and cfg.train.max_minutes == 5.0
@@ -39,7 +39,8 @@ def test_demo_recipe_is_valid():
     cfg = build_config(recipe="demo")
     m = resolve_model(cfg, data_vocab_size=4096)
     validate(cfg, m)
-    assert (m.n_layer, m.n_embd, m.pos_encoding, m.norm, m.mlp, m.block_size) == (4, 256, "rope", "rmsnorm", "swiglu", 256)
+    assert (m.n_layer, m.n_embd, m.pos_encoding, m.norm, m.mlp, m.block_size) == (4, 256, "rope", "rmsnorm", "relu2", 256)
+    assert cfg.train.optimizer == "muon" and m.qk_norm and not m.tie_embeddings
     assert 3e6 < m.num_params() < 6e6
     assert cfg.train.max_minutes is not None and cfg.train.seq_len == 256
 
