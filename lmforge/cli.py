@@ -194,7 +194,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from lmforge.bench.train import run
     else:
         from lmforge.bench.decode import run
+    from lmforge.bench import summary_lines
+
     result = run(opts)
+    for line in summary_lines(result):
+        print(line, file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.json:
         from lmforge.checkpoint import atomic_write_text

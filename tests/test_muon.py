@@ -50,7 +50,8 @@ def test_routing_muon_for_block_matrices_adamw_for_the_rest():
     assert {n for n, _ in muon} == {f"blocks.{i}.{k}.weight" for i in range(2)
                                     for k in ("attn.qkv", "attn.proj", "mlp.fc_in", "mlp.fc_out")}
     adam_names = {n for n, _ in adam}
-    assert {"tok_emb.weight", "pos_emb.weight", "lm_head.weight", "norm_f.weight", "blocks.0.attn.qkv.bias"} <= adam_names
+    assert {"tok_emb.weight", "pos_emb.weight", "lm_head.weight", "norm_f.weight",
+            "blocks.0.attn.qkv.bias"} <= adam_names
     opt = build_muon_optimizer(m, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, muon_lr=0.02)
     groups = {(g["use_muon"], g["weight_decay"]): g for g in opt.param_groups}
     assert groups[(True, 0.0)]["lr_scale"] == pytest.approx(20.0)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import LMForgeError
+from lmforge.nn.linear import Linear
 from lmforge.nn.layers import MLP, Attention, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
 
@@ -188,7 +189,7 @@ class Decoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()

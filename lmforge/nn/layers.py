@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.nn.linear import Linear
+
 # ----------------------------------------------------------------------------------------------
 # Norms
 
@@ -152,8 +154,8 @@ class MLP(nn.Module):
         self.kind = kind
         self.hidden = hidden
         n_in = 2 * hidden if kind == "swiglu" else hidden
-        self.fc_in = nn.Linear(dim, n_in, bias=bias)
-        self.fc_out = nn.Linear(hidden, dim, bias=bias)
+        self.fc_in = Linear(dim, n_in, bias=bias)
+        self.fc_out = Linear(hidden, dim, bias=bias)
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         h_BTF = self.fc_in(x_BTC)
@@ -205,8 +207,8 @@ class Attention(nn.Module):
         if n_head % n_kv_head:
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
-        self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * head_dim, bias=bias or qkv_bias)
-        self.proj = nn.Linear(n_head * head_dim, dim, bias=bias)
+        self.qkv = Linear(dim, (n_head + 2 * n_kv_head) * head_dim, bias=bias or qkv_bias)
+        self.proj = Linear(n_head * head_dim, dim, bias=bias)
         self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.dropout = dropout
