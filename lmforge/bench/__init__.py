@@ -94,3 +94,22 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
              f"transformers {m.get('transformers_version')}, load {m.get('load_average_1m')})"]
     lines += [t["text"] for t in result.get("targets", [])]
     return lines
+
+
+def run_against_transformers(what: str, threads: Any, run: Callable[[], dict]) -> dict:
+    """Check that transformers is importable, then `run()` with `threads` torch threads (if set),
+    restoring the thread count afterwards."""
+    import torch
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise LMForgeError(f"the {what} benchmark compares against transformers, which is not installed; "
+                           "pip install transformers") from None
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(threads_before)

@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.bench import interleaved, median, resolve_args, sig, target
+from lmforge.bench import interleaved, median, resolve_args, run_against_transformers, sig, target
 from lmforge.bench import machine as M
 from lmforge.bench.train import hf_gpt2_config, save_hf_model
 from lmforge.errors import LMForgeError
@@ -348,20 +348,7 @@ def run(args: dict[str, Any] | None = None) -> dict[str, Any]:
     for key in ("prompt_len", "new_tokens", "batch_prompt_len", "repeats", "ttft_repeats"):
         if int(a[key]) <= 0:
             raise LMForgeError(f"decode benchmark option {key} must be positive, got {a[key]}")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise LMForgeError("the decode benchmark compares against transformers, which is not installed; "
-                           "pip install transformers") from None
-
-    wall0 = time.perf_counter()
-    threads_before = torch.get_num_threads()
-    if a["threads"]:
-        torch.set_num_threads(int(a["threads"]))
-    try:
-        return _run(a, variants, wall0)
-    finally:
-        torch.set_num_threads(threads_before)
+    return run_against_transformers("decode", a["threads"], lambda: _run(a, variants, time.perf_counter()))
 
 
 def _run(a: dict[str, Any], variants: list[str], wall0: float) -> dict[str, Any]:

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.bench import interleaved, median, resolve_args, sig, target
+from lmforge.bench import interleaved, median, resolve_args, run_against_transformers, sig, target
 from lmforge.bench import machine as M
 from lmforge.errors import LMForgeError
 
@@ -365,20 +365,7 @@ def run(args: dict[str, Any] | None = None) -> dict[str, Any]:
             raise LMForgeError(f"train benchmark option {key} must be positive, got {a[key]}")
     if a["n_embd"] % a["n_head"]:
         raise LMForgeError(f"n_embd ({a['n_embd']}) must be a multiple of n_head ({a['n_head']})")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise LMForgeError("the training benchmark compares against transformers, which is not installed; "
-                           "pip install transformers") from None
-
-    wall0 = time.perf_counter()
-    threads_before = torch.get_num_threads()
-    if a["threads"]:
-        torch.set_num_threads(int(a["threads"]))
-    try:
-        return _run(a, variants, wall0)
-    finally:
-        torch.set_num_threads(threads_before)
+    return run_against_transformers("training", a["threads"], lambda: _run(a, variants, time.perf_counter()))
 
 
 def build_variant(v: str, model_dir: str | Path, batches: list, lr: float) -> dict[str, Any]:
