@@ -30,7 +30,7 @@ demo: venv
 	$(VENV)/bin/lmforge eval --ckpt $(DEMO_RUN) --data $(DEMO_DATA)
 
 test: dev
-	$(VENV)/bin/python -m pytest -x -q --durations=15
+	$(VENV)/bin/python -m pytest -x --durations=10
 
 bench: dev
 	$(VENV)/bin/python benchmarks/run.py
