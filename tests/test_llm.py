@@ -21,13 +21,7 @@ CORPUS = ["hello world, this is a tiny corpus for a tiny tokenizer. " * 3,
           "héllo wörld 日本語 — the quick brown fox jumps over the lazy dog. " * 3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run faster on one thread, and far faster when other processes share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

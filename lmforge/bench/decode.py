@@ -37,8 +37,6 @@ Result keys (besides those in lmforge.bench): "models" {name: {"params", "shape"
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -224,14 +222,9 @@ def _kv_bytes(cfg: Any, batch: int, length: int) -> int:
 
 def _memory(directory: Path, variant: str, batch: int, prompt_len: int, n_new: int, vocab: int) -> dict[str, int]:
     """Peak RSS of a fresh process that loads the model and runs one generation (see _memory_child)."""
-    spec = json.dumps({"dir": str(directory), "variant": variant, "batch": batch, "prompt_len": prompt_len,
-                       "new_tokens": n_new, "vocab": vocab})
-    code = "import sys; from lmforge.bench.decode import _memory_child; _memory_child(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"decode memory probe failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
+    return M.run_probe("lmforge.bench.decode", {"dir": str(directory), "variant": variant, "batch": batch,
+                                                "prompt_len": prompt_len, "new_tokens": n_new, "vocab": vocab},
+                       "decode")
 
 def _memory_child(spec_json: str) -> None:
     spec = json.loads(spec_json)

@@ -182,3 +182,17 @@ def tune_malloc(threshold_bytes: int = 1 << 30) -> bool:
 def minor_faults() -> int:
     """Minor page faults of this process so far (each one a first touch of freshly mapped memory)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def run_probe(module: str, spec: dict, what: str) -> dict:
+    """Run `module._memory_child(spec_json)` in a fresh Python process (so its peak RSS is its own)
+    and return the JSON dict it prints last."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"import sys; from {module} import _memory_child; _memory_child(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} memory probe failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -40,8 +40,6 @@ from __future__ import annotations
 import gc
 import inspect
 import json
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -395,15 +393,10 @@ def build_variant(v: str, model_dir: str | Path, batches: list, lr: float) -> di
 
 def _memory(model_dir: str | Path, variant: str, a: dict[str, Any]) -> dict[str, int]:
     """Peak RSS of a fresh process that loads the model and runs three training steps."""
-    spec = json.dumps({"dir": str(model_dir), "variant": variant, "micro_batch": a["micro_batch"],
-                       "seq_len": a["seq_len"], "vocab_size": a["vocab_size"], "lr": a["lr"], "seed": a["seed"],
-                       "threads": a["threads"]})
-    code = "import sys; from lmforge.bench.train import _memory_child; _memory_child(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training memory probe failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
+    return M.run_probe("lmforge.bench.train", {"dir": str(model_dir), "variant": variant,
+                                               "micro_batch": a["micro_batch"], "seq_len": a["seq_len"],
+                                               "vocab_size": a["vocab_size"], "lr": a["lr"], "seed": a["seed"],
+                                               "threads": a["threads"]}, "training")
 
 def _memory_child(spec_json: str) -> None:
     spec = json.loads(spec_json)
