@@ -1,0 +1,615 @@
+"""Continuous batching: one scheduler thread owns the model and serves many requests at once.
+
+    submit(request, callback) --> waiting queue (bounded) --admit between decode steps--> running batch
+    each iteration:  drop cancelled sequences  ->  prefill waiting prompts (chunked, a token budget
+                     per iteration so a long prompt cannot stall running streams)  ->  one decode step
+                     for every running sequence  ->  per-sequence sampling, stop rules, callbacks
+
+KV cache: `SlotCache` holds one preallocated row ("slot") per running sequence, each with its own
+length; nothing is re-padded per step. Running sequences occupy rows 0..n-1 (a finished sequence's
+row is refilled by moving the last row into it, one copy per finished sequence), so a decode step
+attends over a plain view of the cache, masked per row to that row's length.
+
+Results do not depend on the company a request keeps: every sequence has its own sampling settings,
+its own `torch.Generator` (seeded from the request), stop strings, stop ids and token budget, and it
+is sampled with the same functions `LLM.generate` uses, one row at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LMForgeError
+from lmforge.infer.generate import TextTracker, normalize_stop
+from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
+from lmforge.nn.layers import apply_rope
+
+log = logging.getLogger("lmforge.scheduler")
+
+
+class QueueFull(LMForgeError):
+    """The waiting queue is at its bound (the server answers 429)."""
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate. Token budget, sampling settings and stop rules belong to it alone."""
+
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * the top token's
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False  # do not stop at the tokenizer's stop ids (EOS, end of turn)
+    logprobs: int | None = None  # per generated token: its logprob and the top-N alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt tokens (completions `echo`)
+    skip_special_tokens: bool = True  # decoded text never shows control tokens
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits, before sampling settings) and the
+    `top` most likely tokens at that position as (id, logprob), best first."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class StepOutput:
+    """What a callback receives: the tokens a sequence gained since the last call and their text."""
+
+    seq_id: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # only with the first output
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class SlotCache:
+    """Keys and values of `max_batch` sequences, each in its own row with its own length."""
+
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_len: int):
+        cfg = model.cfg
+        p = model.tok_emb.weight
+        shape = (cfg.n_layer, max_batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k_LNKSD = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v_LNKSD = torch.zeros_like(self.k_LNKSD)
+        self.max_len = max_len
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.k_LNKSD[:, dst, :, :length] = self.k_LNKSD[:, src, :, :length]
+        self.v_LNKSD[:, dst, :, :length] = self.v_LNKSD[:, src, :, :length]
+
+    def nbytes(self) -> int:
+        return 2 * self.k_LNKSD.numel() * self.k_LNKSD.element_size()
+
+
+def check_servable(model: torch.nn.Module) -> None:
+    blocks = getattr(model, "blocks", None)
+    if not hasattr(model, "tok_emb") or blocks is None or not all(hasattr(b, "attn") and hasattr(b.attn, "qkv")
+                                                                   for b in blocks):
+        raise LMForgeError(f"the scheduler serves decoder-only models; got {type(model).__name__}")
+
+
+@torch.inference_mode()
+def forward_slots(model: torch.nn.Module, cache: SlotCache, idx_BT: torch.Tensor, row0: int, start_B: torch.Tensor,
+                  last_only: bool = True) -> torch.Tensor:
+    """The decoder's forward pass on cache rows row0..row0+B-1, row b's tokens at positions
+    start_B[b] .. start_B[b]+T-1. Either B == 1 (a prefill chunk) or T == 1 (a decode step).
+
+    The same computation as `Decoder.forward` with a `KVCache`, except that every row has its own
+    length: the new keys/values go to each row's own positions, and attention is masked per row.
+    Returns logits (B, T or 1, vocab).
+    """
+    cfg = model.cfg
+    B, T = idx_BT.shape
+    device = idx_BT.device
+    pos_BT = start_B[:, None] + torch.arange(T, device=device)[None]
+    S = int(start_B.max()) + T
+    if S > cache.max_len:
+        raise LMForgeError(f"sequence of {S} tokens is longer than the context ({cache.max_len})")
+    window = cfg.sliding_window
+    needs_window = window is not None and S > window
+    q_slot_BT1 = pos_BT[:, :, None]
+    k_slot_S = torch.arange(S, device=device)
+    if B == 1 and (T == 1 or int(start_B[0]) == 0) and not needs_window:
+        mask = None  # plain causal (prefill from slot 0) or one token seeing the whole row
+    else:
+        allowed_BTS = k_slot_S[None, None] <= q_slot_BT1
+        if needs_window:
+            allowed_BTS = allowed_BTS & (q_slot_BT1 - k_slot_S[None, None] < window)
+        mask = allowed_BTS[:, None]
+
+    x_BTC = model.tok_emb(idx_BT)
+    rope = None
+    if cfg.pos_encoding == "learned":
+        x_BTC = x_BTC + model.pos_emb(pos_BT)
+    elif cfg.pos_encoding == "sinusoidal":
+        x_BTC = x_BTC + model.pos_table[pos_BT].to(x_BTC.dtype)
+    else:
+        rope = (model.rope_cos[pos_BT], model.rope_sin[pos_BT])
+    rows = torch.arange(row0, row0 + B, device=device)
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
+        q_BTX, k_BTX, v_BTX = attn.qkv(block.norm1(x_BTC)).split([H * D, K * D, K * D], dim=-1)
+        q_BHTD = q_BTX.view(B, T, H, D).transpose(1, 2)
+        k_BKTD = k_BTX.view(B, T, K, D).transpose(1, 2)
+        v_BKTD = v_BTX.view(B, T, K, D).transpose(1, 2)
+        if attn.q_norm is not None:
+            q_BHTD, k_BKTD = attn.q_norm(q_BHTD), attn.k_norm(k_BKTD)
+        if rope is not None:
+            q_BHTD = apply_rope(q_BHTD, *rope)
+            k_BKTD = apply_rope(k_BKTD, *rope)
+        k_NKSD, v_NKSD = cache.k_LNKSD[layer], cache.v_LNKSD[layer]
+        if B == 1:
+            s0 = int(start_B[0])
+            k_NKSD[row0, :, s0:s0 + T] = k_BKTD[0]
+            v_NKSD[row0, :, s0:s0 + T] = v_BKTD[0]
+        else:  # T == 1: each row writes its own position
+            k_NKSD[rows, :, start_B] = k_BKTD[:, :, 0]
+            v_NKSD[rows, :, start_B] = v_BKTD[:, :, 0]
+        y_BHTD = F.scaled_dot_product_attention(
+            q_BHTD, k_NKSD[row0:row0 + B, :, :S], v_NKSD[row0:row0 + B, :, :S], attn_mask=mask,
+            is_causal=mask is None and T > 1, enable_gqa=K != H)
+        x_BTC = x_BTC + attn.proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
+        x_BTC = x_BTC + block.mlp(block.norm2(x_BTC))
+    x_BTC = model.norm_f(x_BTC)
+    if last_only:
+        x_BTC = x_BTC[:, -1:]
+    logits_BTV = model.lm_head(x_BTC)
+    if cfg.logit_softcap:
+        c = cfg.logit_softcap
+        logits_BTV = c * torch.tanh(logits_BTV / c)
+    return logits_BTV
+
+
+class _SkipSpecial:
+    """Tokenizer view whose decode drops special tokens (for TextTracker)."""
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(ids, skip_special=True)
+
+
+class _Seq:
+    """A sequence's state inside the scheduler."""
+
+    def __init__(self, seq_id: int, req: GenerationRequest, callback: Callable[[StepOutput], None], tokenizer: Any,
+                 stop_ids: set[int], device: torch.device, vocab: int):
+        self.id = seq_id
+        self.req = req
+        self.callback = callback
+        self.prompt = list(req.prompt_ids)
+        self.params = SamplingParams(req.temperature, req.top_k, req.top_p, req.repetition_penalty)
+        self.extras = bool(req.min_p or req.presence_penalty or req.frequency_penalty)
+        self.stop_ids = stop_ids
+        self.generator = None if self.params.greedy else make_generator(device, req.seed)
+        stops = normalize_stop(list(req.stop))
+        tok = tokenizer
+        if tokenizer is not None and req.skip_special_tokens:
+            tok = _SkipSpecial(tokenizer)
+        self.tracker = TextTracker(tok, stops) if tokenizer is not None else None
+        self.generated: list[int] = []
+        self.row: int | None = None
+        self.n_cached = 0  # prompt/generated tokens whose keys and values are in the cache
+        self.pending: int | None = None  # last sampled token, fed at the next decode step
+        self.cancelled = False
+        self.finished = False
+        self.max_new = req.max_tokens
+        self.seen_V = None
+        if self.params.repetition_penalty != 1.0:
+            self.seen_V = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen_V[torch.tensor(self.prompt, device=device)] = True
+        self.counts_V = torch.zeros(vocab, device=device) if (req.presence_penalty or req.frequency_penalty) else None
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if req.prompt_logprobs is not None else None
+        self.t_submit = time.monotonic()
+
+
+class Scheduler:
+    """Owns a decoder-only model in one thread and generates for many requests at once.
+
+        sched = Scheduler(model, tokenizer, max_batch=32).start()
+        handle = sched.submit(GenerationRequest(ids, max_tokens=20, temperature=0), on_output)
+        sched.cancel(handle)      # frees the slot before the next decode step
+        sched.stop()
+
+    `on_output(StepOutput)` is called from the scheduler thread (keep it quick; hand off to your
+    own thread or event loop). The last output of a sequence has `finish_reason` set.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_batch: int = 32, max_queue: int = 256,
+                 max_model_len: int | None = None, prefill_chunk: int = 256, stop_ids: set[int] | None = None):
+        check_servable(model)
+        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise LMForgeError("max_batch, max_queue and prefill_chunk must be positive")
+        ctx = int(model.cfg.block_size)
+        if max_model_len is None:
+            max_model_len = ctx
+        if not 1 <= max_model_len <= ctx:
+            raise LMForgeError(f"max_model_len must be between 1 and the model's context ({ctx}), got {max_model_len}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model.tok_emb.weight.device
+        self.vocab = int(model.cfg.vocab_size)
+        self.max_batch, self.max_queue, self.max_model_len = max_batch, max_queue, max_model_len
+        self.prefill_chunk = prefill_chunk
+        if stop_ids is None:
+            stop_ids = set(getattr(tokenizer, "stop_ids", None) or ())
+            eos = getattr(tokenizer, "eos_id", None)
+            if eos is not None:
+                stop_ids.add(eos)
+        self.stop_ids = set(stop_ids)
+        self.cache = SlotCache(model, max_batch, max_model_len)
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # rows 0..len-1, decoding
+        self._prefilling: _Seq | None = None  # at row len(_running), prompt partly in the cache
+        self._cancel: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # decode steps run (for tests and metrics)
+
+    # ---- public API (any thread) ----------------------------------------------------------------
+
+    def start(self) -> "Scheduler":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def validate(self, req: GenerationRequest) -> None:
+        """Raise LMForgeError for a request the scheduler cannot run (checked again at submit)."""
+        if not req.prompt_ids:
+            raise LMForgeError("prompt is empty; give at least one token")
+        lo, hi = min(req.prompt_ids), max(req.prompt_ids)
+        if lo < 0 or hi >= self.vocab:
+            bad = lo if lo < 0 else hi
+            raise LMForgeError(f"prompt token id {bad} is outside the model's vocabulary (0..{self.vocab - 1})")
+        if isinstance(req.max_tokens, bool) or not isinstance(req.max_tokens, int) or req.max_tokens < 0:
+            raise LMForgeError(f"max_tokens must be a non-negative integer, got {req.max_tokens!r}")
+        if len(req.prompt_ids) + req.max_tokens > self.max_model_len:
+            raise LMForgeError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(req.prompt_ids) + req.max_tokens} tokens ({len(req.prompt_ids)} in the messages, "
+                f"{req.max_tokens} in the completion). Please reduce the length of the messages or completion.")
+        SamplingParams(req.temperature, req.top_k, req.top_p, req.repetition_penalty)
+        if not 0.0 <= req.min_p <= 1.0:
+            raise LMForgeError(f"min_p must be in [0, 1], got {req.min_p}")
+        for t in req.stop_token_ids:
+            if not 0 <= t < self.vocab:
+                raise LMForgeError(f"stop token id {t} is outside the model's vocabulary (0..{self.vocab - 1})")
+        if req.stop and self.tokenizer is None:
+            raise LMForgeError("stop strings need a tokenizer, and this model has none")
+
+    def submit(self, req: GenerationRequest, callback: Callable[[StepOutput], None]) -> int:
+        """Queue a request; returns its handle (for `cancel`). Raises QueueFull at the queue bound."""
+        self.validate(req)
+        stop_ids = set() if req.ignore_eos else set(self.stop_ids)
+        stop_ids |= set(req.stop_token_ids)
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting (limit {self.max_queue})")
+            seq = _Seq(next(self._ids), req, callback, self.tokenizer, stop_ids, self.device, self.vocab)
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        return seq.id
+
+    def cancel(self, handle: int) -> None:
+        with self._cond:
+            self._cancel.add(handle)
+            self._cond.notify_all()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + (self._prefilling is not None)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # ---- the scheduler thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not (self._waiting or self._running or self._prefilling
+                                                      or self._cancel):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    cancelled, self._cancel = self._cancel, set()
+                try:
+                    self._step(cancelled)
+                except Exception as e:  # a bug must not take the server down: fail what is in flight
+                    log.error("scheduler step failed: %s", traceback.format_exc())
+                    self._fail_all(f"internal error in the scheduler: {type(e).__name__}: {e}")
+        self._fail_all("the server is shutting down", reason="cancelled")
+
+    def _step(self, cancelled: set[int]) -> None:
+        if cancelled:
+            self._drop_cancelled(cancelled)
+        budget = self.prefill_chunk
+        while budget > 0:
+            seq = self._prefilling
+            if seq is None:
+                if len(self._running) >= self.max_batch:
+                    break
+                with self._cond:
+                    if not self._waiting:
+                        break
+                    seq = self._waiting.popleft()
+                seq.row = len(self._running)
+                self._prefilling = seq
+            budget -= self._prefill_chunk(seq, budget)
+        if self._running:
+            self._decode()
+
+    def _drop_cancelled(self, cancelled: set[int]) -> None:
+        with self._cond:
+            kept = deque()
+            for seq in self._waiting:
+                if seq.id in cancelled:
+                    self._finish(seq, "cancelled")
+                else:
+                    kept.append(seq)
+            self._waiting = kept
+        p = self._prefilling
+        if p is not None and p.id in cancelled:
+            self._prefilling = None
+            self._finish(p, "cancelled")
+        for seq in [s for s in self._running if s.id in cancelled]:
+            self._finish(seq, "cancelled")
+            self._release(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        """Free a running sequence's row: the last running row moves into it (and the prefilling
+        sequence, which sits right after the running rows, moves down by one)."""
+        r = self._running.index(seq)
+        last = self._running.pop()
+        if last is not seq:
+            self.cache.move(last.row, r, last.n_cached)
+            last.row = r
+            self._running[r] = last
+        p = self._prefilling
+        if p is not None:
+            self.cache.move(p.row, len(self._running), p.n_cached)
+            p.row = len(self._running)
+
+    def _prefill_chunk(self, seq: _Seq, budget: int) -> int:
+        """Feed the next chunk of seq's prompt; after the last chunk sample its first token."""
+        n = min(budget, len(seq.prompt) - seq.n_cached)
+        start = seq.n_cached
+        idx_1T = torch.tensor([seq.prompt[start:start + n]], dtype=torch.long, device=self.device)
+        want_prompt_lp = seq.prompt_logprobs is not None
+        logits_1TV = forward_slots(self.model, self.cache, idx_1T, seq.row,
+                                   torch.tensor([start], device=self.device), last_only=not want_prompt_lp)
+        seq.n_cached += n
+        if want_prompt_lp:
+            self._collect_prompt_logprobs(seq, logits_1TV[0], start, n)
+        if seq.n_cached < len(seq.prompt):
+            return n
+        self._prefilling = None
+        self._running.append(seq)
+        if seq.max_new == 0:
+            self._finish(seq, "length")
+            self._release(seq)
+            return n
+        self._sample_rows([seq], logits_1TV[:, -1])
+        return n
+
+    def _collect_prompt_logprobs(self, seq: _Seq, logits_TV: torch.Tensor, start: int, n: int) -> None:
+        if start == 0:
+            seq.prompt_logprobs.append(TokenLogprob(seq.prompt[0], None, []))
+        # logits at position t predict prompt token t + 1
+        targets = seq.prompt[start + 1:start + n + 1]
+        if targets:
+            lp_TV = torch.log_softmax(logits_TV[:len(targets)].float(), dim=-1)
+            seq.prompt_logprobs.extend(_logprob_entries(lp_TV, targets, seq.req.prompt_logprobs))
+
+    def _decode(self) -> None:
+        idx_B1 = torch.tensor([[s.pending] for s in self._running], dtype=torch.long, device=self.device)
+        start_B = torch.tensor([s.n_cached for s in self._running], dtype=torch.long, device=self.device)
+        logits_BV = forward_slots(self.model, self.cache, idx_B1, 0, start_B)[:, -1]
+        for s in self._running:
+            s.n_cached += 1
+        self.steps += 1
+        self._sample_rows(list(self._running), logits_BV)
+
+    def _sample_rows(self, seqs: list[_Seq], logits_BV: torch.Tensor) -> None:
+        """Pick each sequence's next token (greedy rows together, sampled rows one by one with their
+        own generator) and hand it to `_emit`."""
+        toks: list[int | None] = [None] * len(seqs)
+        plain_greedy = [i for i, s in enumerate(seqs) if s.params.greedy and s.seen_V is None and not s.extras]
+        if plain_greedy:
+            idx = torch.tensor(plain_greedy, device=logits_BV.device)
+            picked = logits_BV[idx].float().argmax(dim=-1).tolist()
+            for i, t in zip(plain_greedy, picked):
+                toks[i] = t
+        for i, s in enumerate(seqs):
+            if toks[i] is None:
+                toks[i] = self._pick(s, logits_BV[i:i + 1])
+        lp_rows = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
+        lps: dict[int, TokenLogprob] = {}
+        if lp_rows:
+            idx = torch.tensor(lp_rows, device=logits_BV.device)
+            lp_RV = torch.log_softmax(logits_BV[idx].float(), dim=-1)
+            for j, i in enumerate(lp_rows):
+                lps[i] = _logprob_entries(lp_RV[j:j + 1], [toks[i]], seqs[i].req.logprobs)[0]
+        finished = []
+        for i, s in enumerate(seqs):
+            if self._emit(s, toks[i], lps.get(i)):
+                finished.append(s)
+        for s in finished:
+            self._release(s)
+
+    def _pick(self, seq: _Seq, logits_1V: torch.Tensor) -> int:
+        seen = seq.seen_V[None] if seq.seen_V is not None else None
+        if not seq.extras:
+            return int(sample_next(logits_1V, seq.params, seq.generator, seen)[0])
+        logits_1V = logits_1V.float()
+        if seq.counts_V is not None:
+            r = seq.req
+            logits_1V = logits_1V - r.frequency_penalty * seq.counts_V - r.presence_penalty * (seq.counts_V > 0).float()
+        logits_1V = process_logits(logits_1V, seq.params, seen)
+        if seq.params.greedy:
+            return int(logits_1V.argmax(dim=-1)[0])
+        probs_1V = logits_1V.softmax(dim=-1)
+        if seq.req.min_p:
+            probs_1V = probs_1V.masked_fill(probs_1V < seq.req.min_p * probs_1V.max(dim=-1, keepdim=True).values, 0.0)
+        return int(torch.multinomial(probs_1V, 1, generator=seq.generator)[0, 0])
+
+    def _emit(self, seq: _Seq, tok: int, lp: TokenLogprob | None) -> bool:
+        """Record a sampled token, apply the stop rules and call back. True when the sequence ended."""
+        reason = None
+        new_ids: list[int] = []
+        if tok in seq.stop_ids:
+            reason = "stop"
+        else:
+            seq.generated.append(tok)
+            new_ids.append(tok)
+            if seq.seen_V is not None:
+                seq.seen_V[tok] = True
+            if seq.counts_V is not None:
+                seq.counts_V[tok] += 1
+            if seq.tracker is not None and seq.tracker.push(tok):
+                reason = "stop"
+            elif len(seq.generated) >= seq.max_new or seq.n_cached + 1 >= self.cache.max_len:
+                reason = "length"
+        text = ""
+        if seq.tracker is not None:
+            if reason is not None:
+                seq.tracker.finish()
+            text = seq.tracker.take()
+        logprobs = ([lp] if new_ids else []) if lp is not None else None
+        out = StepOutput(seq.id, new_ids, text, logprobs, finish_reason=reason, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
+        if seq.prompt_logprobs is not None:
+            out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        seq.pending = tok
+        if reason is not None:
+            seq.finished = True
+        self._call(seq, out)
+        return reason is not None
+
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        text = ""
+        if seq.tracker is not None and reason != "error":
+            seq.tracker.finish()
+            text = seq.tracker.take()
+        out = StepOutput(seq.id, [], text, finish_reason=reason, prompt_tokens=len(seq.prompt),
+                         completion_tokens=len(seq.generated), error=error)
+        if seq.prompt_logprobs is not None:
+            out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        self._call(seq, out)
+
+    def _call(self, seq: _Seq, out: StepOutput) -> None:
+        try:
+            seq.callback(out)
+        except Exception:  # a broken consumer cancels its own request, nothing else
+            log.error("callback of request %d failed: %s", seq.id, traceback.format_exc())
+            self._cancel.add(seq.id)
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        with self._cond:
+            seqs = list(self._waiting) + ([self._prefilling] if self._prefilling else []) + list(self._running)
+            self._waiting.clear()
+        self._prefilling = None
+        self._running = []
+        for s in seqs:
+            self._finish(s, reason, error=message)
+
+
+def _logprob_entries(lp_TV: torch.Tensor, targets: Sequence[int], top: int) -> list[TokenLogprob]:
+    """One TokenLogprob per row of lp_TV: the target's logprob and the `top` best tokens."""
+    tgt = torch.tensor(list(targets), device=lp_TV.device)
+    chosen = lp_TV.gather(1, tgt[:, None])[:, 0].tolist()
+    out = []
+    if top and top > 0:
+        vals, ids = lp_TV.topk(min(top, lp_TV.shape[-1]), dim=-1)
+        vals, ids = vals.tolist(), ids.tolist()
+    for t in range(len(targets)):
+        alts = list(zip(ids[t], vals[t])) if top and top > 0 else []
+        out.append(TokenLogprob(int(targets[t]), _finite(chosen[t]), [(i, _finite(v)) for i, v in alts]))
+    return out
+
+
+def _finite(x: float) -> float:
+    """JSON has no -inf: a token with zero probability gets the lowest float instead."""
+    return x if math.isfinite(x) else -9999.0
+
+
+@dataclass
+class Completed:
+    """A finished sequence, gathered from its outputs."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+def run_all(sched: Scheduler, requests: Sequence[GenerationRequest], timeout: float = 300.0) -> list[Completed]:
+    """Submit every request at once and wait for all of them (blocking helper for tests and scripts)."""
+    results = [Completed() for _ in requests]
+    done = threading.Semaphore(0)
+
+    def collector(res: Completed) -> Callable[[StepOutput], None]:
+        def on_output(out: StepOutput) -> None:
+            res.token_ids += out.token_ids
+            res.text += out.text
+            res.logprobs += out.logprobs or []
+            if out.prompt_logprobs is not None:
+                res.prompt_logprobs = out.prompt_logprobs
+            if out.finish_reason is not None:
+                res.finish_reason, res.error = out.finish_reason, out.error
+                done.release()
+        return on_output
+
+    for req, res in zip(requests, results):
+        sched.submit(req, collector(res))
+    deadline = time.monotonic() + timeout
+    for _ in requests:
+        if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("requests did not finish in time")
+    return results
