@@ -119,22 +119,32 @@ def read_json(path: str | Path) -> Any:
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """state_dict with shared (tied) tensors stored once, as safetensors requires."""
     state = model.state_dict()
-    if getattr(model, "cfg", None) is not None and getattr(model.cfg, "tie_embeddings", False):
-        state.pop("lm_head.weight", None)
+    for key in (model.tied_state_keys() if hasattr(model, "tied_state_keys") else []):
+        state.pop(key, None)
     return state
 
 
-def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_path: str | Path | None = None) -> Path:
-    """Write a model directory (in place; callers wanting atomicity write into a temp dir and rename)."""
+def model_config_json(model: torch.nn.Module) -> dict[str, Any]:
     from dataclasses import asdict
 
+    return {"family": getattr(model, "family", "decoder"), "config": asdict(model.cfg)}
+
+
+def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_path: str | Path | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a model directory (in place; callers wanting atomicity write into a temp dir and rename).
+    `extra_files` (name -> bytes) travel with the model: tokenizer_config.json, chat_template.jinja, ..."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(directory / MODEL_WEIGHTS, model_state_for_saving(model), metadata={"format": "pt", "lmforge": "decoder"})
-    atomic_write_text(directory / MODEL_CONFIG, json.dumps({"family": "decoder", "config": asdict(model.cfg)}, indent=2))
+    meta = model_config_json(model)
+    save_tensors(directory / MODEL_WEIGHTS, model_state_for_saving(model),
+                 metadata={"format": "pt", "lmforge": meta["family"]})
+    atomic_write_text(directory / MODEL_CONFIG, json.dumps(meta, indent=2))
     if tokenizer_path is not None and Path(tokenizer_path).is_file():
         if Path(tokenizer_path).resolve() != (directory / TOKENIZER).resolve():
             atomic_write_bytes(directory / TOKENIZER, Path(tokenizer_path).read_bytes())
+    for name, data in (extra_files or {}).items():
+        atomic_write_bytes(directory / name, data)
     return directory
 
 
@@ -167,21 +177,36 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise LMForgeError(f"{path} holds no lmforge checkpoint (no {MODEL_CONFIG}, {MODEL_WEIGHTS} or {CKPT_DIR}/)")
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, DecoderConfig, tokenizer.json path or None) from a run or model directory."""
+def read_model_config(directory: Path) -> tuple[Any, Any]:
+    """(Family, config dataclass) of a model directory's model_config.json."""
     from lmforge.config import from_dict
-    from lmforge.models.decoder import Decoder, DecoderConfig
+    from lmforge.models.registry import get_family
 
-    directory = resolve_model_dir(path)
     meta = read_json(directory / MODEL_CONFIG)
-    if not isinstance(meta, dict) or meta.get("family") != "decoder" or not isinstance(meta.get("config"), dict):
+    if not isinstance(meta, dict) or not isinstance(meta.get("family"), str) or not isinstance(meta.get("config"), dict):
         raise LMForgeError(f"{directory / MODEL_CONFIG} is not an lmforge model config")
-    cfg = from_dict(DecoderConfig, meta["config"], prefix="model.")
-    state = load_tensors(directory / MODEL_WEIGHTS)
+    family = get_family(meta["family"])
+    return family, from_dict(family.config_cls, meta["config"], prefix="model.")
+
+
+def build_model(family: Any, cfg: Any, device: str | torch.device = "cpu", state: dict[str, torch.Tensor] | None = None,
+                source: Path | None = None) -> torch.nn.Module:
+    """A model of `family` with config `cfg`; with `state`, its weights (checked) without a random init."""
+    if state is None:
+        return family.model_cls(cfg).to(device)
     with torch.device("meta"):
-        model = Decoder(cfg)
+        model = family.model_cls(cfg)
     model = model.to_empty(device=device)
-    load_state_checked(model, state, directory / MODEL_WEIGHTS)
+    load_state_checked(model, state, source or Path("<weights>"))
+    return model
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, its config, tokenizer.json path or None) from a run or model directory."""
+    directory = resolve_model_dir(path)
+    family, cfg = read_model_config(directory)
+    state = load_tensors(directory / MODEL_WEIGHTS)
+    model = build_model(family, cfg, device, state, directory / MODEL_WEIGHTS)
     model.eval()
     tok = directory / TOKENIZER
     return model, cfg, (tok if tok.is_file() else None)
@@ -203,23 +228,10 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
         if tuple(t.shape) != tuple(expected[name].shape):
             raise LMForgeError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the config expects {tuple(expected[name].shape)}")
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(model.cfg, "tie_embeddings", False):
-        model.lm_head.weight = model.tok_emb.weight
-    _rebuild_buffers(model)
-
-
-def _rebuild_buffers(model: torch.nn.Module) -> None:
-    """Non-persistent buffers (RoPE / sinusoidal tables) are not in the file; recompute them."""
-    from lmforge.nn.layers import rope_cos_sin, rope_inv_freq, sinusoidal_table
-
-    cfg = model.cfg
-    device = model.tok_emb.weight.device
-    if cfg.pos_encoding == "rope":
-        inv, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.block_size)
-        cos, sin = rope_cos_sin(inv, cfg.block_size, factor)
-        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    elif cfg.pos_encoding == "sinusoidal":
-        model.pos_table = sinusoidal_table(cfg.block_size, cfg.n_embd).to(device)
+    if hasattr(model, "retie"):
+        model.retie()
+    if hasattr(model, "rebuild_buffers"):
+        model.rebuild_buffers()
 
 
 def replace_dir_atomically(tmp_dir: Path, final_dir: Path) -> None:
@@ -301,7 +313,7 @@ def _step_dirs(ckpt_root: Path) -> list[Path]:
 
 def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                            tensors: dict[str, torch.Tensor], tokenizer_path: str | Path | None = None,
-                           keep: int = 0) -> Path:
+                           keep: int = 0, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write RUN/checkpoints/step_XXXXXXXX atomically, point `latest` at it, keep the newest `keep`.
 
     Everything goes into a hidden temp directory first, which is renamed into place only once
@@ -314,7 +326,7 @@ def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modul
     name = checkpoint_name(step)
     tmp = root / f".tmp_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_dir(tmp, model, tokenizer_path)
+    write_model_dir(tmp, model, tokenizer_path, extra_files)
     save_tensors(tmp / TRAIN_STATE_TENSORS, tensors, metadata={"format": "pt", "lmforge": "train_state"})
     atomic_write_text(tmp / TRAIN_STATE_JSON, json.dumps(state, indent=1))
     final = root / name

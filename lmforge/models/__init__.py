@@ -1,0 +1,4 @@
+"""Model families, one file each; importing this package registers them (see registry.py)."""
+
+from lmforge.models import decoder  # noqa: F401
+from lmforge.models import heads  # noqa: F401  (decoder_classifier, decoder_value)

@@ -173,6 +173,8 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """GPT-style language model. `forward(idx_BT)` returns next-token logits (B, T, vocab)."""
 
+    family = "decoder"
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -214,6 +216,43 @@ class Decoder(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # ---- hooks for checkpoint loading (see models/registry.py) ---------------------------
+
+    def tied_state_keys(self) -> list[str]:
+        return ["lm_head.weight"] if self.cfg.tie_embeddings else []
+
+    def retie(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def rebuild_buffers(self) -> None:
+        """Non-persistent buffers (RoPE / sinusoidal tables) are not in the file; recompute them."""
+        cfg, device = self.cfg, self.tok_emb.weight.device
+        if cfg.pos_encoding == "rope":
+            inv, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.block_size)
+            cos, sin = rope_cos_sin(inv, cfg.block_size, factor)
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.pos_table = sinusoidal_table(cfg.block_size, cfg.n_embd).to(device)
+
+    def resize_token_embeddings(self, new_vocab: int) -> None:
+        """Grow the vocabulary to `new_vocab` rows; new rows start at the mean embedding (and mean
+        head row when untied), so new tokens begin as an "average" token instead of noise."""
+        old_vocab = self.cfg.vocab_size
+        if new_vocab <= old_vocab:
+            return
+        def grow(weight: torch.Tensor) -> nn.Parameter:
+            extra = weight.detach().mean(0, keepdim=True).expand(new_vocab - old_vocab, -1)
+            return nn.Parameter(torch.cat([weight.detach(), extra.clone()], 0))
+        self.tok_emb.weight = grow(self.tok_emb.weight)
+        self.tok_emb.num_embeddings = new_vocab
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            self.lm_head.weight = grow(self.lm_head.weight)
+        self.lm_head.out_features = new_vocab
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=new_vocab)
+
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.tok_emb.weight
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim,
@@ -241,13 +280,34 @@ class Decoder(nn.Module):
         allowed_BTS = allowed_BTS | (q_slot == k_slot)[None]
         return allowed_BTS[:, None]
 
+    @staticmethod
+    def segment_positions_and_mask(segment_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For packed rows: positions restarting at 0 where the segment id changes, and the
+        block-diagonal causal mask (B, 1, T, T), True = may attend (same segment, not in the future)."""
+        B, T = segment_BT.shape
+        t = torch.arange(T, device=segment_BT.device)
+        starts_BT = torch.ones_like(segment_BT, dtype=torch.bool)
+        starts_BT[:, 1:] = segment_BT[:, 1:] != segment_BT[:, :-1]
+        first_BT = torch.where(starts_BT, t[None], torch.zeros_like(t)[None]).cummax(-1).values
+        pos_BT = t[None] - first_BT
+        same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
+        causal_TT = t[None, :] <= t[:, None]
+        return pos_BT, (same_BTT & causal_TT[None])[:, None]
+
     def forward(self, idx_BT: torch.Tensor, *, pad_mask_BT: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False,
+                segment_BT: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Logits for every position (or only the last with `last_only`).
 
         pad_mask_BT: True where idx is a real token, False for (left) padding. With a cache the
         new tokens are appended after `cache.length` and the cache advances.
+        segment_BT: packed training rows (no cache): integer ids of the example each token belongs
+        to; positions restart at every example and attention never crosses examples.
+        hidden: return the final hidden states (B, T, C) after the last norm instead of logits
+        (for score / value heads).
         """
+        if segment_BT is not None:
+            return self._forward_packed(idx_BT, segment_BT, hidden)
         B, T = idx_BT.shape
         device = idx_BT.device
         start = cache.length if cache is not None else 0
@@ -297,8 +357,41 @@ class Decoder(nn.Module):
         x_BTC = self.norm_f(x_BTC)
         if last_only:
             x_BTC = x_BTC[:, -1:]
+        if hidden:
+            return x_BTC
+        return self.head(x_BTC)
+
+    def head(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> logits (the LM head, with the soft-cap when configured)."""
         logits_BTV = self.lm_head(x_BTC)
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap
             logits_BTV = c * torch.tanh(logits_BTV / c)
         return logits_BTV
+
+    def _forward_packed(self, idx_BT: torch.Tensor, segment_BT: torch.Tensor, hidden: bool) -> torch.Tensor:
+        B, T = idx_BT.shape
+        if T > self.cfg.block_size:
+            raise LMForgeError(f"sequence of {T} tokens is longer than the context ({self.cfg.block_size})")
+        pos_BT, mask = self.segment_positions_and_mask(segment_BT)
+        if self.cfg.sliding_window is not None:
+            t = torch.arange(T, device=idx_BT.device)
+            mask = mask & ((t[:, None] - t[None, :]) < self.cfg.sliding_window)[None, None]
+        x_BTC = self.tok_emb(idx_BT)
+        rope = None
+        if self.cfg.pos_encoding == "learned":
+            x_BTC = x_BTC + self.pos_emb(pos_BT)
+        elif self.cfg.pos_encoding == "sinusoidal":
+            x_BTC = x_BTC + self.pos_table[pos_BT].to(x_BTC.dtype)
+        else:
+            rope = (self.rope_cos[pos_BT], self.rope_sin[pos_BT])
+        x_BTC = self.drop(x_BTC)
+        for i, block in enumerate(self.blocks):
+            x_BTC = block(x_BTC, rope=rope, mask=mask, is_causal=False, cache=None, layer=i)
+        x_BTC = self.norm_f(x_BTC)
+        return x_BTC if hidden else self.head(x_BTC)
+
+
+from lmforge.models.registry import register_family  # noqa: E402
+
+register_family("decoder", DecoderConfig, Decoder, presets=PRESETS, config_from_preset=config_from_preset)

@@ -30,20 +30,30 @@ def _h(default: Any, text: str) -> Any:
 
 
 def _model_section() -> type:
-    """A dataclass with DecoderConfig's keys, each Optional and unset (None) by default."""
-    hints = typing.get_type_hints(DecoderConfig)
-    fields = []
-    for f in dataclasses.fields(DecoderConfig):
-        tp = hints[f.name]
-        help_ = f.metadata.get("help", "")
-        if f.name == "preset":
-            fields.append((f.name, Optional[str], _h(DEFAULT_PRESET, f"{help_} (default {DEFAULT_PRESET}; "
-                                                                  "keys set here override it)")))
-        else:
-            fields.append((f.name, Optional[tp], _h(None, help_)))
+    """A dataclass with the keys of every model family's config (DecoderConfig's first), each
+    Optional and unset (None) by default; `resolve_model` checks them against the preset's family."""
+    from lmforge.models.registry import families
+
+    fields, seen = [], set()
+    for fam in families().values():
+        hints = typing.get_type_hints(fam.config_cls)
+        for f in dataclasses.fields(fam.config_cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            tp = hints[f.name]
+            help_ = f.metadata.get("help", "")
+            if fam.name != "decoder":
+                help_ = f"({fam.name}) {help_}"
+            if f.name == "preset":
+                fields.append((f.name, Optional[str], _h(DEFAULT_PRESET, f"{help_} (default {DEFAULT_PRESET}, or the "
+                                                                      "objective's family default; keys set here "
+                                                                      "override it)")))
+            else:
+                fields.append((f.name, Optional[tp], _h(None, help_)))
     cls = dataclasses.make_dataclass("ModelConfig", fields)
     cls.__module__ = __name__
-    cls.__doc__ = "DecoderConfig's keys; unset keys take the preset's value."
+    cls.__doc__ = "Model keys of every family; unset keys take the preset's value."
     return cls
 
 
@@ -99,10 +109,18 @@ class DataConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """Settings of the pretraining objectives other than causal_lm (train.objective)."""
+
+    mask_prob: float = _h(0.15, "mlm: share of tokens selected for prediction (ModernBERT uses 0.3)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 # Keys that may differ between a checkpoint's config and the config a run is resumed with.
@@ -144,14 +162,29 @@ def build_config(config_file: str | None = None, overrides: typing.Sequence[str]
     return from_dict(RunConfig, gather_config_dict(config_file, overrides, recipe, base))
 
 
-def resolve_model(cfg: RunConfig, data_vocab_size: int) -> DecoderConfig:
-    """The DecoderConfig to train: preset, then the keys the user set, vocab from the data."""
+def resolve_model(cfg: RunConfig, data_vocab_size: int) -> Any:
+    """The model config to train (of the preset's family): preset, then the keys the user set,
+    vocab from the data. A pretraining objective of another family (mlm, span corruption) starts
+    from that family's default preset while model.preset is the decoder default."""
+    from lmforge.models.registry import family_of_preset
+    from lmforge.train.objectives import PRETRAINING
+
+    preset = cfg.model.preset or DEFAULT_PRESET
+    spec = PRETRAINING.get(cfg.train.objective)
+    if spec is not None and preset == DEFAULT_PRESET and spec.family != "decoder":
+        preset = spec.default_preset
+    family = family_of_preset(preset)
     user = {k: v for k, v in dataclasses.asdict(cfg.model).items() if v is not None and k != "preset"}
+    valid = {f.name for f in dataclasses.fields(family.config_cls)}
+    foreign = sorted(set(user) - valid)
+    if foreign:
+        raise LMForgeError(f"model.{foreign[0]} is not a key of the {family.name} family (model.preset {preset}); "
+                           f"its keys: {', '.join(sorted(valid - {'preset'}))}")
     if "vocab_size" in user and user["vocab_size"] < data_vocab_size:
         raise LMForgeError(f"model.vocab_size ({user['vocab_size']}) is smaller than the data's tokenizer "
                            f"vocabulary ({data_vocab_size}); remove model.vocab_size to use the tokenizer's")
     user["vocab_size"] = max(user.get("vocab_size", 0), data_vocab_size)
-    return config_from_preset(cfg.model.preset, **user)
+    return family.config_from_preset(preset, **user)
 
 
 def resolved_dict(cfg: RunConfig, model_cfg: DecoderConfig) -> dict[str, Any]:
@@ -171,9 +204,19 @@ def effective_min_lr(cfg: RunConfig) -> float:
     return cfg.train.min_lr if cfg.train.min_lr is not None else cfg.train.lr / 10
 
 
-def validate(cfg: RunConfig, model_cfg: DecoderConfig) -> None:
+def validate(cfg: RunConfig, model_cfg: Any) -> None:
     """Value checks the type system cannot express, each naming its key."""
-    t = cfg.train
+    validate_train(cfg.train)
+    seq = effective_seq_len(cfg, model_cfg)
+    if seq <= 0:
+        raise LMForgeError(f"train.seq_len must be positive, got {seq}")
+    if seq > model_cfg.block_size:
+        raise LMForgeError(f"train.seq_len ({seq}) is longer than model.block_size ({model_cfg.block_size}); "
+                           f"raise model.block_size or lower train.seq_len")
+
+
+def validate_train(t: TrainConfig) -> None:
+    """Checks of the `train` section alone (every method's loop settings)."""
     positive = ("max_steps", "micro_batch_size", "grad_accum", "eval_iters", "log_every")
     for key in positive:
         if getattr(t, key) <= 0:
@@ -183,19 +226,14 @@ def validate(cfg: RunConfig, model_cfg: DecoderConfig) -> None:
             raise LMForgeError(f"train.{key} must not be negative, got {getattr(t, key)}")
     if t.lr <= 0:
         raise LMForgeError(f"train.lr must be positive, got {t.lr}")
-    if effective_min_lr(cfg) < 0 or effective_min_lr(cfg) > t.lr:
+    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
+    if min_lr < 0 or min_lr > t.lr:
         raise LMForgeError(f"train.min_lr must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise LMForgeError(f"train.max_minutes must be positive, got {t.max_minutes}")
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(t, key) < 1.0:
             raise LMForgeError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
-    seq = effective_seq_len(cfg, model_cfg)
-    if seq <= 0:
-        raise LMForgeError(f"train.seq_len must be positive, got {seq}")
-    if seq > model_cfg.block_size:
-        raise LMForgeError(f"train.seq_len ({seq}) is longer than model.block_size ({model_cfg.block_size}); "
-                           f"raise model.block_size or lower train.seq_len")
 
 
 def config_hash(resolved: dict[str, Any]) -> str:

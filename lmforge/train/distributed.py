@@ -43,6 +43,15 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def world_size() -> int:
+    """Processes in this run, known before the process group exists (torchrun's WORLD_SIZE)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
+
+
 def setup(device_pref: str) -> DistInfo:
     """Join the process group torchrun describes (env RANK, WORLD_SIZE, LOCAL_RANK), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

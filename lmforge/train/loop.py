@@ -39,11 +39,13 @@ from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train import distributed as D
 from lmforge.data.dataset import TokenData
 from lmforge.train.batches import EvalWindows, TrainWindows
-from lmforge.train.config import (RunConfig, build_config, config_differences, config_hash, effective_min_lr,
-                                  effective_seq_len, resolve_model, resolved_dict, validate)
+from lmforge.train.config import (RunConfig, TrainConfig, build_config, config_differences, config_hash,
+                                  effective_min_lr, effective_seq_len, resolve_model, resolved_dict, validate,
+                                  validate_train)
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_loss
 from lmforge.train.objectives import Objective, get_objective
 from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.task import Task, to_device
 
 PREVIOUS_RUN = ".previous_run"  # where --overwrite parks the old run until the new one has a checkpoint
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "loss.png", "tokenizer.json", "data_meta.json", "checkpoints")
@@ -91,19 +93,19 @@ def check_out_dir(out: Path, resuming: bool, overwrite: bool) -> None:
         raise LMForgeError(f"{out} is not empty and holds no lmforge run; choose a new or empty --out directory")
 
 
-def _park_old_run(out: Path) -> Path | None:
+def _park_old_run(out: Path, entries: Sequence[str] = RUN_ENTRIES) -> Path | None:
     """--overwrite: move the old run's files to RUN/.previous_run (deleted after the new run's first
     checkpoint). Only lmforge's own entries move; anything else in RUN is left alone."""
     prev = out / PREVIOUS_RUN
     has_ckpt = ckpt_io.latest_checkpoint(out) is not None
     if prev.exists() and not has_ckpt:
         # An earlier --overwrite stopped before its first checkpoint: keep the parked run, drop the stub.
-        for name in RUN_ENTRIES:
+        for name in entries:
             _remove(out / name)
         return prev
     shutil.rmtree(prev, ignore_errors=True)
     prev.mkdir()
-    for name in RUN_ENTRIES:
+    for name in entries:
         if (out / name).exists():
             (out / name).rename(prev / name)
     return prev
@@ -131,55 +133,118 @@ def _autocast_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, resume: str | Path | None = None,
           overwrite: bool = False, objective: Objective | None = None) -> dict[str, Any]:
-    """Train per `cfg` on the prepared data in `data_dir`, writing the run to `out_dir`."""
-    out = Path(out_dir)
+    """Pretrain per `cfg` on the prepared data in `data_dir`, writing the run to `out_dir`."""
     if resume and overwrite:
         raise LMForgeError("pass either --resume or --overwrite, not both")
+    task = pretraining_task(cfg, data_dir, objective)
+    return train_task(task, cfg.train, out_dir, resume=resume, overwrite=overwrite)
+
+
+def pretraining_task(cfg: RunConfig, data_dir: str | Path, objective: Objective | None = None) -> Task:
+    """The Task of `lmforge train`: a fresh model of the preset's family, trained on token windows
+    of a prepared data directory with train.objective (causal_lm, or a registered PRETRAINING one)."""
     data = TokenData(data_dir)
     data.split(cfg.data.train_split), data.split(cfg.data.val_split)  # check the split names
     model_cfg = resolve_model(cfg, data.vocab_size)
     validate(cfg, model_cfg)
     resolved = resolved_dict(cfg, model_cfg)
-    objective = objective or get_objective(cfg.train.objective)
+    t = cfg.train
+    seq_len = effective_seq_len(cfg, model_cfg)
+    per_step = t.grad_accum * D.world_size()
+    train_split, val_split = cfg.data.train_split, cfg.data.val_split
+    from lmforge.models.registry import get_family
+    from lmforge.train.objectives import PRETRAINING, PretrainContext
 
+    family = get_family(getattr(model_cfg, "_family", None) or _family_of(model_cfg))
+    spec = PRETRAINING.get(t.objective)
+    if objective is not None or spec is None or t.objective == "causal_lm":
+        objective = objective or get_objective(t.objective)
+        train_windows = TrainWindows(data.split(train_split), seq_len, t.micro_batch_size, per_step, t.seed,
+                                     name=f"{train_split} split of {data.directory}")
+        eval_windows = EvalWindows(data.split(val_split), seq_len, t.micro_batch_size, t.eval_iters,
+                                   name=f"{val_split} split of {data.directory}")
+        eval_batches = lambda: [eval_windows.batch(i) for i in range(eval_windows.n_batches)]  # noqa: E731
+        n_tok, n_bytes = data.tokens(val_split), data.bytes(val_split)
+        bytes_per_token = n_bytes / n_tok if n_tok and n_bytes else None
+        tokens_per_step = t.micro_batch_size * per_step * seq_len
+        report_ppl = True
+    else:
+        if spec.family != family.name:
+            raise LMForgeError(f"train.objective {t.objective} trains a {spec.family} model, but model.preset "
+                               f"{cfg.model.preset} is a {family.name}; choose a {spec.family} preset")
+        ctx = PretrainContext(train_tokens=data.split(train_split), val_tokens=data.split(val_split), seq_len=seq_len,
+                              micro_batch_size=t.micro_batch_size, micro_batches_per_step=per_step,
+                              eval_iters=t.eval_iters, seed=t.seed, tokenizer=data.tokenizer(), options=cfg.objective,
+                              model_cfg=model_cfg)
+        objective, train_windows, eval_batches = spec.make(ctx)
+        bytes_per_token, tokens_per_step, report_ppl = None, None, False
+    flops = model_cfg.flops_per_token(seq_len) if hasattr(model_cfg, "flops_per_token") else None
+    meta_bytes = (data.directory / "meta.json").read_bytes()
+    return Task(
+        name=t.objective, config=resolved, build_model=lambda: family.model_cls(model_cfg),
+        objective=objective, train_batches=train_windows, eval_batches=eval_batches,
+        files={"tokenizer.json": data.tokenizer_path.read_bytes()}, run_files={"data_meta.json": meta_bytes},
+        data_fingerprint={"dir": str(data.directory), "splits": data.meta.get("splits")},
+        tokens_per_step=tokens_per_step, flops_per_token=flops, bytes_per_token=bytes_per_token,
+        report_perplexity=report_ppl,
+        description=f"global batch {t.micro_batch_size * per_step} x {seq_len} tokens")
+
+
+def _family_of(model_cfg: Any) -> str:
+    from lmforge.models.registry import families
+
+    for fam in families().values():
+        if isinstance(model_cfg, fam.config_cls):
+            return fam.name
+    raise LMForgeError(f"no model family for config {type(model_cfg).__name__}")
+
+
+def train_task(task: Task, train_cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
+               overwrite: bool = False) -> dict[str, Any]:
+    """Run the one training loop on `task`, writing the run to `out_dir`."""
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise LMForgeError("pass either --resume or --overwrite, not both")
+    validate_train(train_cfg)
     ckpt = resolve_resume(str(resume), out) if resume else None
     check_out_dir(out, resuming=bool(resume), overwrite=overwrite)
     state: dict[str, Any] | None = None
     tensors: dict[str, torch.Tensor] = {}
     if ckpt is not None:
         state, tensors = ckpt_io.load_train_state(ckpt)
-        diffs = config_differences(state.get("config", {}), resolved)
+        diffs = config_differences(state.get("config", {}), task.config)
         if diffs:
             raise LMForgeError(f"the config differs from the one checkpoint {ckpt} was trained with: {'; '.join(diffs)}; "
                                "only the train keys max_steps, max_minutes, eval_every, eval_iters, log_every, "
                                "ckpt_every, keep_checkpoints, progress, compile, device and peak_flops may change")
-        saved_splits = (state.get("data") or {}).get("splits")
-        if saved_splits is not None and saved_splits != data.meta.get("splits"):
-            raise LMForgeError(f"the data in {data.directory} is not the data checkpoint {ckpt} was trained on "
-                               "(meta.json splits differ)")
+        saved = state.get("data") or {}
+        now = task.data_fingerprint or {}
+        if isinstance(saved, dict) and isinstance(now, dict):
+            differ = sorted(k for k in set(saved) | set(now) if k != "dir" and k in saved and saved.get(k) != now.get(k))
+            if differ:
+                what = "meta.json splits" if differ == ["splits"] else ", ".join(differ)
+                raise LMForgeError(f"the data in {now.get('dir', '?')} is not the data checkpoint {ckpt} was trained on "
+                                   f"({what} differ)")
 
-    info = D.setup(cfg.train.device)
+    info = D.setup(train_cfg.device)
     try:
-        return _Trainer(cfg, model_cfg, resolved, data, out, objective, info, ckpt, state, tensors,
-                        resume_requested=bool(resume), overwrite=overwrite).run()
+        return _Trainer(task, train_cfg, out, info, ckpt, state, tensors, resume_requested=bool(resume),
+                        overwrite=overwrite).run()
     finally:
         D.teardown(info)
 
 
 class _Trainer:
-    def __init__(self, cfg: RunConfig, model_cfg: DecoderConfig, resolved: dict, data: TokenData, out: Path,
-                 objective: Objective, info: D.DistInfo, ckpt: Path | None, state: dict | None,
-                 tensors: dict[str, torch.Tensor], resume_requested: bool, overwrite: bool):
-        self.cfg, self.t, self.model_cfg, self.resolved = cfg, cfg.train, model_cfg, resolved
-        self.data, self.out, self.objective, self.info = data, out, objective, info
+    def __init__(self, task: Task, train_cfg: TrainConfig, out: Path, info: D.DistInfo, ckpt: Path | None,
+                 state: dict | None, tensors: dict[str, torch.Tensor], resume_requested: bool, overwrite: bool):
+        self.task, self.t, self.resolved = task, train_cfg, task.config
+        self.out, self.objective, self.info = out, task.objective, info
         self.ckpt, self.state, self.tensors = ckpt, state, tensors
         self.resume_requested, self.overwrite = resume_requested, overwrite
         self.device = info.device
-        self.seq_len = effective_seq_len(cfg, model_cfg)
-        self.min_lr = effective_min_lr(cfg)
+        self.min_lr = train_cfg.min_lr if train_cfg.min_lr is not None else train_cfg.lr / 10
         self.per_step = self.t.grad_accum * info.world_size  # micro-batches per optimizer step, all ranks
         self.global_batch = self.t.micro_batch_size * self.per_step
-        self.tokens_per_step = self.global_batch * self.seq_len
         self.parked: Path | None = None
 
     # ---- setup -----------------------------------------------------------------------------
@@ -187,12 +252,14 @@ class _Trainer:
     def _build(self) -> None:
         t, info = self.t, self.info
         torch.manual_seed(t.seed)  # identical init on every rank and every device
-        raw = Decoder(self.model_cfg)
+        raw = self.task.build_model()
         if self.state is not None:
             weights = ckpt_io.load_tensors(self.ckpt / ckpt_io.MODEL_WEIGHTS)
             ckpt_io.load_state_checked(raw, weights, self.ckpt / ckpt_io.MODEL_WEIGHTS)
         self.raw = raw.to(self.device)
         self.raw.train()
+        if hasattr(self.task.train_batches, "bind"):
+            self.task.train_batches.bind(self.raw)
         self.dtype = _autocast_dtype(t.dtype, self.device)
         self.optimizer = build_optimizer(self.raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.device.type,
                                          name=t.optimizer, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
@@ -233,31 +300,31 @@ class _Trainer:
             self.horizon = self.t.max_steps  # max_steps may have changed on resume
         self.best_val = s.get("best_val_loss")
         self.last_val = s.get("last_eval")
+        source = self.task.train_batches
+        if hasattr(source, "load_state_dict"):
+            prefix = "batches."
+            source.load_state_dict({k[len(prefix):]: v for k, v in tens.items() if k.startswith(prefix)})
 
     def _prepare_run_dir(self) -> None:
         out, info = self.out, self.info
         if not info.is_main:
             return
         if self.overwrite and out.exists() and (ckpt_io.is_run_dir(out) or ckpt_io.is_run_dir(out / PREVIOUS_RUN)):
-            self.parked = _park_old_run(out)
+            self.parked = _park_old_run(out, tuple(dict.fromkeys(RUN_ENTRIES + tuple(self.task.files) + tuple(self.task.run_files))))
             _say(f"moved the old run's files to {self.parked}; they are deleted once this run's first checkpoint "
                  "is written", info)
         elif (out / PREVIOUS_RUN).is_dir():
             self.parked = out / PREVIOUS_RUN  # left by an --overwrite that stopped before its first checkpoint
         out.mkdir(parents=True, exist_ok=True)
         ckpt_io.atomic_write_text(out / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
-        ckpt_io.atomic_write_bytes(out / "tokenizer.json", self.data.tokenizer_path.read_bytes())
-        ckpt_io.atomic_write_bytes(out / "data_meta.json", (self.data.directory / "meta.json").read_bytes())
+        for name, data in {**self.task.files, **self.task.run_files}.items():
+            ckpt_io.atomic_write_bytes(out / name, data)
 
     # ---- main ------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         t, info = self.t, self.info
-        train_split, val_split = self.cfg.data.train_split, self.cfg.data.val_split
-        self.train_windows = TrainWindows(self.data.split(train_split), self.seq_len, t.micro_batch_size,
-                                          self.per_step, t.seed, name=f"{train_split} split of {self.data.directory}")
-        self.eval_windows = EvalWindows(self.data.split(val_split), self.seq_len, t.micro_batch_size, t.eval_iters,
-                                        name=f"{val_split} split of {self.data.directory}")
+        self.eval_set = list(self.task.eval_batches()) if self.task.eval_batches is not None else []
         self._build()
         self._prepare_run_dir()  # the first write to --out: every check is done by now
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main)
@@ -268,12 +335,12 @@ class _Trainer:
             _say(f"no checkpoint in {self.out}; starting a new run", info)
         n_params = self.raw.num_params()
         _say(f"{n_params / 1e6:.2f}M parameters, device {self.device}, {str(self.dtype).replace('torch.', '')}, "
-             f"{info.world_size} process(es), global batch {self.global_batch} x {self.seq_len} tokens, "
+             f"{info.world_size} process(es), {self.task.description or f'global batch {self.global_batch}'}, "
              f"max {t.max_steps} steps" + (f" / {t.max_minutes:g} min" if t.max_minutes else ""), info)
 
         low_precision = self.dtype != torch.float32
         self.peak = t.peak_flops or peak_flops(self.device, low_precision)
-        self.flops_per_token = self.model_cfg.flops_per_token(self.seq_len)
+        self.flops_per_token = self.task.flops_per_token
 
         from tqdm import tqdm
 
@@ -287,10 +354,10 @@ class _Trainer:
         stop_reason = "max_steps"
         loss_val = float("nan")
         while self.step < t.max_steps:
-            loss_t, gnorm_t, lr = self._train_step(self.step)
+            loss_t, gnorm_t, lr, stats_t, step_tokens = self._train_step(self.step)
             self.step += 1
-            self.tokens += self.tokens_per_step
-            interval_tokens += self.tokens_per_step
+            self.tokens += step_tokens
+            interval_tokens += step_tokens
             bar.update(1)
             now = _clock()
             elapsed = self.elapsed_before + (now - session_start)
@@ -320,10 +387,13 @@ class _Trainer:
                 loss_val = float(D.all_reduce_mean(loss_t, info))
                 interval = max(_clock() - interval_start, 1e-9)
                 tok_per_s = interval_tokens / interval
-                mfu = self.flops_per_token * tok_per_s / (self.peak * info.world_size) if self.peak else None
+                mfu = (self.flops_per_token or 0) * tok_per_s / (self.peak * info.world_size) if self.peak else None
+                mfu = mfu if self.flops_per_token else None
                 row = {"step": self.step, "loss": loss_val, "lr": lr, "tokens": self.tokens,
                        "grad_norm": float(gnorm_t), "tok_per_s": round(tok_per_s, 1),
                        "mfu": round(mfu, 5) if mfu is not None else None, "elapsed": round(elapsed, 3)}
+                for name, value in stats_t.items():  # the objective's own numbers (accuracy, kl, ...)
+                    row[name] = float(D.all_reduce_mean(value, info))
                 self.metrics.write(row)
                 if not math.isfinite(loss_val):
                     bar.close()
@@ -369,55 +439,78 @@ class _Trainer:
                  + f", {seconds:.0f}s; run in {self.out}", info)
         return summary
 
-    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor], int]:
         t, info = self.t, self.info
         lr = lr_at(step, t.lr, self.min_lr, t.warmup_steps, self.horizon)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
+        stat_sums: dict[str, torch.Tensor] = {}
+        local_tokens = 0
         for a in range(t.grad_accum):
-            x_BT, y_BT = self.train_windows.micro_batch(step, info.rank * t.grad_accum + a)
-            x_BT = x_BT.to(self.device, non_blocking=True)
-            y_BT = y_BT.to(self.device, non_blocking=True)
+            batch = to_device(self.task.train_batches.micro_batch(step, info.rank * t.grad_accum + a), self.device)
             last = a == t.grad_accum - 1
             sync = contextlib.nullcontext() if last or not info.enabled else self.model.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                    loss, _ = self.objective(self.model, (x_BT, y_BT))
+                    loss, stats = self.objective(self.model, batch)
                 self.scaler.scale(loss / t.grad_accum).backward()
             loss_sum += loss.detach().float()
+            for name, value in stats.items():
+                if name == "tokens":
+                    local_tokens += int(value)
+                elif name != "loss":
+                    stat_sums[name] = stat_sums.get(name, 0) + value.detach().float() / t.grad_accum
         self.scaler.unscale_(self.optimizer)
         # max_norm=inf still returns the norm and leaves the gradients as they are.
         gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / t.grad_accum, gnorm, lr
+        if self.task.tokens_per_step is not None:
+            step_tokens = self.task.tokens_per_step
+        else:
+            step_tokens = int(D.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64), info)[0])
+        return loss_sum / t.grad_accum, gnorm, lr, stat_sums, step_tokens
 
     @torch.no_grad()
     def _evaluate(self, elapsed: float) -> dict[str, float]:
-        info, n = self.info, self.eval_windows.n_batches
+        info = self.info
         self.raw.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of batch losses, batches)
-        for i in range(info.rank, n, info.world_size):
-            x_BT, y_BT = (b.to(self.device) for b in self.eval_windows.batch(i))
+        sums: dict[str, torch.Tensor] = {}  # per stat: (sum over batches, batches)
+        for i in range(info.rank, len(self.eval_set), info.world_size):
+            batch = to_device(self.eval_set[i], self.device)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                loss, _ = self.objective(self.eval_model, (x_BT, y_BT))
-            total[0] += loss.double()
-            total[1] += 1
+                loss, stats = self.objective(self.eval_model, batch)
+            for name, value in {**stats, "loss": loss}.items():
+                if name == "tokens":
+                    continue
+                acc = sums.setdefault(name, torch.zeros(2, dtype=torch.float64, device=self.device))
+                acc[0] += value.detach().double()
+                acc[1] += 1
+        extra = self.task.evaluate(self.raw) if self.task.evaluate is not None and info.is_main else {}
         self.raw.train()
-        total = D.all_reduce_sum(total, info)
-        val_loss = float(total[0] / total[1])
-        split = self.cfg.data.val_split
-        n_tok, n_bytes = self.data.tokens(split), self.data.bytes(split)
-        bpt = n_bytes / n_tok if n_tok and n_bytes else None  # bytes per token
-        row = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)),
-               "val_bpb": val_loss / math.log(2) / bpt if bpt else None, "elapsed": round(elapsed, 3)}
+        means: dict[str, float] = {}
+        names = sorted(sums) if not info.enabled else sorted(sums)  # every rank holds the same stat names
+        for name in names:
+            total = D.all_reduce_sum(sums[name], info)
+            means[name] = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        val_loss = means.pop("loss", float("nan"))
+        bpt = self.task.bytes_per_token  # bytes per token
+        row: dict[str, Any] = {"step": self.step, "val_loss": val_loss}
+        if self.task.report_perplexity:
+            row["val_ppl"] = math.exp(min(val_loss, 700.0))
+            row["val_bpb"] = val_loss / math.log(2) / bpt if bpt else None
+        for name, value in means.items():
+            row[f"val_{name}"] = value
+        row.update(extra)
+        row["elapsed"] = round(elapsed, 3)
         self.last_val = row
-        self.best_val = val_loss if self.best_val is None else min(self.best_val, val_loss)
+        if math.isfinite(val_loss):
+            self.best_val = val_loss if self.best_val is None else min(self.best_val, val_loss)
         if info.is_main:
             self.metrics.write(row)
-            bpb = f", {row['val_bpb']:.3f} bits/byte" if row["val_bpb"] is not None else ""
+            bpb = f", {row['val_bpb']:.3f} bits/byte" if row.get("val_bpb") is not None else ""
             plot_loss(self.metrics.rows, self.out / "loss.png",
                       title=f"{self.out.name}: step {self.step}, val loss {val_loss:.3f}{bpb}")
         return row
@@ -443,8 +536,7 @@ class _Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "elapsed_seconds": elapsed,
-            "data_position": {"next_step": self.step, "sampler": "splitmix64_windows_v1", "seed": self.t.seed,
-                              "global_batch": self.global_batch, "seq_len": self.seq_len},
+            "data_position": {"next_step": self.step, "seed": self.t.seed, "global_batch": self.global_batch},
             "schedule": {"kind": "warmup_cosine", "lr": self.t.lr, "min_lr": self.min_lr,
                          "warmup_steps": self.t.warmup_steps, "total_steps": self.horizon},
             "best_val_loss": self.best_val,
@@ -452,13 +544,18 @@ class _Trainer:
             "world_size": info.world_size,
             "config_hash": config_hash(self.resolved),
             "config": self.resolved,
-            "data": {"dir": str(self.data.directory), "splits": self.data.meta.get("splits")},
+            "data": self.task.data_fingerprint,
+            "task": self.task.name,
             "optimizer": opt_struct,
             "scaler": scaler_struct,
             "lmforge_version": __version__,
         }
+        source = self.task.train_batches
+        if hasattr(source, "state_dict"):
+            for name, value in source.state_dict().items():
+                tensors[f"batches.{name}"] = value.detach().cpu().contiguous()
         ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
-                                       tokenizer_path=self.out / "tokenizer.json", keep=self.t.keep_checkpoints)
+                                       keep=self.t.keep_checkpoints, extra_files=self.task.files)
         if self.parked is not None:
             shutil.rmtree(self.parked, ignore_errors=True)
             self.parked = None

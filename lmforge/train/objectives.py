@@ -12,7 +12,8 @@ an objective class and register it in `OBJECTIVES`; the loop stays as it is.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,36 @@ class CausalLMObjective:
         return loss, {"loss": loss.detach()}
 
 
+@dataclass
+class PretrainContext:
+    """What a pretraining objective gets to build its batches (`lmforge train --objective NAME`)."""
+
+    train_tokens: Any            # np.ndarray memmap of the train split (documents separated by EOS)
+    val_tokens: Any              # the same for the validation split
+    seq_len: int
+    micro_batch_size: int
+    micro_batches_per_step: int  # grad_accum x world size
+    eval_iters: int
+    seed: int
+    tokenizer: Any               # lmforge Tokenizer of the prepared data
+    options: Any                 # the `objective` config section (ObjectiveConfig)
+    model_cfg: Any               # the resolved model config
+
+
+@dataclass
+class PretrainSpec:
+    """A pretraining objective of some model family: `make(ctx)` returns
+    (objective, train batch source, eval_batches callable returning a list of batches)."""
+
+    family: str
+    default_preset: str
+    make: Callable[[PretrainContext], tuple[Any, Any, Callable[[], Sequence[Any]]]]
+
+
+# name -> spec; family modules / objectives register here (causal_lm is built in by the loop).
+PRETRAINING: dict[str, PretrainSpec] = {}
+
+
 OBJECTIVES: dict[str, Callable[[], Objective]] = {
     "causal_lm": CausalLMObjective,
 }
@@ -52,5 +83,6 @@ OBJECTIVES: dict[str, Callable[[], Objective]] = {
 
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
-        raise LMForgeError(f"unknown objective '{name}' in train.objective; available: {', '.join(OBJECTIVES)}")
+        names = list(OBJECTIVES) + [n for n in PRETRAINING if n not in OBJECTIVES]
+        raise LMForgeError(f"unknown objective '{name}' in train.objective; available: {', '.join(names)}")
     return OBJECTIVES[name]()

@@ -1,0 +1,69 @@
+"""What the one training loop trains: a `Task`.
+
+Every method — pretraining (causal LM, masked LM, span corruption), SFT, classification,
+seq2seq, reward modelling, DPO, PPO, GRPO — is a Task: a model to start from, an objective (loss
+and logged stats), a source of training batches and, optionally, validation batches and extra
+evaluation metrics. `lmforge.train.loop.train_task(task, train_cfg, out)` runs it with everything
+the loop gives (accumulation, clipping, schedule, eval, metrics, atomic checkpoints, exact resume,
+DDP). A new method adds a Task builder, never a loop.
+
+Batch sources are deterministic: `micro_batch(step, index)` is a pure function of the seed, the
+optimizer step and the micro-batch index (index = rank * grad_accum + a), so the step counter is
+the data position and a resumed run sees exactly the batches it would have seen. Sources with
+state that depends on the model (RL rollout buffers) save it through `state_dict()` /
+`load_state_dict()`, which the loop stores in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import torch
+
+
+class BatchSource(Protocol):
+    def micro_batch(self, step: int, index: int) -> Any:
+        """The `index`-th micro-batch of optimizer step `step` (CPU tensors in a tuple or dict)."""
+        ...
+
+    # Optional: bind(model) — the live (unwrapped) model, for sources that generate (RL rollouts);
+    # state_dict() -> dict[str, Tensor] and load_state_dict(d) — state saved with checkpoints.
+
+
+Objective = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+@dataclass
+class Task:
+    name: str
+    config: dict[str, Any]                      # resolved config: RUN/config.yaml, compared on resume
+    build_model: Callable[[], torch.nn.Module]  # the initial model (the loop seeds first)
+    objective: Any                              # loss, stats = objective(model, batch)
+    train_batches: Any                          # BatchSource
+    eval_batches: Callable[[], Sequence[Any]] | None = None  # fixed validation batches
+    evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None  # extra metrics at every eval
+    files: dict[str, bytes] = field(default_factory=dict)    # written into RUN and every checkpoint
+    run_files: dict[str, bytes] = field(default_factory=dict)  # written into RUN only (data_meta.json)
+    data_fingerprint: Any = None                # must be equal on resume (e.g. the data's sha256)
+    tokens_per_step: int | None = None          # fixed tokens per optimizer step (else stats["tokens"])
+    flops_per_token: int | None = None          # for the MFU figure
+    bytes_per_token: float | None = None        # validation bits per byte = val_loss / ln 2 / this
+    report_perplexity: bool = True              # val_ppl = exp(val_loss) (language-model losses)
+    description: str = ""                       # one line for the start message ("global batch ...")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) tuple / list / dict batch to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def iter_rank_share(items: Sequence[Any], rank: int, world: int) -> Iterable[Any]:
+    for i in range(rank, len(items), world):
+        yield items[i]
