@@ -188,6 +188,63 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lmforge.chat import repl
+
+    sampling: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if bool(args.model) == bool(args.url):
+        raise LMForgeError("lmforge chat needs a MODEL directory or --url of a running `lmforge serve`")
+    if args.url:
+        from lmforge.chat import HTTPBackend  # noqa: F401  (added with the server)
+
+        backend = HTTPBackend(args.url, api_key=args.api_key, model=args.served_model)
+    else:
+        from lmforge.chat import LocalBackend
+        from lmforge.infer.llm import LLM
+
+        backend = LocalBackend(LLM.load(args.model, device=args.device))
+    return repl(backend, sampling, system=args.system)
+
+
+def finetune_parser(method: str) -> argparse.ArgumentParser:
+    """The flags every method shares plus the method's own (its module's add_arguments)."""
+    from lmforge.finetune import method_module
+
+    module = method_module(method)
+    p = _Parser(prog=f"lmforge finetune {method}", description=(module.__doc__ or "").strip().splitlines()[0],
+                epilog="Config keys: --section.key VALUE (e.g. --train.lr 1e-4); see docs/internals.md")
+    p.add_argument("--base", required=True, help="model to start from: lmforge run / model dir or Hugging Face folder")
+    p.add_argument("--data", required=True, help="training data: a JSONL/CSV/TSV file, a directory or a glob")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--val-data", help="validation data (default: --val-fraction of --data, or none)")
+    p.add_argument("--val-fraction", type=float, default=None, help="hold out this share of whole examples")
+    p.add_argument("--config", help="YAML config file (sections train, data, and the method's own)")
+    p.add_argument("--recipe", help="a config shipped with lmforge")
+    p.add_argument("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
+    if hasattr(module, "add_arguments"):
+        module.add_arguments(p)
+    return p
+
+
+def cmd_finetune(argv: list[str]) -> int:
+    from lmforge.finetune import METHODS, method_module
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: lmforge finetune METHOD --base MODEL --data FILE --out RUN [options] [--section.key VALUE ...]\n"
+              f"methods: {', '.join(METHODS)}\n`lmforge finetune METHOD --help` lists a method's options.")
+        return 0 if argv else 2
+    method, rest = argv[0], argv[1:]
+    parser = finetune_parser(method)
+    args, extra = parser.parse_known_args(rest)
+    if args.resume and args.overwrite:
+        raise LMForgeError("pass either --resume or --overwrite, not both")
+    summary = method_module(method).run(args, extra)
+    print(json.dumps(summary, indent=None, default=str))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     opts = {"quick": args.quick}
     if args.what == "train":
@@ -272,6 +329,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", type=_size, default=5 * 2**30, metavar="SIZE",
                    help="--to-hf: split safetensors above this size, e.g. 2GB, 500MB (default 5GB)")
 
+    s = sub.add_parser("chat", help="talk to a chat model in the terminal (streams replies, keeps history)")
+    s.add_argument("model", nargs="?", help="run directory, model directory or Hugging Face folder")
+    s.add_argument("--url", help="talk to a running `lmforge serve` instead, e.g. http://127.0.0.1:8000")
+    s.add_argument("--api-key", help="--url: the server's API key")
+    s.add_argument("--served-model", help="--url: model name to request (default: the server's first)")
+    s.add_argument("--system", help="system prompt")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    s.add_argument("--top-k", type=_positive_int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--device", default="cpu")
+
+    sub.add_parser("finetune", help="post-train a model: sft, reward, dpo, grpo, ppo, classify, seq2seq "
+                                    "(lmforge finetune METHOD --help)", add_help=False)
+
     s = sub.add_parser("bench", help="speed side by side with transformers")
     s.add_argument("what", choices=["train", "decode"])
     s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
@@ -291,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning  # "warning: ..." lines, not file:line: UserWarning
     parser = build_parser()
     try:
+        if argv and argv[0] == "finetune":  # each method has its own flags: parsed by its own parser
+            return cmd_finetune(argv[1:])
         args, extra = parser.parse_known_args(argv)
         if extra and args.verb not in _TAKES_OVERRIDES:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -299,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args, extra)
         if verb == "info":
             return cmd_info(args, extra)
-        return {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
+        return {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
                 "convert": cmd_convert, "bench": cmd_bench}[verb](args)
     except LMForgeError as e:
         print(f"error: {e}", file=sys.stderr)

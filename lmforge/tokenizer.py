@@ -26,6 +26,20 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.errors import LMForgeError
 
+# ChatML, lmforge's own chat template; its markers are the reserved special tokens 2 and 3.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# Tokens that end an assistant turn in common templates (ChatML, Llama-3, Phi-3, Gemma).
+END_OF_TURN_TOKENS = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"]
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, "<|im_start|>", "<|im_end|>", "<|mask|>"]
@@ -37,12 +51,18 @@ MIN_BPE_VOCAB = N_BYTES + len(SPECIAL_TOKENS)
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its EOS and pad tokens (None when the vocab lacks them)."""
 
-    def __init__(self, hf: tokenizers.Tokenizer, eos_token: str | None = EOS_TOKEN, pad_token: str | None = PAD_TOKEN):
+    def __init__(self, hf: tokenizers.Tokenizer, eos_token: str | None = EOS_TOKEN, pad_token: str | None = PAD_TOKEN,
+                 chat_template: str | None = None, bos_token: str | None = None,
+                 extra_stop_ids: Iterable[int] = ()):
         self.hf = hf
         self.eos_token = eos_token
         self.pad_token = pad_token
+        self.bos_token = bos_token
         self.eos_id: int | None = hf.token_to_id(eos_token) if eos_token is not None else None
         self.pad_id: int | None = hf.token_to_id(pad_token) if pad_token is not None else None
+        self.chat_template = chat_template
+        self._extra_stop_ids = set(int(i) for i in extra_stop_ids)
+        self._compiled: Any = None
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -128,7 +148,101 @@ class Tokenizer:
 
             eos = name(conf.get("eos_token")) or EOS_TOKEN
             pad = name(conf.get("pad_token")) or PAD_TOKEN
-        return cls.from_file(path, eos_token=eos, pad_token=pad)
+            bos = name(conf.get("bos_token"))
+            template = conf.get("chat_template")
+        else:
+            bos, template = None, None
+        if isinstance(template, list):  # several named templates (transformers' format): take "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = path.with_name(CHAT_TEMPLATE_FILE)
+        if jinja_file.is_file():  # transformers >= 4.43 saves it here and prefers it
+            template = jinja_file.read_text(encoding="utf-8")
+        stop: list[int] = []
+        gen = path.with_name("generation_config.json")
+        if gen.is_file():
+            try:
+                eos_ids = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                eos_ids = None
+            stop = [eos_ids] if isinstance(eos_ids, int) else [i for i in (eos_ids or []) if isinstance(i, int)]
+        tok = cls.from_file(path, eos_token=eos, pad_token=pad)
+        tok.bos_token, tok.chat_template, tok._extra_stop_ids = bos, template, set(stop)
+        return tok
+
+    # ---- chat ----------------------------------------------------------------------------------
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """The token that closes an assistant turn in this tokenizer's chat template (None without one)."""
+        if not self.chat_template:
+            return None
+        for name in END_OF_TURN_TOKENS:
+            if name in self.chat_template and self.hf.token_to_id(name) is not None:
+                return self.hf.token_to_id(name)
+        return self.eos_id
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Token ids that end generation: EOS, the end-of-turn token, generation_config's eos ids."""
+        ids = set(self._extra_stop_ids)
+        if self.eos_id is not None:
+            ids.add(self.eos_id)
+        if self.end_of_turn_id is not None:
+            ids.add(self.end_of_turn_id)
+        return ids
+
+    def has_chat_tokens(self) -> bool:
+        return all(self.hf.token_to_id(t) is not None for t in CHAT_TOKENS)
+
+    def add_chat_tokens(self) -> list[str]:
+        """Add the ChatML markers as special tokens when missing (ids appended at the end of the
+        vocabulary); returns the tokens added. The model's embedding must grow to `vocab_size`."""
+        missing = [t for t in CHAT_TOKENS if self.hf.token_to_id(t) is None]
+        if missing:
+            self.hf.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in missing])
+        return missing
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                    template: str | None = None, **kwargs: Any) -> str:
+        """The conversation as text, rendered by the Jinja chat template as transformers renders it
+        (sandboxed environment, trim_blocks + lstrip_blocks, `raise_exception`, `tojson`)."""
+        from lmforge.chat_template import render
+
+        template = template or self.chat_template
+        if not template:
+            raise LMForgeError("this tokenizer has no chat template (no chat_template in tokenizer_config.json "
+                               "and no chat_template.jinja)")
+        specials = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                    "pad_token": self.pad_token or ""}
+        return render(template, messages=messages, add_generation_prompt=add_generation_prompt,
+                      **{**specials, **kwargs})
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                            tokenize: bool = True, template: str | None = None, **kwargs: Any) -> Any:
+        """Token ids (or, with tokenize=False, the text) of a conversation, equal to transformers'
+        `tokenizer.apply_chat_template(messages, add_generation_prompt=..., tokenize=...)`."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, template=template, **kwargs)
+        if not tokenize:
+            return text
+        self.hf.encode_special_tokens = False  # the template's markers are special tokens
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of rendered chat text (specials parsed, nothing added) and each token's character span."""
+        self.hf.encode_special_tokens = False
+        enc = self.hf.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        """A transformers-style tokenizer_config.json for this tokenizer (chat template included)."""
+        conf: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        for key, name in (("bos_token", self.bos_token), ("eos_token", self.eos_token), ("pad_token", self.pad_token)):
+            if name is not None and self.hf.token_to_id(name) is not None:
+                conf[key] = name
+        if self.chat_template:
+            conf["chat_template"] = self.chat_template
+        return conf
 
     def save(self, path: str | Path) -> None:
         from lmforge.checkpoint import atomic_write_text  # lazy: checkpoint imports torch

@@ -24,7 +24,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -223,10 +223,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return model.tok_emb.weight.device
 
 
+def stop_id_set(eos_id: int | Iterable[int] | None) -> set[int]:
+    """eos_id as given to generate: one id, several (EOS and a chat template's end-of-turn), or None."""
+    if eos_id is None:
+        return set()
+    if isinstance(eos_id, int):
+        return {eos_id}
+    return {int(i) for i in eos_id}
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float = 1.0, eos_id: int | None = None, pad_id: int | None = None,
+             repetition_penalty: float = 1.0, eos_id: int | Iterable[int] | None = None, pad_id: int | None = None,
              stop: str | Sequence[str] | None = None, tokenizer: Any = None, seed: int | None = None,
              decode_text: bool = True) -> list[Generation]:
     """Generate for a batch of token-id prompts (any lengths). Returns one `Generation` per prompt.
@@ -237,6 +246,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     """
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     stops = normalize_stop(stop)
+    stop_ids = stop_id_set(eos_id)
     if stops and tokenizer is None:
         raise LMForgeError("stop strings need a tokenizer, and this model has none")
     n_new = check_prompts(model, prompts, max_new_tokens)
@@ -258,22 +268,24 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
             for b, tr in enumerate(trackers):
                 if finished[b]:
                     continue
-                if toks[b] == eos_id:
+                if toks[b] in stop_ids:
                     finished[b] = True
                 elif tr.push(toks[b]):
                     finished[b] = True
             if all(finished):
                 break
-        elif eos_id is not None:
-            done_B |= tok_B == eos_id
+        elif stop_ids:
+            for i in stop_ids:
+                done_B |= tok_B == i
             if bool(done_B.all()):
                 break
 
     results = []
     for b, row in enumerate(out_BN[:, :n].tolist()):
         reason = "length"
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id)]
+        first = next((i for i, tok in enumerate(row) if tok in stop_ids), None)
+        if first is not None:
+            row = row[:first]
             reason = "eos"
         text = None
         if trackers is not None:
@@ -295,20 +307,20 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], **kwa
 
 def stream_text(model: torch.nn.Module, tokenizer: Any, prompt: Sequence[int], *, max_new_tokens: int = 64,
                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                repetition_penalty: float = 1.0, eos_id: int | None = None, stop: str | Sequence[str] | None = None,
-                seed: int | None = None) -> Iterator[str]:
+                repetition_penalty: float = 1.0, eos_id: int | Iterable[int] | None = None,
+                stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
     """Yield text pieces of one prompt's continuation as tokens are produced. The pieces join to the
     text `generate` returns for the same settings; none ends inside a multi-byte character.
     Arguments are checked here, before the first piece is asked for."""
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     stops = normalize_stop(stop)
     n_new = check_prompts(model, [prompt], max_new_tokens)
-    return _stream(model, tokenizer, list(prompt), n_new, params, eos_id, stops, seed)
+    return _stream(model, tokenizer, list(prompt), n_new, params, stop_id_set(eos_id), stops, seed)
 
 
 @torch.inference_mode()
 def _stream(model: torch.nn.Module, tokenizer: Any, prompt: list[int], n_new: int, params: SamplingParams,
-            eos_id: int | None, stops: list[str], seed: int | None) -> Iterator[str]:
+            stop_ids: set[int], stops: list[str], seed: int | None) -> Iterator[str]:
     device = _model_device(model)
     idx_BT = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = None if params.greedy else make_generator(device, seed)
@@ -317,7 +329,7 @@ def _stream(model: torch.nn.Module, tokenizer: Any, prompt: list[int], n_new: in
     try:
         for tok_B in steps:
             tok = int(tok_B[0])
-            if tok == eos_id:
+            if tok in stop_ids:
                 break
             stopped = tracker.push(tok)
             piece = tracker.take()

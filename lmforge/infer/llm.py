@@ -60,6 +60,11 @@ class LLM:
         path = Path(path)
         if not path.exists():
             raise LMForgeError(f"checkpoint not found: {path}")
+        from lmforge.infer.encoder import load_encoder  # BERT family / sentence-transformers: own tokenizer
+
+        encoder = load_encoder(path, device=device)
+        if encoder is not None:
+            return cls(encoder[0].eval(), encoder[1], encoder[2], path)
         if path.is_dir() and _is_hf_dir(path):
             from lmforge.interop.hf import load_hf_dir
 
@@ -78,6 +83,12 @@ class LLM:
     @property
     def eos_id(self) -> int | None:
         return getattr(self.tokenizer, "eos_id", None) if self.tokenizer is not None else None
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Ids that end generation: EOS plus, for chat models, the end-of-turn token."""
+        tok = self.tokenizer
+        return set(getattr(tok, "stop_ids", None) or ({self.eos_id} if self.eos_id is not None else set()))
 
     @property
     def pad_id(self) -> int | None:
@@ -135,7 +146,7 @@ class LLM:
         kind, prompts = self._prompts(prompt)
         rows = [p for p in prompts for _ in range(num_samples)]
         gens = _generate(self.model, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.eos_id, pad_id=self.pad_id,
+                         top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids, pad_id=self.pad_id,
                          stop=stop, tokenizer=self.tokenizer, seed=seed, decode_text=kind != "ids")
         outs = [g.ids if kind == "ids" else g.text for g in gens]
         grouped = [outs[i:i + num_samples] if num_samples > 1 else outs[i] for i in range(0, len(outs), num_samples)]
@@ -152,8 +163,59 @@ class LLM:
             raise LMForgeError("stream produces one sample; use generate(..., num_samples=N) for several")
         (ids,) = self._encode_text([prompt])
         return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.eos_id,
+                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
                            stop=stop, seed=seed)
+
+    # ---- chat ------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of `messages` rendered with the chat template, ending in the generation prompt."""
+        tok = self._need_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            where = f"the model at {self.path}" if self.path is not None else "this model"
+            raise LMForgeError(f"{where} has no chat template; fine-tune it with `lmforge finetune sft` or use "
+                               "generate() for plain continuation")
+        from lmforge.data.chat import to_messages
+
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise LMForgeError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+        checked = to_messages({"messages": list(messages) + [{"role": "assistant", "content": "x"}]}, "messages")[:-1]
+        return tok.apply_chat_template(checked, add_generation_prompt=True)
+
+    def chat(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+             stop: str | Sequence[str] | None = None, seed: int | None = None) -> str:
+        """The assistant's reply to a conversation (rendered with the model's chat template); stops at
+        the end-of-turn token, which is not part of the reply."""
+        ids = self.chat_prompt(messages)
+        (gen,) = _generate(self.model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
+                           pad_id=self.pad_id, stop=stop, tokenizer=self.tokenizer, seed=seed)
+        return gen.text
+
+    def chat_stream(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                    stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
+        """`chat`, yielding the reply in pieces as tokens are produced (they join to `chat`'s reply)."""
+        ids = self.chat_prompt(messages)
+        return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
+                           stop=stop, seed=seed)
+
+    def embed(self, texts: str | Sequence[str], pooling: str | None = None, normalize: bool | None = None,
+              batch_size: int = 32) -> torch.Tensor:
+        """Sentence embeddings (N, C) of an encoder: pooling "mean" (over real tokens) or "cls", L2-normalised
+        when normalize. None = the model's sentence-transformers settings, else "mean" and True."""
+        from lmforge.infer.encoder import embed
+
+        return embed(self.model, self.tokenizer, texts, pooling=pooling, normalize=normalize, batch_size=batch_size)
+
+    def classify(self, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
+                 batch_size: int = 32) -> list[dict[str, Any]]:
+        """[{"label": str, "score": float, "probs": {label: p}}] per text, for encoder or decoder classifiers."""
+        from lmforge.infer.encoder import classify
+
+        return classify(self.model, self.tokenizer, texts, text_pairs, batch_size=batch_size)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())

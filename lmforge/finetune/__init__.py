@@ -1,0 +1,34 @@
+"""`lmforge finetune METHOD`: post-training methods, each a Task for the one training loop.
+
+    lmforge finetune METHOD --base MODEL --data FILE --out RUN [--val-data F | --val-fraction F]
+                            [--config F.yaml] [--recipe R] [--resume auto] [--overwrite] [--section.key V ...]
+
+METHODS maps a method name to its module; a module defines `add_arguments(parser)` (its own flags,
+optional) and `run(args, overrides) -> dict` (assemble the config, build the Task, train, return the
+summary). Adding a method adds a line here and a module, never a training loop.
+"""
+
+METHODS: dict[str, str] = {
+    "sft": "lmforge.finetune.sft",
+    "reward": "lmforge.finetune.reward",
+    "dpo": "lmforge.finetune.dpo",
+    "grpo": "lmforge.finetune.grpo",
+    "ppo": "lmforge.finetune.ppo",
+    "classify": "lmforge.finetune.classify",
+    "seq2seq": "lmforge.finetune.seq2seq",
+}
+
+
+def method_module(name: str):
+    import importlib
+
+    from lmforge.errors import LMForgeError
+
+    if name not in METHODS:
+        raise LMForgeError(f"unknown fine-tuning method '{name}'; methods: {', '.join(METHODS)}")
+    try:
+        return importlib.import_module(METHODS[name])
+    except ModuleNotFoundError as e:
+        if e.name == METHODS[name]:
+            raise LMForgeError(f"fine-tuning method '{name}' is not available in this version") from None
+        raise
