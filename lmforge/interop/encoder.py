@@ -36,7 +36,7 @@ _SUFFIX = {"Model": "none", "ForMaskedLM": "mlm", "ForSequenceClassification": "
 ENCODER_ARCHITECTURES = {f"{c}{s}": (k, h) for k, c in _CLASS.items() for s, h in _SUFFIX.items()}
 ENCODER_ARCHITECTURES["BertForPreTraining"] = ("bert", "mlm")  # the NSP head is dropped
 _PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "modernbert": "model."}
-POOLING_FILE = "sentence_pooling.json"  # {"pooling": "mean"|"cls", "normalize": bool}
+POOLING_FILE = "sentence_pooling.json"  # {"pooling": "mean"|"cls", "normalize": bool, "max_seq_length": n}
 HF_CONFIG_SIDECAR = "hf_config.json"
 _TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt")
 
@@ -366,6 +366,11 @@ def sentence_transformers_layout(folder: Path) -> Optional[tuple[Path, dict]]:
             raise LMForgeError(f"{mod_file}: module {mtype} is not supported (Transformer, Pooling, Normalize)")
     if body is None:
         raise LMForgeError(f"{mod_file} names no sentence_transformers.models.Transformer module")
+    sbert = body / "sentence_bert_config.json"
+    if sbert.is_file():  # the Transformer module's max_seq_length: sentence-transformers truncates there
+        msl = _read_json_file(sbert).get("max_seq_length")
+        if isinstance(msl, int) and msl > 0:
+            pooling["max_seq_length"] = msl
     return body, pooling
 
 

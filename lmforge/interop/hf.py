@@ -725,6 +725,10 @@ def load_hf_dir(path: str | Path, device: str | torch.device = "cpu", dtype: Opt
     Weights keep their stored dtype unless `dtype` is given.
     """
     hf_dir = Path(path)
+    from lmforge.interop import encoder as _encoder  # BERT-family folders go to their own module
+
+    if _encoder.is_encoder_hf_dir(hf_dir) or (hf_dir / "modules.json").is_file():
+        return _encoder.load_hf_encoder_dir(hf_dir, device=device, dtype=dtype)
     hf_cfg = _read_hf_config(hf_dir)
     cfg, arch = config_from_hf(hf_cfg, str(hf_dir / HF_CONFIG))
     source = WeightSource(hf_dir)
@@ -745,6 +749,10 @@ def load_hf_dir(path: str | Path, device: str | torch.device = "cpu", dtype: Opt
 def convert_from_hf(hf_dir: str, out: str, overwrite: bool = False) -> Path:
     """Write the HF folder `hf_dir` as an lmforge model directory `out` (streamed; atomic)."""
     src, out_p = Path(hf_dir), Path(out)
+    from lmforge.interop import encoder as _encoder  # BERT-family folders go to their own module
+
+    if _encoder.is_encoder_hf_dir(src) or (src / "modules.json").is_file():
+        return _encoder.convert_from_hf(hf_dir, out, overwrite=overwrite)
     hf_cfg = _read_hf_config(src)
     cfg, arch = config_from_hf(hf_cfg, str(src / HF_CONFIG))
     _check_out(out_p, overwrite, src)
@@ -839,6 +847,10 @@ def convert_to_hf(src: str, out: str, overwrite: bool = False, max_shard_size: i
         raise LMForgeError(f"{src} is already a Hugging Face folder (its config.json names architectures); "
                            "import it with `lmforge convert --from-hf`")
     model_dir = resolve_model_dir(src)
+    from lmforge.interop import encoder as _encoder  # encoders go to their own module
+
+    if _encoder.is_encoder_model_dir(model_dir):
+        return _encoder.convert_to_hf(src, out, overwrite=overwrite)
     out_p = Path(out)
     meta = read_json(model_dir / MODEL_CONFIG)
     if not isinstance(meta, dict) or meta.get("family") != "decoder" or not isinstance(meta.get("config"), dict):
