@@ -1,0 +1,105 @@
+"""What the alignment methods (reward, dpo, grpo, ppo) share: loading the base model, the files a
+run carries, the config assembly and the validation split."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lmforge.config import from_dict
+from lmforge.errors import LMForgeError
+
+# The loop's pretraining defaults suit pretraining; these suit fine-tuning a trained model.
+ALIGN_TRAIN_DEFAULTS = {"max_steps": 200, "lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0,
+                        "micro_batch_size": 8, "eval_every": 50, "ckpt_every": 100, "log_every": 10,
+                        "eval_iters": 10}
+
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+               "generation_config.json")
+
+
+def load_base(path: str | Path) -> Any:
+    """An `LLM` (model + tokenizer) from an lmforge run/model directory or a Hugging Face folder."""
+    from lmforge.infer.llm import LLM
+
+    llm = LLM.load(path)
+    if llm.tokenizer is None:
+        raise LMForgeError(f"--base {path} has no tokenizer; alignment needs text")
+    llm.model.train()
+    return llm
+
+
+def model_files(base: str | Path) -> dict[str, bytes]:
+    """Tokenizer and chat-template files of the base model, carried into the run and checkpoints."""
+    p = Path(base)
+    try:
+        from lmforge.checkpoint import resolve_model_dir
+
+        d = resolve_model_dir(p)
+    except LMForgeError:
+        d = p
+    files = {}
+    for name in MODEL_FILES:
+        for where in (d, p):
+            f = Path(where) / name
+            if f.is_file():
+                files[name] = f.read_bytes()
+                break
+    return files
+
+
+def build_section_config(cls: type, args: Any, overrides: Sequence[str], defaults: dict[str, Any]) -> Any:
+    """The method's config dataclass from defaults < --recipe < --config < --section.key flags."""
+    from lmforge.train.config import gather_config_dict
+
+    raw = gather_config_dict(getattr(args, "config", None), overrides, getattr(args, "recipe", None), base=defaults)
+    return from_dict(cls, raw)
+
+
+def file_sha(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def split_val(items: list, val_fraction: float | None, seed: int) -> tuple[list, list]:
+    """(train, val) by whole examples, a seeded shuffle; no val when val_fraction is 0/None."""
+    if not val_fraction:
+        return items, []
+    if not 0.0 < val_fraction < 1.0:
+        raise LMForgeError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    n_val = max(1, int(round(len(items) * val_fraction)))
+    if n_val >= len(items):
+        raise LMForgeError(f"--val-fraction {val_fraction} leaves no training examples out of {len(items)}")
+    order = np.random.default_rng(seed).permutation(len(items))
+    val_idx = set(order[:n_val].tolist())
+    return [x for i, x in enumerate(items) if i not in val_idx], [items[i] for i in sorted(val_idx)]
+
+
+def resolved(method: str, args: Any, cfg: Any) -> dict[str, Any]:
+    """The config written to RUN/config.yaml and compared on resume."""
+    d = dataclasses.asdict(cfg)
+    d["run"] = {"method": method, "base": str(getattr(args, "base", None)), "data": str(getattr(args, "data", None)),
+                "val_data": str(getattr(args, "val_data", None)), "val_fraction": getattr(args, "val_fraction", None)}
+    return d
+
+
+def say(method: str, msg: str) -> None:
+    import sys
+
+    print(f"lmforge finetune {method}: {msg}", file=sys.stderr, flush=True)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    pid = getattr(tokenizer, "pad_id", None)
+    if pid is None:
+        pid = getattr(tokenizer, "eos_id", None)
+    return int(pid or 0)
+
+
+# The loop's end-of-run summary reads val_ppl unconditionally (loop.py, `summary`), so a Task with
+# report_perplexity=False crashes there; until that is fixed our tasks report it (meaningless for
+# preference / RL losses: ignore val_ppl in their rows).
+REPORT_PPL = True

@@ -1,0 +1,106 @@
+"""`lmforge finetune grpo`: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath).
+
+For each prompt, G completions are sampled from the current policy; their rewards (Python
+functions or a reward model) are normalised within the group (`grpo.scale_rewards` group | batch |
+none) into one advantage per completion; the loss is the clipped ratio objective per token, plus
+`grpo.beta` x k3 KL to the reference (beta 0, the default, loads no reference model). Logged:
+reward and its std, per reward function mean/std, frac_reward_zero_std, kl (beta > 0), clip_ratio,
+completion_length, completions_ended, rollout_tok_per_s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+
+from lmforge.errors import LMForgeError
+from lmforge.finetune import align_common as C
+from lmforge.finetune import rl as R
+from lmforge.train import alignment as A
+from lmforge.train.config import TrainConfig
+
+
+@dataclass
+class GRPOSection:
+    num_generations: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "longest completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
+    top_k: Optional[int] = field(default=None, metadata={"help": "top-k of the rollouts"})
+    top_p: Optional[float] = field(default=None, metadata={"help": "top-p of the rollouts"})
+    beta: float = field(default=0.0, metadata={"help": "k3 KL penalty to the reference (0 = no reference model)"})
+    epsilon: float = field(default=0.2, metadata={"help": "lower clip of the ratio (1 - epsilon)"})
+    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip (1 + epsilon_high); default epsilon"})
+    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={"help": "group | batch | none"})
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = field(default="grpo", metadata={"help": "grpo | bnpo | dr_grpo"})
+    epochs: int = field(default=1, metadata={"help": "optimisation passes per rollout batch (TRL's num_iterations)"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a rollout batch"})
+
+
+@dataclass
+class GRPORunConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--reward", action="append", default=[], metavar="FILE.py:FN|MODULE:FN|RM_DIR",
+                        help="reward function(s) or reward-model directory; repeat for several")
+    parser.add_argument("--reward-weights", type=float, nargs="+", default=None, help="one weight per --reward")
+
+
+def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
+    from lmforge.data.alignment_data import _stop_ids, encode_prompt, read_prompts
+    from lmforge.train import distributed as D
+    from lmforge.train.task import Task
+
+    cfg = C.build_section_config(GRPORunConfig, args, overrides,
+                                 {"train": {**C.ALIGN_TRAIN_DEFAULTS, "micro_batch_size": 8, "eval_every": 0}})
+    g, t = cfg.grpo, cfg.train
+    if g.num_generations < 2:
+        raise LMForgeError(f"grpo.num_generations must be at least 2 (advantages compare completions), got {g.num_generations}")
+    llm = C.load_base(args.base)
+    tok = llm.tokenizer
+    rewards = R.load_rewards(getattr(args, "reward", None) or [], getattr(args, "reward_weights", None),
+                             int(llm.model.cfg.vocab_size))
+    examples = read_prompts(args.data)
+    pids = [encode_prompt(tok, e.prompt) for e in examples]
+    ref = None
+    if g.beta > 0:
+        ref = C.load_base(args.base).model.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    names = [rf.name for rf in rewards]
+
+    def process(buf: dict) -> dict:
+        model = source.model
+        buf["old_logps"], _, _ = R.forward_logps(model, buf["ids"], buf["labels"])
+        if ref is not None:
+            buf["ref_logps"], _, _ = R.forward_logps(ref, buf["ids"], buf["labels"])
+        adv, st = A.grpo_advantages(buf["scores"], g.num_generations, g.scale_rewards)
+        buf["advantages"] = adv
+        buf.update(R.rollout_stats(buf, names))
+        buf["stat/frac_reward_zero_std"] = st["frac_reward_zero_std"]
+        return buf
+
+    spec = R.RolloutSpec(g.num_generations, g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.epochs, g.minibatches)
+    stops = _stop_ids(tok)
+    source = R.RolloutSource(examples, pids, tok, rewards, spec, t.micro_batch_size, t.grad_accum, t.seed,
+                             D.rank(), D.world_size(), process, stops[0], C.pad_id_of(tok))
+    holder = {"model": llm.model}
+    task = Task(name="grpo", config=C.resolved("grpo", args, cfg),
+                build_model=lambda: holder.pop("model", None) or C.load_base(args.base).model,
+                objective=R.GRPOObjective(g.epsilon, g.epsilon_high, g.beta, g.loss_type, g.max_new_tokens),
+                train_batches=source, files=C.model_files(args.base),
+                data_fingerprint={"data": C.file_sha(args.data)}, report_perplexity=C.REPORT_PPL,
+                description=f"{len(examples)} prompts, {source.n_prompts * D.world_size()} prompts x "
+                            f"{g.num_generations} completions per rollout")
+    return task, t
+
+
+def run(args: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    from lmforge.train.loop import train_task
+
+    task, t = make_task(args, overrides)
+    return train_task(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))
