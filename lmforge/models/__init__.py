@@ -3,3 +3,4 @@
 from lmforge.models import decoder  # noqa: F401
 from lmforge.models import heads  # noqa: F401  (decoder_classifier, decoder_value)
 from lmforge.models import encoder  # noqa: F401  (BERT / RoBERTa / DistilBERT / ModernBERT-style encoders)
+from lmforge.models import seq2seq  # noqa: F401

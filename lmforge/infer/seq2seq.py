@@ -1,0 +1,196 @@
+"""Generation for encoder-decoder models, and beam search for decoders.
+
+    sources --encoder (once)--> memory --cross-attention K/V (once per layer)--> cache
+    decoder_start --decoder step (self-attention cache grows one slot)--> logits --> token ...
+
+Sources of different lengths share a batch through RIGHT padding plus a source mask (the
+encoder's positions count from the first slot, as in T5 and BART); every decoder row starts with
+the model's decoder start token at the same slot, so decoding never needs padding. Greedy and
+sampling reuse the decoder engine's token selection (`sampling.py`); `num_beams > 1` runs the
+shared beam search (`beam.py`). Results are the new target ids without the decoder start token
+and without the EOS.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from lmforge.errors import LMForgeError
+from lmforge.infer.beam import BeamParams, beam_search
+from lmforge.infer.generate import Generation, check_prompts, left_pad
+from lmforge.infer.sampling import SamplingParams, make_generator, sample_next
+
+
+def is_seq2seq(model: torch.nn.Module) -> bool:
+    return getattr(model, "family", None) == "seq2seq"
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), S, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = True
+    return ids, mask
+
+
+def _check_sources(model: torch.nn.Module, sources: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise LMForgeError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if len(sources) == 0:
+        raise LMForgeError("no prompts given")
+    cfg = model.cfg
+    for s in sources:
+        if len(s) == 0:
+            raise LMForgeError("source is empty; give at least one token")
+        lo, hi = min(s), max(s)
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise LMForgeError(f"source token id {lo if lo < 0 else hi} is outside the model's vocabulary (0..{cfg.vocab_size - 1})")
+        if len(s) > cfg.block_size:
+            raise LMForgeError(f"source has {len(s)} tokens but the model takes at most {cfg.block_size}")
+    # The decoder holds the start token plus the new tokens (the last one never fed back).
+    return min(max_new_tokens, cfg.block_size)
+
+
+@torch.inference_mode()
+def generate_seq2seq(model: torch.nn.Module, sources: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                     repetition_penalty: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
+                     early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+                     eos_id: int | None = None, seed: int | None = None, tokenizer: Any = None,
+                     decode_text: bool = True) -> list[Generation] | list[list[Generation]]:
+    """Targets for a batch of token-id sources. One `Generation` per source, or with
+    num_return_sequences > 1 a list of that many per source (best first for beam search).
+    eos_id defaults to the model config's."""
+    cfg = model.cfg
+    eos = cfg.eos_id if eos_id is None else eos_id
+    n_new = _check_sources(model, sources, max_new_tokens)
+    device = model.tok_emb.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        src_BS, mask_BS = right_pad(sources, cfg.pad_id, device)
+        if num_beams > 1 or num_return_sequences > 1 and temperature == 0:
+            beam = BeamParams(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
+            rows = _beam(model, src_BS, mask_BS, n_new, eos, beam)
+        else:
+            params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+            reps = num_return_sequences
+            if reps > 1:
+                src_BS, mask_BS = src_BS.repeat_interleave(reps, 0), mask_BS.repeat_interleave(reps, 0)
+            rows = [[r] for r in _sample(model, src_BS, mask_BS, n_new, eos, params, no_repeat_ngram_size,
+                                         None if params.greedy else make_generator(device, seed))]
+            if reps > 1:
+                rows = [[rows[i + j][0] for j in range(reps)] for i in range(0, len(rows), reps)]
+    finally:
+        model.train(was_training)
+    out = []
+    for hyps in rows:
+        gens = []
+        for ids, reason in hyps:
+            text = tokenizer.decode(ids, skip_special=True) if tokenizer is not None and decode_text else None
+            gens.append(Generation(ids, text, reason))
+        out.append(gens if num_return_sequences > 1 else gens[0])
+    return out
+
+
+def _sample(model: torch.nn.Module, src_BS: torch.Tensor, mask_BS: torch.Tensor, n_new: int, eos: int,
+            params: SamplingParams, no_repeat: int, generator: torch.Generator | None) -> list[tuple[list[int], str]]:
+    cfg = model.cfg
+    B = src_BS.shape[0]
+    device = src_BS.device
+    if n_new == 0:
+        return [([], "length") for _ in range(B)]
+    memory_BSC = model.encode(src_BS, mask_BS)
+    cache = model.new_cache(B, n_new, src_mask_BS=mask_BS)
+    seq_BT = torch.full((B, 1), cfg.decoder_start_id, dtype=torch.long, device=device)
+    seen_BV = None
+    if params.repetition_penalty != 1.0:
+        seen_BV = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        seen_BV[:, cfg.decoder_start_id] = True  # HF counts the decoder start token as seen
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    logits_BV = model.decode(seq_BT, memory_BSC, cache=cache)[:, -1]
+    for step in range(n_new):
+        if no_repeat:
+            from lmforge.infer.beam import ban_repeated_ngrams
+
+            logits_BV = ban_repeated_ngrams(logits_BV.float().clone(), seq_BT, no_repeat)
+        tok_B = sample_next(logits_BV, params, generator, seen_BV)
+        tok_B = torch.where(done_B, torch.full_like(tok_B, cfg.pad_id), tok_B)
+        seq_BT = torch.cat([seq_BT, tok_B[:, None]], 1)
+        done_B |= tok_B == eos
+        if bool(done_B.all()) or step + 1 == n_new:
+            break
+        if seen_BV is not None:
+            seen_BV.scatter_(1, tok_B[:, None], True)
+        logits_BV = model.decode(tok_B[:, None], None, cache=cache)[:, -1]
+    out = []
+    for row in seq_BT[:, 1:].tolist():
+        if eos in row:
+            out.append((row[:row.index(eos)], "eos"))
+        else:
+            out.append((row, "length"))
+    return out
+
+
+def _beam(model: torch.nn.Module, src_BS: torch.Tensor, mask_BS: torch.Tensor, n_new: int, eos: int,
+          beam: BeamParams) -> list[list[tuple[list[int], str]]]:
+    cfg = model.cfg
+    B, N = src_BS.shape[0], beam.num_beams
+    device = src_BS.device
+    # Encode each source once, then give every beam its own view of the memory.
+    memory_BSC = model.encode(src_BS, mask_BS).repeat_interleave(N, 0)
+    mask_RS = mask_BS.repeat_interleave(N, 0)
+    cache = model.new_cache(B * N, max(n_new, 1), src_mask_BS=mask_RS)
+    start_R1 = torch.full((B * N, 1), cfg.decoder_start_id, dtype=torch.long, device=device)
+    results = beam_search(
+        prefill=lambda: model.decode(start_R1, memory_BSC, cache=cache)[:, -1],
+        step=lambda tok_R: model.decode(tok_R[:, None], None, cache=cache)[:, -1],
+        reorder=cache.reorder, prompt_RT=start_R1, batch=B, max_new_tokens=n_new, eos_id=eos, pad_id=cfg.pad_id,
+        params=beam)
+    return [[(ids, "eos" if len(ids) < n_new else "length") for ids, _ in hyps] for hyps in results]
+
+
+@torch.inference_mode()
+def beam_search_decoder(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                        num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                        no_repeat_ngram_size: int = 0, num_return_sequences: int = 1, eos_id: int | None = None,
+                        pad_id: int | None = None, tokenizer: Any = None,
+                        decode_text: bool = True) -> list[Generation] | list[list[Generation]]:
+    """Beam search for a decoder-only model (left-padded batch of prompts, KV cache reordered per step)."""
+    beam = BeamParams(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
+    n_new = check_prompts(model, prompts, max_new_tokens)
+    device = model.tok_emb.weight.device
+    B, N = len(prompts), beam.num_beams
+    idx_BT, pad_mask_BT = left_pad(prompts, pad_id if pad_id is not None else 0, device)
+    idx_RT = idx_BT.repeat_interleave(N, 0)
+    mask_RT = pad_mask_BT.repeat_interleave(N, 0) if pad_mask_BT is not None else None
+    T = idx_RT.shape[1]
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B * N, T + max(n_new, 1))
+
+        def reorder(rows_R: torch.Tensor) -> None:
+            cache.k_LBKSD = cache.k_LBKSD.index_select(1, rows_R)
+            cache.v_LBKSD = cache.v_LBKSD.index_select(1, rows_R)
+            cache.valid_BS = cache.valid_BS.index_select(0, rows_R)
+
+        results = beam_search(
+            prefill=lambda: model(idx_RT, pad_mask_BT=mask_RT, cache=cache, last_only=True)[:, -1],
+            step=lambda tok_R: model(tok_R[:, None], cache=cache)[:, -1],
+            reorder=reorder, prompt_RT=idx_RT, batch=B, max_new_tokens=n_new, eos_id=eos_id, pad_id=pad_id,
+            params=beam)
+    finally:
+        model.train(was_training)
+    out = []
+    for hyps in results:
+        gens = []
+        for ids, _ in hyps:
+            text = tokenizer.decode(ids) if tokenizer is not None and decode_text else None
+            gens.append(Generation(ids, text, "eos" if len(ids) < n_new else "length"))
+        out.append(gens if num_return_sequences > 1 else gens[0])
+    return out
