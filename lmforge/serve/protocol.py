@@ -1,0 +1,131 @@
+"""Request schemas of the OpenAI-compatible API (field names and ranges as OpenAI's reference and
+vLLM define them) and the error body. Requests are validated strictly: "5" is not an integer."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+StrictModel = ConfigDict(strict=True, extra="ignore")
+
+
+class ServeError(Exception):
+    """An error the server answers with `{"error": {"message", "type", "param", "code"}}`."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
+             500: "internal_server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.code = code if code is not None else {401: "invalid_api_key", 404: "model_not_found",
+                                                   429: "queue_full", 503: "model_loading"}.get(status)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def validation_error(e: ValidationError) -> ServeError:
+    """The first problem of a pydantic error as one line naming the field."""
+    err = e.errors(include_url=False)[0]
+    if err.get("type") == "json_invalid":
+        return ServeError(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+    # union members add their type name to the location; keep only the field path
+    loc = [str(p) for p in err.get("loc", ()) if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    field = ".".join(loc) or None
+    if err.get("type") == "model_type" and not loc:
+        return ServeError(400, "the request body must be a JSON object")
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "missing":
+        return ServeError(400, f"'{field}' is a required field", param=field)
+    return ServeError(400, f"invalid value for '{field}': {msg}", param=field)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "list[str]", "list[int]", "list[list[int]]",
+              "function-after", "constrained-int", "constrained-float"}
+
+
+class StreamOptions(BaseModel):
+    model_config = StrictModel
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields /v1/completions and /v1/chat/completions share."""
+
+    model_config = StrictModel
+    model: Optional[str] = None
+    n: int = Field(1, ge=1, le=128)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: Optional[str] = None
+    # vLLM's common extras
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    logit_bias: Optional[dict[str, float]] = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=0)
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    best_of: Optional[int] = Field(None, ge=1)
+    suffix: Optional[str] = None
+
+
+class TextPart(BaseModel):
+    model_config = StrictModel
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[Any]] = None
+    add_generation_prompt: bool = True
+
+
+class TokenizeRequest(BaseModel):
+    model_config = StrictModel
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = StrictModel
+    model: Optional[str] = None
+    tokens: list[int]
