@@ -428,14 +428,14 @@ class _Trainer:
             "train_loss": loss_val if math.isfinite(loss_val) else None,
             "val_loss": self.last_val["val_loss"] if self.last_val else None,
             "best_val_loss": self.best_val,
-            "val_ppl": self.last_val["val_ppl"] if self.last_val else None,
-            "val_bpb": self.last_val["val_bpb"] if self.last_val else None,
+            "val_ppl": self.last_val.get("val_ppl") if self.last_val else None,
+            "val_bpb": self.last_val.get("val_bpb") if self.last_val else None,
             "seconds": round(seconds, 2),
             "checkpoint": str(ckpt_io.latest_checkpoint(self.out)) if info.is_main else None,
         }
         if self.last_val:
             _say(f"done: {self.step} steps, val loss {self.last_val['val_loss']:.4f}"
-                 + (f", {self.last_val['val_bpb']:.4f} bits/byte" if self.last_val["val_bpb"] is not None else "")
+                 + (f", {self.last_val['val_bpb']:.4f} bits/byte" if self.last_val.get("val_bpb") is not None else "")
                  + f", {seconds:.0f}s; run in {self.out}", info)
         return summary
 
