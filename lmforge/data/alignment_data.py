@@ -144,17 +144,18 @@ def read_prompts(path: str | Path) -> list[PromptExample]:
     """RL prompts: {"prompt": str | messages, ...other columns}."""
     out = []
     for where, obj in _lines(path):
-        if "prompt" not in obj:
+        key = "prompt" if "prompt" in obj else "messages" if "messages" in obj else None
+        if key is None:
             raise LMForgeError(f"{where}: an RL example needs a 'prompt' field (string or messages); "
                                f"found keys: {', '.join(sorted(obj)) or 'none'}")
-        prompt = _field(obj, "prompt", where)
+        prompt = _field(obj, key, where)
         if isinstance(prompt, str) and not prompt.strip():
             raise LMForgeError(f"{where}: 'prompt' is empty")
         if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
             prompt = prompt[:-1]  # a conversations file: the reference answer stays a column
             if not prompt:
                 raise LMForgeError(f"{where}: 'prompt' has no user turn")
-        out.append(PromptExample(prompt, {k: v for k, v in obj.items() if k != "prompt"}, where))
+        out.append(PromptExample(prompt, {k: v for k, v in obj.items() if k != key}, where))
     if not out:
         raise LMForgeError(f"{path}: no prompts")
     return out

@@ -1,0 +1,164 @@
+"""GRPO and PPO through the one loop: rollouts, first-minibatch invariants, exact resume, reward errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_model_dir, load_tensors, write_model_dir
+from lmforge.errors import LMForgeError
+from lmforge.finetune import rl as R
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.tokenizer import Tokenizer
+
+ALPHA = "abcdefghijklmnopqrstuvwxyz0123456789 +-=?:"
+REWARDS = '''
+def exact(prompts, completions, answer, **kw):
+    return [1.0 if c.strip() == str(a) else 0.0 for c, a in zip(completions, answer)]
+def short(prompts, completions, **kw):
+    return [-0.1 * len(c) for c in completions]
+def boom(prompts, completions, **kw):
+    return [1.0 / (len(c) - len(c)) if p.startswith("3+") else 0.0 for p, c in zip(prompts, completions)]
+def wrong_len(prompts, completions, **kw):
+    return [0.0]
+def nan(prompts, completions, **kw):
+    return [float("nan")] * len(completions)
+'''
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory, one_thread):
+    d = tmp_path_factory.mktemp("rl")
+    tok = Tokenizer.train_char([ALPHA])
+    tok.save(d / "tok.json")
+    torch.manual_seed(0)
+    m = Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    write_model_dir(d / "base", m, d / "tok.json")
+    rng = random.Random(1)
+    with open(d / "prompts.jsonl", "w") as f:
+        for _ in range(30):
+            a, b = rng.randint(0, 4), rng.randint(0, 4)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n")
+    (d / "rw.py").write_text(REWARDS)
+    return d
+
+
+def _args(fx, out, reward=("exact", "short"), weights=(1.0, 0.5), **kw):
+    a = dict(base=str(fx / "base"), data=str(fx / "prompts.jsonl"), out=str(out), val_data=None, val_fraction=None,
+             config=None, recipe=None, resume=None, overwrite=False,
+             reward=[f"{fx / 'rw.py'}:{r}" for r in reward], reward_weights=list(weights) if weights else None)
+    return types.SimpleNamespace(**{**a, **kw})
+
+
+COMMON = ["--train.lr", "3e-3", "--train.micro_batch_size", "4", "--train.log_every", "1", "--train.progress",
+          "false", "--train.ckpt_every", "1", "--train.keep_checkpoints", "0", "--train.warmup_steps", "1"]
+
+
+def _train(module, args, ov):
+    from lmforge.train.loop import train_task
+
+    task, t = module.make_task(args, ov)
+    return train_task(task, t, args.out, resume=args.resume)
+
+
+def _rows(run):
+    return [json.loads(line) for line in open(Path(run) / "metrics.jsonl") if '"loss"' in line]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_tensors(a / "model.safetensors"), load_tensors(b / "model.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_grpo_trains_logs_and_resumes_exactly_mid_rollout(fx, tmp_path):
+    from lmforge.finetune import grpo
+
+    ov = COMMON + ["--train.max_steps", "4", "--grpo.num_generations", "4", "--grpo.max_new_tokens", "5",
+                   "--grpo.beta", "0.1", "--grpo.epochs", "2"]
+    run = tmp_path / "g"
+    _train(grpo, _args(fx, run), ov)
+    rows = _rows(run)
+    # first minibatch of a rollout: the policy is the one that sampled: ratio 1, no clipping, KL 0
+    assert rows[0]["clip_ratio"] == 0.0 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert rows[0]["loss"] == pytest.approx(0.0, abs=1e-6)  # group advantages sum to zero, ratio 1
+    for key in ("reward", "reward_std", "rewards/exact/mean", "rewards/exact/std", "rewards/short/mean",
+                "frac_reward_zero_std", "completion_length", "clip_ratio", "kl"):
+        assert key in rows[-1], key
+    assert rows[1]["kl"] > 0  # the second epoch on the same rollout sees a moved policy
+    # resume from step 3 = in the middle of the second rollout (2 steps per rollout): same weights at 4
+    resumed = tmp_path / "g2"
+    _train(grpo, _args(fx, resumed, resume=str(run / "checkpoints" / "step_00000003")), ov)
+    assert _same_weights(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+    assert _rows(resumed)[-1]["loss"] == rows[-1]["loss"]
+
+
+def test_ppo_first_minibatch_kl_zero_ratio_one_and_resume(fx, tmp_path):
+    from lmforge.finetune import ppo
+
+    ov = COMMON + ["--train.max_steps", "4", "--ppo.max_new_tokens", "5", "--ppo.epochs", "2",
+                   "--ppo.kl_estimator", "k3", "--ppo.target_kl", "0.01", "--ppo.missing_eos_penalty", "1.0"]
+    run = tmp_path / "p"
+    _train(ppo, _args(fx, run), ov)
+    rows = _rows(run)
+    first = rows[0]
+    assert first["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["policy/approxkl"] == pytest.approx(0.0, abs=1e-10) and first["policy/clipfrac"] == 0.0
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the first rollout
+    assert first["objective/rlhf_reward"] == pytest.approx(first["objective/scores"], abs=1e-6)
+    for key in ("objective/entropy", "loss/policy", "loss/value", "val/clipfrac", "completion_length"):
+        assert key in first
+    assert rows[2]["objective/kl"] != 0.0  # second rollout: the policy has moved away from the reference
+    assert rows[2]["objective/kl_coef"] != rows[0]["objective/kl_coef"]  # adaptive controller moved
+    model, cfg, _ = load_model_dir(run)
+    assert type(model).__name__ == "DecoderWithValueHead"
+    resumed = tmp_path / "p2"
+    _train(ppo, _args(fx, resumed, resume=str(run / "checkpoints" / "step_00000003")), ov)
+    assert _same_weights(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+
+
+def test_ppo_last_token_rewards():
+    from lmforge.finetune.ppo import last_token_rewards
+
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]]).bool()
+    out = last_token_rewards(torch.tensor([2.0, 5.0, -1.0]), mask)
+    assert out.tolist() == [[0, 0, 2.0, 0], [0, 0, 0, 0], [0, 0, 0, -1.0]]
+
+
+def test_reward_function_errors_name_function_and_example(fx):
+    fns = R.load_rewards([f"{fx / 'rw.py'}:exact"], None, 50)
+    total, per = R.compute_rewards(fns, ["1+1=", "2+2="], ["2", "5"], {"answer": [2, 4]}, ["f:1", "f:2"])
+    assert total.tolist() == [1.0, 0.0]
+
+    def err(name):
+        fns = R.load_rewards([f"{fx / 'rw.py'}:{name}"], None, 50)
+        with pytest.raises(LMForgeError) as e:
+            R.compute_rewards(fns, ["1+1=", "3+1="], ["2", "4"], {"answer": [2, 4]}, ["p.jsonl:1", "p.jsonl:2"])
+        return str(e.value)
+
+    assert err("boom") == ("reward function boom raised ZeroDivisionError: float division by zero on example "
+                           "p.jsonl:2 (prompt '3+1=', completion '4')")
+    assert err("wrong_len").startswith("reward function wrong_len returned 1 values for 2 completions")
+    assert err("nan") == "reward function nan returned nan for example p.jsonl:1 (prompt '1+1=', completion '2')"
+    with pytest.raises(LMForgeError, match="has no function 'missing'"):
+        R.load_rewards([f"{fx / 'rw.py'}:missing"], None, 50)
+    with pytest.raises(LMForgeError, match="--reward-weights has 1 values for 2 --reward functions"):
+        R.load_rewards([f"{fx / 'rw.py'}:exact", f"{fx / 'rw.py'}:short"], [1.0], 50)
+
+
+def test_grpo_with_reward_model_directory(fx, tmp_path):
+    from lmforge.finetune import grpo
+    from lmforge.models.heads import DecoderClassifier
+
+    base, _, _ = load_model_dir(fx / "base")
+    torch.manual_seed(3)
+    write_model_dir(tmp_path / "rm", DecoderClassifier.from_decoder(base))
+    args = _args(fx, tmp_path / "g", reward=(), weights=None)
+    args.reward = [str(tmp_path / "rm")]
+    _train(grpo, args, COMMON + ["--train.max_steps", "1", "--grpo.num_generations", "4", "--grpo.max_new_tokens", "4"])
+    row = _rows(tmp_path / "g")[0]
+    assert row["rewards/reward_model:rm/std"] > 0 and row["frac_reward_zero_std"] == 0.0
