@@ -157,3 +157,6 @@ def repl(backend: ChatBackend, sampling: dict[str, Any], system: str | None = No
             history.append({"role": "assistant", "content": "".join(reply)})
         else:
             history = [m for m in history if m["role"] == "system"]
+
+
+from lmforge.serve.client import HTTPBackend  # noqa: E402,F401  (`lmforge chat --url`: a running lmforge serve)
