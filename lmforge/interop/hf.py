@@ -729,6 +729,10 @@ def load_hf_dir(path: str | Path, device: str | torch.device = "cpu", dtype: Opt
 
     if _encoder.is_encoder_hf_dir(hf_dir) or (hf_dir / "modules.json").is_file():
         return _encoder.load_hf_encoder_dir(hf_dir, device=device, dtype=dtype)
+    from lmforge.interop import seq2seq as _seq2seq  # T5 / BART folders go to their own module
+
+    if _seq2seq.is_seq2seq_hf_dir(hf_dir):
+        return _seq2seq.load_hf_dir(hf_dir, device=device)
     hf_cfg = _read_hf_config(hf_dir)
     cfg, arch = config_from_hf(hf_cfg, str(hf_dir / HF_CONFIG))
     source = WeightSource(hf_dir)
@@ -753,6 +757,10 @@ def convert_from_hf(hf_dir: str, out: str, overwrite: bool = False) -> Path:
 
     if _encoder.is_encoder_hf_dir(src) or (src / "modules.json").is_file():
         return _encoder.convert_from_hf(hf_dir, out, overwrite=overwrite)
+    from lmforge.interop import seq2seq as _seq2seq  # T5 / BART folders go to their own module
+
+    if _seq2seq.is_seq2seq_hf_dir(src):
+        return _seq2seq.convert_from_hf(hf_dir, out, overwrite=overwrite)
     hf_cfg = _read_hf_config(src)
     cfg, arch = config_from_hf(hf_cfg, str(src / HF_CONFIG))
     _check_out(out_p, overwrite, src)
@@ -851,6 +859,10 @@ def convert_to_hf(src: str, out: str, overwrite: bool = False, max_shard_size: i
 
     if _encoder.is_encoder_model_dir(model_dir):
         return _encoder.convert_to_hf(src, out, overwrite=overwrite)
+    from lmforge.interop import seq2seq as _seq2seq  # encoder-decoders go to their own module
+
+    if _seq2seq.is_seq2seq_model_dir(model_dir):
+        return _seq2seq.convert_to_hf(src, out, overwrite=overwrite)
     out_p = Path(out)
     meta = read_json(model_dir / MODEL_CONFIG)
     if not isinstance(meta, dict) or meta.get("family") != "decoder" or not isinstance(meta.get("config"), dict):

@@ -42,6 +42,27 @@ def is_seq2seq_hf_config(hf: dict) -> bool:
     return any(a in ARCHITECTURES for a in archs) or hf.get("model_type") in ("t5", "bart")
 
 
+def is_seq2seq_hf_dir(path: str | Path) -> bool:
+    """A transformers folder whose config.json is a T5 or BART model."""
+    cfg = Path(path) / HF_CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and is_seq2seq_hf_config(data)
+
+
+def is_seq2seq_model_dir(path: str | Path) -> bool:
+    """An lmforge model directory (or run) holding a seq2seq model."""
+    try:
+        meta = read_json(resolve_model_dir(path) / MODEL_CONFIG)
+    except LMForgeError:
+        return False
+    return isinstance(meta, dict) and meta.get("family") == "seq2seq"
+
+
 # ---- configs ---------------------------------------------------------------------------------
 
 def config_from_hf(hf: dict, source: str = HF_CONFIG, tied: bool = True) -> Seq2SeqConfig:
@@ -342,4 +363,4 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 __all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "state_from_hf", "state_to_hf", "load_hf_dir",
-           "convert_from_hf", "convert_to_hf", "is_seq2seq_hf_config"]
+           "convert_from_hf", "convert_to_hf", "is_seq2seq_hf_config", "is_seq2seq_hf_dir", "is_seq2seq_model_dir"]

@@ -101,6 +101,10 @@ class Seq2SeqConfig:
     def n_layer(self) -> int:
         return self.n_encoder_layer + self.n_decoder_layer
 
+    @property
+    def n_embd(self) -> int:  # the name the other families use for the width
+        return self.d_model
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Exact parameter count from the shape alone (the shared embedding counted once)."""
         C, V, F_, H, D = self.d_model, self.vocab_size, self.d_ff, self.n_head, self.head_dim
