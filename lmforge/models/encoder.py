@@ -428,11 +428,12 @@ class Encoder(nn.Module):
         return self.classifier(self.drop(x))
 
     def forward(self, idx_BT: torch.Tensor, pad_mask_BT: torch.Tensor | None = None,
-                token_type_BT: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_BT: torch.Tensor | None = None, select_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """select_BT (mlm head): logits (N, V) of the True positions only, as MLM training needs."""
         h_BTC = self.encode(idx_BT, pad_mask_BT, token_type_BT)
         head = self.cfg.head
         if head == "mlm":
-            return self.mlm_logits(h_BTC)
+            return self.mlm_logits(h_BTC if select_BT is None else h_BTC[select_BT])
         if head in ("sequence", "token"):
             return self.classify_logits(h_BTC, pad_mask_BT)
         return h_BTC

@@ -113,6 +113,7 @@ class ObjectiveConfig:
     """Settings of the pretraining objectives other than causal_lm (train.objective)."""
 
     mask_prob: float = _h(0.15, "mlm: share of tokens selected for prediction (ModernBERT uses 0.3)")
+    whole_word_mask: bool = _h(False, "mlm: select whole words (all their WordPiece '##' / BPE pieces) together")
 
 
 @dataclass

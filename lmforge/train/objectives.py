@@ -86,3 +86,11 @@ def get_objective(name: str) -> Objective:
         names = list(OBJECTIVES) + [n for n in PRETRAINING if n not in OBJECTIVES]
         raise LMForgeError(f"unknown objective '{name}' in train.objective; available: {', '.join(names)}")
     return OBJECTIVES[name]()
+
+
+def _register_family_objectives() -> None:
+    """Pretraining objectives of other families register themselves in PRETRAINING on import."""
+    from lmforge.train import mlm  # noqa: F401  (encoders: "mlm")
+
+
+_register_family_objectives()
