@@ -211,3 +211,20 @@ def test_reward_training_logs_and_scores(base, tmp_path):
 
 
 GOLDEN_RM_STEP1 = 0.6933196  # measured once on this fixture
+
+
+def test_chat_template_pairs_end_at_end_of_turn():
+    from lmforge.data.alignment_data import encode_completion, encode_prompt, encode_scored
+    from lmforge.tokenizer import CHATML_TEMPLATE
+
+    tok = Tokenizer.train_char([ALPHA + "\n_<>|"])
+    tok.chat_template = CHATML_TEMPLATE
+    im_end = tok.token_to_id("<|im_end|>")
+    msgs = [{"role": "user", "content": "1+1="}]
+    p = encode_prompt(tok, msgs)
+    assert p == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    c = encode_completion(tok, msgs, p, "2")
+    # the reply, closed by its end-of-turn token; the template's trailing newline is not part of it
+    assert tok.decode(c[:-1]) == "2" and c[-1] == im_end
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "2"}], tokenize=True)
+    assert encode_scored(tok, "1+1=", "2") == full[:len(p) + len(c)]

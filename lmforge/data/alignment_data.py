@@ -250,3 +250,23 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], max_len: int,
     if not out:
         raise LMForgeError(f"no preference pair fits the context of {max_len} tokens")
     return out
+
+
+def read_scoring_file(path: str | Path) -> tuple[list[dict], list, list]:
+    """For `lmforge score --file`: (rows, prompts, completions) from {prompt, completion} rows or
+    preference pairs (chosen then rejected of each pair, flattened)."""
+    rows, prompts, completions = [], [], []
+    for where, obj in _lines(path):
+        if "prompt" not in obj:
+            raise LMForgeError(f"{where}: a row to score needs 'prompt' and 'completion' (or 'chosen' and 'rejected')")
+        prompt = _field(obj, "prompt", where)
+        if "completion" in obj:
+            completions.append(_field(obj, "completion", where))
+            prompts.append(prompt)
+        elif "chosen" in obj and "rejected" in obj:
+            completions += [_field(obj, "chosen", where), _field(obj, "rejected", where)]
+            prompts += [prompt, prompt]
+        else:
+            raise LMForgeError(f"{where}: a row to score needs 'completion' (or 'chosen' and 'rejected')")
+        rows.append(obj)
+    return rows, prompts, completions

@@ -18,8 +18,6 @@ ALIGN_TRAIN_DEFAULTS = {"max_steps": 200, "lr": 1e-5, "warmup_steps": 10, "weigh
                         "micro_batch_size": 8, "eval_every": 50, "ckpt_every": 100, "log_every": 10,
                         "eval_iters": 10}
 
-MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-               "generation_config.json")
 
 
 def load_base(path: str | Path) -> Any:
@@ -33,23 +31,12 @@ def load_base(path: str | Path) -> Any:
     return llm
 
 
-def model_files(base: str | Path) -> dict[str, bytes]:
-    """Tokenizer and chat-template files of the base model, carried into the run and checkpoints."""
-    p = Path(base)
-    try:
-        from lmforge.checkpoint import resolve_model_dir
+def model_files(llm: Any, base: str | Path) -> dict[str, bytes]:
+    """Tokenizer, chat template and generation config of the base model (SFT's choice of files),
+    carried into the run and every checkpoint so the result chats like its base."""
+    from lmforge.finetune.sft import model_files as sft_model_files
 
-        d = resolve_model_dir(p)
-    except LMForgeError:
-        d = p
-    files = {}
-    for name in MODEL_FILES:
-        for where in (d, p):
-            f = Path(where) / name
-            if f.is_file():
-                files[name] = f.read_bytes()
-                break
-    return files
+    return sft_model_files(llm, Path(base))
 
 
 def build_section_config(cls: type, args: Any, overrides: Sequence[str], defaults: dict[str, Any]) -> Any:
@@ -99,7 +86,5 @@ def pad_id_of(tokenizer: Any) -> int:
     return int(pid or 0)
 
 
-# The loop's end-of-run summary reads val_ppl unconditionally (loop.py, `summary`), so a Task with
-# report_perplexity=False crashes there; until that is fixed our tasks report it (meaningless for
-# preference / RL losses: ignore val_ppl in their rows).
-REPORT_PPL = True
+# Preference and RL losses are not language-model losses: no perplexity in their eval rows.
+REPORT_PPL = False

@@ -99,7 +99,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     per_step = t.grad_accum * D.world_size()
     source = PairBatches(train_enc, t.micro_batch_size, per_step, t.seed, pad, ref_train)
     val_source = PairBatches(val_enc, t.micro_batch_size, 1, 0, pad, ref_val) if val_enc else None
-    files = C.model_files(args.base)
+    files = C.model_files(llm, args.base)
     files[REF_FILE] = _ref_bytes(ref, fingerprint)
     holder = {"model": model}
 

@@ -92,7 +92,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     task = Task(name="grpo", config=C.resolved("grpo", args, cfg),
                 build_model=lambda: holder.pop("model", None) or C.load_base(args.base).model,
                 objective=R.GRPOObjective(g.epsilon, g.epsilon_high, g.beta, g.loss_type, g.max_new_tokens),
-                train_batches=source, files=C.model_files(args.base),
+                train_batches=source, files=C.model_files(llm, args.base),
                 data_fingerprint={"data": C.file_sha(args.data)}, report_perplexity=C.REPORT_PPL,
                 description=f"{len(examples)} prompts, {source.n_prompts * D.world_size()} prompts x "
                             f"{g.num_generations} completions per rollout")

@@ -133,7 +133,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     task = Task(name="ppo", config=C.resolved("ppo", args, cfg),
                 build_model=lambda: DecoderWithValueHead.from_decoder(base),
                 objective=R.PPOObjective(p.cliprange, p.cliprange_value, p.vf_coef), train_batches=source,
-                files=C.model_files(args.base), data_fingerprint={"data": C.file_sha(args.data)},
+                files=C.model_files(llm, args.base), data_fingerprint={"data": C.file_sha(args.data)},
                 report_perplexity=C.REPORT_PPL,
                 description=f"{len(examples)} prompts, {source.n_prompts * D.world_size()} replies per rollout, "
                             f"{spec.epochs * spec.minibatches} steps per rollout")

@@ -69,7 +69,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     task = Task(name="reward", config=C.resolved("reward", args, cfg), build_model=build_model,
                 objective=RewardObjective(cfg.reward.center_coef, cfg.reward.use_margin), train_batches=source,
                 eval_batches=(lambda: val_source.fixed_batches(t.micro_batch_size)) if val_source else None,
-                files=C.model_files(args.base), data_fingerprint={"data": C.file_sha(args.data)},
+                files=C.model_files(llm, args.base), data_fingerprint={"data": C.file_sha(args.data)},
                 report_perplexity=C.REPORT_PPL,
                 description=f"{len(train_enc)} pairs, global batch {t.micro_batch_size * per_step} pairs")
     return task, t
