@@ -144,15 +144,18 @@ class Seq2SeqConfig:
 # Lewis et al. 2020 (139,420,416 / 406,291,456 as BartForConditionalGeneration).
 _T5 = dict(arch="t5", vocab_size=32128, block_size=512, pad_id=0, eos_id=1, head_dim=64)
 _BART = dict(arch="bart", vocab_size=50265, block_size=1024, ffn="gelu", pad_id=1, eos_id=2, tie_embeddings=True)
+# CPU-sized presets use lmforge's tokenizer ids (EOS <|endoftext|> 0, pad <|pad|> 1), so they train on
+# `lmforge prepare` data as they are.
+_LMF_IDS = dict(pad_id=1, eos_id=0)
 PRESETS: dict[str, dict[str, Any]] = {
     "t5-tiny": dict(arch="t5", vocab_size=512, block_size=128, n_encoder_layer=2, n_decoder_layer=2, n_head=4,
-                    d_model=64, d_ff=128, ffn="gated-gelu"),
+                    d_model=64, d_ff=128, ffn="gated-gelu", **_LMF_IDS),
     "bart-tiny": dict(arch="bart", vocab_size=512, block_size=128, n_encoder_layer=2, n_decoder_layer=2, n_head=4,
-                      d_model=64, d_ff=256, ffn="gelu", pad_id=1, eos_id=2),
+                      d_model=64, d_ff=256, ffn="gelu", **_LMF_IDS),
     "t5-cpu": dict(arch="t5", vocab_size=4096, block_size=256, n_encoder_layer=4, n_decoder_layer=4, n_head=4,
-                   d_model=256, head_dim=64, d_ff=640, ffn="gated-gelu"),
+                   d_model=256, head_dim=64, d_ff=640, ffn="gated-gelu", **_LMF_IDS),
     "bart-cpu": dict(arch="bart", vocab_size=4096, block_size=256, n_encoder_layer=4, n_decoder_layer=4, n_head=4,
-                     d_model=256, d_ff=1024, ffn="gelu", pad_id=1, eos_id=2),
+                     d_model=256, d_ff=1024, ffn="gelu", **_LMF_IDS),
     "t5-small": dict(_T5, n_encoder_layer=6, n_decoder_layer=6, n_head=8, d_model=512, d_ff=2048, ffn="relu"),
     "t5-base": dict(_T5, n_encoder_layer=12, n_decoder_layer=12, n_head=12, d_model=768, d_ff=3072, ffn="relu"),
     "t5-v1_1-small": dict(_T5, n_encoder_layer=8, n_decoder_layer=8, n_head=6, d_model=512, d_ff=1024,

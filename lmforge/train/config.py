@@ -114,6 +114,12 @@ class ObjectiveConfig:
 
     mask_prob: float = _h(0.15, "mlm: share of tokens selected for prediction (ModernBERT uses 0.3)")
     whole_word_mask: bool = _h(False, "mlm: select whole words (all their WordPiece '##' / BPE pieces) together")
+    noise_density: float = _h(0.15, "span_corruption: share of each window's tokens dropped from the source (T5)")
+    mean_span_length: float = _h(3.0, "span_corruption: mean length of a dropped span (T5)")
+    num_sentinels: int = _h(100, "span_corruption: sentinel ids (<extra_id_i>, or the last rows of the model vocabulary)")
+    infill_ratio: float = _h(0.3, "text_infilling: share of tokens replaced by mask spans (BART)")
+    poisson_lambda: float = _h(3.0, "text_infilling: mean span length, Poisson distributed (BART)")
+    permute_sentences: bool = _h(True, "text_infilling: shuffle the sentences of each window first (BART)")
 
 
 @dataclass

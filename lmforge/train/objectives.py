@@ -91,6 +91,7 @@ def get_objective(name: str) -> Objective:
 def _register_family_objectives() -> None:
     """Pretraining objectives of other families register themselves in PRETRAINING on import."""
     from lmforge.train import mlm  # noqa: F401  (encoders: "mlm")
+    from lmforge.train import denoise  # noqa: F401  (encoder-decoders: "span_corruption", "text_infilling")
 
 
 _register_family_objectives()
