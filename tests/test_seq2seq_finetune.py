@@ -1,0 +1,131 @@
+"""`lmforge finetune seq2seq`: pair files (CSV/TSV/JSONL, column names, bad input), generation
+metrics against sacrebleu / rouge-score, and short runs of an encoder-decoder and a decoder."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from lmforge.errors import LMForgeError
+from lmforge.eval.generation import generation_metrics
+from lmforge.finetune.seq2seq import read_pairs
+
+WORDS = "the king and queen of a far land rode out to see what night would bring".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads(one_thread):
+    yield
+
+
+def test_metrics_equal_sacrebleu_and_rouge_score_on_fixed_strings():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    preds = ["the cat sat on the mat", "Long live the king!", "stand and unfold yourself", "nothing alike here"]
+    refs = ["the cat sat on a mat", "Long live the king!", "Stand, and unfold yourself.", "completely different words"]
+    m = generation_metrics(preds, refs)
+    assert m["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score)
+    assert m["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score)
+    sc = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    for k in ("rouge1", "rouge2", "rougeL"):
+        assert m[k] == pytest.approx(100 * sum(sc.score(r, p)[k].fmeasure for p, r in zip(preds, refs)) / 4)
+    assert m["exact_match"] == 25.0
+    # anchors that need no library: "the cat sat on the mat" vs "... a mat": 5 of 6 unigrams shared
+    assert sc.score(refs[0], preds[0])["rouge1"].fmeasure == pytest.approx(5 / 6)
+    perfect = generation_metrics(refs, refs)
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
+    assert perfect["rougeL"] == pytest.approx(100.0) and perfect["exact_match"] == 100.0
+    assert generation_metrics(["zzz qqq"], ["aaa bbb"])["rouge1"] == 0.0
+    with pytest.raises(LMForgeError, match="2 predictions for 1 references"):
+        generation_metrics(["a", "b"], ["a"])
+
+
+def test_pair_files_and_bad_input(tmp_path):
+    (tmp_path / "a.tsv").write_text("folio\tmodern\nLong liue the King\tLong live the king\n", encoding="utf-8")
+    pairs = read_pairs(tmp_path / "a.tsv", "folio", "modern")
+    assert [(p.source, p.target) for p in pairs] == [("Long liue the King", "Long live the king")]
+    (tmp_path / "b.csv").write_text('source,target\n"a, b",c\n', encoding="utf-8")
+    assert read_pairs(tmp_path / "b.csv")[0].source == "a, b"
+    with pytest.raises(LMForgeError, match=r"a\.tsv: no column 'source'; columns present: folio, modern"):
+        read_pairs(tmp_path / "a.tsv")
+    (tmp_path / "c.jsonl").write_text('{"source": "x", "target": "y"}\n{"source": "x", "target": "  "}\n')
+    with pytest.raises(LMForgeError, match=r"c\.jsonl:2: empty target in column 'target'"):
+        read_pairs(tmp_path / "c.jsonl")
+    (tmp_path / "d.jsonl").write_text('{"source": "x", "target": "y"}\n[1]\n')
+    with pytest.raises(LMForgeError, match=r"d\.jsonl:2: each line must be a JSON object"):
+        read_pairs(tmp_path / "d.jsonl")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from lmforge.checkpoint import write_model_dir
+    from lmforge.models.decoder import Decoder
+    from lmforge.models.decoder import config_from_preset as dec_preset
+    from lmforge.models.seq2seq import Seq2Seq, config_from_preset
+    from lmforge.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("ft")
+    rng = random.Random(0)
+
+    def pair(n_words=3):
+        w = rng.sample(WORDS, n_words)
+        return {"source": " ".join(w), "target": " ".join(reversed(w))}
+
+    rows = [pair() for _ in range(120)] + [{"source": " ".join(WORDS * 4), "target": "far"}]  # one long source
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (d / "val.jsonl").write_text("\n".join(json.dumps(pair()) for _ in range(8)))
+    tok = Tokenizer.train_char([" ".join(WORDS)])
+    tok.save(d / "tok.json")
+    torch_seed = __import__("torch").manual_seed(0)
+    assert torch_seed is not None
+    write_model_dir(d / "t5", Seq2Seq(config_from_preset("t5-tiny", vocab_size=tok.vocab_size)), tokenizer_path=d / "tok.json")
+    write_model_dir(d / "gpt", Decoder(dec_preset("tiny", vocab_size=tok.vocab_size)), tokenizer_path=d / "tok.json")
+    return d
+
+
+def _args(files, base, out, *extra):
+    return ["finetune", "seq2seq", "--base", str(files / base), "--data", str(files / "train.jsonl"), "--val-data",
+            str(files / "val.jsonl"), "--out", str(out), "--train.max_steps", "12", "--train.eval_every", "6",
+            "--train.micro_batch_size", "8", "--train.lr", "3e-3", "--train.warmup_steps", "2", "--train.progress",
+            "false", "--generate.max_examples", "4", "--generate.max_new_tokens", "12", "--train.log_every", "1", *extra]
+
+
+def test_finetune_encoder_decoder_reports_generation_metrics_and_truncation(files, tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main(_args(files, "t5", tmp_path / "run", "--data.max_source_length", "64",
+                      "--prefix", "reverse: ")) == 0
+    captured = capsys.readouterr()
+    assert "truncated 1 training and 0 validation sources longer than 64 tokens" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "val_loss"} <= set(summary)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert len(evals) == 2 and all("chrf" in r and "exact_match" in r for r in evals)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0]
+    preds = [json.loads(x) for x in (tmp_path / "run" / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 and {"source", "target", "prediction"} <= set(preds[0])
+    from lmforge.infer.llm import LLM
+
+    llm = LLM.load(tmp_path / "run")  # the fine-tuned run loads and generates text
+    assert isinstance(llm.generate("reverse: the king", max_new_tokens=5, temperature=0), str)
+
+
+def test_finetune_decoder_on_the_same_files(files, tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main(_args(files, "gpt", tmp_path / "dec")) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 12 and "chrf" in summary
+
+
+def test_finetune_bad_input_is_one_line_error(files, tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main(_args(files, "t5", tmp_path / "x", "--source-column", "folio")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train.jsonl: no column 'folio'" in err and len(err.splitlines()) == 1
