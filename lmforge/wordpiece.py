@@ -152,12 +152,17 @@ class EncoderTokenizer:
         return [e.ids for e in encs], [e.type_ids for e in encs], n_cut
 
     def batch(self, texts: Sequence[str], pairs: Optional[Sequence[Optional[str]]] = None,
-              max_length: Optional[int] = None) -> dict[str, Any]:
-        """Right-padded tensors: input_ids, attention_mask (bool), token_type_ids; plus `truncated` (count)."""
+              max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None) -> dict[str, Any]:
+        """Right-padded tensors: input_ids, attention_mask (bool), token_type_ids; plus `truncated` (count).
+        pad_to_multiple_of rounds the width up (fewer distinct shapes; never past max_length)."""
         import torch
 
         ids, types, n_cut = self.encode_pairs(texts, pairs, max_length)
         T = max((len(r) for r in ids), default=1)
+        if pad_to_multiple_of:
+            T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+            limit = max_length or self.max_length
+            T = min(T, limit) if limit else T
         idx = torch.full((len(ids), T), self.pad_id, dtype=torch.long)
         tt = torch.zeros((len(ids), T), dtype=torch.long)
         mask = torch.zeros((len(ids), T), dtype=torch.bool)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
 
+PAD_MULTIPLE = 16  # batches are padded to a multiple of this width: few shapes, kernels set up once each
+
 
 def load_encoder(path: Path, device: str | torch.device = "cpu"):
     """(model, config, EncoderTokenizer or None) when `path` is an encoder (HF / sentence-transformers
@@ -71,7 +73,7 @@ def embed(model: torch.nn.Module, tokenizer: Any, texts: Any, pooling: Optional[
     device = model.tok_emb.weight.device
     out = []
     for i in range(0, len(texts), batch_size):
-        b = tok.batch(texts[i:i + batch_size], max_length=max_length)
+        b = tok.batch(texts[i:i + batch_size], max_length=max_length, pad_to_multiple_of=PAD_MULTIPLE)
         mask = b["attention_mask"].to(device)
         h_BTC = model.encode(b["input_ids"].to(device), mask, b["token_type_ids"].to(device))
         if pooling == "cls":
@@ -105,7 +107,8 @@ def class_logits(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], p
             raise LMForgeError(f"this encoder has no sequence-classification head (model.head is '{model.cfg.head}')")
         tok = _need_tokenizer(tokenizer)
         for i in range(0, len(texts), batch_size):
-            b = tok.batch(texts[i:i + batch_size], None if pairs is None else pairs[i:i + batch_size], max_length)
+            b = tok.batch(texts[i:i + batch_size], None if pairs is None else pairs[i:i + batch_size], max_length,
+                          pad_to_multiple_of=PAD_MULTIPLE)
             cut += b["truncated"]
             outs.append(model(b["input_ids"].to(device), b["attention_mask"].to(device), b["token_type_ids"].to(device)))
     elif family == "decoder_classifier":

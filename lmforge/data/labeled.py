@@ -1,0 +1,118 @@
+"""Labelled text for classification: CSV / TSV / JSONL files with a text column (an optional text-pair
+column) and a label column, read with one-line errors that name the file, line and column.
+
+    examples = read_labeled("train.csv", text="text", pair="text_pair", label="label")
+    labels = label_set(examples)            # sorted names; ints sort as numbers
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from lmforge.errors import LMForgeError
+
+FORMATS = (".csv", ".tsv", ".jsonl", ".json")
+
+
+@dataclass
+class Example:
+    text: str
+    pair: Optional[str]
+    label: Optional[str]
+    where: str  # "file:line"
+
+
+def read_table(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """((line number, row) list, column names) of a CSV, TSV or JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LMForgeError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise LMForgeError(f"{path}: unsupported format '{suffix}'; use .csv, .tsv or .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise LMForgeError(f"{path} is not UTF-8 text") from None
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if suffix in (".jsonl", ".json"):
+        columns: dict[str, None] = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LMForgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise LMForgeError(f"{path}:{n}: each line must be a JSON object")
+            columns.update(dict.fromkeys(obj))
+            rows.append((n, obj))
+        return rows, list(columns)
+    reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+    columns_list = list(reader.fieldnames or [])
+    for row in reader:
+        rows.append((reader.line_num, row))
+    return rows, columns_list
+
+
+def read_labeled(path: str | Path, text: str = "text", pair: Optional[str] = "text_pair", label: Optional[str] = "label",
+                 need_label: bool = True) -> list[Example]:
+    """Examples of a file; `pair` is used when the file has that column. Errors name file, line, column."""
+    rows, columns = read_table(path)
+    if not rows:
+        raise LMForgeError(f"{path} holds no examples")
+    for col in [text] + ([label] if need_label and label else []):
+        if col not in columns:
+            raise LMForgeError(f"{path}: no column '{col}'; columns present: {', '.join(columns) or 'none'}")
+    use_pair = pair is not None and pair in columns
+    out = []
+    for n, row in rows:
+        where = f"{path}:{n}"
+        t = row.get(text)
+        if not isinstance(t, str) or not t.strip():
+            raise LMForgeError(f"{where}: empty text in column '{text}'")
+        p = row.get(pair) if use_pair else None
+        if p is not None and not isinstance(p, str):
+            raise LMForgeError(f"{where}: column '{pair}' must be text")
+        lab = row.get(label) if label else None
+        if need_label:
+            if lab is None or (isinstance(lab, str) and not lab.strip()) or isinstance(lab, (dict, list)):
+                raise LMForgeError(f"{where}: missing label in column '{label}'")
+            if isinstance(lab, float) and lab.is_integer():
+                lab = int(lab)
+            lab = str(lab).strip()
+        out.append(Example(t, p or None, lab if need_label else (str(lab) if lab is not None else None), where))
+    return out
+
+
+def label_set(examples: list[Example]) -> list[str]:
+    """Label names in a stable order (numeric when every label is an integer); warns about labels seen once."""
+    counts = Counter(e.label for e in examples)
+    names = list(counts)
+    if all(n.lstrip("-").isdigit() for n in names):
+        names.sort(key=int)
+    else:
+        names.sort()
+    once = [n for n in names if counts[n] == 1]
+    if once:
+        warnings.warn(f"label{'s' if len(once) > 1 else ''} {', '.join(repr(n) for n in once[:5])} "
+                      f"appear{'' if len(once) > 1 else 's'} only once in the training data", UserWarning, stacklevel=2)
+    return names
+
+
+def label_ids(examples: list[Example], labels: list[str]) -> list[int]:
+    """Class ids; a label the model does not know is an error naming it and where it is."""
+    index = {n: i for i, n in enumerate(labels)}
+    out = []
+    for e in examples:
+        if e.label not in index:
+            raise LMForgeError(f"{e.where}: label '{e.label}' is not one of the model's labels ({', '.join(labels)})")
+        out.append(index[e.label])
+    return out

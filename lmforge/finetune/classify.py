@@ -1,0 +1,361 @@
+"""Classification fine-tuning: train an encoder (or a decoder) to label texts.
+
+    lmforge finetune classify --base MODEL --data TRAIN --val-data VAL --out RUN
+                              [--text-column C] [--text-pair-column C] [--label-column C] [--section.key V ...]
+
+Data: CSV / TSV / JSONL with a text column (and an optional text-pair column) and a label column
+(strings or ints). Labels are mapped to ids in a stable order and stored with the model (`labels`
+of an encoder, `id2label` of a decoder classifier). Encoders classify their [CLS] / pooled state
+(BERT's pooler, RoBERTa / ModernBERT heads; `--model.pooling mean` for mean pooling); decoders
+read the last real token (models/heads.py, as GPT2ForSequenceClassification). Every eval writes
+accuracy, macro-F1 and per-class figures to metrics.jsonl, the full set (with the confusion
+matrix) to RUN/eval_metrics.json and a plot to RUN/confusion_matrix.png. Texts longer than the
+context are truncated and counted. Runs in the one training loop (resume, accumulation, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LMForgeError
+from lmforge.train.config import TrainConfig
+
+EVAL_METRICS = "eval_metrics.json"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+def _h(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ClassifyDataConfig:
+    text_column: str = _h("text", "column holding the text")
+    text_pair_column: str = _h("text_pair", "column holding the second text of a pair (used when present)")
+    label_column: str = _h("label", "column holding the label (string or int)")
+    val_fraction: float = _h(0.0, "hold out this share of examples for validation when no --val-data is given")
+    max_length: Optional[int] = _h(None, "tokens per example (longer ones are truncated); default the model's context")
+
+
+@dataclass
+class ClassifyModelConfig:
+    pooling: Optional[Literal["cls", "mean"]] = _h(None, "encoders: what the head reads; default the model's own (cls)")
+    dropout: Optional[float] = _h(None, "encoders: dropout while fine-tuning; default the model's own")
+
+
+@dataclass
+class ClassifyConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    model: ClassifyModelConfig = field(default_factory=ClassifyModelConfig)
+
+
+# Fine-tuning a pretrained encoder: BERT paper's range (lr 2e-5..5e-5, warmup, weight decay 0.01).
+CLASSIFY_DEFAULTS = {"train": {"max_steps": 300, "lr": 5e-5, "warmup_steps": 30, "weight_decay": 0.01,
+                               "micro_batch_size": 16, "eval_every": 100, "ckpt_every": 100, "eval_iters": 1000,
+                               "beta2": 0.999, "log_every": 10}}
+
+
+# ---- rows -------------------------------------------------------------------------------------
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts to classify / embed: one per line, or the "text" field of a .jsonl / column of a .csv/.tsv."""
+    p = Path(path)
+    if p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
+        from lmforge.data.labeled import read_labeled
+
+        return [e.text for e in read_labeled(p, need_label=False, pair=None)]
+    if not p.is_file():
+        raise LMForgeError(f"file not found: {p}")
+    try:
+        return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise LMForgeError(f"{p} is not UTF-8 text") from None
+
+
+def decoder_rows(tok: Any, texts: Sequence[str], pairs: Optional[Sequence[Optional[str]]], limit: int):
+    """Right-padded (ids, mask, n_truncated) for a decoder classifier: text [+ newline + pair], cut to
+    limit - 1 tokens, then the EOS, whose position the score head reads."""
+    if tok is None:
+        raise LMForgeError("this model has no tokenizer (tokenizer.json), so it cannot read text")
+    rows, cut = [], 0
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    for i, t in enumerate(texts):
+        ids = tok.encode(t if pairs is None or pairs[i] is None else f"{t}\n{pairs[i]}")
+        if len(ids) + len(eos) > limit:
+            ids, cut = ids[:limit - len(eos)], cut + 1
+        rows.append(ids + eos)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return idx, mask, cut
+
+
+class LabeledRows:
+    """Tokenized examples in deterministic epochs: epoch e is a permutation seeded by (seed, e), and
+    micro-batch (step, index) reads rows (step * per_step + index) * mb ..., so resume is exact."""
+
+    def __init__(self, ids: list[list[int]], types: list[list[int]], labels: list[int], micro_batch_size: int,
+                 micro_batches_per_step: int, seed: int, pad_id: int, shuffle: bool = True,
+                 max_len: Optional[int] = None):
+        if not ids:
+            raise LMForgeError("no training examples")
+        self.ids, self.types, self.labels = ids, types, labels
+        self.mb, self.per_step, self.seed, self.pad_id, self.shuffle = micro_batch_size, micro_batches_per_step, seed, pad_id, shuffle
+        self._perms: dict[int, list[int]] = {}
+        self.max_len = max_len
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perms = {epoch: torch.randperm(len(self.ids), generator=g).tolist()}
+            else:
+                self._perms = {epoch: list(range(len(self.ids)))}
+        return self._perms[epoch]
+
+    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        T = max(len(self.ids[i]) for i in rows)
+        if self.max_len:  # a few distinct widths: kernels (oneDNN) are set up once per shape
+            T = min(-(-T // 16) * 16, self.max_len)
+        B = len(rows)
+        x = torch.full((B, T), self.pad_id, dtype=torch.long)
+        tt = torch.zeros((B, T), dtype=torch.long)
+        m = torch.zeros((B, T), dtype=torch.bool)
+        for b, i in enumerate(rows):
+            n = len(self.ids[i])
+            x[b, :n] = torch.tensor(self.ids[i])
+            tt[b, :n] = torch.tensor(self.types[i])
+            m[b, :n] = True
+        return {"input_ids": x, "attention_mask": m, "token_type_ids": tt,
+                "labels": torch.tensor([self.labels[i] for i in rows], dtype=torch.long)}
+
+    def micro_batch(self, step: int, index: int) -> dict[str, torch.Tensor]:
+        n = len(self.ids)
+        g0 = (step * self.per_step + index) * self.mb
+        return self.collate([self._order(g // n)[g % n] for g in range(g0, g0 + self.mb)])
+
+    def all_batches(self) -> list[dict[str, torch.Tensor]]:
+        return [self.collate(list(range(i, min(i + self.mb, len(self.ids))))) for i in range(0, len(self.ids), self.mb)]
+
+
+def classifier_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if getattr(model, "module", model).family == "encoder":
+        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return model(batch["input_ids"], pad_mask_BT=batch["attention_mask"])
+
+
+class ClassifyObjective:
+    """Cross entropy over classes (mean over the micro-batch); stats: acc, tokens."""
+
+    name = "classify"
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        logits = classifier_logits(model, batch).float()
+        y = batch["labels"]
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(-1) == y).float().mean()
+        return loss, {"loss": loss.detach(), "acc": acc.detach(), "tokens": batch["attention_mask"].sum()}
+
+
+# ---- task -------------------------------------------------------------------------------------
+
+def _fingerprint(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+def _base_files(base: Path) -> dict[str, bytes]:
+    """Tokenizer files (and the HF config sidecar) that travel with the fine-tuned model."""
+    from lmforge.checkpoint import resolve_model_dir
+
+    st = base / "modules.json"
+    d = base if (base / "config.json").is_file() or st.is_file() else resolve_model_dir(base)
+    if st.is_file():
+        from lmforge.interop.encoder import sentence_transformers_layout
+
+        d = sentence_transformers_layout(base)[0]
+    files = {}
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (d / name).is_file():
+            files[name] = (d / name).read_bytes()
+    for name, src in (("hf_config.json", d / "hf_config.json"), ("hf_config.json", d / "config.json")):
+        if src.is_file() and name not in files:
+            files[name] = src.read_bytes()
+    return files
+
+
+def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optional[str], out: str | Path,
+               say: Any = None):
+    from lmforge.data.labeled import label_ids, label_set, read_labeled
+    from lmforge.eval.classification import classification_metrics, plot_confusion
+    from lmforge.infer.llm import LLM
+    from lmforge.train import distributed as D
+    from lmforge.train.task import Task
+
+    say = say or (lambda msg: print(f"lmforge finetune classify: {msg}", file=sys.stderr, flush=True))
+    quiet = say if D.rank() == 0 else (lambda msg: None)
+    t, d, m = cfg.train, cfg.data, cfg.model
+    base = Path(base)
+    llm = LLM.load(base)
+    family = getattr(llm.model, "family", "decoder")
+    if family not in ("encoder", "decoder", "decoder_classifier"):
+        raise LMForgeError(f"--base {base} is a {family} model; classify fine-tunes encoders and decoders")
+    if llm.tokenizer is None:
+        raise LMForgeError(f"--base {base} has no tokenizer (tokenizer.json); classification needs one to read text")
+    cols = dict(text=d.text_column, pair=d.text_pair_column, label=d.label_column)
+    examples = read_labeled(data, **cols)
+    paths = [Path(data)]
+    if val_data is not None:
+        if d.val_fraction:
+            raise LMForgeError("give either --val-data or --val-fraction, not both")
+        val_examples = read_labeled(val_data, **cols)
+        paths.append(Path(val_data))
+    elif d.val_fraction:
+        if not 0 < d.val_fraction < 1:
+            raise LMForgeError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+        g = torch.Generator().manual_seed(t.seed)
+        order = torch.randperm(len(examples), generator=g).tolist()
+        k = max(1, round(len(examples) * d.val_fraction))
+        val_examples, examples = [examples[i] for i in order[:k]], [examples[i] for i in order[k:]]
+    else:
+        val_examples = []
+    labels = label_set(examples)
+    if len(labels) < 2:
+        raise LMForgeError(f"{data}: the training data has {len(labels)} label(s) ({', '.join(labels)}); "
+                           "classification needs at least 2")
+    y_train = label_ids(examples, labels)
+    y_val = label_ids(val_examples, labels)  # an unknown label at eval is an error naming it
+
+    # the model: the base body with a fresh classification head for these labels
+    model = llm.model
+    if family == "encoder":
+        over: dict[str, Any] = {}
+        if m.pooling is not None:
+            over["classifier_pooling"] = m.pooling
+        if m.dropout is not None:
+            over["dropout"] = m.dropout
+        same = model.cfg.head == "sequence" and model.cfg.label_names() == labels and not over
+        if not same:
+            model = model.with_head("sequence", labels=labels, **over)
+        limit = d.max_length or (model.cfg.block_size - model.cfg.position_offset)
+    else:
+        from lmforge.models.heads import DecoderClassifier
+
+        id2label = {str(i): n for i, n in enumerate(labels)}
+        if family != "decoder_classifier" or [str(v) for v in (model.cfg.id2label or {}).values()] != labels:
+            model = DecoderClassifier.from_decoder(model, num_labels=len(labels), id2label=id2label)
+        limit = d.max_length or model.cfg.block_size
+    model.train()
+
+    def encode(exs: list[Any]) -> tuple[list[list[int]], list[list[int]], int]:
+        texts = [e.text for e in exs]
+        pairs = [e.pair for e in exs] if any(e.pair for e in exs) else None
+        if family == "encoder":
+            return llm.tokenizer.encode_pairs(texts, pairs, limit)
+        idx, mask, cut = decoder_rows(llm.tokenizer, texts, pairs, limit)
+        ids = [row[:int(k)].tolist() for row, k in zip(idx, mask.sum(1))]
+        return ids, [[0] * len(r) for r in ids], cut
+
+    ids, types, cut = encode(examples)
+    vids, vtypes, vcut = encode(val_examples) if val_examples else ([], [], 0)
+    if cut or vcut:
+        quiet(f"truncated {cut} training and {vcut} validation texts longer than {limit} tokens")
+    pad = getattr(llm.tokenizer, "pad_id", None)
+    pad = pad if pad is not None else (getattr(llm.tokenizer, "eos_id", None) or 0)
+    per_step = t.grad_accum * D.world_size()
+    source = LabeledRows(ids, types, y_train, t.micro_batch_size, per_step, t.seed, pad, max_len=limit)
+    val_source = LabeledRows(vids, vtypes, y_val, t.micro_batch_size, 1, t.seed, pad, shuffle=False,
+                             max_len=limit) if vids else None
+    counts = {n: y_train.count(i) for i, n in enumerate(labels)}
+    quiet(f"{len(examples)} training examples, {len(val_examples)} validation; labels "
+          + ", ".join(f"{n} ({c})" for n, c in counts.items()))
+    out = Path(out)
+
+    def evaluate(live: torch.nn.Module) -> dict[str, Any]:
+        preds: list[int] = []
+        with torch.no_grad():
+            for b in val_source.all_batches():
+                dev = next(live.parameters()).device
+                preds += classifier_logits(live, {k: v.to(dev) for k, v in b.items()}).argmax(-1).tolist()
+        res = classification_metrics(y_val, preds, labels)
+        from lmforge.checkpoint import atomic_write_text
+
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / EVAL_METRICS, json.dumps(res, indent=2))
+        plot_confusion(res, out / CONFUSION_PNG)
+        row = {"accuracy": res["accuracy"], "macro_f1": res["macro_f1"]}
+        for n, pc in res["per_class"].items():
+            row[f"precision/{n}"], row[f"recall/{n}"] = pc["precision"], pc["recall"]
+        return row
+
+    resolved = {"train": dataclasses.asdict(t), "data": dataclasses.asdict(d), "model": dataclasses.asdict(m),
+                "model_config": dataclasses.asdict(model.cfg), "base": str(base), "labels": labels}
+    return Task(
+        name="classify", config=resolved, build_model=lambda: model, objective=ClassifyObjective(),
+        train_batches=source, eval_batches=(lambda: val_source.all_batches()[:t.eval_iters]) if val_source else None,
+        evaluate=evaluate if val_source else None, files=_base_files(base),
+        data_fingerprint={"dir": str(data), "sha256": _fingerprint(paths)}, report_perplexity=False,
+        description=f"global batch {t.micro_batch_size * per_step} examples, {len(labels)} labels")
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", help="column holding the text (default text)")
+    p.add_argument("--text-pair-column", help="column holding the second text of a pair (default text_pair)")
+    p.add_argument("--label-column", help="column holding the label (default label)")
+
+
+def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> ClassifyConfig:
+    from lmforge.config import deep_merge, from_dict
+    from lmforge.train.config import gather_config_dict
+
+    base_state = None
+    if getattr(args, "resume", None):
+        from lmforge import checkpoint as ckpt_io
+        from lmforge.train.loop import resolve_resume
+
+        found = resolve_resume(args.resume, Path(args.out))
+        if found is not None:
+            state, _ = ckpt_io.load_train_state(found, with_tensors=False)
+            saved = state.get("config") or {}
+            base_state = {k: saved[k] for k in ("train", "data", "model") if k in saved}
+    layered = gather_config_dict(getattr(args, "config", None), overrides, getattr(args, "recipe", None),
+                                 base=base_state or CLASSIFY_DEFAULTS)
+    for flag, key in (("text_column", "text_column"), ("text_pair_column", "text_pair_column"),
+                      ("label_column", "label_column")):
+        if getattr(args, flag, None):
+            layered = deep_merge(layered, {"data": {key: getattr(args, flag)}})
+    if getattr(args, "val_fraction", None) is not None:
+        layered = deep_merge(layered, {"data": {"val_fraction": args.val_fraction}})
+    return from_dict(ClassifyConfig, layered)
+
+
+def run(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:
+    from lmforge.train.loop import train_task
+
+    cfg = build_config(args, overrides)
+    task = build_task(cfg, args.base, args.data, args.val_data, args.out)
+    summary = train_task(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)
+    metrics = Path(args.out) / EVAL_METRICS
+    if metrics.is_file():
+        res = json.loads(metrics.read_text(encoding="utf-8"))
+        summary.update(accuracy=res["accuracy"], macro_f1=res["macro_f1"])
+    return summary
