@@ -109,10 +109,11 @@ def test_finetune_encoder_decoder_reports_generation_metrics_and_truncation(file
     assert losses[-1] < losses[0]
     preds = [json.loads(x) for x in (tmp_path / "run" / "eval_predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and {"source", "target", "prediction"} <= set(preds[0])
-    from lmforge.infer.llm import LLM
+    from lmforge.checkpoint import load_model_dir
+    from lmforge.infer.seq2seq import generate_seq2seq
 
-    llm = LLM.load(tmp_path / "run")  # the fine-tuned run loads and generates text
-    assert isinstance(llm.generate("reverse: the king", max_new_tokens=5, temperature=0), str)
+    model, _, tok_path = load_model_dir(tmp_path / "run")  # the fine-tuned run loads (tokenizer included)
+    assert tok_path is not None and len(generate_seq2seq(model, [[5, 6, 0]], max_new_tokens=5, temperature=0)) == 1
 
 
 def test_finetune_decoder_on_the_same_files(files, tmp_path, capsys):
