@@ -470,8 +470,11 @@ class Scheduler:
         if lp_rows:
             idx = torch.tensor(lp_rows, device=logits_BV.device)
             lp_RV = torch.log_softmax(logits_BV[idx].float(), dim=-1)
-            for j, i in enumerate(lp_rows):
-                lps[i] = _logprob_entries(lp_RV[j:j + 1], [toks[i]], seqs[i].req.logprobs)[0]
+            tops = [seqs[i].req.logprobs for i in lp_rows]
+            entries = _logprob_entries(lp_RV, [toks[i] for i in lp_rows], max(tops))
+            for i, e, top in zip(lp_rows, entries, tops):
+                e.top = e.top[:top]
+                lps[i] = e
         finished = []
         for i, s in enumerate(seqs):
             if self._emit(s, toks[i], lps.get(i)):
