@@ -124,6 +124,22 @@ def test_completion_stream_format(server, client, llm):
     assert all("usage" not in e for e in no_usage[:-1])
 
 
+def test_stop_strings_and_big_seeds(client, llm):
+    tok = llm.tokenizer
+    ids = tok.encode_prompt("ROMEO: but")
+    full = tok.decode(offline_ids(llm, ids, 20, temperature=0), skip_special=True)
+    assert len(full) > 12
+    stop = full[8:10]
+    r = client.completions.create(model=NAME, prompt="ROMEO: but", max_tokens=20, temperature=0, stop=[stop, "@@@"])
+    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model=NAME, prompt="ROMEO: but", max_tokens=20, temperature=0, stop=stop,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == full[:full.find(stop)]
+    # the largest seed with n > 1: sample i uses (seed + i) mod 2**64, never an error
+    r = client.completions.create(model=NAME, prompt="ROMEO: but", max_tokens=3, seed=2**64 - 1, n=2)
+    assert len(r.choices) == 2
+
+
 # ---- chat -----------------------------------------------------------------------------------------
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]

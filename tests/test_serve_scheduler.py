@@ -180,3 +180,41 @@ def test_logprobs_match_a_full_forward(tok):
         assert [i for i, _ in entry.top] == top_ids
     # greedy: the chosen token is the best alternative
     assert all(e.top[0][0] == e.token_id for e in res.logprobs)
+
+
+def test_penalties_and_min_p_against_a_plain_loop(tok):
+    """presence/frequency penalties (OpenAI: on generated tokens), min_p and top_k, checked against
+    a plain full-forward loop that applies the same rules."""
+    llm = make_llm(tok)
+    prompt = prompts_for(tok, 5)[4]
+    reqs = [GenerationRequest(prompt, max_tokens=10, temperature=0, frequency_penalty=1.5, ignore_eos=True),
+            GenerationRequest(prompt, max_tokens=10, temperature=0, presence_penalty=2.0, ignore_eos=True),
+            GenerationRequest(prompt, max_tokens=10, temperature=0.8, min_p=0.2, seed=4, ignore_eos=True)]
+    sched = Scheduler(llm.model, tok, max_batch=4).start()
+    try:
+        got = run_all(sched, reqs)
+    finally:
+        sched.stop()
+
+    def reference(req):
+        ids, counts = list(prompt), torch.zeros(tok.vocab_size)
+        gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
+        for _ in range(req.max_tokens):
+            with torch.no_grad():
+                logits = llm.model(torch.tensor([ids]))[0, -1].float()
+            logits = logits - req.frequency_penalty * counts - req.presence_penalty * (counts > 0).float()
+            if req.temperature == 0:
+                t = int(logits.argmax())
+            else:
+                probs = (logits / req.temperature).softmax(-1)
+                probs[probs < req.min_p * probs.max()] = 0
+                t = int(torch.multinomial(probs[None], 1, generator=gen)[0, 0])
+            ids.append(t)
+            counts[t] += 1
+        return ids[len(prompt):]
+
+    plain = offline(llm, GenerationRequest(prompt, max_tokens=10, temperature=0))
+    for req, res in zip(reqs, got):
+        assert res.token_ids == reference(req)
+    assert got[0].token_ids != plain or got[1].token_ids != plain  # the penalties changed something
+    assert len(set(got[0].token_ids)) > len(set(plain))  # frequency penalty: more distinct tokens

@@ -321,11 +321,11 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
     def submit_all(eng: Engine, prompts: list[list[int]], n: int, seed: int | None, kw: dict,
                    prompt_logprobs: int | None = None) -> _Choices:
         """One sequence per (prompt, sample); choice index = prompt_index * n + i. Sample i of a
-        seeded request uses seed + i, so choice 0 matches the same request with n=1."""
+        seeded request uses (seed + i) mod 2**64, so choice 0 matches the same request with n=1."""
         reqs = []
         for p in prompts:
             for i in range(n):
-                reqs.append(GenerationRequest(p, seed=None if seed is None else seed + i,
+                reqs.append(GenerationRequest(p, seed=None if seed is None else (seed + i) % 2**64,
                                               prompt_logprobs=prompt_logprobs, **kw))
         for r in reqs:
             try:
