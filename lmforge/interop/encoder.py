@@ -350,27 +350,34 @@ def sentence_transformers_layout(folder: Path) -> Optional[tuple[Path, dict]]:
     body, pooling = None, {"pooling": "mean", "normalize": False}
     for mod in modules:
         mtype, sub = str(mod.get("type", "")), folder / str(mod.get("path", ""))
-        if mtype.endswith("models.Transformer"):
+        kind = mtype.rsplit(".", 1)[-1]  # sentence_transformers.models.X (v2-v5) or ...modules.X (v6)
+        if kind == "Transformer":
             body = sub
-        elif mtype.endswith("models.Pooling"):
+        elif kind == "Pooling":
             pc = _read_json_file(sub / "config.json")
-            modes = [k for k in ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
-                                 "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
-                                 "pooling_mode_lasttoken") if pc.get(k)]
-            if modes not in (["pooling_mode_cls_token"], ["pooling_mode_mean_tokens"]):
-                raise LMForgeError(f"{sub / 'config.json'}: pooling {modes} is not supported (only one of cls / mean)")
-            pooling["pooling"] = "cls" if modes == ["pooling_mode_cls_token"] else "mean"
-        elif mtype.endswith("models.Normalize"):
+            mode = pc.get("pooling_mode")  # sentence-transformers 6: "cls" | "mean" | [...]
+            if mode is None:  # earlier versions: one boolean per mode
+                legacy = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                          "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                          "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+                mode = [v for k, v in legacy.items() if pc.get(k)]
+            mode = mode[0] if isinstance(mode, list) and len(mode) == 1 else mode
+            if mode not in ("cls", "mean"):
+                raise LMForgeError(f"{sub / 'config.json'}: pooling {mode} is not supported (only cls or mean)")
+            pooling["pooling"] = mode
+        elif kind == "Normalize":
             pooling["normalize"] = True
         else:
             raise LMForgeError(f"{mod_file}: module {mtype} is not supported (Transformer, Pooling, Normalize)")
     if body is None:
         raise LMForgeError(f"{mod_file} names no sentence_transformers.models.Transformer module")
-    sbert = body / "sentence_bert_config.json"
-    if sbert.is_file():  # the Transformer module's max_seq_length: sentence-transformers truncates there
-        msl = _read_json_file(sbert).get("max_seq_length")
-        if isinstance(msl, int) and msl > 0:
+    # where sentence-transformers truncates: sentence_bert_config.json (v2-v5), else the tokenizer's model_max_length (v6)
+    for cfg_file, key in ((body / "sentence_bert_config.json", "max_seq_length"),
+                          (body / "tokenizer_config.json", "model_max_length")):
+        msl = _read_json_file(cfg_file).get(key) if cfg_file.is_file() else None
+        if isinstance(msl, int) and 0 < msl < 10**6:
             pooling["max_seq_length"] = msl
+            break
     return body, pooling
 
 
