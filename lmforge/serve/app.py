@@ -154,6 +154,8 @@ class _Choices:
         self.queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
         self.metrics = metrics
         self.handles: list[int] = []
+        self.completion: dict[int, int] = {}  # tokens generated per choice so far
+        self.prompt_tokens = 0
 
     def callback(self, index: int) -> Callable[[StepOutput], None]:
         t0 = time.monotonic()
@@ -161,6 +163,7 @@ class _Choices:
 
         def on_output(out: StepOutput) -> None:  # scheduler thread
             now = time.monotonic()
+            self.completion[index] = out.completion_tokens
             if out.token_ids:
                 if last[0] is None:
                     self.metrics.ttft.observe(now - t0)
@@ -195,8 +198,9 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable) -> Response:
-        t0 = time.monotonic()
+        t0 = request.state.t0 = time.monotonic()
         request.state.info = ""
+        request.state.streaming = False
         request.state.req_id = f"req-{uuid.uuid4().hex[:16]}"
         path = request.url.path
         try:
@@ -213,8 +217,9 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
             response = _error_response(ServeError(500, f"internal error: {type(e).__name__}"))
         route = path if path in _ROUTES else "other"
         metrics.requests.labels(route, str(response.status_code)).inc()
-        log.info("%s %s %s %d %s%.3fs", request.state.req_id, request.method, path, response.status_code,
-                 request.state.info, time.monotonic() - t0)
+        if not request.state.streaming:  # a stream logs its line when it ends (_sse)
+            log.info("%s %s %s %d %s%.3fs", request.state.req_id, request.method, path, response.status_code,
+                     request.state.info, time.monotonic() - t0)
         return response
 
     @app.exception_handler(ServeError)
@@ -346,6 +351,7 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
                 eng.scheduler.cancel(h)
             raise ServeError(429, str(e)) from None
         metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        choices.prompt_tokens = sum(len(p) for p in prompts)
         return choices
 
     @app.post("/v1/completions")
@@ -546,13 +552,20 @@ async def _collect(request: Request, eng: Engine, choices: _Choices) -> list[_Ou
 
 
 def _sse(request: Request, eng: Engine, choices: _Choices, events: AsyncIterator[str]) -> StreamingResponse:
+    request.state.streaming = True
+
     async def body() -> AsyncIterator[str]:
+        ended = "client left"
         try:
             async for piece in events:
                 yield piece
+            ended = "done"
         finally:  # finished, or the client went away: free every slot this request holds
             for h in choices.handles:
                 eng.scheduler.cancel(h)
+            log.info("%s %s %s 200 prompt=%d completion=%d stream %s %.3fs", request.state.req_id, request.method,
+                     request.url.path, choices.prompt_tokens, sum(choices.completion.values()), ended,
+                     time.monotonic() - request.state.t0)
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
