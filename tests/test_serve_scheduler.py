@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmforge.errors import LMForgeError
+from lmforge.infer.generate import generate_ids
 from lmforge.infer.llm import LLM
 from lmforge.infer.scheduler import GenerationRequest, QueueFull, Scheduler, run_all
 from lmforge.models.decoder import Decoder, config_from_preset
@@ -218,3 +219,28 @@ def test_penalties_and_min_p_against_a_plain_loop(tok):
         assert res.token_ids == reference(req)
     assert got[0].token_ids != plain or got[1].token_ids != plain  # the penalties changed something
     assert len(set(got[0].token_ids)) > len(set(plain))  # frequency penalty: more distinct tokens
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tok):
+    """A 60-token prompt with an 8-token prefill budget per iteration: the running stream keeps
+    getting a token every iteration meanwhile, and both results equal LLM.generate."""
+    llm = make_llm(tok)
+    ids = tok.encode("ROMEO: but soft, what light through yonder window breaks? It is the east. " * 3)
+    long_prompt, short_prompt = ids[:60], ids[:4]
+    sched = Scheduler(llm.model, tok, max_batch=4, prefill_chunk=8)
+    events = []
+    short = GenerationRequest(short_prompt, max_tokens=40, temperature=0, ignore_eos=True)
+    long = GenerationRequest(long_prompt, max_tokens=3, temperature=0, ignore_eos=True)
+    sched.submit(short, lambda out: events.append(("short", out)))
+    with torch.inference_mode():
+        sched._step(set())  # the short prompt is admitted and decodes
+        sched.submit(long, lambda out: events.append(("long", out)))
+        while sched.num_running or sched.num_waiting:
+            sched._step(set())
+    names = [n for n, o in events if o.token_ids]
+    first_long = names.index("long")
+    assert names[:first_long].count("short") >= 60 // 8  # one short token per prefill chunk of the long prompt
+    got_short = [t for n, o in events if n == "short" for t in o.token_ids]
+    got_long = [t for n, o in events if n == "long" for t in o.token_ids]
+    assert got_short == generate_ids(llm.model, [short_prompt], max_new_tokens=40, temperature=0)[0]
+    assert got_long == generate_ids(llm.model, [long_prompt], max_new_tokens=3, temperature=0)[0]

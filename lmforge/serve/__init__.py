@@ -52,7 +52,12 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
             raise LMForgeError(f"--max-model-len {max_model_len} is longer than the model's context ({ctx})")
-        return Engine.from_llm(llm, cfg)
+        engine = Engine.from_llm(llm, cfg)
+        sched = engine.scheduler
+        logging.getLogger("lmforge.serve").info(
+            "KV cache: %.0f MiB (%d sequences x %d tokens; --max-batch / --max-model-len change it)",
+            sched.cache.nbytes() / 2**20, sched.max_batch, sched.max_model_len)
+        return engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app = create_app(cfg, loader=load)
