@@ -202,24 +202,42 @@ class RolloutSource:
         self.model: torch.nn.Module | None = None
         self.on_load: Callable[[dict], None] | None = None  # restores controller state (PPO's KL coef)
         self.buffer: dict[str, torch.Tensor] | None = None
+        self.all_buffers: list[dict[str, torch.Tensor]] = []
         self.buffer_id = -1
 
     def bind(self, model: torch.nn.Module) -> None:
         self.model = model
 
-    # -- checkpointed state
+    # -- checkpointed state (only rank 0 writes checkpoints, so it holds every rank's buffer)
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.buffer is None:
             return {}
-        return {**{f"buf.{k}": v for k, v in self.buffer.items()}, "buffer_id": torch.tensor(self.buffer_id)}
+        out = {f"r{r}.{k}": v for r, b in enumerate(self.all_buffers) for k, v in b.items()}
+        return {**out, "buffer_id": torch.tensor(self.buffer_id)}
 
     def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
         if "buffer_id" not in d:
             return
-        self.buffer_id = int(d["buffer_id"])
-        self.buffer = {k[4:]: v for k, v in d.items() if k.startswith("buf.")}
+        mine = {k[len(f"r{self.rank}."):]: v for k, v in d.items() if k.startswith(f"r{self.rank}.")}
+        if not mine:
+            raise LMForgeError("this checkpoint was written in the middle of a rollout by a run with fewer processes; "
+                               "resume with the same number of processes")
+        self.buffer_id, self.buffer = int(d["buffer_id"]), mine
+        self.all_buffers = [mine]
         if self.on_load is not None:
             self.on_load(self.buffer)
+
+    def _share(self, buf: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Every rank's rollout buffer on every rank (small tensors; safetensors bytes on the wire)."""
+        if self.world == 1:
+            return [buf]
+        import torch.distributed as dist
+        from safetensors.torch import load, save
+
+        data = save({k: v.detach().cpu().contiguous() for k, v in buf.items()})
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, data)
+        return [load(b) for b in gathered]
 
     # -- rollouts
     def _prompt_indices(self, r: int) -> list[int]:
@@ -277,6 +295,7 @@ class RolloutSource:
         r, k = divmod(step, self.steps_per_rollout)
         if self.buffer is None or self.buffer_id != r:
             self.buffer, self.buffer_id = self.rollout(r), r
+            self.all_buffers = self._share(self.buffer)
         epoch, m = divmod(k, self.spec.minibatches)
         a = index - self.rank * self.ga
         order = np.random.default_rng([self.seed & 0xFFFFFFFF, r, epoch, self.rank]).permutation(self.rows)
