@@ -244,3 +244,16 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tok):
     got_long = [t for n, o in events if n == "long" for t in o.token_ids]
     assert got_short == generate_ids(llm.model, [short_prompt], max_new_tokens=40, temperature=0)[0]
     assert got_long == generate_ids(llm.model, [long_prompt], max_new_tokens=3, temperature=0)[0]
+
+
+def test_softcap_model_and_non_decoder_refused(tok):
+    llm = make_llm(tok, logit_softcap=2.0, pos_encoding="sinusoidal")
+    reqs = [request(i, p) for i, p in enumerate(prompts_for(tok, 6))]
+    sched = Scheduler(llm.model, tok, max_batch=8).start()
+    try:
+        res = run_all(sched, reqs)
+    finally:
+        sched.stop()
+    assert [r.token_ids for r in res] == [offline(llm, r) for r in reqs]
+    with pytest.raises(LMForgeError, match="decoder-only language models; this model is 'encoder'"):
+        Scheduler(type("Encoder", (torch.nn.Module,), {"family": "encoder"})(), tok)

@@ -109,10 +109,12 @@ class SlotCache:
 
 
 def check_servable(model: torch.nn.Module) -> None:
+    family = getattr(model, "family", "decoder")
     blocks = getattr(model, "blocks", None)
-    if not hasattr(model, "tok_emb") or blocks is None or not all(hasattr(b, "attn") and hasattr(b.attn, "qkv")
-                                                                   for b in blocks):
-        raise LMForgeError(f"the scheduler serves decoder-only models; got {type(model).__name__}")
+    if family != "decoder" or not hasattr(model, "tok_emb") or blocks is None or not all(
+            hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in blocks):
+        raise LMForgeError(f"lmforge serve generates with decoder-only language models; this model is "
+                           f"'{family}' ({type(model).__name__})")
 
 
 @torch.inference_mode()
@@ -181,11 +183,7 @@ def forward_slots(model: torch.nn.Module, cache: SlotCache, idx_BT: torch.Tensor
     x_BTC = model.norm_f(x_BTC)
     if last_only:
         x_BTC = x_BTC[:, -1:]
-    logits_BTV = model.lm_head(x_BTC)
-    if cfg.logit_softcap:
-        c = cfg.logit_softcap
-        logits_BTV = c * torch.tanh(logits_BTV / c)
-    return logits_BTV
+    return model.head(x_BTC)  # the model's own LM head (with its logit soft-cap)
 
 
 class _SkipSpecial:

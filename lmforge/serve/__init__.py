@@ -30,7 +30,10 @@ def _is_loopback(host: str) -> bool:
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_batch: int = 32, max_queue: int = 256,
           max_model_len: int | None = None, device: str = "cpu", log_prompts: bool = False) -> None:
-    """Load MODEL (anything `LLM.load` accepts) in the background and serve it until interrupted."""
+    """Load MODEL (anything `LLM.load` accepts) in the background and serve it until interrupted.
+    A model that fails to load stops the server with an LMForgeError (the CLI's one-line error)."""
+    import socket
+
     import uvicorn
     from pathlib import Path
 
@@ -45,7 +48,19 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     cfg = ServerConfig(served_model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                        max_model_len=max_model_len, log_prompts=log_prompts, model_path=str(model))
 
+    failed: list[BaseException] = []
+    holder: dict[str, Any] = {}
+
     def load() -> Any:
+        try:
+            return load_model()
+        except BaseException as e:  # stop serving: a server that can never be ready is no use
+            failed.append(e)
+            if "server" in holder:
+                holder["server"].should_exit = True
+            raise
+
+    def load_model() -> Any:
         from lmforge.infer.llm import LLM
 
         llm = LLM.load(model, device=device)
@@ -59,7 +74,26 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
             sched.cache.nbytes() / 2**20, sched.max_batch, sched.max_model_len)
         return engine
 
+    # bind first: a taken port is a one-line error before anything loads
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LMForgeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app = create_app(cfg, loader=load)
     print(f"lmforge serve: {name} on http://{host}:{port} (loading; /health answers 200 when ready)", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    server = holder["server"] = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                              timeout_graceful_shutdown=5))
+    if failed:
+        server.should_exit = True
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if failed:
+        e = failed[0]
+        raise LMForgeError(str(e)) if isinstance(e, LMForgeError) else e
