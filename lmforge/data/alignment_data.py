@@ -171,12 +171,14 @@ def _as_messages(prompt: str | list[dict]) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def _stop_ids(tokenizer: Any) -> list[int]:
-    stops = list(getattr(tokenizer, "stop_ids", None) or [])
+def reply_stop_ids(tokenizer: Any) -> list[int]:
+    """Ids that end a reply, the primary one first: the chat template's end-of-turn token when there
+    is one, else EOS."""
+    eot = getattr(tokenizer, "end_of_turn_id", None) if has_chat_template(tokenizer) else None
     eos = getattr(tokenizer, "eos_id", None)
-    if eos is not None and eos not in stops:
-        stops.append(eos)
-    return stops
+    primary = eot if eot is not None else eos
+    rest = sorted(set(getattr(tokenizer, "stop_ids", None) or []) | ({eos} if eos is not None else set()))
+    return ([primary] if primary is not None else []) + [i for i in rest if i != primary]
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
@@ -193,7 +195,7 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
 def encode_completion(tokenizer: Any, prompt: str | list[dict], prompt_ids: Sequence[int],
                       completion: str | list[dict]) -> list[int]:
     """Completion ids after `prompt_ids`, ending with the end-of-turn token (or EOS)."""
-    stops = _stop_ids(tokenizer)
+    stops = reply_stop_ids(tokenizer)
     if has_chat_template(tokenizer):
         reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
         full = list(tokenizer.apply_chat_template(_as_messages(prompt) + reply, add_generation_prompt=False,

@@ -51,7 +51,7 @@ def add_arguments(parser: Any) -> None:
 
 
 def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
-    from lmforge.data.alignment_data import _stop_ids, encode_prompt, read_prompts
+    from lmforge.data.alignment_data import reply_stop_ids, encode_prompt, read_prompts
     from lmforge.train import distributed as D
     from lmforge.train.task import Task
 
@@ -85,9 +85,9 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
         return buf
 
     spec = R.RolloutSpec(g.num_generations, g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.epochs, g.minibatches)
-    stops = _stop_ids(tok)
+    stops = reply_stop_ids(tok)
     source = R.RolloutSource(examples, pids, tok, rewards, spec, t.micro_batch_size, t.grad_accum, t.seed,
-                             D.rank(), D.world_size(), process, stops[0], C.pad_id_of(tok))
+                             D.rank(), D.world_size(), process, stops, C.pad_id_of(tok))
     holder = {"model": llm.model}
     task = Task(name="grpo", config=C.resolved("grpo", args, cfg),
                 build_model=lambda: holder.pop("model", None) or C.load_base(args.base).model,

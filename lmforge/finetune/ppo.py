@@ -72,7 +72,7 @@ def last_token_rewards(scores_N: torch.Tensor, mask_NT: torch.Tensor) -> torch.T
 
 
 def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
-    from lmforge.data.alignment_data import _stop_ids, encode_prompt, read_prompts
+    from lmforge.data.alignment_data import reply_stop_ids, encode_prompt, read_prompts
     from lmforge.models.heads import DecoderWithValueHead
     from lmforge.train import distributed as D
     from lmforge.train.task import Task
@@ -126,7 +126,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
 
     spec = R.RolloutSpec(1, p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.epochs, p.minibatches)
     source = R.RolloutSource(examples, pids, tok, rewards, spec, t.micro_batch_size, t.grad_accum, t.seed,
-                             D.rank(), D.world_size(), process, _stop_ids(tok)[0], C.pad_id_of(tok))
+                             D.rank(), D.world_size(), process, reply_stop_ids(tok), C.pad_id_of(tok))
     source.on_load = on_load
     base = llm.model
 

@@ -188,10 +188,13 @@ class RolloutSource:
 
     def __init__(self, prompts: Sequence[Any], prompt_ids: Sequence[Sequence[int]], tokenizer: Any,
                  rewards: Sequence[RewardFn], spec: RolloutSpec, micro_batch_size: int, grad_accum: int,
-                 seed: int, rank: int, world: int, process: Callable[[dict], dict], stop_id: int, pad_id: int):
+                 seed: int, rank: int, world: int, process: Callable[[dict], dict], stop_id: int | Sequence[int],
+                 pad_id: int):
         self.prompts, self.prompt_ids, self.tok, self.rewards = list(prompts), list(prompt_ids), tokenizer, list(rewards)
         self.spec, self.mb, self.ga, self.seed, self.rank, self.world = spec, micro_batch_size, grad_accum, seed, rank, world
-        self.process, self.stop_id, self.pad_id = process, stop_id, pad_id
+        # Generation ends at any stop id; an ended reply is trained with the primary one (end-of-turn).
+        self.stop_ids = [stop_id] if isinstance(stop_id, int) else list(stop_id)
+        self.process, self.stop_id, self.pad_id = process, self.stop_ids[0], pad_id
         self.rows = spec.minibatches * grad_accum * micro_batch_size  # per rank per rollout
         if self.rows % spec.group_size:
             raise LMForgeError(f"the rollout batch per process (minibatches {spec.minibatches} x grad_accum {grad_accum} "
@@ -262,7 +265,7 @@ class RolloutSource:
                                f"model's context of {ctx}")
         t0 = time.perf_counter()
         gens = generate(self.model, pids, max_new_tokens=n_new, temperature=s.temperature, top_k=s.top_k,
-                        top_p=s.top_p, eos_id=self.stop_id, pad_id=self.pad_id, seed=_seed(self.seed, r, self.rank),
+                        top_p=s.top_p, eos_id=self.stop_ids, pad_id=self.pad_id, seed=_seed(self.seed, r, self.rank),
                         decode_text=False)
         gen_s = time.perf_counter() - t0
         comps = [g.ids + ([self.stop_id] if g.finish_reason == "eos" else []) for g in gens]
