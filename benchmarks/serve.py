@@ -17,7 +17,8 @@ every token is visible in the stream even when its text is an incomplete charact
 Measured per client count: aggregate generated tokens/s (all tokens / wall time of the run), time to
 first token (request sent -> first token received) and inter-token latency (gap between stream
 chunks; a chunk may carry more than one token when the client reads slower than tokens come), p50
-and p99. transformers: `model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)`
+and p99. `engine_only`: the scheduler alone in this process (no HTTP), 1 and the largest number of
+sequences at once. transformers: `model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)`
 for `hf_requests` of the same prompts in a loop, in this process, after the server has stopped.
 """
 
@@ -133,6 +134,33 @@ async def drive(url: str, clients: int, rounds: int, prompts: list[list[int]], m
             "tokens_per_chunk": round(tokens / max(1, len(gaps) + len(results)), 2)}
 
 
+def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_tokens: int, threads: int) -> list[dict]:
+    """The scheduler in this process without HTTP: the same requests submitted together (the
+    ceiling the server can reach; the difference to the HTTP rows is the serving overhead)."""
+    import torch
+
+    from lmforge.infer.llm import LLM
+    from lmforge.infer.scheduler import GenerationRequest, Scheduler, run_all
+
+    torch.set_num_threads(threads)
+    llm = LLM.load(model)
+    rows = []
+    for c in clients:
+        sched = Scheduler(llm.model, llm.tokenizer, max_batch=max(clients)).start()
+        try:
+            reqs = [GenerationRequest(prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                                      logprobs=0) for i in range(c)]
+            run_all(sched, reqs[:1])  # warm-up
+            t0 = time.perf_counter()
+            res = run_all(sched, reqs)
+            wall = time.perf_counter() - t0
+        finally:
+            sched.stop()
+        tokens = sum(len(r.token_ids) for r in res)
+        rows.append({"sequences": c, "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)})
+    return rows
+
+
 def transformers_loop(model: Path, prompts: list[list[int]], max_tokens: int, threads: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -189,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(30)
+        result["engine_only"] = engine_only(model, prompts, sorted({1, max(clients)}), args.max_tokens, args.threads)
+        print(json.dumps(result["engine_only"]), file=sys.stderr)
         if hf_ok:
             result["transformers_sequential"] = transformers_loop(model, prompts[:args.hf_requests], args.max_tokens,
                                                                   args.threads)
