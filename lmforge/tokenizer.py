@@ -148,27 +148,42 @@ class Tokenizer:
 
             eos = name(conf.get("eos_token")) or EOS_TOKEN
             pad = name(conf.get("pad_token")) or PAD_TOKEN
-            bos = name(conf.get("bos_token"))
-            template = conf.get("chat_template")
-        else:
-            bos, template = None, None
+        tok = cls.from_file(path, eos_token=eos, pad_token=pad)
+        tok.attach_chat_settings(path.parent)
+        return tok
+
+    def attach_chat_settings(self, directory: str | Path) -> None:
+        """Read a model folder's chat settings: the chat template (chat_template.jinja, else
+        tokenizer_config.json's chat_template), the BOS token name, and generation_config.json's
+        eos_token_id list (all of which end generation, as in transformers)."""
+        directory = Path(directory)
+        conf: dict[str, Any] = {}
+        side = directory / "tokenizer_config.json"
+        if side.is_file():
+            try:
+                conf = json.loads(side.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise LMForgeError(f"{side} is not valid JSON") from None
+            conf = conf if isinstance(conf, dict) else {}
+        bos = conf.get("bos_token")
+        self.bos_token = bos.get("content") if isinstance(bos, dict) else bos
+        template = conf.get("chat_template")
         if isinstance(template, list):  # several named templates (transformers' format): take "default"
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
-        jinja_file = path.with_name(CHAT_TEMPLATE_FILE)
+        jinja_file = directory / CHAT_TEMPLATE_FILE
         if jinja_file.is_file():  # transformers >= 4.43 saves it here and prefers it
             template = jinja_file.read_text(encoding="utf-8")
+        self.chat_template = template if isinstance(template, str) and template.strip() else None
         stop: list[int] = []
-        gen = path.with_name("generation_config.json")
+        gen = directory / "generation_config.json"
         if gen.is_file():
             try:
                 eos_ids = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 eos_ids = None
             stop = [eos_ids] if isinstance(eos_ids, int) else [i for i in (eos_ids or []) if isinstance(i, int)]
-        tok = cls.from_file(path, eos_token=eos, pad_token=pad)
-        tok.bos_token, tok.chat_template, tok._extra_stop_ids = bos, template, set(stop)
-        return tok
+        self._extra_stop_ids = set(stop)
 
     # ---- chat ----------------------------------------------------------------------------------
 

@@ -716,7 +716,11 @@ def load_hf_tokenizer(hf_dir: str | Path, hf_cfg: Optional[dict] = None):
     except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception subclasses
         raise LMForgeError(f"{path} is not a readable tokenizers file ({str(e).splitlines()[0]})") from None
     specials = _special_tokens(hf_dir, hf_cfg if hf_cfg is not None else _read_hf_config(hf_dir), raw)
-    return _make_tokenizer(path, specials)
+    tok = _make_tokenizer(path, specials)
+    tok.attach_chat_settings(hf_dir)  # chat template, BOS name, generation_config's eos ids
+    if specials.get("bos"):
+        tok.bos_token = specials["bos"]
+    return tok
 
 
 def load_hf_dir(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
@@ -791,6 +795,8 @@ def convert_from_hf(hf_dir: str, out: str, overwrite: bool = False) -> Path:
             for k, name in (specials or {}).items():
                 tok_cfg[f"{k}_token"] = name  # resolved plain strings: what LLM.load reads
             atomic_write_text(tmp / TOKENIZER_CONFIG, json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+            if (src / "chat_template.jinja").is_file():
+                shutil.copyfile(src / "chat_template.jinja", tmp / "chat_template.jinja")
     return out_p
 
 
@@ -924,6 +930,10 @@ def convert_to_hf(src: str, out: str, overwrite: bool = False, max_shard_size: i
             atomic_write_text(tmp / GENERATION_CONFIG, json.dumps(gen, indent=2))
         if tok_path.is_file():
             shutil.copyfile(tok_path, tmp / TOKENIZER)
+            template_file = model_dir / "chat_template.jinja"
+            if template_file.is_file():  # a chat model: the template goes in both places transformers reads
+                tok_cfg["chat_template"] = template_file.read_text(encoding="utf-8")
+                shutil.copyfile(template_file, tmp / "chat_template.jinja")
             atomic_write_text(tmp / TOKENIZER_CONFIG, json.dumps(tok_cfg, indent=2, ensure_ascii=False))
             specials = {f"{k}_token": _token_name(tok_cfg.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
             atomic_write_text(tmp / SPECIAL_TOKENS_MAP,

@@ -406,7 +406,8 @@ class _Trainer:
                 interval_start, interval_tokens = _clock(), 0
 
             extra_start = _clock()
-            if (t.eval_every and self.step % t.eval_every == 0) or stop:
+            has_eval = bool(self.eval_set) or self.task.evaluate is not None
+            if has_eval and ((t.eval_every and self.step % t.eval_every == 0) or stop):
                 self._evaluate(elapsed)
                 eval_s = _clock() - extra_start
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or stop:
@@ -426,9 +427,9 @@ class _Trainer:
             "stopped_by": stop_reason,
             "tokens": self.tokens,
             "train_loss": loss_val if math.isfinite(loss_val) else None,
-            "val_loss": self.last_val["val_loss"] if self.last_val else None,
+            "val_loss": _finite(self.last_val.get("val_loss")) if self.last_val else None,
             "best_val_loss": self.best_val,
-            "val_ppl": self.last_val.get("val_ppl") if self.last_val else None,
+            "val_ppl": _finite(self.last_val.get("val_ppl")) if self.last_val else None,
             "val_bpb": self.last_val.get("val_bpb") if self.last_val else None,
             "seconds": round(seconds, 2),
             "checkpoint": str(ckpt_io.latest_checkpoint(self.out)) if info.is_main else None,
@@ -437,6 +438,8 @@ class _Trainer:
             _say(f"done: {self.step} steps, val loss {self.last_val['val_loss']:.4f}"
                  + (f", {self.last_val['val_bpb']:.4f} bits/byte" if self.last_val.get("val_bpb") is not None else "")
                  + f", {seconds:.0f}s; run in {self.out}", info)
+        else:
+            _say(f"done: {self.step} steps, train loss {loss_val:.4f}, {seconds:.0f}s; run in {self.out}", info)
         return summary
 
     def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor], int]:
@@ -559,6 +562,11 @@ class _Trainer:
         if self.parked is not None:
             shutil.rmtree(self.parked, ignore_errors=True)
             self.parked = None
+
+
+def _finite(x: Any) -> Any:
+    """None instead of NaN/inf in the JSON summary (strict JSON has no NaN)."""
+    return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
 def _test_kill_hook(step: int) -> None:

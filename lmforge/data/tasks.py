@@ -1,0 +1,156 @@
+"""Verifiable instruction tasks: a seeded generator of prompts whose answers a program checks.
+
+Six task types, each with several phrasings:
+    add        "What is 47 + 385?"                 -> "432"
+    subtract   "Compute 512 - 89."                 -> "423"
+    reverse    "Reverse the word 'garden'."        -> "nedrag"
+    count      "How many times does 'a' appear in 'banana'?" -> "3"
+    sort       "Sort these words alphabetically: pear, apple, fig" -> "apple, fig, pear"
+    sequence   "Continue the sequence: 3, 7, 11, 15," -> "19"
+Numbers have 1 to 3 digits. A task instance is (type, arguments); train and test instances are
+disjoint (a test instance never occurs in training under any phrasing), and the split is a pure
+function of the seed. `write_split` writes the `messages` JSONL format of `lmforge finetune sft`,
+with the task type and the expected answer as extra fields; `check(answer, expected)` is the
+verifier (exact match after trimming whitespace and a final period).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+TASK_TYPES = ("add", "subtract", "reverse", "count", "sort", "sequence")
+
+WORDS = ("apple banana cherry garden river mountain window candle forest silver orange planet music "
+         "winter summer castle dragon flower market pencil rocket school stone tiger violin yellow "
+         "bridge butter camera desert engine farmer ginger hammer island jacket kettle lemon magnet "
+         "needle ocean pepper rabbit saddle tunnel velvet wagon zebra anchor basket carpet doctor "
+         "feather guitar harbor insect jungle kitten ladder meadow nickel oyster parrot quartz ribbon "
+         "spider tomato walnut bottle cotton dinner eagle fabric goblet honey ivory jigsaw kernel "
+         "lizard mirror noodle orchid puzzle quiver rattle salmon timber umbrella vessel walrus").split()
+
+PHRASINGS = {
+    "add": ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "What is the sum of {a} and {b}?",
+            "{a} plus {b} equals what?"],
+    "subtract": ["What is {a} - {b}?", "Compute {a} - {b}.", "Subtract {b} from {a}.",
+                 "What is {a} minus {b}?", "What is the difference {a} - {b}?"],
+    "reverse": ["Reverse the word '{w}'.", "Write '{w}' backwards.", "Spell '{w}' in reverse.",
+                "What is '{w}' reversed?"],
+    "count": ["How many times does '{c}' appear in '{w}'?", "Count the letter '{c}' in '{w}'.",
+              "How many '{c}' are in the word '{w}'?"],
+    "sort": ["Sort these words alphabetically: {ws}", "Put in alphabetical order: {ws}",
+             "Arrange alphabetically: {ws}"],
+    "sequence": ["Continue the sequence: {s},", "What number comes next: {s},", "Next number after {s}?"],
+}
+
+
+SYLLABLES = ("ba be bi bo bu ca co da de di do fa fe fi fo ga go ha he hi ho ka ke ki ko la le li lo lu "
+             "ma me mi mo mu na ne ni no pa pe pi po ra re ri ro sa se si so ta te ti to va ve vi wa we "
+             "ya yo za zo").split()
+
+
+def _word(rng: random.Random) -> str:
+    """A pronounceable made-up word of 2-3 syllables (a space of ~250,000 words)."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+
+
+def _instance(kind: str, rng: random.Random) -> tuple:
+    """A task instance: (kind, arguments...) — hashable, so train/test can be made disjoint."""
+    def num() -> int:
+        digits = rng.choice((1, 2, 2, 3, 3, 3))
+        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+    if kind == "add":
+        return kind, num(), num()
+    if kind == "subtract":
+        a, b = num(), num()
+        return (kind, a, b) if a >= b else (kind, b, a)  # answers stay non-negative
+    if kind == "reverse":
+        return kind, _word(rng)
+    if kind == "count":
+        w = _word(rng)
+        c = rng.choice(sorted(set(w))) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        return kind, c, w
+    if kind == "sort":
+        return (kind, *rng.sample(WORDS, rng.randint(3, 4)))
+    if kind == "sequence":
+        start, step = rng.randint(0, 50), rng.randint(1, 12)
+        return kind, start, step, rng.randint(3, 5)
+    raise ValueError(kind)
+
+
+def answer(inst: tuple) -> str:
+    kind = inst[0]
+    if kind == "add":
+        return str(inst[1] + inst[2])
+    if kind == "subtract":
+        return str(inst[1] - inst[2])
+    if kind == "reverse":
+        return inst[1][::-1]
+    if kind == "count":
+        return str(inst[2].count(inst[1]))
+    if kind == "sort":
+        return ", ".join(sorted(inst[1:]))
+    if kind == "sequence":
+        _, start, step, n = inst
+        return str(start + step * n)
+    raise ValueError(kind)
+
+
+def prompt(inst: tuple, rng: random.Random) -> str:
+    kind = inst[0]
+    template = rng.choice(PHRASINGS[kind])
+    if kind in ("add", "subtract"):
+        return template.format(a=inst[1], b=inst[2])
+    if kind == "reverse":
+        return template.format(w=inst[1])
+    if kind == "count":
+        return template.format(c=inst[1], w=inst[2])
+    if kind == "sort":
+        return template.format(ws=", ".join(inst[1:]))
+    _, start, step, n = inst
+    return template.format(s=", ".join(str(start + step * i) for i in range(n)))
+
+
+def check(reply: str, expected: str) -> bool:
+    """Exact match after trimming whitespace and one trailing period."""
+    r = reply.strip()
+    if r.endswith("."):
+        r = r[:-1].rstrip()
+    return r == expected
+
+
+def make_split(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and test examples (dicts with messages, task, answer); instances are disjoint."""
+    rng = random.Random(seed)
+    test_inst: list[tuple] = []
+    seen: set[tuple] = set()
+    while len(test_inst) < n_test:  # the test set first: a fixed, balanced draw
+        inst = _instance(TASK_TYPES[len(test_inst) % len(TASK_TYPES)], rng)
+        if inst not in seen:
+            seen.add(inst)
+            test_inst.append(inst)
+    train_inst: list[tuple] = []
+    while len(train_inst) < n_train:
+        inst = _instance(rng.choice(TASK_TYPES), rng)
+        if inst not in seen:
+            seen.add(inst)
+            train_inst.append(inst)
+    def example(inst: tuple) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": prompt(inst, rng)},
+                             {"role": "assistant", "content": answer(inst)}],
+                "task": inst[0], "answer": answer(inst)}
+    return [example(i) for i in train_inst], [example(i) for i in test_inst]
+
+
+def write_split(out: str | Path, n_train: int = 20000, n_test: int = 1000, seed: int = 0) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = make_split(n_train, n_test, seed)
+    paths = {}
+    for name, rows in (("train", train), ("test", test)):
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return paths

@@ -1,0 +1,136 @@
+"""`make chat-demo`: turn the `make demo` Shakespeare model into an assistant for verifiable tasks.
+
+    python -m lmforge.demo.chat_demo [--base runs/demo] [--out runs/chat-demo] [--minutes 8]
+
+1. the base model (trained by `make demo` first when absent);
+2. seeded task data (lmforge.data.tasks): 20,000 training conversations, 1,000 held-out test prompts
+   whose task instances never occur in training, 200 validation conversations;
+3. exact-match accuracy on the test prompts before SFT (the base model, prompted in ChatML);
+4. `lmforge finetune sft` (recipe chat-demo) through the one training loop;
+5. accuracy after SFT, per task type, the share of replies that end with the end-of-turn token
+   (stop_rate), a few sample conversations, and one JSON line with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.data.tasks import TASK_TYPES, check, write_split
+
+REPO_DATA = Path("data")
+
+
+def evaluate(llm: Any, examples: list[dict[str, Any]], batch_size: int = 50, max_new_tokens: int = 24) -> dict[str, Any]:
+    """Greedy replies to every example's user turn; exact-match accuracy overall and per task type,
+    the stop rate (replies ended by an end-of-turn / EOS token) and the replies."""
+    from lmforge.infer.generate import generate
+
+    prompts = [llm.chat_prompt(ex["messages"][:-1]) for ex in examples]
+    replies, reasons = [], []
+    for i in range(0, len(prompts), batch_size):
+        gens = generate(llm.model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, temperature=0.0,
+                        eos_id=llm.stop_ids, pad_id=llm.pad_id, tokenizer=llm.tokenizer)
+        replies += [g.text for g in gens]
+        reasons += [g.finish_reason for g in gens]
+    per: dict[str, list[bool]] = defaultdict(list)
+    for ex, reply in zip(examples, replies):
+        per[ex["task"]].append(check(reply, ex["answer"]))
+    ok = [c for v in per.values() for c in v]
+    acc = sum(ok) / len(ok)
+    return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / len(ok)),
+            "per_task": {k: sum(v) / len(v) for k, v in sorted(per.items())},
+            "stop_rate": sum(r == "eos" for r in reasons) / len(reasons),
+            "mean_reply_tokens": None, "replies": replies}
+
+
+def load_chat_llm(path: str | Path) -> Any:
+    """An LLM with ChatML rendering (the base model before SFT has the reserved tokens but no template)."""
+    from lmforge.finetune.sft import prepare_chat_model
+    from lmforge.infer.llm import LLM
+
+    llm = LLM.load(path)
+    prepare_chat_model(llm, "auto")
+    return llm
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def ensure_base(base: Path) -> None:
+    from lmforge.checkpoint import latest_checkpoint
+
+    if base.is_dir() and latest_checkpoint(base) is not None:
+        return
+    print(f"chat-demo: no model in {base}; training it first (make demo's recipe, about 5 minutes)", flush=True)
+    lmforge = [sys.executable, "-m", "lmforge.cli"]
+    subprocess.run(lmforge + ["prepare", "shakespeare", "--out", "data/shakespeare", "--overwrite", "--quiet"], check=True)
+    subprocess.run(lmforge + ["train", "--data", "data/shakespeare", "--out", str(base), "--recipe", "demo",
+                              "--overwrite", "--train.progress", "false"], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="chat-demo")
+    p.add_argument("--base", default="runs/demo")
+    p.add_argument("--out", default="runs/chat-demo")
+    p.add_argument("--data", default="data/chat_tasks")
+    p.add_argument("--minutes", type=float, default=8.0, help="SFT wall-clock budget")
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-test", type=int, default=1000)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    base, out, data = Path(args.base), Path(args.out), Path(args.data)
+    ensure_base(base)
+    paths = write_split(data, n_train=args.n_train + 200, n_test=args.n_test, seed=0)
+    rows = read_jsonl(paths["train"])
+    (data / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:200]), encoding="utf-8")
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[200:]), encoding="utf-8")
+    test = read_jsonl(paths["test"])
+    print(f"chat-demo: {len(rows) - 200} training conversations, {len(test)} held-out test prompts "
+          f"({', '.join(TASK_TYPES)})", flush=True)
+
+    before = evaluate(load_chat_llm(base), test)
+    print(f"chat-demo: before SFT: exact match {100 * before['accuracy']:.1f}% ± {100 * before['stderr']:.1f}, "
+          f"stop rate {100 * before['stop_rate']:.1f}%", flush=True)
+
+    sft_start = time.perf_counter()
+    cmd = [sys.executable, "-m", "lmforge.cli", "finetune", "sft", "--base", str(base), "--data", str(data / "train.jsonl"),
+           "--val-data", str(data / "val.jsonl"), "--out", str(out), "--recipe", "chat-demo", "--overwrite",
+           "--train.max_minutes", str(args.minutes), "--train.progress", "false"]
+    subprocess.run(cmd, check=True)
+    sft_minutes = (time.perf_counter() - sft_start) / 60
+
+    from lmforge.infer.llm import LLM
+
+    llm = LLM.load(out)
+    after = evaluate(llm, test)
+    print("\nheld-out exact match (1,000 prompts)      before SFT   after SFT")
+    for kind in TASK_TYPES:
+        print(f"  {kind:<38} {100 * before['per_task'].get(kind, 0):>9.1f}%  {100 * after['per_task'].get(kind, 0):>9.1f}%")
+    print(f"  {'all':<38} {100 * before['accuracy']:>9.1f}%  {100 * after['accuracy']:>9.1f}%")
+    print(f"  {'replies ending at <|im_end|>':<38} {100 * before['stop_rate']:>9.1f}%  {100 * after['stop_rate']:>9.1f}%")
+    print("\nsample conversations after SFT:")
+    for ex, reply in list(zip(test, after["replies"]))[:6]:
+        mark = "ok" if check(reply, ex["answer"]) else f"expected {ex['answer']}"
+        print(f"  user: {ex['messages'][0]['content']}\n  assistant: {reply}   [{mark}]")
+    result = {"accuracy_before": round(before["accuracy"], 4), "accuracy_after": round(after["accuracy"], 4),
+              "accuracy_after_stderr": round(after["stderr"], 4), "stop_rate": round(after["stop_rate"], 4),
+              "per_task_after": {k: round(v, 4) for k, v in after["per_task"].items()},
+              "sft_minutes": round(sft_minutes, 2), "minutes": round((time.perf_counter() - t0) / 60, 2)}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
