@@ -286,14 +286,10 @@ def build_task(cfg: SFTConfig, base: str | Path, data: Any, val_data: Any = None
         raise LMForgeError(f"--base {base} is a {llm.model.family} model; SFT trains decoders")
     if llm.tokenizer is None:
         raise LMForgeError(f"--base {base} has no tokenizer (tokenizer.json); SFT needs one to render text")
-    notes = prepare_chat_model(llm, d.template)
-    if D.rank() == 0:
-        for note in notes:
-            say(note)
     seq_len = t.seq_len or llm.model.cfg.block_size
     if seq_len > llm.model.cfg.block_size:
         raise LMForgeError(f"train.seq_len ({seq_len}) is longer than the model's context ({llm.model.cfg.block_size})")
-    examples = read_examples(data)
+    examples = read_examples(data)  # every line checked before anything is written or said
     paths = expand_paths(data)
     if val_data is not None:
         if d.val_fraction:
@@ -304,6 +300,10 @@ def build_task(cfg: SFTConfig, base: str | Path, data: Any, val_data: Any = None
         examples, val_examples = split_examples(examples, d.val_fraction, t.seed)
     else:
         val_examples = []
+    notes = prepare_chat_model(llm, d.template)
+    if D.rank() == 0:
+        for note in notes:
+            say(note)
     quiet = (lambda msg: None) if D.rank() != 0 else say
     train_rows = render_examples(examples, llm.tokenizer, t.loss_on, seq_len, d.long, quiet)
     val_rows = render_examples(val_examples, llm.tokenizer, t.loss_on, seq_len, d.long, None) if val_examples else []
