@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DATA  ?= data/shakespeare
 DEMO_RUN   ?= runs/demo
 
-.PHONY: venv dev demo test bench clean
+.PHONY: venv dev demo chat-demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: venv
 	$(VENV)/bin/lmforge train --data $(DEMO_DATA) --out $(DEMO_RUN) --recipe demo --overwrite
 	$(VENV)/bin/lmforge generate --ckpt $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 1 --num-samples 2
 	$(VENV)/bin/lmforge eval --ckpt $(DEMO_RUN) --data $(DEMO_DATA)
+
+# SFT of the demo model on verifiable tasks (trains the demo model first when runs/demo has none);
+# prints held-out accuracy before/after, samples, and a JSON line. About 10 minutes on 2 CPU cores.
+chat-demo: venv
+	$(PY) -m lmforge.demo.chat_demo --base $(DEMO_RUN) --out runs/chat-demo
 
 test: dev
 	$(VENV)/bin/python -m pytest -x --durations=10
