@@ -8,6 +8,7 @@ asyncio queue per HTTP request. No model math here.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import logging
 import secrets
@@ -261,7 +262,7 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         page = resources.files("lmforge.serve").joinpath("chat.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("{{MODEL_NAME}}", cfg.served_model_name))
+        return HTMLResponse(page.replace("{{MODEL_NAME}}", html.escape(cfg.served_model_name)))
 
     @app.get("/v1/models")
     async def models() -> dict:
