@@ -129,7 +129,8 @@ def test_encoded_pairs_end_with_eos_and_drop_long(base):
     assert 0 < stats.too_long_skipped < 40 and len(enc) == 40 - stats.too_long_skipped
 
 
-def _args(base, out, **kw):
+def _args(fixture, out, **kw):
+    base = fixture
     a = dict(base=str(base / "base"), data=str(base / "pairs.jsonl"), out=str(out), val_data=None, val_fraction=0.2,
              config=None, recipe=None, resume=None, overwrite=False)
     return types.SimpleNamespace(**{**a, **kw})
@@ -228,3 +229,18 @@ def test_chat_template_pairs_end_at_end_of_turn():
     assert tok.decode(c[:-1]) == "2" and c[-1] == im_end
     full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "2"}], tokenize=True)
     assert encode_scored(tok, "1+1=", "2") == full[:len(p) + len(c)]
+
+
+def test_dpo_and_reward_on_an_imported_hugging_face_folder(base, tmp_path):
+    """--base may be a Hugging Face folder (here: the tiny model exported by convert --to-hf)."""
+    from lmforge.finetune import dpo, reward
+    from lmforge.interop.hf import convert_to_hf
+
+    hf = convert_to_hf(str(base / "base"), str(tmp_path / "hf"))
+    assert (hf / "config.json").is_file()
+    ov = ["--train.max_steps", "1", "--train.progress", "false", "--train.micro_batch_size", "4"]
+    _train(dpo, _args(base, tmp_path / "dpo", base=str(hf)), ov)
+    assert _rows(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    _train(reward, _args(base, tmp_path / "rm", base=str(hf)), ov)
+    model, cfg, _ = load_model_dir(tmp_path / "rm")
+    assert type(model).__name__ == "DecoderClassifier" and cfg.num_labels == 1
