@@ -237,3 +237,19 @@ def test_sft_on_hf_folder_exports_and_chats_the_same_in_transformers(tmp_path, a
     stop = {2}
     theirs = gen[:next((i for i, t in enumerate(gen) if t in stop), len(gen))]
     assert theirs == ours
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_flex_attention_path_equals_the_masked_sdpa_path(monkeypatch, window, one_thread):
+    """The GPU path for packed rows (flex attention over a block mask), run eagerly on the CPU."""
+    torch.manual_seed(0)
+    model = Decoder(config_from_preset("tiny", vocab_size=40, pos_encoding="rope", n_kv_head=2,
+                                       sliding_window=window)).eval()
+    x = torch.randint(0, 40, (2, 16))
+    seg = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 10 + [1] * 4 + [-1] * 2])
+    with torch.no_grad():
+        monkeypatch.setenv("LMFORGE_PACKED_ATTENTION", "sdpa")
+        ref = model(x, segment_BT=seg)
+        monkeypatch.setenv("LMFORGE_PACKED_ATTENTION", "flex")
+        got = model(x, segment_BT=seg)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

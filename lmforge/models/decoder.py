@@ -374,9 +374,22 @@ class Decoder(nn.Module):
         if T > self.cfg.block_size:
             raise LMForgeError(f"sequence of {T} tokens is longer than the context ({self.cfg.block_size})")
         pos_BT, mask = self.segment_positions_and_mask(segment_BT)
-        if self.cfg.sliding_window is not None:
+        window = self.cfg.sliding_window
+        if window is not None:
             t = torch.arange(T, device=idx_BT.device)
-            mask = mask & ((t[:, None] - t[None, :]) < self.cfg.sliding_window)[None, None]
+            mask = mask & ((t[:, None] - t[None, :]) < window)[None, None]
+        block_mask = None
+        if packed_attention(idx_BT.device) == "flex" and not (self.training and self.cfg.dropout > 0):
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            seg = segment_BT
+
+            def same_example(b, h, q, k):  # noqa: ANN001 (flex mask_mod signature)
+                ok = (seg[b, q] == seg[b, k]) & (k <= q)
+                return ok & (q - k < window) if window is not None else ok
+
+            block_mask = create_block_mask(same_example, B, None, T, T, device=idx_BT.device)
+            mask = None
         x_BTC = self.tok_emb(idx_BT)
         rope = None
         if self.cfg.pos_encoding == "learned":
@@ -387,9 +400,21 @@ class Decoder(nn.Module):
             rope = (self.rope_cos[pos_BT], self.rope_sin[pos_BT])
         x_BTC = self.drop(x_BTC)
         for i, block in enumerate(self.blocks):
-            x_BTC = block(x_BTC, rope=rope, mask=mask, is_causal=False, cache=None, layer=i)
+            x_BTC = block(x_BTC, rope=rope, mask=mask, is_causal=False, cache=None, layer=i, block_mask=block_mask)
         x_BTC = self.norm_f(x_BTC)
         return x_BTC if hidden else self.head(x_BTC)
+
+
+def packed_attention(device: torch.device) -> str:
+    """How packed rows attend: 'flex' (flex attention with a block mask; the default on GPU, where it
+    skips the masked blocks) or 'sdpa' (scaled_dot_product_attention with a boolean mask; CPU).
+    LMFORGE_PACKED_ATTENTION=flex|sdpa overrides."""
+    import os
+
+    choice = os.environ.get("LMFORGE_PACKED_ATTENTION", "auto")
+    if choice in ("flex", "sdpa"):
+        return choice
+    return "flex" if device.type == "cuda" else "sdpa"
 
 
 from lmforge.models.registry import register_family  # noqa: E402

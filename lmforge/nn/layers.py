@@ -175,6 +175,26 @@ class MLP(nn.Module):
 # Attention
 
 
+_compiled_flex: Any = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: Any, enable_gqa: bool) -> torch.Tensor:
+    """Flex attention over a BlockMask: compiled (fused, skips fully masked blocks) on GPU, the eager
+    reference implementation elsewhere (used by the CPU equivalence test)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()" on CPU
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 class KVCache:
     """Preallocated keys and values for every layer, plus which slots hold real tokens.
 
@@ -215,7 +235,8 @@ class Attention(nn.Module):
 
     def forward(self, x_BTC: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = True,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, block_mask: Any = None) -> torch.Tensor:
+        """block_mask: a flex-attention BlockMask (packed rows on GPU) used instead of `mask`."""
         B, T, _ = x_BTC.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         q_BTX, k_BTX, v_BTX = self.qkv(x_BTC).split([H * D, K * D, K * D], dim=-1)
@@ -233,6 +254,9 @@ class Attention(nn.Module):
             cache.v_LBKSD[layer, :, :, start:start + T] = v_BKTD
             k_BKTD = cache.k_LBKSD[layer, :, :, :start + T]
             v_BKTD = cache.v_LBKSD[layer, :, :, :start + T]
+        if block_mask is not None:
+            y_BHTD = flex_attention(q_BHTD, k_BKTD, v_BKTD, block_mask=block_mask, enable_gqa=K != H)
+            return self.proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
         y_BHTD = F.scaled_dot_product_attention(
             q_BHTD, k_BKTD, v_BKTD, attn_mask=mask, is_causal=is_causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
