@@ -243,7 +243,8 @@ class Scheduler:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_batch: int = 32, max_queue: int = 256,
-                 max_model_len: int | None = None, prefill_chunk: int = 256, stop_ids: set[int] | None = None):
+                 max_model_len: int | None = None, prefill_chunk: int = 256, stop_ids: set[int] | None = None,
+                 num_threads: int | None = None):
         check_servable(model)
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise LMForgeError("max_batch, max_queue and prefill_chunk must be positive")
@@ -274,6 +275,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0  # decode steps run (for tests and metrics)
+        self.num_threads = num_threads  # torch threads for the model (None: leave torch's setting)
 
     # ---- public API (any thread) ----------------------------------------------------------------
 
@@ -344,6 +346,8 @@ class Scheduler:
     # ---- the scheduler thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         with torch.inference_mode():
             while True:
                 with self._cond:

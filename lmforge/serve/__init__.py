@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import sys
 from typing import Any
 
@@ -63,6 +64,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     def load_model() -> Any:
         from lmforge.infer.llm import LLM
 
+        if "OMP_NUM_THREADS" not in os.environ and device == "cpu":
+            # leave a core to the HTTP side: on 2 cores, model threads spinning on both starve it
+            cfg.threads = max(1, (os.cpu_count() or 2) - 1)
+
         llm = LLM.load(model, device=device)
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
@@ -70,8 +75,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         engine = Engine.from_llm(llm, cfg)
         sched = engine.scheduler
         logging.getLogger("lmforge.serve").info(
-            "KV cache: %.0f MiB (%d sequences x %d tokens; --max-batch / --max-model-len change it)",
-            sched.cache.nbytes() / 2**20, sched.max_batch, sched.max_model_len)
+            "KV cache: %.0f MiB (%d sequences x %d tokens; --max-batch / --max-model-len change it); "
+            "model threads: %s (OMP_NUM_THREADS sets them)", sched.cache.nbytes() / 2**20, sched.max_batch,
+            sched.max_model_len, sched.num_threads or "torch default")
         return engine
 
     # bind first: a taken port is a one-line error before anything loads

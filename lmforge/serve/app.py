@@ -47,6 +47,7 @@ class ServerConfig:
     log_prompts: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
     model_path: str | None = None
+    threads: int | None = None  # torch threads of the scheduler thread (None: torch's default)
 
 
 class Engine:
@@ -61,7 +62,7 @@ class Engine:
     @classmethod
     def from_llm(cls, llm: Any, cfg: ServerConfig) -> "Engine":
         sched = Scheduler(llm.model, llm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                          max_model_len=cfg.max_model_len)
+                          max_model_len=cfg.max_model_len, num_threads=cfg.threads)
         return cls(sched.start(), llm.tokenizer, str(llm.path) if llm.path is not None else None)
 
 
