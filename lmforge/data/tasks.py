@@ -3,11 +3,12 @@
 Six task types, each with several phrasings:
     add        "What is 47 + 385?"                 -> "432"
     subtract   "Compute 512 - 89."                 -> "423"
-    reverse    "Reverse the word 'garden'."        -> "nedrag"
-    count      "How many times does 'a' appear in 'banana'?" -> "3"
+    reverse    "Reverse the order of: pear, apple, fig" -> "fig, apple, pear"
+    count      "How many times does 'fig' appear in: fig, pear, fig?" -> "2"
     sort       "Sort these words alphabetically: pear, apple, fig" -> "apple, fig, pear"
     sequence   "Continue the sequence: 3, 7, 11, 15," -> "19"
-Numbers have 1 to 3 digits. A task instance is (type, arguments); train and test instances are
+Numbers have 1 to 3 digits. The word tasks work on whole words, not letters: the demo model reads
+byte-level BPE tokens, in which a word's letters are not visible as separate tokens. A task instance is (type, arguments); train and test instances are
 disjoint (a test instance never occurs in training under any phrasing), and the split is a pure
 function of the seed. `write_split` writes the `messages` JSONL format of `lmforge finetune sft`,
 with the task type and the expected answer as extra fields; `check(answer, expected)` is the
@@ -36,24 +37,14 @@ PHRASINGS = {
             "{a} plus {b} equals what?"],
     "subtract": ["What is {a} - {b}?", "Compute {a} - {b}.", "Subtract {b} from {a}.",
                  "What is {a} minus {b}?", "What is the difference {a} - {b}?"],
-    "reverse": ["Reverse the word '{w}'.", "Write '{w}' backwards.", "Spell '{w}' in reverse.",
-                "What is '{w}' reversed?"],
-    "count": ["How many times does '{c}' appear in '{w}'?", "Count the letter '{c}' in '{w}'.",
-              "How many '{c}' are in the word '{w}'?"],
+    "reverse": ["Reverse the order of: {ws}", "Write these words in reverse order: {ws}",
+                "List backwards: {ws}", "What is the reverse of the list {ws}?"],
+    "count": ["How many times does '{c}' appear in: {ws}?", "Count the word '{c}' in: {ws}",
+              "How often is '{c}' in this list: {ws}?"],
     "sort": ["Sort these words alphabetically: {ws}", "Put in alphabetical order: {ws}",
              "Arrange alphabetically: {ws}"],
     "sequence": ["Continue the sequence: {s},", "What number comes next: {s},", "Next number after {s}?"],
 }
-
-
-SYLLABLES = ("ba be bi bo bu ca co da de di do fa fe fi fo ga go ha he hi ho ka ke ki ko la le li lo lu "
-             "ma me mi mo mu na ne ni no pa pe pi po ra re ri ro sa se si so ta te ti to va ve vi wa we "
-             "ya yo za zo").split()
-
-
-def _word(rng: random.Random) -> str:
-    """A pronounceable made-up word of 2-3 syllables (a space of ~250,000 words)."""
-    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
 
 
 def _instance(kind: str, rng: random.Random) -> tuple:
@@ -68,11 +59,11 @@ def _instance(kind: str, rng: random.Random) -> tuple:
         a, b = num(), num()
         return (kind, a, b) if a >= b else (kind, b, a)  # answers stay non-negative
     if kind == "reverse":
-        return kind, _word(rng)
+        return (kind, *rng.sample(WORDS, rng.randint(3, 5)))
     if kind == "count":
-        w = _word(rng)
-        c = rng.choice(sorted(set(w))) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
-        return kind, c, w
+        pool = rng.sample(WORDS, 3)
+        target = pool[0] if rng.random() < 0.9 else rng.choice(WORDS)
+        return (kind, target, *(rng.choice(pool) for _ in range(rng.randint(3, 7))))
     if kind == "sort":
         return (kind, *rng.sample(WORDS, rng.randint(3, 4)))
     if kind == "sequence":
@@ -88,9 +79,9 @@ def answer(inst: tuple) -> str:
     if kind == "subtract":
         return str(inst[1] - inst[2])
     if kind == "reverse":
-        return inst[1][::-1]
+        return ", ".join(reversed(inst[1:]))
     if kind == "count":
-        return str(inst[2].count(inst[1]))
+        return str(inst[2:].count(inst[1]))
     if kind == "sort":
         return ", ".join(sorted(inst[1:]))
     if kind == "sequence":
@@ -105,9 +96,9 @@ def prompt(inst: tuple, rng: random.Random) -> str:
     if kind in ("add", "subtract"):
         return template.format(a=inst[1], b=inst[2])
     if kind == "reverse":
-        return template.format(w=inst[1])
+        return template.format(ws=", ".join(inst[1:]))
     if kind == "count":
-        return template.format(c=inst[1], w=inst[2])
+        return template.format(c=inst[1], ws=", ".join(inst[2:]))
     if kind == "sort":
         return template.format(ws=", ".join(inst[1:]))
     _, start, step, n = inst
