@@ -164,6 +164,12 @@ def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path):
     wa = load_file(tmp_path / "full/checkpoints/step_00000008/model.safetensors")
     wb = load_file(tmp_path / "part/checkpoints/step_00000008/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # lmforge eval on the MLM encoder: masked loss / accuracy with a fixed mask, the same every time
+    from lmforge.train.mlm import evaluate_mlm
+
+    ev = evaluate_mlm(str(tmp_path / "full"), str(tmp_path / "data"), seq_len=32)
+    assert ev == evaluate_mlm(str(tmp_path / "part"), str(tmp_path / "data"), seq_len=32)
+    assert ev["masked_tokens"] > 0 and 0 <= ev["mlm_acc"] <= 1 and ev["mlm_loss"] < math.log(100) + 1
 
 
 def test_mlm_needs_an_mlm_head(tmp_path):

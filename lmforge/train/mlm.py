@@ -187,3 +187,47 @@ def make_mlm(ctx: PretrainContext):
 
 
 PRETRAINING["mlm"] = PretrainSpec(family="encoder", default_preset="encoder-small", make=make_mlm)
+
+
+@torch.no_grad()
+def evaluate_mlm(ckpt: str, data_dir: str, batch_size: int = 8, max_windows: int = 200, seq_len: int = 128) -> dict[str, Any]:
+    """`lmforge eval` on an encoder with an MLM head: masked-token loss, top-1 accuracy and the
+    most-frequent-token baseline on evenly spread windows of a prepared data directory's val split,
+    masked with the fixed evaluation seed (15%, 80/10/10), so checkpoints compare."""
+    from lmforge.data.dataset import TokenData
+    from lmforge.infer.llm import LLM
+
+    llm = LLM.load(ckpt)
+    model = llm.model
+    if getattr(model.cfg, "head", None) != "mlm":
+        raise LMForgeError(f"{ckpt} is an encoder without an MLM head (head '{model.cfg.head}'); "
+                           "evaluate classifiers with a labelled --data file")
+    data = TokenData(data_dir)
+    tok = data.tokenizer()
+    special = _special_ids(tok)
+    cls_id = tok.hf.token_to_id("[CLS]")
+    seq_len = min(seq_len, model.cfg.block_size - model.cfg.position_offset)
+    body = seq_len - (cls_id is not None)
+    val = data.split("val")
+    n = max(1, min(max_windows, (len(val) - 1) // body))
+    ev = EvalWindows(val, body, batch_size, -(-n // batch_size), name="val split")
+    masker = Masker(model.cfg.vocab_size, mask_token_id(tok), special, 0.15)
+    frequent = most_frequent_token(data.split("train"), special, model.cfg.vocab_size)
+    loss_sum, correct, base, count = 0.0, 0, 0, 0
+    for i in range(ev.n_batches):
+        x_BT = ev.batch(i)[0]
+        if cls_id is not None:
+            x_BT = torch.cat([torch.full((x_BT.shape[0], 1), cls_id, dtype=torch.long), x_BT], 1)
+        inp, labels = masker(x_BT, _generator(EVAL_MASK_SEED, 0, i))
+        sel = labels != IGNORE
+        logits = model(inp, select_BT=sel).float()
+        y = labels[sel]
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+        base += int((y == frequent).sum())
+        count += int(y.numel())
+    if count == 0:
+        raise LMForgeError(f"the val split of {data_dir} is too short to evaluate")
+    return {"mlm_loss": loss_sum / count, "mlm_acc": correct / count, "baseline_acc": base / count,
+            "masked_tokens": count, "windows": ev.n_batches * batch_size, "seq_len": seq_len,
+            "checkpoint": str(ckpt), "data": str(data_dir)}
