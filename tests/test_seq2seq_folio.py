@@ -1,0 +1,98 @@
+"""The Folio parallel corpus: speech extraction from both editions' formats, spelling-insensitive
+alignment (misaligned and unmatched speeches dropped and counted), and the substitution anchor."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lmforge.data.folio import align, folio_speeches, modern_speeches, play_pairs, skeleton
+
+FOLIO = """The Tragedie of Hamlet
+
+Actus Primus. Scoena Prima.
+
+Enter Barnardo and Francisco two Centinels.
+
+  Barnardo. Who's there?
+  Fran. Nay answer me: Stand & vnfold
+your selfe
+
+   Bar. Long liue the King
+
+   Fran. Barnardo?
+  Bar. He
+
+   Fran. A speech the modern edition does not have at all
+
+   Fran. You come most carefully vpon your houre
+Enter Horatio and Marcellus.
+
+  Hor. Friends to this ground
+"""
+
+MODERN = """ACT I.
+
+Scene I. Elsinore. A platform before the Castle.
+
+[Francisco at his post. Enter to him Bernardo.]
+
+Ber.
+Who's there?
+
+Fran.
+Nay, answer me: stand, and unfold yourself.
+
+Ber.
+Long live the king!
+
+Fran.
+Bernardo?
+
+Ber.
+He.
+
+Fran.
+You come most carefully upon your hour.
+
+[Enter Horatio and Marcellus.]
+
+Hor.
+Friends to this ground.
+"""
+
+
+def test_speeches_of_both_editions():
+    f = folio_speeches(FOLIO)
+    assert f[:3] == ["Who's there?", "Nay answer me: Stand & vnfold your selfe", "Long liue the King"]
+    assert "Enter Horatio and Marcellus." not in " ".join(f) and f[-1] == "Friends to this ground"
+    m = modern_speeches(MODERN)
+    assert m[:3] == ["Who's there?", "Nay, answer me: stand, and unfold yourself.", "Long live the king!"]
+    assert len(m) == 7 and all("[" not in s for s in m)
+
+
+def test_spelling_insensitive_alignment_drops_what_does_not_match():
+    assert skeleton("vnfold") == skeleton("unfold") and skeleton("selfe") == skeleton("self")
+    assert skeleton("liue") == skeleton("live") and skeleton("houre") == skeleton("hour")
+    pairs, stats = play_pairs(FOLIO, MODERN, min_similarity=0.5)
+    assert ("Long liue the King", "Long live the king!") in pairs
+    assert ("You come most carefully vpon your houre", "You come most carefully upon your hour.") in pairs
+    assert all("does not have" not in s for s, _ in pairs)
+    # "Barnardo?" / "Bernardo?" share no word skeleton: aligned but below the similarity bar, dropped
+    assert stats["folio_speeches"] == 8 and stats["modern_speeches"] == 7 and stats["pairs"] == 6
+    assert stats["dropped_low_similarity"] == 1
+    # monotonic: a pair never crosses another
+    matched = align(folio_speeches(FOLIO), modern_speeches(MODERN))
+    assert [i for i, _, _ in matched] == sorted(i for i, _, _ in matched)
+
+
+def test_word_substitution_anchor_learns_most_frequent_modern_form():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from folio import apply_table, substitution_table
+
+    train = [{"source": "Long liue the King", "target": "Long live the king!"},
+             {"source": "liue and let liue", "target": "live and let live"},
+             {"source": "the King is dead", "target": "The king is dead."}]
+    table = substitution_table(train)
+    assert table["liue"] == "live" and table["King"] == "king"
+    assert apply_table(table, "Long liue the King, sirrah") == "Long live the king, sirrah"
