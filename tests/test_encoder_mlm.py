@@ -168,7 +168,8 @@ def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path):
     from lmforge.train.mlm import evaluate_mlm
 
     ev = evaluate_mlm(str(tmp_path / "full"), str(tmp_path / "data"), seq_len=32)
-    assert ev == evaluate_mlm(str(tmp_path / "part"), str(tmp_path / "data"), seq_len=32)
+    again = evaluate_mlm(str(tmp_path / "part"), str(tmp_path / "data"), seq_len=32)
+    assert {k: v for k, v in ev.items() if k != "checkpoint"} == {k: v for k, v in again.items() if k != "checkpoint"}
     assert ev["masked_tokens"] > 0 and 0 <= ev["mlm_acc"] <= 1 and ev["mlm_loss"] < math.log(100) + 1
 
 
