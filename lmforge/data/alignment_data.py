@@ -195,17 +195,19 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
 def encode_completion(tokenizer: Any, prompt: str | list[dict], prompt_ids: Sequence[int],
                       completion: str | list[dict]) -> list[int]:
     """Completion ids after `prompt_ids`, ending with the end-of-turn token (or EOS)."""
-    stops = reply_stop_ids(tokenizer)
     if has_chat_template(tokenizer):
+        # Text-level split, then the completion tokenized on its own: prompt ids + completion ids is
+        # exactly what generation produces (prompt tokens, then new tokens), as TRL does it.
         reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
-        full = list(tokenizer.apply_chat_template(_as_messages(prompt) + reply, add_generation_prompt=False,
-                                                  tokenize=True))
-        if full[:len(prompt_ids)] != list(prompt_ids):
+        msgs = _as_messages(prompt)
+        before = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(msgs + reply, add_generation_prompt=False, tokenize=False)
+        if not full.startswith(before):
             raise LMForgeError("the chat template does not render the prompt as a prefix of the conversation")
-        ids = full[len(prompt_ids):]
-        # Cut after the last end-of-turn token: the template's trailing newline is not part of the reply.
-        last = max((i for i, t in enumerate(ids) if t in stops), default=None)
-        return ids[:last + 1] if last is not None else ids
+        # The reply ends with its end-of-turn marker; the template's trailing newline is not part of it.
+        rest = full[len(before):].rstrip()
+        return list(tokenizer.encode_with_offsets(rest)[0]) if hasattr(tokenizer, "encode_with_offsets") \
+            else list(tokenizer.encode(rest, allow_special=True))
     text = completion if isinstance(completion, str) else "\n".join(m["content"] for m in completion)
     ids = list(tokenizer.encode(text))
     eos = getattr(tokenizer, "eos_id", None)

@@ -1,0 +1,223 @@
+"""`make align-demo`: preference alignment and RL on top of the chat demo's SFT model, measured.
+
+Chain (each stage starts from the SFT model; all on the CPU):
+    sft               the starting point: greedy exact-match accuracy on the held-out test prompts
+    grpo              GRPO, reward = the task verifier (lmforge.finetune.rewards:task_verifier)
+    ppo               PPO with the same reward
+    pairs             sample 8 replies per training prompt from the SFT model, label correct-over-incorrect
+                      with the verifier (chosen = a sampled correct reply, else the reference answer)
+    dpo               DPO on those pairs (reward accuracy on held-out pairs reported)
+    reward_model      a reward model on the same pairs (pairwise accuracy on held-out pairs)
+    ppo_reward_model  PPO with the learned reward model instead of the verifier; the verifier rides
+                      along at weight 0, so the log shows whether the policy exploits the model
+Printed: one table (stage, accuracy +- standard error, mean reply length, KL to SFT, minutes) and, as
+the last line, one JSON object with each stage's accuracy and reward_model_pair_accuracy.
+
+    python -m lmforge.demo.align_demo [--sft runs/chat-demo] [--data data/chat_tasks] [--out runs/align-demo]
+                                      [--minutes 12] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.data.alignment_data import encode_prompt, reply_stop_ids
+from lmforge.data.tasks import check
+from lmforge.infer.generate import generate
+from lmforge.infer.llm import LLM
+from lmforge.train import alignment as A
+
+VERIFIER = "lmforge.finetune.rewards:task_verifier"
+
+
+def log(msg: str) -> None:
+    print(f"align-demo: {msg}", file=sys.stderr, flush=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def evaluate(model_dir: Path, sft: LLM, test: list[dict], max_new: int, batch: int = 100,
+             kl_prompts: int = 200) -> dict[str, float]:
+    """Greedy exact match on the test prompts (+- s.e.), mean reply length (tokens), and KL to the
+    SFT model: sum over reply tokens of log p_policy - log p_sft on the policy's greedy replies."""
+    llm = LLM.load(model_dir)
+    model, tok = llm.model.eval(), llm.tokenizer
+    stop = reply_stop_ids(tok)
+    correct, lengths, kls = [], [], []
+    for i in range(0, len(test), batch):
+        rows = test[i:i + batch]
+        prompts = [encode_prompt(tok, r["messages"][:-1]) for r in rows]
+        gens = generate(model, prompts, max_new_tokens=max_new, temperature=0, eos_id=stop, pad_id=tok.pad_id,
+                        decode_text=False)
+        for r, g, p in zip(rows, gens, prompts):
+            correct.append(check(tok.decode(g.ids), r["answer"]))
+            lengths.append(len(g.ids))
+            if len(kls) < kl_prompts and g.ids:
+                seq = torch.tensor([p + g.ids])
+                labels = torch.full_like(seq, -100)
+                labels[0, len(p) - 1:-1] = seq[0, len(p):]
+                kls.append(float(A.sequence_logps(model(seq), labels) - A.sequence_logps(sft.model(seq), labels)))
+    n = len(correct)
+    acc = sum(correct) / n
+    return {"accuracy": acc, "se": math.sqrt(acc * (1 - acc) / n), "reply_len": sum(lengths) / n,
+            "kl_to_sft": sum(kls) / max(len(kls), 1)}
+
+
+def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str], **extra: Any) -> dict:
+    import importlib
+
+    mod = importlib.import_module(f"lmforge.finetune.{name}")
+    args = types.SimpleNamespace(base=str(base), data=str(data), out=str(out), val_data=extra.pop("val_data", None),
+                                 val_fraction=None, config=None, recipe=None, resume=None, overwrite=True, **extra)
+    return mod.run(args, overrides)
+
+
+@torch.no_grad()
+def make_pairs(sft: LLM, train: list[dict], n_prompts: int, k: int, max_new: int, seed: int) -> list[dict]:
+    """Sample k replies per training prompt; a pair = a correct reply (sampled when one is, else the
+    verified reference answer) over a sampled incorrect one."""
+    tok = sft.tokenizer
+    stop = reply_stop_ids(tok)
+    pairs = []
+    for i in range(0, n_prompts, 32):
+        rows = train[i:i + 32]
+        prompts = [encode_prompt(tok, r["messages"][:-1]) for r in rows for _ in range(k)]
+        gens = generate(sft.model, prompts, max_new_tokens=max_new, temperature=1.0, eos_id=stop, pad_id=tok.pad_id,
+                        seed=seed + i, decode_text=False)
+        for j, r in enumerate(rows):
+            texts = [tok.decode(g.ids) for g in gens[j * k:(j + 1) * k] if g.finish_reason == "eos"]
+            good = [t for t in texts if check(t, r["answer"])]
+            bad = [t for t in texts if not check(t, r["answer"]) and t.strip()]
+            if bad:
+                # correct over incorrect: a sampled correct reply, else the verified reference answer
+                pairs.append({"prompt": r["messages"][:-1], "chosen": good[0] if good else r["answer"],
+                              "rejected": bad[0], "chosen_sampled": bool(good), "task": r.get("task"),
+                              "answer": r["answer"]})
+    return pairs
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sft", default="runs/chat-demo", help="the chat demo's SFT run (make chat-demo)")
+    p.add_argument("--data", default="data/chat_tasks", help="the chat demo's task split (train.jsonl, test.jsonl)")
+    p.add_argument("--out", default="runs/align-demo")
+    p.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of each RL stage")
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the chain runs")
+    p.add_argument("--stages", default="grpo,ppo,dpo,ppo_reward_model")
+    a = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = Path(a.data)
+    if not (tasks / "test.jsonl").is_file():
+        raise SystemExit(f"align-demo: no {tasks / 'test.jsonl'}; run `make chat-demo` first")
+    if not Path(a.sft).is_dir():
+        raise SystemExit(f"align-demo: no SFT model at {a.sft}; run `make chat-demo` first")
+    train, test = read_jsonl(tasks / "train.jsonl"), read_jsonl(tasks / "test.jsonl")[:a.n_test]
+    # RL prompts: the training conversations (their answer column feeds the verifier).
+    rl_data = tasks / "train.jsonl"
+    sft_dir = Path(a.sft)
+    sft = LLM.load(sft_dir)
+    max_new = 24
+    minutes = 0.3 if a.quick else a.minutes
+    steps = 4 if a.quick else 100000
+    stages = a.stages.split(",")
+    results: dict[str, dict] = {}
+
+    t0 = time.time()
+    results["sft"] = {**evaluate(sft_dir, sft, test, max_new), "minutes": 0.0}
+    log(f"sft: {results['sft']}")
+    common = ["--train.progress", "false", "--train.max_minutes", str(minutes), "--train.max_steps", str(steps),
+              "--train.log_every", "5", "--train.ckpt_every", "1000000", "--train.warmup_steps", "5"]
+
+    def stage(name: str, method: str, data: Path, ov: list[str], **extra: Any) -> Path:
+        run = out / name
+        t = time.time()
+        run_method(method, sft_dir, data, run, common + ov, **extra)
+        results[name] = {**evaluate(run, sft, test, max_new), "minutes": (time.time() - t) / 60}
+        log(f"{name}: {results[name]}")
+        return run
+
+    if "grpo" in stages:
+        stage("grpo", "grpo", rl_data, ["--train.lr", "2e-5", "--train.micro_batch_size", "32",
+                                        "--grpo.num_generations", "8", "--grpo.max_new_tokens", str(max_new),
+                                        "--grpo.scale_rewards", "group"], reward=[VERIFIER], reward_weights=None)
+    if "ppo" in stages:
+        stage("ppo", "ppo", rl_data, ["--train.lr", "1e-5", "--train.micro_batch_size", "32", "--ppo.epochs", "2",
+                                      "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
+                                      "--ppo.missing_eos_penalty", "1.0"], reward=[VERIFIER], reward_weights=None)
+    pair_acc = None
+    if "dpo" in stages or "ppo_reward_model" in stages:
+        t = time.time()
+        n_pair_prompts = 64 if a.quick else 3000
+        pairs = make_pairs(sft, train, n_pair_prompts, 8, max_new, seed=1)
+        n_val = max(2, len(pairs) // 10)
+        (out / "pairs_train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[n_val:]))
+        (out / "pairs_heldout.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[:n_val]))
+        sampled = sum(x["chosen_sampled"] for x in pairs)
+        log(f"pairs: {len(pairs)} from {n_pair_prompts} prompts x 8 samples, chosen sampled in {sampled} (else the "
+            f"reference answer) ({(time.time() - t) / 60:.1f} min)")
+        if "dpo" in stages:
+            run = stage("dpo", "dpo", out / "pairs_train.jsonl",
+                        ["--train.lr", "1e-5", "--train.micro_batch_size", "16", "--dpo.beta", "0.1",
+                         "--train.eval_every", "0"], val_data=str(out / "pairs_heldout.jsonl"))
+            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            results["dpo"]["heldout_reward_accuracy"] = [r for r in rows if "val_rewards/accuracies" in r][-1][
+                "val_rewards/accuracies"]
+        if "ppo_reward_model" in stages:
+            t = time.time()
+            rm = out / "reward_model"
+            run_method("reward", sft_dir, out / "pairs_train.jsonl", rm,
+                       common + ["--train.lr", "5e-5", "--train.micro_batch_size", "16", "--train.eval_every", "0"],
+                       val_data=str(out / "pairs_heldout.jsonl"))
+            rows = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
+            pair_acc = [r for r in rows if "val_accuracy" in r][-1]["val_accuracy"]
+            log(f"reward model: held-out pair accuracy {pair_acc:.3f} ({(time.time() - t) / 60:.1f} min)")
+            run = stage("ppo_reward_model", "ppo", rl_data,
+                        ["--train.lr", "1e-5", "--train.micro_batch_size", "32", "--ppo.epochs", "2",
+                         "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
+                         "--ppo.missing_eos_penalty", "1.0"],
+                        reward=[str(rm), VERIFIER], reward_weights=[1.0, 0.0])
+            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+            q = max(1, len(rows) // 4)
+            rm_key = [k for k in rows[0] if k.startswith("rewards/reward_model") and k.endswith("/mean")][0]
+            first = {k: sum(r[k] for r in rows[:q]) / q for k in (rm_key, "rewards/task_verifier/mean")}
+            last = {k: sum(r[k] for r in rows[-q:]) / q for k in (rm_key, "rewards/task_verifier/mean")}
+            exploit = [1 for r0, r1 in zip(rows[:-1], rows[1:]) if r1[rm_key] > r0[rm_key]
+                       and r1["rewards/task_verifier/mean"] <= r0["rewards/task_verifier/mean"]]
+            results["ppo_reward_model"]["exploitation"] = {
+                "learned_reward_first_quarter": first[rm_key], "learned_reward_last_quarter": last[rm_key],
+                "verified_accuracy_first_quarter": first["rewards/task_verifier/mean"],
+                "verified_accuracy_last_quarter": last["rewards/task_verifier/mean"],
+                "share_of_logged_intervals_reward_up_accuracy_flat_or_down": len(exploit) / max(len(rows) - 1, 1)}
+
+    print(f"{'stage':<18} {'accuracy':>16} {'reply len':>10} {'KL to SFT':>10} {'minutes':>8}")
+    for name, r in results.items():
+        acc = f"{100 * r['accuracy']:.1f} +- {100 * r['se']:.1f}%"
+        print(f"{name:<18} {acc:>16} {r['reply_len']:>10.1f} {r['kl_to_sft']:>10.3f} {r['minutes']:>8.1f}")
+    if "dpo" in results:
+        print(f"DPO implicit-reward accuracy on held-out pairs: {results['dpo']['heldout_reward_accuracy']:.3f}")
+    if "ppo_reward_model" in results:
+        print(f"reward-model exploitation: {json.dumps(results['ppo_reward_model']['exploitation'])}")
+    print(f"total minutes: {(time.time() - t0) / 60:.1f}")
+    summary = {name: round(r["accuracy"], 4) for name, r in results.items()}
+    summary["reward_model_pair_accuracy"] = pair_acc
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
