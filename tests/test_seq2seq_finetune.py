@@ -130,3 +130,28 @@ def test_finetune_bad_input_is_one_line_error(files, tmp_path, capsys):
     assert main(_args(files, "t5", tmp_path / "x", "--source-column", "folio")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "train.jsonl: no column 'folio'" in err and len(err.splitlines()) == 1
+
+
+def test_length_grouped_batches_cover_every_pair_once_per_epoch_with_less_padding():
+    from lmforge.finetune.seq2seq import PairRows
+
+    rng = random.Random(0)
+    rows = [([1] * rng.randint(1, 100), [2] * rng.randint(1, 100)) for _ in range(640)]
+
+    def epoch(group: bool) -> tuple[list[int], int]:
+        src = PairRows(rows, lambda rs: rs, 8, 2, seed=3, group_by_length=group)
+        seen, pad = [], 0
+        for step in range(40):  # 40 steps x 2 micro-batches x 8 = one epoch
+            for index in range(2):
+                b = src.micro_batch(step, index)
+                lens = [len(s) + len(t) for s, t in b]
+                pad += max(lens) * len(lens) - sum(lens)
+                seen += [id(r) for r in b]
+        return seen, pad
+
+    plain, pad_plain = epoch(False)
+    grouped, pad_grouped = epoch(True)
+    assert sorted(grouped) == sorted(plain) == sorted(id(r) for r in rows)  # a permutation of the data
+    assert pad_grouped * 10 < pad_plain
+    again, _ = epoch(True)
+    assert again == grouped  # a pure function of (seed, step, index): resume sees the same batches

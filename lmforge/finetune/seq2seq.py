@@ -50,6 +50,8 @@ class Seq2SeqDataConfig:
     max_source_length: Optional[int] = _h(None, "source tokens (EOS included); longer ones are cut; default the context")
     max_target_length: Optional[int] = _h(None, "target tokens (EOS included); longer ones are cut; default the context")
     val_fraction: float = _h(0.0, "hold out this share of examples for validation when no --val-data is given")
+    group_by_length: bool = _h(True, "batch examples of similar length together (less padding; each epoch's "
+                                     "order stays a seeded shuffle)")
 
 
 @dataclass
@@ -130,19 +132,31 @@ class PairRows:
     """Tokenized (source, target) pairs in deterministic epochs: epoch e is a permutation seeded by
     (seed, e) and micro-batch (step, index) reads rows (step * per_step + index) * mb ..., so resume is exact."""
 
+    GROUP = 64  # with group_by_length: micro-batches per sorted chunk
+
     def __init__(self, rows: list[tuple[list[int], list[int]]], collate: Any, micro_batch_size: int,
-                 micro_batches_per_step: int, seed: int, shuffle: bool = True):
+                 micro_batches_per_step: int, seed: int, shuffle: bool = True, group_by_length: bool = False):
         if not rows:
             raise LMForgeError("no training examples")
         self.rows, self.collate, self.mb, self.per_step, self.seed, self.shuffle = (
             rows, collate, micro_batch_size, micro_batches_per_step, seed, shuffle)
+        self.group = group_by_length
         self._perm: tuple[int, list[int]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
         if self._perm is None or self._perm[0] != epoch:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._perm = (epoch, torch.randperm(len(self.rows), generator=g).tolist())
+                order = torch.randperm(len(self.rows), generator=g).tolist()
+                if self.group:
+                    # sort chunks of GROUP micro-batches by length, then shuffle the micro-batches
+                    size = self.mb * self.GROUP
+                    blocks = []
+                    for i in range(0, len(order), size):
+                        chunk = sorted(order[i:i + size], key=lambda r: len(self.rows[r][0]) + len(self.rows[r][1]))
+                        blocks += [chunk[j:j + self.mb] for j in range(0, len(chunk), self.mb)]
+                    order = [r for k in torch.randperm(len(blocks), generator=g).tolist() for r in blocks[k]]
+                self._perm = (epoch, order)
             else:
                 self._perm = (epoch, list(range(len(self.rows))))
         return self._perm[1]
@@ -273,7 +287,7 @@ def build_task(cfg: Seq2SeqFinetuneConfig, base: str | Path, data: str, val_data
         pad = tok.pad_id if tok.pad_id is not None else eos
         coll = decoder_collate(pad)
         objective = DecoderCompletionObjective()
-    source = PairRows(rows, coll, t.micro_batch_size, per_step, t.seed)
+    source = PairRows(rows, coll, t.micro_batch_size, per_step, t.seed, group_by_length=d.group_by_length)
     val_source = PairRows(vrows, coll, t.micro_batch_size, 1, t.seed, shuffle=False) if vrows else None
     quiet(f"{len(examples)} training pairs, {len(val_examples)} validation ({family} model, "
           f"columns '{d.source_column}' -> '{d.target_column}')")
