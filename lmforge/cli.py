@@ -175,6 +175,58 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Reward-model scores: --prompt/--completion pairs, or --file JSONL rows {"prompt", "completion"}
+    (or preference pairs {"prompt", "chosen", "rejected"}: both scored, plus the pairwise accuracy)."""
+    from lmforge.infer.llm import LLM
+
+    llm = LLM.load(args.ckpt, device=args.device)
+    if args.file:
+        from lmforge.data.alignment_data import read_scoring_file
+
+        rows, prompts, completions = read_scoring_file(args.file)
+        scores = llm.score(prompts, completions) if completions else []
+        it = iter(scores)
+        wins = n_pairs = 0
+        for row in rows:
+            if "chosen" in row:
+                c, r = next(it), next(it)
+                wins, n_pairs = wins + (c > r), n_pairs + 1
+                print(json.dumps({**row, "score_chosen": c, "score_rejected": r}))
+            else:
+                print(json.dumps({**row, "score": next(it)}))
+        if n_pairs:
+            print(json.dumps({"pairs": n_pairs, "pair_accuracy": wins / n_pairs}))
+        return 0
+    if not args.prompt or not args.completion:
+        raise LMForgeError("lmforge score needs --prompt and --completion (repeatable), or --file")
+    prompts = args.prompt if len(args.prompt) == len(args.completion) else args.prompt[:1] * len(args.completion)
+    if len(args.prompt) not in (1, len(args.completion)):
+        raise LMForgeError(f"{len(args.prompt)} --prompt for {len(args.completion)} --completion; give one or one each")
+    for p, c, v in zip(prompts, args.completion, llm.score(prompts, args.completion)):
+        print(json.dumps({"prompt": p, "completion": c, "score": v}) if args.json else f"{v:.6f}\t{c}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.name == "folio":  # First Folio -> modern spelling pairs from the built-in Shakespeare
+        from lmforge.data.folio import build_folio
+
+        meta = build_folio(args.out, overwrite=args.overwrite)
+        sp = meta["splits"]
+        print(f"wrote {args.out}: train {sp['train']:,}, val {sp['val']:,} ({', '.join(meta['val_plays'])}), "
+              f"test {sp['test']:,} ({', '.join(meta['test_plays'])}) speech pairs; dropped "
+              f"{meta['dropped_low_similarity']:,} misaligned, {meta['dropped_too_long']:,} longer than "
+              f"{meta['max_chars']} characters, {meta['unmatched_folio']:,} Folio speeches unmatched")
+        return 0
+    from lmforge.data.sentiment import build_sentiment
+
+    meta = build_sentiment(args.out, overwrite=args.overwrite)
+    counts = ", ".join(f"{name} {f['examples']:,}" for name, f in meta["files"].items())
+    print(f"wrote {args.out}: {counts} (from {meta['source']}, sha256 checked)")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from lmforge.interop import hf
 
@@ -321,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length for attention FLOPs (default: context)")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("score", help="reward-model scores of completions (lmforge finetune reward)")
+    s.add_argument("--ckpt", required=True, help="reward model run / model directory")
+    s.add_argument("--prompt", action="append", default=[], help="prompt (one for all completions, or one each)")
+    s.add_argument("--completion", action="append", default=[], help="completion to score (repeatable)")
+    s.add_argument("--file", help="JSONL: {prompt, completion} rows, or preference pairs {prompt, chosen, rejected}")
+    s.add_argument("--json", action="store_true", help="one JSON object per completion")
+    s.add_argument("--device", default="cpu")
+
     s = sub.add_parser("convert", help="import from / export to a Hugging Face checkpoint folder")
     s.add_argument("--from-hf", metavar="HF_DIR")
     s.add_argument("--to-hf", metavar="RUN")
@@ -376,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "info":
             return cmd_info(args, extra)
         return {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
-                "convert": cmd_convert, "bench": cmd_bench}[verb](args)
+                "convert": cmd_convert, "bench": cmd_bench, "score": cmd_score}[verb](args)
     except LMForgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -217,6 +217,17 @@ class LLM:
 
         return classify(self.model, self.tokenizer, texts, text_pairs, batch_size=batch_size)
 
+    def score(self, prompt: Any, completion: Any) -> Any:
+        """Reward-model score of `completion` as the reply to `prompt` (str or messages) -> float;
+        lists of prompts and completions give a list of floats (scored in batches)."""
+        from lmforge.infer.score import score
+
+        if isinstance(completion, (list, tuple)) and completion and all(isinstance(c, str) for c in completion):
+            prompts = list(prompt) if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt) \
+                else [prompt] * len(completion)
+            return score(self.model, self.tokenizer, prompts, list(completion))
+        return score(self.model, self.tokenizer, [prompt], [completion])[0]
+
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         return f"LLM({self.path or 'in-memory'}, {n / 1e6:.2f}M parameters, tokenizer={'yes' if self.tokenizer else 'no'})"
