@@ -200,16 +200,23 @@ def test_greedy_and_beam_search_equal_transformers(kind):
                [40, 41, 42, 43, 44, eos]]
     ids, mask = right_pad(sources, ours.cfg.pad_id, torch.device("cpu"))
     lengths = set()
-    for settings in SETTINGS:
-        ref = hf.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=10, do_sample=False,
-                          forced_eos_token_id=None, forced_bos_token_id=None, min_length=0, **settings)
+    # BART's config forces EOS at the length limit (forced_eos_token_id=2); the import keeps that
+    assert ours.cfg.forced_eos_id == (2 if kind == "bart" else None)
+    extra = [dict(forced_bos_token_id=0, num_beams=1), dict(forced_bos_token_id=0, num_beams=3)] if kind == "bart" else []
+    for settings in SETTINGS + extra:
+        ref = hf.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=10, do_sample=False, min_length=0,
+                          **settings)
         want = _hf_new_ids(ref, eos, 1)
+        ours.cfg.forced_bos_id = settings.pop("forced_bos_token_id", None)
         got = generate_seq2seq(ours, sources, max_new_tokens=10, temperature=0, **settings)
         if settings.get("num_return_sequences", 1) > 1:
             got = [g for row in got for g in row]
         assert [g.ids for g in got] == want, settings
+        if ours.cfg.forced_bos_id is not None:
+            assert all(w[0] == 0 for w in want)
         lengths.update(len(w) for w in want)
-    assert 10 in lengths and len(lengths) >= 3  # some hypotheses end early, at different lengths
+    ours.cfg.forced_bos_id = None
+    assert max(lengths) >= 9 and len(lengths) >= 3  # some hypotheses end early, at different lengths
 
 
 def test_sampling_is_seeded_and_batched_rows_equal_single_rows():

@@ -77,12 +77,15 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def beam_search(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tensor], torch.Tensor],
                 reorder: Callable[[torch.Tensor], None], prompt_RT: torch.Tensor, batch: int, max_new_tokens: int,
-                eos_id: int | None, pad_id: int | None, params: BeamParams) -> list[list[tuple[list[int], float]]]:
+                eos_id: int | None, pad_id: int | None, params: BeamParams,
+                forced: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
+                ) -> list[list[tuple[list[int], float]]]:
     """Beam search over `batch` inputs, each repeated num_beams times in `prompt_RT` (rows b*N..b*N+N-1).
 
     prompt_RT is what the n-gram rule sees as the start of every row (the decoder prompt, or the
     decoder start token). Returns, per input, num_return_sequences (new token ids, score) pairs,
-    best first; ids stop before the EOS.
+    best first; ids stop before the EOS. `forced(logprobs_RV, n_generated, n_left)` may rewrite the
+    log-probabilities of a step (forced BOS / EOS tokens).
     """
     N = params.num_beams
     device = prompt_RT.device
@@ -113,6 +116,8 @@ def beam_search(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tenso
         if params.no_repeat_ngram_size:
             logprobs_RV = ban_repeated_ngrams(logprobs_RV, running_BNL.view(batch * N, max_len)[:, :cur],
                                               params.no_repeat_ngram_size)
+        if forced is not None:
+            logprobs_RV = forced(logprobs_RV, cur - T0, max_len - cur)
         V = logprobs_RV.shape[-1]
         acc_BX = (logprobs_RV.view(batch, N, V) + running_scores_BN[:, :, None]).view(batch, N * V)
         top_scores_BK, top_idx_BK = torch.topk(acc_BX, K)

@@ -37,6 +37,24 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids, mask
 
 
+def forced_tokens(cfg: Any) -> Any:
+    """HF's ForcedBOS / ForcedEOS processors: (scores_RV, n_generated, n_left) -> scores with every
+    token but the forced one at -inf on the first step (BOS) and on the last allowed step (EOS)."""
+    bos, eos = getattr(cfg, "forced_bos_id", None), getattr(cfg, "forced_eos_id", None)
+    if bos is None and eos is None:
+        return None
+
+    def apply(scores_RV: torch.Tensor, n_generated: int, n_left: int) -> torch.Tensor:
+        tok = bos if n_generated == 0 and bos is not None else eos if n_left == 1 and eos is not None else None
+        if tok is None:
+            return scores_RV
+        out = torch.full_like(scores_RV, float("-inf"))
+        out[:, tok] = 0.0
+        return out
+
+    return apply
+
+
 def _check_sources(model: torch.nn.Module, sources: Sequence[Sequence[int]], max_new_tokens: int) -> int:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise LMForgeError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -112,8 +130,11 @@ def _sample(model: torch.nn.Module, src_BS: torch.Tensor, mask_BS: torch.Tensor,
         seen_BV = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
         seen_BV[:, cfg.decoder_start_id] = True  # HF counts the decoder start token as seen
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    forced = forced_tokens(cfg)
     logits_BV = model.decode(seq_BT, memory_BSC, cache=cache)[:, -1]
     for step in range(n_new):
+        if forced is not None:
+            logits_BV = forced(logits_BV.float(), step, n_new - step)
         if no_repeat:
             from lmforge.infer.beam import ban_repeated_ngrams
 
@@ -150,7 +171,7 @@ def _beam(model: torch.nn.Module, src_BS: torch.Tensor, mask_BS: torch.Tensor, n
         prefill=lambda: model.decode(start_R1, memory_BSC, cache=cache)[:, -1],
         step=lambda tok_R: model.decode(tok_R[:, None], None, cache=cache)[:, -1],
         reorder=cache.reorder, prompt_RT=start_R1, batch=B, max_new_tokens=n_new, eos_id=eos, pad_id=cfg.pad_id,
-        params=beam)
+        params=beam, forced=forced_tokens(cfg))
     return [[(ids, "eos" if len(ids) < n_new else "length") for ids, _ in hyps] for hyps in results]
 
 

@@ -79,6 +79,10 @@ def config_from_hf(hf: dict, source: str = HF_CONFIG, tied: bool = True) -> Seq2
         v = hf.get(key)
         return v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else default)
 
+    def forced(key: str) -> int | None:
+        v = hf.get(key)
+        return v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None)
+
     if model_type == "t5":
         vocab, d_model, d_kv, d_ff, n_layer, n_head = need("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
         proj = hf.get("feed_forward_proj", "relu")
@@ -115,6 +119,7 @@ def config_from_hf(hf: dict, source: str = HF_CONFIG, tied: bool = True) -> Seq2
             n_head=heads.pop(), d_model=d_model, d_ff=ffn.pop(), ffn=_BART_ACT[act], norm_eps=1e-5,
             tie_embeddings=tied, scale_embedding=bool(hf.get("scale_embedding", False)),
             pad_id=opt_id("pad_token_id", 1), eos_id=eos, decoder_start_id=opt_id("decoder_start_token_id", eos),
+            forced_bos_id=forced("forced_bos_token_id"), forced_eos_id=forced("forced_eos_token_id"),
             dropout=0.0, init_std=float(hf.get("init_std", 0.02)))
     raise LMForgeError(f"{source}: model_type '{model_type}' is not an encoder-decoder lmforge supports (t5, bart)")
 
@@ -123,7 +128,8 @@ def config_to_hf(cfg: Seq2SeqConfig, base: dict | None = None) -> dict:
     """config.json for transformers; `base` (the imported config) keeps keys lmforge does not model."""
     out = dict(base or {})
     common = dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id,
-                  decoder_start_token_id=cfg.decoder_start_id, is_encoder_decoder=True, torch_dtype="float32")
+                  decoder_start_token_id=cfg.decoder_start_id, is_encoder_decoder=True, torch_dtype="float32",
+                  forced_bos_token_id=cfg.forced_bos_id, forced_eos_token_id=cfg.forced_eos_id)
     if cfg.arch == "t5":
         if cfg.output_scale and not cfg.tie_embeddings:
             raise LMForgeError("a T5 with an untied head and output scaling has no transformers equivalent")

@@ -62,6 +62,8 @@ class Seq2SeqConfig:
     pad_id: int = field(default=0, metadata={"help": "padding token id (T5 0, BART 1)"})
     eos_id: int = field(default=1, metadata={"help": "end-of-sequence token id (T5 1, BART 2)"})
     decoder_start_id: Optional[int] = field(default=None, metadata={"help": "first decoder input; default pad_id (t5) or eos_id (bart)"})
+    forced_bos_id: Optional[int] = field(default=None, metadata={"help": "generation: the first generated token is always this one (BART summarisers)"})
+    forced_eos_id: Optional[int] = field(default=None, metadata={"help": "generation: the token generated at the length limit is always this one (BART)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings, attention and residual branches"})
     init_std: float = field(default=0.02, metadata={"help": "BART: std of the normal init (T5 uses its own fan-in init)"})
 
