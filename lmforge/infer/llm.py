@@ -131,8 +131,10 @@ class LLM:
 
     def generate(self, prompt: str | Sequence[str] | Sequence[int], max_new_tokens: int = 64, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                 stop: str | Sequence[str] | None = None, seed: int | None = None, num_samples: int = 1) -> Any:
-        """Continue `prompt`.
+                 stop: str | Sequence[str] | None = None, seed: int | None = None, num_samples: int = 1,
+                 num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                 no_repeat_ngram_size: int = 0) -> Any:
+        """Continue `prompt` (for an encoder-decoder: the source; the result is the generated target).
 
         A string gives the generated text (str); a list of token ids gives the list of new ids; a
         list of strings gives one result per string (generated together in one batch). With
@@ -143,6 +145,16 @@ class LLM:
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise LMForgeError(f"num_samples must be a positive integer, got {num_samples!r}")
+        from lmforge.infer.seq2seq import is_seq2seq
+
+        if is_seq2seq(self.model) or num_beams != 1:
+            # Encoder-decoders, and beam search for every family (num_samples = best hypotheses returned).
+            from lmforge.infer.seq2seq import generate_for_llm
+
+            return generate_for_llm(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                                    num_samples=num_samples, num_beams=num_beams, length_penalty=length_penalty,
+                                    early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size, stop=stop)
         kind, prompts = self._prompts(prompt)
         rows = [p for p in prompts for _ in range(num_samples)]
         gens = _generate(self.model, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -161,6 +173,8 @@ class LLM:
             raise LMForgeError(f"stream takes one string prompt, got {type(prompt).__name__}")
         if num_samples != 1:
             raise LMForgeError("stream produces one sample; use generate(..., num_samples=N) for several")
+        if getattr(self.model, "family", None) == "seq2seq":
+            raise LMForgeError("stream works with decoders; use generate() with an encoder-decoder model")
         (ids,) = self._encode_text([prompt])
         return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
