@@ -2,7 +2,7 @@
 to a sequential loop of the same requests through transformers' `generate` on the same weights.
 
     python benchmarks/serve.py [--model DIR] [--clients 1,8,32] [--rounds 2] [--max-tokens 128]
-                               [--prompt-len 32] [--threads 2] [--hf-requests 8] [--json OUT]
+                               [--prompt-len 32] [--threads 1] [--hf-requests 8] [--repeats 3] [--json OUT]
 
 Model: by default a GPT-2-architecture model with the shape of `make demo`'s model (4 blocks x 256
 wide, 4 heads, context 256, vocab 4096), randomly initialised by transformers and saved as a
@@ -19,7 +19,9 @@ first token (request sent -> first token received) and inter-token latency (gap 
 chunks; a chunk may carry more than one token when the client reads slower than tokens come), p50
 and p99. `engine_only`: the scheduler alone in this process (no HTTP), 1 and the largest number of
 sequences at once. transformers: `model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)`
-for `hf_requests` of the same prompts in a loop, in this process, after the server has stopped.
+for `hf_requests` of the same prompts in a loop, in this process, while the server is idle. The
+server rows and the transformers loop take turns `repeats` times; each figure is the median
+repeat (all samples in the JSON).
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_t
     return rows
 
 
-def transformers_loop(model: Path, prompts: list[list[int]], max_tokens: int, threads: int) -> dict[str, Any]:
+def load_transformers(model: Path, threads: int) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -169,7 +171,12 @@ def transformers_loop(model: Path, prompts: list[list[int]], max_tokens: int, th
 
     quiet_transformers()
     torch.set_num_threads(threads)
-    hf = AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def transformers_loop(hf: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    import torch
+
     gen = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         hf.generate(torch.tensor([prompts[0]]), **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
@@ -182,6 +189,12 @@ def transformers_loop(model: Path, prompts: list[list[int]], max_tokens: int, th
     return {"requests": len(prompts), "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)}
 
 
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeat with the median throughput (its latencies come with it), plus every repeat's tokens/s."""
+    ranked = sorted(rows, key=lambda r: r["tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "tokens_per_s_samples": [r["tokens_per_s"] for r in rows]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="model to serve (default: a GPT-2 model of the demo's shape)")
@@ -189,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the server and of transformers")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the server's model and of transformers (default 1: the client needs a core)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds in which lmforge and transformers take turns")
     p.add_argument("--hf-requests", type=int, default=8, help="requests in the sequential transformers loop")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -208,21 +223,29 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {"benchmark": "serve", "machine": machine_info(), "model": str(model),
                                   "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                   "lmforge": []}
+        # the server rows and the transformers loop take turns, `repeats` times; medians are reported
+        hf = load_transformers(model, args.threads) if hf_ok else None
+        samples: dict[int, list[dict[str, Any]]] = {c: [] for c in clients}
+        hf_samples: list[dict[str, Any]] = []
         proc, url = start_server(model, args.threads, max(clients))
         try:
-            for c in clients:
-                row = asyncio.run(drive(url, c, args.rounds, prompts, args.max_tokens))
-                result["lmforge"].append(row)
-                print(json.dumps(row), file=sys.stderr)
+            for rep in range(args.repeats):
+                for c in clients:
+                    row = asyncio.run(drive(url, c, args.rounds, prompts, args.max_tokens))
+                    samples[c].append(row)
+                    print(json.dumps(row), file=sys.stderr)
+                if hf is not None:
+                    hf_samples.append(transformers_loop(hf, prompts[:args.hf_requests], args.max_tokens))
+                    print(json.dumps(hf_samples[-1]), file=sys.stderr)
         finally:
             proc.terminate()
             proc.wait(30)
+        result["lmforge"] = [median_row(samples[c]) for c in clients]
+        if hf_samples:
+            result["transformers_sequential"] = median_row(hf_samples)
         result["engine_only"] = engine_only(model, prompts, sorted({1, max(clients)}), args.max_tokens, args.threads)
         print(json.dumps(result["engine_only"]), file=sys.stderr)
-        if hf_ok:
-            result["transformers_sequential"] = transformers_loop(model, prompts[:args.hf_requests], args.max_tokens,
-                                                                  args.threads)
-            print(json.dumps(result["transformers_sequential"]), file=sys.stderr)
+        result["load_average_1m_end"] = round(os.getloadavg()[0], 2)
         rows = {r["clients"]: r for r in result["lmforge"]}
         top = rows[max(clients)]
         ratios = {}
