@@ -178,6 +178,10 @@ def test_chat_schema_stream_and_offline_equality(server, client, llm):
     stream = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=15, temperature=0.9, seed=3,
                                             stream=True)
     assert "".join(ch.choices[0].delta.content or "" for ch in stream) == c.message.content
+    # with control tokens kept in the text, the reply is exactly what LLM.chat gives offline
+    raw = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=15, temperature=0.9, seed=3,
+                                         extra_body={"skip_special_tokens": False})
+    assert raw.choices[0].message.content == llm.chat(MESSAGES, max_new_tokens=15, temperature=0.9, seed=3)
 
 
 def test_chat_without_template_is_400(server, llm):
