@@ -177,6 +177,50 @@ class _Choices:
         return on_output
 
 
+class _Guard:
+    """Plain ASGI middleware (BaseHTTPMiddleware would add a queue hop to every stream chunk): the
+    API key, one log line per request, request metrics, and a JSON 500 for a bug."""
+
+    def __init__(self, app: Callable, state: AppState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        cfg, metrics = self.state.cfg, self.state.metrics
+        t0 = time.monotonic()
+        st = scope.setdefault("state", {})
+        st.update(t0=t0, info="", streaming=False, req_id=f"req-{uuid.uuid4().hex[:16]}")
+        path, method = scope["path"], scope["method"]
+        status = [0]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if cfg.api_key is not None and path not in OPEN_PATHS:
+                given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+                scheme, _, key = given.partition(" ")
+                if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), cfg.api_key.encode()):
+                    raise ServeError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.")
+            await self.app(scope, receive, send_status)
+        except Exception as e:
+            if not isinstance(e, ServeError):  # a bug; never a bare 500 page
+                log.exception("unhandled error on %s", path)
+                e = ServeError(500, f"internal error: {type(e).__name__}")
+            if status[0] == 0:
+                try:
+                    await _error_response(e)(scope, receive, send_status)
+                except OSError:  # the client is gone (499): nobody to answer
+                    status[0] = e.status
+        route = path if path in _ROUTES else "other"
+        metrics.requests.labels(route, str(status[0])).inc()
+        if not st["streaming"]:  # a stream logs its line when it ends (_sse)
+            log.info("%s %s %s %d %s%.3fs", st["req_id"], method, path, status[0], st["info"], time.monotonic() - t0)
+
+
 # ---- the app --------------------------------------------------------------------------------------
 
 def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable[[], Engine] | None = None) -> FastAPI:
@@ -198,31 +242,7 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
                 log.error("loading the model failed: %s", e)
         threading.Thread(target=load, name="lmforge-load", daemon=True).start()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable) -> Response:
-        t0 = request.state.t0 = time.monotonic()
-        request.state.info = ""
-        request.state.streaming = False
-        request.state.req_id = f"req-{uuid.uuid4().hex[:16]}"
-        path = request.url.path
-        try:
-            if cfg.api_key is not None and path not in OPEN_PATHS:
-                given = request.headers.get("authorization", "")
-                scheme, _, key = given.partition(" ")
-                if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), cfg.api_key.encode()):
-                    raise ServeError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.")
-            response = await call_next(request)
-        except ServeError as e:
-            response = _error_response(e)
-        except Exception as e:  # a bug; never a bare 500 page
-            log.exception("unhandled error on %s", path)
-            response = _error_response(ServeError(500, f"internal error: {type(e).__name__}"))
-        route = path if path in _ROUTES else "other"
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        if not request.state.streaming:  # a stream logs its line when it ends (_sse)
-            log.info("%s %s %s %d %s%.3fs", request.state.req_id, request.method, path, response.status_code,
-                     request.state.info, time.monotonic() - t0)
-        return response
+    app.add_middleware(_Guard, state=state)
 
     @app.exception_handler(ServeError)
     async def on_serve_error(request: Request, e: ServeError) -> JSONResponse:
