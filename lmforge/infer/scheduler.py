@@ -218,7 +218,6 @@ class _Seq:
         self.row: int | None = None
         self.n_cached = 0  # prompt/generated tokens whose keys and values are in the cache
         self.pending: int | None = None  # last sampled token, fed at the next decode step
-        self.cancelled = False
         self.finished = False
         self.max_new = req.max_tokens
         self.seen_V = None
@@ -227,7 +226,6 @@ class _Seq:
             self.seen_V[torch.tensor(self.prompt, device=device)] = True
         self.counts_V = torch.zeros(vocab, device=device) if (req.presence_penalty or req.frequency_penalty) else None
         self.prompt_logprobs: list[TokenLogprob] | None = [] if req.prompt_logprobs is not None else None
-        self.t_submit = time.monotonic()
 
 
 class Scheduler:
