@@ -55,7 +55,7 @@ def evaluate(model_dir: Path, sft: LLM, test: list[dict], max_new: int, batch: i
     llm = LLM.load(model_dir)
     model, tok = llm.model.eval(), llm.tokenizer
     stop = reply_stop_ids(tok)
-    correct, lengths, kls = [], [], []
+    correct, lengths, seqs = [], [], []
     for i in range(0, len(test), batch):
         rows = test[i:i + batch]
         prompts = [encode_prompt(tok, r["messages"][:-1]) for r in rows]
@@ -64,11 +64,23 @@ def evaluate(model_dir: Path, sft: LLM, test: list[dict], max_new: int, batch: i
         for r, g, p in zip(rows, gens, prompts):
             correct.append(check(tok.decode(g.ids), r["answer"]))
             lengths.append(len(g.ids))
-            if len(kls) < kl_prompts and g.ids:
-                seq = torch.tensor([p + g.ids])
-                labels = torch.full_like(seq, -100)
-                labels[0, len(p) - 1:-1] = seq[0, len(p):]
-                kls.append(float(A.sequence_logps(model(seq), labels) - A.sequence_logps(sft.model(seq), labels)))
+            if len(seqs) < kl_prompts and g.ids:
+                seqs.append((p, g.ids))
+    # KL to SFT on the policy's own greedy replies, in right-padded batches
+    from lmforge.finetune.rl import forward_logps
+
+    kls = []
+    for i in range(0, len(seqs), 50):
+        chunk = seqs[i:i + 50]
+        T = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), T), tok.pad_id or 0, dtype=torch.long)
+        labels = torch.full((len(chunk), T), -100, dtype=torch.long)
+        for j, (p, c) in enumerate(chunk):
+            ids[j, :len(p) + len(c)] = torch.tensor(p + c)
+            labels[j, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
+        lp_pol, _, _ = forward_logps(model, ids, labels, batch_size=50)
+        lp_sft, _, _ = forward_logps(sft.model, ids, labels, batch_size=50)
+        kls += (lp_pol - lp_sft).sum(1).tolist()
     n = len(correct)
     acc = sum(correct) / n
     return {"accuracy": acc, "se": math.sqrt(acc * (1 - acc) / n), "reply_len": sum(lengths) / n,
@@ -85,7 +97,8 @@ def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str
 
 
 @torch.no_grad()
-def make_pairs(sft: LLM, train: list[dict], n_prompts: int, k: int, max_new: int, seed: int) -> list[dict]:
+def make_pairs(sft: LLM, train: list[dict], n_prompts: int, k: int, max_new: int, seed: int,
+               temperature: float = 1.0) -> list[dict]:
     """Sample k replies per training prompt; a pair = a correct reply (sampled when one is, else the
     verified reference answer) over a sampled incorrect one."""
     tok = sft.tokenizer
@@ -94,7 +107,7 @@ def make_pairs(sft: LLM, train: list[dict], n_prompts: int, k: int, max_new: int
     for i in range(0, n_prompts, 32):
         rows = train[i:i + 32]
         prompts = [encode_prompt(tok, r["messages"][:-1]) for r in rows for _ in range(k)]
-        gens = generate(sft.model, prompts, max_new_tokens=max_new, temperature=1.0, eos_id=stop, pad_id=tok.pad_id,
+        gens = generate(sft.model, prompts, max_new_tokens=max_new, temperature=temperature, eos_id=stop, pad_id=tok.pad_id,
                         seed=seed + i, decode_text=False)
         for j, r in enumerate(rows):
             texts = [tok.decode(g.ids) for g in gens[j * k:(j + 1) * k] if g.finish_reason == "eos"]
@@ -116,6 +129,7 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of each RL stage")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--pair-prompts", type=int, default=3000, help="training prompts sampled for preference pairs")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of RL rollouts and pairs")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every stage's learning rate")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the chain runs")
     p.add_argument("--stages", default="grpo,ppo,dpo,ppo_reward_model")
@@ -157,18 +171,20 @@ def main() -> int:
         return run
 
     if "grpo" in stages:
-        stage("grpo", "grpo", rl_data, ["--train.lr", lr(1e-4), "--train.micro_batch_size", "32",
+        stage("grpo", "grpo", rl_data, ["--train.lr", lr(2e-5), "--train.micro_batch_size", "32",
                                         "--grpo.num_generations", "8", "--grpo.max_new_tokens", str(max_new),
+                                        "--grpo.temperature", str(a.temperature), "--grpo.loss_type", "bnpo",
                                         "--grpo.scale_rewards", "group"], reward=[VERIFIER], reward_weights=None)
     if "ppo" in stages:
-        stage("ppo", "ppo", rl_data, ["--train.lr", lr(5e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
+        stage("ppo", "ppo", rl_data, ["--train.lr", lr(1e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
                                       "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
+                                      "--ppo.temperature", str(a.temperature),
                                       "--ppo.missing_eos_penalty", "1.0"], reward=[VERIFIER], reward_weights=None)
     pair_acc = None
     if "dpo" in stages or "ppo_reward_model" in stages:
         t = time.time()
         n_pair_prompts = 64 if a.quick else a.pair_prompts
-        pairs = make_pairs(sft, train, n_pair_prompts, 8, max_new, seed=1)
+        pairs = make_pairs(sft, train, n_pair_prompts, 8, max_new, seed=1, temperature=a.temperature)
         n_val = max(2, len(pairs) // 10)
         (out / "pairs_train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[n_val:]))
         (out / "pairs_heldout.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[:n_val]))
@@ -192,8 +208,9 @@ def main() -> int:
             pair_acc = [r for r in rows if "val_accuracy" in r][-1]["val_accuracy"]
             log(f"reward model: held-out pair accuracy {pair_acc:.3f} ({(time.time() - t) / 60:.1f} min)")
             run = stage("ppo_reward_model", "ppo", rl_data,
-                        ["--train.lr", lr(5e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
+                        ["--train.lr", lr(1e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
                          "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
+                         "--ppo.temperature", str(a.temperature),
                          "--ppo.missing_eos_penalty", "1.0"],
                         reward=[str(rm), VERIFIER], reward_weights=[1.0, 0.0])
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
