@@ -206,3 +206,14 @@ def test_grpo_ddp_shards_rollouts_and_resumes_exactly(fx, tmp_path):
     with pytest.raises(LMForgeError, match="resume with the same number of processes"):
         R.RolloutSource([], [], None, [], R.RolloutSpec(group_size=2), 2, 1, 0, 2, 3, lambda b: b, 0, 0).load_state_dict(
             {k[len("batches."):]: v for k, v in st.items() if k.startswith("batches.")})
+
+
+def test_prompt_that_leaves_no_room_to_generate(fx, tmp_path):
+    from lmforge.finetune import grpo
+
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=" * 8, "answer": 2}) + "\n")  # 32 tokens = the whole context
+    with pytest.raises(LMForgeError, match="a prompt of 32 tokens leaves no room to generate in the model's "
+                                           "context of 32"):
+        _train(grpo, _args(fx, tmp_path / "g", data=str(data)), COMMON + ["--train.max_steps", "1",
+                                                                          "--grpo.num_generations", "2"])
