@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,11 +13,36 @@ import numpy as np
 
 from lmforge.config import from_dict
 from lmforge.errors import LMForgeError
+from lmforge.train.config import TrainConfig
 
-# The loop's pretraining defaults suit pretraining; these suit fine-tuning a trained model.
-ALIGN_TRAIN_DEFAULTS = {"max_steps": 200, "lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0,
-                        "micro_batch_size": 8, "eval_every": 50, "ckpt_every": 100, "log_every": 10,
-                        "eval_iters": 10}
+def _h(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class AlignTrainConfig(TrainConfig):
+    """The loop's TrainConfig with defaults for fine-tuning a trained model (not pretraining)."""
+
+    max_steps: int = _h(200, "optimizer steps to train for")
+    lr: float = _h(1e-5, "peak learning rate")
+    warmup_steps: int = _h(10, "linear warmup steps from 0 to lr")
+    weight_decay: float = _h(0.0, "AdamW weight decay (not applied to norms, biases, embeddings)")
+    micro_batch_size: int = _h(8, "pairs (reward, dpo) or completions (grpo, ppo) per forward/backward pass")
+    eval_every: int = _h(50, "evaluate every N steps (and always at the end; 0 = only at the end)")
+    ckpt_every: int = _h(100, "checkpoint every N steps (and always at the end; 0 = only at the end)")
+    eval_iters: int = _h(10, "unused by preference / RL methods (every validation pair is evaluated)")
+
+
+@dataclass
+class RLTrainConfig(AlignTrainConfig):
+    """GRPO / PPO: micro-batches of 32 completions, evaluation only at the end (no validation loss)."""
+
+    micro_batch_size: int = _h(32, "completions per forward/backward pass; rollout batch per process = "
+                                   "minibatches x grad_accum x micro_batch_size")
+    eval_every: int = _h(0, "evaluate every N steps (RL methods have no validation loss; 0 = only at the end)")
+
+
+ALIGN_TRAIN_DEFAULTS: dict[str, Any] = {}  # defaults live in the dataclasses above
 
 
 

@@ -35,8 +35,11 @@ class DPOSection:
 
 @dataclass
 class DPORunConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: C.AlignTrainConfig = field(default_factory=C.AlignTrainConfig)
     dpo: DPOSection = field(default_factory=DPOSection)
+
+
+CONFIG = DPORunConfig  # `lmforge finetune dpo --help-config`
 
 
 def add_arguments(parser: Any) -> None:
@@ -63,7 +66,7 @@ def _load_ref(path: Path, fingerprint: str) -> torch.Tensor | None:
 def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
     from lmforge.train.task import Task
 
-    cfg = C.build_section_config(DPORunConfig, args, overrides, {"train": dict(C.ALIGN_TRAIN_DEFAULTS)})
+    cfg = C.build_section_config(DPORunConfig, args, overrides, {})
     d = cfg.dpo
     if d.beta <= 0:
         raise LMForgeError(f"dpo.beta must be positive, got {d.beta}")

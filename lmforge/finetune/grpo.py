@@ -40,8 +40,11 @@ class GRPOSection:
 
 @dataclass
 class GRPORunConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: C.RLTrainConfig = field(default_factory=C.RLTrainConfig)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+
+
+CONFIG = GRPORunConfig  # `lmforge finetune grpo --help-config`
 
 
 def add_arguments(parser: Any) -> None:
@@ -56,7 +59,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     from lmforge.train.task import Task
 
     cfg = C.build_section_config(GRPORunConfig, args, overrides,
-                                 {"train": {**C.ALIGN_TRAIN_DEFAULTS, "micro_batch_size": 8, "eval_every": 0}})
+                                 {})
     g, t = cfg.grpo, cfg.train
     if g.num_generations < 2:
         raise LMForgeError(f"grpo.num_generations must be at least 2 (advantages compare completions), got {g.num_generations}")

@@ -50,8 +50,11 @@ class PPOSection:
 
 @dataclass
 class PPORunConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: C.RLTrainConfig = field(default_factory=C.RLTrainConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
+
+
+CONFIG = PPORunConfig  # `lmforge finetune ppo --help-config`
 
 
 def add_arguments(parser: Any) -> None:
@@ -78,7 +81,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     from lmforge.train.task import Task
 
     cfg = C.build_section_config(PPORunConfig, args, overrides,
-                                 {"train": {**C.ALIGN_TRAIN_DEFAULTS, "micro_batch_size": 8, "eval_every": 0}})
+                                 {})
     p, t = cfg.ppo, cfg.train
     llm = C.load_base(args.base)
     tok = llm.tokenizer

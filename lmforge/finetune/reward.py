@@ -29,8 +29,11 @@ class RewardSection:
 
 @dataclass
 class RewardRunConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: C.AlignTrainConfig = field(default_factory=C.AlignTrainConfig)
     reward: RewardSection = field(default_factory=RewardSection)
+
+
+CONFIG = RewardRunConfig  # `lmforge finetune reward --help-config`
 
 
 def add_arguments(parser: Any) -> None:
@@ -42,7 +45,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     from lmforge.train import distributed as D
     from lmforge.train.task import Task
 
-    cfg = C.build_section_config(RewardRunConfig, args, overrides, {"train": dict(C.ALIGN_TRAIN_DEFAULTS)})
+    cfg = C.build_section_config(RewardRunConfig, args, overrides, {})
     llm = C.load_base(args.base)
     tok = llm.tokenizer
     max_len = cfg.reward.max_length or int(llm.model.cfg.block_size)
