@@ -96,13 +96,30 @@ def main() -> None:
     p.add_argument("--minilm-steps", type=int, default=250)
     p.add_argument("--scratch-steps", type=int, default=1500, help="MLM pretraining steps of the from-scratch encoder")
     p.add_argument("--skip", default="", help="comma-separated rows to skip: minilm, scratch")
+    p.add_argument("--ood-limit", type=int, default=None,
+                   help="evaluate every model on an evenly strided subset of N examples of each out-of-domain file")
+    p.add_argument("--scratch-seq-len", type=int, default=128)
+    p.add_argument("--scratch-batch", type=int, default=32)
+    p.add_argument("--scratch-finetune-steps", type=int, default=600)
+    p.add_argument("--scratch-model", default="", help="extra model flags for the from-scratch encoder, "
+                                                        "e.g. '--model.n_layer 4 --model.n_embd 128'")
     p.add_argument("--minilm-run", help="evaluate this fine-tuned MiniLM run instead of training one")
     p.add_argument("--scratch-run", help="evaluate this fine-tuned from-scratch run instead of training one")
     args = p.parse_args()
     out = Path(args.out)
-    data = out / "data"
-    if not (data / "test.jsonl").is_file():
-        build_sentiment(data, overwrite=True)
+    full = out / "data"
+    if not (full / "test.jsonl").is_file():
+        build_sentiment(full, overwrite=True)
+    data = full
+    if args.ood_limit:  # same subset for every row; train / val / in-domain test stay whole
+        data = out / f"data_ood{args.ood_limit}"
+        data.mkdir(parents=True, exist_ok=True)
+        for f in ["train.jsonl", "val.jsonl", *TESTS]:
+            lines = (full / f).read_text(encoding="utf-8").splitlines()
+            if f.startswith("test_") and len(lines) > args.ood_limit:
+                stride = len(lines) / args.ood_limit
+                lines = [lines[int(i * stride)] for i in range(args.ood_limit)]
+            (data / f).write_text("".join(x + "\n" for x in lines), encoding="utf-8")
     skip = set(filter(None, args.skip.split(",")))
     rows: dict[str, dict[str, float]] = {}
     minutes: dict[str, float] = {}
@@ -131,12 +148,13 @@ def main() -> None:
                     "--vocab-size", "8000", "--overwrite", "--quiet")
             lmforge("train", "--data", str(out / "mlm_data"), "--out", str(out / "mlm"), "--overwrite",
                     "--train.objective", "mlm", "--model.preset", "encoder-small", "--objective.mask_prob", "0.3",
-                    "--train.max_steps", str(args.scratch_steps), "--train.seq_len", "128",
-                    "--train.micro_batch_size", "32", "--train.lr", "2e-3", "--train.warmup_steps", "100",
+                    "--train.max_steps", str(args.scratch_steps), "--train.seq_len", str(args.scratch_seq_len),
+                    "--train.micro_batch_size", str(args.scratch_batch), "--train.lr", "2e-3",
+                    "--train.warmup_steps", str(max(1, args.scratch_steps // 10)),
                     "--train.eval_every", str(args.scratch_steps), "--train.ckpt_every", str(args.scratch_steps),
-                    "--train.progress", "false")
+                    "--train.progress", "false", *args.scratch_model.split())
             minutes["scratch_pretrain"] = (time.time() - t0) / 60
-            minutes["scratch_finetune"] = finetune(str(out / "mlm"), data, run, 600, lr=5e-4)
+            minutes["scratch_finetune"] = finetune(str(out / "mlm"), data, run, args.scratch_finetune_steps, lr=5e-4)
         rows["scratch"] = evaluate_run(run, data)
 
     names = {"test.jsonl": "movies (in-domain)", "test_tweets.jsonl": "tweets", "test_products.jsonl": "products",
@@ -144,7 +162,8 @@ def main() -> None:
     print(f"{'model':<14}" + "".join(f"{names[f]:>20}" for f in TESTS))
     for name, accs in rows.items():
         print(f"{name:<14}" + "".join(f"{accs[f]:>20.4f}" for f in TESTS))
-    print(json.dumps({"accuracy": rows, "minutes": {k: round(v, 2) for k, v in minutes.items()}}))
+    sizes = {f: len(read(data / f)) for f in TESTS}
+    print(json.dumps({"accuracy": rows, "examples": sizes, "minutes": {k: round(v, 2) for k, v in minutes.items()}}))
 
 
 if __name__ == "__main__":
