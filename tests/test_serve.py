@@ -140,6 +140,18 @@ def test_stop_strings_and_big_seeds(client, llm):
     assert len(r.choices) == 2
 
 
+def test_stream_with_several_prompts_and_n(client):
+    kw = dict(model=NAME, prompt=["ROMEO: but", "the quick"], max_tokens=6, temperature=0.8, seed=9, n=2)
+    full = client.completions.create(**kw)
+    texts, finished = ["", "", "", ""], []
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished.append(c.index)
+    assert texts == [c.text for c in full.choices] and sorted(finished) == [0, 1, 2, 3]
+
+
 # ---- chat -----------------------------------------------------------------------------------------
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
