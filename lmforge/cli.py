@@ -7,6 +7,7 @@
     lmforge info --preset NAME                   parameter count, FLOPs and KV-cache bytes per token
     lmforge convert --from-hf DIR | --to-hf RUN  Hugging Face checkpoint import / export
     lmforge bench train|decode                   side-by-side speed against transformers
+    lmforge serve MODEL [--port 8000]            OpenAI-compatible HTTP server (continuous batching, web chat at /)
 
 A user error prints one line `error: ...` and exits with status 2.
 """
@@ -104,6 +105,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = LLM.load(args.ckpt, device=args.device)
     opts: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None)
+    if getattr(llm.model, "family", None) == "seq2seq" or args.num_beams > 1:
+        # Encoder-decoders print the generated target only; beam search prints the best N hypotheses.
+        if args.stream:
+            raise LMForgeError("--stream works with sampling from decoders; drop it for seq2seq models or --num-beams")
+        beam = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
+                    no_repeat_ngram_size=args.no_repeat_ngram_size)
+        out = llm.generate(prompt, seed=args.seed, num_samples=args.num_samples, **beam, **opts)
+        shown = prompt if getattr(llm.model, "family", None) != "seq2seq" else ""
+        for i, text in enumerate(out if args.num_samples > 1 else [out]):
+            if args.num_samples > 1:
+                print(f"--- {'hypothesis' if args.num_beams > 1 else 'sample'} {i + 1}/{args.num_samples} ---")
+            print(shown + text)
+        return 0
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         if args.num_samples > 1:
@@ -120,7 +134,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from lmforge.eval.classification import evaluate_classifier, is_classifier
     from lmforge.eval.perplexity import evaluate
+
+    from lmforge.interop.encoder import is_encoder_model_dir
+
+    if is_encoder_model_dir(args.ckpt) and not is_classifier(args.ckpt):  # masked-LM loss / accuracy
+        from lmforge.train.mlm import evaluate_mlm
+
+        print(json.dumps(evaluate_mlm(args.ckpt, args.data[0], batch_size=args.batch_size)))
+        return 0
+    if is_classifier(args.ckpt):  # accuracy, macro-F1, per-class figures, confusion matrix
+        cols = {k: getattr(args, f"{k}_column") for k in ("text", "pair", "label")}
+        cols = None if all(v is None for v in cols.values()) else {"text": cols["text"] or "text",
+                                                                   "pair": cols["pair"] or "text_pair",
+                                                                   "label": cols["label"] or "label"}
+        print(json.dumps(evaluate_classifier(args.ckpt, args.data, batch_size=args.batch_size, columns=cols)))
+        return 0
 
     result = evaluate(args.ckpt, args.data, batch_size=args.batch_size, max_tokens=args.max_tokens)
     print(json.dumps(result))
@@ -133,12 +163,24 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     from lmforge.config import parse_overrides
     from lmforge.models.decoder import PRESETS, config_from_preset
 
+    if args.preset is not None and args.preset not in PRESETS:  # another family's preset (encoder, ...)
+        from lmforge.models.registry import family_of_preset
+
+        return _info_other_family(family_of_preset(args.preset), args, extra)
     if args.list or (args.preset is None and not extra):
         rows = [(name, config_from_preset(name)) for name in PRESETS]
         print(f"{'preset':<12} {'params':>18} {'layers':>6} {'heads':>5} {'kv':>3} {'width':>6} {'ctx':>6}  flavour")
         for name, c in rows:
             flavour = f"{c.pos_encoding}/{c.norm}/{c.mlp}{'/tied' if c.tie_embeddings else ''}"
             print(f"{name:<12} {c.num_params():>18,} {c.n_layer:>6} {c.n_head:>5} {c.n_kv_head:>3} {c.n_embd:>6} {c.block_size:>6}  {flavour}")
+        from lmforge.models.registry import all_presets
+
+        for name, fam in all_presets():
+            if fam.name not in ("decoder", "decoder_classifier", "decoder_value") and name not in PRESETS:
+                c = fam.config_from_preset(name)
+                shape = [getattr(c, k, "") for k in ("n_layer", "n_head", "n_embd", "block_size")]
+                print(f"{name:<16} {c.num_params():>14,} {shape[0]:>6} {shape[1]:>5} {'':>3} {shape[2]:>6} "
+                      f"{shape[3]:>6}  {fam.name}")
         return 0
     overrides = parse_overrides(extra)
     model_over = overrides.pop("model", {})
@@ -172,6 +214,76 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
               f"mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}, context {cfg.block_size}")
         print(f"flavour                {cfg.pos_encoding} positions, {cfg.norm}, {cfg.mlp}, "
               f"{'tied' if cfg.tie_embeddings else 'untied'} head")
+    return 0
+
+
+def _info_other_family(fam: Any, args: argparse.Namespace, extra: list[str]) -> int:
+    """`lmforge info --preset NAME` for a non-decoder family: exact parameters (+ per head for encoders)."""
+    from dataclasses import asdict
+
+    from lmforge.config import from_dict, parse_overrides
+
+    overrides = parse_overrides(extra)
+    model_over = overrides.pop("model", {})
+    if overrides:
+        raise LMForgeError(f"lmforge info takes only --model.KEY overrides, got: {', '.join('--' + k for k in overrides)}")
+    cfg = from_dict(fam.config_cls, {**fam.presets[args.preset], **model_over, "preset": args.preset}, prefix="model.")
+    info: dict[str, Any] = {"preset": args.preset, "family": fam.name, "params": cfg.num_params()}
+    if fam.name == "encoder":
+        info["params_by_head"] = {h: cfg.num_params(head=h) for h in ("none", "mlm", "sequence", "token")}
+    if hasattr(cfg, "flops_per_token"):
+        seq = args.seq_len or cfg.block_size
+        info.update(seq_len=seq, flops_per_token_train=cfg.flops_per_token(seq))
+    info["config"] = asdict(cfg)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"preset                 {args.preset} ({fam.name})")
+    print(f"parameters             {info['params']:,}  ({info['params'] / 1e6:,.2f}M)")
+    for head, n in info.get("params_by_head", {}).items():
+        print(f"  with head {head:<10}   {n:,}")
+    if "flops_per_token_train" in info:
+        print(f"FLOPs / token (train)  {info['flops_per_token_train']:,}  (T={info['seq_len']})")
+    print(f"shape                  {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, vocab {cfg.vocab_size}, "
+          f"context {cfg.block_size}")
+    return 0
+
+
+def _read_lines(args: argparse.Namespace, what: str) -> list[str]:
+    """Texts from positional arguments and/or --file (one per line; .jsonl: the "text" field)."""
+    texts = list(args.texts or [])
+    if args.file:
+        from lmforge.finetune.classify import read_texts
+
+        texts += read_texts(args.file)
+    if not texts:
+        raise LMForgeError(f"lmforge {what} needs TEXT arguments or --file FILE")
+    return texts
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from lmforge.infer.llm import LLM
+
+    texts = _read_lines(args, "embed")
+    llm = LLM.load(args.ckpt, device=args.device)
+    emb = llm.embed(texts, pooling=args.pooling, normalize=False if args.no_normalize else None,
+                    batch_size=args.batch_size)
+    for text, row in zip(texts, emb.tolist()):
+        print(json.dumps({"text": text, "embedding": [round(v, 7) for v in row]}))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from lmforge.infer.llm import LLM
+
+    texts = _read_lines(args, "classify")
+    llm = LLM.load(args.ckpt, device=args.device)
+    for text, r in zip(texts, llm.classify(texts, batch_size=args.batch_size)):
+        if args.json:
+            print(json.dumps({"text": text, **r}))
+        else:
+            probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probs"].items()) or f"value={r['score']:.4f}"
+            print(f"{r['label']}\t{probs}\t{text}")
     return 0
 
 
@@ -259,6 +371,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return repl(backend, sampling, system=args.system)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lmforge.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len, device=args.device,
+          log_prompts=args.log_prompts)
+    return 0
+
+
 def finetune_parser(method: str) -> argparse.ArgumentParser:
     """The flags every method shares plus the method's own (its module's add_arguments)."""
     from lmforge.finetune import method_module
@@ -275,9 +396,30 @@ def finetune_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="a config shipped with lmforge")
     p.add_argument("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint path")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default")
     if hasattr(module, "add_arguments"):
         module.add_arguments(p)
     return p
+
+
+def finetune_config_help(method: str) -> str:
+    """The method's config keys: its module's CONFIG class, else its dataclass made of sections."""
+    import dataclasses
+
+    from lmforge.finetune import method_module
+    from lmforge.train.config import config_help
+
+    module = method_module(method)
+    root = getattr(module, "CONFIG", None)
+    if root is None:
+        candidates = [v for v in vars(module).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+                      and v.__module__ == module.__name__ and dataclasses.fields(v)
+                      and all(dataclasses.is_dataclass(f.type) or isinstance(f.type, str) for f in dataclasses.fields(v))
+                      and {"train"} <= {f.name for f in dataclasses.fields(v)}]
+        root = max(candidates, key=lambda c: len(dataclasses.fields(c))) if candidates else None
+    if root is None:
+        return f"lmforge finetune {method}: see docs/internals.md for its config keys"
+    return config_help(root, command=f"lmforge finetune {method}", defaults=getattr(module, "DEFAULTS", None))
 
 
 def cmd_finetune(argv: list[str]) -> int:
@@ -288,6 +430,9 @@ def cmd_finetune(argv: list[str]) -> int:
               f"methods: {', '.join(METHODS)}\n`lmforge finetune METHOD --help` lists a method's options.")
         return 0 if argv else 2
     method, rest = argv[0], argv[1:]
+    if "--help-config" in rest:
+        print(finetune_config_help(method))
+        return 0
     parser = finetune_parser(method)
     args, extra = parser.parse_known_args(rest)
     if args.resume and args.overwrite:
@@ -301,6 +446,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     opts = {"quick": args.quick}
     if args.what == "train":
         from lmforge.bench.train import run
+    elif args.what == "encoder":
+        from lmforge.bench.encoder import run
+    elif args.what == "seq2seq":
+        from lmforge.bench.seq2seq import run
     else:
         from lmforge.bench.decode import run
     from lmforge.bench import summary_lines
@@ -330,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prepare", help="tokenize a corpus into train/val memmaps")
     s.add_argument("sources", nargs="+", metavar="SOURCE", help="'shakespeare', or .txt/.jsonl files, globs, directories")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--tokenizer", default="bpe", choices=["bpe", "char"], help="byte-level BPE or characters (default bpe)")
+    s.add_argument("--tokenizer", default="bpe", choices=["bpe", "char", "wordpiece"],
+                   help="byte-level BPE, characters, or BERT-style WordPiece for encoders (default bpe)")
     s.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE vocabulary size (default 4096)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="share of bytes held out, as whole documents (default 0.1)")
     s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
@@ -358,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--num-samples", type=_positive_int, default=1)
+    s.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with N beams (1 = off); "
+                   "--num-samples then prints the N best hypotheses")
+    s.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**penalty")
+    s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
     s.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     s.add_argument("--device", default="cpu")
 
@@ -366,12 +520,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, nargs="+", help="prepared data directory, or text files")
     s.add_argument("--batch-size", type=_positive_int, default=8)
     s.add_argument("--max-tokens", type=_positive_int, default=None)
+    s.add_argument("--text-column", help="classifiers: column holding the text (default: the run's, else text)")
+    s.add_argument("--text-pair-column", dest="pair_column", help="classifiers: column of the second text of pairs")
+    s.add_argument("--label-column", help="classifiers: column holding the label (default: the run's, else label)")
 
     s = sub.add_parser("info", help="parameter count, FLOPs and KV-cache size of a preset (+ --model.KEY overrides)")
     s.add_argument("--preset", help="preset name; --list shows them all")
     s.add_argument("--list", action="store_true")
     s.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length for attention FLOPs (default: context)")
     s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("data", help="built-in datasets: sentiment (VADER's human-rated sentences, from PyPI), "
+                       "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare)")
+    s.add_argument("name", choices=["sentiment", "folio"])
+    s.add_argument("--out", required=True, help="output directory (train/val/test.jsonl + out-of-domain tests)")
+    s.add_argument("--overwrite", action="store_true")
+
+    s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)")
+    s.add_argument("texts", nargs="*", metavar="TEXT")
+    s.add_argument("--ckpt", required=True, help="encoder run / model directory, HF or sentence-transformers folder")
+    s.add_argument("--file", help="texts, one per line (.jsonl: the 'text' field)")
+    s.add_argument("--pooling", choices=["mean", "cls"], default=None, help="default: the model's own, else mean")
+    s.add_argument("--no-normalize", action="store_true", help="keep the raw pooled vectors (default: unit length)")
+    s.add_argument("--batch-size", type=_positive_int, default=32)
+    s.add_argument("--device", default="cpu")
+
+    s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify)")
+    s.add_argument("texts", nargs="*", metavar="TEXT")
+    s.add_argument("--ckpt", required=True, help="classifier run / model directory or HF …ForSequenceClassification folder")
+    s.add_argument("--file", help="texts, one per line (.jsonl: the 'text' field)")
+    s.add_argument("--json", action="store_true", help="one JSON object per text")
+    s.add_argument("--batch-size", type=_positive_int, default=32)
+    s.add_argument("--device", default="cpu")
 
     s = sub.add_parser("score", help="reward-model scores of completions (lmforge finetune reward)")
     s.add_argument("--ckpt", required=True, help="reward model run / model directory")
@@ -403,11 +583,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--device", default="cpu")
 
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
+    s.add_argument("model", help="run directory, model directory or Hugging Face folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API routes")
+    s.add_argument("--served-model-name", help="the model name clients send (default: the MODEL folder name)")
+    s.add_argument("--max-batch", type=_positive_int, default=32, help="sequences decoded together (default 32)")
+    s.add_argument("--max-queue", type=_positive_int, default=256, help="requests allowed to wait; more get 429")
+    s.add_argument("--max-model-len", type=_positive_int, default=None, help="prompt + completion limit (default: context)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--log-prompts", action="store_true", help="also log prompt text (off: only ids, sizes, timing)")
+
     sub.add_parser("finetune", help="post-train a model: sft, reward, dpo, grpo, ppo, classify, seq2seq "
                                     "(lmforge finetune METHOD --help)", add_help=False)
 
     s = sub.add_parser("bench", help="speed side by side with transformers")
-    s.add_argument("what", choices=["train", "decode"])
+    s.add_argument("what", choices=["train", "decode", "encoder", "seq2seq"])
     s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
     s.add_argument("--json", help="also write the result to this file")
     return p
@@ -435,8 +627,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args, extra)
         if verb == "info":
             return cmd_info(args, extra)
-        return {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
-                "convert": cmd_convert, "bench": cmd_bench, "score": cmd_score}[verb](args)
+        return {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat, "serve": cmd_serve,
+                "convert": cmd_convert, "bench": cmd_bench,
+                "embed": cmd_embed, "classify": cmd_classify, "score": cmd_score,
+                "data": cmd_data}[verb](args)
     except LMForgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

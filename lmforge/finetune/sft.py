@@ -58,9 +58,12 @@ class SFTConfig:
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
 
 
+CONFIG = SFTConfig  # `lmforge finetune sft --help-config`
+
 # Fine-tuning starts from a trained model: fewer steps, a smaller peak and warmup than pretraining.
 SFT_DEFAULTS = {"train": {"max_steps": 500, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.0,
                           "micro_batch_size": 8, "eval_every": 100, "ckpt_every": 100, "eval_iters": 10}}
+DEFAULTS = SFT_DEFAULTS
 
 
 # ---- batches ----------------------------------------------------------------------------------

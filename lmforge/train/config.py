@@ -281,26 +281,33 @@ def _type_str(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def config_help() -> str:
-    """Every config key with its type, default and help, for `lmforge train --help-config`.
+def config_help(root: type | None = None, command: str = "lmforge train",
+                defaults: dict[str, dict[str, Any]] | None = None) -> str:
+    """Every config key with its type, default and help, for `lmforge train --help-config` (or, with
+    `root`, a fine-tuning method's config: `lmforge finetune METHOD --help-config`).
 
     A type ending in '?' also accepts none/null (meaning "unset": use the default or the preset).
     """
+    root = root or RunConfig
     rows = []
-    for section in dataclasses.fields(RunConfig):
-        cls = typing.get_type_hints(RunConfig)[section.name]
+    for section in dataclasses.fields(root):
+        cls = typing.get_type_hints(root)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
         hints = typing.get_type_hints(cls)
         inst = cls()
         for f in dataclasses.fields(cls):
             default = getattr(inst, f.name)
+            default = ((defaults or {}).get(section.name) or {}).get(f.name, default)  # the command's own
             shown = "preset" if section.name == "model" and default is None else json.dumps(default)
             rows.append((f"{section.name}.{f.name}", _type_str(hints[f.name]), shown, f.metadata.get("help", "")))
     kw = max(len(r[0]) for r in rows)
     tw = max(len(r[1]) for r in rows)
     dw = max(len(r[2]) for r in rows)
-    lines = ["Config keys of `lmforge train`: set them in a --config YAML file (under the section name),",
+    lines = [f"Config keys of `{command}`: set them in a --config YAML file (under the section name),",
              "a --recipe, or as --section.key VALUE. Precedence: defaults < recipe < --config < flags.",
-             "model.* keys default to model.preset's value; model.vocab_size comes from the data's tokenizer.",
+             *(["model.* keys default to model.preset's value; model.vocab_size comes from the data's tokenizer."]
+               if root is RunConfig else []),
              "A type ending in '?' also accepts 'none'.", "",
              f"  {'key':<{kw}}  {'type':<{tw}}  {'default':<{dw}}  help"]
     for key, tp, default, help_ in rows:
