@@ -1,5 +1,5 @@
 """The server as its own process (`lmforge.serve.serve`, what `lmforge serve MODEL` runs: loads in the
-background, 503 then 200, one log line per request) and `lmforge chat --url` talking to it with the
+background until /health answers 200, one log line per request) and `lmforge chat --url` talking to it with the
 same REPL as `lmforge chat MODEL`."""
 
 from __future__ import annotations
