@@ -32,3 +32,24 @@ def method_module(name: str):
         if e.name == METHODS[name]:
             raise LMForgeError(f"fine-tuning method '{name}' is not available in this version") from None
         raise
+
+
+def layered_config(args, overrides, defaults: dict, sections=("train", "data")) -> dict:
+    """A method's config as a nested dict: its defaults (or, on --resume, the checkpoint's saved
+    sections), then --recipe, then --config, then --section.key flags. Not yet type-checked."""
+    from pathlib import Path
+
+    from lmforge.train.config import gather_config_dict
+
+    base_state = None
+    if getattr(args, "resume", None):
+        from lmforge import checkpoint as ckpt_io
+        from lmforge.train.loop import resolve_resume
+
+        found = resolve_resume(args.resume, Path(args.out))
+        if found is not None:
+            state, _ = ckpt_io.load_train_state(found, with_tensors=False)
+            saved = state.get("config") or {}
+            base_state = {k: saved[k] for k in sections if k in saved}
+    return gather_config_dict(getattr(args, "config", None), overrides, getattr(args, "recipe", None),
+                              base=base_state or defaults)
