@@ -410,3 +410,22 @@ def test_503_while_loading(llm):
         srv.server.config.app.state.lmforge.engine.scheduler.stop()
     finally:
         srv.stop()
+
+
+def test_log_lines_and_log_prompts(server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lmforge.serve")
+    secret = "hello secret world"
+    httpx.post(server[0].url + "/v1/completions", json={"prompt": secret, "max_tokens": 3, "ignore_eos": True},
+               timeout=30)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lmforge.serve"]
+    assert any("POST /v1/completions 200 prompt=" in line and "completion=3" in line for line in lines)
+    assert not any(secret in line for line in lines)
+    caplog.clear()
+    srv = ServerThread(create_app(ServerConfig(served_model_name=NAME, log_prompts=True), engine=server[1]))
+    try:
+        httpx.post(srv.url + "/v1/completions", json={"prompt": secret, "max_tokens": 3}, timeout=30)
+    finally:
+        srv.stop()
+    assert any(secret in r.getMessage() for r in caplog.records if r.name == "lmforge.serve")
