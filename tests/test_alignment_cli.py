@@ -49,3 +49,16 @@ def test_finetune_cli_dpo_and_bad_data(base, tmp_path, capsys):
     assert rc == 2
     assert capsys.readouterr().err.strip() == (f"error: {bad}:2: a preference pair needs 'chosen' and 'rejected' "
                                                 "(and optionally 'prompt'); found keys: chosen, prompt")
+
+
+def test_python_api_finetune(base, tmp_path):
+    from lmforge.finetune.api import finetune
+
+    s = finetune("reward", base / "base", base / "pairs.jsonl", tmp_path / "rm",
+                 config={"train": {"max_steps": 2, "progress": False}, "reward.center_coef": 0.01})
+    assert s["steps"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert "accuracy" in rows[0]
+    from lmforge.infer.llm import LLM
+
+    assert isinstance(LLM.load(tmp_path / "rm").score("1+2=", "3"), float)
