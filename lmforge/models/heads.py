@@ -101,9 +101,11 @@ class DecoderClassifier(Decoder):
         cfg = DecoderClassifierConfig(**{**dataclasses.asdict(decoder.cfg), "num_labels": num_labels,
                                          "id2label": id2label})
         model = cls(cfg)
-        state = {k: v for k, v in decoder.state_dict().items() if not k.startswith("lm_head.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and set(missing) == {"score.weight"}, (missing, unexpected)
+        state = {k: v for k, v in decoder.state_dict().items()
+                 if not k.startswith(("lm_head.", "value_head.")) and not (k == "score.weight" and
+                                                                           v.shape[0] != num_labels)}
+        missing, unexpected = model.load_state_dict(state, strict=False)  # a reward model keeps its head
+        assert not unexpected and set(missing) <= {"score.weight"}, (missing, unexpected)
         return model.to(decoder.tok_emb.weight.device)
 
 
@@ -134,7 +136,7 @@ class DecoderWithValueHead(Decoder):
     def from_decoder(cls, decoder: Decoder, value_init: Optional[nn.Module] = None) -> "DecoderWithValueHead":
         cfg = DecoderValueConfig(**dataclasses.asdict(decoder.cfg))
         model = cls(cfg)
-        missing, unexpected = model.load_state_dict(decoder.state_dict(), strict=False)
+        missing, unexpected = model.load_state_dict(decoder.state_dict(), strict=False)  # a PPO run keeps its head
         assert not unexpected and set(missing) <= {"value_head.weight", "value_head.bias"}, (missing, unexpected)
         return model.to(decoder.tok_emb.weight.device)
 
