@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/chat-demo")
     p.add_argument("--data", default="data/chat_tasks")
     p.add_argument("--minutes", type=float, default=8.0, help="SFT wall-clock budget")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train exactly this many SFT steps instead of a time budget (reproducible; for busy machines)")
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--n-test", type=int, default=1000)
     args = p.parse_args(argv)
@@ -107,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     sft_start = time.perf_counter()
     cmd = [sys.executable, "-m", "lmforge.cli", "finetune", "sft", "--base", str(base), "--data", str(data / "train.jsonl"),
            "--val-data", str(data / "val.jsonl"), "--out", str(out), "--recipe", "chat-demo", "--overwrite",
-           "--train.max_minutes", str(args.minutes), "--train.progress", "false"]
+           "--train.progress", "false"]
+    cmd += ["--train.max_steps", str(args.steps), "--train.max_minutes", "none"] if args.steps else \
+        ["--train.max_minutes", str(args.minutes)]
     subprocess.run(cmd, check=True)
     sft_minutes = (time.perf_counter() - sft_start) / 60
 
