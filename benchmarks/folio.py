@@ -6,7 +6,7 @@
 2. Anchors on the test plays: copying the source unchanged, and a word-substitution table learned
    from the training pairs (most frequent modern form of each Folio word, words paired by a
    spelling-insensitive alignment inside each pair; unknown words copied).
-3. A T5-style and a BART-style encoder-decoder (presets t5-cpu / bart-cpu, random init, a
+3. A T5-style and a BART-style encoder-decoder (t5-cpu / bart-cpu flavours at width 128, 3+3 layers, random init, a
    byte-level BPE trained on the training pairs) fine-tuned with `lmforge finetune seq2seq` for
    `--minutes` each on the CPU, then greedy decoding of every test source.
 Prints one table (BLEU, chrF, ROUGE-L, exact match) and writes OUT/results.json.
@@ -74,15 +74,18 @@ def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path
     tok = Tokenizer.from_file(tok_path)
     torch.manual_seed(0)
     base = out / f"{kind}-init"
-    write_model_dir(base, Seq2Seq(config_from_preset(f"{kind}-cpu", vocab_size=tok.vocab_size)), tokenizer_path=tok_path)
+    # CPU-budget shape: 3+3 layers, width 128 (about 1.7M parameters with a 2048-token BPE)
+    shape = dict(vocab_size=tok.vocab_size, n_encoder_layer=3, n_decoder_layer=3, d_model=128, n_head=4, head_dim=32,
+                 d_ff=384 if kind == "t5" else 512)
+    write_model_dir(base, Seq2Seq(config_from_preset(f"{kind}-cpu", **shape)), tokenizer_path=tok_path)
     args = argparse.Namespace(base=str(base), data=str(data / "train.jsonl"), val_data=str(data / "val.jsonl"),
                               out=str(out / kind), resume=None, overwrite=True, config=None, recipe=None,
                               val_fraction=None, source_column=None, target_column=None, prefix=None)
     over = ["--train.max_steps", "100000", "--train.max_minutes", str(minutes), "--train.micro_batch_size", "32",
-            "--train.lr", "1e-3", "--train.warmup_steps", "200", "--train.eval_every", "1000",
-            "--train.ckpt_every", "1000", "--train.eval_iters", "10", "--train.log_every", "50",
+            "--train.lr", "2e-3", "--train.warmup_steps", "100", "--train.eval_every", "400",
+            "--train.ckpt_every", "400", "--train.eval_iters", "10", "--train.log_every", "50",
             "--data.max_source_length", "160", "--data.max_target_length", "160",
-            "--generate.max_examples", "100", "--generate.max_new_tokens", "160", "--generate.batch_size", "50"]
+            "--generate.max_examples", "50", "--generate.max_new_tokens", "160", "--generate.batch_size", "50"]
     cfg = build_config(args, over)
     task = build_task(cfg, args.base, args.data, args.val_data, args.out)
     train_task(task, cfg.train, args.out, overwrite=True)
@@ -106,7 +109,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/folio")
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget per model")
     ap.add_argument("--models", default="t5,bart", help="which models to train (t5, bart, or none)")
-    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--vocab-size", type=int, default=2048)
     args = ap.parse_args()
     out = Path(args.out)
     data = out / "data"
@@ -131,7 +134,10 @@ def main() -> None:
         run = train_model(kind, data, out, args.minutes, tok_path)
         train_s = time.time() - t0
         preds, gen_s = predict_run(run, sources)
-        label = {"t5": "T5-style (t5-cpu, 8.1M)", "bart": "BART-style (bart-cpu, 8.6M)"}[kind]
+        from lmforge.checkpoint import load_model_dir
+
+        n = load_model_dir(run)[0].num_params()
+        label = f"{'T5' if kind == 't5' else 'BART'}-style ({n / 1e6:.1f}M)"
         results[label] = {**generation_metrics(preds, refs), "train_seconds": round(train_s),
                           "generate_seconds": round(gen_s)}
         (out / f"{kind}_test_predictions.jsonl").write_text(
