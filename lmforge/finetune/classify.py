@@ -64,6 +64,8 @@ class ClassifyConfig:
 CLASSIFY_DEFAULTS = {"train": {"max_steps": 300, "lr": 5e-5, "warmup_steps": 30, "weight_decay": 0.01,
                                "micro_batch_size": 16, "eval_every": 100, "ckpt_every": 100, "eval_iters": 1000,
                                "beta2": 0.999, "log_every": 10}}
+CONFIG = ClassifyConfig  # `lmforge finetune classify --help-config`
+DEFAULTS = CLASSIFY_DEFAULTS
 
 
 # ---- rows -------------------------------------------------------------------------------------
