@@ -288,7 +288,7 @@ def test_bad_options(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("hello\n")
     _fails(tmp_path, [good], "vocab_size 100 is too small for a byte-level BPE tokenizer; the minimum is 261 (256 bytes + 5 special tokens)", vocab_size=100)
-    _fails(tmp_path, [good], "unknown tokenizer 'wordpiece'; choose one of: bpe, char", tokenizer="wordpiece")
+    _fails(tmp_path, [good], "unknown tokenizer 'unigram'; choose one of: bpe, char, wordpiece", tokenizer="unigram")
     _fails(tmp_path, [good], "val_fraction must be in [0, 1), got 1.0", val_fraction=1)
     _fails(tmp_path, [good], "val_fraction must be in [0, 1), got -0.1", val_fraction=-0.1)
 
