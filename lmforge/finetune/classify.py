@@ -327,20 +327,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> ClassifyConfig:
     from lmforge.config import deep_merge, from_dict
-    from lmforge.train.config import gather_config_dict
+    from lmforge.finetune import layered_config
 
-    base_state = None
-    if getattr(args, "resume", None):
-        from lmforge import checkpoint as ckpt_io
-        from lmforge.train.loop import resolve_resume
-
-        found = resolve_resume(args.resume, Path(args.out))
-        if found is not None:
-            state, _ = ckpt_io.load_train_state(found, with_tensors=False)
-            saved = state.get("config") or {}
-            base_state = {k: saved[k] for k in ("train", "data", "model") if k in saved}
-    layered = gather_config_dict(getattr(args, "config", None), overrides, getattr(args, "recipe", None),
-                                 base=base_state or CLASSIFY_DEFAULTS)
+    layered = layered_config(args, overrides, CLASSIFY_DEFAULTS, sections=("train", "data", "model"))
     for flag, key in (("text_column", "text_column"), ("text_pair_column", "text_pair_column"),
                       ("label_column", "label_column")):
         if getattr(args, flag, None):

@@ -376,20 +376,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> Seq2SeqFinetuneConfig:
     from lmforge.config import deep_merge, from_dict
-    from lmforge.train.config import gather_config_dict
+    from lmforge.finetune import layered_config
 
-    base_state = None
-    if getattr(args, "resume", None):
-        from lmforge import checkpoint as ckpt_io
-        from lmforge.train.loop import resolve_resume
-
-        found = resolve_resume(args.resume, Path(args.out))
-        if found is not None:
-            state, _ = ckpt_io.load_train_state(found, with_tensors=False)
-            saved = state.get("config") or {}
-            base_state = {k: saved[k] for k in ("train", "data", "generate") if k in saved}
-    layered = gather_config_dict(getattr(args, "config", None), overrides, getattr(args, "recipe", None),
-                                 base=base_state or DEFAULTS)
+    layered = layered_config(args, overrides, DEFAULTS, sections=("train", "data", "generate"))
     for flag, key in (("source_column", "source_column"), ("target_column", "target_column"), ("prefix", "prefix")):
         if getattr(args, flag, None) is not None:
             layered = deep_merge(layered, {"data": {key: getattr(args, flag)}})
