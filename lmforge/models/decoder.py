@@ -135,21 +135,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def config_from_preset(name: Optional[str], **overrides: Any) -> DecoderConfig:
     """The preset's shape with `overrides` on top; checks the preset name."""
-    base: dict[str, Any] = {}
-    if name is not None:
-        if name not in PRESETS:
-            import difflib
+    from lmforge.models.registry import preset_config
 
-            near = difflib.get_close_matches(name, list(PRESETS), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise LMForgeError(f"unknown preset '{name}'{hint}; presets: {', '.join(PRESETS)}")
-        base = dict(PRESETS[name])
-    base.update({k: v for k, v in overrides.items() if k != "preset"})
-    valid = {f.name for f in dataclasses.fields(DecoderConfig)}
-    unknown = set(base) - valid
-    if unknown:
-        raise LMForgeError(f"unknown model keys: {', '.join(sorted(unknown))}")
-    return DecoderConfig(preset=name, **base)
+    return preset_config(DecoderConfig, PRESETS, name, overrides, what="preset")
 
 
 # ----------------------------------------------------------------------------------------------

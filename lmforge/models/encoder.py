@@ -191,21 +191,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def config_from_preset(name: Optional[str], **overrides: Any) -> EncoderConfig:
     """The preset's shape with `overrides` on top; checks the preset name and keys."""
-    base: dict[str, Any] = {}
-    if name is not None:
-        if name not in PRESETS:
-            import difflib
+    from lmforge.models.registry import preset_config
 
-            near = difflib.get_close_matches(name, list(PRESETS), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise LMForgeError(f"unknown encoder preset '{name}'{hint}; presets: {', '.join(PRESETS)}")
-        base = dict(PRESETS[name])
-    base.update({k: v for k, v in overrides.items() if k != "preset"})
-    valid = {f.name for f in dataclasses.fields(EncoderConfig)}
-    unknown = set(base) - valid
-    if unknown:
-        raise LMForgeError(f"unknown model keys: {', '.join(sorted(unknown))}")
-    return EncoderConfig(preset=name, **base)
+    return preset_config(EncoderConfig, PRESETS, name, overrides, what="encoder preset")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,26 @@ class Family:
 _FAMILIES: dict[str, Family] = {}
 
 
+def preset_config(config_cls: type, presets: dict[str, dict[str, Any]], name: str | None, overrides: dict[str, Any],
+                  what: str = "preset") -> Any:
+    """`config_cls` from preset `name` (None: the class defaults) with `overrides` on top; an unknown
+    preset names the closest one, an unknown key is refused. Every family's config_from_preset."""
+    import dataclasses
+
+    base: dict[str, Any] = {}
+    if name is not None:
+        if name not in presets:
+            near = difflib.get_close_matches(name, list(presets), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise LMForgeError(f"unknown {what} '{name}'{hint}; presets: {', '.join(presets)}")
+        base = dict(presets[name])
+    base.update({k: v for k, v in overrides.items() if k != "preset"})
+    unknown = set(base) - {f.name for f in dataclasses.fields(config_cls)}
+    if unknown:
+        raise LMForgeError(f"unknown model keys: {', '.join(sorted(unknown))}")
+    return config_cls(preset=name, **base)
+
+
 def register_family(name: str, config_cls: type, model_cls: type, presets: dict[str, dict[str, Any]] | None = None,
                     config_from_preset: Callable[..., Any] | None = None) -> None:
     _FAMILIES[name] = Family(name, config_cls, model_cls, dict(presets or {}), config_from_preset)

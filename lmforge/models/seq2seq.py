@@ -21,7 +21,6 @@ cross-attention keys/values are projected from the encoder output once (`Seq2Seq
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -169,21 +168,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def config_from_preset(name: Optional[str], **overrides: Any) -> Seq2SeqConfig:
     """The preset's shape with `overrides` on top; checks the preset name."""
-    base: dict[str, Any] = {}
-    if name is not None:
-        if name not in PRESETS:
-            import difflib
+    from lmforge.models.registry import preset_config
 
-            near = difflib.get_close_matches(name, list(PRESETS), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise LMForgeError(f"unknown preset '{name}'{hint}; presets: {', '.join(PRESETS)}")
-        base = dict(PRESETS[name])
-    base.update({k: v for k, v in overrides.items() if k != "preset"})
-    valid = {f.name for f in dataclasses.fields(Seq2SeqConfig)}
-    unknown = set(base) - valid
-    if unknown:
-        raise LMForgeError(f"unknown model keys: {', '.join(sorted(unknown))}")
-    return Seq2SeqConfig(preset=name, **base)
+    return preset_config(Seq2SeqConfig, PRESETS, name, overrides, what="preset")
 
 
 # ----------------------------------------------------------------------------------------------
