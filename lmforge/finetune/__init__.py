@@ -34,9 +34,11 @@ def method_module(name: str):
         raise
 
 
-def layered_config(args, overrides, defaults: dict, sections=("train", "data")) -> dict:
+def layered_config(args, overrides, defaults: dict, sections=("train", "data"), data_flags=()) -> dict:
     """A method's config as a nested dict: its defaults (or, on --resume, the checkpoint's saved
-    sections), then --recipe, then --config, then --section.key flags. Not yet type-checked."""
+    sections), then --recipe, then --config, then --section.key flags, then the command-line flags
+    that set data keys (--val-fraction and the method's `data_flags`, named as their data key).
+    Not yet type-checked."""
     from pathlib import Path
 
     from lmforge.train.config import gather_config_dict
@@ -51,5 +53,11 @@ def layered_config(args, overrides, defaults: dict, sections=("train", "data")) 
             state, _ = ckpt_io.load_train_state(found, with_tensors=False)
             saved = state.get("config") or {}
             base_state = {k: saved[k] for k in sections if k in saved}
-    return gather_config_dict(getattr(args, "config", None), overrides, getattr(args, "recipe", None),
-                              base=base_state or defaults)
+    layered = gather_config_dict(getattr(args, "config", None), overrides, getattr(args, "recipe", None),
+                                 base=base_state or defaults)
+    data = {key: getattr(args, key) for key in ("val_fraction", *data_flags) if getattr(args, key, None) is not None}
+    if data:
+        from lmforge.config import deep_merge
+
+        layered = deep_merge(layered, {"data": data})
+    return layered

@@ -326,16 +326,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> ClassifyConfig:
-    from lmforge.config import deep_merge, from_dict
+    from lmforge.config import from_dict
     from lmforge.finetune import layered_config
 
-    layered = layered_config(args, overrides, CLASSIFY_DEFAULTS, sections=("train", "data", "model"))
-    for flag, key in (("text_column", "text_column"), ("text_pair_column", "text_pair_column"),
-                      ("label_column", "label_column")):
-        if getattr(args, flag, None):
-            layered = deep_merge(layered, {"data": {key: getattr(args, flag)}})
-    if getattr(args, "val_fraction", None) is not None:
-        layered = deep_merge(layered, {"data": {"val_fraction": args.val_fraction}})
+    layered = layered_config(args, overrides, CLASSIFY_DEFAULTS, sections=("train", "data", "model"),
+                             data_flags=("text_column", "text_pair_column", "label_column"))
     return from_dict(ClassifyConfig, layered)
 
 

@@ -8,7 +8,6 @@ step's loss is ln 2 for the sigmoid loss.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
 
-import torch
 
 from lmforge.errors import LMForgeError
 from lmforge.finetune import align_common as C

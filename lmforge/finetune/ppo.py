@@ -20,7 +20,6 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from lmforge.errors import LMForgeError
 from lmforge.finetune import align_common as C
 from lmforge.finetune import rl as R
 from lmforge.train import alignment as A

@@ -17,7 +17,7 @@ micro-batch index) and resume is exact.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

@@ -375,15 +375,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> Seq2SeqFinetuneConfig:
-    from lmforge.config import deep_merge, from_dict
+    from lmforge.config import from_dict
     from lmforge.finetune import layered_config
 
-    layered = layered_config(args, overrides, DEFAULTS, sections=("train", "data", "generate"))
-    for flag, key in (("source_column", "source_column"), ("target_column", "target_column"), ("prefix", "prefix")):
-        if getattr(args, flag, None) is not None:
-            layered = deep_merge(layered, {"data": {key: getattr(args, flag)}})
-    if getattr(args, "val_fraction", None) is not None:
-        layered = deep_merge(layered, {"data": {"val_fraction": args.val_fraction}})
+    layered = layered_config(args, overrides, DEFAULTS, sections=("train", "data", "generate"),
+                             data_flags=("source_column", "target_column", "prefix"))
     return from_dict(Seq2SeqFinetuneConfig, layered)
 
 

@@ -19,7 +19,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -352,8 +352,6 @@ def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> SFTConfi
         layered = deep_merge(layered, {"data": {"long": "drop"}})
     elif getattr(args, "truncate", False):
         layered = deep_merge(layered, {"data": {"long": "truncate"}})
-    if getattr(args, "val_fraction", None) is not None:
-        layered = deep_merge(layered, {"data": {"val_fraction": args.val_fraction}})
     return from_dict(SFTConfig, layered)
 
 
