@@ -71,3 +71,26 @@ def test_embed_pooling_and_normalize_options(tmp_path):
     torch.testing.assert_close(llm.embed(TEXTS, batch_size=1), llm.embed(TEXTS), atol=1e-5, rtol=0)
     with pytest.raises(LMForgeError, match="pooling must be 'mean' or 'cls'"):
         llm.embed(TEXTS, pooling="max")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_classify_from_sentence_transformers_folder_reads_its_pooling(tmp_path):
+    """`finetune classify` on a sentence-transformers folder puts the head on the folder's pooling
+    (mean), not on BERT's pooler; --model.pooling still overrides."""
+    tf = pytest.importorskip("transformers")
+    st = pytest.importorskip("sentence_transformers")
+    from lmforge import LLM
+    from lmforge.cli import main
+
+    hf = hf_bert_folder(tmp_path, tf)
+    model = st.SentenceTransformer(modules=[st.models.Transformer(str(hf), max_seq_length=24),
+                                            st.models.Pooling(32, pooling_mode="mean")], device="cpu")
+    model.save(str(tmp_path / "st"))
+    rows = [{"text": t, "label": "pos" if i % 2 else "neg"} for i, t in enumerate(TEXTS * 4)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for extra, want in (([], "mean"), (["--model.pooling", "cls"], "cls")):
+        out = tmp_path / f"run-{want}"
+        assert main(["finetune", "classify", "--base", str(tmp_path / "st"), "--data", str(data), "--out", str(out),
+                     "--train.max_steps", "2", "--train.micro_batch_size", "4", "--train.progress", "false", *extra]) == 0
+        assert LLM.load(out).model.cfg.classifier_pooling == want

@@ -1,18 +1,30 @@
 """Verifiable instruction tasks: a seeded generator of prompts whose answers a program checks.
 
-Six task types, each with several phrasings:
+Six task types, each with several phrasings (the expected answer after the arrow):
     add        "What is 47 + 385?"                 -> "432"
     subtract   "Compute 512 - 89."                 -> "423"
     reverse    "Reverse the order of: pear, apple, fig" -> "fig, apple, pear"
-    count      "How many times does 'fig' appear in: fig, pear, fig?" -> "2"
+    count      "How many times does fig appear in: fig, pear, fig?" -> "2"
     sort       "Sort these words alphabetically: pear, apple, fig" -> "apple, fig, pear"
     sequence   "Continue the sequence: 3, 7, 11, 15," -> "19"
 Numbers have 1 to 3 digits. The word tasks work on whole words, not letters: the demo model reads
-byte-level BPE tokens, in which a word's letters are not visible as separate tokens. A task instance is (type, arguments); train and test instances are
-disjoint (a test instance never occurs in training under any phrasing), and the split is a pure
-function of the seed. `write_split` writes the `messages` JSONL format of `lmforge finetune sft`,
-with the task type and the expected answer as extra fields; `check(answer, expected)` is the
-verifier (exact match after trimming whitespace and a final period).
+byte-level BPE tokens, in which a word's letters are not visible as separate tokens.
+
+The training replies of the four tasks that need several steps of computation (add, subtract,
+count, sequence) show their working and end with "Answer: N" — a scratchpad (Nye et al. 2021,
+"Show your work"), as GSM8K-style data does: a 5M-parameter model cannot carry digits from right to
+left while writing the sum from left to right, but it can write one digit column at a time:
+    "What is 347 + 285?" -> "7+5=12, 4+8+1=13, 3+2+1=6. Answer: 632"
+    "Compute 512 - 89."  -> "12-9=3, 11-1-8=2, 5-1-0=4. Answer: 423"
+    "How many times does fig appear in: fig, pear, fig?" -> "Counting: fig 1, pear 1, fig 2. Answer: 2"
+    "Continue the sequence: 3, 7, 11, 15," -> "7-3=4, 15+4=19. Answer: 19"
+`check(reply, expected)` is the verifier: exact match of the final answer (the text after the last
+"Answer:", or the whole reply when there is none) after trimming whitespace and a final period.
+
+A task instance is (type, arguments); train and test instances are disjoint (a test instance never
+occurs in training under any phrasing), and the split is a pure function of the seed. `write_split`
+writes the `messages` JSONL format of `lmforge finetune sft`, with the task type and the expected
+answer as extra fields.
 """
 
 from __future__ import annotations
@@ -39,8 +51,9 @@ PHRASINGS = {
                  "What is {a} minus {b}?", "What is the difference {a} - {b}?"],
     "reverse": ["Reverse the order of: {ws}", "Write these words in reverse order: {ws}",
                 "List backwards: {ws}", "What is the reverse of the list {ws}?"],
-    "count": ["How many times does '{c}' appear in: {ws}?", "Count the word '{c}' in: {ws}",
-              "How often is '{c}' in this list: {ws}?"],
+    # The word stands bare, as in the list: quoted, BPE would split it into other tokens.
+    "count": ["How many times does {c} appear in: {ws}?", "Count the word {c} in: {ws}",
+              "How often is {c} in this list: {ws}?"],
     "sort": ["Sort these words alphabetically: {ws}", "Put in alphabetical order: {ws}",
              "Arrange alphabetically: {ws}"],
     "sequence": ["Continue the sequence: {s},", "What number comes next: {s},", "Next number after {s}?"],
@@ -90,6 +103,46 @@ def answer(inst: tuple) -> str:
     raise ValueError(kind)
 
 
+def _digits(n: int, width: int) -> list[int]:
+    """Decimal digits of n, least significant first, padded with zeros to `width`."""
+    return [int(c) for c in reversed(str(n).rjust(width, "0"))]
+
+
+def solution(inst: tuple) -> str:
+    """The assistant's training reply: the working, where the task has steps, then the answer."""
+    kind = inst[0]
+    if kind == "add":
+        a, b = inst[1], inst[2]
+        width = max(len(str(a)), len(str(b)))
+        steps, carry = [], 0
+        for da, db in zip(_digits(a, width), _digits(b, width)):
+            total = da + db + carry
+            steps.append(f"{da}+{db}{'+1' if carry else ''}={total}")
+            carry = total // 10
+        return ", ".join(steps) + f". Answer: {answer(inst)}"
+    if kind == "subtract":
+        a, b = inst[1], inst[2]
+        width = len(str(a))
+        steps, borrow = [], 0
+        for da, db in zip(_digits(a, width), _digits(b, width)):
+            lend = da - borrow < db  # borrow ten from the next column
+            left = da + 10 if lend else da
+            steps.append(f"{left}{'-1' if borrow else ''}-{db}={left - borrow - db}")
+            borrow = int(lend)
+        return ", ".join(steps) + f". Answer: {answer(inst)}"
+    if kind == "count":
+        target, running, parts = inst[1], 0, []
+        for word in inst[2:]:
+            running += word == target
+            parts.append(f"{word} {running}")
+        return "Counting: " + ", ".join(parts) + f". Answer: {answer(inst)}"
+    if kind == "sequence":
+        _, start, step, n = inst
+        last = start + step * (n - 1)
+        return f"{start + step}-{start}={step}, {last}+{step}={last + step}. Answer: {answer(inst)}"
+    return answer(inst)
+
+
 def prompt(inst: tuple, rng: random.Random) -> str:
     kind = inst[0]
     template = rng.choice(PHRASINGS[kind])
@@ -105,9 +158,15 @@ def prompt(inst: tuple, rng: random.Random) -> str:
     return template.format(s=", ".join(str(start + step * i) for i in range(n)))
 
 
+def final_answer(reply: str) -> str:
+    """The reply's final answer: the text after its last "Answer:", or the whole reply."""
+    head, sep, tail = reply.rpartition("Answer:")
+    return tail if sep else reply
+
+
 def check(reply: str, expected: str) -> bool:
-    """Exact match after trimming whitespace and one trailing period."""
-    r = reply.strip()
+    """Exact match of the final answer after trimming whitespace and one trailing period."""
+    r = final_answer(reply).strip()
     if r.endswith("."):
         r = r[:-1].rstrip()
     return r == expected
@@ -131,7 +190,7 @@ def make_split(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict[str,
             train_inst.append(inst)
     def example(inst: tuple) -> dict[str, Any]:
         return {"messages": [{"role": "user", "content": prompt(inst, rng)},
-                             {"role": "assistant", "content": answer(inst)}],
+                             {"role": "assistant", "content": solution(inst)}],
                 "task": inst[0], "answer": answer(inst)}
     return [example(i) for i in train_inst], [example(i) for i in test_inst]
 

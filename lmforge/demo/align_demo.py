@@ -5,7 +5,7 @@ Chain (each stage starts from the SFT model; all on the CPU):
     grpo              GRPO, reward = the task verifier (lmforge.finetune.rewards:task_verifier)
     ppo               PPO with the same reward
     pairs             sample 8 replies per training prompt from the SFT model, label correct-over-incorrect
-                      with the verifier (chosen = a sampled correct reply, else the reference answer)
+                      with the verifier (chosen = a sampled correct reply, else the reference reply)
     dpo               DPO on those pairs (reward accuracy on held-out pairs reported)
     reward_model      a reward model on the same pairs (pairwise accuracy on held-out pairs)
     ppo_reward_model  PPO with the learned reward model instead of the verifier; the verifier rides
@@ -100,7 +100,7 @@ def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str
 def make_pairs(sft: LLM, train: list[dict], n_prompts: int, k: int, max_new: int, seed: int,
                temperature: float = 1.0) -> list[dict]:
     """Sample k replies per training prompt; a pair = a correct reply (sampled when one is, else the
-    verified reference answer) over a sampled incorrect one."""
+    reference reply of the training data) over a sampled incorrect one."""
     tok = sft.tokenizer
     stop = reply_stop_ids(tok)
     pairs = []
@@ -114,8 +114,8 @@ def make_pairs(sft: LLM, train: list[dict], n_prompts: int, k: int, max_new: int
             good = [t for t in texts if check(t, r["answer"])]
             bad = [t for t in texts if not check(t, r["answer"]) and t.strip()]
             if bad:
-                # correct over incorrect: a sampled correct reply, else the verified reference answer
-                pairs.append({"prompt": r["messages"][:-1], "chosen": good[0] if good else r["answer"],
+                # correct over incorrect: a sampled correct reply, else the reference reply
+                pairs.append({"prompt": r["messages"][:-1], "chosen": good[0] if good else r["messages"][-1]["content"],
                               "rejected": bad[0], "chosen_sampled": bool(good), "task": r.get("task"),
                               "answer": r["answer"]})
     return pairs
@@ -147,7 +147,7 @@ def main() -> int:
     rl_data = tasks / "train.jsonl"
     sft_dir = Path(a.sft)
     sft = LLM.load(sft_dir)
-    max_new = 24
+    max_new = 64  # the worked replies of the arithmetic tasks run to ~40 tokens
     minutes = 0.3 if a.quick else a.minutes
     steps = 4 if a.quick else 100000
     stages = a.stages.split(",")
@@ -190,7 +190,7 @@ def main() -> int:
         (out / "pairs_heldout.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[:n_val]))
         sampled = sum(x["chosen_sampled"] for x in pairs)
         log(f"pairs: {len(pairs)} from {n_pair_prompts} prompts x 8 samples, chosen sampled in {sampled} (else the "
-            f"reference answer) ({(time.time() - t) / 60:.1f} min)")
+            f"reference reply) ({(time.time() - t) / 60:.1f} min)")
         if "dpo" in stages:
             run = stage("dpo", "dpo", out / "pairs_train.jsonl",
                         ["--train.lr", lr(5e-5), "--train.micro_batch_size", "16", "--dpo.beta", "0.1",

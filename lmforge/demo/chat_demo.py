@@ -3,7 +3,7 @@
     python -m lmforge.demo.chat_demo [--base runs/demo] [--out runs/chat-demo] [--minutes 8]
 
 1. the base model (trained by `make demo` first when absent);
-2. seeded task data (lmforge.data.tasks): 20,000 training conversations, 1,000 held-out test prompts
+2. seeded task data (lmforge.data.tasks): 50,000 training conversations, 1,000 held-out test prompts
    whose task instances never occur in training, 200 validation conversations;
 3. exact-match accuracy on the test prompts before SFT (the base model, prompted in ChatML);
 4. `lmforge finetune sft` (recipe chat-demo) through the one training loop;
@@ -30,7 +30,7 @@ from lmforge.data.tasks import TASK_TYPES, check, write_split
 REPO_DATA = Path("data")
 
 
-def evaluate(llm: Any, examples: list[dict[str, Any]], batch_size: int = 50, max_new_tokens: int = 24) -> dict[str, Any]:
+def evaluate(llm: Any, examples: list[dict[str, Any]], batch_size: int = 50, max_new_tokens: int = 64) -> dict[str, Any]:
     """Greedy replies to every example's user turn; exact-match accuracy overall and per task type,
     the stop rate (replies ended by an end-of-turn / EOS token) and the replies."""
     from lmforge.infer.generate import generate
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=8.0, help="SFT wall-clock budget")
     p.add_argument("--steps", type=int, default=None,
                    help="train exactly this many SFT steps instead of a time budget (reproducible; for busy machines)")
-    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-test", type=int, default=1000)
     args = p.parse_args(argv)
     torch.manual_seed(0)

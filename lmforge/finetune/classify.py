@@ -49,7 +49,7 @@ class ClassifyDataConfig:
 
 @dataclass
 class ClassifyModelConfig:
-    pooling: Optional[Literal["cls", "mean"]] = _h(None, "encoders: what the head reads; default the model's own (cls)")
+    pooling: Optional[Literal["cls", "mean"]] = _h(None, "encoders: what the head reads; default the model's own (cls; a sentence-transformers folder's pooling)")
     dropout: Optional[float] = _h(None, "encoders: dropout while fine-tuning; default the model's own")
 
 
@@ -249,8 +249,17 @@ def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optio
     model = llm.model
     if family == "encoder":
         over: dict[str, Any] = {}
-        if m.pooling is not None:
-            over["classifier_pooling"] = m.pooling
+        pooling = m.pooling
+        if pooling is None and (Path(base) / "modules.json").is_file():
+            # a sentence-transformers model was trained to be read through its own pooling (mean for
+            # the MiniLM / MPNet models); its BERT pooler took no part in that training
+            from lmforge.interop.encoder import sentence_transformers_layout
+
+            pooling = sentence_transformers_layout(Path(base))[1]["pooling"]
+            quiet(f"classifier reads the {pooling}-pooled hidden states, as the sentence-transformers model does "
+                  "(--model.pooling cls for the BERT pooler)")
+        if pooling is not None and pooling != model.cfg.classifier_pooling:
+            over["classifier_pooling"] = pooling
         if m.dropout is not None:
             over["dropout"] = m.dropout
         same = model.cfg.head == "sequence" and model.cfg.label_names() == labels and not over
