@@ -2,10 +2,12 @@
 
 Chain (each stage starts from the SFT model; all on the CPU):
     sft               the starting point: greedy exact-match accuracy on the held-out test prompts
-    grpo              GRPO, reward = the task verifier (lmforge.finetune.rewards:task_verifier)
+    sampling          sample 8 replies per training prompt (--pair-prompts of them) from the SFT model and
+                      verify them: preference pairs, correct over incorrect (chosen = a sampled correct
+                      reply, else the reference reply), and the RL prompts: those whose 8 samples disagree
+                      (pass rate strictly between 0 and 1, the only groups with a GRPO advantage)
+    grpo              GRPO on the RL prompts, reward = the task verifier (lmforge.finetune.rewards:task_verifier)
     ppo               PPO with the same reward
-    pairs             sample 8 replies per training prompt from the SFT model, label correct-over-incorrect
-                      with the verifier (chosen = a sampled correct reply, else the reference reply)
     dpo               DPO on those pairs (reward accuracy on held-out pairs reported)
     reward_model      a reward model on the same pairs (pairwise accuracy on held-out pairs)
     ppo_reward_model  PPO with the learned reward model instead of the verifier; the verifier rides
@@ -34,7 +36,6 @@ from lmforge.data.alignment_data import encode_prompt, reply_stop_ids
 from lmforge.data.tasks import check
 from lmforge.infer.generate import generate
 from lmforge.infer.llm import LLM
-from lmforge.train import alignment as A
 
 VERIFIER = "lmforge.finetune.rewards:task_verifier"
 
@@ -97,28 +98,33 @@ def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str
 
 
 @torch.no_grad()
-def make_pairs(sft: LLM, train: list[dict], n_prompts: int, k: int, max_new: int, seed: int,
-               temperature: float = 1.0) -> list[dict]:
-    """Sample k replies per training prompt; a pair = a correct reply (sampled when one is, else the
-    reference reply of the training data) over a sampled incorrect one."""
+def sample_training_prompts(sft: LLM, train: list[dict], n_prompts: int, k: int, max_new: int, seed: int,
+                            temperature: float = 1.0) -> tuple[list[dict], list[dict]]:
+    """Sample k replies per training prompt from the SFT model and verify them. Returns
+    (pairs, rl_prompts): a pair = a correct reply (sampled when one is, else the reference reply of
+    the training data) over a sampled incorrect one; rl_prompts = the training rows whose pass rate
+    is strictly between 0 and 1 — the prompts where a group of samples disagrees, the only ones that
+    give GRPO a non-zero advantage (offline pass-rate filtering, as DAPO / Kimi k1.5 do)."""
     tok = sft.tokenizer
     stop = reply_stop_ids(tok)
-    pairs = []
+    pairs, rl_rows = [], []
     for i in range(0, n_prompts, 32):
         rows = train[i:i + 32]
         prompts = [encode_prompt(tok, r["messages"][:-1]) for r in rows for _ in range(k)]
         gens = generate(sft.model, prompts, max_new_tokens=max_new, temperature=temperature, eos_id=stop, pad_id=tok.pad_id,
                         seed=seed + i, decode_text=False)
         for j, r in enumerate(rows):
-            texts = [tok.decode(g.ids) for g in gens[j * k:(j + 1) * k] if g.finish_reason == "eos"]
+            group = gens[j * k:(j + 1) * k]
+            texts = [tok.decode(g.ids) for g in group if g.finish_reason == "eos"]
             good = [t for t in texts if check(t, r["answer"])]
             bad = [t for t in texts if not check(t, r["answer"]) and t.strip()]
+            if 0 < len(good) < k:
+                rl_rows.append(r)
             if bad:
-                # correct over incorrect: a sampled correct reply, else the reference reply
                 pairs.append({"prompt": r["messages"][:-1], "chosen": good[0] if good else r["messages"][-1]["content"],
                               "rejected": bad[0], "chosen_sampled": bool(good), "task": r.get("task"),
                               "answer": r["answer"]})
-    return pairs
+    return pairs, rl_rows
 
 
 def main() -> int:
@@ -128,7 +134,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/align-demo")
     p.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of each RL stage")
     p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--pair-prompts", type=int, default=3000, help="training prompts sampled for preference pairs")
+    p.add_argument("--pair-prompts", type=int, default=3000, help="training prompts sampled (8 replies each) for preference pairs and RL prompts")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of RL rollouts and pairs")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every stage's learning rate")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the chain runs")
@@ -143,8 +149,6 @@ def main() -> int:
     if not Path(a.sft).is_dir():
         raise SystemExit(f"align-demo: no SFT model at {a.sft}; run `make chat-demo` first")
     train, test = read_jsonl(tasks / "train.jsonl"), read_jsonl(tasks / "test.jsonl")[:a.n_test]
-    # RL prompts: the training conversations (their answer column feeds the verifier).
-    rl_data = tasks / "train.jsonl"
     sft_dir = Path(a.sft)
     sft = LLM.load(sft_dir)
     max_new = 64  # the worked replies of the arithmetic tasks run to ~40 tokens
@@ -170,31 +174,46 @@ def main() -> int:
         log(f"{name}: {results[name]}")
         return run
 
+    # Sample the SFT model on training prompts once: preference pairs for DPO and the reward model,
+    # and the RL prompts (those whose samples disagree; their answer column feeds the verifier).
+    t = time.time()
+    n_pair_prompts = 64 if a.quick else a.pair_prompts
+    pairs, rl_rows = sample_training_prompts(sft, train, n_pair_prompts, 8, max_new, seed=1, temperature=a.temperature)
+    n_val = max(2, len(pairs) // 10)
+    (out / "pairs_train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[n_val:]))
+    (out / "pairs_heldout.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[:n_val]))
+    rl_data = out / "rl_prompts.jsonl"
+    rl_data.write_text("".join(json.dumps(x) + "\n" for x in (rl_rows or train)))
+    sampled = sum(x["chosen_sampled"] for x in pairs)
+    results["sampling"] = {"minutes": (time.time() - t) / 60, "pairs": len(pairs), "rl_prompts": len(rl_rows)}
+    log(f"sampled {n_pair_prompts} training prompts x 8: {len(pairs)} pairs (chosen sampled in {sampled}, else the "
+        f"reference reply), {len(rl_rows)} RL prompts with a pass rate in (0, 1) "
+        f"({results['sampling']['minutes']:.1f} min)")
+
+    def epochs_of_pairs(n: int) -> int:  # DPO and the reward model overfit a few hundred pairs quickly
+        return 4 if a.quick else max(1, n * (len(pairs) - n_val) // 16)
+
     if "grpo" in stages:
-        stage("grpo", "grpo", rl_data, ["--train.lr", lr(2e-5), "--train.micro_batch_size", "32",
+        # 8 prompts x 8 completions per rollout, two passes over each (TRL's num_iterations), DAPO's
+        # clip-higher, and a KL anchor so tasks that are already right do not drift
+        stage("grpo", "grpo", rl_data, ["--train.lr", lr(1e-4), "--train.micro_batch_size", "64",
                                         "--grpo.num_generations", "8", "--grpo.max_new_tokens", str(max_new),
                                         "--grpo.temperature", str(a.temperature), "--grpo.loss_type", "bnpo",
-                                        "--grpo.scale_rewards", "group"], reward=[VERIFIER], reward_weights=None)
+                                        "--grpo.scale_rewards", "group", "--grpo.epochs", "2",
+                                        "--grpo.epsilon_high", "0.28", "--grpo.beta", "0.04"],
+              reward=[VERIFIER], reward_weights=None)
     if "ppo" in stages:
-        stage("ppo", "ppo", rl_data, ["--train.lr", lr(1e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
+        stage("ppo", "ppo", rl_data, ["--train.lr", lr(3e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
                                       "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
                                       "--ppo.temperature", str(a.temperature),
                                       "--ppo.missing_eos_penalty", "1.0"], reward=[VERIFIER], reward_weights=None)
     pair_acc = None
     if "dpo" in stages or "ppo_reward_model" in stages:
-        t = time.time()
-        n_pair_prompts = 64 if a.quick else a.pair_prompts
-        pairs = make_pairs(sft, train, n_pair_prompts, 8, max_new, seed=1, temperature=a.temperature)
-        n_val = max(2, len(pairs) // 10)
-        (out / "pairs_train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[n_val:]))
-        (out / "pairs_heldout.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[:n_val]))
-        sampled = sum(x["chosen_sampled"] for x in pairs)
-        log(f"pairs: {len(pairs)} from {n_pair_prompts} prompts x 8 samples, chosen sampled in {sampled} (else the "
-            f"reference reply) ({(time.time() - t) / 60:.1f} min)")
         if "dpo" in stages:
             run = stage("dpo", "dpo", out / "pairs_train.jsonl",
                         ["--train.lr", lr(5e-5), "--train.micro_batch_size", "16", "--dpo.beta", "0.1",
-                         "--train.eval_every", "0"], val_data=str(out / "pairs_heldout.jsonl"))
+                         "--train.eval_every", "0", "--train.max_steps", str(epochs_of_pairs(2))],
+                        val_data=str(out / "pairs_heldout.jsonl"))
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             results["dpo"]["heldout_reward_accuracy"] = [r for r in rows if "val_rewards/accuracies" in r][-1][
                 "val_rewards/accuracies"]
@@ -202,13 +221,14 @@ def main() -> int:
             t = time.time()
             rm = out / "reward_model"
             run_method("reward", sft_dir, out / "pairs_train.jsonl", rm,
-                       common + ["--train.lr", lr(1e-4), "--train.micro_batch_size", "16", "--train.eval_every", "0"],
+                       common + ["--train.lr", lr(1e-4), "--train.micro_batch_size", "16", "--train.eval_every", "0",
+                                 "--train.max_steps", str(epochs_of_pairs(3))],
                        val_data=str(out / "pairs_heldout.jsonl"))
             rows = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
             pair_acc = [r for r in rows if "val_accuracy" in r][-1]["val_accuracy"]
             log(f"reward model: held-out pair accuracy {pair_acc:.3f} ({(time.time() - t) / 60:.1f} min)")
             run = stage("ppo_reward_model", "ppo", rl_data,
-                        ["--train.lr", lr(1e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
+                        ["--train.lr", lr(3e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
                          "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
                          "--ppo.temperature", str(a.temperature),
                          "--ppo.missing_eos_penalty", "1.0"],
@@ -227,6 +247,7 @@ def main() -> int:
                 "share_of_logged_intervals_reward_up_accuracy_flat_or_down": len(exploit) / max(len(rows) - 1, 1)}
 
     print(f"{'stage':<18} {'accuracy':>16} {'reply len':>10} {'KL to SFT':>10} {'minutes':>8}")
+    sampling = results.pop("sampling")
     for name, r in results.items():
         acc = f"{100 * r['accuracy']:.1f} +- {100 * r['se']:.1f}%"
         print(f"{name:<18} {acc:>16} {r['reply_len']:>10.1f} {r['kl_to_sft']:>10.3f} {r['minutes']:>8.1f}")
@@ -234,6 +255,8 @@ def main() -> int:
         print(f"DPO implicit-reward accuracy on held-out pairs: {results['dpo']['heldout_reward_accuracy']:.3f}")
     if "ppo_reward_model" in results:
         print(f"reward-model exploitation: {json.dumps(results['ppo_reward_model']['exploitation'])}")
+    print(f"sampling the SFT model for pairs and RL prompts: {sampling['minutes']:.1f} minutes, {sampling['pairs']} pairs, "
+          f"{sampling['rl_prompts']} RL prompts")
     print(f"total minutes: {(time.time() - t0) / 60:.1f}")
     summary = {name: round(r["accuracy"], 4) for name, r in results.items()}
     summary["reward_model_pair_accuracy"] = pair_acc
