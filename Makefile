@@ -47,7 +47,7 @@ sentiment-bench: dev  # VADER, TF-IDF+LogReg, fine-tuned all-MiniLM-L6-v2, from-
 .PHONY: align-demo align-bench
 CHAT_RUN  ?= runs/chat-demo
 CHAT_DATA ?= data/chat_tasks
-# GRPO, PPO, DPO, a reward model and PPO with it, from make chat-demo's SFT model (about 1 h on 2 cores).
+# GRPO, PPO, DPO, a reward model and PPO with it, from make chat-demo's SFT model (about 45 min on 2 cores).
 align-demo: venv
 	@test -d $(CHAT_RUN) || $(MAKE) chat-demo
 	$(PY) -m lmforge.demo.align_demo --sft $(CHAT_RUN) --data $(CHAT_DATA) --out runs/align-demo
