@@ -329,7 +329,10 @@ class Seq2SeqCache:
     def __init__(self, self_kv: KVCache, cross_kv: list[tuple[torch.Tensor, torch.Tensor]], src_mask_BS: torch.Tensor | None):
         self.self_kv = self_kv
         self.cross_kv = cross_kv
-        self.src_mask_BS = src_mask_BS
+        # an all-real source needs no cross-attention mask; decided once, not at every step
+        self.src_mask_BS = None if src_mask_BS is not None and bool(src_mask_BS.all()) else src_mask_BS
+        self.cross_mask: torch.Tensor | None = None  # additive form (T5), built on first use
+        self.self_bias_HLL: torch.Tensor | None = None  # T5: the decoder's relative bias for every slot pair
 
     @property
     def length(self) -> int:
@@ -344,6 +347,8 @@ class Seq2SeqCache:
         self.cross_kv = [(k.index_select(0, idx_B), v.index_select(0, idx_B)) for k, v in self.cross_kv]
         if self.src_mask_BS is not None:
             self.src_mask_BS = self.src_mask_BS.index_select(0, idx_B)
+        if self.cross_mask is not None:
+            self.cross_mask = self.cross_mask.index_select(0, idx_B)
 
 
 class Seq2Seq(nn.Module):
@@ -475,8 +480,8 @@ class Seq2Seq(nn.Module):
         if S > min(limit, cfg.block_size):
             raise LMForgeError(f"target of {S} tokens is longer than the model's limit ({min(limit, cfg.block_size)})")
         if cache is not None:
-            src_mask_BS = cache.src_mask_BS
-        if src_mask_BS is not None and bool(src_mask_BS.all()):
+            src_mask_BS = cache.src_mask_BS  # None when the source has no padding
+        elif src_mask_BS is not None and bool(src_mask_BS.all()):
             src_mask_BS = None
         x_BTC = self.tok_emb(tgt_BT)
         dtype = x_BTC.dtype
@@ -493,7 +498,16 @@ class Seq2Seq(nn.Module):
             self_allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)[None, None]
         cross_allowed = src_mask_BS[:, None, None, :] if src_mask_BS is not None else None
 
-        if cfg.arch == "t5":
+        if cfg.arch == "t5" and cache is not None and T == 1 and self_allowed is None:
+            # one new token per step: its bias row over the cache, sliced from a table built once
+            if cache.self_bias_HLL is None:
+                L = cache.self_kv.max_len
+                cache.self_bias_HLL = self._rel_bias(self.dec_rel_bias, L, L, 0, False)[0].to(dtype)
+            self_mask = cache.self_bias_HLL[None, :, start:S, :S]
+            if cross_allowed is not None and cache.cross_mask is None:
+                cache.cross_mask = self._additive(cross_allowed, dtype)
+            cross_mask = cache.cross_mask
+        elif cfg.arch == "t5":
             self_mask = self._rel_bias(self.dec_rel_bias, T, S, start, False).to(dtype)
             if self_allowed is None and T > 1:
                 self_allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)[None, None]
