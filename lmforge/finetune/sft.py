@@ -155,8 +155,8 @@ class SFTObjective:
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         y_BT = batch["labels"]
-        # The vocabulary head runs on the labelled positions only: with assistant-only loss on short
-        # replies that is ~20% of the tokens, and the head is a quarter of a small model's FLOPs.
+        # The vocabulary head runs on the labelled positions only: with assistant-only loss they are
+        # often a small share of a packed row, and the head is a quarter of a small model's FLOPs.
         h_BTC = model(batch["input_ids"], segment_BT=batch["segment_ids"], hidden=True)
         labelled_BT = y_BT != IGNORE
         n = labelled_BT.sum()
