@@ -419,7 +419,14 @@ def test_log_lines_and_log_prompts(server, caplog):
     secret = "hello secret world"
     httpx.post(server[0].url + "/v1/completions", json={"prompt": secret, "max_tokens": 3, "ignore_eos": True},
                timeout=30)
-    lines = [r.getMessage() for r in caplog.records if r.name == "lmforge.serve"]
+
+    def served_lines():  # the server logs once the response is sent, possibly after the client has it
+        return [r.getMessage() for r in caplog.records if r.name == "lmforge.serve"]
+
+    deadline = time.monotonic() + 5
+    while not any("POST /v1/completions 200" in line for line in served_lines()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lines = served_lines()
     assert any("POST /v1/completions 200 prompt=" in line and "completion=3" in line for line in lines)
     assert not any(secret in line for line in lines)
     caplog.clear()
