@@ -4,8 +4,10 @@ server on a loopback port in a background thread."""
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 import uvicorn
@@ -20,6 +22,20 @@ CORPUS = ["hello world, this is a tiny corpus for a tiny tokenizer. " * 3,
           "ROMEO: but soft, what light through yonder window breaks? It is the east. " * 3,
           "héllo wörld 日本語 — the quick brown fox jumps over the lazy dog. " * 3]
 NAME = "tiny-test"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lmforge(*args: str) -> list[str]:
+    """The `lmforge` command line in a subprocess, with this interpreter."""
+    return [sys.executable, "-m", "lmforge.cli", *args]
 
 
 def make_llm(block_size: int = 128, chat_template: str | None = CHATML_TEMPLATE, seed: int = 0) -> LLM:

@@ -6,22 +6,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 from lmforge.serve import _is_loopback
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def lmforge(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lmforge.cli", *args]
+from serve_fixtures import REPO, free_port, lmforge
 
 
 def test_serve_user_errors(tmp_path):

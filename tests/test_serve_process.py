@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,19 +15,8 @@ import httpx
 import pytest
 
 from lmforge.checkpoint import write_model_dir
-from serve_fixtures import make_llm
+from serve_fixtures import REPO, free_port, lmforge, make_llm
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def lmforge(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lmforge.cli", *args]
 
 
 @pytest.fixture(scope="module")
