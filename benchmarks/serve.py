@@ -46,6 +46,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEMO_SHAPE = dict(vocab_size=4096, n_positions=256, n_layer=4, n_head=4, n_embd=256)
+SHAPES = {"demo": DEMO_SHAPE,  # GPT-2 124M: the shape GPU figures are usually quoted for
+          "gpt2": dict(vocab_size=50257, n_positions=1024, n_layer=12, n_head=12, n_embd=768)}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -55,12 +57,12 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def make_model(directory: Path) -> Path:
+def make_model(directory: Path, shape: str = "demo") -> Path:
     from lmforge.bench.train import hf_gpt2_config, save_hf_model
 
-    save_hf_model(hf_gpt2_config(**DEMO_SHAPE), directory, seed=0)
+    save_hf_model(hf_gpt2_config(**SHAPES[shape]), directory, seed=0)
     tok = ROOT / "runs" / "demo" / "tokenizer.json"
-    if tok.is_file():
+    if tok.is_file() and shape == "demo":
         shutil.copy(tok, directory / "tokenizer.json")
     return directory
 
@@ -71,13 +73,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, threads: int, max_batch: int, device: str = "cpu") -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(model), "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "4096"],
+                             "--max-batch", str(max_batch), "--max-queue", "4096", "--device", device],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -136,7 +139,8 @@ async def drive(url: str, clients: int, rounds: int, prompts: list[list[int]], m
             "tokens_per_chunk": round(tokens / max(1, len(gaps) + len(results)), 2)}
 
 
-def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_tokens: int, threads: int) -> list[dict]:
+def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_tokens: int, threads: int,
+                device: str = "cpu") -> list[dict]:
     """The scheduler in this process without HTTP: the same requests submitted together (the
     ceiling the server can reach; the difference to the HTTP rows is the serving overhead)."""
     import torch
@@ -145,7 +149,7 @@ def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_t
     from lmforge.infer.scheduler import GenerationRequest, Scheduler, run_all
 
     torch.set_num_threads(threads)
-    llm = LLM.load(model)
+    llm = LLM.load(model, device=device)
     rows = []
     for c in clients:
         sched = Scheduler(llm.model, llm.tokenizer, max_batch=max(clients)).start()
@@ -163,7 +167,7 @@ def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_t
     return rows
 
 
-def load_transformers(model: Path, threads: int) -> Any:
+def load_transformers(model: Path, threads: int, device: str = "cpu") -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -171,19 +175,22 @@ def load_transformers(model: Path, threads: int) -> Any:
 
     quiet_transformers()
     torch.set_num_threads(threads)
-    return AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", dtype=torch.float32)
+    return hf.to(device).eval()
 
 
 def transformers_loop(hf: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
     import torch
 
     gen = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    dev = hf.device
     with torch.inference_mode():
-        hf.generate(torch.tensor([prompts[0]]), **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
+        hf.generate(torch.tensor([prompts[0]], device=dev), **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
         t0 = time.perf_counter()
         tokens = 0
         for p in prompts:
-            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), **gen)
+            out = hf.generate(torch.tensor([p], device=dev), attention_mask=torch.ones(1, len(p), dtype=torch.long,
+                                                                                        device=dev), **gen)
             tokens += out.shape[1] - len(p)
         wall = time.perf_counter() - t0
     return {"requests": len(prompts), "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)}
@@ -206,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads of the server's model and of transformers (default 1: the client needs a core)")
     p.add_argument("--repeats", type=int, default=3, help="rounds in which lmforge and transformers take turns")
     p.add_argument("--hf-requests", type=int, default=8, help="requests in the sequential transformers loop")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where the server, the engine and transformers run")
+    p.add_argument("--shape", default="demo", choices=sorted(SHAPES),
+                   help="shape of the default model: demo (make demo's, 5M) or gpt2 (124M)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -214,20 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     clients = [int(c) for c in args.clients.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="lmforge-serve-bench-"))
     try:
-        model = args.model or make_model(tmp / "demo-shape-gpt2")
+        model = args.model or make_model(tmp / f"{args.shape}-shape-gpt2", args.shape)
         hf_ok = (model / "config.json").is_file()
         cfg = json.loads((model / "config.json").read_text()) if hf_ok else {}
-        vocab = int(cfg.get("vocab_size", DEMO_SHAPE["vocab_size"]))
+        vocab = int(cfg.get("vocab_size", SHAPES[args.shape]["vocab_size"]))
         rng = random.Random(0)
         prompts = [[rng.randrange(5, vocab) for _ in range(args.prompt_len)] for _ in range(64)]
         result: dict[str, Any] = {"benchmark": "serve", "machine": machine_info(), "model": str(model),
                                   "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                   "lmforge": []}
         # the server rows and the transformers loop take turns, `repeats` times; medians are reported
-        hf = load_transformers(model, args.threads) if hf_ok else None
+        hf = load_transformers(model, args.threads, args.device) if hf_ok else None
         samples: dict[int, list[dict[str, Any]]] = {c: [] for c in clients}
         hf_samples: list[dict[str, Any]] = []
-        proc, url = start_server(model, args.threads, max(clients))
+        proc, url = start_server(model, args.threads, max(clients), args.device)
         try:
             for rep in range(args.repeats):
                 for c in clients:
@@ -243,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         result["lmforge"] = [median_row(samples[c]) for c in clients]
         if hf_samples:
             result["transformers_sequential"] = median_row(hf_samples)
-        result["engine_only"] = engine_only(model, prompts, sorted({1, max(clients)}), args.max_tokens, args.threads)
+        result["engine_only"] = engine_only(model, prompts, sorted({1, max(clients)}), args.max_tokens, args.threads,
+                                            args.device)
         print(json.dumps(result["engine_only"]), file=sys.stderr)
         result["load_average_1m_end"] = round(os.getloadavg()[0], 2)
         rows = {r["clients"]: r for r in result["lmforge"]}
