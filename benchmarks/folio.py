@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import random
 import re
 import sys
 import time
@@ -31,6 +32,8 @@ sys.path.insert(0, str(REPO))
 from lmforge.data.folio import build_folio, skeleton  # noqa: E402
 from lmforge.eval.generation import generation_metrics  # noqa: E402
 
+DECODER_MAX_SOURCE = 128  # a decoder reads source and target in one context (the demo model's: 256)
+PUNCT = ".,;:!?-—()\"“”"
 _WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 
 
@@ -64,43 +67,119 @@ def apply_table(table: dict[str, str], text: str) -> str:
     return detok([table.get(w, w) for w in words(text)])
 
 
-def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path) -> Path:
+def aligned_cuts(source: str, target: str) -> list[tuple[int, int]]:
+    """(source offset, target offset) pairs where both texts can be cut: before each word that the
+    spelling-insensitive alignment pairs one to one, and at the two ends."""
+    a, b = list(_WORD.finditer(source)), list(_WORD.finditer(target))
+    key = lambda m: skeleton(m.group()) or m.group()  # noqa: E731
+    sm = difflib.SequenceMatcher(a=[key(m) for m in a], b=[key(m) for m in b], autojunk=False)
+    cuts = [(0, 0)]
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag == "equal":
+            cuts += [(a[i].start(), b[j].start()) for i, j in zip(range(i1, i2), range(j1, j2))
+                     if a[i].group()[0].isalnum() and a[i].start() > 0]
+    return cuts + [(len(source), len(target))]
+
+
+def span_pairs(pairs: list[dict], per_pair: int, seed: int = 0) -> list[dict]:
+    """`per_pair` random aligned sub-spans (3-16 words) of each pair: more, shorter examples of the
+    same pairs, so that the model learns local rewriting rather than whole speeches by heart."""
+    rng = random.Random(seed)
+    out = []
+    for p in pairs:
+        cuts = aligned_cuts(p["source"], p["target"])
+        if len(cuts) < 6:
+            continue
+        for _ in range(per_pair):
+            i = rng.randrange(0, len(cuts) - 4)
+            k = min(len(cuts) - 1, i + rng.randint(3, 16))
+            (s0, t0), (s1, t1) = cuts[i], cuts[k]
+            src, tgt = p["source"][s0:s1].strip(), p["target"][t0:t1].strip()
+            if k < len(cuts) - 1:  # a cut inside the speech: punctuation before the next word belongs to it
+                src, tgt = src.rstrip(",;:-— "), tgt.rstrip(",;:-— ")
+            if src and tgt:
+                out.append({"source": src, "target": tgt})
+    return out
+
+
+def shuffled_pairs(pairs: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """`n` synthetic pairs of 4-24 aligned word units drawn from random training pairs, in random
+    order. Every unit is a real Folio word with its modern form (and its punctuation), but the order
+    is new: the model can only produce the target by reading the source, which makes it learn to copy
+    and rewrite word by word early, instead of learning whole speeches by heart."""
+    rng = random.Random(seed)
+    units: list[tuple[str, str]] = []
+    for p in pairs:
+        cuts = aligned_cuts(p["source"], p["target"])
+        for (s0, t0), (s1, t1) in zip(cuts, cuts[1:]):
+            src, tgt = p["source"][s0:s1].strip(), p["target"][t0:t1].strip()
+            if src and src[-1].isalnum():  # punctuation the editor added here depends on context: drop it
+                tgt = tgt.rstrip(PUNCT + " ")
+            units.append((src, tgt))
+    out = []
+    for _ in range(n):
+        chosen = [rng.choice(units) for _ in range(rng.randint(4, 24))]
+        src, tgt = " ".join(u[0] for u in chosen), " ".join(u[1] for u in chosen)
+        out.append({"source": src, "target": tgt})
+    return out
+
+
+def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path, args: argparse.Namespace) -> Path:
     from lmforge.checkpoint import write_model_dir
     from lmforge.finetune.seq2seq import build_config, build_task
     from lmforge.models.seq2seq import Seq2Seq, config_from_preset
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.loop import train_task
 
-    tok = Tokenizer.from_file(tok_path)
-    torch.manual_seed(0)
-    base = out / f"{kind}-init"
-    # CPU-budget shape: 3+3 layers, width 128 (about 1.7M parameters with a 2048-token BPE)
-    shape = dict(vocab_size=tok.vocab_size, n_encoder_layer=3, n_decoder_layer=3, d_model=128, n_head=4, head_dim=32,
-                 d_ff=384 if kind == "t5" else 512)
-    write_model_dir(base, Seq2Seq(config_from_preset(f"{kind}-cpu", **shape)), tokenizer_path=tok_path)
-    args = argparse.Namespace(base=str(base), data=str(data / "train.jsonl"), val_data=str(data / "val.jsonl"),
+    max_len, max_src, lr = str(args.max_len), str(args.max_len), str(args.lr)
+    if kind == "decoder":  # a pretrained decoder (make demo's) with its own tokenizer: source, newline, target
+        base = Path(args.decoder_base)
+        max_src, lr = str(DECODER_MAX_SOURCE), str(args.decoder_lr)
+    else:  # an encoder-decoder from scratch, with the BPE trained on the training pairs
+        tok = Tokenizer.from_file(tok_path)
+        torch.manual_seed(0)
+        base = out / f"{kind}-init"
+        d = args.d_model
+        shape = dict(vocab_size=tok.vocab_size, n_encoder_layer=args.layers, n_decoder_layer=args.layers, d_model=d,
+                     n_head=d // 32, head_dim=32, d_ff=3 * d if kind == "t5" else 4 * d, dropout=args.dropout,
+                     block_size=args.max_len + 2)
+        write_model_dir(base, Seq2Seq(config_from_preset(f"{kind}-cpu", **shape)), tokenizer_path=tok_path)
+    train_file = data / "train.jsonl"
+    if args.spans or args.shuffled:
+        pairs = [json.loads(x) for x in train_file.read_text().splitlines()]
+        extra = span_pairs(pairs, args.spans) + shuffled_pairs(pairs, args.shuffled)
+        train_file = out / f"train+spans{args.spans}+shuffled{args.shuffled}.jsonl"
+        train_file.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs + extra))
+    ns = argparse.Namespace(base=str(base), data=str(train_file), val_data=str(data / "val.jsonl"),
                               out=str(out / kind), resume=None, overwrite=True, config=None, recipe=None,
                               val_fraction=None, source_column=None, target_column=None, prefix=None)
-    over = ["--train.max_steps", "100000", "--train.max_minutes", str(minutes), "--train.micro_batch_size", "32",
-            "--train.lr", "2e-3", "--train.warmup_steps", "100", "--train.eval_every", "400",
-            "--train.ckpt_every", "400", "--train.eval_iters", "10", "--train.log_every", "50",
-            "--data.max_source_length", "160", "--data.max_target_length", "160",
-            "--generate.max_examples", "50", "--generate.max_new_tokens", "160", "--generate.batch_size", "50"]
-    cfg = build_config(args, over)
-    task = build_task(cfg, args.base, args.data, args.val_data, args.out)
-    train_task(task, cfg.train, args.out, overwrite=True)
+    over = ["--train.max_steps", str(args.steps or 100000), "--train.max_minutes", str(minutes),
+            "--train.micro_batch_size", str(args.batch), "--train.lr", lr, "--train.warmup_steps", "100",
+            "--train.eval_every", "400", "--train.ckpt_every", "400", "--train.eval_iters", "10",
+            "--train.log_every", "50", "--data.max_source_length", max_src, "--data.max_target_length", max_len,
+            "--generate.max_examples", "50", "--generate.max_new_tokens", max_len, "--generate.batch_size", "50"]
+    cfg = build_config(ns, over)
+    task = build_task(cfg, ns.base, ns.data, ns.val_data, ns.out)
+    train_task(task, cfg.train, ns.out, overwrite=True)
     return out / kind
 
 
-def predict_run(run: Path, sources: list[str]) -> tuple[list[str], float]:
+def predict_run(run: Path, sources: list[str], max_len: int, beams: int = 1) -> tuple[list[str], float]:
     from lmforge.finetune.seq2seq import Seq2SeqGenerateConfig, predict
     from lmforge.infer.llm import LLM
 
     llm = LLM.load(run)
-    ids = [llm.tokenizer.encode(s)[:159] + [llm.model.cfg.eos_id] for s in sources]
+    tok = llm.tokenizer
+    if getattr(llm.model, "family", "decoder") == "seq2seq":  # the source, cut to max_len with its EOS
+        family, eos, pad = "seq2seq", llm.model.cfg.eos_id, llm.model.cfg.pad_id
+        ids = [tok.encode(s)[:max_len - 1] + [eos] for s in sources]
+    else:  # as `lmforge finetune seq2seq` encodes a decoder's prompt: the source and a newline
+        family, eos, pad = "decoder", tok.eos_id, tok.pad_id
+        ids = [tok.encode(s) + tok.encode("\n") for s in sources]
+        ids = [x if len(x) <= DECODER_MAX_SOURCE else x[:DECODER_MAX_SOURCE - 1] + x[-1:] for x in ids]
     t0 = time.time()
-    preds = predict(llm.model, llm.tokenizer, ids, "seq2seq", llm.model.cfg.eos_id, llm.model.cfg.pad_id,
-                    Seq2SeqGenerateConfig(max_new_tokens=200, num_beams=1, batch_size=64))
+    preds = predict(llm.model, tok, ids, family, eos, pad,
+                    Seq2SeqGenerateConfig(max_new_tokens=max_len + max_len // 4, num_beams=beams, batch_size=64))
     return preds, time.time() - t0
 
 
@@ -108,46 +187,68 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/folio")
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget per model")
-    ap.add_argument("--models", default="t5,bart", help="which models to train (t5, bart, or none)")
-    ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--models", default="t5,bart", help="which models to train: t5, bart (from scratch), decoder "
+                    "(--decoder-base fine-tuned), or none")
+    ap.add_argument("--decoder-base", default="runs/demo",
+                    help="the pretrained decoder that model 'decoder' fine-tunes (make demo's run)")
+    ap.add_argument("--decoder-lr", type=float, default=1e-3)
+    ap.add_argument("--vocab-size", type=int, default=2048, help="byte-level BPE size (261 = bytes alone)")
+    ap.add_argument("--d-model", type=int, default=128, help="model width (heads of 32)")
+    ap.add_argument("--layers", type=int, default=3, help="encoder and decoder blocks each")
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=32, help="pairs per optimizer step")
+    ap.add_argument("--max-len", type=int, default=160, help="source and target tokens kept (EOS included)")
+    ap.add_argument("--spans", type=int, default=0,
+                    help="add this many random aligned sub-spans of each training pair to the training data")
+    ap.add_argument("--shuffled", type=int, default=0,
+                    help="add this many synthetic pairs of aligned word units in random order to the training data")
+    ap.add_argument("--steps", type=int, default=0, help="also stop after this many steps (0 = the time budget alone)")
+    ap.add_argument("--beams", type=int, default=1, help="beam search width of the models' decoding (1 = greedy)")
     args = ap.parse_args()
     out = Path(args.out)
     data = out / "data"
     if not (data / "test.jsonl").is_file():
         build_folio(data, overwrite=True)
     load = lambda name: [json.loads(x) for x in (data / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
-    train, test = load("train"), load("test")
-    sources, refs = [p["source"] for p in test], [p["target"] for p in test]
-    results: dict[str, dict] = {}
-    results["copy source"] = generation_metrics(sources, refs)
+    train = load("train")
+    # validation plays choose settings; the test plays are the reported figures
+    splits = {name: ([p["source"] for p in load(name)], [p["target"] for p in load(name)]) for name in ("val", "test")}
     table = substitution_table(train)
-    results["word substitution table"] = generation_metrics([apply_table(table, s) for s in sources], refs)
+    results: dict[str, dict[str, dict]] = {name: {} for name in splits}
+    for name, (sources, refs) in splits.items():
+        results[name]["copy source"] = generation_metrics(sources, refs)
+        results[name]["word substitution table"] = generation_metrics([apply_table(table, s) for s in sources], refs)
 
-    tok_path = out / "tokenizer.json"
+    tok_path = out / f"tokenizer-{args.vocab_size}.json"
     if not tok_path.is_file():
         from lmforge.tokenizer import Tokenizer
 
         texts = [p["source"] for p in train] + [p["target"] for p in train]
         Tokenizer.train_bpe(texts, args.vocab_size).save(tok_path)
-    for kind in [m for m in args.models.split(",") if m in ("t5", "bart")]:
+    for kind in [m for m in args.models.split(",") if m in ("t5", "bart", "decoder")]:
         t0 = time.time()
-        run = train_model(kind, data, out, args.minutes, tok_path)
+        run = train_model(kind, data, out, args.minutes, tok_path, args)
         train_s = time.time() - t0
-        preds, gen_s = predict_run(run, sources)
         from lmforge.checkpoint import load_model_dir
 
         n = load_model_dir(run)[0].num_params()
-        label = f"{'T5' if kind == 't5' else 'BART'}-style ({n / 1e6:.1f}M)"
-        results[label] = {**generation_metrics(preds, refs), "train_seconds": round(train_s),
-                          "generate_seconds": round(gen_s)}
-        (out / f"{kind}_test_predictions.jsonl").write_text(
-            "".join(json.dumps({"source": s, "target": r, "prediction": p}, ensure_ascii=False) + "\n"
-                    for s, r, p in zip(sources, refs, preds)))
+        label = {"t5": "T5-style", "bart": "BART-style", "decoder": "decoder (make demo's, fine-tuned)"}[kind]
+        label = f"{label} ({n / 1e6:.1f}M)"
+        for name, (sources, refs) in splits.items():
+            preds, gen_s = predict_run(run, sources, args.max_len, args.beams)
+            results[name][label] = {**generation_metrics(preds, refs), "train_seconds": round(train_s),
+                                    "generate_seconds": round(gen_s)}
+            (out / f"{kind}_{name}_predictions.jsonl").write_text(
+                "".join(json.dumps({"source": s, "target": r, "prediction": p}, ensure_ascii=False) + "\n"
+                        for s, r, p in zip(sources, refs, preds)))
+    results["config"] = {k: v for k, v in vars(args).items()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nFolio -> modern spelling, test plays Hamlet + Macbeth ({len(test)} speeches), {len(train)} training pairs")
-    print(f"{'system':<30} {'BLEU':>6} {'chrF':>6} {'ROUGE-L':>8} {'exact':>6}")
-    for name, m in results.items():
-        print(f"{name:<30} {m['bleu']:>6.1f} {m['chrf']:>6.1f} {m['rougeL']:>8.1f} {m['exact_match']:>6.1f}")
+    for name, (sources, _) in splits.items():
+        print(f"\nFolio -> modern spelling, {name} plays ({len(sources)} speeches), {len(train)} training pairs")
+        print(f"{'system':<30} {'BLEU':>6} {'chrF':>6} {'ROUGE-L':>8} {'exact':>6}")
+        for system, m in results[name].items():
+            print(f"{system:<30} {m['bleu']:>6.1f} {m['chrf']:>6.1f} {m['rougeL']:>8.1f} {m['exact_match']:>6.1f}")
 
 
 if __name__ == "__main__":

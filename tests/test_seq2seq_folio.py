@@ -96,3 +96,26 @@ def test_word_substitution_anchor_learns_most_frequent_modern_form():
     table = substitution_table(train)
     assert table["liue"] == "live" and table["King"] == "king"
     assert apply_table(table, "Long liue the King, sirrah") == "Long live the king, sirrah"
+
+
+def test_aligned_cuts_spans_and_shuffled_units_keep_folio_and_modern_forms_paired():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from folio import aligned_cuts, shuffled_pairs, span_pairs
+
+    src, tgt = "Stand & vnfold your selfe", "Stand, and unfold yourself."
+    # "&"/"and" and "your selfe"/"yourself" do not pair one to one: the only inner cut is before vnfold/unfold
+    assert aligned_cuts(src, tgt) == [(0, 0), (8, 11), (len(src), len(tgt))]
+    pair = {"source": "I burie a second husband in deliuering my sonne",
+            "target": "I bury a second husband, in delivering my son."}
+    spans = span_pairs([pair], per_pair=20, seed=1)
+    assert len(spans) == 20
+    for s in spans:  # each span is a slice of both texts, cut at aligned words
+        assert s["source"] in pair["source"] and s["target"].rstrip(".") in pair["target"]
+        assert len(s["source"].split()) == len(s["target"].split())
+    # a span that stops inside the speech leaves the comma the editor put before the next word out
+    assert not any(s["target"].endswith(",") for s in spans)
+    units = dict(zip(pair["source"].split(), pair["target"].rstrip(".").replace(",", "").split()))
+    for s in shuffled_pairs([pair], 30, seed=2):
+        words_src, words_tgt = s["source"].split(), s["target"].split()
+        assert 4 <= len(words_src) <= 24
+        assert [units[w] for w in words_src] == words_tgt  # punctuation the source lacks is dropped
