@@ -198,6 +198,29 @@ def test_dpo_grad_accumulation_equals_full_batch(base):
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
+def test_rpo_alpha_adds_the_chosen_tokens_nll_to_dpo(base):
+    """TRL's rpo_alpha: loss = DPO loss + alpha x cross-entropy of the chosen completions (mean per token)."""
+    import torch.nn.functional as F
+
+    from lmforge.finetune.preference import DPOObjective, PairBatches, reference_logps
+
+    tok = Tokenizer.from_file(base / "tok.json")
+    enc = encode_pairs(tok, read_preferences(base / "pairs.jsonl"), 64)[:6]
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    ref = reference_logps(model, enc, tok.pad_id) - 0.2
+    batch = PairBatches(enc, 6, 1, 0, tok.pad_id, ref).rows(list(range(6)))
+    plain, stats = DPOObjective(beta=0.1)(model, batch)
+    rpo, _ = DPOObjective(beta=0.1, rpo_alpha=0.5)(model, batch)
+    # the reference computation: token-level cross-entropy over the chosen rows (the first half);
+    # labels[t] is the token that logits[t] predicts
+    with torch.no_grad():
+        logits = model(batch["ids"][:6])
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:6].reshape(-1), ignore_index=-100)
+    assert float(stats["nll_loss"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float((rpo - plain).detach()) == pytest.approx(0.5 * float(ce), rel=1e-5)
+
+
 def test_reward_training_logs_and_scores(base, tmp_path):
     from lmforge.finetune import reward
 
@@ -244,3 +267,13 @@ def test_dpo_and_reward_on_an_imported_hugging_face_folder(base, tmp_path):
     _train(reward, _args(base, tmp_path / "rm", base=str(hf)), ov)
     model, cfg, _ = load_model_dir(tmp_path / "rm")
     assert type(model).__name__ == "DecoderClassifier" and cfg.num_labels == 1
+
+
+def test_align_demo_holds_out_whole_prompts():
+    from lmforge.demo.align_demo import split_pairs_by_prompt
+
+    pairs = [{"group": g, "chosen": f"c{g}{i}", "rejected": f"r{g}{i}"} for g in range(20) for i in range(g % 3 + 1)]
+    train, held = split_pairs_by_prompt(pairs, 0.1)
+    assert {p["group"] for p in held} == {0, 1}  # the first 10% of the prompts, with every pair they have
+    assert len(held) == 3 and len(train) == len(pairs) - 3
+    assert not {p["group"] for p in held} & {p["group"] for p in train}

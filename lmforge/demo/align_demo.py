@@ -99,12 +99,14 @@ def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str
 
 @torch.no_grad()
 def sample_training_prompts(sft: LLM, train: list[dict], n_prompts: int, k: int, max_new: int, seed: int,
-                            temperature: float = 1.0) -> tuple[list[dict], list[dict]]:
+                            temperature: float = 1.0, pairs_per_prompt: int = 1) -> tuple[list[dict], list[dict]]:
     """Sample k replies per training prompt from the SFT model and verify them. Returns
     (pairs, rl_prompts): a pair = a correct reply (sampled when one is, else the reference reply of
-    the training data) over a sampled incorrect one; rl_prompts = the training rows whose pass rate
-    is strictly between 0 and 1 — the prompts where a group of samples disagrees, the only ones that
-    give GRPO a non-zero advantage (offline pass-rate filtering, as DAPO / Kimi k1.5 do)."""
+    the training data) over a sampled incorrect one, up to `pairs_per_prompt` distinct (correct,
+    incorrect) combinations per prompt, each pair tagged with its prompt's index ("group");
+    rl_prompts = the training rows whose pass rate is strictly between 0 and 1 — the prompts where a
+    group of samples disagrees, the only ones that give GRPO a non-zero advantage (offline pass-rate
+    filtering, as DAPO / Kimi k1.5 do)."""
     tok = sft.tokenizer
     stop = reply_stop_ids(tok)
     pairs, rl_rows = [], []
@@ -116,15 +118,25 @@ def sample_training_prompts(sft: LLM, train: list[dict], n_prompts: int, k: int,
         for j, r in enumerate(rows):
             group = gens[j * k:(j + 1) * k]
             texts = [tok.decode(g.ids) for g in group if g.finish_reason == "eos"]
-            good = [t for t in texts if check(t, r["answer"])]
-            bad = [t for t in texts if not check(t, r["answer"]) and t.strip()]
-            if 0 < len(good) < k:
+            n_good = sum(check(t, r["answer"]) for t in texts)
+            if 0 < n_good < k:
                 rl_rows.append(r)
-            if bad:
-                pairs.append({"prompt": r["messages"][:-1], "chosen": good[0] if good else r["messages"][-1]["content"],
-                              "rejected": bad[0], "chosen_sampled": bool(good), "task": r.get("task"),
-                              "answer": r["answer"]})
+            good = list(dict.fromkeys(t for t in texts if check(t, r["answer"])))  # distinct, in order
+            bad = list(dict.fromkeys(t for t in texts if not check(t, r["answer"]) and t.strip()))
+            chosen = good or [r["messages"][-1]["content"]]
+            combos = [(c, b) for b in bad for c in chosen][:pairs_per_prompt]
+            for c, b in combos:
+                pairs.append({"prompt": r["messages"][:-1], "chosen": c, "rejected": b, "chosen_sampled": bool(good),
+                              "task": r.get("task"), "answer": r["answer"], "group": i + j})
     return pairs, rl_rows
+
+
+def split_pairs_by_prompt(pairs: list[dict], fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
+    """(train, held_out): the held-out pairs are all the pairs of the first `fraction` of the prompts,
+    so no held-out prompt has a pair in training."""
+    groups = list(dict.fromkeys(p["group"] for p in pairs))
+    held = set(groups[:max(1, round(len(groups) * fraction))])
+    return [p for p in pairs if p["group"] not in held], [p for p in pairs if p["group"] in held]
 
 
 def main() -> int:
@@ -138,7 +150,13 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of RL rollouts and pairs")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every stage's learning rate")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the chain runs")
-    p.add_argument("--stages", default="grpo,ppo,dpo,ppo_reward_model")
+    p.add_argument("--pairs-per-prompt", type=int, default=4,
+                   help="distinct (correct, incorrect) reply pairs kept per sampled training prompt")
+    p.add_argument("--rpo-alpha", type=float, default=5.0,
+                   help="DPO stage: weight of the chosen replies' NLL added to the DPO loss (TRL's rpo_alpha; 0 = plain DPO)")
+    p.add_argument("--stages", default="grpo,ppo,dpo,ppo_reward_model",
+                   help="comma-separated: grpo, ppo, dpo, reward_model (the reward model alone), ppo_reward_model "
+                        "(the reward model, then PPO with it)")
     a = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)
@@ -178,20 +196,22 @@ def main() -> int:
     # and the RL prompts (those whose samples disagree; their answer column feeds the verifier).
     t = time.time()
     n_pair_prompts = 64 if a.quick else a.pair_prompts
-    pairs, rl_rows = sample_training_prompts(sft, train, n_pair_prompts, 8, max_new, seed=1, temperature=a.temperature)
-    n_val = max(2, len(pairs) // 10)
-    (out / "pairs_train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[n_val:]))
-    (out / "pairs_heldout.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs[:n_val]))
+    pairs, rl_rows = sample_training_prompts(sft, train, n_pair_prompts, 8, max_new, seed=1, temperature=a.temperature,
+                                             pairs_per_prompt=a.pairs_per_prompt)
+    pairs_train, pairs_heldout = split_pairs_by_prompt(pairs)
+    (out / "pairs_train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs_train))
+    (out / "pairs_heldout.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs_heldout))
     rl_data = out / "rl_prompts.jsonl"
     rl_data.write_text("".join(json.dumps(x) + "\n" for x in (rl_rows or train)))
     sampled = sum(x["chosen_sampled"] for x in pairs)
-    results["sampling"] = {"minutes": (time.time() - t) / 60, "pairs": len(pairs), "rl_prompts": len(rl_rows)}
+    results["sampling"] = {"minutes": (time.time() - t) / 60, "pairs": len(pairs), "rl_prompts": len(rl_rows),
+                           "heldout_pairs": len(pairs_heldout)}
     log(f"sampled {n_pair_prompts} training prompts x 8: {len(pairs)} pairs (chosen sampled in {sampled}, else the "
         f"reference reply), {len(rl_rows)} RL prompts with a pass rate in (0, 1) "
         f"({results['sampling']['minutes']:.1f} min)")
 
-    def epochs_of_pairs(n: int) -> int:  # DPO and the reward model overfit a few hundred pairs quickly
-        return 4 if a.quick else max(1, n * (len(pairs) - n_val) // 16)
+    def epochs_of_pairs(n: float) -> int:  # steps of batch 16 for n passes over the training pairs
+        return 4 if a.quick else max(1, int(n * len(pairs_train) / 16))
 
     if "grpo" in stages:
         # 8 prompts x 8 completions per rollout, two passes over each (TRL's num_iterations), DAPO's
@@ -208,16 +228,17 @@ def main() -> int:
                                       "--ppo.temperature", str(a.temperature),
                                       "--ppo.missing_eos_penalty", "1.0"], reward=[VERIFIER], reward_weights=None)
     pair_acc = None
-    if "dpo" in stages or "ppo_reward_model" in stages:
+    if "dpo" in stages or "reward_model" in stages or "ppo_reward_model" in stages:
         if "dpo" in stages:
+            rpo = ["--dpo.rpo_alpha", str(a.rpo_alpha)] if a.rpo_alpha else []
             run = stage("dpo", "dpo", out / "pairs_train.jsonl",
-                        ["--train.lr", lr(5e-5), "--train.micro_batch_size", "16", "--dpo.beta", "0.1",
-                         "--train.eval_every", "0", "--train.max_steps", str(epochs_of_pairs(2))],
+                        ["--train.lr", lr(2e-5), "--train.micro_batch_size", "16", "--dpo.beta", "0.1",
+                         "--train.eval_every", "0", "--train.max_steps", str(epochs_of_pairs(2))] + rpo,
                         val_data=str(out / "pairs_heldout.jsonl"))
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             results["dpo"]["heldout_reward_accuracy"] = [r for r in rows if "val_rewards/accuracies" in r][-1][
                 "val_rewards/accuracies"]
-        if "ppo_reward_model" in stages:
+        if "reward_model" in stages or "ppo_reward_model" in stages:
             t = time.time()
             rm = out / "reward_model"
             run_method("reward", sft_dir, out / "pairs_train.jsonl", rm,
@@ -227,6 +248,7 @@ def main() -> int:
             rows = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
             pair_acc = [r for r in rows if "val_accuracy" in r][-1]["val_accuracy"]
             log(f"reward model: held-out pair accuracy {pair_acc:.3f} ({(time.time() - t) / 60:.1f} min)")
+        if "ppo_reward_model" in stages:
             run = stage("ppo_reward_model", "ppo", rl_data,
                         ["--train.lr", lr(3e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
                          "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",

@@ -29,6 +29,9 @@ class DPOSection:
     beta: float = field(default=0.1, metadata={"help": "strength of the implicit KL constraint (TRL's beta)"})
     loss_type: Literal["sigmoid", "ipo", "hinge"] = field(default="sigmoid", metadata={"help": "sigmoid | ipo | hinge"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: assumed label noise in [0, 0.5)"})
+    rpo_alpha: Optional[float] = field(default=None, metadata={
+        "help": "add rpo_alpha x the NLL of the chosen completions (mean per token) to the loss, as TRL's rpo_alpha "
+                "(Pang et al. 2024, iterative reasoning preference optimization); none = plain DPO"})
     max_length: Optional[int] = field(default=None, metadata={"help": "prompt + completion tokens; longer pairs are dropped (default: the model's context)"})
 
 
@@ -71,6 +74,8 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
         raise LMForgeError(f"dpo.beta must be positive, got {d.beta}")
     if not 0.0 <= d.label_smoothing < 0.5:
         raise LMForgeError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+    if d.rpo_alpha is not None and d.rpo_alpha < 0:
+        raise LMForgeError(f"dpo.rpo_alpha must be >= 0 (or none), got {d.rpo_alpha}")
     llm = C.load_base(args.base)
     model, tok = llm.model, llm.tokenizer
     max_len = d.max_length or int(model.cfg.block_size)
@@ -112,7 +117,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
         return m
 
     task = Task(name="dpo", config=C.resolved("dpo", args, cfg), build_model=build_model,
-                objective=DPOObjective(d.beta, d.loss_type, d.label_smoothing), train_batches=source,
+                objective=DPOObjective(d.beta, d.loss_type, d.label_smoothing, d.rpo_alpha), train_batches=source,
                 eval_batches=(lambda: val_source.fixed_batches(t.micro_batch_size)) if val_source else None,
                 files=files, data_fingerprint={"data": C.file_sha(args.data)}, report_perplexity=C.REPORT_PPL,
                 description=f"{len(train_enc)} pairs, global batch {t.micro_batch_size * per_step} pairs")

@@ -110,22 +110,27 @@ class DPOObjective:
 
     name = "dpo"
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
-        self.beta, self.loss_type, self.ls = beta, loss_type, label_smoothing
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 rpo_alpha: float | None = None):
+        self.beta, self.loss_type, self.ls, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         lp_N = completion_logps(model, batch)
         ref_N = batch["ref_logps"].to(lp_N.dtype)
+        B = lp_N.shape[0] // 2
+        # NLL of the chosen completions, per token over the batch (TRL's nll_loss, for rpo_alpha)
+        nll = -lp_N[:B].sum() / batch["n_tokens"][:B].sum().clamp(min=1).to(lp_N.dtype)
         if self.loss_type == "ipo":  # IPO compares length-averaged log-probs (as TRL does)
             n = batch["n_tokens"].clamp(min=1).to(lp_N.dtype)
             lp_N, ref_N = lp_N / n, ref_N / n
-        B = lp_N.shape[0] // 2
         losses, cr, rr = A.dpo_loss(lp_N[:B], lp_N[B:], ref_N[:B], ref_N[B:], self.beta, self.loss_type, self.ls)
         loss = losses.mean()
+        if self.rpo_alpha is not None:
+            loss = loss + self.rpo_alpha * nll
         stats = {"rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(),
                  "rewards/accuracies": (cr > rr).float().mean(), "rewards/margins": (cr - rr).mean(),
                  "logps/chosen": lp_N[:B].detach().mean(), "logps/rejected": lp_N[B:].detach().mean(),
-                 "tokens": batch["pad_mask"].sum()}
+                 "nll_loss": nll.detach(), "tokens": batch["pad_mask"].sum()}
         return loss, stats
 
 
