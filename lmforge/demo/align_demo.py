@@ -216,7 +216,7 @@ def main() -> int:
     if "grpo" in stages:
         # 8 prompts x 8 completions per rollout, two passes over each (TRL's num_iterations), DAPO's
         # clip-higher, and a KL anchor so tasks that are already right do not drift
-        stage("grpo", "grpo", rl_data, ["--train.lr", lr(1e-4), "--train.micro_batch_size", "64",
+        stage("grpo", "grpo", rl_data, ["--train.lr", lr(2e-5), "--train.micro_batch_size", "64",
                                         "--grpo.num_generations", "8", "--grpo.max_new_tokens", str(max_new),
                                         "--grpo.temperature", str(a.temperature), "--grpo.loss_type", "bnpo",
                                         "--grpo.scale_rewards", "group", "--grpo.epochs", "2",
