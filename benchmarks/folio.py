@@ -1,15 +1,21 @@
 """Spelling normalisation of Shakespeare (First Folio -> modern), one run, anchors beside the models.
 
-    python benchmarks/folio.py --minutes 15 --out runs/folio
+    python benchmarks/folio.py --minutes 15 --out runs/folio [--models t5,bart,decoder]
 
-1. `lmforge data folio` pairs (whole plays held out: Hamlet and Macbeth are the test set).
-2. Anchors on the test plays: copying the source unchanged, and a word-substitution table learned
+1. `lmforge data folio` pairs (whole plays held out: Henry V and Twelfth Night for validation,
+   Hamlet and Macbeth for test).
+2. Anchors on the held-out plays: copying the source unchanged, and a word-substitution table learned
    from the training pairs (most frequent modern form of each Folio word, words paired by a
    spelling-insensitive alignment inside each pair; unknown words copied).
-3. A T5-style and a BART-style encoder-decoder (t5-cpu / bart-cpu flavours at width 128, 3+3 layers, random init, a
-   byte-level BPE trained on the training pairs) fine-tuned with `lmforge finetune seq2seq` for
-   `--minutes` each on the CPU, then greedy decoding of every test source.
-Prints one table (BLEU, chrF, ROUGE-L, exact match) and writes OUT/results.json.
+3. Models, each fine-tuned with `lmforge finetune seq2seq` for `--minutes` on the CPU, then greedy
+   (or `--beams`) decoding of every validation and test source:
+   t5 / bart -- a T5-style and a BART-style encoder-decoder from scratch (t5-cpu / bart-cpu flavours,
+   width `--d-model` 128, `--layers` 3+3, a byte-level BPE of `--vocab-size` trained on the pairs);
+   decoder -- the pretrained decoder `--decoder-base` (make demo's run) with its own tokenizer.
+   Experiment flags: --dropout, --lr, --batch, --steps, --spans (random aligned sub-spans of each
+   pair added), --shuffled (synthetic pairs of aligned word units in random order added).
+The validation plays are for choosing settings; the test plays are the reported figures. Prints one
+table per split (BLEU, chrF, ROUGE-L, exact match) and writes OUT/results.json ({"val": ..., "test": ...}).
 """
 
 from __future__ import annotations
