@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-GPT2 = dict(vocab_size=50257, n_positions=1024, n_layer=12, n_head=12, n_embd=768)
+from serve import SHAPES  # noqa: E402  (benchmarks/serve.py: the model shapes of the serving benchmark)
+
+GPT2 = SHAPES["gpt2"]
 
 
 def train_mfu(steps: int, micro_batch: int, preset: str = "gpt2", device: str = "cuda", seq_len: int = 1024,
@@ -165,8 +167,7 @@ def check() -> dict[str, Any]:
             m_gpu.load_state_dict(m.state_dict())
             b = generate_seq2seq(m_gpu.cuda(), srcs, max_new_tokens=16, num_beams=beams,
                                  temperature=0.0)
-            res[f"{arch}_{'greedy' if beams == 1 else 'beam3'}_equal"] = [x.ids if hasattr(x, "ids") else x for x in a] == \
-                [x.ids if hasattr(x, "ids") else x for x in b]
+            res[f"{arch}_{'greedy' if beams == 1 else 'beam3'}_equal"] = [x.ids for x in a] == [x.ids for x in b]
     return res
 
 

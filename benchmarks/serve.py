@@ -46,8 +46,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEMO_SHAPE = dict(vocab_size=4096, n_positions=256, n_layer=4, n_head=4, n_embd=256)
-SHAPES = {"demo": DEMO_SHAPE,  # GPT-2 124M: the shape GPU figures are usually quoted for
-          "gpt2": dict(vocab_size=50257, n_positions=1024, n_layer=12, n_head=12, n_embd=768)}
+SHAPES = {"demo": DEMO_SHAPE,
+          "gpt2": dict(vocab_size=50257, n_positions=1024, n_layer=12, n_head=12, n_embd=768)}  # GPT-2 124M
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -118,11 +118,11 @@ def sample_training_prompts(sft: LLM, train: list[dict], n_prompts: int, k: int,
         for j, r in enumerate(rows):
             group = gens[j * k:(j + 1) * k]
             texts = [tok.decode(g.ids) for g in group if g.finish_reason == "eos"]
-            n_good = sum(check(t, r["answer"]) for t in texts)
-            if 0 < n_good < k:
+            right = [check(t, r["answer"]) for t in texts]
+            if 0 < sum(right) < k:
                 rl_rows.append(r)
-            good = list(dict.fromkeys(t for t in texts if check(t, r["answer"])))  # distinct, in order
-            bad = list(dict.fromkeys(t for t in texts if not check(t, r["answer"]) and t.strip()))
+            good = list(dict.fromkeys(t for t, ok in zip(texts, right) if ok))  # distinct, in order
+            bad = list(dict.fromkeys(t for t, ok in zip(texts, right) if not ok and t.strip()))
             chosen = good or [r["messages"][-1]["content"]]
             combos = [(c, b) for b in bad for c in chosen][:pairs_per_prompt]
             for c, b in combos:
