@@ -14,6 +14,11 @@
    decoder -- the pretrained decoder `--decoder-base` (make demo's run) with its own tokenizer.
    Experiment flags: --dropout, --lr, --batch, --steps, --spans (random aligned sub-spans of each
    pair added), --shuffled (synthetic pairs of aligned word units in random order added).
+Cascade (--table-input): the models read the table's output instead of the Folio source (training
+   sources through tables learned from the other plays, 5 folds) and learn to post-edit it;
+   --max-len-a/--max-len-b cut each output at a * input tokens + b (loops end early);
+   --max-word-change G adds the guarded cascade's row: the model's output where it changes at most G of
+   the words, else the table's. --rescore decodes the models already trained in OUT again.
 The validation plays are for choosing settings; the test plays are the reported figures. Prints one
 table per split (BLEU, chrF, ROUGE-L, exact match) and writes OUT/results.json ({"val": ..., "test": ...}).
 """
@@ -58,6 +63,34 @@ def substitution_table(pairs: list[dict]) -> dict[str, str]:
                 for i, j in zip(range(i1, i2), range(j1, j2)):
                     counts[a[i]][b[j]] += 1
     return {w: c.most_common(1)[0][0] for w, c in counts.items()}
+
+
+def jackknifed_table_inputs(pairs: list[dict], folds: int) -> list[dict]:
+    """The training pairs with each source passed through a table learned from the other folds' plays.
+
+    A table learned from all training pairs knows every training word, so a model trained on its output
+    never meets a Folio word the table left unchanged -- which held-out plays are full of. Each fold's
+    sources see a table that has not seen them, as held-out sources see the full table."""
+    plays = sorted({p.get("play", "") for p in pairs})
+    fold_of = {play: i % folds for i, play in enumerate(plays)}  # whole plays per fold, as held-out plays
+    out = []
+    for k in range(folds):
+        table = substitution_table([p for p in pairs if fold_of[p.get("play", "")] != k])
+        out += [{**p, "source": apply_table(table, p["source"])} for p in pairs if fold_of[p.get("play", "")] == k]
+    return out
+
+
+def word_change(before: str, after: str) -> float:
+    """Share of words changed between two texts: 1 - difflib's similarity ratio of their lower-cased words
+    (punctuation ignored), 0 for the same words, 1 for nothing in common."""
+    a, b = ([w.lower() for w in words(t) if w[0].isalnum()] for t in (before, after))
+    return 1 - difflib.SequenceMatcher(a=a, b=b, autojunk=False).ratio() if a or b else 0.0
+
+
+def guarded(inputs: list[str], outputs: list[str], max_change: float) -> list[str]:
+    """Conservative post-editing: each output where it changes at most `max_change` of its input's words,
+    else the input unchanged (a 5M-parameter post-editor's big rewrites are mostly loops and invented words)."""
+    return [o if word_change(i, o) <= max_change else i for i, o in zip(inputs, outputs)]
 
 
 def detok(tokens: list[str]) -> str:
@@ -170,7 +203,8 @@ def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path
     return out / kind
 
 
-def predict_run(run: Path, sources: list[str], max_len: int, beams: int = 1) -> tuple[list[str], float]:
+def predict_run(run: Path, sources: list[str], max_len: int, beams: int = 1, max_len_a: float = 0.0,
+                max_len_b: int = 0) -> tuple[list[str], float]:
     from lmforge.finetune.seq2seq import Seq2SeqGenerateConfig, predict
     from lmforge.infer.llm import LLM
 
@@ -185,7 +219,8 @@ def predict_run(run: Path, sources: list[str], max_len: int, beams: int = 1) -> 
         ids = [x if len(x) <= DECODER_MAX_SOURCE else x[:DECODER_MAX_SOURCE - 1] + x[-1:] for x in ids]
     t0 = time.time()
     preds = predict(llm.model, tok, ids, family, eos, pad,
-                    Seq2SeqGenerateConfig(max_new_tokens=max_len + max_len // 4, num_beams=beams, batch_size=64))
+                    Seq2SeqGenerateConfig(max_new_tokens=max_len + max_len // 4, num_beams=beams, batch_size=64,
+                                          max_len_a=max_len_a, max_len_b=max_len_b))
     return preds, time.time() - t0
 
 
@@ -211,6 +246,18 @@ def main() -> None:
                     help="add this many synthetic pairs of aligned word units in random order to the training data")
     ap.add_argument("--steps", type=int, default=0, help="also stop after this many steps (0 = the time budget alone)")
     ap.add_argument("--beams", type=int, default=1, help="beam search width of the models' decoding (1 = greedy)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="decode and score the models already trained in OUT (by an earlier run with the same "
+                    "data flags) instead of training them again")
+    ap.add_argument("--max-len-a", type=float, default=0.0,
+                    help="cut each output at a * source tokens + b (--max-len-b): a guard against loops; 0 = no cut")
+    ap.add_argument("--max-len-b", type=int, default=0)
+    ap.add_argument("--max-word-change", type=float, default=0.0,
+                    help="with --table-input, also score the guarded cascade: the model's output where it changes at "
+                    "most this share of the table output's words, else the table output (0 = no such row)")
+    ap.add_argument("--table-input", action="store_true",
+                    help="cascade: the models read the substitution table's output instead of the Folio source "
+                    "(they learn to post-edit it: punctuation, case, the words the table gets wrong)")
     args = ap.parse_args()
     out = Path(args.out)
     data = out / "data"
@@ -226,35 +273,64 @@ def main() -> None:
         results[name]["copy source"] = generation_metrics(sources, refs)
         results[name]["word substitution table"] = generation_metrics([apply_table(table, s) for s in sources], refs)
 
+    model_data, model_sources = data, {name: sources for name, (sources, _) in splits.items()}
+    if args.table_input:  # the same pairs with every source passed through a substitution table first
+        model_data = out / "data-table-input"
+        model_data.mkdir(parents=True, exist_ok=True)
+        rows = {"train": jackknifed_table_inputs(train, folds=5), "val": load("val"), "test": load("test")}
+        for name in ("val", "test"):
+            rows[name] = [{**p, "source": apply_table(table, p["source"])} for p in rows[name]]
+        for name, pairs in rows.items():
+            (model_data / f"{name}.jsonl").write_text(
+                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        model_sources = {name: [p["source"] for p in rows[name]] for name in splits}
     tok_path = out / f"tokenizer-{args.vocab_size}.json"
     if not tok_path.is_file():
         from lmforge.tokenizer import Tokenizer
 
         texts = [p["source"] for p in train] + [p["target"] for p in train]
         Tokenizer.train_bpe(texts, args.vocab_size).save(tok_path)
+    train_seconds: dict[str, int] = {}
+    if args.rescore:
+        if not (out / "results.json").is_file():
+            raise SystemExit(f"--rescore: no {out / 'results.json'}; train the models first (without --rescore)")
+        train_seconds = json.loads((out / "results.json").read_text()).get("train_seconds", {})
     for kind in [m for m in args.models.split(",") if m in ("t5", "bart", "decoder")]:
         t0 = time.time()
-        run = train_model(kind, data, out, args.minutes, tok_path, args)
-        train_s = time.time() - t0
+        if args.rescore:  # decode again with other settings; the training time is the one recorded then
+            run, train_s = out / kind, train_seconds.get(kind, 0)
+            if not (run / "config.yaml").is_file():
+                raise SystemExit(f"--rescore: no trained model in {run}")
+        else:
+            run = train_model(kind, model_data, out, args.minutes, tok_path, args)
+            train_s = time.time() - t0
+            train_seconds[kind] = round(train_s)
         from lmforge.checkpoint import load_model_dir
 
         n = load_model_dir(run)[0].num_params()
         label = {"t5": "T5-style", "bart": "BART-style", "decoder": "decoder (make demo's, fine-tuned)"}[kind]
-        label = f"{label} ({n / 1e6:.1f}M)"
+        label = f"{label} ({n / 1e6:.1f}M)" + (", table input" if args.table_input else "")
         for name, (sources, refs) in splits.items():
-            preds, gen_s = predict_run(run, sources, args.max_len, args.beams)
+            preds, gen_s = predict_run(run, model_sources[name], args.max_len, args.beams, args.max_len_a,
+                                         args.max_len_b)
             results[name][label] = {**generation_metrics(preds, refs), "train_seconds": round(train_s),
                                     "generate_seconds": round(gen_s)}
+            if args.table_input and args.max_word_change > 0:
+                kept = guarded(model_sources[name], preds, args.max_word_change)
+                results[name][f"table + {kind} post-edit, guard {args.max_word_change:g}"] = {
+                    **generation_metrics(kept, refs), "train_seconds": round(train_s),
+                    "model_outputs_kept": sum(k == p for k, p in zip(kept, preds))}
             (out / f"{kind}_{name}_predictions.jsonl").write_text(
                 "".join(json.dumps({"source": s, "target": r, "prediction": p}, ensure_ascii=False) + "\n"
                         for s, r, p in zip(sources, refs, preds)))
     results["config"] = {k: v for k, v in vars(args).items()}
+    results["train_seconds"] = train_seconds
     (out / "results.json").write_text(json.dumps(results, indent=2))
     for name, (sources, _) in splits.items():
         print(f"\nFolio -> modern spelling, {name} plays ({len(sources)} speeches), {len(train)} training pairs")
-        print(f"{'system':<30} {'BLEU':>6} {'chrF':>6} {'ROUGE-L':>8} {'exact':>6}")
+        print(f"{'system':<56} {'BLEU':>6} {'chrF':>6} {'ROUGE-L':>8} {'exact':>6}")
         for system, m in results[name].items():
-            print(f"{system:<30} {m['bleu']:>6.1f} {m['chrf']:>6.1f} {m['rougeL']:>8.1f} {m['exact_match']:>6.1f}")
+            print(f"{system:<56} {m['bleu']:>6.1f} {m['chrf']:>6.1f} {m['rougeL']:>8.1f} {m['exact_match']:>6.1f}")
 
 
 if __name__ == "__main__":

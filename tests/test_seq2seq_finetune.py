@@ -155,3 +155,29 @@ def test_length_grouped_batches_cover_every_pair_once_per_epoch_with_less_paddin
     assert pad_grouped * 10 < pad_plain
     again, _ = epoch(True)
     assert again == grouped  # a pure function of (seed, step, index): resume sees the same batches
+
+
+@pytest.mark.parametrize("base,family", [("t5", "seq2seq"), ("gpt", "decoder")])
+def test_predict_cuts_each_output_at_max_len_a_times_source_plus_b(files, base, family):
+    import torch
+
+    """--generate.max_len_a/b (fairseq's loop guard): each output is the greedy output of a budget of
+    floor(a * source tokens + b) tokens for that sequence alone, whatever the rest of the batch."""
+    from lmforge.checkpoint import load_model_dir
+    from lmforge.finetune.seq2seq import Seq2SeqGenerateConfig, predict
+    from lmforge.tokenizer import Tokenizer
+
+    model, _, tok_path = load_model_dir(files / base)
+    tok = Tokenizer.from_file(tok_path)
+    head = model.lm_head.weight if hasattr(model, "lm_head") else model.tok_emb.weight
+    with torch.no_grad():  # a random model whose greedy outputs are visible text that runs past the budget
+        head[[i for i in range(tok.vocab_size) if tok.decode([i], skip_special=True) == ""]] = 0
+    eos = model.cfg.eos_id if family == "seq2seq" else tok.eos_id
+    pad = model.cfg.pad_id if family == "seq2seq" else tok.pad_id
+    sources = [tok.encode("a b c"), tok.encode("a b c d e f g h i")]
+    full = predict(model.eval(), tok, sources, family, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=20))
+    cut = predict(model, tok, sources, family, eos, pad,
+                  Seq2SeqGenerateConfig(max_new_tokens=20, max_len_a=0.5, max_len_b=1))
+    for src, f, c in zip(sources, full, cut):
+        alone = predict(model, tok, [src], family, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=int(0.5 * len(src) + 1)))
+        assert [c] == alone and len(c) < len(f)

@@ -119,3 +119,22 @@ def test_aligned_cuts_spans_and_shuffled_units_keep_folio_and_modern_forms_paire
         words_src, words_tgt = s["source"].split(), s["target"].split()
         assert 4 <= len(words_src) <= 24
         assert [units[w] for w in words_src] == words_tgt  # punctuation the source lacks is dropped
+
+
+def test_jackknifed_table_inputs_leave_words_of_held_out_plays_unknown_and_guard_keeps_small_edits():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from folio import guarded, jackknifed_table_inputs, word_change
+
+    pairs = [{"source": "Long liue the King", "target": "Long live the king!", "play": "a"},
+             {"source": "liue and let liue", "target": "live and let live", "play": "b"},
+             {"source": "the Queene doth liue", "target": "the queen doth live", "play": "b"}]
+    by_source = {p["target"]: p["source"] for p in jackknifed_table_inputs(pairs, folds=2)}
+    # play a's "liue" is mapped by play b's table; play b's sources see only play a's table,
+    # which knows "liue" and "the" but never saw "Queene"
+    assert by_source == {"Long live the king!": "Long live the King", "live and let live": "live and let live",
+                         "the queen doth live": "the Queene doth live"}
+    assert word_change("Long live the King", "Long live the king!") == 0.0  # case and punctuation are not words
+    assert word_change("a b c d", "a b x d") == 0.25 and word_change("a b", "c d") == 1.0
+    inputs = ["Looke how our Partner's rapt", "Unfold it"]
+    outputs = ["Look, how our Partner's rapt.", "Uncle, ho, ho!"]
+    assert guarded(inputs, outputs, 0.2) == ["Look, how our Partner's rapt.", "Unfold it"]

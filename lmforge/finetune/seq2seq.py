@@ -60,6 +60,9 @@ class Seq2SeqGenerateConfig:
     num_beams: int = _h(1, "beam search at evaluation (1 = greedy)")
     max_examples: int = _h(200, "validation examples generated at every evaluation (0 = no generation metrics)")
     batch_size: int = _h(32, "sources generated together")
+    max_len_a: float = _h(0.0, "with max_len_b: each output cut at a * source tokens + b tokens, a guard "
+                               "against loops (fairseq's --max-len-a/--max-len-b; 0 = no cut)")
+    max_len_b: int = _h(0, "see max_len_a")
 
 
 @dataclass
@@ -340,7 +343,11 @@ def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], family: 
             n = min(g.max_new_tokens, ctx - max(len(s) for s in chunk))
             gens = generate(model, chunk, max_new_tokens=max(n, 1), temperature=0, eos_id=eos, pad_id=pad,
                             tokenizer=tok)
-        out += [x.text if x.text is not None else tok.decode(x.ids) for x in gens]
+        if g.max_len_a > 0:  # greedy decoding is causal: cutting the output = stopping at the budget
+            out += [tok.decode(x.ids[:int(g.max_len_a * len(src) + g.max_len_b)], skip_special=family == "seq2seq")
+                    for x, src in zip(gens, chunk)]
+        else:
+            out += [x.text if x.text is not None else tok.decode(x.ids) for x in gens]
     return [s.strip() for s in out]
 
 
