@@ -277,3 +277,13 @@ def test_align_demo_holds_out_whole_prompts():
     assert {p["group"] for p in held} == {0, 1}  # the first 10% of the prompts, with every pair they have
     assert len(held) == 3 and len(train) == len(pairs) - 3
     assert not {p["group"] for p in held} & {p["group"] for p in train}
+
+
+def test_align_demo_prints_accuracy_by_task_per_stage():
+    from lmforge.demo.align_demo import by_task_table
+
+    lines = by_task_table({"sft": {"by_task": {"count": 0.269, "add": 1.0}},
+                           "grpo": {"by_task": {"count": 0.383}}})
+    assert lines == [f"{'accuracy by task':<18} {'add':>9} {'count':>9}",
+                     f"{'sft':<18}    100.0%     26.9%",
+                     f"{'grpo':<18} {'-':>9}     38.3%"]

@@ -56,7 +56,7 @@ def evaluate(model_dir: Path, sft: LLM, test: list[dict], max_new: int, batch: i
     llm = LLM.load(model_dir)
     model, tok = llm.model.eval(), llm.tokenizer
     stop = reply_stop_ids(tok)
-    correct, lengths, seqs = [], [], []
+    correct, lengths, seqs, by_task = [], [], [], {}
     for i in range(0, len(test), batch):
         rows = test[i:i + batch]
         prompts = [encode_prompt(tok, r["messages"][:-1]) for r in rows]
@@ -64,6 +64,7 @@ def evaluate(model_dir: Path, sft: LLM, test: list[dict], max_new: int, batch: i
                         decode_text=False)
         for r, g, p in zip(rows, gens, prompts):
             correct.append(check(tok.decode(g.ids), r["answer"]))
+            by_task.setdefault(r.get("task", "?"), []).append(correct[-1])
             lengths.append(len(g.ids))
             if len(seqs) < kl_prompts and g.ids:
                 seqs.append((p, g.ids))
@@ -85,7 +86,17 @@ def evaluate(model_dir: Path, sft: LLM, test: list[dict], max_new: int, batch: i
     n = len(correct)
     acc = sum(correct) / n
     return {"accuracy": acc, "se": math.sqrt(acc * (1 - acc) / n), "reply_len": sum(lengths) / n,
-            "kl_to_sft": sum(kls) / max(len(kls), 1)}
+            "kl_to_sft": sum(kls) / max(len(kls), 1), "by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())}}
+
+
+def by_task_table(results: dict[str, dict]) -> list[str]:
+    """Lines of the per-task accuracy table: one column per task, one row per stage."""
+    tasks = sorted({t for r in results.values() for t in r["by_task"]})
+    lines = [f"{'accuracy by task':<18} " + " ".join(f"{t:>9}" for t in tasks)]
+    for name, r in results.items():
+        lines.append(f"{name:<18} " + " ".join(
+            f"{100 * r['by_task'][t]:>8.1f}%" if t in r["by_task"] else f"{'-':>9}" for t in tasks))
+    return lines
 
 
 def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str], **extra: Any) -> dict:
@@ -273,6 +284,7 @@ def main() -> int:
     for name, r in results.items():
         acc = f"{100 * r['accuracy']:.1f} +- {100 * r['se']:.1f}%"
         print(f"{name:<18} {acc:>16} {r['reply_len']:>10.1f} {r['kl_to_sft']:>10.3f} {r['minutes']:>8.1f}")
+    print("\n".join(by_task_table(results)))
     if "dpo" in results:
         print(f"DPO implicit-reward accuracy on held-out pairs: {results['dpo']['heldout_reward_accuracy']:.3f}")
     if "ppo_reward_model" in results:
