@@ -255,3 +255,19 @@ def test_decoder_beam_search_equals_transformers(tmp_path):
         if settings.get("num_return_sequences", 1) > 1:
             got = [g for row in got for g in row]
         assert [g.ids for g in got] == want, settings
+
+
+def test_dropout_acts_in_training_only():
+    from lmforge.models.seq2seq import Seq2Seq, config_from_preset
+
+    torch.manual_seed(0)
+    for arch in ("t5", "bart"):
+        model = Seq2Seq(config_from_preset(f"{arch}-tiny", vocab_size=64, dropout=0.5))
+        src, tgt = torch.randint(3, 64, (2, 7)), torch.randint(3, 64, (2, 5))
+        a, b = model(src, tgt), model(src, tgt)
+        assert not torch.allclose(a, b)  # two training passes draw different masks
+        model.eval()
+        assert torch.equal(model(src, tgt), model(src, tgt))
+        torch.manual_seed(1)
+        model = Seq2Seq(config_from_preset(f"{arch}-tiny", vocab_size=64, dropout=0.0))
+        assert torch.equal(model(src, tgt), model.eval()(src, tgt))  # dropout 0: training = inference
