@@ -56,5 +56,14 @@ align-bench: venv  # rollout tokens/s, steps/s, DPO peak memory with precomputed
 	@test -d $(CHAT_RUN) || $(MAKE) chat-demo
 	$(PY) benchmarks/align_bench.py --sft $(CHAT_RUN) --data $(CHAT_DATA)
 
+.PHONY: folio-bench
+# First Folio -> modern spelling on the held-out plays: the anchors, T5- and BART-style models from
+# scratch (15 min each), and the table + post-editing decoder cascade (10 min; needs make demo's run).
+folio-bench: venv
+	@test -d $(DEMO_RUN) || $(MAKE) demo
+	$(PY) benchmarks/folio.py --out runs/folio --models t5,bart --minutes 15
+	$(PY) benchmarks/folio.py --out runs/folio-cascade --models decoder --decoder-base $(DEMO_RUN) --minutes 10 \
+	    --table-input --max-len-a 1.2 --max-len-b 8 --max-word-change 0.1
+
 clean:
 	rm -rf $(VENV) runs data build *.egg-info
