@@ -343,7 +343,7 @@ def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], family: 
             n = min(g.max_new_tokens, ctx - max(len(s) for s in chunk))
             gens = generate(model, chunk, max_new_tokens=max(n, 1), temperature=0, eos_id=eos, pad_id=pad,
                             tokenizer=tok)
-        if g.max_len_a > 0:  # greedy decoding is causal: cutting the output = stopping at the budget
+        if g.max_len_a > 0:  # greedy: cutting the output = stopping at the budget; beams: the best beam, cut
             out += [tok.decode(x.ids[:int(g.max_len_a * len(src) + g.max_len_b)], skip_special=family == "seq2seq")
                     for x, src in zip(gens, chunk)]
         else:
