@@ -269,21 +269,21 @@ def main() -> None:
     splits = {name: ([p["source"] for p in load(name)], [p["target"] for p in load(name)]) for name in ("val", "test")}
     table = substitution_table(train)
     results: dict[str, dict[str, dict]] = {name: {} for name in splits}
+    table_outputs = {name: [apply_table(table, s) for s in sources] for name, (sources, _) in splits.items()}
     for name, (sources, refs) in splits.items():
         results[name]["copy source"] = generation_metrics(sources, refs)
-        results[name]["word substitution table"] = generation_metrics([apply_table(table, s) for s in sources], refs)
+        results[name]["word substitution table"] = generation_metrics(table_outputs[name], refs)
 
     model_data, model_sources = data, {name: sources for name, (sources, _) in splits.items()}
     if args.table_input:  # the same pairs with every source passed through a substitution table first
         model_data = out / "data-table-input"
         model_data.mkdir(parents=True, exist_ok=True)
-        rows = {"train": jackknifed_table_inputs(train, folds=5), "val": load("val"), "test": load("test")}
-        for name in ("val", "test"):
-            rows[name] = [{**p, "source": apply_table(table, p["source"])} for p in rows[name]]
+        model_sources = table_outputs
+        rows = {"train": jackknifed_table_inputs(train, folds=5),
+                **{name: [{**p, "source": src} for p, src in zip(load(name), table_outputs[name])] for name in splits}}
         for name, pairs in rows.items():
             (model_data / f"{name}.jsonl").write_text(
                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-        model_sources = {name: [p["source"] for p in rows[name]] for name in splits}
     tok_path = out / f"tokenizer-{args.vocab_size}.json"
     if not tok_path.is_file():
         from lmforge.tokenizer import Tokenizer
