@@ -14,6 +14,9 @@
    decoder -- the pretrained decoder `--decoder-base` (make demo's run) with its own tokenizer.
    Experiment flags: --dropout, --lr, --batch, --steps, --spans (random aligned sub-spans of each
    pair added), --shuffled (synthetic pairs of aligned word units in random order added).
+Clause pieces (--pieces N): the models train on the pairs cut at aligned clause ends into pieces of at
+   most N tokens, and decode sources cut the same way, one piece at a time (outputs joined by spaces);
+   a small model that loses its place in a long speech stays on track in a clause or two.
 Cascade (--table-input): the models read the table's output instead of the Folio source (training
    sources through tables learned from the other plays, 5 folds) and learn to post-edit it;
    --max-len-a/--max-len-b cut each output at a * input tokens + b (loops end early);
@@ -34,6 +37,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -120,6 +124,59 @@ def aligned_cuts(source: str, target: str) -> list[tuple[int, int]]:
     return cuts + [(len(source), len(target))]
 
 
+_CLAUSE_END = re.compile(r"[.?!:;,][\"'’)\]]*$")
+
+
+def _merge(pieces: list[tuple[str, str]], max_tokens: int, count: Callable[[str], int]) -> list[tuple[str, str]]:
+    """Consecutive (source, target) clauses joined while the source stays within max_tokens."""
+    out: list[tuple[str, str]] = []
+    for src, tgt in pieces:
+        if out and count(out[-1][0] + " " + src) <= max_tokens:
+            out[-1] = (out[-1][0] + " " + src, (out[-1][1] + " " + tgt).strip())
+        else:
+            out.append((src, tgt))
+    return out
+
+
+def source_pieces(text: str, max_tokens: int, count: Callable[[str], int]) -> list[str]:
+    """The text cut after every word that ends a clause (. ? ! : ; ,), consecutive clauses joined again
+    while a piece stays within max_tokens (as `count` measures): the units a piece-trained model decodes
+    one at a time. A clause longer than max_tokens stays whole."""
+    clauses, cur = [], []
+    for w in text.split():
+        cur.append(w)
+        if _CLAUSE_END.search(w):
+            clauses.append(" ".join(cur))
+            cur = []
+    if cur:
+        clauses.append(" ".join(cur))
+    return [src for src, _ in _merge([(c, "") for c in clauses], max_tokens, count)]
+
+
+def aligned_pieces(source: str, target: str, max_tokens: int, count: Callable[[str], int]) -> list[tuple[str, str]]:
+    """A training pair cut where `source_pieces` cuts sources: after a source word that ends a clause, if
+    the spelling-insensitive alignment pairs it and the next word with two consecutive target words (the
+    target is cut after the first one's partner, its punctuation included); then joined up to max_tokens."""
+    a, b = source.split(), target.split()
+    key = lambda w: skeleton(w) or w.lower()  # noqa: E731
+    sm = difflib.SequenceMatcher(a=[key(w) for w in a], b=[key(w) for w in b], autojunk=False)
+    partner = {i + k: j + k for i, j, n in sm.get_matching_blocks() for k in range(n)}
+    clauses, s0, t0 = [], 0, 0
+    for i in range(len(a) - 1):
+        j = partner.get(i)
+        if _CLAUSE_END.search(a[i]) and j is not None and j >= t0 and partner.get(i + 1) == j + 1:
+            clauses.append((" ".join(a[s0:i + 1]), " ".join(b[t0:j + 1])))
+            s0, t0 = i + 1, j + 1
+    clauses.append((" ".join(a[s0:]), " ".join(b[t0:])))
+    return _merge(clauses, max_tokens, count)
+
+
+def piece_pairs(pairs: list[dict], max_tokens: int, count: Callable[[str], int]) -> list[dict]:
+    """Every pair as its aligned pieces (pieces left without a source or a target are dropped)."""
+    return [{"source": s, "target": t} for p in pairs for s, t in aligned_pieces(p["source"], p["target"],
+                                                                                   max_tokens, count) if s and t]
+
+
 def span_pairs(pairs: list[dict], per_pair: int, seed: int = 0) -> list[dict]:
     """`per_pair` random aligned sub-spans (3-16 words) of each pair: more, shorter examples of the
     same pairs, so that the model learns local rewriting rather than whole speeches by heart."""
@@ -189,7 +246,20 @@ def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path
         extra = span_pairs(pairs, args.spans) + shuffled_pairs(pairs, args.shuffled)
         train_file = out / f"train+spans{args.spans}+shuffled{args.shuffled}.jsonl"
         train_file.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs + extra))
-    ns = argparse.Namespace(base=str(base), data=str(train_file), val_data=str(data / "val.jsonl"),
+    val_file = data / "val.jsonl"
+    if args.pieces:  # train on aligned clause pieces of at most --pieces tokens of this model's tokenizer
+        from lmforge.tokenizer import Tokenizer
+
+        count = token_counter(Tokenizer.from_file(base / "tokenizer.json" if kind == "decoder" else tok_path))
+
+        def as_pieces(path: Path, name: str) -> Path:
+            rows = piece_pairs([json.loads(x) for x in path.read_text().splitlines()], args.pieces, count)
+            piece_file = out / f"{kind}-{name}-pieces{args.pieces}.jsonl"
+            piece_file.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in rows))
+            return piece_file
+
+        train_file, val_file = as_pieces(train_file, "train"), as_pieces(val_file, "val")
+    ns = argparse.Namespace(base=str(base), data=str(train_file), val_data=str(val_file),
                               out=str(out / kind), resume=None, overwrite=True, config=None, recipe=None,
                               val_fraction=None, source_column=None, target_column=None, prefix=None)
     over = ["--train.max_steps", str(args.steps or 100000), "--train.max_minutes", str(minutes),
@@ -203,13 +273,21 @@ def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path
     return out / kind
 
 
+def token_counter(tok: Any) -> Callable[[str], int]:
+    return lambda text: len(tok.encode(text))
+
+
 def predict_run(run: Path, sources: list[str], max_len: int, beams: int = 1, max_len_a: float = 0.0,
-                max_len_b: int = 0) -> tuple[list[str], float]:
+                max_len_b: int = 0, pieces: int = 0) -> tuple[list[str], float]:
+    """Decode every source with the model in `run`; with `pieces`, each source is cut into clause pieces
+    of at most that many tokens, each piece decoded on its own, and the outputs joined with spaces."""
     from lmforge.finetune.seq2seq import Seq2SeqGenerateConfig, predict
     from lmforge.infer.llm import LLM
 
     llm = LLM.load(run)
     tok = llm.tokenizer
+    split = [source_pieces(s, pieces, token_counter(tok)) if pieces else [s] for s in sources]
+    sources = [p for ps in split for p in ps]
     if getattr(llm.model, "family", "decoder") == "seq2seq":  # the source, cut to max_len with its EOS
         family, eos, pad = "seq2seq", llm.model.cfg.eos_id, llm.model.cfg.pad_id
         ids = [tok.encode(s)[:max_len - 1] + [eos] for s in sources]
@@ -221,7 +299,8 @@ def predict_run(run: Path, sources: list[str], max_len: int, beams: int = 1, max
     preds = predict(llm.model, tok, ids, family, eos, pad,
                     Seq2SeqGenerateConfig(max_new_tokens=max_len + max_len // 4, num_beams=beams, batch_size=64,
                                           max_len_a=max_len_a, max_len_b=max_len_b))
-    return preds, time.time() - t0
+    outputs = iter(preds)
+    return [" ".join(next(outputs) for _ in ps) for ps in split], time.time() - t0
 
 
 def main() -> None:
@@ -255,6 +334,9 @@ def main() -> None:
     ap.add_argument("--max-word-change", type=float, default=0.0,
                     help="with --table-input, also score the guarded cascade: the model's output where it changes at "
                     "most this share of the table output's words, else the table output (0 = no such row)")
+    ap.add_argument("--pieces", type=int, default=0,
+                    help="train on aligned clause pieces of at most this many tokens and decode sources cut the same "
+                         "way, one piece at a time (0 = whole speeches)")
     ap.add_argument("--table-input", action="store_true",
                     help="cascade: the models read the substitution table's output instead of the Folio source "
                     "(they learn to post-edit it: punctuation, case, the words the table gets wrong)")
@@ -309,10 +391,11 @@ def main() -> None:
 
         n = load_model_dir(run)[0].num_params()
         label = {"t5": "T5-style", "bart": "BART-style", "decoder": "decoder (make demo's, fine-tuned)"}[kind]
-        label = f"{label} ({n / 1e6:.1f}M)" + (", table input" if args.table_input else "")
+        label = f"{label} ({n / 1e6:.1f}M)" + (", table input" if args.table_input else "") \
+            + (f", pieces <= {args.pieces}" if args.pieces else "") + (f", beams {args.beams}" if args.beams > 1 else "")
         for name, (sources, refs) in splits.items():
             preds, gen_s = predict_run(run, model_sources[name], args.max_len, args.beams, args.max_len_a,
-                                         args.max_len_b)
+                                         args.max_len_b, args.pieces)
             results[name][label] = {**generation_metrics(preds, refs), "train_seconds": round(train_s),
                                     "generate_seconds": round(gen_s)}
             if args.table_input and args.max_word_change > 0:

@@ -159,10 +159,11 @@ def test_length_grouped_batches_cover_every_pair_once_per_epoch_with_less_paddin
 
 @pytest.mark.parametrize("base,family", [("t5", "seq2seq"), ("gpt", "decoder")])
 def test_predict_cuts_each_output_at_max_len_a_times_source_plus_b(files, base, family):
+    """--generate.max_len_a/b (fairseq's loop guard): each output is the greedy output of a budget of
+    floor(a * source tokens + b) tokens for that sequence alone, whatever the rest of the batch. Beam
+    search, as fairseq's, searches up to the batch's longest budget, and each best beam is cut at its own."""
     import torch
 
-    """--generate.max_len_a/b (fairseq's loop guard): each output is the greedy output of a budget of
-    floor(a * source tokens + b) tokens for that sequence alone, whatever the rest of the batch."""
     from lmforge.checkpoint import load_model_dir
     from lmforge.finetune.seq2seq import Seq2SeqGenerateConfig, predict
     from lmforge.tokenizer import Tokenizer
@@ -181,3 +182,9 @@ def test_predict_cuts_each_output_at_max_len_a_times_source_plus_b(files, base, 
     for src, f, c in zip(sources, full, cut):
         alone = predict(model, tok, [src], family, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=int(0.5 * len(src) + 1)))
         assert [c] == alone and len(c) < len(f)
+    longest = max(int(0.5 * len(s) + 1) for s in sources)
+    beams = predict(model, tok, sources, family, eos, pad,
+                    Seq2SeqGenerateConfig(max_new_tokens=20, num_beams=3, max_len_a=0.5, max_len_b=1))
+    searched = predict(model, tok, sources, family, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=longest, num_beams=3))
+    # the longest source's budget bounds the search; the shorter one's best beam is cut at its own budget
+    assert beams[1] == searched[1] and searched[0].startswith(beams[0])

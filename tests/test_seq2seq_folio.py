@@ -138,3 +138,29 @@ def test_jackknifed_table_inputs_leave_words_of_held_out_plays_unknown_and_guard
     inputs = ["Looke how our Partner's rapt", "Unfold it"]
     outputs = ["Look, how our Partner's rapt.", "Uncle, ho, ho!"]
     assert guarded(inputs, outputs, 0.2) == ["Look, how our Partner's rapt.", "Unfold it"]
+
+
+def test_clause_pieces_cut_sources_and_training_pairs_at_the_same_places():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from folio import aligned_pieces, piece_pairs, source_pieces
+
+    n_words = lambda text: len(text.split())  # noqa: E731 -- a stand-in for a tokenizer's count
+    src = "Go sir Andrew: scout mee for him, so soone as euer thou seest him, draw"
+    tgt = "Go, Sir Andrew; scout me for him; so soon as ever thou seest him, draw."
+    # cut after every clause end; a clause longer than the limit stays whole
+    assert source_pieces(src, 4, n_words) == ["Go sir Andrew:", "scout mee for him,", "so soone as euer thou seest him,",
+                                               "draw"]
+    # clauses joined again while the piece stays within the limit
+    assert source_pieces(src, 8, n_words) == ["Go sir Andrew: scout mee for him,", "so soone as euer thou seest him, draw"]
+    # the targets are cut after the aligned partner of each source cut, with the editor's punctuation
+    assert aligned_pieces(src, tgt, 4, n_words) == [
+        ("Go sir Andrew:", "Go, Sir Andrew;"), ("scout mee for him,", "scout me for him;"),
+        ("so soone as euer thou seest him,", "so soon as ever thou seest him,"), ("draw", "draw.")]
+    assert aligned_pieces(src, tgt, 8, n_words) == [
+        ("Go sir Andrew: scout mee for him,", "Go, Sir Andrew; scout me for him;"),
+        ("so soone as euer thou seest him, draw", "so soon as ever thou seest him, draw.")]
+    # "your selfe," has no one-to-one partner in "yourself,": no cut there, the pair stays whole
+    assert aligned_pieces("vnfold your selfe, Stand", "unfold yourself, stand.", 2, n_words) == [
+        ("vnfold your selfe, Stand", "unfold yourself, stand.")]
+    pairs = [{"source": src, "target": tgt}, {"source": "Who's there?", "target": "Who's there?"}]
+    assert [p["source"] for p in piece_pairs(pairs, 8, n_words)] == source_pieces(src, 8, n_words) + ["Who's there?"]

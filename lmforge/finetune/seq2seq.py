@@ -332,15 +332,16 @@ def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], family: 
     out: list[str] = []
     for i in range(0, len(sources), g.batch_size):
         chunk = sources[i:i + g.batch_size]
+        n = g.max_new_tokens
+        if g.max_len_a > 0:  # fairseq's rule: no search past the batch's longest budget (each output is cut below)
+            n = max(1, min(n, max(int(g.max_len_a * len(s) + g.max_len_b) for s in chunk)))
         if family == "seq2seq":
-            gens = generate_seq2seq(model, chunk, max_new_tokens=g.max_new_tokens, temperature=0, num_beams=g.num_beams,
-                                    tokenizer=tok)
+            gens = generate_seq2seq(model, chunk, max_new_tokens=n, temperature=0, num_beams=g.num_beams, tokenizer=tok)
         elif g.num_beams > 1:
-            gens = beam_search_decoder(model, chunk, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
-                                       eos_id=eos, pad_id=pad, tokenizer=tok)
+            gens = beam_search_decoder(model, chunk, max_new_tokens=n, num_beams=g.num_beams, eos_id=eos, pad_id=pad,
+                                       tokenizer=tok)
         else:
-            ctx = int(model.cfg.block_size)
-            n = min(g.max_new_tokens, ctx - max(len(s) for s in chunk))
+            n = min(n, int(model.cfg.block_size) - max(len(s) for s in chunk))
             gens = generate(model, chunk, max_new_tokens=max(n, 1), temperature=0, eos_id=eos, pad_id=pad,
                             tokenizer=tok)
         if g.max_len_a > 0:  # greedy: cutting the output = stopping at the budget; beams: the best beam, cut
