@@ -60,7 +60,7 @@ align-bench: venv  # rollout tokens/s, steps/s, DPO peak memory with precomputed
 # First Folio -> modern spelling on the held-out plays: the anchors, T5- and BART-style models from
 # scratch (15 min each), make demo's decoder fine-tuned on clause pieces (10 min), and the same
 # decoder post-editing the word table's output, with and without the guard (10 min).
-FOLIO_PIECES = --pieces 24 --batch 64 --decoder-lr 1.5e-3 --max-len-a 1.2 --max-len-b 8
+FOLIO_PIECES = --pieces 24 --batch 64 --decoder-lr 1.5e-3 --max-len-a 1.2 --max-len-b 8 --beams 4
 folio-bench: venv
 	@test -d $(DEMO_RUN) || $(MAKE) demo
 	$(PY) benchmarks/folio.py --out runs/folio --models t5,bart --minutes 15
