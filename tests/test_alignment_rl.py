@@ -217,3 +217,54 @@ def test_prompt_that_leaves_no_room_to_generate(fx, tmp_path):
                                            "context of 32"):
         _train(grpo, _args(fx, tmp_path / "g", data=str(data)), COMMON + ["--train.max_steps", "1",
                                                                           "--grpo.num_generations", "2"])
+
+
+def _ptx_data(fx, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    with open(data, "w") as f:
+        for a in range(5):
+            for b in range(5):
+                f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n")
+    return data
+
+
+def test_grpo_ptx_adds_the_sft_loss_of_its_rows(fx, tmp_path):
+    """InstructGPT's PPO-ptx: loss = RL loss + ptx_coef x SFT loss on the ptx rows of that step. At the
+    first minibatch the GRPO term is 0 (ratio 1, group advantages sum to zero), so the logged loss is
+    exactly ptx_coef x the SFT loss of the base model on the first packed rows."""
+    from lmforge.data.chat import read_examples
+    from lmforge.finetune import grpo
+    from lmforge.finetune.sft import PackedRows, SFTObjective, render_examples
+
+    data = _ptx_data(fx, tmp_path)
+    ov = COMMON + ["--train.max_steps", "2", "--grpo.num_generations", "4", "--grpo.max_new_tokens", "5",
+                   "--grpo.ptx_coef", "0.5", "--grpo.ptx_micro_batch_size", "3"]
+    run = tmp_path / "g"
+    _train(grpo, _args(fx, run, ptx_data=str(data)), ov)
+    rows = _rows(run)
+    from lmforge.infer.llm import LLM
+
+    base = LLM.load(fx / "base")  # what the run starts from (model and tokenizer)
+    model, tok = base.model, base.tokenizer
+    ptx_rows = PackedRows(render_examples(read_examples(data), tok, "completion", 32, "truncate"), 32, 3, 1,
+                          1337 + 1, True, 0)
+    with torch.no_grad():
+        expected = float(SFTObjective()(model.train(), ptx_rows.micro_batch(0, 0))[0])
+    assert rows[0]["loss/ptx"] == pytest.approx(expected, rel=1e-5)
+    assert rows[0]["loss"] == pytest.approx(0.5 * expected, rel=1e-5, abs=1e-6)
+    assert "reward" in rows[0] and rows[1]["loss/ptx"] != rows[0]["loss/ptx"]  # the next step reads the next rows
+    with pytest.raises(LMForgeError, match=r"--ptx-data needs grpo.ptx_coef > 0, got 0.0"):
+        _train(grpo, _args(fx, tmp_path / "z", ptx_data=str(data)), ov + ["--grpo.ptx_coef", "0"])
+
+
+def test_ppo_ptx_resumes_exactly_mid_rollout(fx, tmp_path):
+    from lmforge.finetune import ppo
+
+    data = _ptx_data(fx, tmp_path)
+    ov = COMMON + ["--train.max_steps", "4", "--ppo.max_new_tokens", "5", "--ppo.epochs", "2", "--ppo.ptx_coef", "1.0"]
+    run = tmp_path / "p"
+    _train(ppo, _args(fx, run, ptx_data=str(data)), ov)
+    assert all("loss/ptx" in r and "loss/policy" in r for r in _rows(run))
+    resumed = tmp_path / "p2"
+    _train(ppo, _args(fx, resumed, ptx_data=str(data), resume=str(run / "checkpoints" / "step_00000003")), ov)
+    assert _same_weights(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")

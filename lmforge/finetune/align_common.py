@@ -96,6 +96,8 @@ def resolved(method: str, args: Any, cfg: Any) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["run"] = {"method": method, "base": str(getattr(args, "base", None)), "data": str(getattr(args, "data", None)),
                 "val_data": str(getattr(args, "val_data", None)), "val_fraction": getattr(args, "val_fraction", None)}
+    if getattr(args, "ptx_data", None):
+        d["run"]["ptx_data"] = str(args.ptx_data)
     return d
 
 

@@ -35,6 +35,9 @@ class GRPOSection:
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = field(default="grpo", metadata={"help": "grpo | bnpo | dr_grpo"})
     epochs: int = field(default=1, metadata={"help": "optimisation passes per rollout batch (TRL's num_iterations)"})
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a rollout batch"})
+    ptx_coef: float = field(default=0.05, metadata={"help": "with --ptx-data: weight of the SFT loss on that data "
+                                                            "(InstructGPT's PPO-ptx gamma)"})
+    ptx_micro_batch_size: int = field(default=8, metadata={"help": "with --ptx-data: packed SFT rows per micro-batch"})
 
 
 @dataclass
@@ -50,6 +53,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--reward", action="append", default=[], metavar="FILE.py:FN|MODULE:FN|RM_DIR",
                         help="reward function(s) or reward-model directory; repeat for several")
     parser.add_argument("--reward-weights", type=float, nargs="+", default=None, help="one weight per --reward")
+    parser.add_argument("--ptx-data", default=None, metavar="FILE.jsonl",
+                        help="SFT data mixed into every step with weight ptx_coef (InstructGPT's PPO-ptx): keeps "
+                             "what the model could do while RL moves it")
 
 
 def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
@@ -90,12 +96,14 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     stops = reply_stop_ids(tok)
     source = R.RolloutSource(examples, pids, tok, rewards, spec, t.micro_batch_size, t.grad_accum, t.seed,
                              D.rank(), D.world_size(), process, stops, C.pad_id_of(tok))
+    objective = R.GRPOObjective(g.epsilon, g.epsilon_high, g.beta, g.loss_type, g.max_new_tokens)
+    batches, objective, ptx_sha = R.add_ptx(args, llm, source, objective, g.ptx_coef, g.ptx_micro_batch_size, t.seed,
+                                            t.grad_accum, "grpo")
     holder = {"model": llm.model}
     task = Task(name="grpo", config=C.resolved("grpo", args, cfg),
                 build_model=lambda: holder.pop("model", None) or C.load_base(args.base).model,
-                objective=R.GRPOObjective(g.epsilon, g.epsilon_high, g.beta, g.loss_type, g.max_new_tokens),
-                train_batches=source, files=C.model_files(llm, args.base),
-                data_fingerprint={"data": C.file_sha(args.data)}, report_perplexity=C.REPORT_PPL,
+                objective=objective, train_batches=batches, files=C.model_files(llm, args.base),
+                data_fingerprint={"data": C.file_sha(args.data), **ptx_sha}, report_perplexity=C.REPORT_PPL,
                 description=f"{len(examples)} prompts, {source.n_prompts * D.world_size()} prompts x "
                             f"{g.num_generations} completions per rollout")
     return task, t

@@ -45,6 +45,9 @@ class PPOSection:
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass"})
     missing_eos_penalty: Optional[float] = field(default=None, metadata={"help": "subtracted from the score of replies that never end"})
     whiten_advantages: bool = field(default=True, metadata={"help": "zero-mean unit-variance advantages over the batch"})
+    ptx_coef: float = field(default=0.05, metadata={"help": "with --ptx-data: weight of the SFT loss on that data "
+                                                            "(InstructGPT's PPO-ptx gamma)"})
+    ptx_micro_batch_size: int = field(default=8, metadata={"help": "with --ptx-data: packed SFT rows per micro-batch"})
 
 
 @dataclass
@@ -131,11 +134,14 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
                              D.rank(), D.world_size(), process, reply_stop_ids(tok), C.pad_id_of(tok))
     source.on_load = on_load
     base = llm.model
+    objective = R.PPOObjective(p.cliprange, p.cliprange_value, p.vf_coef)
+    batches, objective, ptx_sha = R.add_ptx(args, llm, source, objective, p.ptx_coef, p.ptx_micro_batch_size, t.seed,
+                                            t.grad_accum, "ppo")
 
     task = Task(name="ppo", config=C.resolved("ppo", args, cfg),
                 build_model=lambda: DecoderWithValueHead.from_decoder(base),
-                objective=R.PPOObjective(p.cliprange, p.cliprange_value, p.vf_coef), train_batches=source,
-                files=C.model_files(llm, args.base), data_fingerprint={"data": C.file_sha(args.data)},
+                objective=objective, train_batches=batches,
+                files=C.model_files(llm, args.base), data_fingerprint={"data": C.file_sha(args.data), **ptx_sha},
                 report_perplexity=C.REPORT_PPL,
                 description=f"{len(examples)} prompts, {source.n_prompts * D.world_size()} replies per rollout, "
                             f"{spec.epochs * spec.minibatches} steps per rollout")

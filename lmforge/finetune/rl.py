@@ -390,3 +390,56 @@ class PPOObjective:
                  "loss/policy": pg.detach(), "loss/value": vf.detach(), "val/clipfrac": vst["clipfrac"],
                  **batch["stats"], "tokens": m.sum()}
         return loss, stats
+
+
+# ---- PPO-ptx: a language-model term on SFT data (InstructGPT) -----------------------------------
+
+class PtxBatches:
+    """Rollout micro-batches with rows of SFT data under "ptx" (InstructGPT's PPO-ptx, OpenRLHF's
+    --pretrain_data). The SFT rows of (step, index) are a pure function of the seed, so resume stays
+    exact; everything else (bind, checkpoint state, the model) is the rollout source's."""
+
+    def __init__(self, rollouts: RolloutSource, rows: Any):
+        self.rollouts, self.rows = rollouts, rows
+
+    def micro_batch(self, step: int, index: int) -> dict[str, Any]:
+        return {**self.rollouts.micro_batch(step, index), "ptx": self.rows.micro_batch(step, index)}
+
+    def __getattr__(self, name: str) -> Any:  # bind, state_dict, load_state_dict, n_prompts, ...
+        return getattr(self.rollouts, name)
+
+
+class WithPtx:
+    """The RL objective plus ptx_coef x the SFT loss (mean NLL of the trained tokens) of the ptx rows."""
+
+    def __init__(self, objective: Any, coef: float):
+        from lmforge.finetune.sft import SFTObjective
+
+        self.objective, self.coef, self.sft, self.name = objective, coef, SFTObjective(), objective.name
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Any]):
+        rl = {k: v for k, v in batch.items() if k != "ptx"}
+        loss, stats = self.objective(model, rl)
+        ptx, _ = self.sft(model, batch["ptx"])
+        return loss + self.coef * ptx, {**stats, "loss/ptx": ptx.detach()}
+
+
+def add_ptx(args: Any, llm: Any, source: RolloutSource, objective: Any, coef: float, rows_per_micro_batch: int,
+            seed: int, grad_accum: int, method: str) -> tuple[Any, Any, dict[str, str]]:
+    """With `--ptx-data FILE` (SFT conversations, prompt/completion pairs or text, as `lmforge
+    finetune sft` reads them): the source and objective with the ptx term, and the data's fingerprint."""
+    path = getattr(args, "ptx_data", None)
+    if not path:
+        return source, objective, {}
+    if coef <= 0:
+        raise LMForgeError(f"--ptx-data needs {method}.ptx_coef > 0, got {coef}")
+    from lmforge.data.chat import read_examples
+    from lmforge.finetune.sft import PackedRows, render_examples
+    from lmforge.finetune.align_common import file_sha, pad_id_of
+    from lmforge.train import distributed as D
+
+    seq_len = int(llm.model.cfg.block_size)
+    rendered = render_examples(read_examples(path), llm.tokenizer, "completion", seq_len, "truncate")
+    rows = PackedRows(rendered, seq_len, rows_per_micro_batch, grad_accum * D.world_size(), seed + 1, True,
+                      pad_id_of(llm.tokenizer))
+    return PtxBatches(source, rows), WithPtx(objective, coef), {"ptx_data": file_sha(path)}
