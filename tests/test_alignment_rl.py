@@ -165,18 +165,20 @@ def test_grpo_with_reward_model_directory(fx, tmp_path):
 
 
 DDP_RUNNER = '''
-import sys, types
+import os, sys, types
 from lmforge.finetune import grpo
 out, resume, rw = sys.argv[1], (sys.argv[2] or None), sys.argv[3]
 args = types.SimpleNamespace(base=sys.argv[4], data=sys.argv[5], out=out, val_data=None, val_fraction=None, config=None,
-                             recipe=None, resume=resume, overwrite=False, reward=[rw + ":exact"], reward_weights=None)
+                             recipe=None, resume=resume, overwrite=False, reward=[rw + ":exact"], reward_weights=None,
+                             ptx_data=os.environ.get("PTX_DATA"))
 grpo.run(args, sys.argv[6:])
 '''
 
 
 def test_grpo_ddp_shards_rollouts_and_resumes_exactly(fx, tmp_path):
     """torchrun, 2 processes: each rank samples its own prompts; rank 0's checkpoint written in the
-    middle of a rollout block holds every rank's buffer, and each resumed rank takes its own."""
+    middle of a rollout block holds every rank's buffer, and each resumed rank takes its own. With
+    the ptx term (two forward passes before one backward under DDP)."""
     import os
     import subprocess
     import sys
@@ -186,8 +188,8 @@ def test_grpo_ddp_shards_rollouts_and_resumes_exactly(fx, tmp_path):
     runner = tmp_path / "runner.py"
     runner.write_text(DDP_RUNNER)
     ov = COMMON + ["--train.max_steps", "4", "--grpo.num_generations", "2", "--grpo.max_new_tokens", "4",
-                   "--grpo.epochs", "2", "--train.micro_batch_size", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+                   "--grpo.epochs", "2", "--train.micro_batch_size", "2", "--grpo.ptx_coef", "0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PTX_DATA=str(_ptx_data(fx, tmp_path)))
 
     def launch(out, resume=""):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(runner),
@@ -199,6 +201,7 @@ def test_grpo_ddp_shards_rollouts_and_resumes_exactly(fx, tmp_path):
     st = load_tensors(tmp_path / "a" / "checkpoints" / "step_00000003" / "train_state.safetensors")
     r0, r1 = st["batches.r0.ids"], st["batches.r1.ids"]
     assert not (r0.shape == r1.shape and torch.equal(r0, r1))  # the ranks rolled out different prompts
+    assert all(r["loss/ptx"] > 0 for r in _rows(tmp_path / "a"))
     # a resumed rank 1 takes rank 1's buffer from rank 0's checkpoint
     src = R.RolloutSource([], [], None, [], R.RolloutSpec(group_size=2), 2, 1, 0, 1, 2, lambda b: b, 0, 0)
     src.load_state_dict({k[len("batches."):]: v for k, v in st.items() if k.startswith("batches.")})

@@ -406,6 +406,8 @@ class PtxBatches:
         return {**self.rollouts.micro_batch(step, index), "ptx": self.rows.micro_batch(step, index)}
 
     def __getattr__(self, name: str) -> Any:  # bind, state_dict, load_state_dict, n_prompts, ...
+        if name == "rollouts":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.rollouts, name)
 
 
@@ -440,6 +442,7 @@ def add_ptx(args: Any, llm: Any, source: RolloutSource, objective: Any, coef: fl
 
     seq_len = int(llm.model.cfg.block_size)
     rendered = render_examples(read_examples(path), llm.tokenizer, "completion", seq_len, "truncate")
+    # seed + 1: a stream of its own, not the permutation the prompts use
     rows = PackedRows(rendered, seq_len, rows_per_micro_batch, grad_accum * D.world_size(), seed + 1, True,
                       pad_id_of(llm.tokenizer))
     return PtxBatches(source, rows), WithPtx(objective, coef), {"ptx_data": file_sha(path)}
