@@ -428,7 +428,7 @@ class WithPtx:
 
 def add_ptx(args: Any, llm: Any, source: RolloutSource, objective: Any, coef: float, rows_per_micro_batch: int,
             seed: int, grad_accum: int, method: str) -> tuple[Any, Any, dict[str, str]]:
-    """With `--ptx-data FILE` (SFT conversations, prompt/completion pairs or text, as `lmforge
+    """With `--ptx-data FILE` (conversations, prompt/completion or instruction/output rows, as `lmforge
     finetune sft` reads them): the source and objective with the ptx term, and the data's fingerprint."""
     path = getattr(args, "ptx_data", None)
     if not path:
