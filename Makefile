@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DATA  ?= data/shakespeare
 DEMO_RUN   ?= runs/demo
 
-.PHONY: venv dev demo chat-demo test bench clean sentiment-bench
+.PHONY: venv dev demo chat-demo test test-cuda bench clean sentiment-bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ chat-demo: venv
 
 test: dev
 	$(VENV)/bin/python -m pytest -x --durations=10
+
+test-cuda: dev  # on a GPU machine: each fine-tuning method on CUDA against the CPU (make test hides CUDA)
+	LMFORGE_TEST_CUDA=1 $(VENV)/bin/python -m pytest -rs tests/test_cuda.py
 
 bench: dev
 	$(VENV)/bin/python benchmarks/run.py

@@ -1,12 +1,14 @@
 """Alignment speed and memory on the chat demo's SFT model (docs/benchmarks.md, "Alignment").
 
-    python benchmarks/align_bench.py [--sft runs/chat-demo] [--data data/chat_tasks] [--steps 20]
+    python benchmarks/align_bench.py [--sft runs/chat-demo] [--data data/chat_tasks] [--steps 20] [--device cuda]
 
 Each measurement runs in its own process (peak RSS = getrusage ru_maxrss of that process):
   dpo_precomputed  lmforge's DPO: reference log-probs computed once, no reference model while training
   dpo_live_ref     the same Task with the usual alternative: a live reference model in memory whose
                    log-probs are recomputed for every batch (same losses, more memory and time)
   grpo, ppo        rollout tokens/s (batched KV-cache generation inside training) and optimizer steps/s
+On a CUDA device (--device cuda) it also reports peak_cuda_train_mb: torch.cuda.max_memory_allocated
+during training alone (reset after the task is built, so DPO's one reference pass is not in it).
 Prints one JSON object per measurement and a summary table.
 """
 
@@ -37,14 +39,24 @@ def _pairs(sft: str, tasks: Path, out: Path, n: int) -> Path:
     return path
 
 
-def child(mode: str, sft: str, tasks: str, steps: int, out: str) -> dict:
+def _reset_cuda_peak(device: str) -> None:
+    """CUDA peak memory counts the training phase alone (set-up passes such as DPO's reference
+    log-probs excluded); what is resident then (a live reference model) is counted."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def child(mode: str, sft: str, tasks: str, steps: int, out: str, device: str = "cpu") -> dict:
     import torch
 
     from lmforge.train.loop import train_task
 
     torch.manual_seed(0)
     common = ["--train.max_steps", str(steps), "--train.progress", "false", "--train.log_every", "1",
-              "--train.ckpt_every", "1000000", "--train.eval_every", "0"]
+              "--train.ckpt_every", "1000000", "--train.eval_every", "0", "--train.device", device]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if mode.startswith("dpo"):
         from lmforge.finetune import dpo
@@ -55,7 +67,7 @@ def child(mode: str, sft: str, tasks: str, steps: int, out: str) -> dict:
         if mode == "dpo_live_ref":
             from lmforge.finetune.align_common import load_base
 
-            ref = load_base(sft).model.eval()
+            ref = load_base(sft).model.eval().to(device)
             inner = DPOObjective()
 
             def live(model, batch):
@@ -64,6 +76,7 @@ def child(mode: str, sft: str, tasks: str, steps: int, out: str) -> dict:
                 return inner(model, batch)
 
             task.objective = live
+        _reset_cuda_peak(device)
         t0 = time.perf_counter()
         train_task(task, t, out)
     else:
@@ -75,13 +88,17 @@ def child(mode: str, sft: str, tasks: str, steps: int, out: str) -> dict:
         task, t = mod.make_task(_args(sft, str(Path(tasks) / "train.jsonl"), out,
                                       reward=["lmforge.finetune.rewards:task_verifier"], reward_weights=None),
                                 common + ["--train.micro_batch_size", "32"] + extra)
+        _reset_cuda_peak(device)
         t0 = time.perf_counter()
         train_task(task, t, out)
     seconds = time.perf_counter() - t0
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     res = {"mode": mode, "steps": steps, "seconds": round(seconds, 2), "steps_per_s": round(steps / seconds, 3),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "rss_before_mb": round(rss0, 1)}
+           "rss_before_mb": round(rss0, 1), "device": device}
+    if device == "cuda":
+        res["device_name"] = torch.cuda.get_device_name()
+        res["peak_cuda_train_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)  # training only
     if "rollout_tok_per_s" in rows[0]:
         res["rollout_tok_per_s"] = round(sum(r["rollout_tok_per_s"] for r in rows) / len(rows), 1)
         res["completion_length"] = round(sum(r["completion_length"] for r in rows) / len(rows), 2)
@@ -94,25 +111,27 @@ def main() -> int:
     p.add_argument("--data", default="data/chat_tasks")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--modes", default="dpo_precomputed,dpo_live_ref,grpo,ppo")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--child")
     p.add_argument("--out")
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.sft, a.data, a.steps, a.out)))
+        print(json.dumps(child(a.child, a.sft, a.data, a.steps, a.out, a.device)))
         return 0
     results = []
     with tempfile.TemporaryDirectory() as d:
         for mode in a.modes.split(","):
             r = subprocess.run([sys.executable, __file__, "--child", mode, "--sft", a.sft, "--data", a.data,
-                                "--steps", str(a.steps), "--out", str(Path(d) / mode)], capture_output=True, text=True)
+                                "--steps", str(a.steps), "--out", str(Path(d) / mode), "--device", a.device], capture_output=True, text=True)
             if r.returncode:
                 print(r.stderr[-2000:], file=sys.stderr)
                 return 1
             results.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
-    print(f"{'mode':<16} {'steps/s':>8} {'peak RSS MB':>12} {'rollout tok/s':>14}")
+    print(f"{'mode':<16} {'steps/s':>8} {'peak RSS MB':>12} {'peak CUDA MB':>13} {'rollout tok/s':>14}")
     for r in results:
-        print(f"{r['mode']:<16} {r['steps_per_s']:>8.3f} {r['peak_rss_mb']:>12.1f} {r.get('rollout_tok_per_s', '-'):>14}")
+        print(f"{r['mode']:<16} {r['steps_per_s']:>8.3f} {r['peak_rss_mb']:>12.1f} {r.get('peak_cuda_train_mb', '-'):>13} "
+              f"{r.get('rollout_tok_per_s', '-'):>14}")
     return 0
 
 

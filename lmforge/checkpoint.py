@@ -197,8 +197,9 @@ def build_model(family: Any, cfg: Any, device: str | torch.device = "cpu", state
     with torch.device("meta"):
         model = family.model_cls(cfg)
     model = model.to_empty(device=device)
-    load_state_checked(model, state, source or Path("<weights>"))
-    return model
+    # load_state_checked assigns the given tensors themselves, so they go to the device first
+    load_state_checked(model, {k: v.to(device) for k, v in state.items()}, source or Path("<weights>"))
+    return model.to(device)  # buffers rebuilt from the weights follow them; a no-op for the rest
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):

@@ -1,6 +1,16 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules.
+
+The suite is the CPU reference: its golden values are fp32 CPU figures, and on a CUDA machine the
+loop would pick the GPU and bf16 autocast (train.device / train.dtype auto). So CUDA stays hidden
+unless LMFORGE_TEST_CUDA=1 (`make test-cuda`: tests/test_cuda.py, each method on CUDA vs the CPU).
+"""
 
 from __future__ import annotations
+
+import os
+
+if os.environ.get("LMFORGE_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA; subprocesses inherit it
 
 import pytest
 import torch

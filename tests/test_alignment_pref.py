@@ -176,6 +176,17 @@ def test_dpo_first_step_is_ln2_golden_and_resume_exact(base, tmp_path):
 GOLDEN_DPO_STEP4 = 0.6665841  # measured once on this fixture; a change means the math changed
 
 
+def test_dpo_reference_pass_uses_the_training_precision(base, tmp_path):
+    """Under bf16 autocast the reference log-probs come from a bf16 forward as well: step 1 is ln 2
+    and its margins 0, not the bf16-vs-fp32 rounding difference."""
+    from lmforge.finetune import dpo
+
+    run = tmp_path / "dpo"
+    _train(dpo, _args(base, run), OV[:1] + ["1"] + OV[2:] + ["--train.dtype", "bfloat16"])
+    first = [r for r in _rows(run) if "loss" in r][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margins"] == 0.0
+
+
 def test_dpo_grad_accumulation_equals_full_batch(base):
     from lmforge.data.alignment_data import encode_pairs
     from lmforge.finetune.preference import DPOObjective, PairBatches, reference_logps

@@ -271,3 +271,18 @@ def test_ppo_ptx_resumes_exactly_mid_rollout(fx, tmp_path):
     resumed = tmp_path / "p2"
     _train(ppo, _args(fx, resumed, ptx_data=str(data), resume=str(run / "checkpoints" / "step_00000003")), ov)
     assert _same_weights(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+
+
+def test_bf16_training_computes_rollout_logps_in_bf16_too(fx, tmp_path):
+    """Under bf16 autocast the old and reference log-probs come from the same bf16 forward as the
+    update, so the first minibatch is exactly on-policy (they were fp32 once: ratio 1.00003)."""
+    from lmforge.finetune import grpo, ppo
+
+    bf16 = COMMON + ["--train.max_steps", "1", "--train.dtype", "bfloat16"]
+    _train(ppo, _args(fx, tmp_path / "p"), bf16 + ["--ppo.max_new_tokens", "5"])
+    first = _rows(tmp_path / "p")[0]
+    assert first["policy/ratio"] == 1.0 and first["policy/approxkl"] == 0.0 and first["objective/kl"] == 0.0
+    _train(grpo, _args(fx, tmp_path / "g"), bf16 + ["--grpo.num_generations", "4", "--grpo.max_new_tokens", "5",
+                                                    "--grpo.beta", "0.1"])
+    first = _rows(tmp_path / "g")[0]
+    assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.0, abs=1e-6)

@@ -47,3 +47,23 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     rng = load_file(str(ddp / "checkpoints" / "step_00000004" / "train_state.safetensors"))
     assert {"rng.torch_cpu.r0", "rng.torch_cpu.r1"} <= set(rng)
     assert not torch.equal(rng["rng.torch_cpu.r0"], rng["rng.torch_cpu.r1"])  # each rank's own dropout stream
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    """torchrun --nproc_per_node 2 on one GPU: a message, not NCCL's "duplicate GPU" traceback. A
+    launcher that gives each process its own CUDA_VISIBLE_DEVICES shows each one GPU: cuda:0."""
+    from lmforge.errors import LMForgeError
+    from lmforge.train.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(LMForgeError) as e:
+        pick_device("auto", local_rank=1)
+    assert str(e.value) == ("2 processes on this machine but 1 CUDA device(s): one GPU per process; use torchrun "
+                            "--nproc_per_node 1, or --train.device cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert pick_device("auto", local_rank=1) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert pick_device("cpu", local_rank=0) == torch.device("cpu")

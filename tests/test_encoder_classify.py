@@ -168,3 +168,18 @@ def test_hf_classifier_folder_classifies_like_transformers(tmp_path):
     for r, p in zip(res, probs):
         assert list(r["probs"]) == ["neg", "neu", "pos"]
         assert list(r["probs"].values()) == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_fresh_head_follows_train_seed_not_the_process_rng(base_encoder, tmp_path, capsys):
+    """Two runs in one process with one seed are identical; another seed draws another head."""
+    train = write_jsonl(tmp_path / "t.jsonl", make_rows(32, 1))
+
+    def first_loss(out, seed):
+        torch.manual_seed(len(out.name))  # whatever the caller's global RNG holds must not matter
+        assert main(["finetune", "classify", "--base", str(base_encoder), "--data", train, "--out", str(out),
+                     "--train.max_steps", "1", "--train.progress", "false", "--train.log_every", "1",
+                     "--train.seed", str(seed)]) == 0
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    a, b, c = first_loss(tmp_path / "a", 1), first_loss(tmp_path / "bb", 1), first_loss(tmp_path / "c", 2)
+    assert a == b and a != c

@@ -154,3 +154,16 @@ def test_prompt_type_errors(model_dir):
     with pytest.raises(LMForgeError) as e:
         llm.generate("hello " * 80, max_new_tokens=1)
     assert str(e.value).startswith("prompt has ") and str(e.value).endswith(" tokens but the model's context is 64")
+
+
+def _placement(model: torch.nn.Module) -> set[str]:
+    return {t.device.type for t in [*model.parameters(), *model.buffers()]}
+
+
+def test_load_puts_weights_and_buffers_on_the_requested_device(model_dir):
+    """The weights are assigned, not copied, into the model: they must be moved first (a CUDA load
+    once kept them on the CPU). The meta device stands in for CUDA here; tests/test_cuda.py runs it."""
+    from lmforge.checkpoint import load_model_dir
+
+    assert _placement(load_model_dir(model_dir, device="meta")[0]) == {"meta"}
+    assert _placement(LLM.load(model_dir).model) == {"cpu"}

@@ -114,3 +114,13 @@ def test_decoder_beam_search_through_llm(tmp_path):
     assert got == want
     with pytest.raises(LMForgeError, match="beam search returns at most num_beams"):
         llm.generate(prompt, num_beams=2, num_samples=3)
+
+
+@pytest.mark.parametrize("make", [t5_folder, bart_folder])
+def test_hf_folder_loads_onto_the_requested_device(tmp_path, make):
+    """Weights assigned into the model are moved to the device first (the meta device stands in for CUDA)."""
+    from lmforge.interop.hf import load_hf_dir
+
+    make(tmp_path / "hf")
+    model = load_hf_dir(tmp_path / "hf", device="meta")[0]
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}

@@ -16,6 +16,7 @@ context are truncated and counted. Runs in the one training loop (resume, accumu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -264,14 +265,16 @@ def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optio
             over["dropout"] = m.dropout
         same = model.cfg.head == "sequence" and model.cfg.label_names() == labels and not over
         if not same:
-            model = model.with_head("sequence", labels=labels, **over)
+            with _seeded(t.seed):
+                model = model.with_head("sequence", labels=labels, **over)
         limit = d.max_length or (model.cfg.block_size - model.cfg.position_offset)
     else:
         from lmforge.models.heads import DecoderClassifier
 
         id2label = {str(i): n for i, n in enumerate(labels)}
         if family != "decoder_classifier" or [str(v) for v in (model.cfg.id2label or {}).values()] != labels:
-            model = DecoderClassifier.from_decoder(model, num_labels=len(labels), id2label=id2label)
+            with _seeded(t.seed):
+                model = DecoderClassifier.from_decoder(model, num_labels=len(labels), id2label=id2label)
         limit = d.max_length or model.cfg.block_size
     model.train()
 
@@ -324,6 +327,15 @@ def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optio
         evaluate=evaluate if val_source else None, files=_base_files(base),
         data_fingerprint={"dir": str(data), "sha256": _fingerprint(paths)}, report_perplexity=False,
         description=f"global batch {t.micro_batch_size * per_step} examples, {len(labels)} labels")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """A fresh head initialised from train.seed, whatever the process's global RNG holds (two runs
+    in one Python process, or two seeds, must not share or differ by accident)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -97,8 +97,11 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
         ref = cached
         C.say("dpo", f"reference log-probs reused from {Path(args.out) / REF_FILE}")
     else:
-        C.say("dpo", f"computing reference log-probs of {len(train_enc) + len(val_enc)} pairs")
-        ref = reference_logps(model, train_enc + val_enc, pad)
+        from lmforge.train.loop import training_precision
+
+        device, autocast = training_precision(cfg.train)  # on the GPU that will train, not the CPU
+        C.say("dpo", f"computing reference log-probs of {len(train_enc) + len(val_enc)} pairs on {device}")
+        ref = reference_logps(model.to(device), train_enc + val_enc, pad, autocast=autocast)
     ref_train, ref_val = ref[:, :len(train_enc)], ref[:, len(train_enc):]
     t = cfg.train
     from lmforge.train import distributed as D

@@ -82,10 +82,9 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     names = [rf.name for rf in rewards]
 
     def process(buf: dict) -> dict:
-        model = source.model
-        buf["old_logps"], _, _ = R.forward_logps(model, buf["ids"], buf["labels"])
+        buf["old_logps"], _, _ = source.logps(source.model, buf)
         if ref is not None:
-            buf["ref_logps"], _, _ = R.forward_logps(ref, buf["ids"], buf["labels"])
+            buf["ref_logps"], _, _ = source.logps(ref, buf)
         adv, st = A.grpo_advantages(buf["scores"], g.num_generations, g.scale_rewards)
         buf["advantages"] = adv
         buf.update(R.rollout_stats(buf, names))

@@ -98,10 +98,9 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     ctl = {"kl_coef": float(p.kl_coef)}
 
     def process(buf: dict) -> dict:
-        model = source.model
         m = buf["mask"]
-        old, values, ent = R.forward_logps(model, buf["ids"], buf["labels"], with_values=True)
-        ref_lp, _, _ = R.forward_logps(ref, buf["ids"], buf["labels"])
+        old, values, ent = source.logps(source.model, buf, with_values=True)
+        ref_lp, _, _ = source.logps(ref, buf)
         scores = buf["scores"].clone()
         if p.missing_eos_penalty is not None:
             scores = scores - p.missing_eos_penalty * (~buf["ended"]).float()

@@ -90,15 +90,20 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 @torch.no_grad()
 def reference_logps(model: torch.nn.Module, pairs: Sequence[EncodedPair], pad_id: int,
-                    batch_size: int = 16) -> torch.Tensor:
+                    batch_size: int = 16, autocast: torch.dtype = torch.float32) -> torch.Tensor:
     """(2, n_pairs) reference log-probs of chosen and rejected completions: the one pass over the
-    data that replaces a live reference model during DPO."""
+    data that replaces a live reference model during DPO. Runs on the model's device, under the
+    training forward's autocast dtype (so step 1's loss is ln 2 up to summation order), on the CPU."""
+    from lmforge.train.task import to_device
+
     was = model.training
     model.eval()
+    device = next(model.parameters()).device
     src = PairBatches(pairs, batch_size, 1, 0, pad_id)
     out = []
     for b in src.fixed_batches(batch_size):
-        lp = completion_logps(model, b).float()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast != torch.float32):
+            lp = completion_logps(model, to_device(b, device)).float().cpu()
         B = lp.shape[0] // 2
         out.append(torch.stack([lp[:B], lp[B:]]))
     model.train(was)

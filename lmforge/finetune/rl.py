@@ -203,13 +203,25 @@ class RolloutSource:
         self.n_prompts = self.rows // spec.group_size  # per rank per rollout
         self.steps_per_rollout = spec.epochs * spec.minibatches
         self.model: torch.nn.Module | None = None
+        self.autocast = torch.float32  # the training forward's autocast dtype (bind)
         self.on_load: Callable[[dict], None] | None = None  # restores controller state (PPO's KL coef)
         self.buffer: dict[str, torch.Tensor] | None = None
         self.all_buffers: list[dict[str, torch.Tensor]] = []
         self.buffer_id = -1
 
-    def bind(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def bind(self, model: torch.nn.Module, autocast: torch.dtype = torch.float32) -> None:
+        """The live policy, and the autocast dtype of the loop's training forward: the rollout's
+        log-probs (old, reference) are computed in that precision, so the first minibatch's ratio is 1
+        up to summation order rather than off by the bf16-vs-fp32 rounding of every token."""
+        self.model, self.autocast = model, autocast
+
+    def logps(self, model: torch.nn.Module, buf: dict[str, torch.Tensor], with_values: bool = False):
+        """forward_logps of the buffer's rows under `model` (the policy or a frozen reference, moved
+        to the policy's device on first use) in the training precision."""
+        device = next(self.model.parameters()).device
+        if next(model.parameters()).device != device:
+            model.to(device)
+        return forward_logps(model, buf["ids"], buf["labels"], with_values=with_values, autocast=self.autocast)
 
     # -- checkpointed state (only rank 0 writes checkpoints, so it holds every rank's buffer)
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -323,19 +335,23 @@ def _prompt_text(prompt: Any) -> str:
 
 @torch.no_grad()
 def forward_logps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 16,
-                  with_values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-token log-probs of the labels (N, T), values (N, T) or None, entropy (N, T); eval mode."""
+                  with_values: bool = False, autocast: torch.dtype = torch.float32,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-token log-probs of the labels (N, T), values (N, T) or None, entropy (N, T); eval mode,
+    under `autocast` (the training forward's dtype) where that is not float32."""
     was = model.training
     model.eval()
     lps, vals, ents = [], [], []
+    device = next(model.parameters()).device
     for i in range(0, ids.shape[0], batch_size):
-        x = ids[i:i + batch_size].to(next(model.parameters()).device)
+        x = ids[i:i + batch_size].to(device)
         y = labels[i:i + batch_size].to(x.device)
-        if with_values:
-            logits, v = model(x, values=True)
-            vals.append(v.float().cpu())
-        else:
-            logits = model(x)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast != torch.float32):
+            if with_values:
+                logits, v = model(x, values=True)
+                vals.append(v.float().cpu())
+            else:
+                logits = model(x)
         lps.append(A.token_logps(logits, y).cpu())
         ents.append(A.entropy_from_logits(logits).cpu())
     model.train(was)

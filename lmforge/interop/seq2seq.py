@@ -306,7 +306,8 @@ def load_hf_dir(hf_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     with torch.device("meta"):
         model = Seq2Seq(cfg)
     model = model.to_empty(device=device)
-    model.load_state_dict(ours, strict=False, assign=True)
+    # assign=True keeps the given tensors themselves: on the CPU unless moved to the device first
+    model.load_state_dict({k: v.to(device) for k, v in ours.items()}, strict=False, assign=True)
     model.retie()
     model.eval()
     tok = hf_dir / TOKENIZER

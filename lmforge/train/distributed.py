@@ -39,7 +39,14 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise LMForgeError("train.device is 'cuda' but no CUDA device is available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        n, procs = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # Processes that all see the same GPUs (torchrun) need one each: NCCL refuses two on one GPU
+        # with a "duplicate GPU" traceback. A launcher that gives each process its own
+        # CUDA_VISIBLE_DEVICES (srun --gpus-per-task) shows each one GPU, cuda:0.
+        if procs > n and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            raise LMForgeError(f"{procs} processes on this machine but {n} CUDA device(s): one GPU per process; "
+                               f"use torchrun --nproc_per_node {n}, or --train.device cpu")
+        return torch.device("cuda", local_rank % n)
     return torch.device("cpu")
 
 

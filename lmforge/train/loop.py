@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import sys
 import time
@@ -129,6 +130,14 @@ def _autocast_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def training_precision(train_cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """(device, autocast dtype) the loop will train this process in: for the passes a task makes
+    before training (DPO's reference log-probs), so they run where and as the training forward does."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if D.world_size() > 1 else 0
+    device = D.pick_device(train_cfg.device, local_rank)
+    return device, _autocast_dtype(train_cfg.dtype, device)
 
 
 def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, resume: str | Path | None = None,
@@ -258,9 +267,9 @@ class _Trainer:
             ckpt_io.load_state_checked(raw, weights, self.ckpt / ckpt_io.MODEL_WEIGHTS)
         self.raw = raw.to(self.device)
         self.raw.train()
-        if hasattr(self.task.train_batches, "bind"):
-            self.task.train_batches.bind(self.raw)
         self.dtype = _autocast_dtype(t.dtype, self.device)
+        if hasattr(self.task.train_batches, "bind"):
+            self.task.train_batches.bind(self.raw, autocast=self.dtype)
         self.optimizer = build_optimizer(self.raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.device.type,
                                          name=t.optimizer, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
                                          muon_weight_decay=t.muon_weight_decay)
