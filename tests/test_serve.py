@@ -196,6 +196,17 @@ def test_chat_schema_stream_and_offline_equality(server, client, llm):
     assert raw.choices[0].message.content == llm.chat(MESSAGES, max_new_tokens=15, temperature=0.9, seed=3)
 
 
+def test_developer_role_is_the_system_role_and_text_response_format_is_accepted(client, llm):
+    as_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    as_developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    a = client.chat.completions.create(model=NAME, messages=as_system, max_tokens=8, temperature=0)
+    b = client.chat.completions.create(model=NAME, messages=as_developer, max_tokens=8, temperature=0,
+                                       response_format={"type": "text"})
+    assert b.choices[0].message.content == a.choices[0].message.content
+    assert b.usage.prompt_tokens == a.usage.prompt_tokens == len(
+        llm.tokenizer.apply_chat_template(as_system, add_generation_prompt=True, tokenize=True))
+
+
 def test_chat_without_template_is_400(server, llm):
     tok = llm.tokenizer
     saved, tok.chat_template = tok.chat_template, None
@@ -230,6 +241,12 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user"}], "top_logprobs": 2}, 400, "top_logprobs", None),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages", "unknown role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     400, "response_format", "response_format type 'json_object' is not supported by this server"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+     400, "stream_options", "stream_options is only allowed when stream is true"),
+    ("/v1/completions", {"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "only allowed when stream is true"),
     ("/tokenize", {"prompt": 5}, 400, "prompt", None),
     ("/tokenize", {}, 400, "prompt", "exactly one"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "outside"),

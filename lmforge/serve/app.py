@@ -336,6 +336,8 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
     def sampling(req: Any, max_tokens: int, logprobs: int | None) -> dict:
         if req.logit_bias:
             raise ServeError(400, "logit_bias is not supported by this server", param="logit_bias")
+        if req.stream_options is not None and not req.stream:  # as OpenAI and vLLM answer
+            raise ServeError(400, "stream_options is only allowed when stream is true", param="stream_options")
         temperature = 1.0 if req.temperature is None else req.temperature
         top_k = None if req.top_k in (None, -1, 0) else req.top_k
         top_p = None if req.top_p in (None, 1.0) else req.top_p
@@ -410,6 +412,10 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
         check_model(req.model)
         if req.tools:
             raise ServeError(400, "tools are not supported by this server", param="tools")
+        kind = (req.response_format or {}).get("type", "text")
+        if kind != "text":  # a reply that merely looks like JSON would be worse than a clear refusal
+            raise ServeError(400, f"response_format type '{kind}' is not supported by this server (no constrained "
+                                  "decoding); only 'text'", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise ServeError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         ids = _render_chat(eng, req.messages, req.add_generation_prompt)
@@ -491,7 +497,9 @@ def _render_chat(eng: Engine, messages: list, add_generation_prompt: bool = True
     if getattr(tok, "chat_template", None) is None or not hasattr(tok, "apply_chat_template"):
         raise ServeError(400, "this model has no chat template, so /v1/chat/completions cannot format messages; "
                               "use /v1/completions with a prompt", param="messages")
-    msgs = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+    # OpenAI's "developer" role is the system role of newer models; chat templates know "system"
+    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+             **({"name": m.name} if m.name else {})} for m in messages]
     try:
         ids = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
     except LMForgeError as e:

@@ -114,6 +114,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     tools: Optional[list[Any]] = None
+    response_format: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
 
 
