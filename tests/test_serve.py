@@ -140,6 +140,31 @@ def test_stop_strings_and_big_seeds(client, llm):
     assert len(r.choices) == 2
 
 
+def test_logit_bias_steers_sampling_and_leaves_logprobs_raw(client, llm):
+    """OpenAI's logit_bias: added to the logits before sampling (-100 bans a token, +100 forces it);
+    the returned logprobs stay the model's own (vLLM's default), as for every sampling setting."""
+    import torch
+
+    ids = llm.tokenizer.encode_prompt("ROMEO: but")
+    with torch.no_grad():
+        logits_V = llm.model(torch.tensor([ids]))[0, -1].float()
+    first, second = logits_V.topk(2).indices.tolist()
+    banned = client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0, logprobs=1,
+                                       logit_bias={str(first): -100})
+    unbiased = client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0, logprobs=2)
+    top = unbiased.choices[0].logprobs.top_logprobs[0]  # best first: the greedy token, then the runner-up
+    lp = banned.choices[0].logprobs
+    assert lp.tokens[0] == list(top)[1] != unbiased.choices[0].logprobs.tokens[0]
+    assert lp.token_logprobs[0] == top[list(top)[1]] == pytest.approx(torch.log_softmax(logits_V, -1)[second].item(),
+                                                                       abs=1e-4)
+    forced = client.completions.create(model=NAME, prompt=ids, max_tokens=4, temperature=0.9, seed=1,
+                                       logit_bias={str(ids[-1]): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == llm.tokenizer.decode([ids[-1]] * 4)
+    plain = client.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0)
+    zero = client.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0, logit_bias={"5": 0})
+    assert zero.choices[0].text == plain.choices[0].text
+
+
 def test_stream_with_several_prompts_and_n(client):
     kw = dict(model=NAME, prompt=["ROMEO: but", "the quick"], max_tokens=6, temperature=0.8, seed=9, n=2)
     full = client.completions.create(**kw)
@@ -235,7 +260,9 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 500}, 400, "prompt",
      "This model's maximum context length is 128 tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "only with echo"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, 400, "logit_bias", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"a": 1.0}}, 400, "logit_bias", "keys must be token ids"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"999999": 1.0}}, 400, "logit_bias", "outside the model's"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias", "between -100 and 100"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "The model `gpt-4` does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", None),
     ("/v1/chat/completions", {"messages": [{"role": "user"}], "top_logprobs": 2}, 400, "top_logprobs", None),

@@ -55,6 +55,7 @@ class GenerationRequest:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0  # OpenAI: subtracted once from every token generated so far
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
+    logit_bias: dict[int, float] | None = None  # OpenAI: added to these tokens' logits before sampling
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
@@ -206,7 +207,12 @@ class _Seq:
         self.callback = callback
         self.prompt = list(req.prompt_ids)
         self.params = SamplingParams(req.temperature, req.top_k, req.top_p, req.repetition_penalty)
-        self.extras = bool(req.min_p or req.presence_penalty or req.frequency_penalty)
+        self.extras = bool(req.min_p or req.presence_penalty or req.frequency_penalty or req.logit_bias)
+        self.bias_V = None
+        if req.logit_bias:
+            self.bias_V = torch.zeros(vocab, device=device)
+            self.bias_V[torch.tensor(list(req.logit_bias), device=device)] = torch.tensor(
+                [float(v) for v in req.logit_bias.values()], device=device)
         self.stop_ids = stop_ids
         self.generator = None if self.params.greedy else make_generator(device, req.seed)
         stops = normalize_stop(list(req.stop))
@@ -312,6 +318,11 @@ class Scheduler:
         for t in req.stop_token_ids:
             if not 0 <= t < self.vocab:
                 raise LMForgeError(f"stop token id {t} is outside the model's vocabulary (0..{self.vocab - 1})")
+        for t, v in (req.logit_bias or {}).items():
+            if not 0 <= t < self.vocab:
+                raise LMForgeError(f"logit_bias token id {t} is outside the model's vocabulary (0..{self.vocab - 1})")
+            if not -100.0 <= v <= 100.0:
+                raise LMForgeError(f"logit_bias values must be between -100 and 100, got {v} for token {t}")
         if req.stop and self.tokenizer is None:
             raise LMForgeError("stop strings need a tokenizer, and this model has none")
 
@@ -487,6 +498,8 @@ class Scheduler:
         if not seq.extras:
             return int(sample_next(logits_1V, seq.params, seq.generator, seen)[0])
         logits_1V = logits_1V.float()
+        if seq.bias_V is not None:
+            logits_1V = logits_1V + seq.bias_V
         if seq.counts_V is not None:
             r = seq.req
             logits_1V = logits_1V - r.frequency_penalty * seq.counts_V - r.presence_penalty * (seq.counts_V > 0).float()

@@ -334,8 +334,13 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
     # ---- generation -----------------------------------------------------------------------------
 
     def sampling(req: Any, max_tokens: int, logprobs: int | None) -> dict:
-        if req.logit_bias:
-            raise ServeError(400, "logit_bias is not supported by this server", param="logit_bias")
+        bias = None
+        if req.logit_bias:  # OpenAI's keys are token ids as strings
+            try:
+                bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+            except ValueError:
+                raise ServeError(400, "logit_bias keys must be token ids (integers as strings), got "
+                                      f"{', '.join(repr(k) for k in req.logit_bias)}", param="logit_bias") from None
         if req.stream_options is not None and not req.stream:  # as OpenAI and vLLM answer
             raise ServeError(400, "stream_options is only allowed when stream is true", param="stream_options")
         temperature = 1.0 if req.temperature is None else req.temperature
@@ -343,7 +348,7 @@ def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable
         top_p = None if req.top_p in (None, 1.0) else req.top_p
         return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=req.min_p,
                     repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                    frequency_penalty=req.frequency_penalty, stop=_stops(req.stop),
+                    frequency_penalty=req.frequency_penalty, logit_bias=bias, stop=_stops(req.stop),
                     stop_token_ids=list(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
                     skip_special_tokens=req.skip_special_tokens)
 
@@ -442,7 +447,7 @@ _ROUTES = {"/", "/health", "/metrics", "/v1/models", "/tokenize", "/detokenize",
 
 
 def _param_of(message: str) -> str | None:
-    for key in ("max_tokens", "min_p", "temperature", "top_k", "top_p", "repetition_penalty", "stop"):
+    for key in ("logit_bias", "max_tokens", "min_p", "temperature", "top_k", "top_p", "repetition_penalty", "stop"):
         if key in message:
             return key
     if "prompt" in message or "context length" in message:
