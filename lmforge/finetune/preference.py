@@ -92,8 +92,9 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 def reference_logps(model: torch.nn.Module, pairs: Sequence[EncodedPair], pad_id: int,
                     batch_size: int = 16, autocast: torch.dtype = torch.float32) -> torch.Tensor:
     """(2, n_pairs) reference log-probs of chosen and rejected completions: the one pass over the
-    data that replaces a live reference model during DPO. Runs on the model's device, under the
-    training forward's autocast dtype (so step 1's loss is ln 2 up to summation order), on the CPU."""
+    data that replaces a live reference model during DPO. Runs on the model's device under the
+    training forward's autocast dtype, so step 1's loss is ln 2: exactly on the CPU, up to the
+    kernels' summation order on a GPU."""
     from lmforge.train.task import to_device
 
     was = model.training
