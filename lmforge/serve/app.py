@@ -502,11 +502,17 @@ def _render_chat(eng: Engine, messages: list, add_generation_prompt: bool = True
     if getattr(tok, "chat_template", None) is None or not hasattr(tok, "apply_chat_template"):
         raise ServeError(400, "this model has no chat template, so /v1/chat/completions cannot format messages; "
                               "use /v1/completions with a prompt", param="messages")
-    # OpenAI's "developer" role is the system role of newer models; chat templates know "system"
-    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-             **({"name": m.name} if m.name else {})} for m in messages]
+    msgs = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
     try:
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
+        try:
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
+        except Exception:
+            if not any(m["role"] == "developer" for m in msgs):
+                raise
+            # OpenAI's "developer" role is the system role of newer models: a template that does not
+            # know it (most; ChatML among them) gets "system" instead
+            msgs = [{**m, "role": "system"} if m["role"] == "developer" else m for m in msgs]
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
     except LMForgeError as e:
         raise ServeError(400, str(e), param="messages") from None
     except Exception as e:  # jinja raises its own errors for messages a template rejects
