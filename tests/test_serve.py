@@ -232,6 +232,18 @@ def test_developer_role_is_the_system_role_and_text_response_format_is_accepted(
         llm.tokenizer.apply_chat_template(as_system, add_generation_prompt=True, tokenize=True))
 
 
+def test_a_template_that_knows_the_developer_role_gets_it(server, llm):
+    tok = llm.tokenizer
+    saved = tok.chat_template
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    try:
+        r = httpx.post(server[0].url + "/tokenize", json={"messages": [{"role": "developer", "content": "x"}]},
+                       timeout=30)
+    finally:
+        tok.chat_template = saved
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode("developer: x\n")
+
+
 def test_chat_without_template_is_400(server, llm):
     tok = llm.tokenizer
     saved, tok.chat_template = tok.chat_template, None
