@@ -24,8 +24,10 @@ from test_encoder_classify import base_encoder, make_rows  # noqa: F401
 from test_seq2seq_finetune import files  # noqa: F401
 
 DEV = os.environ.get("LMFORGE_TEST_DEVICE", "cuda")  # "cpu" checks this file's own logic without a GPU
-pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(),
-                                reason="needs a CUDA device, shown to tests by LMFORGE_TEST_CUDA=1 (make test-cuda)")
+pytestmark = pytest.mark.skipif(
+    DEV == "cuda" and not torch.cuda.is_available(),
+    reason="no CUDA device on this machine" if os.environ.get("LMFORGE_TEST_CUDA") == "1"
+    else "the suite hides CUDA; on a GPU machine run make test-cuda")
 
 COMMON = {"train": {"max_steps": 3, "log_every": 1, "progress": False, "dtype": "float32", "warmup_steps": 1,
                     "ckpt_every": 1000, "micro_batch_size": 4, "lr": 1e-3}}
