@@ -41,11 +41,11 @@ def _on_both(method, base_dir, data, tmp_path, config=None, **kw) -> tuple[list[
     from lmforge.finetune.api import finetune
 
     got = []
-    for dev in ("cpu", DEV):
+    for i, dev in enumerate(("cpu", DEV)):  # run directories by position: DEV may be "cpu" too
         cfg = {**COMMON, "train": {**COMMON["train"], "device": dev, **(config or {}).get("train", {})},
                **{k: v for k, v in (config or {}).items() if k != "train"}}
-        finetune(method, base_dir, data, tmp_path / ("a" if not got else "b"), config=cfg, **kw)
-        got.append(_rows(tmp_path / ("b" if got else "a")))
+        finetune(method, base_dir, data, tmp_path / f"run{i}", config=cfg, **kw)
+        got.append(_rows(tmp_path / f"run{i}"))
     return got[0], got[1]
 
 
