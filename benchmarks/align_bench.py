@@ -4,7 +4,7 @@
 
 Each measurement runs in its own process (peak RSS = getrusage ru_maxrss of that process):
   dpo_precomputed  lmforge's DPO: reference log-probs computed once, no reference model while training
-  dpo_live_ref     the same Task with the usual alternative: a live reference model in memory whose
+  dpo_live_ref     the same TrainJob with the usual alternative: a live reference model in memory whose
                    log-probs are recomputed for every batch (same losses, more memory and time)
   grpo, ppo        rollout tokens/s (batched KV-cache generation inside training) and optimizer steps/s
 On a CUDA device (--device cuda) it also reports peak_cuda_train_mb: torch.cuda.max_memory_allocated
@@ -52,7 +52,7 @@ def _reset_cuda_peak(device: str) -> None:
 def child(mode: str, sft: str, tasks: str, steps: int, out: str, device: str = "cpu") -> dict:
     import torch
 
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     torch.manual_seed(0)
     common = ["--train.max_steps", str(steps), "--train.progress", "false", "--train.log_every", "1",
@@ -78,7 +78,7 @@ def child(mode: str, sft: str, tasks: str, steps: int, out: str, device: str = "
             task.objective = live
         _reset_cuda_peak(device)
         t0 = time.perf_counter()
-        train_task(task, t, out)
+        train_job(task, t, out)
     else:
         from lmforge.finetune import grpo, ppo
 
@@ -90,7 +90,7 @@ def child(mode: str, sft: str, tasks: str, steps: int, out: str, device: str = "
                                 common + ["--train.micro_batch_size", "32"] + extra)
         _reset_cuda_peak(device)
         t0 = time.perf_counter()
-        train_task(task, t, out)
+        train_job(task, t, out)
     seconds = time.perf_counter() - t0
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     res = {"mode": mode, "steps": steps, "seconds": round(seconds, 2), "steps_per_s": round(steps / seconds, 3),

@@ -225,7 +225,7 @@ def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path
     from lmforge.finetune.seq2seq import build_config, build_task
     from lmforge.models.seq2seq import Seq2Seq, config_from_preset
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     max_len, max_src, lr = str(args.max_len), str(args.max_len), str(args.lr)
     if kind == "decoder":  # a pretrained decoder (make demo's) with its own tokenizer: source, newline, target
@@ -269,7 +269,7 @@ def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path
             "--generate.max_examples", "50", "--generate.max_new_tokens", max_len, "--generate.batch_size", "50"]
     cfg = build_config(ns, over)
     task = build_task(cfg, ns.base, ns.data, ns.val_data, ns.out)
-    train_task(task, cfg.train, ns.out, overwrite=True)
+    train_job(task, cfg.train, ns.out, overwrite=True)
     return out / kind
 
 

@@ -145,10 +145,10 @@ def _rows(run):
 
 
 def _train(module, args, ov):
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     task, t = module.make_task(args, ov)
-    return train_task(task, t, args.out, resume=args.resume)
+    return train_job(task, t, args.out, resume=args.resume)
 
 
 def test_dpo_first_step_is_ln2_golden_and_resume_exact(base, tmp_path):
@@ -233,7 +233,7 @@ def test_rpo_alpha_adds_the_chosen_tokens_nll_to_dpo(base):
 
 
 def test_reward_training_logs_and_scores(base, tmp_path):
-    from lmforge.finetune import reward
+    from lmforge.finetune import reward_model as reward
 
     run = tmp_path / "rm"
     _train(reward, _args(base, run), OV)

@@ -60,10 +60,10 @@ COMMON = ["--train.lr", "3e-3", "--train.micro_batch_size", "4", "--train.log_ev
 
 
 def _train(module, args, ov):
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     task, t = module.make_task(args, ov)
-    return train_task(task, t, args.out, resume=args.resume)
+    return train_job(task, t, args.out, resume=args.resume)
 
 
 def _rows(run):

@@ -1,16 +1,16 @@
-"""`lmforge finetune METHOD`: post-training methods, each a Task for the one training loop.
+"""`lmforge finetune METHOD`: post-training methods, each a TrainJob for the one training loop.
 
     lmforge finetune METHOD --base MODEL --data FILE --out RUN [--val-data F | --val-fraction F]
                             [--config F.yaml] [--recipe R] [--resume auto] [--overwrite] [--section.key V ...]
 
 METHODS maps a method name to its module; a module defines `add_arguments(parser)` (its own flags,
-optional) and `run(args, overrides) -> dict` (assemble the config, build the Task, train, return the
+optional) and `run(args, overrides) -> dict` (assemble the config, build the TrainJob, train, return the
 summary). Adding a method adds a line here and a module, never a training loop.
 """
 
 METHODS: dict[str, str] = {
     "sft": "lmforge.finetune.sft",
-    "reward": "lmforge.finetune.reward",
+    "reward": "lmforge.finetune.reward_model",
     "dpo": "lmforge.finetune.dpo",
     "grpo": "lmforge.finetune.grpo",
     "ppo": "lmforge.finetune.ppo",

@@ -210,7 +210,7 @@ def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optio
     from lmforge.eval.classification import classification_metrics, plot_confusion
     from lmforge.infer.llm import LLM
     from lmforge.train import distributed as D
-    from lmforge.train.task import Task
+    from lmforge.train.job import TrainJob
 
     say = say or (lambda msg: print(f"lmforge finetune classify: {msg}", file=sys.stderr, flush=True))
     quiet = say if D.rank() == 0 else (lambda msg: None)
@@ -321,7 +321,7 @@ def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optio
 
     resolved = {"train": dataclasses.asdict(t), "data": dataclasses.asdict(d), "model": dataclasses.asdict(m),
                 "model_config": dataclasses.asdict(model.cfg), "base": str(base), "labels": labels}
-    return Task(
+    return TrainJob(
         name="classify", config=resolved, build_model=lambda: model, objective=ClassifyObjective(),
         train_batches=source, eval_batches=(lambda: val_source.all_batches()[:t.eval_iters]) if val_source else None,
         evaluate=evaluate if val_source else None, files=_base_files(base),
@@ -356,11 +356,11 @@ def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> Classify
 
 
 def run(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     cfg = build_config(args, overrides)
     task = build_task(cfg, args.base, args.data, args.val_data, args.out)
-    summary = train_task(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)
+    summary = train_job(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)
     metrics = Path(args.out) / EVAL_METRICS
     if metrics.is_file():
         res = json.loads(metrics.read_text(encoding="utf-8"))

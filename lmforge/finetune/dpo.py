@@ -66,7 +66,7 @@ def _load_ref(path: Path, fingerprint: str) -> torch.Tensor | None:
 
 
 def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
-    from lmforge.train.task import Task
+    from lmforge.train.job import TrainJob
 
     cfg = C.build_section_config(DPORunConfig, args, overrides, {})
     d = cfg.dpo
@@ -119,7 +119,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
             m = C.load_base(args.base).model
         return m
 
-    task = Task(name="dpo", config=C.resolved("dpo", args, cfg), build_model=build_model,
+    task = TrainJob(name="dpo", config=C.resolved("dpo", args, cfg), build_model=build_model,
                 objective=DPOObjective(d.beta, d.loss_type, d.label_smoothing, d.rpo_alpha), train_batches=source,
                 eval_batches=(lambda: val_source.fixed_batches(t.micro_batch_size)) if val_source else None,
                 files=files, data_fingerprint={"data": C.file_sha(args.data)}, report_perplexity=C.REPORT_PPL,
@@ -130,7 +130,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
 
 
 def run(args: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     task, t = make_task(args, overrides)
-    return train_task(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))
+    return train_job(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))

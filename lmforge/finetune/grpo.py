@@ -61,7 +61,7 @@ def add_arguments(parser: Any) -> None:
 def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
     from lmforge.data.alignment_data import reply_stop_ids, encode_prompt, read_prompts
     from lmforge.train import distributed as D
-    from lmforge.train.task import Task
+    from lmforge.train.job import TrainJob
 
     cfg = C.build_section_config(GRPORunConfig, args, overrides,
                                  {})
@@ -99,7 +99,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     batches, objective, ptx_sha = R.add_ptx(args, llm, source, objective, g.ptx_coef, g.ptx_micro_batch_size, t.seed,
                                             t.grad_accum, "grpo")
     holder = {"model": llm.model}
-    task = Task(name="grpo", config=C.resolved("grpo", args, cfg),
+    task = TrainJob(name="grpo", config=C.resolved("grpo", args, cfg),
                 build_model=lambda: holder.pop("model", None) or C.load_base(args.base).model,
                 objective=objective, train_batches=batches, files=C.model_files(llm, args.base),
                 data_fingerprint={"data": C.file_sha(args.data), **ptx_sha}, report_perplexity=C.REPORT_PPL,
@@ -109,7 +109,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
 
 
 def run(args: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     task, t = make_task(args, overrides)
-    return train_task(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))
+    return train_job(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))

@@ -80,7 +80,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     from lmforge.data.alignment_data import reply_stop_ids, encode_prompt, read_prompts
     from lmforge.models.heads import DecoderWithValueHead
     from lmforge.train import distributed as D
-    from lmforge.train.task import Task
+    from lmforge.train.job import TrainJob
 
     cfg = C.build_section_config(PPORunConfig, args, overrides,
                                  {})
@@ -137,7 +137,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
     batches, objective, ptx_sha = R.add_ptx(args, llm, source, objective, p.ptx_coef, p.ptx_micro_batch_size, t.seed,
                                             t.grad_accum, "ppo")
 
-    task = Task(name="ppo", config=C.resolved("ppo", args, cfg),
+    task = TrainJob(name="ppo", config=C.resolved("ppo", args, cfg),
                 build_model=lambda: DecoderWithValueHead.from_decoder(base),
                 objective=objective, train_batches=batches,
                 files=C.model_files(llm, args.base), data_fingerprint={"data": C.file_sha(args.data), **ptx_sha},
@@ -148,7 +148,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
 
 
 def run(args: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     task, t = make_task(args, overrides)
-    return train_task(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))
+    return train_job(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))

@@ -1,5 +1,5 @@
 """Preference training on pairs: the reward-model and DPO objectives, their batch source, and the
-one-off reference pass of DPO. Both run in the one training loop (`train_task`).
+one-off reference pass of DPO. Both run in the one training loop (`train_job`).
 
 Batch layout (`PairBatches.micro_batch`): B pairs become 2B right-padded rows, chosen rows first,
     ids_NT        prompt + completion tokens (N = 2B), padding = pad id
@@ -95,7 +95,7 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence[EncodedPair], pad_id
     data that replaces a live reference model during DPO. Runs on the model's device under the
     training forward's autocast dtype, so step 1's loss is ln 2: exactly on the CPU, up to the
     kernels' summation order on a GPU."""
-    from lmforge.train.task import to_device
+    from lmforge.train.job import to_device
 
     was = model.training
     model.eval()

@@ -207,7 +207,7 @@ def build_task(cfg: Seq2SeqFinetuneConfig, base: str | Path, data: str, val_data
     from lmforge.infer.llm import LLM
     from lmforge.train import distributed as D
     from lmforge.train.denoise import Seq2SeqLMObjective, collate
-    from lmforge.train.task import Task
+    from lmforge.train.job import TrainJob
 
     say = say or (lambda msg: print(f"lmforge finetune seq2seq: {msg}", file=sys.stderr, flush=True))
     quiet = say if D.rank() == 0 else (lambda msg: None)
@@ -313,7 +313,7 @@ def build_task(cfg: Seq2SeqFinetuneConfig, base: str | Path, data: str, val_data
     resolved = {"train": dataclasses.asdict(t), "data": dataclasses.asdict(d), "generate": dataclasses.asdict(g),
                 "model_config": dataclasses.asdict(model.cfg), "base": str(base)}
     model.train()
-    return Task(
+    return TrainJob(
         name="seq2seq", config=resolved, build_model=lambda: model, objective=objective, train_batches=source,
         eval_batches=(lambda: val_source.all_batches()[:t.eval_iters]) if val_source else None,
         evaluate=evaluate if gen_examples else None, files=_base_files(base),
@@ -392,11 +392,11 @@ def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> Seq2SeqF
 
 
 def run(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     cfg = build_config(args, overrides)
     task = build_task(cfg, args.base, args.data, args.val_data, args.out)
-    summary = train_task(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)
+    summary = train_job(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)
     metrics = Path(args.out) / EVAL_METRICS
     if metrics.is_file():
         summary.update(json.loads(metrics.read_text(encoding="utf-8")))

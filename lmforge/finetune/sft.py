@@ -7,7 +7,7 @@ The loss counts the assistant's tokens only (each turn's content and its end-of-
 model learns to stop); `train.loss_on prompt_and_completion` counts every token. Examples are
 packed into rows of train.seq_len tokens (`data.packing`, default on): positions restart at every
 example and attention stays inside it (a block-diagonal causal mask), so a packed row trains
-exactly like its examples one by one, without the padding. The Task runs in the one training loop.
+exactly like its examples one by one, without the padding. The TrainJob runs in the one training loop.
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def build_task(cfg: SFTConfig, base: str | Path, data: Any, val_data: Any = None
     from lmforge.data.chat import expand_paths, read_examples, split_examples
     from lmforge.infer.llm import LLM
     from lmforge.train import distributed as D
-    from lmforge.train.task import Task
+    from lmforge.train.job import TrainJob
 
     say = say or (lambda msg: print(f"lmforge finetune sft: {msg}", file=sys.stderr, flush=True))
     t, d = cfg.train, cfg.data
@@ -332,7 +332,7 @@ def build_task(cfg: SFTConfig, base: str | Path, data: Any, val_data: Any = None
     def build_model() -> torch.nn.Module:
         return model
 
-    return Task(
+    return TrainJob(
         name="sft", config=resolved, build_model=build_model, objective=SFTObjective(), train_batches=source,
         eval_batches=(lambda: val_source.all_batches(t.eval_iters)) if val_source else None,
         files=model_files(llm, base), data_fingerprint={"dir": str(data), "sha256": _fingerprint(paths)},
@@ -361,8 +361,8 @@ def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> SFTConfi
 
 
 def run(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     cfg = build_config(args, overrides)
     task = build_task(cfg, args.base, args.data, args.val_data)
-    return train_task(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)
+    return train_job(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)

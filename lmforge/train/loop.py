@@ -46,7 +46,7 @@ from lmforge.train.config import (RunConfig, TrainConfig, build_config, config_d
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_loss
 from lmforge.train.objectives import Objective, get_objective
 from lmforge.train.optim import build_optimizer, lr_at
-from lmforge.train.task import Task, to_device
+from lmforge.train.job import TrainJob, to_device
 
 PREVIOUS_RUN = ".previous_run"  # where --overwrite parks the old run until the new one has a checkpoint
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "loss.png", "tokenizer.json", "data_meta.json", "checkpoints")
@@ -145,12 +145,12 @@ def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, resume: str
     """Pretrain per `cfg` on the prepared data in `data_dir`, writing the run to `out_dir`."""
     if resume and overwrite:
         raise LMForgeError("pass either --resume or --overwrite, not both")
-    task = pretraining_task(cfg, data_dir, objective)
-    return train_task(task, cfg.train, out_dir, resume=resume, overwrite=overwrite)
+    task = pretraining_job(cfg, data_dir, objective)
+    return train_job(task, cfg.train, out_dir, resume=resume, overwrite=overwrite)
 
 
-def pretraining_task(cfg: RunConfig, data_dir: str | Path, objective: Objective | None = None) -> Task:
-    """The Task of `lmforge train`: a fresh model of the preset's family, trained on token windows
+def pretraining_job(cfg: RunConfig, data_dir: str | Path, objective: Objective | None = None) -> TrainJob:
+    """The TrainJob of `lmforge train`: a fresh model of the preset's family, trained on token windows
     of a prepared data directory with train.objective (causal_lm, or a registered PRETRAINING one)."""
     data = TokenData(data_dir)
     data.split(cfg.data.train_split), data.split(cfg.data.val_split)  # check the split names
@@ -189,7 +189,7 @@ def pretraining_task(cfg: RunConfig, data_dir: str | Path, objective: Objective 
         bytes_per_token, tokens_per_step, report_ppl = None, None, False
     flops = model_cfg.flops_per_token(seq_len) if hasattr(model_cfg, "flops_per_token") else None
     meta_bytes = (data.directory / "meta.json").read_bytes()
-    return Task(
+    return TrainJob(
         name=t.objective, config=resolved, build_model=lambda: family.model_cls(model_cfg),
         objective=objective, train_batches=train_windows, eval_batches=eval_batches,
         files={"tokenizer.json": data.tokenizer_path.read_bytes()}, run_files={"data_meta.json": meta_bytes},
@@ -208,7 +208,7 @@ def _family_of(model_cfg: Any) -> str:
     raise LMForgeError(f"no model family for config {type(model_cfg).__name__}")
 
 
-def train_task(task: Task, train_cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
+def train_job(task: TrainJob, train_cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
                overwrite: bool = False) -> dict[str, Any]:
     """Run the one training loop on `task`, writing the run to `out_dir`."""
     out = Path(out_dir)
@@ -244,7 +244,7 @@ def train_task(task: Task, train_cfg: TrainConfig, out_dir: str | Path, resume: 
 
 
 class _Trainer:
-    def __init__(self, task: Task, train_cfg: TrainConfig, out: Path, info: D.DistInfo, ckpt: Path | None,
+    def __init__(self, task: TrainJob, train_cfg: TrainConfig, out: Path, info: D.DistInfo, ckpt: Path | None,
                  state: dict | None, tensors: dict[str, torch.Tensor], resume_requested: bool, overwrite: bool):
         self.task, self.t, self.resolved = task, train_cfg, task.config
         self.out, self.objective, self.info = out, task.objective, info

@@ -43,7 +43,7 @@ def add_arguments(parser: Any) -> None:
 def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
     from lmforge.models.heads import DecoderClassifier
     from lmforge.train import distributed as D
-    from lmforge.train.task import Task
+    from lmforge.train.job import TrainJob
 
     cfg = C.build_section_config(RewardRunConfig, args, overrides, {})
     llm = C.load_base(args.base)
@@ -69,7 +69,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
         # The loop seeds before this, so the fresh score head is initialised reproducibly.
         return DecoderClassifier.from_decoder(base, num_labels=1)
 
-    task = Task(name="reward", config=C.resolved("reward", args, cfg), build_model=build_model,
+    task = TrainJob(name="reward", config=C.resolved("reward", args, cfg), build_model=build_model,
                 objective=RewardObjective(cfg.reward.center_coef, cfg.reward.use_margin), train_batches=source,
                 eval_batches=(lambda: val_source.fixed_batches(t.micro_batch_size)) if val_source else None,
                 files=C.model_files(llm, args.base), data_fingerprint={"data": C.file_sha(args.data)},
@@ -79,7 +79,7 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
 
 
 def run(args: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    from lmforge.train.loop import train_task
+    from lmforge.train.loop import train_job
 
     task, t = make_task(args, overrides)
-    return train_task(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))
+    return train_job(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))

@@ -1,11 +1,11 @@
-"""What the one training loop trains: a `Task`.
+"""What the one training loop trains: a `TrainJob`.
 
 Every method — pretraining (causal LM, masked LM, span corruption), SFT, classification,
-seq2seq, reward modelling, DPO, PPO, GRPO — is a Task: a model to start from, an objective (loss
+seq2seq, reward modelling, DPO, PPO, GRPO — is a TrainJob: a model to start from, an objective (loss
 and logged stats), a source of training batches and, optionally, validation batches and extra
-evaluation metrics. `lmforge.train.loop.train_task(task, train_cfg, out)` runs it with everything
+evaluation metrics. `lmforge.train.loop.train_job(task, train_cfg, out)` runs it with everything
 the loop gives (accumulation, clipping, schedule, eval, metrics, atomic checkpoints, exact resume,
-DDP). A new method adds a Task builder, never a loop.
+DDP). A new method adds a TrainJob builder, never a loop.
 
 Batch sources are deterministic: `micro_batch(step, index)` is a pure function of the seed, the
 optimizer step and the micro-batch index (index = rank * grad_accum + a), so the step counter is
@@ -35,7 +35,7 @@ Objective = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, torc
 
 
 @dataclass
-class Task:
+class TrainJob:
     name: str
     config: dict[str, Any]                      # resolved config: RUN/config.yaml, compared on resume
     build_model: Callable[[], torch.nn.Module]  # the initial model (the loop seeds first)
