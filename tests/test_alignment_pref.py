@@ -267,7 +267,8 @@ def test_chat_template_pairs_end_at_end_of_turn():
 
 def test_dpo_and_reward_on_an_imported_hugging_face_folder(base, tmp_path):
     """--base may be a Hugging Face folder (here: the tiny model exported by convert --to-hf)."""
-    from lmforge.finetune import dpo, reward
+    from lmforge.finetune import dpo
+    from lmforge.finetune import reward_model as reward
     from lmforge.interop.hf import convert_to_hf
 
     hf = convert_to_hf(str(base / "base"), str(tmp_path / "hf"))
