@@ -387,7 +387,7 @@ def main() -> None:
             run = train_model(kind, model_data, out, args.minutes, tok_path, args)
             train_s = time.time() - t0
             train_seconds[kind] = round(train_s)
-        from lmforge.checkpoint import load_model_dir
+        from lmforge.models.registry import load_model_dir
 
         n = load_model_dir(run)[0].num_params()
         label = {"t5": "T5-style", "bart": "BART-style", "decoder": "decoder (make demo's, fine-tuned)"}[kind]

@@ -177,42 +177,6 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise LMForgeError(f"{path} holds no lmforge checkpoint (no {MODEL_CONFIG}, {MODEL_WEIGHTS} or {CKPT_DIR}/)")
 
 
-def read_model_config(directory: Path) -> tuple[Any, Any]:
-    """(Family, config dataclass) of a model directory's model_config.json."""
-    from lmforge.config import from_dict
-    from lmforge.models.registry import get_family
-
-    meta = read_json(directory / MODEL_CONFIG)
-    if not isinstance(meta, dict) or not isinstance(meta.get("family"), str) or not isinstance(meta.get("config"), dict):
-        raise LMForgeError(f"{directory / MODEL_CONFIG} is not an lmforge model config")
-    family = get_family(meta["family"])
-    return family, from_dict(family.config_cls, meta["config"], prefix="model.")
-
-
-def build_model(family: Any, cfg: Any, device: str | torch.device = "cpu", state: dict[str, torch.Tensor] | None = None,
-                source: Path | None = None) -> torch.nn.Module:
-    """A model of `family` with config `cfg`; with `state`, its weights (checked) without a random init."""
-    if state is None:
-        return family.model_cls(cfg).to(device)
-    with torch.device("meta"):
-        model = family.model_cls(cfg)
-    model = model.to_empty(device=device)
-    # load_state_checked assigns the given tensors themselves, so they go to the device first
-    load_state_checked(model, {k: v.to(device) for k, v in state.items()}, source or Path("<weights>"))
-    return model.to(device)  # buffers rebuilt from the weights follow them; a no-op for the rest
-
-
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, its config, tokenizer.json path or None) from a run or model directory."""
-    directory = resolve_model_dir(path)
-    family, cfg = read_model_config(directory)
-    state = load_tensors(directory / MODEL_WEIGHTS)
-    model = build_model(family, cfg, device, state, directory / MODEL_WEIGHTS)
-    model.eval()
-    tok = directory / TOKENIZER
-    return model, cfg, (tok if tok.is_file() else None)
-
-
 def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load weights, naming any missing/unexpected tensor or shape mismatch; re-ties and rebuilds buffers."""
     expected = model_state_for_saving(model)

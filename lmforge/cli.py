@@ -105,14 +105,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = LLM.load(args.ckpt, device=args.device)
     opts: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None)
-    if getattr(llm.model, "family", None) == "seq2seq" or args.num_beams > 1:
+    if "stream" not in llm.tasks or args.num_beams > 1:
         # Encoder-decoders print the generated target only; beam search prints the best N hypotheses.
         if args.stream:
             raise LMForgeError("--stream works with sampling from decoders; drop it for seq2seq models or --num-beams")
         beam = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
                     no_repeat_ngram_size=args.no_repeat_ngram_size)
         out = llm.generate(prompt, seed=args.seed, num_samples=args.num_samples, **beam, **opts)
-        shown = prompt if getattr(llm.model, "family", None) != "seq2seq" else ""
+        shown = prompt if "continue" in llm.tasks else ""
         for i, text in enumerate(out if args.num_samples > 1 else [out]):
             if args.num_samples > 1:
                 print(f"--- {'hypothesis' if args.num_beams > 1 else 'sample'} {i + 1}/{args.num_samples} ---")
@@ -134,25 +134,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmforge.eval.classification import evaluate_classifier, is_classifier
-    from lmforge.eval.perplexity import evaluate
+    """What is measured follows what the model does: classifiers get accuracy / macro-F1 / confusion
+    matrix, masked-LM encoders masked-token loss / accuracy, language models loss / perplexity / bits per byte."""
+    from lmforge.infer.llm import LLM
 
-    from lmforge.interop.encoder import is_encoder_model_dir
+    llm = LLM.load(args.ckpt)
+    if "classify" in llm.tasks:
+        from lmforge.eval.classification import evaluate_classifier
 
-    if is_encoder_model_dir(args.ckpt) and not is_classifier(args.ckpt):  # masked-LM loss / accuracy
-        from lmforge.train.mlm import evaluate_mlm
-
-        print(json.dumps(evaluate_mlm(args.ckpt, args.data[0], batch_size=args.batch_size)))
-        return 0
-    if is_classifier(args.ckpt):  # accuracy, macro-F1, per-class figures, confusion matrix
         cols = {k: getattr(args, f"{k}_column") for k in ("text", "pair", "label")}
         cols = None if all(v is None for v in cols.values()) else {"text": cols["text"] or "text",
                                                                    "pair": cols["pair"] or "text_pair",
                                                                    "label": cols["label"] or "label"}
-        print(json.dumps(evaluate_classifier(args.ckpt, args.data, batch_size=args.batch_size, columns=cols)))
-        return 0
+        result = evaluate_classifier(llm, args.data, batch_size=args.batch_size, columns=cols)
+    elif "masked_lm" in llm.tasks:
+        from lmforge.train.mlm import evaluate_mlm
 
-    result = evaluate(args.ckpt, args.data, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        result = evaluate_mlm(llm, args.data[0], batch_size=args.batch_size)
+    else:
+        from lmforge.eval.perplexity import evaluate
+
+        result = evaluate(llm, args.data, batch_size=args.batch_size, max_tokens=args.max_tokens)
     print(json.dumps(result))
     return 0
 
@@ -160,92 +162,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     from dataclasses import asdict
 
-    from lmforge.config import parse_overrides
-    from lmforge.models.decoder import PRESETS, config_from_preset
-
-    if args.preset is not None and args.preset not in PRESETS:  # another family's preset (encoder, ...)
-        from lmforge.models.registry import family_of_preset
-
-        return _info_other_family(family_of_preset(args.preset), args, extra)
-    if args.list or (args.preset is None and not extra):
-        rows = [(name, config_from_preset(name)) for name in PRESETS]
-        print(f"{'preset':<12} {'params':>18} {'layers':>6} {'heads':>5} {'kv':>3} {'width':>6} {'ctx':>6}  flavour")
-        for name, c in rows:
-            flavour = f"{c.pos_encoding}/{c.norm}/{c.mlp}{'/tied' if c.tie_embeddings else ''}"
-            print(f"{name:<12} {c.num_params():>18,} {c.n_layer:>6} {c.n_head:>5} {c.n_kv_head:>3} {c.n_embd:>6} {c.block_size:>6}  {flavour}")
-        from lmforge.models.registry import all_presets
-
-        for name, fam in all_presets():
-            if fam.name not in ("decoder", "decoder_classifier", "decoder_value") and name not in PRESETS:
-                c = fam.config_from_preset(name)
-                shape = [getattr(c, k, "") for k in ("n_layer", "n_head", "n_embd", "block_size")]
-                print(f"{name:<16} {c.num_params():>14,} {shape[0]:>6} {shape[1]:>5} {'':>3} {shape[2]:>6} "
-                      f"{shape[3]:>6}  {fam.name}")
-        return 0
-    overrides = parse_overrides(extra)
-    model_over = overrides.pop("model", {})
-    if overrides:
-        raise LMForgeError(f"lmforge info takes only --model.KEY overrides, got: {', '.join('--' + k for k in overrides)}")
-    from lmforge.config import from_dict
-    from lmforge.models.decoder import DecoderConfig
-
-    config_from_preset(args.preset)  # checks the name
-    cfg = from_dict(DecoderConfig, {**PRESETS[args.preset], **model_over, "preset": args.preset}, prefix="model.")
-    seq = args.seq_len or cfg.block_size
-    info = {
-        "preset": args.preset,
-        "params": cfg.num_params(),
-        "params_non_embedding": cfg.num_params(non_embedding=True),
-        "flops_per_token_train": cfg.flops_per_token(seq),
-        "flops_per_token_forward": cfg.flops_per_token(seq) // 3,
-        "seq_len": seq,
-        "kv_cache_bytes_per_token": {"fp32": cfg.kv_cache_bytes_per_token(4), "bf16": cfg.kv_cache_bytes_per_token(2)},
-        "config": asdict(cfg),
-    }
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(f"preset                 {args.preset}")
-        print(f"parameters             {info['params']:,}  ({info['params'] / 1e6:,.2f}M; non-embedding {info['params_non_embedding']:,})")
-        print(f"FLOPs / token (train)  {info['flops_per_token_train']:,}  (6N + 12·L·H·D·T at T={seq})")
-        print(f"FLOPs / token (fwd)    {info['flops_per_token_forward']:,}")
-        print(f"KV cache / token       {info['kv_cache_bytes_per_token']['bf16']:,} bytes bf16, {info['kv_cache_bytes_per_token']['fp32']:,} bytes fp32")
-        print(f"shape                  {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} kv), width {cfg.n_embd}, "
-              f"mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}, context {cfg.block_size}")
-        print(f"flavour                {cfg.pos_encoding} positions, {cfg.norm}, {cfg.mlp}, "
-              f"{'tied' if cfg.tie_embeddings else 'untied'} head")
-    return 0
-
-
-def _info_other_family(fam: Any, args: argparse.Namespace, extra: list[str]) -> int:
-    """`lmforge info --preset NAME` for a non-decoder family: exact parameters (+ per head for encoders)."""
-    from dataclasses import asdict
-
     from lmforge.config import from_dict, parse_overrides
+    from lmforge.models.registry import all_presets, family_of_preset
 
+    if args.list or (args.preset is None and not extra):
+        print(f"{'preset':<12} {'params':>18} {'layers':>6} {'heads':>5} {'kv':>3} {'width':>6} {'ctx':>6}  flavour")
+        for name, fam in all_presets():
+            print(fam.list_row(name, fam.config_from_preset(name)))
+        return 0
+    if args.preset is None:
+        raise LMForgeError("lmforge info needs --preset NAME (or --list)")
+    fam = family_of_preset(args.preset)
     overrides = parse_overrides(extra)
     model_over = overrides.pop("model", {})
     if overrides:
         raise LMForgeError(f"lmforge info takes only --model.KEY overrides, got: {', '.join('--' + k for k in overrides)}")
     cfg = from_dict(fam.config_cls, {**fam.presets[args.preset], **model_over, "preset": args.preset}, prefix="model.")
-    info: dict[str, Any] = {"preset": args.preset, "family": fam.name, "params": cfg.num_params()}
-    if fam.name == "encoder":
-        info["params_by_head"] = {h: cfg.num_params(head=h) for h in ("none", "mlm", "sequence", "token")}
-    if hasattr(cfg, "flops_per_token"):
-        seq = args.seq_len or cfg.block_size
-        info.update(seq_len=seq, flops_per_token_train=cfg.flops_per_token(seq))
-    info["config"] = asdict(cfg)
+    info, lines = fam.describe(cfg, args.seq_len)
+    info = {"preset": args.preset, "family": fam.name, **info, "config": asdict(cfg)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"preset                 {args.preset} ({fam.name})")
-    print(f"parameters             {info['params']:,}  ({info['params'] / 1e6:,.2f}M)")
-    for head, n in info.get("params_by_head", {}).items():
-        print(f"  with head {head:<10}   {n:,}")
-    if "flops_per_token_train" in info:
-        print(f"FLOPs / token (train)  {info['flops_per_token_train']:,}  (T={info['seq_len']})")
-    print(f"shape                  {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, vocab {cfg.vocab_size}, "
-          f"context {cfg.block_size}")
+    for line in lines:
+        print(line)
     return 0
 
 

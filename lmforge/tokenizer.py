@@ -1,14 +1,21 @@
-"""Tokenizers: byte-level BPE or one-token-per-character, both stored as a `tokenizers` tokenizer.json.
+"""Tokenizers: one `Tokenizer` type for every model family, stored as a `tokenizers` tokenizer.json.
 
 `Tokenizer` is a thin wrapper around a `tokenizers.Tokenizer` (`.hf`) so that HF-imported
-tokenizers (GPT-2, Llama, ...) and the ones lmforge trains behave the same. lmforge-trained
-vocabularies start with the special tokens, in this order (so their ids are fixed):
+tokenizers (GPT-2, Llama, T5, BERT, ...) and the ones lmforge trains behave the same. It knows the
+ids of its special tokens by role: eos / pad / bos for generation, and cls / sep / mask / unk for
+encoders, whose `batch(texts, pairs)` adds them through the tokenizer's own post-processor
+(BERT's `[CLS] a [SEP] b [SEP]`, RoBERTa's `<s> a </s></s> b </s>`) with token types.
+lmforge-trained byte-level BPE and char vocabularies start with the special tokens, in this order
+(so their ids are fixed):
 
     0 <|endoftext|>   end of document (EOS); `prepare` appends it after every document
     1 <|pad|>         padding for batched generation / fine-tuning
     2 <|im_start|>    reserved for chat templates
     3 <|im_end|>      reserved for chat templates
     4 <|mask|>        reserved for masked / diffusion objectives
+
+lmforge-trained WordPiece vocabularies (`train_wordpiece`, for encoders) start with
+`[PAD] [UNK] [CLS] [SEP] [MASK]` = 0..4, [SEP] also ending documents of prepared data.
 
 `encode` never adds special tokens and, by default, treats text that merely *looks* like a special
 token ("<|endoftext|>" inside a document) as ordinary text, so data can't inject control tokens.
@@ -19,10 +26,10 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.errors import LMForgeError
 
@@ -47,22 +54,59 @@ UNK_TOKEN = "<|unk|>"  # char tokenizer only: characters not seen in training
 N_BYTES = 256
 MIN_BPE_VOCAB = N_BYTES + len(SPECIAL_TOKENS)
 
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+ROLES = ("bos", "eos", "pad", "cls", "sep", "mask", "unk")
+# Role names of the vocabularies lmforge recognises when no tokenizer_config.json names them.
+_BERT_ROLES = {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]", "unk": "[UNK]", "eos": "[SEP]"}
+_ROBERTA_ROLES = {"cls": "<s>", "sep": "</s>", "mask": "<mask>", "pad": "<pad>", "unk": "<unk>", "eos": "</s>"}
+_LMFORGE_ROLES = {"eos": EOS_TOKEN, "pad": PAD_TOKEN}
+
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the ids of its EOS and pad tokens (None when the vocab lacks them)."""
+    """A `tokenizers.Tokenizer` plus its special tokens by role (`eos_id`, `pad_id`, `cls_id`, ...:
+    None when the vocabulary lacks them), an optional chat template and a default `max_length`
+    for encoder batches."""
 
     def __init__(self, hf: tokenizers.Tokenizer, eos_token: str | None = EOS_TOKEN, pad_token: str | None = PAD_TOKEN,
                  chat_template: str | None = None, bos_token: str | None = None,
-                 extra_stop_ids: Iterable[int] = ()):
+                 extra_stop_ids: Iterable[int] = (), *, cls_token: str | None = None, sep_token: str | None = None,
+                 mask_token: str | None = None, unk_token: str | None = None, max_length: int | None = None):
         self.hf = hf
         self.eos_token = eos_token
         self.pad_token = pad_token
         self.bos_token = bos_token
+        self.cls_token, self.sep_token, self.mask_token, self.unk_token = cls_token, sep_token, mask_token, unk_token
         self.eos_id: int | None = hf.token_to_id(eos_token) if eos_token is not None else None
         self.pad_id: int | None = hf.token_to_id(pad_token) if pad_token is not None else None
+        self.max_length = max_length
         self.chat_template = chat_template
         self._extra_stop_ids = set(int(i) for i in extra_stop_ids)
-        self._compiled: Any = None
+
+    def _id(self, name: str | None) -> int | None:
+        return self.hf.token_to_id(name) if name is not None else None
+
+    @property
+    def cls_id(self) -> int | None:
+        return self._id(self.cls_token)
+
+    @property
+    def sep_id(self) -> int | None:
+        return self._id(self.sep_token)
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._id(self.mask_token)
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._id(self.unk_token)
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every role token and every token the vocabulary marks special."""
+        roles = {self._id(getattr(self, f"{r}_token")) for r in ROLES}
+        added = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        return sorted(i for i in roles | added if i is not None)
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -118,55 +162,76 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def from_file(cls, path: str | Path, eos_token: str | None = EOS_TOKEN, pad_token: str | None = PAD_TOKEN) -> Tokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise LMForgeError(f"tokenizer file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-            hf = tokenizers.Tokenizer.from_str(text)
-        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON / schema
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LMForgeError(f"{path} is not a valid tokenizer.json ({first})") from None
-        return cls(hf, eos_token=eos_token, pad_token=pad_token)
+    def train_wordpiece(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True,
+                        progress: bool = False) -> Tokenizer:
+        """A BERT-style WordPiece tokenizer (uncased by default) for encoders: `[PAD] [UNK] [CLS] [SEP]
+        [MASK]` are ids 0..4, a post-processor adds `[CLS] a [SEP] (b [SEP])`, and [SEP] is also the
+        EOS that separates documents in prepared data (as in BERT's pretraining data)."""
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 64:
+            raise LMForgeError(f"vocab_size must be an integer of at least 64 for WordPiece, got {vocab_size!r}")
+        hf = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        hf.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase or None)
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS),
+                                            show_progress=progress)
+        hf.train_from_iterator(_nonempty(texts), trainer=trainer)
+        cls_id, sep_id = hf.token_to_id("[CLS]"), hf.token_to_id("[SEP]")
+        hf.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        return cls.with_roles(hf, encoder=True)
 
     @classmethod
-    def from_model_dir_file(cls, path: str | Path) -> Tokenizer:
-        """`from_file`, taking the EOS / pad token names from a `tokenizer_config.json` beside it
-        (Hugging Face folders name them there, e.g. Llama's `</s>`)."""
+    def with_roles(cls, hf: tokenizers.Tokenizer, names: dict[str, str | None] | None = None,
+                   max_length: int | None = None, encoder: bool = False) -> Tokenizer:
+        """A Tokenizer whose role tokens are `names` (role -> token text) where given, else the
+        vocabulary's own: for an encoder BERT's `[CLS] [SEP] [MASK] [PAD] [UNK]` (EOS = [SEP]) or
+        RoBERTa's `<s> </s> <mask> <pad> <unk>` (EOS = </s>); otherwise lmforge's `<|endoftext|>` and
+        `<|pad|>`. Encoders need cls, sep and pad tokens."""
+        vocab = hf.get_vocab(with_added_tokens=True)
+        default = (_BERT_ROLES if "[CLS]" in vocab else _ROBERTA_ROLES) if encoder else _LMFORGE_ROLES
+        roles = {r: (names or {}).get(r) or default.get(r) for r in ROLES}
+        if encoder:
+            for role in ("cls", "sep", "pad"):
+                if roles[role] not in vocab:
+                    raise LMForgeError(f"the tokenizer has no {role} token '{roles[role]}'")
+        roles = {r: n if n is not None and n in vocab else None for r, n in roles.items()}
+        return cls(hf, eos_token=roles["eos"], pad_token=roles["pad"], bos_token=roles["bos"], cls_token=roles["cls"],
+                   sep_token=roles["sep"], mask_token=roles["mask"], unk_token=roles["unk"], max_length=max_length)
+
+    @classmethod
+    def from_file(cls, path: str | Path, eos_token: str | None = EOS_TOKEN, pad_token: str | None = PAD_TOKEN) -> Tokenizer:
+        """The tokenizer.json at `path` alone, with the given EOS / pad names (a prepared data directory's)."""
+        return cls(read_tokenizer_json(path), eos_token=eos_token, pad_token=pad_token)
+
+    @classmethod
+    def load(cls, path: str | Path, max_length: int | None = None, encoder: bool = False) -> Tokenizer:
+        """The tokenizer of a model folder: tokenizer.json at `path`, its special tokens named by the
+        `tokenizer_config.json` beside it where it names them (Hugging Face folders do, e.g. Llama's
+        `</s>`), else by the vocabulary (`with_roles`); `max_length` defaults to the config's
+        `model_max_length`; the chat template and generation_config's stop ids come along
+        (`attach_chat_settings`)."""
         path = Path(path)
-        side = path.with_name("tokenizer_config.json")
-        eos, pad = EOS_TOKEN, PAD_TOKEN
-        if side.is_file():
-            try:
-                conf = json.loads(side.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise LMForgeError(f"{side} is not valid JSON") from None
-
-            def name(v: Any) -> str | None:
-                return v.get("content") if isinstance(v, dict) else v
-
-            eos = name(conf.get("eos_token")) or EOS_TOKEN
-            pad = name(conf.get("pad_token")) or PAD_TOKEN
-        tok = cls.from_file(path, eos_token=eos, pad_token=pad)
-        tok.attach_chat_settings(path.parent)
+        hf = read_tokenizer_json(path)
+        conf = read_json_object(path.with_name("tokenizer_config.json"))
+        names = {r: token_name(conf.get(f"{r}_token")) for r in ROLES}
+        model_max = conf.get("model_max_length")
+        if max_length is None and isinstance(model_max, int) and model_max < 10**6:  # HF's "unlimited" is 1e30
+            max_length = model_max
+        tok = cls.with_roles(hf, names, max_length, encoder)
+        tok.attach_chat_settings(path.parent, conf)
         return tok
 
-    def attach_chat_settings(self, directory: str | Path) -> None:
+    def attach_chat_settings(self, directory: str | Path, conf: dict[str, Any] | None = None) -> None:
         """Read a model folder's chat settings: the chat template (chat_template.jinja, else
         tokenizer_config.json's chat_template), the BOS token name, and generation_config.json's
-        eos_token_id list (all of which end generation, as in transformers)."""
+        eos_token_id list (all of which end generation, as in transformers). `conf`: the folder's
+        tokenizer_config.json when the caller has read it already."""
         directory = Path(directory)
-        conf: dict[str, Any] = {}
-        side = directory / "tokenizer_config.json"
-        if side.is_file():
-            try:
-                conf = json.loads(side.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise LMForgeError(f"{side} is not valid JSON") from None
-            conf = conf if isinstance(conf, dict) else {}
-        bos = conf.get("bos_token")
-        self.bos_token = bos.get("content") if isinstance(bos, dict) else bos
+        if conf is None:
+            conf = read_json_object(directory / "tokenizer_config.json")
+        self.bos_token = token_name(conf.get("bos_token"))
         template = conf.get("chat_template")
         if isinstance(template, list):  # several named templates (transformers' format): take "default"
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -249,14 +314,20 @@ class Tokenizer:
         enc = self.hf.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
-    def tokenizer_config(self) -> dict[str, Any]:
-        """A transformers-style tokenizer_config.json for this tokenizer (chat template included)."""
+    def tokenizer_config(self, model_max_length: int | None = None) -> dict[str, Any]:
+        """A transformers-style tokenizer_config.json for this tokenizer (PreTrainedTokenizerFast):
+        its role tokens (encoders: cls / sep / mask / pad / unk; others: bos / eos / pad), the chat
+        template and `model_max_length` when given."""
         conf: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-        for key, name in (("bos_token", self.bos_token), ("eos_token", self.eos_token), ("pad_token", self.pad_token)):
+        roles = ("cls", "sep", "mask", "pad", "unk") if self.cls_token is not None else ("bos", "eos", "pad")
+        for role in roles:
+            name = getattr(self, f"{role}_token")
             if name is not None and self.hf.token_to_id(name) is not None:
-                conf[key] = name
+                conf[f"{role}_token"] = name
         if self.chat_template:
             conf["chat_template"] = self.chat_template
+        if model_max_length:
+            conf["model_max_length"] = model_max_length
         return conf
 
     def save(self, path: str | Path) -> None:
@@ -297,6 +368,54 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
+    # ---- encoder batches ---------------------------------------------------------------------
+
+    def encode_pairs(self, texts: Sequence[str], pairs: Sequence[str | None] | None = None,
+                     max_length: int | None = None) -> tuple[list[list[int]], list[list[int]], int]:
+        """(ids, token types, number truncated): each row framed by the tokenizer's own template
+        (`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`), cut to max_length (longest-first) so the
+        specials always fit."""
+        limit = max_length or self.max_length
+        if pairs is not None and len(pairs) != len(texts):
+            raise LMForgeError(f"{len(texts)} texts but {len(pairs)} text pairs")
+        inputs: list[Any] = list(texts) if pairs is None else [t if p is None else (t, p) for t, p in zip(texts, pairs)]
+        if limit:
+            self.hf.enable_truncation(limit, strategy="longest_first")
+        else:
+            self.hf.no_truncation()
+        self.hf.no_padding()
+        self.hf.encode_special_tokens = False
+        try:
+            encs = self.hf.encode_batch(inputs, add_special_tokens=True)
+        finally:
+            self.hf.no_truncation()
+        n_cut = sum(1 for e in encs if e.overflowing)
+        return [e.ids for e in encs], [e.type_ids for e in encs], n_cut
+
+    def batch(self, texts: Sequence[str], pairs: Sequence[str | None] | None = None,
+              max_length: int | None = None, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+        """Right-padded tensors for an encoder: input_ids, attention_mask (bool), token_type_ids; plus
+        `truncated` (count). pad_to_multiple_of rounds the width up (fewer distinct shapes; never past
+        max_length)."""
+        import torch
+
+        if self.pad_id is None:
+            raise LMForgeError("the tokenizer has no padding token, so it cannot make batches")
+        ids, types, n_cut = self.encode_pairs(texts, pairs, max_length)
+        T = max((len(r) for r in ids), default=1)
+        if pad_to_multiple_of:
+            T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+            limit = max_length or self.max_length
+            T = min(T, limit) if limit else T
+        idx = torch.full((len(ids), T), self.pad_id, dtype=torch.long)
+        tt = torch.zeros((len(ids), T), dtype=torch.long)
+        mask = torch.zeros((len(ids), T), dtype=torch.bool)
+        for i, (r, t) in enumerate(zip(ids, types)):
+            idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            tt[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[i, :len(r)] = True
+        return {"input_ids": idx, "attention_mask": mask, "token_type_ids": tt, "truncated": n_cut}
+
     def __len__(self) -> int:
         return self.vocab_size
 
@@ -308,3 +427,34 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
     for t in texts:
         if t:
             yield t
+
+
+def read_tokenizer_json(path: str | Path) -> tokenizers.Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise LMForgeError(f"tokenizer file not found: {path}")
+    try:
+        return tokenizers.Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON / schema
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LMForgeError(f"{path} is not a valid tokenizer.json ({first})") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file beside a tokenizer ({} when absent; a clear error when unreadable)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LMForgeError(f"{path} is not valid JSON") from None
+    return data if isinstance(data, dict) else {}
+
+
+def token_name(value: Any) -> str | None:
+    """A special-token entry of tokenizer_config.json: a string or an AddedToken dict {"content": ...}."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model_dir, write_model_dir
+from lmforge.checkpoint import write_model_dir
+from lmforge.models.registry import load_model_dir
 from lmforge.models.heads import DecoderClassifier
 from test_alignment_pref import base  # noqa: F401  (the tiny base model + pairs fixture)
 

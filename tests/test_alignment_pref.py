@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model_dir, load_tensors, write_model_dir
+from lmforge.checkpoint import load_tensors, write_model_dir
+from lmforge.models.registry import load_model_dir
 from lmforge.data.alignment_data import ReadStats, encode_pairs, read_preferences, read_prompts
 from lmforge.errors import LMForgeError
 from lmforge.models.decoder import Decoder, DecoderConfig

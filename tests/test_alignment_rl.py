@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model_dir, load_tensors, write_model_dir
+from lmforge.checkpoint import load_tensors, write_model_dir
+from lmforge.models.registry import load_model_dir
 from lmforge.errors import LMForgeError
 from lmforge.finetune import rl as R
 from lmforge.models.decoder import Decoder, DecoderConfig

@@ -10,7 +10,7 @@ import torch
 from lmforge.cli import main
 from lmforge.errors import LMForgeError
 from lmforge.eval.classification import classification_metrics
-from lmforge.wordpiece import EncoderTokenizer
+from lmforge.tokenizer import Tokenizer
 
 POS, NEG = "great wonderful happy good loved".split(), "bad awful sad terrible hated".split()
 FILLER = "the movie film was a and it plot actors story".split()
@@ -38,7 +38,7 @@ def base_encoder(tmp_path_factory):
     from lmforge.models.encoder import Encoder, config_from_preset
 
     d = tmp_path_factory.mktemp("enc")
-    tok = EncoderTokenizer.train([r["text"] for r in make_rows(300, 9)], vocab_size=100)
+    tok = Tokenizer.train_wordpiece([r["text"] for r in make_rows(300, 9)], vocab_size=100)
     tok.save(d / "tokenizer.json")
     torch.manual_seed(0)
     model = Encoder(config_from_preset("encoder-tiny", vocab_size=tok.vocab_size, head="mlm"))
@@ -151,7 +151,7 @@ def test_hf_classifier_folder_classifies_like_transformers(tmp_path):
     tf = pytest.importorskip("transformers")
     from lmforge import LLM
 
-    tok = EncoderTokenizer.train([r["text"] for r in make_rows(200, 5)], vocab_size=100)
+    tok = Tokenizer.train_wordpiece([r["text"] for r in make_rows(200, 5)], vocab_size=100)
     cfg = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=3,
                         id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})
@@ -159,7 +159,7 @@ def test_hf_classifier_folder_classifies_like_transformers(tmp_path):
     ref = tf.BertForSequenceClassification(cfg).eval()
     ref.save_pretrained(tmp_path)
     tok.save(tmp_path / "tokenizer.json")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok.hf_tokenizer_config(64)))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok.tokenizer_config(64)))
     hf_tok = tf.PreTrainedTokenizerFast.from_pretrained(tmp_path)
     texts = ["the movie was great", "awful", "a film about actors and the plot"]
     with torch.no_grad():

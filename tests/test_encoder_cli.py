@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.wordpiece import EncoderTokenizer
+from lmforge.tokenizer import Tokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog ran to the house", "green happy movie plot", "awful sad film"]
 
@@ -15,14 +15,14 @@ TEXTS = ["the cat sat on the mat", "a dog ran to the house", "green happy movie 
 def hf_classifier(tmp_path_factory):
     tf = pytest.importorskip("transformers")
     d = tmp_path_factory.mktemp("hfcls")
-    tok = EncoderTokenizer.train(TEXTS * 20, vocab_size=80)
+    tok = Tokenizer.train_wordpiece(TEXTS * 20, vocab_size=80)
     cfg = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, id2label={0: "neg", 1: "pos"},
                         label2id={"neg": 0, "pos": 1})
     torch.manual_seed(0)
     tf.BertForSequenceClassification(cfg).save_pretrained(d)
     tok.save(d / "tokenizer.json")
-    (d / "tokenizer_config.json").write_text(json.dumps(tok.hf_tokenizer_config(64)))
+    (d / "tokenizer_config.json").write_text(json.dumps(tok.tokenizer_config(64)))
     return d
 
 
@@ -73,5 +73,5 @@ def test_prepare_wordpiece(tmp_path, capsys):
                  "--vocab-size", "80", "--quiet"]) == 0
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "wordpiece" and meta["eos_id"] == 3
-    tok = EncoderTokenizer.from_file(tmp_path / "d" / "tokenizer.json")
+    tok = Tokenizer.load(tmp_path / "d" / "tokenizer.json", encoder=True)
     assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id) == (2, 3, 4, 0)

@@ -6,20 +6,20 @@ import json
 import pytest
 import torch
 
-from lmforge.wordpiece import EncoderTokenizer
+from lmforge.tokenizer import Tokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog", "green happy movie and a long plot " * 12, "x"]
 
 
 def hf_bert_folder(tmp_path, tf):
-    tok = EncoderTokenizer.train(["the cat sat on the mat", "a dog ran to the house", "green happy movie plot"] * 20,
+    tok = Tokenizer.train_wordpiece(["the cat sat on the mat", "a dog ran to the house", "green happy movie plot"] * 20,
                                  vocab_size=80)
     cfg = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(0)
     tf.BertModel(cfg).save_pretrained(tmp_path / "hf")
     tok.save(tmp_path / "hf" / "tokenizer.json")
-    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(tok.hf_tokenizer_config(64)))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(tok.tokenizer_config(64)))
     return tmp_path / "hf"
 
 
@@ -30,7 +30,7 @@ def test_sentence_transformers_folder_matches(tmp_path, pooling, normalize):
     st = pytest.importorskip("sentence_transformers")
     from sentence_transformers import models  # noqa: F401  (st.models, also in sentence-transformers 6)
     from lmforge import LLM
-    from lmforge.interop.encoder import convert_from_hf
+    from lmforge.interop.hf import convert_from_hf
 
     hf = hf_bert_folder(tmp_path, tf)
     body = st.models.Transformer(str(hf), max_seq_length=24)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lmforge.errors import LMForgeError
 from lmforge.models.encoder import Encoder, config_from_preset
 from lmforge.train.mlm import IGNORE, Masker, MLMObjective, _generator
-from lmforge.wordpiece import WORDPIECE_SPECIALS, EncoderTokenizer
+from lmforge.tokenizer import WORDPIECE_SPECIALS, Tokenizer
 
 WORDS = ("the cat dog sat on a mat and ran to house with big small red blue green quickly slowly happy sad "
          "movie film great bad good unbelievably wonderful").split()
@@ -82,7 +82,7 @@ def test_golden_loss_only_masked_positions_through_the_head():
 
 
 def test_wordpiece_tokenizer_specials_and_pairs(tmp_path):
-    tok = EncoderTokenizer.train(corpus(), vocab_size=120)
+    tok = Tokenizer.train_wordpiece(corpus(), vocab_size=120)
     assert [tok.hf.token_to_id(t) for t in WORDPIECE_SPECIALS] == [0, 1, 2, 3, 4]
     assert (tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 2, 3, 4)
     b = tok.batch(["the cat sat", "a dog"], pairs=["on the mat", None])
@@ -95,31 +95,31 @@ def test_wordpiece_tokenizer_specials_and_pairs(tmp_path):
     cut = tok.batch(["the cat " * 50, "a dog"], max_length=16)
     assert cut["input_ids"].shape[1] == 16 and cut["input_ids"][0, -1] == 3 and cut["truncated"] == 1
     tok.save(tmp_path / "tokenizer.json")
-    again = EncoderTokenizer.from_file(tmp_path / "tokenizer.json")
+    again = Tokenizer.load(tmp_path / "tokenizer.json", encoder=True)
     assert again.batch(["the cat sat"], ["on the mat"])["input_ids"][0].tolist() == ids
 
 
 def test_hf_bert_and_roberta_tokenizers_load_as_they_are(tmp_path):
     tf = pytest.importorskip("transformers")
-    tok = EncoderTokenizer.train(corpus(), vocab_size=120)
+    tok = Tokenizer.train_wordpiece(corpus(), vocab_size=120)
     tok.save(tmp_path / "tokenizer.json")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok.hf_tokenizer_config(64)))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok.tokenizer_config(64)))
     ref = tf.PreTrainedTokenizerFast.from_pretrained(tmp_path)
-    mine = EncoderTokenizer.from_file(tmp_path / "tokenizer.json")
+    mine = Tokenizer.load(tmp_path / "tokenizer.json", encoder=True)
     texts, pairs = ["the cat sat on a mat", "happy movie"], ["a great film", "sad dog"]
     r = ref(texts, pairs, padding=True, return_token_type_ids=True, return_tensors="pt")
     m = mine.batch(texts, pairs)
     assert torch.equal(r["input_ids"], m["input_ids"]) and torch.equal(r["token_type_ids"], m["token_type_ids"])
     # a RoBERTa-style byte-level BPE tokenizer.json with <s> a </s></s> b </s>
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, processors, trainers
 
-    hf = Tokenizer(models.BPE())
+    hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]))
     hf.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     (tmp_path / "rob").mkdir()
     hf.save(str(tmp_path / "rob" / "tokenizer.json"))
-    rob = EncoderTokenizer.from_file(tmp_path / "rob" / "tokenizer.json")
+    rob = Tokenizer.load(tmp_path / "rob" / "tokenizer.json", encoder=True)
     assert (rob.cls_id, rob.sep_id, rob.pad_id, rob.mask_id) == (0, 2, 1, 4)
     row = rob.batch(["the cat"], ["a dog"])["input_ids"][0].tolist()
     assert row[0] == 0 and row.count(2) == 3 and row[-1] == 2

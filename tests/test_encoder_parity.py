@@ -8,7 +8,7 @@ import torch
 tf = pytest.importorskip("transformers")
 
 from lmforge.errors import LMForgeError
-from lmforge.interop.encoder import convert_from_hf, convert_to_hf, load_hf_encoder_dir
+from lmforge.interop.hf import convert_from_hf, convert_to_hf, load_hf_dir
 from lmforge.models.encoder import HEADS, PRESETS, Encoder, config_from_preset
 
 CLASS = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "modernbert": "ModernBert"}
@@ -56,7 +56,7 @@ def test_import_parity_every_head(kind, tmp_path, seeded):
         ref = getattr(tf, CLASS[kind] + suffix)(hf_cfg).eval()
         d = tmp_path / suffix
         ref.save_pretrained(d)
-        model, cfg, _ = load_hf_encoder_dir(d)
+        model, cfg, _ = load_hf_dir(d)
         assert cfg.head == {"Model": "none", "ForMaskedLM": "mlm", "ForSequenceClassification": "sequence",
                             "ForTokenClassification": "token"}[suffix]
         assert model.num_params() == sum(p.numel() for p in ref.parameters()) == cfg.num_params()
@@ -127,7 +127,7 @@ def test_native_encoder_exports_as_modernbert(tmp_path):
 def test_regression_head_with_one_label(tmp_path, seeded):
     ref = tf.BertForSequenceClassification(hf_config("bert", num_labels=1)).eval()
     ref.save_pretrained(tmp_path)
-    model, cfg, _ = load_hf_encoder_dir(tmp_path)
+    model, cfg, _ = load_hf_dir(tmp_path)
     assert cfg.num_labels == 1
     ids, mask, types = batch(0)
     with torch.no_grad():
@@ -166,4 +166,4 @@ def test_unsupported_architecture_is_one_line_error(tmp_path):
                                                       "num_attention_heads": 1, "hidden_size": 4,
                                                       "intermediate_size": 4, "hidden_act": "relu"}))
     with pytest.raises(LMForgeError, match="hidden_act 'relu' is not supported"):
-        load_hf_encoder_dir(tmp_path)
+        load_hf_dir(tmp_path)

@@ -19,10 +19,10 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from lmforge.checkpoint import load_model_dir  # noqa: E402
+from lmforge.models.registry import load_model_dir  # noqa: E402
 from lmforge.errors import LMForgeError  # noqa: E402
 from lmforge.infer.generate import generate_ids  # noqa: E402
-from lmforge.interop.hf import SUPPORTED_ARCHITECTURES, convert_from_hf, convert_to_hf, load_hf_dir  # noqa: E402
+from lmforge.interop.hf import convert_from_hf, convert_to_hf, load_hf_dir, supported_architectures  # noqa: E402
 
 V = 300  # vocabulary of every tiny model
 TOL = 1e-4
@@ -336,13 +336,13 @@ def test_tokenizer_parity_with_autotokenizer(hf_dirs, tmp_path):
 
 
 def test_eos_from_config_id_when_no_tokenizer_config(hf_dirs, tmp_path):
-    from lmforge.interop.hf import load_hf_tokenizer
+    from lmforge.interop.files import load_hf_tokenizer
 
     folder = tmp_path / "bare-tok"
     folder.mkdir()
     (folder / "config.json").write_text((hf_dirs("llama-gqa") / "config.json").read_text())  # eos_token_id 2
     _bpe_tokenizer().save(str(folder / "tokenizer.json"))
-    tok = load_hf_tokenizer(folder)
+    tok = load_hf_tokenizer(folder, json.loads((folder / "config.json").read_text()))
     assert tok.eos_id == 2 and tok.hf.id_to_token(2) == "<pad>"
 
 
@@ -385,7 +385,7 @@ def test_unsupported_architecture_lists_supported(hf_dirs, tmp_path):
     with pytest.raises(LMForgeError) as e:
         load_hf_dir(bad)
     assert str(e.value).endswith(f"architecture FalconForCausalLM is not supported; supported: "
-                                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+                                 f"{', '.join(supported_architectures())}")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -453,7 +453,7 @@ def test_out_dir_refused_unless_overwrite_and_failures_leave_it_untouched(hf_dir
         convert_from_hf(str(src), str(src), overwrite=True)
 
     # a failure half-way through writing leaves the old --out as it was and no temp dir behind
-    from lmforge.interop import hf as hf_mod
+    from lmforge.interop import files as hf_mod
 
     real_get, calls = hf_mod.WeightSource.get, []
 

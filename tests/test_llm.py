@@ -129,9 +129,9 @@ def test_hugging_face_folder_goes_to_interop(model_dir, tmp_path, monkeypatch):
         calls.append((Path(path), device))
         return src.model, src.config, None
 
-    stub = types.ModuleType("lmforge.interop.hf")
-    stub.load_hf_dir = fake_load_hf_dir
-    monkeypatch.setitem(sys.modules, "lmforge.interop.hf", stub)
+    import lmforge.interop.hf
+
+    monkeypatch.setattr(lmforge.interop.hf, "load_hf_dir", fake_load_hf_dir)
     llm = LLM.load(hf_dir)
     assert calls == [(hf_dir, "cpu")]
     assert llm.model is src.model and llm.tokenizer is None
@@ -163,7 +163,7 @@ def _placement(model: torch.nn.Module) -> set[str]:
 def test_load_puts_weights_and_buffers_on_the_requested_device(model_dir):
     """The weights are assigned, not copied, into the model: they must be moved first (a CUDA load
     once kept them on the CPU). The meta device stands in for CUDA here; tests/test_cuda.py runs it."""
-    from lmforge.checkpoint import load_model_dir
+    from lmforge.models.registry import load_model_dir
 
     assert _placement(load_model_dir(model_dir, device="meta")[0]) == {"meta"}
     assert _placement(LLM.load(model_dir).model) == {"cpu"}

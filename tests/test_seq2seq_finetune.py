@@ -109,11 +109,11 @@ def test_finetune_encoder_decoder_reports_generation_metrics_and_truncation(file
     assert losses[-1] < losses[0]
     preds = [json.loads(x) for x in (tmp_path / "run" / "eval_predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and {"source", "target", "prediction"} <= set(preds[0])
-    from lmforge.checkpoint import load_model_dir
+    from lmforge.models.registry import load_model_dir
     from lmforge.infer.seq2seq import generate_seq2seq
 
-    model, _, tok_path = load_model_dir(tmp_path / "run")  # the fine-tuned run loads (tokenizer included)
-    assert tok_path is not None and len(generate_seq2seq(model, [[5, 6, 0]], max_new_tokens=5, temperature=0)) == 1
+    model, _, tok = load_model_dir(tmp_path / "run")  # the fine-tuned run loads (tokenizer included)
+    assert tok.vocab_size == model.cfg.vocab_size and len(generate_seq2seq(model, [[5, 6, 0]], max_new_tokens=5, temperature=0)) == 1
 
 
 def test_finetune_decoder_on_the_same_files(files, tmp_path, capsys):
@@ -164,12 +164,11 @@ def test_predict_cuts_each_output_at_max_len_a_times_source_plus_b(files, base, 
     search, as fairseq's, searches up to the batch's longest budget, and each best beam is cut at its own."""
     import torch
 
-    from lmforge.checkpoint import load_model_dir
+    from lmforge.models.registry import load_model_dir
     from lmforge.finetune.seq2seq import Seq2SeqGenerateConfig, predict
     from lmforge.tokenizer import Tokenizer
 
-    model, _, tok_path = load_model_dir(files / base)
-    tok = Tokenizer.from_file(tok_path)
+    model, _, tok = load_model_dir(files / base)
     head = model.lm_head.weight if hasattr(model, "lm_head") else model.tok_emb.weight
     with torch.no_grad():  # a random model whose greedy outputs are visible text that runs past the budget
         head[[i for i in range(tok.vocab_size) if tok.decode([i], skip_special=True) == ""]] = 0

@@ -3,6 +3,7 @@ column) and a label column, read with one-line errors that name the file, line a
 
     examples = read_labeled("train.csv", text="text", pair="text_pair", label="label")
     labels = label_set(examples)            # sorted names; ints sort as numbers
+    idx, mask, n_cut = decoder_rows(tokenizer, texts, pairs, limit)   # a decoder classifier's inputs
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+import torch
 
 from lmforge.errors import LMForgeError
 
@@ -116,3 +119,25 @@ def label_ids(examples: list[Example], labels: list[str]) -> list[int]:
             raise LMForgeError(f"{e.where}: label '{e.label}' is not one of the model's labels ({', '.join(labels)})")
         out.append(index[e.label])
     return out
+
+
+def decoder_rows(tok: Any, texts: Sequence[str], pairs: Optional[Sequence[Optional[str]]], limit: int):
+    """Right-padded (ids, mask, n_truncated) for a decoder classifier: text [+ newline + pair], cut to
+    limit - 1 tokens, then the EOS, whose position the score head reads."""
+    if tok is None:
+        raise LMForgeError("this model has no tokenizer (tokenizer.json), so it cannot read text")
+    rows, cut = [], 0
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    for i, t in enumerate(texts):
+        ids = tok.encode(t if pairs is None or pairs[i] is None else f"{t}\n{pairs[i]}")
+        if len(ids) + len(eos) > limit:
+            ids, cut = ids[:limit - len(eos)], cut + 1
+        rows.append(ids + eos)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return idx, mask, cut

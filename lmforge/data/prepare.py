@@ -38,7 +38,7 @@ from lmforge.errors import LMForgeError
 from lmforge.tokenizer import MIN_BPE_VOCAB, Tokenizer
 
 OUTPUT_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
-TOKENIZERS = ("bpe", "char", "wordpiece")  # wordpiece: BERT-style, for encoders (lmforge/wordpiece.py)
+TOKENIZERS = ("bpe", "char", "wordpiece")  # wordpiece: BERT-style, for encoders (Tokenizer.train_wordpiece)
 # Text per encode_batch call: 16+ chunks keep every core busy; the ids come back as Python ints
 # (~36 bytes per token), so this bounds the peak memory of encoding (~60 MB).
 BATCH_BYTES = 4 << 20
@@ -248,9 +248,7 @@ def prepare(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if tokenizer == "wordpiece":  # [SEP] separates documents, as BERT's pretraining data
-                from lmforge.wordpiece import EncoderTokenizer
-
-                tok = EncoderTokenizer.train(training_text(bar), vocab_size).as_lm_tokenizer()
+                tok = Tokenizer.train_wordpiece(training_text(bar), vocab_size)
             else:
                 tok = Tokenizer.train_bpe(training_text(bar), vocab_size) if tokenizer == "bpe" else Tokenizer.train_char(training_text(bar))
     for w in caught:

@@ -7,7 +7,6 @@ macro-F1 averages the per-class F1 over every label the model has); tests check 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -66,23 +65,6 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "") -
     atomic_write_bytes(path, buf.getvalue())
 
 
-def is_classifier(path: str | Path) -> bool:
-    """True when `path` holds a sequence classifier (lmforge run / model dir, or HF …ForSequenceClassification)."""
-    p = Path(path)
-    try:
-        cfg_file = p / "config.json"
-        if cfg_file.is_file():
-            archs = json.loads(cfg_file.read_text(encoding="utf-8")).get("architectures") or []
-            return any(str(a).endswith("ForSequenceClassification") for a in archs)
-        from lmforge.checkpoint import MODEL_CONFIG, resolve_model_dir
-
-        meta = json.loads((resolve_model_dir(p) / MODEL_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError, LMForgeError, AttributeError):
-        return False
-    fam, cfg = meta.get("family"), meta.get("config") or {}
-    return fam == "decoder_classifier" or (fam == "encoder" and cfg.get("head") == "sequence")
-
-
 def _run_columns(path: Path) -> dict[str, Any]:
     """The data columns a `lmforge finetune classify` run was trained with (defaults otherwise)."""
     cols = {"text": "text", "pair": "text_pair", "label": "label"}
@@ -97,16 +79,17 @@ def _run_columns(path: Path) -> dict[str, Any]:
     return cols
 
 
-def evaluate_classifier(ckpt: str | Path, data: Sequence[str] | str, batch_size: int = 32,
+def evaluate_classifier(ckpt: Any, data: Sequence[str] | str, batch_size: int = 32,
                         columns: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class figures and the confusion matrix of a classifier on labelled files."""
+    """Accuracy, macro-F1, per-class figures and the confusion matrix of a classifier (an LLM, or the
+    path of one) on labelled files."""
     from lmforge.data.labeled import label_ids, read_labeled
-    from lmforge.infer.encoder import class_logits, label_names
+    from lmforge.infer.classify import class_logits, label_names
     from lmforge.infer.llm import LLM
 
     files = [data] if isinstance(data, (str, Path)) else list(data)
-    cols = columns or _run_columns(Path(ckpt))
-    llm = LLM.load(ckpt)
+    llm = LLM.of(ckpt)
+    cols = columns or _run_columns(Path(llm.path))
     labels = label_names(llm.model)
     examples = [e for f in files for e in read_labeled(f, cols["text"], cols["pair"], cols["label"])]
     if len(labels) == 1:

@@ -150,9 +150,9 @@ def _text_files(sources: Sequence[str], llm: Any, max_tokens: int | None) -> tup
     return np.asarray(ids, dtype=np.int64), n_bytes, {"split": None, "source": [str(sf.path) for sf in files]}
 
 
-def evaluate(ckpt: str | Path, data: str | Sequence[str], batch_size: int = 8, max_tokens: int | None = None,
+def evaluate(ckpt: Any, data: str | Sequence[str], batch_size: int = 8, max_tokens: int | None = None,
              device: str = "cpu") -> dict[str, Any]:
-    """Loss / perplexity / bits per byte of checkpoint `ckpt` (run, model or HF dir) on `data`.
+    """Loss / perplexity / bits per byte of a model (an LLM, or a run, model or HF dir) on `data`.
 
     `data` is one prepared data directory (its val split is scored; byte count from meta.json) or
     text files (.txt, .jsonl, directories of them, globs). `max_tokens` caps the tokens scored
@@ -169,7 +169,7 @@ def evaluate(ckpt: str | Path, data: str | Sequence[str], batch_size: int = 8, m
         raise LMForgeError(f"batch_size must be a positive integer, got {batch_size!r}")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise LMForgeError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    llm = LLM.load(ckpt, device=device)
+    llm = LLM.of(ckpt, device=device)
     if len(data) == 1 and Path(data[0]).is_dir() and (Path(data[0]) / "meta.json").is_file():
         tokens, n_bytes, info = _prepared_dir(Path(data[0]), llm, max_tokens)
     else:
@@ -184,7 +184,7 @@ def evaluate(ckpt: str | Path, data: str | Sequence[str], batch_size: int = 8, m
         "tokens": n_tok,
         "bytes": n_bytes,
         **info,
-        "checkpoint": str(ckpt),
+        "checkpoint": str(llm.path),
         "block_size": block,
         "windows": windows,
     }

@@ -28,6 +28,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.labeled import decoder_rows
 from lmforge.errors import LMForgeError
 from lmforge.train.config import TrainConfig
 
@@ -84,28 +85,6 @@ def read_texts(path: str | Path) -> list[str]:
         return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise LMForgeError(f"{p} is not UTF-8 text") from None
-
-
-def decoder_rows(tok: Any, texts: Sequence[str], pairs: Optional[Sequence[Optional[str]]], limit: int):
-    """Right-padded (ids, mask, n_truncated) for a decoder classifier: text [+ newline + pair], cut to
-    limit - 1 tokens, then the EOS, whose position the score head reads."""
-    if tok is None:
-        raise LMForgeError("this model has no tokenizer (tokenizer.json), so it cannot read text")
-    rows, cut = [], 0
-    eos = [tok.eos_id] if tok.eos_id is not None else []
-    for i, t in enumerate(texts):
-        ids = tok.encode(t if pairs is None or pairs[i] is None else f"{t}\n{pairs[i]}")
-        if len(ids) + len(eos) > limit:
-            ids, cut = ids[:limit - len(eos)], cut + 1
-        rows.append(ids + eos)
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    T = max(len(r) for r in rows)
-    idx = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = True
-    return idx, mask, cut
 
 
 class LabeledRows:

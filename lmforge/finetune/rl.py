@@ -48,7 +48,7 @@ class RewardModelFn:
     """A trained reward model (DecoderClassifier directory) as a reward function on token ids."""
 
     def __init__(self, path: str | Path, vocab_size: int):
-        from lmforge.checkpoint import load_model_dir
+        from lmforge.models.registry import load_model_dir
 
         model, cfg, _ = load_model_dir(path)
         if getattr(model, "family", "") != "decoder_classifier" or cfg.num_labels != 1:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -19,25 +18,6 @@ import torch
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate as _generate
 from lmforge.infer.generate import stream_text
-
-
-def _is_hf_dir(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LMForgeError(f"{cfg} is not valid JSON: {e}") from None
-    return isinstance(data, dict) and "architectures" in data
-
-
-def _load_tokenizer(tok: Any) -> Any:
-    if tok is None or not isinstance(tok, (str, Path)):
-        return tok
-    from lmforge.tokenizer import Tokenizer
-
-    return Tokenizer.from_model_dir_file(tok)
 
 
 class LLM:
@@ -56,25 +36,36 @@ class LLM:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "LLM":
         """Load a training run directory (its latest checkpoint), a model/checkpoint directory, or a
-        Hugging Face model folder (config.json with "architectures")."""
+        Hugging Face model folder (transformers or sentence-transformers) of any model family."""
         path = Path(path)
         if not path.exists():
             raise LMForgeError(f"checkpoint not found: {path}")
-        from lmforge.infer.encoder import load_encoder  # BERT family / sentence-transformers: own tokenizer
+        from lmforge.interop.hf import is_hf_dir, load_hf_dir
+        from lmforge.models.registry import load_model_dir
 
-        encoder = load_encoder(path, device=device)
-        if encoder is not None:
-            return cls(encoder[0].eval(), encoder[1], encoder[2], path)
-        if path.is_dir() and _is_hf_dir(path):
-            from lmforge.interop.hf import load_hf_dir
+        model, cfg, tok = (load_hf_dir if is_hf_dir(path) else load_model_dir)(path, device=device)
+        return cls(model.eval(), cfg, tok, path)
 
-            model, cfg, tok = load_hf_dir(path, device=device)
-        else:
-            from lmforge.checkpoint import load_model_dir
+    @classmethod
+    def of(cls, model: "LLM | str | Path", device: str | torch.device = "cpu") -> "LLM":
+        """`model` itself when it is an LLM already, else `LLM.load(model)`."""
+        return model if isinstance(model, LLM) else cls.load(model, device=device)
 
-            model, cfg, tok = load_model_dir(path, device=device)
-        model.eval()
-        return cls(model, cfg, _load_tokenizer(tok), path)
+    @property
+    def tasks(self) -> frozenset[str]:
+        """What this model can do: "generate", "stream", "embed", "classify", "score", "masked_lm"."""
+        return self.family.tasks(self.config)
+
+    @property
+    def family(self) -> Any:
+        """The model's entry in the family registry (what it is and what it can do)."""
+        from lmforge.models.registry import family_of
+
+        return family_of(self.model)
+
+    def _need(self, capability: str, message: str) -> None:
+        if capability not in self.tasks:
+            raise LMForgeError(message)
 
     @property
     def device(self) -> torch.device:
@@ -145,9 +136,7 @@ class LLM:
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise LMForgeError(f"num_samples must be a positive integer, got {num_samples!r}")
-        from lmforge.infer.seq2seq import is_seq2seq
-
-        if is_seq2seq(self.model) or num_beams != 1:
+        if "continue" not in self.tasks or num_beams != 1:
             # Encoder-decoders, and beam search for every family (num_samples = best hypotheses returned).
             from lmforge.infer.seq2seq import generate_for_llm
 
@@ -173,8 +162,7 @@ class LLM:
             raise LMForgeError(f"stream takes one string prompt, got {type(prompt).__name__}")
         if num_samples != 1:
             raise LMForgeError("stream produces one sample; use generate(..., num_samples=N) for several")
-        if getattr(self.model, "family", None) == "seq2seq":
-            raise LMForgeError("stream works with decoders; use generate() with an encoder-decoder model")
+        self._need("stream", "stream works with decoders; use generate() with an encoder-decoder model")
         (ids,) = self._encode_text([prompt])
         return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
@@ -220,14 +208,15 @@ class LLM:
               batch_size: int = 32) -> torch.Tensor:
         """Sentence embeddings (N, C) of an encoder: pooling "mean" (over real tokens) or "cls", L2-normalised
         when normalize. None = the model's sentence-transformers settings, else "mean" and True."""
-        from lmforge.infer.encoder import embed
+        from lmforge.infer.embed import embed
 
+        self._need("embed", "embed needs an encoder model (BERT family or a sentence-transformers folder)")
         return embed(self.model, self.tokenizer, texts, pooling=pooling, normalize=normalize, batch_size=batch_size)
 
     def classify(self, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
                  batch_size: int = 32) -> list[dict[str, Any]]:
         """[{"label": str, "score": float, "probs": {label: p}}] per text, for encoder or decoder classifiers."""
-        from lmforge.infer.encoder import classify
+        from lmforge.infer.classify import classify
 
         return classify(self.model, self.tokenizer, texts, text_pairs, batch_size=batch_size)
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from lmforge.errors import LMForgeError
+from lmforge.models.registry import SCORE, family_of
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def score(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], comple
           batch_size: int = 32) -> list[float]:
     from lmforge.data.alignment_data import encode_scored
 
-    if getattr(model, "family", None) != "decoder_classifier" or int(model.cfg.num_labels) != 1:
+    if SCORE not in family_of(model).tasks(model.cfg) or int(model.cfg.num_labels) != 1:
         raise LMForgeError("score needs a reward model (a 'lmforge finetune reward' run: one score output)")
     if tokenizer is None:
         raise LMForgeError("this reward model has no tokenizer, so it cannot score text")

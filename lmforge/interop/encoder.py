@@ -1,14 +1,16 @@
-"""Hugging Face interop for encoders: BERT, RoBERTa, DistilBERT and ModernBERT in and out.
+"""Hugging Face interop of the encoder family: BERT, RoBERTa, DistilBERT and ModernBERT in and out
+(the interop protocol: lmforge/interop/__init__.py).
 
-    load_hf_encoder_dir(dir)        HF folder -> (Encoder, EncoderConfig, EncoderTokenizer or None)
+    load_hf(dir)                    HF folder -> (Encoder, EncoderConfig, Tokenizer or None)
     convert_from_hf(dir, out)       HF folder -> lmforge model directory
-    convert_to_hf(run_or_model, out) lmforge encoder -> HF folder that transformers loads
+    convert_to_hf(model_dir, out)   lmforge encoder -> HF folder that transformers loads
 
 One table per family maps lmforge tensor names to Hugging Face names; separate q/k/v projections
 are stacked into lmforge's fused `attn.qkv` ([q; k; v] rows). Which head an architecture has
 (`…Model`, `…ForMaskedLM`, `…ForSequenceClassification`, `…ForTokenClassification`) sets
 `EncoderConfig.head`. A sentence-transformers folder (modules.json) loads as its transformer with
-its pooling and normalisation kept in `sentence_pooling.json`, which `LLM.embed` follows.
+its pooling and normalisation kept in `sentence_pooling.json` (models/encoder.SENTENCE_POOLING_FILE),
+which `LLM.embed` follows.
 Encoders are small (BERT-large is 1.3 GB in fp32), so tensors are converted in memory.
 """
 
@@ -24,10 +26,14 @@ from typing import Any, Optional
 
 import torch
 
-from lmforge.checkpoint import (MODEL_CONFIG, MODEL_WEIGHTS, TOKENIZER, atomic_write_text, load_state_checked,
-                                read_json, resolve_model_dir, save_tensors)
+from lmforge.checkpoint import MODEL_WEIGHTS, TOKENIZER, atomic_write_text, load_tensors, read_json, save_tensors
 from lmforge.errors import LMForgeError
-from lmforge.models.encoder import Encoder, EncoderConfig
+from lmforge.interop.files import (DEFAULT_MAX_SHARD_SIZE, HF_CONFIG, HF_CONFIG_SIDECAR, SENTENCE_TRANSFORMERS_MODULES,
+                                   SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TempDir, WeightSource, check_out,
+                                   load_hf_tokenizer, read_hf_config, read_json_file, tensors_in_memory,
+                                   write_hf_weights, write_model_config)
+from lmforge.models.encoder import SENTENCE_POOLING_FILE, EncoderConfig
+from lmforge.models.registry import build_model, get_family
 
 KINDS = ("bert", "roberta", "distilbert", "modernbert")
 _CLASS = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "modernbert": "ModernBert"}
@@ -35,10 +41,9 @@ _SUFFIX = {"Model": "none", "ForMaskedLM": "mlm", "ForSequenceClassification": "
            "ForTokenClassification": "token"}
 ENCODER_ARCHITECTURES = {f"{c}{s}": (k, h) for k, c in _CLASS.items() for s, h in _SUFFIX.items()}
 ENCODER_ARCHITECTURES["BertForPreTraining"] = ("bert", "mlm")  # the NSP head is dropped
+ARCHITECTURES = tuple(ENCODER_ARCHITECTURES)
 _PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "modernbert": "model."}
-POOLING_FILE = "sentence_pooling.json"  # {"pooling": "mean"|"cls", "normalize": bool, "max_seq_length": n}
-HF_CONFIG_SIDECAR = "hf_config.json"
-_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt")
+_TOKENIZER_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, "vocab.txt", "vocab.json", "merges.txt")
 
 
 def encoder_architecture(hf: dict) -> Optional[str]:
@@ -49,20 +54,9 @@ def encoder_architecture(hf: dict) -> Optional[str]:
     return None
 
 
-def is_encoder_hf_dir(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
-    try:
-        return cfg.is_file() and encoder_architecture(json.loads(cfg.read_text(encoding="utf-8"))) is not None
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def is_encoder_model_dir(path: str | Path) -> bool:
-    try:
-        meta = json.loads((resolve_model_dir(path) / MODEL_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError, LMForgeError):
-        return False
-    return isinstance(meta, dict) and meta.get("family") == "encoder"
+def recognises(folder: Path, hf: dict | None) -> bool:
+    """A transformers encoder folder, or a sentence-transformers folder (modules.json)."""
+    return (folder / SENTENCE_TRANSFORMERS_MODULES).is_file() or (hf is not None and encoder_architecture(hf) is not None)
 
 
 # ---- config.json <-> EncoderConfig ------------------------------------------------------------
@@ -339,12 +333,10 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: EncoderConfig, kind: str) -
 
 def sentence_transformers_layout(folder: Path) -> Optional[tuple[Path, dict]]:
     """(transformer folder, {"pooling": ..., "normalize": ...}) of a sentence-transformers folder, or None."""
-    from lmforge.interop.hf import _read_json_file
-
-    mod_file = folder / "modules.json"
+    mod_file = folder / SENTENCE_TRANSFORMERS_MODULES
     if not mod_file.is_file():
         return None
-    modules = _read_json_file(mod_file)
+    modules = read_json_file(mod_file)
     if not isinstance(modules, list):
         raise LMForgeError(f"{mod_file} must hold a list of modules")
     body, pooling = None, {"pooling": "mean", "normalize": False}
@@ -354,7 +346,7 @@ def sentence_transformers_layout(folder: Path) -> Optional[tuple[Path, dict]]:
         if kind == "Transformer":
             body = sub
         elif kind == "Pooling":
-            pc = _read_json_file(sub / "config.json")
+            pc = read_json_file(sub / "config.json")
             mode = pc.get("pooling_mode")  # sentence-transformers 6: "cls" | "mean" | [...]
             if mode is None:  # earlier versions: one boolean per mode
                 legacy = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
@@ -374,7 +366,7 @@ def sentence_transformers_layout(folder: Path) -> Optional[tuple[Path, dict]]:
     # where sentence-transformers truncates: sentence_bert_config.json (v2-v5), else the tokenizer's model_max_length (v6)
     for cfg_file, key in ((body / "sentence_bert_config.json", "max_seq_length"),
                           (body / "tokenizer_config.json", "model_max_length")):
-        msl = _read_json_file(cfg_file).get(key) if cfg_file.is_file() else None
+        msl = read_json_file(cfg_file).get(key) if cfg_file.is_file() else None
         if isinstance(msl, int) and 0 < msl < 10**6:
             pooling["max_seq_length"] = msl
             break
@@ -384,12 +376,10 @@ def sentence_transformers_layout(folder: Path) -> Optional[tuple[Path, dict]]:
 # ---- load / convert ---------------------------------------------------------------------------
 
 def _read(hf_dir: Path):
-    from lmforge.interop.hf import WeightSource, _read_hf_config
-
     st = sentence_transformers_layout(hf_dir) if hf_dir.is_dir() else None
     body, pooling = (st if st is not None else (hf_dir, None))
-    hf = _read_hf_config(body)
-    cfg, arch = config_from_hf(hf, str(body / "config.json"))
+    hf = read_hf_config(body)
+    cfg, arch = config_from_hf(hf, str(body / HF_CONFIG))
     kind = ENCODER_ARCHITECTURES[arch][0]
     src = WeightSource(body)
     if kind in ("bert", "roberta") and cfg.head != "sequence":  # a pooler is optional: keep it when saved
@@ -400,60 +390,41 @@ def _read(hf_dir: Path):
     return body, hf, cfg, state, pooling
 
 
-def load_hf_tokenizer(folder: Path, block_size: int | None = None):
-    from lmforge.wordpiece import EncoderTokenizer
-
-    if not (folder / TOKENIZER).is_file():
-        return None
-    return EncoderTokenizer.from_file(folder / TOKENIZER, max_length=block_size)
-
-
-def load_hf_encoder_dir(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
-    """(Encoder in eval mode, EncoderConfig, EncoderTokenizer or None) from a HF or sentence-transformers folder.
+def load_hf(hf_dir: Path, hf_cfg: dict | None, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+    """(Encoder in eval mode, EncoderConfig, Tokenizer or None) from a HF or sentence-transformers folder.
     The model's `sentence_pooling` attribute holds the folder's pooling settings (or None)."""
-    from lmforge.checkpoint import build_model
-    from lmforge.models.registry import get_family
-
-    body, hf, cfg, state, pooling = _read(Path(path))
+    body, hf, cfg, state, pooling = _read(hf_dir)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    model = build_model(get_family("encoder"), cfg, device, state, body).eval()
+    family = get_family("encoder")
+    model = build_model(family, cfg, device, state, body).eval()
     model.sentence_pooling = pooling
-    limit = cfg.block_size - cfg.position_offset
-    return model, cfg, load_hf_tokenizer(body, limit)
+    return model, cfg, load_hf_tokenizer(body, hf, encoder=True, max_length=family.max_tokens(cfg))
 
 
-def convert_from_hf(hf_dir: str, out: str, overwrite: bool = False) -> Path:
+def convert_from_hf(src: Path, hf_cfg: dict | None, out_p: Path, overwrite: bool = False) -> Path:
     """HF (or sentence-transformers) encoder folder -> lmforge model directory."""
-    from lmforge.interop.hf import _check_out, _TempDir
-
-    src, out_p = Path(hf_dir), Path(out)
     body, hf, cfg, state, pooling = _read(src)
-    _check_out(out_p, overwrite, src)
-    with _TempDir(out_p) as tmp:
+    check_out(out_p, overwrite, src)
+    with TempDir(out_p) as tmp:
         save_tensors(tmp / MODEL_WEIGHTS, state, metadata={"format": "pt", "lmforge": "encoder"})
-        atomic_write_text(tmp / MODEL_CONFIG, json.dumps({"family": "encoder", "config": asdict(cfg)}, indent=2))
+        write_model_config(tmp, "encoder", cfg)
         atomic_write_text(tmp / HF_CONFIG_SIDECAR, json.dumps(hf, indent=2))
         if pooling is not None:
-            atomic_write_text(tmp / POOLING_FILE, json.dumps(pooling, indent=2))
+            atomic_write_text(tmp / SENTENCE_POOLING_FILE, json.dumps(pooling, indent=2))
         for name in (TOKENIZER,) + _TOKENIZER_FILES:
             if (body / name).is_file():
                 shutil.copyfile(body / name, tmp / name)
     return out_p
 
 
-def convert_to_hf(src: str, out: str, overwrite: bool = False) -> Path:
-    """lmforge encoder run / model directory -> HF folder (config.json, model.safetensors, tokenizer files)."""
-    from lmforge.checkpoint import load_tensors, read_model_config
-    from lmforge.interop.hf import _check_out, _TempDir
+def convert_to_hf(model_dir: Path, cfg: EncoderConfig, out_p: Path, overwrite: bool = False,
+                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """lmforge encoder model directory -> HF folder (config.json, model.safetensors, tokenizer files)."""
+    from lmforge.models.registry import load_tokenizer
 
-    model_dir = resolve_model_dir(src)
-    family, cfg = read_model_config(model_dir)
-    if family.name != "encoder":
-        raise LMForgeError(f"{model_dir} holds a {family.name} model, not an encoder")
     kind = hf_kind(cfg)
-    out_p = Path(out)
-    _check_out(out_p, overwrite, model_dir)
+    check_out(out_p, overwrite, model_dir)
     state = load_tensors(model_dir / MODEL_WEIGHTS)
     hf_state = state_to_hf(state, cfg, kind)
     dtype = state["tok_emb.weight"].dtype
@@ -463,17 +434,15 @@ def convert_to_hf(src: str, out: str, overwrite: bool = False) -> Path:
         old = read_json(origin)
         if isinstance(old, dict) and old.get("model_type") == kind:
             hf = {**{k: v for k, v in old.items() if k not in ("id2label", "label2id", "num_labels")}, **hf}
-    with _TempDir(out_p) as tmp:
-        save_tensors(tmp / "model.safetensors", hf_state, metadata={"format": "pt"})
-        atomic_write_text(tmp / "config.json", json.dumps(hf, indent=2))
+    with TempDir(out_p) as tmp:
+        write_hf_weights(tmp, tensors_in_memory(hf_state), max_shard_size)
+        atomic_write_text(tmp / HF_CONFIG, json.dumps(hf, indent=2))
         for name in (TOKENIZER,) + _TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
-        if (model_dir / TOKENIZER).is_file() and not (model_dir / "tokenizer_config.json").is_file():
-            from lmforge.wordpiece import EncoderTokenizer
-
-            tok = EncoderTokenizer.from_file(model_dir / TOKENIZER)
-            atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tok.hf_tokenizer_config(cfg.block_size), indent=2))
-        if (model_dir / POOLING_FILE).is_file():
-            shutil.copyfile(model_dir / POOLING_FILE, tmp / POOLING_FILE)
+        if (model_dir / TOKENIZER).is_file() and not (model_dir / TOKENIZER_CONFIG).is_file():
+            tok = load_tokenizer(get_family("encoder"), cfg, model_dir / TOKENIZER)
+            atomic_write_text(tmp / TOKENIZER_CONFIG, json.dumps(tok.tokenizer_config(cfg.block_size), indent=2))
+        if (model_dir / SENTENCE_POOLING_FILE).is_file():
+            shutil.copyfile(model_dir / SENTENCE_POOLING_FILE, tmp / SENTENCE_POOLING_FILE)
     return out_p

@@ -1,7 +1,8 @@
 """Hugging Face interop for encoder-decoders: T5ForConditionalGeneration (v1.0 ReLU and v1.1 gated
-GELU) and BartForConditionalGeneration, in and out, numerically identical.
+GELU) and BartForConditionalGeneration, in and out, numerically identical (the interop protocol:
+lmforge/interop/__init__.py).
 
-    load_hf_dir(dir)                 HF folder -> (Seq2Seq, Seq2SeqConfig, tokenizer.json path or None)
+    load_hf(dir)                     HF folder -> (Seq2Seq, Seq2SeqConfig, Tokenizer or None)
     convert_from_hf(dir, out)        HF folder -> lmforge model directory
     convert_to_hf(model_dir, out)    lmforge model directory -> HF folder that transformers loads
     state_from_hf / state_to_hf      the weight renaming itself (tensors only)
@@ -17,50 +18,30 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmforge.checkpoint import (MODEL_CONFIG, MODEL_WEIGHTS, TOKENIZER, atomic_write_text, load_tensors,
-                                read_json, replace_dir_atomically, resolve_model_dir, save_tensors)
+from lmforge.checkpoint import MODEL_WEIGHTS, TOKENIZER, atomic_write_text, load_tensors, write_model_dir
 from lmforge.errors import LMForgeError
+from lmforge.interop.files import (DEFAULT_MAX_SHARD_SIZE, GENERATION_CONFIG, HF_CONFIG, HF_CONFIG_SIDECAR,
+                                   SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TempDir, WeightSource, check_out,
+                                   load_hf_tokenizer, read_json_file, tensors_in_memory, write_hf_weights)
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 ARCHITECTURES = ("T5ForConditionalGeneration", "BartForConditionalGeneration")
-HF_CONFIG = "config.json"
-HF_CONFIG_SIDECAR = "hf_config.json"
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG)
 
 _T5_FFN = {"relu": "relu", "gated-gelu": "gated-gelu", "gelu": "gelu", "gated-relu": "gated-relu"}
 _BART_ACT = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-def is_seq2seq_hf_config(hf: dict) -> bool:
-    archs = hf.get("architectures") or []
-    return any(a in ARCHITECTURES for a in archs) or hf.get("model_type") in ("t5", "bart")
-
-
-def is_seq2seq_hf_dir(path: str | Path) -> bool:
-    """A transformers folder whose config.json is a T5 or BART model."""
-    cfg = Path(path) / HF_CONFIG
-    if not cfg.is_file():
+def recognises(folder: Path, hf: dict | None) -> bool:
+    """A transformers T5 or BART folder (by architecture, or by model_type when none is named)."""
+    if hf is None:
         return False
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and is_seq2seq_hf_config(data)
-
-
-def is_seq2seq_model_dir(path: str | Path) -> bool:
-    """An lmforge model directory (or run) holding a seq2seq model."""
-    try:
-        meta = read_json(resolve_model_dir(path) / MODEL_CONFIG)
-    except LMForgeError:
-        return False
-    return isinstance(meta, dict) and meta.get("family") == "seq2seq"
+    return any(a in ARCHITECTURES for a in hf.get("architectures") or []) or hf.get("model_type") in ("t5", "bart")
 
 
 # ---- configs ---------------------------------------------------------------------------------
@@ -266,43 +247,22 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: Seq2SeqConfig) -> dict[str,
     return out
 
 
-def _weights_from_hf_dir(hf_dir: Path) -> dict[str, torch.Tensor]:
-    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
-    if single.is_file():
-        return load_tensors(single)
-    if index.is_file():
-        files = sorted(set(read_json(index).get("weight_map", {}).values()))
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_tensors(hf_dir / f))
-        return state
-    bin_path = hf_dir / "pytorch_model.bin"
-    if bin_path.is_file():
-        import warnings
-
-        warnings.warn(f"{bin_path}: reading a legacy pickle checkpoint with torch.load(weights_only=True)", stacklevel=2)
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise LMForgeError(f"{hf_dir} has no model.safetensors (or index / pytorch_model.bin)")
-
-
 def _is_tied(hf_state: dict[str, torch.Tensor], shared_key: str) -> bool:
     head = hf_state.get("lm_head.weight")
     return head is None or torch.equal(head, hf_state[shared_key])
 
 
-def load_hf_dir(hf_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2Seq, Seq2SeqConfig, Path | None]:
-    """(model in eval mode, config, tokenizer.json path or None) from a transformers T5 / BART folder."""
-    hf_dir = Path(hf_dir)
-    cfg_path = hf_dir / HF_CONFIG
-    if not cfg_path.is_file():
-        raise LMForgeError(f"{hf_dir} has no {HF_CONFIG}; a Hugging Face model folder needs one")
-    hf = read_json(cfg_path)
-    state = _weights_from_hf_dir(hf_dir)
+def load_hf(hf_dir: Path, hf: dict, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model in eval mode, config, Tokenizer or None) from a transformers T5 / BART folder."""
+    source = WeightSource(hf_dir)
+    state = {name: source.get(name) for name in source.names()}
     shared = "shared.weight" if hf.get("model_type") == "t5" else "model.shared.weight"
     if shared not in state:
         raise LMForgeError(f"{hf_dir}: the weights have no '{shared}'")
-    cfg = config_from_hf(hf, str(cfg_path), tied=_is_tied(state, shared))
+    cfg = config_from_hf(hf, str(hf_dir / HF_CONFIG), tied=_is_tied(state, shared))
     ours = state_from_hf(state, cfg, str(hf_dir))
+    if dtype is not None:
+        ours = {k: v.to(dtype) for k, v in ours.items()}
     with torch.device("meta"):
         model = Seq2Seq(cfg)
     model = model.to_empty(device=device)
@@ -310,64 +270,37 @@ def load_hf_dir(hf_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     model.load_state_dict({k: v.to(device) for k, v in ours.items()}, strict=False, assign=True)
     model.retie()
     model.eval()
-    tok = hf_dir / TOKENIZER
-    return model, cfg, tok if tok.is_file() else None
+    return model, cfg, load_hf_tokenizer(hf_dir, hf)
 
 
-def convert_from_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def convert_from_hf(src: Path, hf: dict, out: Path, overwrite: bool = False) -> Path:
     """HF T5 / BART folder -> lmforge model directory (config, weights, tokenizer files, hf_config.json)."""
-    from lmforge.checkpoint import write_model_dir
-
-    hf_dir, out = Path(hf_dir), Path(out)
-    _check_out(out, overwrite)
-    model, cfg, tok = load_hf_dir(hf_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        extra = {name: (hf_dir / name).read_bytes() for name in TOKENIZER_FILES if (hf_dir / name).is_file()}
-        extra[HF_CONFIG_SIDECAR] = (hf_dir / HF_CONFIG).read_bytes()
-        write_model_dir(tmp, model, tokenizer_path=tok, extra_files=extra)
-        replace_dir_atomically(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_out(out, overwrite, src)
+    model, cfg, _ = load_hf(src, hf)
+    with TempDir(out) as tmp:
+        extra = {name: (src / name).read_bytes() for name in TOKENIZER_FILES if (src / name).is_file()}
+        extra[HF_CONFIG_SIDECAR] = (src / HF_CONFIG).read_bytes()
+        write_model_dir(tmp, model, tokenizer_path=src / TOKENIZER, extra_files=extra)
     return out
 
 
-def convert_to_hf(model_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """lmforge seq2seq model (or run) directory -> transformers folder (config.json, model.safetensors, tokenizer files)."""
-    src = resolve_model_dir(model_dir)
-    meta = read_json(src / MODEL_CONFIG)
-    if meta.get("family") != "seq2seq":
-        raise LMForgeError(f"{src} holds a '{meta.get('family')}' model, not a seq2seq one")
-    from lmforge.config import from_dict
-
-    cfg = from_dict(Seq2SeqConfig, meta["config"], prefix="model.")
-    state = load_tensors(src / MODEL_WEIGHTS)
+def convert_to_hf(model_dir: Path, cfg: Seq2SeqConfig, out: Path, overwrite: bool = False,
+                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """lmforge seq2seq model directory -> transformers folder (config.json, model.safetensors, tokenizer files)."""
+    check_out(out, overwrite, model_dir)
+    state = load_tensors(model_dir / MODEL_WEIGHTS)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
-    out = Path(out)
-    _check_out(out, overwrite)
-    base = read_json(src / HF_CONFIG_SIDECAR) if (src / HF_CONFIG_SIDECAR).is_file() else None
+    base = read_json_file(model_dir / HF_CONFIG_SIDECAR) if (model_dir / HF_CONFIG_SIDECAR).is_file() else None
     hf_cfg = config_to_hf(cfg, base)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_tensors(tmp / "model.safetensors", state_to_hf(state, cfg), metadata={"format": "pt"})
+    with TempDir(out) as tmp:
+        write_hf_weights(tmp, tensors_in_memory(state_to_hf(state, cfg)), max_shard_size)
         atomic_write_text(tmp / HF_CONFIG, json.dumps(hf_cfg, indent=2))
         for name in (TOKENIZER, *TOKENIZER_FILES):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        replace_dir_atomically(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, tmp / name)
     return out
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LMForgeError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
-__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "state_from_hf", "state_to_hf", "load_hf_dir",
-           "convert_from_hf", "convert_to_hf", "is_seq2seq_hf_config", "is_seq2seq_hf_dir", "is_seq2seq_model_dir"]
+__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "state_from_hf", "state_to_hf", "recognises",
+           "load_hf", "convert_from_hf", "convert_to_hf"]

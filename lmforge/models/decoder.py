@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import LMForgeError
+from lmforge.models.presets import preset_config
 from lmforge.nn.linear import Linear
 from lmforge.nn.layers import MLP, Attention, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
@@ -135,8 +136,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def config_from_preset(name: Optional[str], **overrides: Any) -> DecoderConfig:
     """The preset's shape with `overrides` on top; checks the preset name."""
-    from lmforge.models.registry import preset_config
-
     return preset_config(DecoderConfig, PRESETS, name, overrides, what="preset")
 
 
@@ -405,6 +404,33 @@ def packed_attention(device: torch.device) -> str:
     return "flex" if device.type == "cuda" else "sdpa"
 
 
-from lmforge.models.registry import register_family  # noqa: E402
+# ---- `lmforge info` ------------------------------------------------------------------------------
 
-register_family("decoder", DecoderConfig, Decoder, presets=PRESETS, config_from_preset=config_from_preset)
+def describe(cfg: DecoderConfig, seq_len: Optional[int] = None) -> tuple[dict[str, Any], list[str]]:
+    """(info JSON, text lines): parameters, FLOPs per token, KV-cache bytes per token, shape."""
+    seq = seq_len or cfg.block_size
+    info = {
+        "params": cfg.num_params(),
+        "params_non_embedding": cfg.num_params(non_embedding=True),
+        "flops_per_token_train": cfg.flops_per_token(seq),
+        "flops_per_token_forward": cfg.flops_per_token(seq) // 3,
+        "seq_len": seq,
+        "kv_cache_bytes_per_token": {"fp32": cfg.kv_cache_bytes_per_token(4), "bf16": cfg.kv_cache_bytes_per_token(2)},
+    }
+    lines = [
+        f"parameters             {info['params']:,}  ({info['params'] / 1e6:,.2f}M; non-embedding {info['params_non_embedding']:,})",
+        f"FLOPs / token (train)  {info['flops_per_token_train']:,}  (6N + 12·L·H·D·T at T={seq})",
+        f"FLOPs / token (fwd)    {info['flops_per_token_forward']:,}",
+        f"KV cache / token       {info['kv_cache_bytes_per_token']['bf16']:,} bytes bf16, "
+        f"{info['kv_cache_bytes_per_token']['fp32']:,} bytes fp32",
+        f"shape                  {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} kv), width {cfg.n_embd}, "
+        f"mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}, context {cfg.block_size}",
+        f"flavour                {cfg.pos_encoding} positions, {cfg.norm}, {cfg.mlp}, "
+        f"{'tied' if cfg.tie_embeddings else 'untied'} head",
+    ]
+    return info, lines
+
+
+def list_row(name: str, c: DecoderConfig) -> str:
+    flavour = f"{c.pos_encoding}/{c.norm}/{c.mlp}{'/tied' if c.tie_embeddings else ''}"
+    return f"{name:<12} {c.num_params():>18,} {c.n_layer:>6} {c.n_head:>5} {c.n_kv_head:>3} {c.n_embd:>6} {c.block_size:>6}  {flavour}"

@@ -32,10 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
+from lmforge.models.presets import describe_shape, preset_config
 from lmforge.nn.layers import Attention, rope_cos_sin, rope_inv_freq
 from lmforge.nn.linear import Linear
 
 HEADS = ("none", "mlm", "sequence", "token")
+# A sentence-transformers model's pooling settings, kept in its lmforge model directory:
+# {"pooling": "mean" | "cls", "normalize": bool, "max_seq_length": n}; `LLM.embed` follows them.
+SENTENCE_POOLING_FILE = "sentence_pooling.json"
 ACTIVATIONS = ("gelu", "tanh", "relu")
 
 
@@ -191,8 +195,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def config_from_preset(name: Optional[str], **overrides: Any) -> EncoderConfig:
     """The preset's shape with `overrides` on top; checks the preset name and keys."""
-    from lmforge.models.registry import preset_config
-
     return preset_config(EncoderConfig, PRESETS, name, overrides, what="encoder preset")
 
 
@@ -446,12 +448,8 @@ class Encoder(nn.Module):
         return new
 
 
-def _register() -> None:
-    try:
-        from lmforge.models.registry import register_family
-    except ImportError:  # registry not present (older tree): nothing to register with
-        return
-    register_family("encoder", EncoderConfig, Encoder, presets=PRESETS, config_from_preset=config_from_preset)
-
-
-_register()
+def describe(cfg: EncoderConfig, seq_len: Optional[int] = None) -> tuple[dict[str, Any], list[str]]:
+    """`lmforge info`: the shape's figures plus the parameters with each head."""
+    by_head = {h: cfg.num_params(head=h) for h in HEADS}
+    return describe_shape(cfg, seq_len, {"params_by_head": by_head},
+                          [f"  with head {h:<10}   {n:,}" for h, n in by_head.items()])

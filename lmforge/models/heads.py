@@ -28,7 +28,6 @@ import torch.nn as nn
 
 from lmforge.models.decoder import PRESETS, Decoder, DecoderConfig
 from lmforge.models.decoder import config_from_preset as _decoder_preset
-from lmforge.models.registry import register_family
 
 
 @dataclass
@@ -158,7 +157,5 @@ def _preset(cls: type) -> Any:
     return make
 
 
-register_family("decoder_classifier", DecoderClassifierConfig, DecoderClassifier, presets={},
-                config_from_preset=_preset(DecoderClassifierConfig))
-register_family("decoder_value", DecoderValueConfig, DecoderWithValueHead, presets={},
-                config_from_preset=_preset(DecoderValueConfig))
+classifier_from_preset = _preset(DecoderClassifierConfig)
+value_from_preset = _preset(DecoderValueConfig)

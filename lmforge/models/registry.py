@@ -1,23 +1,46 @@
-"""Model families: a name -> (config class, model class) table.
+"""Model families: the one table of what each family is and what it can do.
 
-The loop, checkpoint files, `LLM.load` and interop look a family up here instead of switching on
-strings spread around the code. A family module registers itself at import time:
+    FAMILIES["encoder"] -> Family(config and model classes, presets, interop module, capabilities, ...)
 
-    register_family("encoder", EncoderConfig, Encoder, presets=PRESETS, config_from_preset=config_from_preset)
+Everything that asks "which kind of model is this?" asks here: the training loop and checkpoints
+(config and model classes), `LLM.load` and `lmforge convert` (which family a model directory or a
+Hugging Face folder holds, and which interop module reads and writes it), `LLM.generate` / `embed` /
+`classify` / `score` (capabilities, and the inference module that generates), and `lmforge info`
+(how a config describes itself). Nobody else switches on family names.
 
-A model class has a class attribute `family`, an attribute `cfg` (its config dataclass) and
-`num_params()`. Optional hooks: `tied_state_keys()` (state-dict keys that share storage with
-another tensor and are not saved), `retie()` (re-share them after loading) and `rebuild_buffers()`
-(recompute non-persistent buffers, e.g. RoPE tables, after loading onto a device).
+The table is explicit: no registration by import side effect. A family's interop and generation
+modules sit in layers above models/, so the table names them by import path and they are imported
+on first use; models/ itself imports nothing above it.
+
+A new family is one model file (config dataclass, PRESETS, the nn.Module, `describe`), one interop
+module (the protocol in lmforge/interop/__init__.py) and one entry in FAMILIES below.
 """
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
+import torch
+
+from lmforge import checkpoint as ckpt_io
+from lmforge.config import from_dict
 from lmforge.errors import LMForgeError
+from lmforge.models import decoder, encoder, heads, seq2seq
+from lmforge.models.presets import describe_shape, preset_config, shape_row, unknown_name
+from lmforge.tokenizer import Tokenizer
+
+__all__ = ["Family", "FAMILIES", "get_family", "families", "family_of", "family_of_preset", "all_presets",
+           "family_of_model_dir", "read_model_config", "build_model", "load_model_dir", "load_tokenizer",
+           "preset_config"]
+
+# What a family's models can be asked to do (LLM methods, the CLI and the server check these).
+# CONTINUE: generated text continues the prompt (decoders), where an encoder-decoder's is a new target.
+GENERATE, CONTINUE, STREAM = "generate", "continue", "stream"
+EMBED, CLASSIFY, SCORE, MASKED_LM = "embed", "classify", "score", "masked_lm"
 
 
 @dataclass(frozen=True)
@@ -26,65 +49,143 @@ class Family:
     config_cls: type
     model_cls: type
     presets: dict[str, dict[str, Any]]
-    config_from_preset: Callable[..., Any] | None = None
+    config_from_preset: Callable[..., Any]
+    describe: Callable[[Any, int | None], tuple[dict[str, Any], list[str]]]  # (info JSON, text lines) for `lmforge info`
+    list_row: Callable[[str, Any], str]        # one line of `lmforge info --list`
+    can: frozenset[str] = frozenset()          # capabilities: the constants above
+    tasks_of: Callable[[Any], frozenset[str]] | None = None  # those of one config, when they depend on it
+    interop: str | None = None                 # module reading / writing its Hugging Face folders (None: no HF form)
+    generation: str | None = None              # inference module with `generate_for_llm(llm, prompt, **options)`
+    encoder_tokenizer: bool = False            # its tokenizer frames inputs as [CLS] a [SEP] (roles cls/sep/mask)
+    max_tokens: Callable[[Any], int] = lambda cfg: int(cfg.block_size)  # longest input its tokenizer makes
+    # Extra JSON files of its model directories, loaded onto the model as attributes (None when absent).
+    dir_files: dict[str, str] = field(default_factory=dict)
+
+    def tasks(self, cfg: Any) -> frozenset[str]:
+        """What a model of this family with config `cfg` can do."""
+        return self.can if self.tasks_of is None else self.tasks_of(cfg)
+
+    def interop_module(self) -> ModuleType:
+        if self.interop is None:
+            raise LMForgeError(f"{self.name} models have no Hugging Face form to import or export")
+        return importlib.import_module(self.interop)
+
+    def generation_module(self) -> ModuleType:
+        if self.generation is None:
+            raise LMForgeError(f"a {self.name} model does not generate text")
+        return importlib.import_module(self.generation)
 
 
-_FAMILIES: dict[str, Family] = {}
-
-
-def preset_config(config_cls: type, presets: dict[str, dict[str, Any]], name: str | None, overrides: dict[str, Any],
-                  what: str = "preset") -> Any:
-    """`config_cls` from preset `name` (None: the class defaults) with `overrides` on top; an unknown
-    preset names the closest one, an unknown key is refused. Every family's config_from_preset."""
-    import dataclasses
-
-    base: dict[str, Any] = {}
-    if name is not None:
-        if name not in presets:
-            near = difflib.get_close_matches(name, list(presets), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise LMForgeError(f"unknown {what} '{name}'{hint}; presets: {', '.join(presets)}")
-        base = dict(presets[name])
-    base.update({k: v for k, v in overrides.items() if k != "preset"})
-    unknown = set(base) - {f.name for f in dataclasses.fields(config_cls)}
-    if unknown:
-        raise LMForgeError(f"unknown model keys: {', '.join(sorted(unknown))}")
-    return config_cls(preset=name, **base)
-
-
-def register_family(name: str, config_cls: type, model_cls: type, presets: dict[str, dict[str, Any]] | None = None,
-                    config_from_preset: Callable[..., Any] | None = None) -> None:
-    _FAMILIES[name] = Family(name, config_cls, model_cls, dict(presets or {}), config_from_preset)
-
-
-def _load_all() -> None:
-    import lmforge.models  # noqa: F401  (imports every family module, which registers itself)
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("decoder", decoder.DecoderConfig, decoder.Decoder, decoder.PRESETS, decoder.config_from_preset,
+           decoder.describe, decoder.list_row, frozenset({GENERATE, CONTINUE, STREAM}),
+           interop="lmforge.interop.decoder", generation="lmforge.infer.generate"),
+    Family("decoder_classifier", heads.DecoderClassifierConfig, heads.DecoderClassifier, {},
+           heads.classifier_from_preset, decoder.describe, decoder.list_row, frozenset({CLASSIFY, SCORE})),
+    Family("decoder_value", heads.DecoderValueConfig, heads.DecoderWithValueHead, {}, heads.value_from_preset,
+           decoder.describe, decoder.list_row, frozenset({GENERATE, CONTINUE, STREAM}),
+           generation="lmforge.infer.generate"),
+    Family("encoder", encoder.EncoderConfig, encoder.Encoder, encoder.PRESETS, encoder.config_from_preset,
+           encoder.describe, lambda name, cfg: shape_row(name, cfg, "encoder"), frozenset({EMBED, CLASSIFY, MASKED_LM}),
+           tasks_of=lambda cfg: frozenset({EMBED, CLASSIFY} if cfg.head == "sequence" else {EMBED, MASKED_LM}),
+           interop="lmforge.interop.encoder", encoder_tokenizer=True,
+           max_tokens=lambda cfg: int(cfg.block_size - cfg.position_offset),
+           dir_files={encoder.SENTENCE_POOLING_FILE: "sentence_pooling"}),
+    Family("seq2seq", seq2seq.Seq2SeqConfig, seq2seq.Seq2Seq, seq2seq.PRESETS, seq2seq.config_from_preset,
+           describe_shape, lambda name, cfg: shape_row(name, cfg, "seq2seq"), frozenset({GENERATE}),
+           interop="lmforge.interop.seq2seq", generation="lmforge.infer.seq2seq"),
+)}
 
 
 def get_family(name: str) -> Family:
-    _load_all()
-    if name not in _FAMILIES:
-        raise LMForgeError(f"unknown model family '{name}'; known: {', '.join(sorted(_FAMILIES))}")
-    return _FAMILIES[name]
+    if name not in FAMILIES:
+        raise LMForgeError(f"unknown model family '{name}'; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
 
 
 def families() -> dict[str, Family]:
-    _load_all()
-    return dict(_FAMILIES)
+    return dict(FAMILIES)
+
+
+def family_of(model_or_config: Any) -> Family:
+    """The family of a model (its `family` attribute) or of a config dataclass."""
+    name = getattr(model_or_config, "family", None)
+    if isinstance(name, str):
+        return get_family(name)
+    for fam in FAMILIES.values():  # subclasses first would matter; configs here are exact types
+        if type(model_or_config) is fam.config_cls:
+            return fam
+    raise LMForgeError(f"no model family for {type(model_or_config).__name__}")
 
 
 def family_of_preset(preset: str) -> Family:
     """The family whose PRESETS holds `preset` (names are unique across families)."""
-    _load_all()
-    for fam in _FAMILIES.values():
+    for fam in FAMILIES.values():
         if preset in fam.presets:
             return fam
-    names = [p for fam in _FAMILIES.values() for p in fam.presets]
-    near = difflib.get_close_matches(preset, names, n=1)
-    hint = f" (did you mean '{near[0]}'?)" if near else ""
-    raise LMForgeError(f"unknown preset '{preset}'{hint}; presets: {', '.join(names)}")
+    raise unknown_name("preset", preset, [p for fam in FAMILIES.values() for p in fam.presets])
 
 
 def all_presets() -> list[tuple[str, Family]]:
-    _load_all()
-    return [(p, fam) for fam in _FAMILIES.values() for p in fam.presets]
+    return [(p, fam) for fam in FAMILIES.values() for p in fam.presets]
+
+
+# ---- lmforge model directories -----------------------------------------------------------------
+# A model directory is model_config.json ({"family", "config"}), model.safetensors, and optionally
+# tokenizer.json (+ tokenizer_config.json, chat_template.jinja, generation_config.json) and the
+# family's own files (dir_files). A run directory resolves to its latest checkpoint.
+
+def family_of_model_dir(path: str | Path) -> Family | None:
+    """The family an lmforge run or model directory holds; None when `path` is not one."""
+    try:
+        directory = ckpt_io.resolve_model_dir(path)
+    except LMForgeError:
+        return None
+    meta = _read_meta(directory) if (directory / ckpt_io.MODEL_CONFIG).is_file() else None
+    return get_family(meta["family"]) if meta is not None else None
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    meta = ckpt_io.read_json(directory / ckpt_io.MODEL_CONFIG)
+    if not isinstance(meta, dict) or not isinstance(meta.get("family"), str) or not isinstance(meta.get("config"), dict):
+        raise LMForgeError(f"{directory / ckpt_io.MODEL_CONFIG} is not an lmforge model config")
+    return meta
+
+
+def read_model_config(directory: Path) -> tuple[Family, Any]:
+    """(Family, config dataclass) of a model directory's model_config.json."""
+    meta = _read_meta(directory)
+    family = get_family(meta["family"])
+    return family, from_dict(family.config_cls, meta["config"], prefix="model.")
+
+
+def build_model(family: Family, cfg: Any, device: str | torch.device = "cpu",
+                state: dict[str, torch.Tensor] | None = None, source: Path | None = None) -> torch.nn.Module:
+    """A model of `family` with config `cfg`; with `state`, its weights (checked) without a random init."""
+    if state is None:
+        return family.model_cls(cfg).to(device)
+    with torch.device("meta"):
+        model = family.model_cls(cfg)
+    model = model.to_empty(device=device)
+    # load_state_checked assigns the given tensors themselves, so they go to the device first
+    ckpt_io.load_state_checked(model, {k: v.to(device) for k, v in state.items()}, source or Path("<weights>"))
+    return model.to(device)  # buffers rebuilt from the weights follow them; a no-op for the rest
+
+
+def load_tokenizer(family: Family, cfg: Any, tokenizer_json: Path) -> Tokenizer | None:
+    """The family's tokenizer from a model folder's tokenizer.json (None when there is none)."""
+    if not tokenizer_json.is_file():
+        return None
+    return Tokenizer.load(tokenizer_json, max_length=family.max_tokens(cfg) if family.encoder_tokenizer else None,
+                          encoder=family.encoder_tokenizer)
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, Tokenizer | None]:
+    """(model in eval mode, its config, its Tokenizer or None) from an lmforge run or model directory."""
+    directory = ckpt_io.resolve_model_dir(path)
+    family, cfg = read_model_config(directory)
+    state = ckpt_io.load_tensors(directory / ckpt_io.MODEL_WEIGHTS)
+    model = build_model(family, cfg, device, state, directory / ckpt_io.MODEL_WEIGHTS).eval()
+    for name, attr in family.dir_files.items():
+        setattr(model, attr, ckpt_io.read_json(directory / name) if (directory / name).is_file() else None)
+    return model, cfg, load_tokenizer(family, cfg, directory / ckpt_io.TOKENIZER)

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
+from lmforge.models.presets import preset_config
 from lmforge.nn.layers import KVCache, RMSNorm
 from lmforge.nn.linear import Linear
 
@@ -168,8 +169,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def config_from_preset(name: Optional[str], **overrides: Any) -> Seq2SeqConfig:
     """The preset's shape with `overrides` on top; checks the preset name."""
-    from lmforge.models.registry import preset_config
-
     return preset_config(Seq2SeqConfig, PRESETS, name, overrides, what="preset")
 
 
@@ -570,7 +569,3 @@ class Seq2Seq(_Dropout, nn.Module):
                      dtype=dtype or p.dtype, device=p.device)
         return Seq2SeqCache(kv, [], src_mask_BS)
 
-
-from lmforge.models.registry import register_family  # noqa: E402
-
-register_family("seq2seq", Seq2SeqConfig, Seq2Seq, presets=PRESETS, config_from_preset=config_from_preset)
