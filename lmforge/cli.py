@@ -67,7 +67,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from lmforge.train.config import config_help
-    from lmforge.train.loop import run_training
+    from lmforge.train.pretrain import run_training
 
     if args.help_config:
         print(config_help())
@@ -140,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmforge.interop.encoder import is_encoder_model_dir
 
     if is_encoder_model_dir(args.ckpt) and not is_classifier(args.ckpt):  # masked-LM loss / accuracy
-        from lmforge.train.mlm import evaluate_mlm
+        from lmforge.eval.mlm import evaluate_mlm
 
         print(json.dumps(evaluate_mlm(args.ckpt, args.data[0], batch_size=args.batch_size)))
         return 0
