@@ -46,7 +46,7 @@ def ensure_data(data: Path) -> Path:
 
 def train_recipe(name: str, data: Path, out: Path, minutes: float, extra: list[str]) -> dict[str, Any]:
     """Train recipe `name` for `minutes` into out/name; returns the loop's summary."""
-    from lmforge.train.loop import run_training
+    from lmforge.train.pretrain import run_training
 
     overrides = ["--train.max_minutes", str(minutes), "--train.progress", "false", *extra]
     return run_training(str(data), str(out / name), recipe=name, overrides=overrides)

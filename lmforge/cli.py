@@ -67,7 +67,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from lmforge.train.config import config_help
-    from lmforge.train.loop import run_training
+    from lmforge.train.pretrain import run_training
 
     if args.help_config:
         print(config_help())
@@ -148,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                                    "label": cols["label"] or "label"}
         result = evaluate_classifier(llm, args.data, batch_size=args.batch_size, columns=cols)
     elif "masked_lm" in llm.tasks:
-        from lmforge.train.mlm import evaluate_mlm
+        from lmforge.eval.mlm import evaluate_mlm
 
         result = evaluate_mlm(llm, args.data[0], batch_size=args.batch_size)
     else:

@@ -19,7 +19,7 @@ def test_layers_recipe_then_file_then_flags(tmp_path):
     assert cfg.train.lr == 5e-4  # file beats recipe (4e-3)
     assert cfg.train.seed == 9  # flag beats file
     assert cfg.model.n_layer == 5 and cfg.model.n_embd == 256  # file over recipe; recipe kept elsewhere
-    assert cfg.model.dropout == 0.1 and cfg.train.max_minutes == 5.0
+    assert cfg.model.dropout == 0.1 and cfg.train.max_steps == 450  # recipe kept
     assert build_config().train.lr == 1e-3  # defaults
 
 
@@ -42,7 +42,7 @@ def test_demo_recipe_is_valid():
     assert (m.n_layer, m.n_embd, m.pos_encoding, m.norm, m.mlp, m.block_size) == (4, 256, "rope", "rmsnorm", "relu2", 256)
     assert cfg.train.optimizer == "muon" and m.qk_norm and not m.tie_embeddings
     assert 3e6 < m.num_params() < 6e6
-    assert cfg.train.max_minutes is not None and cfg.train.seq_len == 256
+    assert cfg.train.max_steps == 450 and cfg.train.max_minutes is None and cfg.train.seq_len == 256
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):

@@ -4,13 +4,15 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
 from lmforge.models.encoder import Encoder, config_from_preset
-from lmforge.train.mlm import IGNORE, Masker, MLMObjective, _generator
+from lmforge.data.masking import IGNORE, Masker, mask_generator
+from lmforge.train.mlm import MLMObjective
 from lmforge.tokenizer import WORDPIECE_SPECIALS, Tokenizer
 
 WORDS = ("the cat dog sat on a mat and ran to house with big small red blue green quickly slowly happy sad "
@@ -28,7 +30,7 @@ def test_masking_statistics_and_specials_never_masked():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(5, V, (64, 512), generator=g)
     x[:, 0], x[:, 100] = 2, 3  # [CLS] and a [SEP] in every row
-    inp, labels = masker(x, _generator(1, 7, 0))
+    inp, labels = masker(x, mask_generator(1, 7, 0))
     chosen = labels != IGNORE
     assert not chosen[:, 0].any() and not chosen[:, 100].any()
     assert torch.equal(labels[chosen], x[chosen])  # labels are the original tokens
@@ -42,9 +44,9 @@ def test_masking_statistics_and_specials_never_masked():
     assert abs(to_mask - 0.8) < 0.015 and abs(same - 0.1) < 0.012 and abs(rand - 0.1) < 0.012
     assert not torch.isin(inp[chosen & (inp != 4) & (inp != x)], torch.tensor(special)).any()  # random != special
     # seeded: the same (seed, step, index) masks the same; another step masks differently
-    again = masker(x, _generator(1, 7, 0))
+    again = masker(x, mask_generator(1, 7, 0))
     assert torch.equal(again[0], inp) and torch.equal(again[1], labels)
-    assert not torch.equal(masker(x, _generator(1, 8, 0))[1], labels)
+    assert not torch.equal(masker(x, mask_generator(1, 8, 0))[1], labels)
 
 
 def test_whole_word_masking_selects_every_piece_of_a_word():
@@ -56,7 +58,7 @@ def test_whole_word_masking_selects_every_piece_of_a_word():
     x = torch.where(torch.rand(32, 200, generator=g) < 0.5, torch.randint(5, 30, (32, 200), generator=g),
                     torch.randint(30, 50, (32, 200), generator=g))
     x[:, 0] = 2
-    _, labels = masker(x, _generator(0, 0, 0))
+    _, labels = masker(x, mask_generator(0, 0, 0))
     chosen = labels != IGNORE
     for b in range(32):
         word_chosen = None
@@ -69,11 +71,34 @@ def test_whole_word_masking_selects_every_piece_of_a_word():
     assert 0.25 < frac < 0.35
 
 
+def test_validation_batches_are_windows_with_cls_masked_with_the_eval_seed():
+    from lmforge.data.masking import EVAL_MASK_SEED, masked_eval_batches, with_cls
+    from lmforge.data.windows import EvalWindows
+
+    tokens = np.arange(600) % 90 + 5  # no special ids (0..4)
+    windows = EvalWindows(tokens, 15, 2, 3)
+    masker = Masker(97, 4, [0, 1, 2, 3, 4], 0.3)
+    batches = masked_eval_batches(windows, masker, cls_id=2)
+    assert len(batches) == 3
+    for i, batch in enumerate(batches):
+        x = windows.batch(i)[0]
+        assert batch["input_ids"].shape == batch["labels"].shape == (2, 16)
+        assert (batch["input_ids"][:, 0] == 2).all() and (batch["labels"][:, 0] == IGNORE).all()  # [CLS], never masked
+        expected = masker(with_cls(x, 2), mask_generator(EVAL_MASK_SEED, 0, i))
+        assert torch.equal(batch["input_ids"], expected[0]) and torch.equal(batch["labels"], expected[1])
+        chosen = batch["labels"][:, 1:] != IGNORE
+        assert torch.equal(batch["labels"][:, 1:][chosen], x[chosen])
+        assert torch.equal(batch["input_ids"][:, 1:][~chosen], x[~chosen])
+    no_cls = masked_eval_batches(windows, masker, cls_id=None)
+    assert no_cls[0]["input_ids"].shape == (2, 15)
+    assert torch.equal(no_cls[0]["labels"], masker(windows.batch(0)[0], mask_generator(EVAL_MASK_SEED, 0, 0))[1])
+
+
 def test_golden_loss_only_masked_positions_through_the_head():
     torch.manual_seed(0)
     model = Encoder(config_from_preset("encoder-tiny", vocab_size=97)).eval()
     x = torch.randint(5, 97, (4, 32))
-    inp, labels = Masker(97, 4, [0, 1, 2, 3, 4], 0.3)(x, _generator(0, 0, 0))
+    inp, labels = Masker(97, 4, [0, 1, 2, 3, 4], 0.3)(x, mask_generator(0, 0, 0))
     loss, stats = MLMObjective(most_frequent=7)(model, {"input_ids": inp, "labels": labels})
     full = F.cross_entropy(model(inp).flatten(0, 1), labels.flatten(), ignore_index=IGNORE)  # all positions, then ignore
     torch.testing.assert_close(loss, full, atol=1e-5, rtol=0)
@@ -127,7 +152,7 @@ def test_hf_bert_and_roberta_tokenizers_load_as_they_are(tmp_path):
 
 def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path):
     from lmforge.data.prepare import prepare
-    from lmforge.train.loop import run_training
+    from lmforge.train.pretrain import run_training
 
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in corpus(200)))
     meta = prepare([str(tmp_path / "c.jsonl")], str(tmp_path / "data"), tokenizer="wordpiece", vocab_size=100,
@@ -144,13 +169,12 @@ def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path):
     assert {"val_acc", "val_baseline_acc"} <= set(evals[-1])
     assert 0 <= evals[-1]["val_baseline_acc"] < 0.5
     # SIGKILL after step 4 (its checkpoint written), resume: same losses and weights as the run without a stop
-    import os
     import subprocess
-    import sys
 
-    env = dict(os.environ, LMFORGE_TEST_KILL_AT_STEP="4")
-    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", "--data", str(tmp_path / "data"),
-                           "--out", str(tmp_path / "part"), *over], env=env, capture_output=True, text=True)
+    from train_fixtures import killed_cli
+
+    proc = subprocess.run(killed_cli(4, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "part"),
+                                         *over]), capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     run_training(str(tmp_path / "data"), str(tmp_path / "part"), overrides=over, resume="auto")
 
@@ -165,7 +189,7 @@ def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path):
     wb = load_file(tmp_path / "part/checkpoints/step_00000008/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # lmforge eval on the MLM encoder: masked loss / accuracy with a fixed mask, the same every time
-    from lmforge.train.mlm import evaluate_mlm
+    from lmforge.eval.mlm import evaluate_mlm
 
     ev = evaluate_mlm(str(tmp_path / "full"), str(tmp_path / "data"), seq_len=32)
     again = evaluate_mlm(str(tmp_path / "part"), str(tmp_path / "data"), seq_len=32)
@@ -175,7 +199,7 @@ def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path):
 
 def test_mlm_needs_an_mlm_head(tmp_path):
     from lmforge.data.prepare import prepare
-    from lmforge.train.loop import run_training
+    from lmforge.train.pretrain import run_training
 
     (tmp_path / "c.txt").write_text("\n\n".join(corpus(60)))
     prepare([str(tmp_path / "c.txt")], str(tmp_path / "data"), tokenizer="wordpiece", vocab_size=100, progress=False)

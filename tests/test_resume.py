@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lmforge.errors import LMForgeError
-from lmforge.train.loop import run_training
+from lmforge.train.pretrain import run_training
 from train_fixtures import TINY, make_data_dir, read_metrics, run_python, train_rows, training_code
 
 DETERMINISTIC = ("step", "loss", "lr", "tokens", "grad_norm")
@@ -35,7 +36,7 @@ def test_resume_after_sigkill_is_exact(data, tmp_path, optimizer_args):
     assert done.returncode == 0, done.stderr
 
     # Dies at the end of step 6: rows 5 and 6 were written after the step-4 checkpoint.
-    crash = run_python(training_code(data, killed, args), env={"LMFORGE_TEST_KILL_AT_STEP": "6"})
+    crash = run_python(training_code(data, killed, args, killed_after_step=6))
     assert crash.returncode == -9, crash.stderr
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert [r["step"] for r in train_rows(killed)] == [1, 2, 3, 4, 5, 6]
@@ -95,6 +96,16 @@ def test_resume_auto_without_checkpoint_starts_fresh(data, tmp_path, capsys):
     summary = run_training(str(data), str(out), overrides=TINY + ["--train.max_steps", "1"], resume="auto")
     assert summary["steps"] == 1
     assert f"no checkpoint in {out}; starting a new run" in capsys.readouterr().err
+
+
+def test_saved_config_is_the_checkpoint_config(data, short_run, tmp_path):
+    from lmforge.train.run_dir import saved_config
+
+    written = yaml.safe_load((short_run / "config.yaml").read_text())
+    assert saved_config("auto", short_run) == written
+    assert saved_config(str(short_run / "checkpoints" / "step_00000001"), tmp_path / "elsewhere") == written
+    assert written["train"]["max_steps"] == 2 and written["model"]["preset"] == "tiny"
+    assert saved_config("auto", tmp_path / "no_run") is None
 
 
 def test_resume_refuses_a_changed_config(data, short_run):

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from lmforge.errors import LMForgeError
 from lmforge.train.denoise import (collate, permute_sentences, random_spans_noise_mask, span_corrupt, text_infill,
                                    _rng)
 
-from train_fixtures import synthetic_documents
+from train_fixtures import killed_cli, synthetic_documents
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -148,15 +147,15 @@ def _over(objective: str, preset: str, extra: list[str]) -> list[str]:
 
 
 def test_span_corruption_trains_and_resumes_bit_exactly(char_data, tmp_path):
-    from lmforge.train.loop import run_training
+    from lmforge.train.pretrain import run_training
 
     data, V = char_data
     over = _over("span_corruption", "t5-tiny", ["--model.vocab_size", str(V + 16), "--objective.num_sentinels", "16"])
     full = run_training(str(data), str(tmp_path / "full"), overrides=over)
     assert full["steps"] == 6 and full["val_loss"] < math.log(V + 16)
-    env = dict(os.environ, LMFORGE_TEST_KILL_AT_STEP="3", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", "--data", str(data), "--out",
-                           str(tmp_path / "part"), *over], env=env, capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(killed_cli(3, ["train", "--data", str(data), "--out", str(tmp_path / "part"), *over]),
+                          env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     run_training(str(data), str(tmp_path / "part"), overrides=over, resume="auto")
 
@@ -174,7 +173,7 @@ def test_span_corruption_trains_and_resumes_bit_exactly(char_data, tmp_path):
 
 def test_text_infilling_trains_and_model_generates(char_data, tmp_path):
     from lmforge.infer.llm import LLM
-    from lmforge.train.loop import run_training
+    from lmforge.train.pretrain import run_training
 
     data, _ = char_data
     s = run_training(str(data), str(tmp_path / "bart"), overrides=_over("text_infilling", "bart-tiny", []))
@@ -187,7 +186,7 @@ def test_text_infilling_trains_and_model_generates(char_data, tmp_path):
 
 
 def test_bad_setups_are_one_line_errors(char_data, tmp_path):
-    from lmforge.train.loop import run_training
+    from lmforge.train.pretrain import run_training
 
     data, V = char_data
     with pytest.raises(LMForgeError, match=rf"set --model.vocab_size {V + 100}"):

@@ -16,7 +16,7 @@ from lmforge.finetune.sft import IGNORE, PackedRows, SFTObjective
 from lmforge.infer.llm import LLM
 from lmforge.models.decoder import Decoder, config_from_preset
 from sft_fixtures import make_base, task_rows, write_jsonl
-from train_fixtures import PYTHON, REPO, read_metrics
+from train_fixtures import PYTHON, REPO, killed_cli, read_metrics
 
 TRAIN = ["--train.max_steps", "6", "--train.seq_len", "64", "--train.micro_batch_size", "4", "--train.lr", "3e-3",
          "--train.warmup_steps", "2", "--train.eval_every", "3", "--train.ckpt_every", "2", "--train.log_every", "1",
@@ -106,12 +106,11 @@ def test_resume_after_sigkill_is_bit_identical(setup, tmp_path):
     args = ["finetune", "sft", "--base", str(base), "--data", str(train), "--val-data", str(val), *TRAIN]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     full, killed = tmp_path / "full", tmp_path / "killed"
-    run = lambda out, extra=(), e=env: subprocess.run([PYTHON, "-m", "lmforge.cli", *args, "--out", str(out), *extra],  # noqa: E731
-                                                       cwd=REPO, env=e, capture_output=True, text=True, timeout=240)
-    assert run(full).returncode == 0
-    crash = run(killed, (), dict(env, LMFORGE_TEST_KILL_AT_STEP="5"))
-    assert crash.returncode != 0
-    resumed = run(killed, ("--resume", "auto"))
+    run = lambda argv: subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)  # noqa: E731
+    assert run([PYTHON, "-m", "lmforge.cli", *args, "--out", str(full)]).returncode == 0
+    crash = run(killed_cli(5, [*args, "--out", str(killed)]))
+    assert crash.returncode == -9, crash.stderr[-2000:]
+    resumed = run([PYTHON, "-m", "lmforge.cli", *args, "--out", str(killed), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed", "tok_per_s", "mfu")} for r in rows]  # noqa: E731
     assert strip(read_metrics(killed)) == strip(read_metrics(full))

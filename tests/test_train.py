@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from lmforge.errors import LMForgeError
 from lmforge.models.decoder import Decoder, config_from_preset
-from lmforge.train.batches import EvalWindows, TrainWindows, window_starts
-from lmforge.train.loop import run_training
+from lmforge.data.windows import EvalWindows, TrainWindows, window_starts
+from lmforge.train.pretrain import run_training
 from lmforge.train.optim import lr_at, param_group_names
 from train_fixtures import TINY, make_data_dir, read_metrics, train_rows
 
@@ -279,6 +279,19 @@ def test_error_vocab_smaller_than_tokenizer(data, tmp_path):
     assert _error(data, tmp_path / "r", "--model.vocab_size", "16") == \
         "model.vocab_size (16) is smaller than the data's tokenizer vocabulary (40); remove model.vocab_size " \
         "to use the tokenizer's"
+
+
+def test_objective_table_lists_every_objective_and_refuses_others(data, tmp_path):
+    from lmforge.train.objectives import PRETRAINING
+
+    assert {name: (s.family, s.default_preset) for name, s in PRETRAINING.items()} == {
+        "causal_lm": (None, None), "mlm": ("encoder", "encoder-small"),
+        "span_corruption": ("seq2seq", "t5-cpu"), "text_infilling": ("seq2seq", "bart-cpu")}
+    assert _error(data, tmp_path / "r", "--train.objective", "mlmm") == \
+        "unknown objective 'mlmm' in train.objective; available: causal_lm, mlm, span_corruption, text_infilling"
+    assert _error(data, tmp_path / "r", "--train.objective", "span_corruption", "--model.preset", "tiny") == \
+        "train.objective span_corruption trains a seq2seq model, but model.preset tiny is a decoder; choose a seq2seq preset"
+    assert not (tmp_path / "r").exists()
 
 
 def test_error_unknown_recipe(data, tmp_path):

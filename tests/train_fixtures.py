@@ -106,8 +106,32 @@ def run_python(code: str, env: dict | None = None, timeout: float = 120) -> subp
                           timeout=timeout)
 
 
-def training_code(data: Path, out: Path, args: list[str], resume: str | None = None) -> str:
-    """Python source that trains via run_training (so tests need not depend on the CLI)."""
-    return ("import torch; torch.set_num_threads(1)\n"
-            "from lmforge.train.loop import run_training\n"
+def sigkill_after_step(step: int) -> str:
+    """Python source that makes this process SIGKILL itself once `step` optimizer steps are done
+    (their log rows, evaluations and checkpoints written as scheduled), as a crash or an OOM kill
+    would. The trainer has no hook for it: the source wraps `Trainer._train_step` and fires when the
+    next step begins."""
+    return ("import os, signal\n"
+            "from lmforge.train.loop import Trainer\n"
+            "_train_step = Trainer._train_step\n"
+            "def _killing_train_step(self, step):\n"
+            f"    if step == {step}:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return _train_step(self, step)\n"
+            "Trainer._train_step = _killing_train_step\n")
+
+
+def killed_cli(step: int, argv: list[str]) -> list[str]:
+    """The command line of `lmforge ARGV` in a process killed by SIGKILL after training step `step`."""
+    return [PYTHON, "-c", sigkill_after_step(step) + "import sys\nfrom lmforge.cli import main\nsys.exit(main(sys.argv[1:]))\n",
+            *argv]
+
+
+def training_code(data: Path, out: Path, args: list[str], resume: str | None = None,
+                  killed_after_step: int | None = None) -> str:
+    """Python source that trains via run_training (so tests need not depend on the CLI); with
+    killed_after_step the process SIGKILLs itself after that step."""
+    return ((sigkill_after_step(killed_after_step) if killed_after_step is not None else "") +
+            "import torch; torch.set_num_threads(1)\n"
+            "from lmforge.train.pretrain import run_training\n"
             f"run_training({str(data)!r}, {str(out)!r}, overrides={args!r}, resume={resume!r})\n")

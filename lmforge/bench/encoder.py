@@ -52,14 +52,14 @@ def make_pair(a: dict[str, Any], seed: int = 0):
 
 
 def _batches(a: dict[str, Any], n: int) -> list[dict[str, torch.Tensor]]:
-    from lmforge.train.mlm import Masker, _generator
+    from lmforge.data.masking import Masker, mask_generator
 
     masker = Masker(a["vocab_size"], 103 % a["vocab_size"], [0, 100, 101, 102, 103], 0.15)
     out = []
     for i in range(n):
         g = torch.Generator().manual_seed(i)
         x = torch.randint(1000 % a["vocab_size"], a["vocab_size"], (a["batch"], a["seq_len"]), generator=g)
-        inp, labels = masker(x, _generator(0, i, 0))
+        inp, labels = masker(x, mask_generator(0, i, 0))
         out.append({"input_ids": inp, "labels": labels, "attention_mask": torch.ones_like(inp)})
     return out
 

@@ -171,7 +171,7 @@ def hidden_states(model: nn.Module, x_BT: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkedCausalLMObjective:
-    """Drop-in for lmforge.train.objectives.CausalLMObjective with the head and loss fused."""
+    """Drop-in for lmforge.train.causal_lm.CausalLMObjective with the head and loss fused."""
 
     name = "causal_lm"
 
@@ -310,7 +310,7 @@ def _batches(n: int, B: int, T: int, V: int, seed: int) -> list[tuple[torch.Tens
 
 def _lmforge_step(model: nn.Module, objective: Any, optimizer: torch.optim.Optimizer, params: list,
                   batches: list, state: dict) -> Callable[[], float]:
-    """One optimizer step as lmforge.train.loop._Trainer._train_step does it in fp32 (grad_accum 1)."""
+    """One optimizer step as lmforge.train.loop.Trainer._train_step does it in fp32 (grad_accum 1)."""
 
     def step() -> float:
         batch = batches[state["i"] % len(batches)]
@@ -368,7 +368,7 @@ def run(args: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def build_variant(v: str, model_dir: str | Path, batches: list, lr: float) -> dict[str, Any]:
     """{"step": one-optimizer-step callable, ["cfg", "params"] for lmforge} for variant `v`."""
-    from lmforge.train.objectives import CausalLMObjective
+    from lmforge.train.causal_lm import CausalLMObjective
     from lmforge.train.optim import build_optimizer, param_groups
 
     wd, betas, eps = 0.1, (0.9, 0.95), 1e-8

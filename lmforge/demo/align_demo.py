@@ -12,11 +12,14 @@ Chain (each stage starts from the SFT model; all on the CPU):
     reward_model      a reward model on the same pairs (pairwise accuracy on held-out pairs)
     ppo_reward_model  PPO with the learned reward model instead of the verifier; the verifier rides
                       along at weight 0, so the log shows whether the policy exploits the model
-Printed: one table (stage, accuracy +- standard error, mean reply length, KL to SFT, minutes) and, as
-the last line, one JSON object with each stage's accuracy and reward_model_pair_accuracy.
+Every stage trains a fixed number of steps, so every machine trains the same models: GRPO 473 and
+PPO 950 (about 12 minutes each on the quiet 2-core build machine; PPO's count is an estimate), DPO 2 and the reward model 3
+epochs of the pairs. `--minutes M` opts into a wall-clock budget per stage instead.
+Printed: one table (stage, accuracy +- standard error, mean reply length, KL to SFT, steps, minutes)
+and, as the last line, one JSON object with each stage's accuracy and reward_model_pair_accuracy.
 
     python -m lmforge.demo.align_demo [--sft runs/chat-demo] [--data data/chat_tasks] [--out runs/align-demo]
-                                      [--minutes 12] [--quick]
+                                      [--grpo-steps 473] [--ppo-steps 950] [--minutes M] [--quick]
 """
 
 from __future__ import annotations
@@ -34,10 +37,14 @@ import torch
 
 from lmforge.data.alignment_data import encode_prompt, reply_stop_ids
 from lmforge.data.tasks import check
+from lmforge.demo.chat_demo import trained_steps
 from lmforge.infer.generate import generate
 from lmforge.infer.llm import LLM
 
 VERIFIER = "lmforge.finetune.rewards:task_verifier"
+GRPO_STEPS = 473  # what 12 minutes of GRPO reached on the quiet 2-core build machine
+PPO_STEPS = 950  # estimated (not measured) for about 12 minutes there: a PPO step trains on 32 replies,
+                 # a GRPO step on 8 prompts x 8, at about the same cost per reply
 
 
 def log(msg: str) -> None:
@@ -99,6 +106,19 @@ def by_task_table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def stage_budget(steps: int, minutes: float | None) -> list[str]:
+    """The train keys that end a stage: `steps` optimizer steps, or with `minutes` a wall-clock
+    budget (the schedule fitted to it) that `steps` only caps."""
+    return ["--train.max_steps", str(steps)] + (["--train.max_minutes", str(minutes)] if minutes is not None else [])
+
+
+def rl_steps(given: int | None, default: int, minutes: float | None) -> int:
+    """An RL stage's steps: as given, else its fixed default, or under a wall-clock budget no cap of its own."""
+    if given is not None:
+        return given
+    return 100000 if minutes is not None else default
+
+
 def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str], **extra: Any) -> dict:
     import importlib
 
@@ -155,12 +175,15 @@ def main() -> int:
     p.add_argument("--sft", default="runs/chat-demo", help="the chat demo's SFT run (make chat-demo)")
     p.add_argument("--data", default="data/chat_tasks", help="the chat demo's task split (train.jsonl, test.jsonl)")
     p.add_argument("--out", default="runs/align-demo")
-    p.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of each RL stage")
+    p.add_argument("--grpo-steps", type=int, default=None, help=f"GRPO steps (default {GRPO_STEPS})")
+    p.add_argument("--ppo-steps", type=int, default=None, help=f"steps of each PPO stage (default {PPO_STEPS})")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="opt-in: a wall-clock budget of each stage instead of fixed steps (results then depend on the machine)")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--pair-prompts", type=int, default=3000, help="training prompts sampled (8 replies each) for preference pairs and RL prompts")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of RL rollouts and pairs")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every stage's learning rate")
-    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the chain runs")
+    p.add_argument("--quick", action="store_true", help="4 steps per stage: checks the chain runs")
     p.add_argument("--pairs-per-prompt", type=int, default=4,
                    help="distinct (correct, incorrect) reply pairs kept per sampled training prompt")
     p.add_argument("--rpo-alpha", type=float, default=5.0,
@@ -181,8 +204,9 @@ def main() -> int:
     sft_dir = Path(a.sft)
     sft = LLM.load(sft_dir)
     max_new = 64  # the worked replies of the arithmetic tasks run to ~40 tokens
-    minutes = 0.3 if a.quick else a.minutes
-    steps = 4 if a.quick else 100000
+    minutes = None if a.quick else a.minutes
+    grpo_steps = 4 if a.quick else rl_steps(a.grpo_steps, GRPO_STEPS, minutes)
+    ppo_steps = 4 if a.quick else rl_steps(a.ppo_steps, PPO_STEPS, minutes)
     stages = a.stages.split(",")
 
     def lr(x: float) -> str:
@@ -190,16 +214,17 @@ def main() -> int:
     results: dict[str, dict] = {}
 
     t0 = time.time()
-    results["sft"] = {**evaluate(sft_dir, sft, test, max_new), "minutes": 0.0}
+    results["sft"] = {**evaluate(sft_dir, sft, test, max_new), "steps": 0, "minutes": 0.0}
     log(f"sft: {results['sft']}")
-    common = ["--train.progress", "false", "--train.max_minutes", str(minutes), "--train.max_steps", str(steps),
-              "--train.log_every", "5", "--train.ckpt_every", "1000000", "--train.warmup_steps", "5"]
+    common = ["--train.progress", "false", "--train.log_every", "5", "--train.ckpt_every", "1000000",
+              "--train.warmup_steps", "5"]
 
-    def stage(name: str, method: str, data: Path, ov: list[str], **extra: Any) -> Path:
+    def stage(name: str, method: str, data: Path, steps: int, ov: list[str], **extra: Any) -> Path:
         run = out / name
         t = time.time()
-        run_method(method, sft_dir, data, run, common + ov, **extra)
-        results[name] = {**evaluate(run, sft, test, max_new), "minutes": (time.time() - t) / 60}
+        run_method(method, sft_dir, data, run, common + stage_budget(steps, minutes) + ov, **extra)
+        results[name] = {**evaluate(run, sft, test, max_new), "steps": trained_steps(run),
+                         "minutes": (time.time() - t) / 60}
         log(f"{name}: {results[name]}")
         return run
 
@@ -227,14 +252,14 @@ def main() -> int:
     if "grpo" in stages:
         # 8 prompts x 8 completions per rollout, two passes over each (TRL's num_iterations), DAPO's
         # clip-higher, and a KL anchor so tasks that are already right do not drift
-        stage("grpo", "grpo", rl_data, ["--train.lr", lr(2e-5), "--train.micro_batch_size", "64",
+        stage("grpo", "grpo", rl_data, grpo_steps, ["--train.lr", lr(2e-5), "--train.micro_batch_size", "64",
                                         "--grpo.num_generations", "8", "--grpo.max_new_tokens", str(max_new),
                                         "--grpo.temperature", str(a.temperature), "--grpo.loss_type", "bnpo",
                                         "--grpo.scale_rewards", "group", "--grpo.epochs", "2",
                                         "--grpo.epsilon_high", "0.28", "--grpo.beta", "0.04"],
               reward=[VERIFIER], reward_weights=None)
     if "ppo" in stages:
-        stage("ppo", "ppo", rl_data, ["--train.lr", lr(3e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
+        stage("ppo", "ppo", rl_data, ppo_steps, ["--train.lr", lr(3e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
                                       "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
                                       "--ppo.temperature", str(a.temperature),
                                       "--ppo.missing_eos_penalty", "1.0"], reward=[VERIFIER], reward_weights=None)
@@ -242,9 +267,9 @@ def main() -> int:
     if "dpo" in stages or "reward_model" in stages or "ppo_reward_model" in stages:
         if "dpo" in stages:
             rpo = ["--dpo.rpo_alpha", str(a.rpo_alpha)] if a.rpo_alpha else []
-            run = stage("dpo", "dpo", out / "pairs_train.jsonl",
+            run = stage("dpo", "dpo", out / "pairs_train.jsonl", epochs_of_pairs(2),
                         ["--train.lr", lr(2e-5), "--train.micro_batch_size", "16", "--dpo.beta", "0.1",
-                         "--train.eval_every", "0", "--train.max_steps", str(epochs_of_pairs(2))] + rpo,
+                         "--train.eval_every", "0"] + rpo,
                         val_data=str(out / "pairs_heldout.jsonl"))
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             results["dpo"]["heldout_reward_accuracy"] = [r for r in rows if "val_rewards/accuracies" in r][-1][
@@ -252,15 +277,16 @@ def main() -> int:
         if "reward_model" in stages or "ppo_reward_model" in stages:
             t = time.time()
             rm = out / "reward_model"
-            run_method("reward", sft_dir, out / "pairs_train.jsonl", rm,
-                       common + ["--train.lr", lr(1e-4), "--train.micro_batch_size", "16", "--train.eval_every", "0",
-                                 "--train.max_steps", str(epochs_of_pairs(3))],
+            run_method("reward_model", sft_dir, out / "pairs_train.jsonl", rm,
+                       common + stage_budget(epochs_of_pairs(3), minutes)
+                       + ["--train.lr", lr(1e-4), "--train.micro_batch_size", "16", "--train.eval_every", "0"],
                        val_data=str(out / "pairs_heldout.jsonl"))
             rows = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
             pair_acc = [r for r in rows if "val_accuracy" in r][-1]["val_accuracy"]
-            log(f"reward model: held-out pair accuracy {pair_acc:.3f} ({(time.time() - t) / 60:.1f} min)")
+            log(f"reward model: held-out pair accuracy {pair_acc:.3f} ({trained_steps(rm)} steps, "
+                f"{(time.time() - t) / 60:.1f} min)")
         if "ppo_reward_model" in stages:
-            run = stage("ppo_reward_model", "ppo", rl_data,
+            run = stage("ppo_reward_model", "ppo", rl_data, ppo_steps,
                         ["--train.lr", lr(3e-5), "--train.micro_batch_size", "32", "--ppo.epochs", "2",
                          "--ppo.max_new_tokens", str(max_new), "--ppo.kl_coef", "0.02",
                          "--ppo.temperature", str(a.temperature),
@@ -279,11 +305,11 @@ def main() -> int:
                 "verified_accuracy_last_quarter": last["rewards/task_verifier/mean"],
                 "share_of_logged_intervals_reward_up_accuracy_flat_or_down": len(exploit) / max(len(rows) - 1, 1)}
 
-    print(f"{'stage':<18} {'accuracy':>16} {'reply len':>10} {'KL to SFT':>10} {'minutes':>8}")
+    print(f"{'stage':<18} {'accuracy':>16} {'reply len':>10} {'KL to SFT':>10} {'steps':>6} {'minutes':>8}")
     sampling = results.pop("sampling")
     for name, r in results.items():
         acc = f"{100 * r['accuracy']:.1f} +- {100 * r['se']:.1f}%"
-        print(f"{name:<18} {acc:>16} {r['reply_len']:>10.1f} {r['kl_to_sft']:>10.3f} {r['minutes']:>8.1f}")
+        print(f"{name:<18} {acc:>16} {r['reply_len']:>10.1f} {r['kl_to_sft']:>10.3f} {r['steps']:>6} {r['minutes']:>8.1f}")
     print("\n".join(by_task_table(results)))
     if "dpo" in results:
         print(f"DPO implicit-reward accuracy on held-out pairs: {results['dpo']['heldout_reward_accuracy']:.3f}")

@@ -1,14 +1,15 @@
 """`make chat-demo`: turn the `make demo` Shakespeare model into an assistant for verifiable tasks.
 
-    python -m lmforge.demo.chat_demo [--base runs/demo] [--out runs/chat-demo] [--minutes 8]
+    python -m lmforge.demo.chat_demo [--base runs/demo] [--out runs/chat-demo] [--steps N | --minutes M]
 
 1. the base model (trained by `make demo` first when absent);
 2. seeded task data (lmforge.data.tasks): 50,000 training conversations, 1,000 held-out test prompts
    whose task instances never occur in training, 200 validation conversations;
 3. exact-match accuracy on the test prompts before SFT (the base model, prompted in ChatML);
-4. `lmforge finetune sft` (recipe chat-demo) through the one training loop;
-5. accuracy after SFT, per task type, the share of replies that end with the end-of-turn token
-   (stop_rate), a few sample conversations, and one JSON line with the figures.
+4. `lmforge finetune sft` (recipe chat-demo: a fixed 1,057 steps, so every machine trains the same
+   model; `--minutes` opts into a wall-clock budget instead) through the one training loop;
+5. accuracy after SFT, per task type, the share of replies that end with `<|im_end|>` (stop_rate),
+   a few sample conversations, the steps and wall time, and one JSON line with the figures.
 """
 
 from __future__ import annotations
@@ -32,16 +33,21 @@ REPO_DATA = Path("data")
 
 def evaluate(llm: Any, examples: list[dict[str, Any]], batch_size: int = 50, max_new_tokens: int = 64) -> dict[str, Any]:
     """Greedy replies to every example's user turn; exact-match accuracy overall and per task type,
-    the stop rate (replies ended by an end-of-turn / EOS token) and the replies."""
+    the stop rate (replies ended by the end-of-turn token `<|im_end|>`) and the replies."""
     from lmforge.infer.generate import generate
 
+    end_of_turn = llm.tokenizer.end_of_turn_id
+    other_stops = llm.stop_ids - {end_of_turn}
     prompts = [llm.chat_prompt(ex["messages"][:-1]) for ex in examples]
-    replies, reasons = [], []
+    replies, at_end_of_turn = [], []
     for i in range(0, len(prompts), batch_size):
+        # Only <|im_end|> stops generating, so a reply's end shows which stop token closed it.
         gens = generate(llm.model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, temperature=0.0,
-                        eos_id=llm.stop_ids, pad_id=llm.pad_id, tokenizer=llm.tokenizer)
-        replies += [g.text for g in gens]
-        reasons += [g.finish_reason for g in gens]
+                        eos_id=end_of_turn, pad_id=llm.pad_id, decode_text=False)
+        for g in gens:
+            ids, ended = reply_end(g.ids, g.finish_reason, other_stops)
+            replies.append(llm.tokenizer.decode(ids))
+            at_end_of_turn.append(ended)
     per: dict[str, list[bool]] = defaultdict(list)
     for ex, reply in zip(examples, replies):
         per[ex["task"]].append(check(reply, ex["answer"]))
@@ -49,8 +55,39 @@ def evaluate(llm: Any, examples: list[dict[str, Any]], batch_size: int = 50, max
     acc = sum(ok) / len(ok)
     return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / len(ok)),
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per.items())},
-            "stop_rate": sum(r == "eos" for r in reasons) / len(reasons),
+            "stop_rate": sum(at_end_of_turn) / len(at_end_of_turn),
             "mean_reply_tokens": None, "replies": replies}
+
+
+def reply_end(ids: list[int], finish_reason: str, other_stops: set[int]) -> tuple[list[int], bool]:
+    """(the reply, whether <|im_end|> ended it) of a greedy generation that stopped only at <|im_end|>:
+    a reply that emitted another stop token (EOS) first ends there, without an end of turn, as a
+    generation stopping at every stop token would have ended it."""
+    for n, i in enumerate(ids):
+        if i in other_stops:
+            return ids[:n], False
+    return ids, finish_reason == "eos"
+
+
+def sft_command(base: Path, data: Path, out: Path, steps: int | None, minutes: float | None) -> list[str]:
+    """`lmforge finetune sft` of the demo: the chat-demo recipe's fixed steps, or `steps`, or with
+    `minutes` a wall-clock budget (the schedule fitted to it; steps then only cap the run)."""
+    cmd = [sys.executable, "-m", "lmforge.cli", "finetune", "sft", "--base", str(base), "--data", str(data / "train.jsonl"),
+           "--val-data", str(data / "val.jsonl"), "--out", str(out), "--recipe", "chat-demo", "--overwrite",
+           "--train.progress", "false"]
+    if minutes is not None:
+        cmd += ["--train.max_minutes", str(minutes), "--train.max_steps", str(steps or 100000)]
+    elif steps is not None:
+        cmd += ["--train.max_steps", str(steps)]
+    return cmd
+
+
+def trained_steps(run: Path) -> int:
+    """The step of `run`'s latest checkpoint: how many optimizer steps it trained."""
+    from lmforge.checkpoint import latest_checkpoint, load_train_state
+
+    state, _ = load_train_state(latest_checkpoint(run), with_tensors=False)
+    return int(state["step"])
 
 
 def load_chat_llm(path: str | Path) -> Any:
@@ -72,7 +109,7 @@ def ensure_base(base: Path) -> None:
 
     if base.is_dir() and latest_checkpoint(base) is not None:
         return
-    print(f"chat-demo: no model in {base}; training it first (make demo's recipe, about 5 minutes)", flush=True)
+    print(f"chat-demo: no model in {base}; training it first (make demo's recipe: 450 steps, about 5 minutes)", flush=True)
     lmforge = [sys.executable, "-m", "lmforge.cli"]
     subprocess.run(lmforge + ["prepare", "shakespeare", "--out", "data/shakespeare", "--overwrite", "--quiet"], check=True)
     subprocess.run(lmforge + ["train", "--data", "data/shakespeare", "--out", str(base), "--recipe", "demo",
@@ -84,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="runs/demo")
     p.add_argument("--out", default="runs/chat-demo")
     p.add_argument("--data", default="data/chat_tasks")
-    p.add_argument("--minutes", type=float, default=8.0, help="SFT wall-clock budget")
     p.add_argument("--steps", type=int, default=None,
-                   help="train exactly this many SFT steps instead of a time budget (reproducible; for busy machines)")
+                   help="SFT steps (default: the chat-demo recipe's 1,057, about 8 minutes on 2 CPU cores)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="opt-in: an SFT wall-clock budget instead of fixed steps (the result then depends on the machine)")
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-test", type=int, default=1000)
     args = p.parse_args(argv)
@@ -107,13 +145,10 @@ def main(argv: list[str] | None = None) -> int:
           f"stop rate {100 * before['stop_rate']:.1f}%", flush=True)
 
     sft_start = time.perf_counter()
-    cmd = [sys.executable, "-m", "lmforge.cli", "finetune", "sft", "--base", str(base), "--data", str(data / "train.jsonl"),
-           "--val-data", str(data / "val.jsonl"), "--out", str(out), "--recipe", "chat-demo", "--overwrite",
-           "--train.progress", "false"]
-    cmd += ["--train.max_steps", str(args.steps), "--train.max_minutes", "none"] if args.steps else \
-        ["--train.max_minutes", str(args.minutes)]
-    subprocess.run(cmd, check=True)
+    subprocess.run(sft_command(base, data, out, args.steps, args.minutes), check=True)
     sft_minutes = (time.perf_counter() - sft_start) / 60
+    sft_steps = trained_steps(out)
+    print(f"chat-demo: SFT trained {sft_steps} steps in {sft_minutes:.1f} minutes", flush=True)
 
     from lmforge.infer.llm import LLM
 
@@ -131,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"accuracy_before": round(before["accuracy"], 4), "accuracy_after": round(after["accuracy"], 4),
               "accuracy_after_stderr": round(after["stderr"], 4), "stop_rate": round(after["stop_rate"], 4),
               "per_task_after": {k: round(v, 4) for k, v in after["per_task"].items()},
-              "sft_minutes": round(sft_minutes, 2), "minutes": round((time.perf_counter() - t0) / 60, 2)}
+              "sft_steps": sft_steps, "sft_minutes": round(sft_minutes, 2),
+              "minutes": round((time.perf_counter() - t0) / 60, 2)}
+    print(f"chat-demo: done in {result['minutes']:.1f} minutes")
     print(json.dumps(result))
     return 0
 

@@ -46,7 +46,7 @@ def layered_config(args, overrides, defaults: dict, sections=("train", "data"), 
     base_state = None
     if getattr(args, "resume", None):
         from lmforge import checkpoint as ckpt_io
-        from lmforge.train.loop import resolve_resume
+        from lmforge.train.run_dir import resolve_resume
 
         found = resolve_resume(args.resume, Path(args.out))
         if found is not None:

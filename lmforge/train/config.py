@@ -64,7 +64,7 @@ ModelConfig = _model_section()
 class TrainConfig:
     """Optimisation, schedule, evaluation, checkpointing and hardware settings."""
 
-    objective: str = _h("causal_lm", "training objective (see lmforge.train.objectives.OBJECTIVES)")
+    objective: str = _h("causal_lm", "training objective (see lmforge.train.objectives.PRETRAINING)")
     max_steps: int = _h(1000, "optimizer steps to train for")
     max_minutes: Optional[float] = _h(None, "wall-clock budget in minutes (total over resumes): stop cleanly "
                                             "(eval + checkpoint) when reached; the cosine schedule then ends at the "
@@ -174,11 +174,11 @@ def resolve_model(cfg: RunConfig, data_vocab_size: int) -> Any:
     vocab from the data. A pretraining objective of another family (mlm, span corruption) starts
     from that family's default preset while model.preset is the decoder default."""
     from lmforge.models.registry import family_of_preset
-    from lmforge.train.objectives import PRETRAINING
+    from lmforge.train.objectives import pretraining_spec
 
     preset = cfg.model.preset or DEFAULT_PRESET
-    spec = PRETRAINING.get(cfg.train.objective)
-    if spec is not None and preset == DEFAULT_PRESET and spec.family != "decoder":
+    spec = pretraining_spec(cfg.train.objective)
+    if preset == DEFAULT_PRESET and spec.default_preset is not None:
         preset = spec.default_preset
     family = family_of_preset(preset)
     user = {k: v for k, v in dataclasses.asdict(cfg.model).items() if v is not None and k != "preset"}

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
-from lmforge.train.batches import window_starts
-from lmforge.train.objectives import PRETRAINING, PretrainContext, PretrainSpec
+from lmforge.data.windows import window_starts
+from lmforge.train.job import PretrainContext, PretrainParts
 
 IGNORE = -100
 EVAL_SEED = 20250521
@@ -240,7 +240,7 @@ def sentinel_ids(tok: Any, vocab_size: int, n: int) -> list[int]:
     return [vocab_size - 1 - i for i in range(n)]
 
 
-def make_span_corruption(ctx: PretrainContext):
+def make_span_corruption(ctx: PretrainContext) -> PretrainParts:
     _check_ids(ctx)
     cfg, tok, opts = ctx.model_cfg, ctx.tokenizer, ctx.options
     density = float(_opt(opts, "noise_density", 0.15))
@@ -259,7 +259,7 @@ def make_span_corruption(ctx: PretrainContext):
         raise LMForgeError(f"span-corruption targets ({n_noise} noise tokens) exceed model.block_size {cfg.block_size}")
     train = DenoisingWindows(ctx.train_tokens, length, ctx.micro_batch_size, ctx.micro_batches_per_step, ctx.seed,
                              noise, cfg.pad_id, cfg.decoder_start_id)
-    return Seq2SeqLMObjective(), train, lambda: train.eval_batches(ctx.val_tokens, ctx.eval_iters)
+    return PretrainParts(Seq2SeqLMObjective(), train, lambda: train.eval_batches(ctx.val_tokens, ctx.eval_iters))
 
 
 def sentence_ends(tok: Any, vocab_size: int) -> np.ndarray:
@@ -279,7 +279,7 @@ def mask_id_of(tok: Any) -> int:
     raise LMForgeError("text_infilling needs a mask token (<mask> or <|mask|>) in the data's tokenizer")
 
 
-def make_text_infilling(ctx: PretrainContext):
+def make_text_infilling(ctx: PretrainContext) -> PretrainParts:
     _check_ids(ctx)
     cfg, tok, opts = ctx.model_cfg, ctx.tokenizer, ctx.options
     ratio = float(_opt(opts, "infill_ratio", 0.3))
@@ -297,8 +297,4 @@ def make_text_infilling(ctx: PretrainContext):
 
     train = DenoisingWindows(ctx.train_tokens, length, ctx.micro_batch_size, ctx.micro_batches_per_step, ctx.seed,
                              noise, cfg.pad_id, cfg.decoder_start_id)
-    return Seq2SeqLMObjective(), train, lambda: train.eval_batches(ctx.val_tokens, ctx.eval_iters)
-
-
-PRETRAINING["span_corruption"] = PretrainSpec(family="seq2seq", default_preset="t5-cpu", make=make_span_corruption)
-PRETRAINING["text_infilling"] = PretrainSpec(family="seq2seq", default_preset="bart-cpu", make=make_text_infilling)
+    return PretrainParts(Seq2SeqLMObjective(), train, lambda: train.eval_batches(ctx.val_tokens, ctx.eval_iters))

@@ -7,6 +7,9 @@ evaluation metrics. `lmforge.train.loop.train_job(task, train_cfg, out)` runs it
 the loop gives (accumulation, clipping, schedule, eval, metrics, atomic checkpoints, exact resume,
 DDP). A new method adds a TrainJob builder, never a loop.
 
+`lmforge train` builds its TrainJob from a pretraining objective (`objectives.PRETRAINING`): the
+objective's `make(PretrainContext)` returns its `PretrainParts` (objective and batch sources).
+
 Batch sources are deterministic: `micro_batch(step, index)` is a pure function of the seed, the
 optimizer step and the micro-batch index (index = rank * grad_accum + a), so the step counter is
 the data position and a resumed run sees exactly the batches it would have seen. Sources with
@@ -31,7 +34,16 @@ class BatchSource(Protocol):
     # state_dict() -> dict[str, Tensor] and load_state_dict(d) — state saved with checkpoints.
 
 
-Objective = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+class Objective(Protocol):
+    """What a batch means and which loss it gives: `loss, stats = objective(model, batch)`. `loss` is a
+    scalar to backpropagate (a mean over the batch, so equal micro-batches average correctly under
+    gradient accumulation); `stats` maps names to detached scalars the loop logs ("tokens" counts
+    the step's tokens when the job has no fixed tokens_per_step; "loss" is not logged twice)."""
+
+    name: str
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ...
 
 
 @dataclass
@@ -39,7 +51,7 @@ class TrainJob:
     name: str
     config: dict[str, Any]                      # resolved config: RUN/config.yaml, compared on resume
     build_model: Callable[[], torch.nn.Module]  # the initial model (the loop seeds first)
-    objective: Any                              # loss, stats = objective(model, batch)
+    objective: Objective                        # loss, stats = objective(model, batch)
     train_batches: Any                          # BatchSource
     eval_batches: Callable[[], Sequence[Any]] | None = None  # fixed validation batches
     evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None  # extra metrics at every eval
@@ -51,6 +63,37 @@ class TrainJob:
     bytes_per_token: float | None = None        # validation bits per byte = val_loss / ln 2 / this
     report_perplexity: bool = True              # val_ppl = exp(val_loss) (language-model losses)
     description: str = ""                       # one line for the start message ("global batch ...")
+
+
+@dataclass
+class PretrainContext:
+    """What a pretraining objective gets to build its batches (`lmforge train --train.objective NAME`)."""
+
+    train_tokens: Any            # np.ndarray memmap of the train split (documents separated by EOS)
+    val_tokens: Any              # the same for the validation split
+    seq_len: int
+    micro_batch_size: int
+    micro_batches_per_step: int  # grad_accum x world size
+    eval_iters: int
+    seed: int
+    tokenizer: Any               # lmforge Tokenizer of the prepared data
+    options: Any                 # the `objective` config section (ObjectiveConfig)
+    model_cfg: Any               # the resolved model config
+    train_name: str = "train split"  # how error messages name the splits
+    val_name: str = "val split"
+    val_bytes_per_token: float | None = None  # UTF-8 bytes per token of the validation split
+
+
+@dataclass
+class PretrainParts:
+    """What a pretraining objective contributes to its TrainJob."""
+
+    objective: Objective
+    train_batches: Any                           # BatchSource
+    eval_batches: Callable[[], Sequence[Any]]    # the fixed validation batches
+    tokens_per_step: int | None = None           # fixed tokens per optimizer step (else stats["tokens"])
+    bytes_per_token: float | None = None         # for validation bits per byte
+    report_perplexity: bool = False              # val_ppl = exp(val_loss): a language-model loss
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -1,6 +1,6 @@
-"""The training loop: one loop for every objective.
+"""The training loop: one loop for every TrainJob (job.py).
 
-    run_training(data, out, config_file=None, overrides=(), recipe=None, resume=None, overwrite=False)
+    train_job(job, train_cfg, out, resume=None, overwrite=False) -> summary dict
 
 Per optimizer step: set the scheduled learning rate, run grad_accum micro-batches (forward under
 autocast, loss / grad_accum backward; DDP syncs gradients only on the last one), unscale (fp16),
@@ -16,8 +16,11 @@ train.max_steps), so the learning rate has decayed when time runs out. The run s
 left is less than the last evaluation + checkpoint took. Such runs are not bit-reproducible (their
 schedule depends on timing); runs without max_minutes are, including across resumes.
 
+Run directory handling (resume, --overwrite, what may be written where) is in run_dir.py; what
+`lmforge train` trains is assembled in pretrain.py.
+
 Exact resume: weights, AdamW moments, grad-scaler state, RNG states and the step counter (which
-is the data position, see batches.py) are saved; a resumed run continues as if never stopped.
+is the data position, see job.py) are saved; a resumed run continues as if never stopped.
 """
 
 from __future__ import annotations
@@ -29,94 +32,22 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import yaml
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
-from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train import distributed as D
-from lmforge.data.dataset import TokenData
-from lmforge.train.batches import EvalWindows, TrainWindows
-from lmforge.train.config import (RunConfig, TrainConfig, build_config, config_differences, config_hash,
-                                  effective_min_lr, effective_seq_len, resolve_model, resolved_dict, validate,
-                                  validate_train)
-from lmforge.train.metrics import MetricsLog, peak_flops, plot_loss
-from lmforge.train.objectives import Objective, get_objective
-from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.config import TrainConfig, config_hash, validate_train
 from lmforge.train.job import TrainJob, to_device
+from lmforge.train.metrics import MetricsLog, peak_flops, plot_loss
+from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.run_dir import (PREVIOUS_RUN, RUN_ENTRIES, check_out_dir, check_resume_matches, holds_run,
+                                   park_previous_run, resolve_resume, write_run_files)
 
-PREVIOUS_RUN = ".previous_run"  # where --overwrite parks the old run until the new one has a checkpoint
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "loss.png", "tokenizer.json", "data_meta.json", "checkpoints")
 _clock = time.perf_counter  # wall clock of the step timing (a test replaces it with a fake one)
 _ESTIMATE_AFTER = 3  # steps timed before the max_minutes schedule estimate starts (step 1 includes warm-up)
-
-
-def run_training(data: str, out: str, config_file: str | None = None, overrides: Sequence[str] = (),
-                 recipe: str | None = None, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Assemble the config (recipe < config file < overrides; on resume the checkpoint's config is
-    the base) and train. Returns a summary dict."""
-    base = None
-    if resume:
-        found = resolve_resume(resume, Path(out))
-        if found is not None:
-            state, _ = ckpt_io.load_train_state(found, with_tensors=False)
-            base = state.get("config") if isinstance(state.get("config"), dict) else None
-    cfg = build_config(config_file, overrides, recipe, base=base)
-    return train(cfg, data, out, resume=resume, overwrite=overwrite)
-
-
-def resolve_resume(resume: str, out: Path) -> Path | None:
-    """'auto' -> latest checkpoint of `out` (None if it has none); a path -> that checkpoint."""
-    if resume == "auto":
-        return ckpt_io.latest_checkpoint(out) if out.is_dir() else None
-    path = Path(resume)
-    if not path.exists():
-        raise LMForgeError(f"checkpoint to resume from not found: {path}")
-    return ckpt_io.resolve_model_dir(path)
-
-
-def check_out_dir(out: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse to write into a directory holding something else (read-only; every rank runs it)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise LMForgeError(f"--out {out} is a file, not a directory")
-    holds_run = ckpt_io.is_run_dir(out) or ckpt_io.is_run_dir(out / PREVIOUS_RUN)
-    if holds_run:
-        if not (resuming or overwrite):
-            raise LMForgeError(f"{out} already holds a training run; pass --resume auto to continue it "
-                               "or --overwrite to start over")
-        return
-    if any(out.iterdir()):
-        raise LMForgeError(f"{out} is not empty and holds no lmforge run; choose a new or empty --out directory")
-
-
-def _park_old_run(out: Path, entries: Sequence[str] = RUN_ENTRIES) -> Path | None:
-    """--overwrite: move the old run's files to RUN/.previous_run (deleted after the new run's first
-    checkpoint). Only lmforge's own entries move; anything else in RUN is left alone."""
-    prev = out / PREVIOUS_RUN
-    has_ckpt = ckpt_io.latest_checkpoint(out) is not None
-    if prev.exists() and not has_ckpt:
-        # An earlier --overwrite stopped before its first checkpoint: keep the parked run, drop the stub.
-        for name in entries:
-            _remove(out / name)
-        return prev
-    shutil.rmtree(prev, ignore_errors=True)
-    prev.mkdir()
-    for name in entries:
-        if (out / name).exists():
-            (out / name).rename(prev / name)
-    return prev
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def _say(msg: str, info: D.DistInfo) -> None:
@@ -140,76 +71,8 @@ def training_precision(train_cfg: TrainConfig) -> tuple[torch.device, torch.dtyp
     return device, _autocast_dtype(train_cfg.dtype, device)
 
 
-def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, resume: str | Path | None = None,
-          overwrite: bool = False, objective: Objective | None = None) -> dict[str, Any]:
-    """Pretrain per `cfg` on the prepared data in `data_dir`, writing the run to `out_dir`."""
-    if resume and overwrite:
-        raise LMForgeError("pass either --resume or --overwrite, not both")
-    task = pretraining_job(cfg, data_dir, objective)
-    return train_job(task, cfg.train, out_dir, resume=resume, overwrite=overwrite)
-
-
-def pretraining_job(cfg: RunConfig, data_dir: str | Path, objective: Objective | None = None) -> TrainJob:
-    """The TrainJob of `lmforge train`: a fresh model of the preset's family, trained on token windows
-    of a prepared data directory with train.objective (causal_lm, or a registered PRETRAINING one)."""
-    data = TokenData(data_dir)
-    data.split(cfg.data.train_split), data.split(cfg.data.val_split)  # check the split names
-    model_cfg = resolve_model(cfg, data.vocab_size)
-    validate(cfg, model_cfg)
-    resolved = resolved_dict(cfg, model_cfg)
-    t = cfg.train
-    seq_len = effective_seq_len(cfg, model_cfg)
-    per_step = t.grad_accum * D.world_size()
-    train_split, val_split = cfg.data.train_split, cfg.data.val_split
-    from lmforge.models.registry import get_family
-    from lmforge.train.objectives import PRETRAINING, PretrainContext
-
-    family = get_family(getattr(model_cfg, "_family", None) or _family_of(model_cfg))
-    spec = PRETRAINING.get(t.objective)
-    if objective is not None or spec is None or t.objective == "causal_lm":
-        objective = objective or get_objective(t.objective)
-        train_windows = TrainWindows(data.split(train_split), seq_len, t.micro_batch_size, per_step, t.seed,
-                                     name=f"{train_split} split of {data.directory}")
-        eval_windows = EvalWindows(data.split(val_split), seq_len, t.micro_batch_size, t.eval_iters,
-                                   name=f"{val_split} split of {data.directory}")
-        eval_batches = lambda: [eval_windows.batch(i) for i in range(eval_windows.n_batches)]  # noqa: E731
-        n_tok, n_bytes = data.tokens(val_split), data.bytes(val_split)
-        bytes_per_token = n_bytes / n_tok if n_tok and n_bytes else None
-        tokens_per_step = t.micro_batch_size * per_step * seq_len
-        report_ppl = True
-    else:
-        if spec.family != family.name:
-            raise LMForgeError(f"train.objective {t.objective} trains a {spec.family} model, but model.preset "
-                               f"{cfg.model.preset} is a {family.name}; choose a {spec.family} preset")
-        ctx = PretrainContext(train_tokens=data.split(train_split), val_tokens=data.split(val_split), seq_len=seq_len,
-                              micro_batch_size=t.micro_batch_size, micro_batches_per_step=per_step,
-                              eval_iters=t.eval_iters, seed=t.seed, tokenizer=data.tokenizer(), options=cfg.objective,
-                              model_cfg=model_cfg)
-        objective, train_windows, eval_batches = spec.make(ctx)
-        bytes_per_token, tokens_per_step, report_ppl = None, None, False
-    flops = model_cfg.flops_per_token(seq_len) if hasattr(model_cfg, "flops_per_token") else None
-    meta_bytes = (data.directory / "meta.json").read_bytes()
-    return TrainJob(
-        name=t.objective, config=resolved, build_model=lambda: family.model_cls(model_cfg),
-        objective=objective, train_batches=train_windows, eval_batches=eval_batches,
-        files={"tokenizer.json": data.tokenizer_path.read_bytes()}, run_files={"data_meta.json": meta_bytes},
-        data_fingerprint={"dir": str(data.directory), "splits": data.meta.get("splits")},
-        tokens_per_step=tokens_per_step, flops_per_token=flops, bytes_per_token=bytes_per_token,
-        report_perplexity=report_ppl,
-        description=f"global batch {t.micro_batch_size * per_step} x {seq_len} tokens")
-
-
-def _family_of(model_cfg: Any) -> str:
-    from lmforge.models.registry import families
-
-    for fam in families().values():
-        if isinstance(model_cfg, fam.config_cls):
-            return fam.name
-    raise LMForgeError(f"no model family for config {type(model_cfg).__name__}")
-
-
 def train_job(task: TrainJob, train_cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
-               overwrite: bool = False) -> dict[str, Any]:
+              overwrite: bool = False) -> dict[str, Any]:
     """Run the one training loop on `task`, writing the run to `out_dir`."""
     out = Path(out_dir)
     if resume and overwrite:
@@ -221,29 +84,21 @@ def train_job(task: TrainJob, train_cfg: TrainConfig, out_dir: str | Path, resum
     tensors: dict[str, torch.Tensor] = {}
     if ckpt is not None:
         state, tensors = ckpt_io.load_train_state(ckpt)
-        diffs = config_differences(state.get("config", {}), task.config)
-        if diffs:
-            raise LMForgeError(f"the config differs from the one checkpoint {ckpt} was trained with: {'; '.join(diffs)}; "
-                               "only the train keys max_steps, max_minutes, eval_every, eval_iters, log_every, "
-                               "ckpt_every, keep_checkpoints, progress, compile, device and peak_flops may change")
-        saved = state.get("data") or {}
-        now = task.data_fingerprint or {}
-        if isinstance(saved, dict) and isinstance(now, dict):
-            differ = sorted(k for k in set(saved) | set(now) if k != "dir" and k in saved and saved.get(k) != now.get(k))
-            if differ:
-                what = "meta.json splits" if differ == ["splits"] else ", ".join(differ)
-                raise LMForgeError(f"the data in {now.get('dir', '?')} is not the data checkpoint {ckpt} was trained on "
-                                   f"({what} differ)")
+        check_resume_matches(ckpt, state, task.config, task.data_fingerprint)
 
     info = D.setup(train_cfg.device)
     try:
-        return _Trainer(task, train_cfg, out, info, ckpt, state, tensors, resume_requested=bool(resume),
-                        overwrite=overwrite).run()
+        return Trainer(task, train_cfg, out, info, ckpt, state, tensors, resume_requested=bool(resume),
+                       overwrite=overwrite).run()
     finally:
         D.teardown(info)
 
 
-class _Trainer:
+class Trainer:
+    """One training run of `task` in this process (every rank runs one): `run()` builds or restores
+    the model and optimizer, prepares the run directory and trains to train.max_steps (or the
+    max_minutes budget), logging, evaluating and checkpointing on the way."""
+
     def __init__(self, task: TrainJob, train_cfg: TrainConfig, out: Path, info: D.DistInfo, ckpt: Path | None,
                  state: dict | None, tensors: dict[str, torch.Tensor], resume_requested: bool, overwrite: bool):
         self.task, self.t, self.resolved = task, train_cfg, task.config
@@ -318,16 +173,14 @@ class _Trainer:
         out, info = self.out, self.info
         if not info.is_main:
             return
-        if self.overwrite and out.exists() and (ckpt_io.is_run_dir(out) or ckpt_io.is_run_dir(out / PREVIOUS_RUN)):
-            self.parked = _park_old_run(out, tuple(dict.fromkeys(RUN_ENTRIES + tuple(self.task.files) + tuple(self.task.run_files))))
+        if self.overwrite and out.exists() and holds_run(out):
+            entries = tuple(dict.fromkeys(RUN_ENTRIES + tuple(self.task.files) + tuple(self.task.run_files)))
+            self.parked = park_previous_run(out, entries)
             _say(f"moved the old run's files to {self.parked}; they are deleted once this run's first checkpoint "
                  "is written", info)
         elif (out / PREVIOUS_RUN).is_dir():
             self.parked = out / PREVIOUS_RUN  # left by an --overwrite that stopped before its first checkpoint
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt_io.atomic_write_text(out / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
-        for name, data in {**self.task.files, **self.task.run_files}.items():
-            ckpt_io.atomic_write_bytes(out / name, data)
+        write_run_files(out, self.resolved, {**self.task.files, **self.task.run_files})
 
     # ---- main ------------------------------------------------------------------------------
 
@@ -424,7 +277,6 @@ class _Trainer:
                 self._checkpoint(self.elapsed_before + (ckpt_start - session_start))
                 ckpt_s = _clock() - ckpt_start
             interval_start += _clock() - extra_start  # tokens/s measures training only
-            _test_kill_hook(self.step)
             if stop:
                 break
         bar.close()
@@ -576,42 +428,3 @@ class _Trainer:
 def _finite(x: Any) -> Any:
     """None instead of NaN/inf in the JSON summary (strict JSON has no NaN)."""
     return x if not isinstance(x, float) or math.isfinite(x) else None
-
-
-def _test_kill_hook(step: int) -> None:
-    """For crash-recovery tests: LMFORGE_TEST_KILL_AT_STEP=N makes the process SIGKILL itself at the
-    end of step N (after its log row, eval and checkpoint), as a crash or an OOM kill would."""
-    import os
-
-    target = os.environ.get("LMFORGE_TEST_KILL_AT_STEP")
-    if target is not None and int(target) == step:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m lmforge.train.loop --data DIR --out RUN [...]` (same flags as `lmforge train`)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="lmforge.train.loop")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config")
-    p.add_argument("--recipe")
-    p.add_argument("--resume")
-    p.add_argument("--overwrite", action="store_true")
-    args, extra = p.parse_known_args(argv)
-    try:
-        summary = run_training(args.data, args.out, args.config, extra, args.recipe, args.resume, args.overwrite)
-    except LMForgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import json
-
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,97 +1,38 @@
-"""Training objectives: what a batch means and which loss it gives.
+"""Every pretraining objective of `lmforge train`, by name (`train.objective`).
 
-The loop knows nothing about language modelling. It asks an objective for a loss:
-
-    loss, stats = objective(model, batch)
-
-`loss` is a scalar tensor to backpropagate (a mean over the batch, so micro-batches of equal size
-average correctly under gradient accumulation); `stats` maps names to detached scalar tensors the
-loop may log. New methods (MLM, classification, SFT, DPO, reward modelling, PPO, distillation) add
-an objective class and register it in `OBJECTIVES`; the loop stays as it is.
+The loop knows nothing about language modelling: an objective's module builds its loss
+(`job.Objective`) and batch sources from a `PretrainContext`. A new objective adds a module with
+its `make(ctx) -> PretrainParts` and one row here; the loop stays as it is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
-
-import torch
-import torch.nn.functional as F
+from typing import Callable
 
 from lmforge.errors import LMForgeError
+from lmforge.train.causal_lm import make_causal_lm
+from lmforge.train.denoise import make_span_corruption, make_text_infilling
+from lmforge.train.job import PretrainContext, PretrainParts
+from lmforge.train.mlm import make_mlm
 
 
-class Objective(Protocol):
-    name: str
-
-    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ...
-
-
-class CausalLMObjective:
-    """Next-token cross entropy. batch = (x_BT, y_BT) with y the inputs shifted left by one;
-    targets equal to `ignore_index` (default -100) do not count."""
-
-    name = "causal_lm"
-
-    def __init__(self, ignore_index: int = -100):
-        self.ignore_index = ignore_index
-
-    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
-        x_BT, y_BT = batch
-        logits_BTV = model(x_BT)
-        # Cross entropy in fp32 even under autocast: the softmax over a large vocabulary is where
-        # half precision loses the most.
-        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten(), ignore_index=self.ignore_index)
-        return loss, {"loss": loss.detach()}
-
-
-@dataclass
-class PretrainContext:
-    """What a pretraining objective gets to build its batches (`lmforge train --objective NAME`)."""
-
-    train_tokens: Any            # np.ndarray memmap of the train split (documents separated by EOS)
-    val_tokens: Any              # the same for the validation split
-    seq_len: int
-    micro_batch_size: int
-    micro_batches_per_step: int  # grad_accum x world size
-    eval_iters: int
-    seed: int
-    tokenizer: Any               # lmforge Tokenizer of the prepared data
-    options: Any                 # the `objective` config section (ObjectiveConfig)
-    model_cfg: Any               # the resolved model config
-
-
-@dataclass
+@dataclass(frozen=True)
 class PretrainSpec:
-    """A pretraining objective of some model family: `make(ctx)` returns
-    (objective, train batch source, eval_batches callable returning a list of batches)."""
-
-    family: str
-    default_preset: str
-    make: Callable[[PretrainContext], tuple[Any, Any, Callable[[], Sequence[Any]]]]
+    family: str | None          # the model family it trains (None: any whose model maps ids to next-token logits)
+    default_preset: str | None  # the preset used while model.preset is the decoder default (None: keep that)
+    make: Callable[[PretrainContext], PretrainParts]
 
 
-# name -> spec; family modules / objectives register here (causal_lm is built in by the loop).
-PRETRAINING: dict[str, PretrainSpec] = {}
-
-
-OBJECTIVES: dict[str, Callable[[], Objective]] = {
-    "causal_lm": CausalLMObjective,
+PRETRAINING: dict[str, PretrainSpec] = {
+    "causal_lm": PretrainSpec(family=None, default_preset=None, make=make_causal_lm),
+    "mlm": PretrainSpec(family="encoder", default_preset="encoder-small", make=make_mlm),
+    "span_corruption": PretrainSpec(family="seq2seq", default_preset="t5-cpu", make=make_span_corruption),
+    "text_infilling": PretrainSpec(family="seq2seq", default_preset="bart-cpu", make=make_text_infilling),
 }
 
 
-def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        names = list(OBJECTIVES) + [n for n in PRETRAINING if n not in OBJECTIVES]
-        raise LMForgeError(f"unknown objective '{name}' in train.objective; available: {', '.join(names)}")
-    return OBJECTIVES[name]()
-
-
-def _register_family_objectives() -> None:
-    """Pretraining objectives of other families register themselves in PRETRAINING on import."""
-    from lmforge.train import mlm  # noqa: F401  (encoders: "mlm")
-    from lmforge.train import denoise  # noqa: F401  (encoder-decoders: "span_corruption", "text_infilling")
-
-
-_register_family_objectives()
+def pretraining_spec(name: str) -> PretrainSpec:
+    if name not in PRETRAINING:
+        raise LMForgeError(f"unknown objective '{name}' in train.objective; available: {', '.join(PRETRAINING)}")
+    return PRETRAINING[name]
