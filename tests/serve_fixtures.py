@@ -15,7 +15,9 @@ import uvicorn
 from lmforge.infer.llm import LLM
 from lmforge.infer.scheduler import Scheduler
 from lmforge.models.decoder import Decoder, config_from_preset
-from lmforge.serve.app import Engine, ServerConfig, create_app
+from lmforge.serve.app import create_app
+from lmforge.serve.config import ServerConfig
+from lmforge.serve.engine import Engine
 from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer
 
 CORPUS = ["hello world, this is a tiny corpus for a tiny tokenizer. " * 3,

@@ -13,7 +13,9 @@ import httpx
 import openai
 import pytest
 
-from lmforge.serve.app import Engine, ServerConfig, create_app
+from lmforge.serve.app import create_app
+from lmforge.serve.config import ServerConfig
+from lmforge.serve.engine import Engine
 from serve_fixtures import NAME, ServerThread, make_llm, offline_ids, slow_down, start_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -286,6 +288,19 @@ BAD = [
      400, "stream_options", "stream_options is only allowed when stream is true"),
     ("/v1/completions", {"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, 400,
      "stream_options", "only allowed when stream is true"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [999999]}, 400, "stop_token_ids",
+     "stop token id 999999 is outside the model's vocabulary (0..299)"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix", "suffix is not supported by this server"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 2}, 400, "best_of",
+     "best_of other than n is not supported by this server"),
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 40}, 400, "n",
+     "this request asks for 80 sequences (prompts x n); the limit is 64"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 500}, 400, "messages",
+     "This model's maximum context length is 128 tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": -101}}, 400,
+     "logit_bias", "logit_bias values must be between -100 and 100, got -101.0 for token 5"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
+     "tools", "tools are not supported by this server"),
     ("/tokenize", {"prompt": 5}, 400, "prompt", None),
     ("/tokenize", {}, 400, "prompt", "exactly one"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "outside"),

@@ -12,7 +12,9 @@ import pytest
 
 from lmforge.infer.generate import generate_ids
 from lmforge.infer.scheduler import Scheduler
-from lmforge.serve.app import Engine, ServerConfig, create_app
+from lmforge.serve.app import create_app
+from lmforge.serve.config import ServerConfig
+from lmforge.serve.engine import Engine
 from serve_fixtures import NAME, ServerThread, make_llm, slow_down
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

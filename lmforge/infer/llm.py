@@ -18,6 +18,7 @@ import torch
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate as _generate
 from lmforge.infer.generate import stream_text
+from lmforge.infer.prompt import encode_text_prompts, render_chat_prompt
 
 
 class LLM:
@@ -92,18 +93,7 @@ class LLM:
         return self.tokenizer
 
     def _encode_text(self, texts: Sequence[str]) -> list[list[int]]:
-        tok = self._need_tokenizer()
-        ids = [tok.encode_prompt(t) for t in texts]
-        out = []
-        for row in ids:
-            row = list(row)
-            if not row:
-                # An empty prompt starts a new document: training data separates documents with EOS.
-                if self.eos_id is None:
-                    raise LMForgeError("prompt is empty and the tokenizer has no end-of-text token to start from")
-                row = [self.eos_id]
-            out.append(row)
-        return out
+        return encode_text_prompts(self._need_tokenizer(), texts)
 
     def _prompts(self, prompt: Any) -> tuple[str, list[list[int]]]:
         """('text' | 'ids' | 'texts', token-id prompts)."""
@@ -182,7 +172,7 @@ class LLM:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise LMForgeError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
         checked = to_messages({"messages": list(messages) + [{"role": "assistant", "content": "x"}]}, "messages")[:-1]
-        return tok.apply_chat_template(checked, add_generation_prompt=True)
+        return render_chat_prompt(tok, checked)
 
     def chat(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,

@@ -42,6 +42,15 @@ class QueueFull(LMForgeError):
     """The waiting queue is at its bound (the server answers 429)."""
 
 
+class InvalidRequest(LMForgeError):
+    """A `GenerationRequest` the scheduler cannot run; `field` names the field at fault (the server
+    reports it as the OpenAI error's `param`)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class GenerationRequest:
     """One sequence to generate. Token budget, sampling settings and stop rules belong to it alone."""
@@ -298,33 +307,43 @@ class Scheduler:
             self._thread = None
 
     def validate(self, req: GenerationRequest) -> None:
-        """Raise LMForgeError for a request the scheduler cannot run (checked again at submit)."""
+        """Raise InvalidRequest, naming the field, for a request the scheduler cannot run (checked
+        again at submit)."""
         if not req.prompt_ids:
-            raise LMForgeError("prompt is empty; give at least one token")
+            raise InvalidRequest("prompt is empty; give at least one token", "prompt_ids")
         lo, hi = min(req.prompt_ids), max(req.prompt_ids)
         if lo < 0 or hi >= self.vocab:
             bad = lo if lo < 0 else hi
-            raise LMForgeError(f"prompt token id {bad} is outside the model's vocabulary (0..{self.vocab - 1})")
+            raise InvalidRequest(f"prompt token id {bad} is outside the model's vocabulary (0..{self.vocab - 1})",
+                                 "prompt_ids")
         if isinstance(req.max_tokens, bool) or not isinstance(req.max_tokens, int) or req.max_tokens < 0:
-            raise LMForgeError(f"max_tokens must be a non-negative integer, got {req.max_tokens!r}")
+            raise InvalidRequest(f"max_tokens must be a non-negative integer, got {req.max_tokens!r}", "max_tokens")
         if len(req.prompt_ids) + req.max_tokens > self.max_model_len:
-            raise LMForgeError(
+            raise InvalidRequest(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{len(req.prompt_ids) + req.max_tokens} tokens ({len(req.prompt_ids)} in the messages, "
-                f"{req.max_tokens} in the completion). Please reduce the length of the messages or completion.")
-        SamplingParams(req.temperature, req.top_k, req.top_p, req.repetition_penalty)
+                f"{req.max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                "prompt_ids")
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty"):  # one at a time: the error names it
+            try:
+                SamplingParams(**{name: getattr(req, name)})
+            except LMForgeError as e:
+                raise InvalidRequest(str(e), name) from None
         if not 0.0 <= req.min_p <= 1.0:
-            raise LMForgeError(f"min_p must be in [0, 1], got {req.min_p}")
+            raise InvalidRequest(f"min_p must be in [0, 1], got {req.min_p}", "min_p")
         for t in req.stop_token_ids:
             if not 0 <= t < self.vocab:
-                raise LMForgeError(f"stop token id {t} is outside the model's vocabulary (0..{self.vocab - 1})")
+                raise InvalidRequest(f"stop token id {t} is outside the model's vocabulary (0..{self.vocab - 1})",
+                                     "stop_token_ids")
         for t, v in (req.logit_bias or {}).items():
             if not 0 <= t < self.vocab:
-                raise LMForgeError(f"logit_bias token id {t} is outside the model's vocabulary (0..{self.vocab - 1})")
+                raise InvalidRequest(
+                    f"logit_bias token id {t} is outside the model's vocabulary (0..{self.vocab - 1})", "logit_bias")
             if not -100.0 <= v <= 100.0:
-                raise LMForgeError(f"logit_bias values must be between -100 and 100, got {v} for token {t}")
+                raise InvalidRequest(f"logit_bias values must be between -100 and 100, got {v} for token {t}",
+                                     "logit_bias")
         if req.stop and self.tokenizer is None:
-            raise LMForgeError("stop strings need a tokenizer, and this model has none")
+            raise InvalidRequest("stop strings need a tokenizer, and this model has none", "stop")
 
     def submit(self, req: GenerationRequest, callback: Callable[[StepOutput], None]) -> int:
         """Queue a request; returns its handle (for `cancel`). Raises QueueFull at the queue bound."""

@@ -5,7 +5,10 @@
          -d '{"prompt": "ROMEO:", "max_tokens": 32}'
 
 Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /tokenize, /detokenize,
-/tokenizer_info, /metrics and a web chat page at /. See lmforge/serve/app.py.
+/tokenizer_info, /metrics and a web chat page at /. The modules, by job: app.py (create_app and
+the routes), protocol.py (request schemas, errors), engine.py (the bridge to the scheduler),
+openai_format.py (response bodies and stream chunks), middleware.py (API key, log lines, body limit),
+metrics.py (Prometheus), config.py (ServerConfig), client.py (`lmforge chat --url`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     import uvicorn
     from pathlib import Path
 
-    from lmforge.serve.app import Engine, ServerConfig, create_app
+    from lmforge.serve.app import create_app
+    from lmforge.serve.config import ServerConfig
+    from lmforge.serve.engine import Engine
 
     if not Path(model).exists():
         raise LMForgeError(f"model not found: {model}")

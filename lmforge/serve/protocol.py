@@ -1,11 +1,14 @@
 """Request schemas of the OpenAI-compatible API (field names and ranges as OpenAI's reference and
-vLLM define them) and the error body. Requests are validated strictly: "5" is not an integer."""
+vLLM define them), their translation into the scheduler's `GenerationRequest`, and the error body.
+Requests are validated strictly: "5" is not an integer."""
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmforge.infer.scheduler import GenerationRequest
 
 StrictModel = ConfigDict(strict=True, extra="ignore")
 
@@ -76,6 +79,29 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logit_bias: Optional[dict[str, float]] = None
+
+    def sampling_request(self, max_tokens: int, logprobs: int | None,
+                         prompt_logprobs: int | None = None) -> GenerationRequest:
+        """The scheduler request these fields ask for, without a prompt: the engine makes one per
+        (prompt, sample) from it."""
+        bias = None
+        if self.logit_bias:  # OpenAI's keys are token ids as strings
+            try:
+                bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise ServeError(400, "logit_bias keys must be token ids (integers as strings), got "
+                                      f"{', '.join(repr(k) for k in self.logit_bias)}", param="logit_bias") from None
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer
+            raise ServeError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return GenerationRequest(
+            [], max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=None if self.top_p in (None, 1.0) else self.top_p,
+            top_k=None if self.top_k in (None, -1, 0) else self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, logit_bias=bias, seed=self.seed, stop=stop,
+            stop_token_ids=list(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
 
 
 class CompletionRequest(_SamplingFields):

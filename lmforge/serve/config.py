@@ -1,0 +1,20 @@
+"""`ServerConfig`: what `lmforge serve` was asked for: the served name, limits, auth and logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this is refused (413)
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str = "lmforge"
+    api_key: str | None = None
+    max_batch: int = 32
+    max_queue: int = 256
+    max_model_len: int | None = None  # default: the model's context
+    log_prompts: bool = False
+    max_body_bytes: int = MAX_BODY_BYTES
+    model_path: str | None = None
+    threads: int | None = None  # torch threads of the scheduler thread (None: torch's default)
