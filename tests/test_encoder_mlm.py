@@ -12,6 +12,7 @@ from lmforge.errors import LMForgeError
 from lmforge.models.encoder import Encoder, config_from_preset
 from lmforge.train.mlm import IGNORE, Masker, MLMObjective, _generator
 from lmforge.wordpiece import WORDPIECE_SPECIALS, EncoderTokenizer
+from reference_libs import reference_lib
 
 WORDS = ("the cat dog sat on a mat and ran to house with big small red blue green quickly slowly happy sad "
          "movie film great bad good unbelievably wonderful").split()
@@ -100,7 +101,7 @@ def test_wordpiece_tokenizer_specials_and_pairs(tmp_path):
 
 
 def test_hf_bert_and_roberta_tokenizers_load_as_they_are(tmp_path):
-    tf = pytest.importorskip("transformers")
+    tf = reference_lib("transformers")
     tok = EncoderTokenizer.train(corpus(), vocab_size=120)
     tok.save(tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok.hf_tokenizer_config(64)))
