@@ -1,4 +1,4 @@
-"""The libraries parity tests compare lmforge with (transformers, sentence-transformers, sklearn).
+"""What parity tests compare lmforge with: transformers, sentence-transformers, sklearn, real weights.
 
 They come with the dev extra, so a missing one is a broken setup: the test fails and says so rather
 than skipping (a skip would hide that the comparison never ran).
@@ -18,5 +18,5 @@ def reference_lib(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         error = f"{e.__class__.__name__}: {e}"
-    pytest.fail(f"{module} is the reference of this parity test and cannot be imported ({error}); "
+    pytest.fail(f"this parity test needs {module}, which cannot be imported ({error}); "
                 "install the dev extra: pip install -e '.[dev]'", pytrace=False)
