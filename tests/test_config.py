@@ -42,7 +42,7 @@ def test_demo_recipe_is_valid():
     assert (m.n_layer, m.n_embd, m.pos_encoding, m.norm, m.mlp, m.block_size) == (4, 256, "rope", "rmsnorm", "relu2", 256)
     assert cfg.train.optimizer == "muon" and m.qk_norm and not m.tie_embeddings
     assert 3e6 < m.num_params() < 6e6
-    assert cfg.train.max_minutes is not None and cfg.train.seq_len == 256
+    assert cfg.train.max_minutes == 5.0 and cfg.train.seq_len == 256
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):

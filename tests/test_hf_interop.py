@@ -305,7 +305,7 @@ def test_tokenizer_parity_with_autotokenizer(hf_dirs, tmp_path):
     fast.save_pretrained(folder)
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     llm = LLM.load(folder)
-    assert llm.tokenizer is not None
+    assert llm.tokenizer.vocab_size == len(hf_tok) and llm.tokenizer.hf.get_vocab() == hf_tok.get_vocab()
     assert llm.tokenizer.eos_id == hf_tok.eos_token_id == 1
     assert llm.tokenizer.pad_id == hf_tok.pad_token_id == 2
     for text in TEXTS:
