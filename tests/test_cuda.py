@@ -33,8 +33,10 @@ def cuda_missing_reason() -> str | None:
         return None
     if os.environ.get("LMFORGE_TEST_CUDA") != "1":
         return "the suite hides CUDA (tests/conftest.py); on a GPU machine run make test-cuda"
-    return (f"no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}); "
-            "install a CUDA build, e.g. make TORCH_SPEC=\"torch --index-url https://download.pytorch.org/whl/cu124\"")
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU build; install a CUDA build, e.g. "
+                "make TORCH_SPEC=\"torch --index-url https://download.pytorch.org/whl/cu124\"")
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device (driver, CUDA_VISIBLE_DEVICES?)"
 
 
 @pytest.fixture(params=["cpu", "cuda"])
