@@ -37,11 +37,16 @@ demo: venv
 chat-demo: venv
 	$(PY) -m lmforge.demo.chat_demo --base $(DEMO_RUN) --out runs/chat-demo
 
+# The layer contract (pyproject.toml [tool.importlinter]; --no-cache leaves no cache folder in the
+# checkout) first, then the suite; -rs prints why a test skipped.
 test: dev
-	$(VENV)/bin/python -m pytest -x --durations=10
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/python -m pytest -x -rs --durations=10
 
-test-cuda: dev  # on a GPU machine: each fine-tuning method on CUDA against the CPU (make test hides CUDA)
-	LMFORGE_TEST_CUDA=1 $(VENV)/bin/python -m pytest -rs tests/test_cuda.py
+# On a GPU machine: each fine-tuning method on CUDA against the CPU (make test hides CUDA).
+# LMFORGE_REQUIRE_GPU=1: a machine without a CUDA device (or a CPU build of torch) fails, never skips.
+test-cuda: dev
+	LMFORGE_TEST_CUDA=1 LMFORGE_REQUIRE_GPU=1 $(VENV)/bin/python -m pytest -rs tests/test_cuda.py
 
 bench: dev
 	$(VENV)/bin/python benchmarks/run.py

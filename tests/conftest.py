@@ -2,7 +2,8 @@
 
 The suite is the CPU reference: its golden values are fp32 CPU figures, and on a CUDA machine the
 loop would pick the GPU and bf16 autocast (train.device / train.dtype auto). So CUDA stays hidden
-unless LMFORGE_TEST_CUDA=1 (`make test-cuda`: tests/test_cuda.py, each method on CUDA vs the CPU).
+unless LMFORGE_TEST_CUDA=1 (`make test-cuda`: tests/test_cuda.py, each method on CUDA vs the CPU;
+it also sets LMFORGE_REQUIRE_GPU=1, with which test_cuda.py fails rather than skips without CUDA).
 """
 
 from __future__ import annotations

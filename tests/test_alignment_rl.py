@@ -87,9 +87,15 @@ def test_grpo_trains_logs_and_resumes_exactly_mid_rollout(fx, tmp_path):
     # first minibatch of a rollout: the policy is the one that sampled: ratio 1, no clipping, KL 0
     assert rows[0]["clip_ratio"] == 0.0 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)
     assert rows[0]["loss"] == pytest.approx(0.0, abs=1e-6)  # group advantages sum to zero, ratio 1
-    for key in ("reward", "reward_std", "rewards/exact/mean", "rewards/exact/std", "rewards/short/mean",
-                "frac_reward_zero_std", "completion_length", "clip_ratio", "kl"):
-        assert key in rows[-1], key
+    for r in rows:  # the logged statistics agree with one another
+        weighted = r["rewards/exact/mean"] + 0.5 * r["rewards/short/mean"]  # --reward-weights 1.0 0.5
+        assert r["reward"] == pytest.approx(weighted, abs=1e-6)
+        assert r["clip_ratio"] == pytest.approx(r["clip_ratio/low"] + r["clip_ratio/high"], abs=1e-6)
+        assert 0 < r["completion_length"] <= 5 and 0 <= r["frac_reward_zero_std"] <= 1  # max_new_tokens 5
+        assert r["reward_std"] >= 0 and r["rewards/exact/std"] >= 0
+    # two epochs per rollout: steps 1-2 and 3-4 report the same rollout
+    assert [r["reward"] for r in rows[::2]] == [r["reward"] for r in rows[1::2]]
+    assert [r["completion_length"] for r in rows[::2]] == [r["completion_length"] for r in rows[1::2]]
     assert rows[1]["kl"] > 0  # the second epoch on the same rollout sees a moved policy
     # resume from step 3 = in the middle of the second rollout (2 steps per rollout): same weights at 4
     resumed = tmp_path / "g2"
@@ -256,7 +262,9 @@ def test_grpo_ptx_adds_the_sft_loss_of_its_rows(fx, tmp_path):
         expected = float(SFTObjective()(model.train(), ptx_rows.micro_batch(0, 0))[0])
     assert rows[0]["loss/ptx"] == pytest.approx(expected, rel=1e-5)
     assert rows[0]["loss"] == pytest.approx(0.5 * expected, rel=1e-5, abs=1e-6)
-    assert "reward" in rows[0] and rows[1]["loss/ptx"] != rows[0]["loss/ptx"]  # the next step reads the next rows
+    weighted = rows[0]["rewards/exact/mean"] + 0.5 * rows[0]["rewards/short/mean"]  # --reward-weights 1.0 0.5
+    assert rows[0]["reward"] == pytest.approx(weighted, abs=1e-6)
+    assert rows[1]["loss/ptx"] != rows[0]["loss/ptx"]  # the next step reads the next rows
     with pytest.raises(LMForgeError, match=r"--ptx-data needs grpo.ptx_coef > 0, got 0.0"):
         _train(grpo, _args(fx, tmp_path / "z", ptx_data=str(data)), ov + ["--grpo.ptx_coef", "0"])
 
@@ -268,7 +276,9 @@ def test_ppo_ptx_resumes_exactly_mid_rollout(fx, tmp_path):
     ov = COMMON + ["--train.max_steps", "4", "--ppo.max_new_tokens", "5", "--ppo.epochs", "2", "--ppo.ptx_coef", "1.0"]
     run = tmp_path / "p"
     _train(ppo, _args(fx, run, ptx_data=str(data)), ov)
-    assert all("loss/ptx" in r and "loss/policy" in r for r in _rows(run))
+    for r in _rows(run):  # PPO's loss (policy + vf_coef 0.1 x value) plus ptx_coef 1.0 x the SFT loss
+        parts = r["loss/policy"] + 0.1 * r["loss/value"] + 1.0 * r["loss/ptx"]
+        assert r["loss"] == pytest.approx(parts, rel=1e-5, abs=1e-6)
     resumed = tmp_path / "p2"
     _train(ppo, _args(fx, resumed, ptx_data=str(data), resume=str(run / "checkpoints" / "step_00000003")), ov)
     assert _same_weights(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")

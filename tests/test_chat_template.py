@@ -10,7 +10,8 @@ from lmforge.data.chat import render_with_mask
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer
 
-transformers = pytest.importorskip("transformers")
+from reference_libs import reference_lib
+transformers = reference_lib("transformers")
 
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
           "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"

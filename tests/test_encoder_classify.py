@@ -11,6 +11,7 @@ from lmforge.cli import main
 from lmforge.errors import LMForgeError
 from lmforge.eval.classification import classification_metrics
 from lmforge.tokenizer import Tokenizer
+from reference_libs import reference_lib
 
 POS, NEG = "great wonderful happy good loved".split(), "bad awful sad terrible hated".split()
 FILLER = "the movie film was a and it plot actors story".split()
@@ -47,7 +48,7 @@ def base_encoder(tmp_path_factory):
 
 
 def test_metrics_match_scikit_learn():
-    sk = pytest.importorskip("sklearn.metrics")
+    sk = reference_lib("sklearn.metrics")
     rng = random.Random(0)
     y = [rng.randrange(4) for _ in range(200)]
     p = [rng.choice([0, 1, 1, 2]) for _ in range(200)]  # class 3 is never predicted
@@ -148,7 +149,7 @@ def test_finetune_classify_decoder_reads_last_real_token(tmp_path, capsys):
 
 
 def test_hf_classifier_folder_classifies_like_transformers(tmp_path):
-    tf = pytest.importorskip("transformers")
+    tf = reference_lib("transformers")
     from lmforge import LLM
 
     tok = Tokenizer.train_wordpiece([r["text"] for r in make_rows(200, 5)], vocab_size=100)

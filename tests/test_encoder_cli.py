@@ -7,13 +7,14 @@ import torch
 
 from lmforge.cli import main
 from lmforge.tokenizer import Tokenizer
+from reference_libs import reference_lib
 
 TEXTS = ["the cat sat on the mat", "a dog ran to the house", "green happy movie plot", "awful sad film"]
 
 
 @pytest.fixture(scope="module")
 def hf_classifier(tmp_path_factory):
-    tf = pytest.importorskip("transformers")
+    tf = reference_lib("transformers")
     d = tmp_path_factory.mktemp("hfcls")
     tok = Tokenizer.train_wordpiece(TEXTS * 20, vocab_size=80)
     cfg = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmforge.tokenizer import Tokenizer
+from reference_libs import reference_lib
 
 TEXTS = ["the cat sat on the mat", "a dog", "green happy movie and a long plot " * 12, "x"]
 
@@ -26,8 +27,8 @@ def hf_bert_folder(tmp_path, tf):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False)])
 def test_sentence_transformers_folder_matches(tmp_path, pooling, normalize):
-    tf = pytest.importorskip("transformers")
-    st = pytest.importorskip("sentence_transformers")
+    tf = reference_lib("transformers")
+    st = reference_lib("sentence_transformers")
     from sentence_transformers import models  # noqa: F401  (st.models, also in sentence-transformers 6)
     from lmforge import LLM
     from lmforge.interop.hf import convert_from_hf
@@ -51,7 +52,7 @@ def test_sentence_transformers_folder_matches(tmp_path, pooling, normalize):
 
 
 def test_embed_pooling_and_normalize_options(tmp_path):
-    tf = pytest.importorskip("transformers")
+    tf = reference_lib("transformers")
     from lmforge import LLM
     from lmforge.errors import LMForgeError
 
@@ -77,8 +78,8 @@ def test_embed_pooling_and_normalize_options(tmp_path):
 def test_classify_from_sentence_transformers_folder_reads_its_pooling(tmp_path):
     """`finetune classify` on a sentence-transformers folder puts the head on the folder's pooling
     (mean), not on BERT's pooler; --model.pooling still overrides."""
-    tf = pytest.importorskip("transformers")
-    st = pytest.importorskip("sentence_transformers")
+    tf = reference_lib("transformers")
+    st = reference_lib("sentence_transformers")
     from lmforge import LLM
     from lmforge.cli import main
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-tf = pytest.importorskip("transformers")
+from reference_libs import reference_lib
+tf = reference_lib("transformers")
 
 from lmforge.errors import LMForgeError
 from lmforge.interop.hf import convert_from_hf, convert_to_hf, load_hf_dir

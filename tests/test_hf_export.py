@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
+from reference_libs import reference_lib
+transformers = reference_lib("transformers")
 
 from lmforge.checkpoint import write_model_dir  # noqa: E402
 from lmforge.errors import LMForgeError  # noqa: E402

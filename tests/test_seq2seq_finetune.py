@@ -80,7 +80,7 @@ def files(tmp_path_factory):
     tok = Tokenizer.train_char([" ".join(WORDS)])
     tok.save(d / "tok.json")
     torch_seed = __import__("torch").manual_seed(0)
-    assert torch_seed is not None
+    assert torch_seed.initial_seed() == 0
     write_model_dir(d / "t5", Seq2Seq(config_from_preset("t5-tiny", vocab_size=tok.vocab_size)), tokenizer_path=d / "tok.json")
     write_model_dir(d / "gpt", Decoder(dec_preset("tiny", vocab_size=tok.vocab_size)), tokenizer_path=d / "tok.json")
     return d
@@ -93,6 +93,19 @@ def _args(files, base, out, *extra):
             "false", "--generate.max_examples", "4", "--generate.max_new_tokens", "12", "--train.log_every", "1", *extra]
 
 
+METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
+
+
+def _scores_of_predictions(run) -> dict[str, float]:
+    """chrF and exact match of the last evaluation's eval_predictions.jsonl, by sacrebleu and by hand."""
+    import sacrebleu
+
+    preds = [json.loads(x) for x in (run / "eval_predictions.jsonl").read_text().splitlines()]
+    ys, refs = [p["prediction"] for p in preds], [p["target"] for p in preds]
+    return {"chrf": sacrebleu.corpus_chrf(ys, [refs]).score,
+            "exact_match": 100.0 * sum(y.strip() == r.strip() for y, r in zip(ys, refs)) / len(preds)}
+
+
 def test_finetune_encoder_decoder_reports_generation_metrics_and_truncation(files, tmp_path, capsys):
     from lmforge.cli import main
 
@@ -101,19 +114,26 @@ def test_finetune_encoder_decoder_reports_generation_metrics_and_truncation(file
     captured = capsys.readouterr()
     assert "truncated 1 training and 0 validation sources longer than 64 tokens" in captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
-    assert {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "val_loss"} <= set(summary)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
-    assert len(evals) == 2 and all("chrf" in r and "exact_match" in r for r in evals)
+    assert [r["step"] for r in evals] == [6, 12]  # eval_every 6 of 12 steps
+    # the summary reports the last evaluation, whose scores are those of the predictions it wrote
+    assert {k: summary[k] for k in (*METRICS, "val_loss")} == {k: evals[-1][k] for k in (*METRICS, "val_loss")}
+    assert {k: evals[-1][k] for k in ("chrf", "exact_match")} == pytest.approx(_scores_of_predictions(tmp_path / "run"))
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0]
     preds = [json.loads(x) for x in (tmp_path / "run" / "eval_predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 4 and {"source", "target", "prediction"} <= set(preds[0])
-    from lmforge.models.registry import load_model_dir
+    val = [json.loads(x) for x in (files / "val.jsonl").read_text().splitlines()]
+    assert [(p["source"], p["target"]) for p in preds] == [(v["source"], v["target"]) for v in val[:4]]
     from lmforge.infer.seq2seq import generate_seq2seq
+    from lmforge.models.registry import load_model_dir
 
     model, _, tok = load_model_dir(tmp_path / "run")  # the fine-tuned run loads (tokenizer included)
-    assert tok.vocab_size == model.cfg.vocab_size and len(generate_seq2seq(model, [[5, 6, 0]], max_new_tokens=5, temperature=0)) == 1
+    # the latest checkpoint holds a copy of the base's tokenizer, and that is what loads
+    ckpt_tok = tmp_path / "run" / "checkpoints" / "step_00000012" / "tokenizer.json"
+    assert ckpt_tok.read_text() == (files / "tok.json").read_text()
+    assert tok.hf.to_str() == tok.hf.from_file(str(ckpt_tok)).to_str() and tok.vocab_size == model.cfg.vocab_size
+    assert len(generate_seq2seq(model, [[5, 6, 0]], max_new_tokens=5, temperature=0)) == 1
 
 
 def test_finetune_decoder_on_the_same_files(files, tmp_path, capsys):
@@ -121,7 +141,8 @@ def test_finetune_decoder_on_the_same_files(files, tmp_path, capsys):
 
     assert main(_args(files, "gpt", tmp_path / "dec")) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["steps"] == 12 and "chrf" in summary
+    assert summary["steps"] == 12
+    assert {k: summary[k] for k in ("chrf", "exact_match")} == pytest.approx(_scores_of_predictions(tmp_path / "dec"))
 
 
 def test_finetune_bad_input_is_one_line_error(files, tmp_path, capsys):

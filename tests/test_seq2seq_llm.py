@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from reference_libs import reference_lib
+transformers = reference_lib("transformers")
 
 from lmforge.errors import LMForgeError  # noqa: E402
 from lmforge.infer.llm import LLM  # noqa: E402

@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from reference_libs import reference_lib
+transformers = reference_lib("transformers")
 
 from lmforge.errors import LMForgeError  # noqa: E402
 from lmforge.infer.seq2seq import beam_search_decoder, generate_seq2seq, right_pad  # noqa: E402

@@ -64,13 +64,22 @@ def test_fault_burst():
                     if n == 3:
                         break
         elif kind == 4:  # malformed JSON / not an object / wrong types
-            bad = [b'{"prompt": "hi", "max_tokens": 5', b'"just a string"', b"\xff\xfe\x00garbage",
-                   json.dumps({"prompt": {"a": 1}}).encode(), json.dumps({"prompt": "hi", "n": "2"}).encode(),
-                   json.dumps({"prompt": "hi", "stop": [1, 2]}).encode()][i // 8 % 6:][:3]
-            for b in bad:
+            not_json = "the request body is not valid JSON: "  # then the parser's words
+            bad = [(b'{"prompt": "hi", "max_tokens": 5', not_json, None),
+                   (b'"just a string"', "the request body must be a JSON object", None),
+                   (b"\xff\xfe\x00garbage", not_json, None),
+                   (json.dumps({"prompt": {"a": 1}}).encode(),
+                    "invalid value for 'prompt': Input should be a valid string", "prompt"),
+                   (json.dumps({"prompt": "hi", "n": "2"}).encode(),
+                    "invalid value for 'n': Input should be a valid integer", "n"),
+                   (json.dumps({"prompt": "hi", "stop": [1, 2]}).encode(),
+                    "invalid value for 'stop': Input should be a valid string", "stop")][i // 8 % 6:][:3]
+            for b, message, param in bad:
                 r = await http.post(url, content=b, headers={"content-type": "application/json"})
                 statuses.append(r.status_code)
-                assert r.status_code == 400 and "error" in r.json()
+                err = r.json()["error"]
+                assert r.status_code == 400 and err["message"].startswith(message), (b, err)
+                assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", param, None)
         elif kind == 5:  # oversize prompt (ids beyond the context) and an oversize body
             r = await http.post(url, json={"prompt": list(range(5, 205)), "max_tokens": 4})
             statuses.append(r.status_code)

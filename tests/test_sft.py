@@ -17,6 +17,7 @@ from lmforge.infer.llm import LLM
 from lmforge.models.decoder import Decoder, config_from_preset
 from sft_fixtures import make_base, task_rows, write_jsonl
 from train_fixtures import PYTHON, REPO, killed_cli, read_metrics
+from reference_libs import reference_lib
 
 TRAIN = ["--train.max_steps", "6", "--train.seq_len", "64", "--train.micro_batch_size", "4", "--train.lr", "3e-3",
          "--train.warmup_steps", "2", "--train.eval_every", "3", "--train.ckpt_every", "2", "--train.log_every", "1",
@@ -188,7 +189,7 @@ QWEN2_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_sft_on_hf_folder_exports_and_chats_the_same_in_transformers(tmp_path, arch, one_thread):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference_lib("transformers")
     from tokenizers import Tokenizer as HFTok
     from tokenizers import decoders, models, pre_tokenizers, trainers
 

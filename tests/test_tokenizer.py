@@ -71,7 +71,8 @@ def test_small_corpus_is_padded_to_exact_vocab_size():
     with pytest.warns(UserWarning, match=r"supports only \d+ BPE tokens; padding the vocabulary to 600"):
         tok = Tokenizer.train_bpe(["tiny text"], vocab_size=600)
     assert tok.vocab_size == 600
-    assert tok.token_to_id("<|reserved_0|>") is not None
+    # the trained vocabulary ends at id 267; reserved tokens fill ids 268..599, in order
+    assert [tok.token_to_id(f"<|reserved_{i}|>") for i in range(600 - 268)] == list(range(268, 600))
     assert tok.decode(tok.encode("tiny text!")) == "tiny text!"
 
 

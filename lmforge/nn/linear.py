@@ -25,7 +25,7 @@ def onednn_available() -> bool:
         return False
 
 
-def _dnn(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
+def onednn_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b) with oneDNN; any strides (transposed views are read in place)."""
     return torch.ops.mkldnn._linear_pointwise(x_MK, w_NK, b_N, "none", [], "")
 
@@ -36,14 +36,14 @@ class _OneDNNLinearFn(torch.autograd.Function):
         x_MK = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x_MK, w_NK)
         ctx.x_shape, ctx.has_bias = x.shape, b_N is not None
-        return _dnn(x_MK, w_NK, b_N).view(*x.shape[:-1], w_NK.shape[0])
+        return onednn_linear(x_MK, w_NK, b_N).view(*x.shape[:-1], w_NK.shape[0])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x_MK, w_NK = ctx.saved_tensors
         g_MN = g.reshape(-1, g.shape[-1])
-        gx = _dnn(g_MN, w_NK.t()).view(ctx.x_shape) if ctx.needs_input_grad[0] else None  # g @ w
-        gw = _dnn(g_MN.t(), x_MK.t()) if ctx.needs_input_grad[1] else None  # g.T @ x
+        gx = onednn_linear(g_MN, w_NK.t()).view(ctx.x_shape) if ctx.needs_input_grad[0] else None  # g @ w
+        gw = onednn_linear(g_MN.t(), x_MK.t()) if ctx.needs_input_grad[1] else None  # g.T @ x
         gb = g_MN.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
@@ -61,7 +61,7 @@ class Linear(nn.Linear):
             return F.linear(x, w, self.bias)
         if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad):
             # inference: no autograd node, one oneDNN call (this is the decode hot path)
-            return _dnn(x.reshape(-1, x.shape[-1]), w, self.bias).view(*x.shape[:-1], w.shape[0])
+            return onednn_linear(x.reshape(-1, x.shape[-1]), w, self.bias).view(*x.shape[:-1], w.shape[0])
         return _OneDNNLinearFn.apply(x, w, self.bias)
 
 
