@@ -1,5 +1,6 @@
 """Labelled text for classification: CSV / TSV / JSONL files with a text column (an optional text-pair
-column) and a label column, read with one-line errors that name the file, line and column.
+column) and a label column, read with one-line errors that name the file, line and column, and the
+token rows a decoder classifier reads.
 
     examples = read_labeled("train.csv", text="text", pair="text_pair", label="label")
     labels = label_set(examples)            # sorted names; ints sort as numbers
@@ -7,17 +8,16 @@ column) and a label column, read with one-line errors that name the file, line a
 
 from __future__ import annotations
 
-import csv
-import json
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import torch
+
+from lmforge.data.table import read_table
 from lmforge.errors import LMForgeError
-
-FORMATS = (".csv", ".tsv", ".jsonl", ".json")
 
 
 @dataclass
@@ -26,40 +26,6 @@ class Example:
     pair: Optional[str]
     label: Optional[str]
     where: str  # "file:line"
-
-
-def read_table(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    """((line number, row) list, column names) of a CSV, TSV or JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise LMForgeError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise LMForgeError(f"{path}: unsupported format '{suffix}'; use .csv, .tsv or .jsonl")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise LMForgeError(f"{path} is not UTF-8 text") from None
-    rows: list[tuple[int, dict[str, Any]]] = []
-    if suffix in (".jsonl", ".json"):
-        columns: dict[str, None] = {}
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LMForgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise LMForgeError(f"{path}:{n}: each line must be a JSON object")
-            columns.update(dict.fromkeys(obj))
-            rows.append((n, obj))
-        return rows, list(columns)
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-    columns_list = list(reader.fieldnames or [])
-    for row in reader:
-        rows.append((reader.line_num, row))
-    return rows, columns_list
 
 
 def read_labeled(path: str | Path, text: str = "text", pair: Optional[str] = "text_pair", label: Optional[str] = "label",
@@ -73,8 +39,7 @@ def read_labeled(path: str | Path, text: str = "text", pair: Optional[str] = "te
             raise LMForgeError(f"{path}: no column '{col}'; columns present: {', '.join(columns) or 'none'}")
     use_pair = pair is not None and pair in columns
     out = []
-    for n, row in rows:
-        where = f"{path}:{n}"
+    for where, row in rows:
         t = row.get(text)
         if not isinstance(t, str) or not t.strip():
             raise LMForgeError(f"{where}: empty text in column '{text}'")
@@ -116,3 +81,25 @@ def label_ids(examples: list[Example], labels: list[str]) -> list[int]:
             raise LMForgeError(f"{e.where}: label '{e.label}' is not one of the model's labels ({', '.join(labels)})")
         out.append(index[e.label])
     return out
+
+
+def decoder_rows(tok: Any, texts: Sequence[str], pairs: Optional[Sequence[Optional[str]]], limit: int):
+    """Right-padded (ids, mask, n_truncated) for a decoder classifier: text [+ newline + pair], cut to
+    limit - 1 tokens, then the EOS, whose position the score head reads."""
+    if tok is None:
+        raise LMForgeError("this model has no tokenizer (tokenizer.json), so it cannot read text")
+    rows, cut = [], 0
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    for i, t in enumerate(texts):
+        ids = tok.encode(t if pairs is None or pairs[i] is None else f"{t}\n{pairs[i]}")
+        if len(ids) + len(eos) > limit:
+            ids, cut = ids[:limit - len(eos)], cut + 1
+        rows.append(ids + eos)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return idx, mask, cut

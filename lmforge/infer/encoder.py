@@ -112,7 +112,7 @@ def class_logits(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], p
             cut += b["truncated"]
             outs.append(model(b["input_ids"].to(device), b["attention_mask"].to(device), b["token_type_ids"].to(device)))
     elif family == "decoder_classifier":
-        from lmforge.finetune.classify import decoder_rows
+        from lmforge.data.labeled import decoder_rows
 
         limit = max_length or model.cfg.block_size
         for i in range(0, len(texts), batch_size):
