@@ -100,12 +100,11 @@ def by_task_table(results: dict[str, dict]) -> list[str]:
 
 
 def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str], **extra: Any) -> dict:
-    import importlib
+    from lmforge.finetune.scaffold import run
 
-    mod = importlib.import_module(f"lmforge.finetune.{name}")
     args = types.SimpleNamespace(base=str(base), data=str(data), out=str(out), val_data=extra.pop("val_data", None),
                                  val_fraction=None, config=None, recipe=None, resume=None, overwrite=True, **extra)
-    return mod.run(args, overrides)
+    return run(name, args, overrides)
 
 
 @torch.no_grad()
