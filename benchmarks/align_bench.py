@@ -52,6 +52,7 @@ def _reset_cuda_peak(device: str) -> None:
 def child(mode: str, sft: str, tasks: str, steps: int, out: str, device: str = "cpu") -> dict:
     import torch
 
+    from lmforge.finetune.scaffold import prepare
     from lmforge.train.loop import train_job
 
     torch.manual_seed(0)
@@ -59,15 +60,14 @@ def child(mode: str, sft: str, tasks: str, steps: int, out: str, device: str = "
               "--train.ckpt_every", "1000000", "--train.eval_every", "0", "--train.device", device]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if mode.startswith("dpo"):
-        from lmforge.finetune import dpo
         from lmforge.finetune.preference import DPOObjective, completion_logps
 
         pairs = _pairs(sft, Path(tasks), Path(out).parent, 512)
-        task, t = dpo.make_task(_args(sft, str(pairs), out), common + ["--train.micro_batch_size", "16"])
+        task, cfg = prepare("dpo", _args(sft, str(pairs), out), common + ["--train.micro_batch_size", "16"])
         if mode == "dpo_live_ref":
-            from lmforge.finetune.align_common import load_base
+            from lmforge.finetune.base_model import load_base
 
-            ref = load_base(sft).model.eval().to(device)
+            ref = load_base(sft, "dpo").model.eval().to(device)
             inner = DPOObjective()
 
             def live(model, batch):
@@ -78,19 +78,16 @@ def child(mode: str, sft: str, tasks: str, steps: int, out: str, device: str = "
             task.objective = live
         _reset_cuda_peak(device)
         t0 = time.perf_counter()
-        train_job(task, t, out)
+        train_job(task, cfg.train, out)
     else:
-        from lmforge.finetune import grpo, ppo
-
-        mod = grpo if mode == "grpo" else ppo
         extra = (["--grpo.num_generations", "8", "--grpo.max_new_tokens", "24"] if mode == "grpo"
                  else ["--ppo.max_new_tokens", "24", "--ppo.epochs", "2"])
-        task, t = mod.make_task(_args(sft, str(Path(tasks) / "train.jsonl"), out,
-                                      reward=["lmforge.finetune.rewards:task_verifier"], reward_weights=None),
-                                common + ["--train.micro_batch_size", "32"] + extra)
+        task, cfg = prepare(mode, _args(sft, str(Path(tasks) / "train.jsonl"), out,
+                                        reward=["lmforge.finetune.rewards:task_verifier"], reward_weights=None),
+                            common + ["--train.micro_batch_size", "32"] + extra)
         _reset_cuda_peak(device)
         t0 = time.perf_counter()
-        train_job(task, t, out)
+        train_job(task, cfg.train, out)
     seconds = time.perf_counter() - t0
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     res = {"mode": mode, "steps": steps, "seconds": round(seconds, 2), "steps_per_s": round(steps / seconds, 3),

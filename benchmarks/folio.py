@@ -222,7 +222,7 @@ def shuffled_pairs(pairs: list[dict], n: int, seed: int = 0) -> list[dict]:
 
 def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path, args: argparse.Namespace) -> Path:
     from lmforge.checkpoint import write_model_dir
-    from lmforge.finetune.seq2seq import build_config, build_task
+    from lmforge.finetune.scaffold import prepare
     from lmforge.models.seq2seq import Seq2Seq, config_from_preset
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.loop import train_job
@@ -267,9 +267,8 @@ def train_model(kind: str, data: Path, out: Path, minutes: float, tok_path: Path
             "--train.eval_every", "400", "--train.ckpt_every", "400", "--train.eval_iters", "10",
             "--train.log_every", "50", "--data.max_source_length", max_src, "--data.max_target_length", max_len,
             "--generate.max_examples", "50", "--generate.max_new_tokens", max_len, "--generate.batch_size", "50"]
-    cfg = build_config(ns, over)
-    task = build_task(cfg, ns.base, ns.data, ns.val_data, ns.out)
-    train_job(task, cfg.train, ns.out, overwrite=True)
+    job, cfg = prepare("seq2seq", ns, over)
+    train_job(job, cfg.train, ns.out, overwrite=True)
     return out / kind
 
 

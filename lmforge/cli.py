@@ -322,7 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def finetune_parser(method: str) -> argparse.ArgumentParser:
     """The flags every method shares plus the method's own (its module's add_arguments)."""
-    from lmforge.finetune import method_module
+    from lmforge.finetune.scaffold import method_module
 
     module = method_module(method)
     p = _Parser(prog=f"lmforge finetune {method}", description=(module.__doc__ or "").strip().splitlines()[0],
@@ -343,27 +343,16 @@ def finetune_parser(method: str) -> argparse.ArgumentParser:
 
 
 def finetune_config_help(method: str) -> str:
-    """The method's config keys: its module's CONFIG class, else its dataclass made of sections."""
-    import dataclasses
-
-    from lmforge.finetune import method_module
+    """The method's config keys: its CONFIG dataclass, with the method's DEFAULTS."""
+    from lmforge.finetune.scaffold import method_module
     from lmforge.train.config import config_help
 
     module = method_module(method)
-    root = getattr(module, "CONFIG", None)
-    if root is None:
-        candidates = [v for v in vars(module).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
-                      and v.__module__ == module.__name__ and dataclasses.fields(v)
-                      and all(dataclasses.is_dataclass(f.type) or isinstance(f.type, str) for f in dataclasses.fields(v))
-                      and {"train"} <= {f.name for f in dataclasses.fields(v)}]
-        root = max(candidates, key=lambda c: len(dataclasses.fields(c))) if candidates else None
-    if root is None:
-        return f"lmforge finetune {method}: see docs/internals.md for its config keys"
-    return config_help(root, command=f"lmforge finetune {method}", defaults=getattr(module, "DEFAULTS", None))
+    return config_help(module.CONFIG, command=f"lmforge finetune {method}", defaults=getattr(module, "DEFAULTS", None))
 
 
 def cmd_finetune(argv: list[str]) -> int:
-    from lmforge.finetune import METHODS, method_module
+    from lmforge.finetune.scaffold import METHODS, run
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: lmforge finetune METHOD --base MODEL --data FILE --out RUN [options] [--section.key VALUE ...]\n"
@@ -377,7 +366,7 @@ def cmd_finetune(argv: list[str]) -> int:
     args, extra = parser.parse_known_args(rest)
     if args.resume and args.overwrite:
         raise LMForgeError("pass either --resume or --overwrite, not both")
-    summary = method_module(method).run(args, extra)
+    summary = run(method, args, extra)
     print(json.dumps(summary, indent=None, default=str))
     return 0
 

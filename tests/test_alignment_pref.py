@@ -9,6 +9,7 @@ import shutil
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,18 +146,103 @@ def _rows(run):
     return [json.loads(line) for line in open(Path(run) / "metrics.jsonl")]
 
 
-def _train(module, args, ov):
+def _train(method, args, ov):
+    from lmforge.finetune.scaffold import prepare
     from lmforge.train.loop import train_job
 
-    task, t = module.make_task(args, ov)
-    return train_job(task, t, args.out, resume=args.resume)
+    job, cfg = prepare(method, args, ov)
+    return train_job(job, cfg.train, args.out, resume=args.resume)
+
+
+# ---- reference computations: the runs below, redone in plain PyTorch ---------------------------
+
+SEED = 1337  # train.seed's default
+
+
+def _reference_sampling(n_pairs: int, legacy: bool = False) -> tuple[set[int], list[int]]:
+    """(held-out pair indices of --val-fraction 0.2, the order of epoch 0 over the training pairs).
+    The scaffold's: torch.randperm seeded by train.seed, then by seed * 1_000_003 + epoch. legacy:
+    numpy's generators, as the alignment methods sampled before the scaffold was shared; the golden
+    numbers measured then anchor the reference computation itself."""
+    n_val = round(0.2 * n_pairs)
+    if legacy:
+        held = np.random.default_rng(SEED).permutation(n_pairs)[:n_val].tolist()
+        return set(held), np.random.default_rng([SEED, 0]).permutation(n_pairs - n_val).tolist()
+    held = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(SEED))[:n_val].tolist()
+    order = torch.randperm(n_pairs - n_val, generator=torch.Generator().manual_seed(SEED * 1_000_003)).tolist()
+    return set(held), order
+
+
+def _reference_training_pairs(fixture, legacy=False):
+    tok = Tokenizer.from_file(fixture / "tok.json")
+    pairs = read_preferences(fixture / "pairs.jsonl")
+    held, order = _reference_sampling(len(pairs), legacy)
+    train = encode_pairs(tok, [p for i, p in enumerate(pairs) if i not in held], 64)
+    return train, order
+
+
+def _completion_logp(model, prompt, completion):
+    """log p(completion | prompt), one sequence alone (no batch, no padding)."""
+    import torch.nn.functional as F
+
+    logp = F.log_softmax(model(torch.tensor([prompt + completion]))[0, :-1].float(), -1)
+    return sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(completion))
+
+
+def _reference_dpo_losses(fixture, legacy=False) -> list[float]:
+    """The first 4 losses of OV's DPO run: beta 0.1, sigmoid loss, 4 pairs per step in epoch order,
+    AdamW (0.9, 0.95, eps 1e-8, no decay), gradients clipped to norm 1, lr 1e-3 warmed up over 1 step
+    and then cosine towards 1e-4 over 4 steps."""
+    import torch.nn.functional as F
+
+    train, order = _reference_training_pairs(fixture, legacy)
+    policy = load_model_dir(fixture / "base")[0].train()
+    with torch.no_grad():
+        ref = [(_completion_logp(policy, p.prompt, p.chosen), _completion_logp(policy, p.prompt, p.rejected))
+               for p in train]
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    losses = []
+    for step in range(4):
+        batch = order[4 * step:4 * step + 4]
+        margins = torch.stack([(_completion_logp(policy, train[i].prompt, train[i].chosen) - ref[i][0])
+                               - (_completion_logp(policy, train[i].prompt, train[i].rejected) - ref[i][1])
+                               for i in batch])
+        loss = -F.logsigmoid(0.1 * margins).mean()
+        losses.append(loss.item())
+        for group in opt.param_groups:
+            group["lr"] = 1e-4 + 0.5 * (1 + math.cos(math.pi * max(step - 1, 0) / 3)) * 9e-4
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+    return losses
+
+
+def _reference_reward_first_loss(fixture, legacy=False) -> float:
+    """The first loss of OV's reward run: a score head drawn after seeding with train.seed (as the
+    loop does), Bradley-Terry on the first 4 pairs of epoch 0."""
+    import torch.nn.functional as F
+
+    train, order = _reference_training_pairs(fixture, legacy)
+    torch.manual_seed(SEED)
+    rm = DecoderClassifier.from_decoder(load_model_dir(fixture / "base")[0], num_labels=1).train()
+    with torch.no_grad():
+        first = [train[i] for i in order[:4]]
+        r_chosen = torch.stack([rm(torch.tensor([p.prompt + p.chosen]))[0, 0] for p in first])
+        r_rejected = torch.stack([rm(torch.tensor([p.prompt + p.rejected]))[0, 0] for p in first])
+    return float(-F.logsigmoid(r_chosen - r_rejected).mean())
+
+
+def test_reference_computations_reproduce_the_golden_numbers(base):
+    """Under the sampling of the time they were measured, the reference computations give the golden
+    numbers: the math of DPO and of the reward loss has not changed."""
+    assert _reference_dpo_losses(base, legacy=True)[3] == pytest.approx(GOLDEN_DPO_STEP4, abs=1e-4)
+    assert _reference_reward_first_loss(base, legacy=True) == pytest.approx(GOLDEN_RM_STEP1, abs=1e-4)
 
 
 def test_dpo_first_step_is_ln2_golden_and_resume_exact(base, tmp_path):
-    from lmforge.finetune import dpo
-
     run = tmp_path / "dpo"
-    _train(dpo, _args(base, run), OV)
+    _train("dpo", _args(base, run), OV)
     rows = [r for r in _rows(run) if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["rewards/margins"] == 0.0 and rows[0]["rewards/chosen"] == 0.0
@@ -170,33 +256,32 @@ def test_dpo_first_step_is_ln2_golden_and_resume_exact(base, tmp_path):
     assert [r["step"] for r in val] == [4] and val[0]["val_rewards/accuracies"] in {i / 8 for i in range(9)}
     assert val[0]["val_rewards/margins"] == pytest.approx(val[0]["val_rewards/chosen"] - val[0]["val_rewards/rejected"],
                                                           abs=1e-6)
-    # golden: the loss after three updates on this fixed tiny setup
-    assert rows[3]["loss"] == pytest.approx(GOLDEN_DPO_STEP4, abs=1e-4)
+    # the losses, the one after three updates included, are those of the same DPO in plain PyTorch
+    reference = _reference_dpo_losses(base)
+    assert [r["loss"] for r in rows] == pytest.approx(reference, abs=1e-4)
     # resume from the step-2 checkpoint reproduces step 4 bit for bit
     resumed = tmp_path / "dpo_resumed"
-    _train(dpo, _args(base, resumed, resume=str(run / "checkpoints" / "step_00000002")), OV)
+    _train("dpo", _args(base, resumed, resume=str(run / "checkpoints" / "step_00000002")), OV)
     a = load_tensors(run / "checkpoints" / "step_00000004" / "model.safetensors")
     b = load_tensors(resumed / "checkpoints" / "step_00000004" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-GOLDEN_DPO_STEP4 = 0.6665841  # measured once on this fixture; a change means the math changed
+GOLDEN_DPO_STEP4 = 0.6665841  # measured once on this fixture (legacy sampling); a change means the math changed
 
 
 def test_dpo_reference_pass_uses_the_training_precision(base, tmp_path):
     """Under bf16 autocast the reference log-probs come from a bf16 forward as well: step 1 is ln 2
     and its margins 0, not the bf16-vs-fp32 rounding difference."""
-    from lmforge.finetune import dpo
-
     run = tmp_path / "dpo"
-    _train(dpo, _args(base, run), OV[:1] + ["1"] + OV[2:] + ["--train.dtype", "bfloat16"])
+    _train("dpo", _args(base, run), OV[:1] + ["1"] + OV[2:] + ["--train.dtype", "bfloat16"])
     first = [r for r in _rows(run) if "loss" in r][0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margins"] == 0.0
 
 
 def test_dpo_grad_accumulation_equals_full_batch(base):
     from lmforge.data.alignment_data import encode_pairs
-    from lmforge.finetune.preference import DPOObjective, PairBatches, reference_logps
+    from lmforge.finetune.preference import DPOObjective, pair_batch, reference_logps
 
     tok = Tokenizer.from_file(base / "tok.json")
     enc = encode_pairs(tok, read_preferences(base / "pairs.jsonl"), 64)[:8]
@@ -204,8 +289,8 @@ def test_dpo_grad_accumulation_equals_full_batch(base):
     model = Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
     ref = reference_logps(model, enc, tok.pad_id) - 0.3 * torch.arange(8.0)  # a reference that differs
     obj = DPOObjective(beta=0.5)
-    full = PairBatches(enc, 8, 1, 0, tok.pad_id, ref).rows(list(range(8)))
-    halves = [PairBatches(enc, 4, 2, 0, tok.pad_id, ref).rows(list(range(i, i + 4))) for i in (0, 4)]
+    full = pair_batch(enc, list(range(8)), tok.pad_id, ref)
+    halves = [pair_batch(enc, list(range(i, i + 4)), tok.pad_id, ref) for i in (0, 4)]
     model.zero_grad()
     obj(model, full)[0].backward()
     g_full = [p.grad.clone() for p in model.parameters()]
@@ -220,14 +305,14 @@ def test_rpo_alpha_adds_the_chosen_tokens_nll_to_dpo(base):
     """TRL's rpo_alpha: loss = DPO loss + alpha x cross-entropy of the chosen completions (mean per token)."""
     import torch.nn.functional as F
 
-    from lmforge.finetune.preference import DPOObjective, PairBatches, reference_logps
+    from lmforge.finetune.preference import DPOObjective, pair_batch, reference_logps
 
     tok = Tokenizer.from_file(base / "tok.json")
     enc = encode_pairs(tok, read_preferences(base / "pairs.jsonl"), 64)[:6]
     torch.manual_seed(0)
     model = Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
     ref = reference_logps(model, enc, tok.pad_id) - 0.2
-    batch = PairBatches(enc, 6, 1, 0, tok.pad_id, ref).rows(list(range(6)))
+    batch = pair_batch(enc, list(range(6)), tok.pad_id, ref)
     plain, stats = DPOObjective(beta=0.1)(model, batch)
     rpo, _ = DPOObjective(beta=0.1, rpo_alpha=0.5)(model, batch)
     # the reference computation: token-level cross-entropy over the chosen rows (the first half);
@@ -240,19 +325,17 @@ def test_rpo_alpha_adds_the_chosen_tokens_nll_to_dpo(base):
 
 
 def test_reward_training_logs_and_scores(base, tmp_path):
-    from lmforge.finetune import reward_model as reward
-
     run = tmp_path / "rm"
-    _train(reward, _args(base, run), OV)
+    _train("reward", _args(base, run), OV)
     rows = _rows(run)
     for key in ("accuracy", "margin", "reward/chosen", "reward/rejected"):
         assert key in rows[0]
-    assert rows[0]["loss"] == pytest.approx(GOLDEN_RM_STEP1, abs=1e-4)
+    assert rows[0]["loss"] == pytest.approx(_reference_reward_first_loss(base), abs=1e-4)
     model, cfg, _ = load_model_dir(run)
     assert type(model).__name__ == "DecoderClassifier"
 
 
-GOLDEN_RM_STEP1 = 0.6933196  # measured once on this fixture
+GOLDEN_RM_STEP1 = 0.6933196  # measured once on this fixture (legacy sampling)
 
 
 def test_chat_template_pairs_end_at_end_of_turn():
@@ -274,16 +357,14 @@ def test_chat_template_pairs_end_at_end_of_turn():
 
 def test_dpo_and_reward_on_an_imported_hugging_face_folder(base, tmp_path):
     """--base may be a Hugging Face folder (here: the tiny model exported by convert --to-hf)."""
-    from lmforge.finetune import dpo
-    from lmforge.finetune import reward_model as reward
     from lmforge.interop.hf import convert_to_hf
 
     hf = convert_to_hf(str(base / "base"), str(tmp_path / "hf"))
     assert (hf / "config.json").is_file()
     ov = ["--train.max_steps", "1", "--train.progress", "false", "--train.micro_batch_size", "4"]
-    _train(dpo, _args(base, tmp_path / "dpo", base=str(hf)), ov)
+    _train("dpo", _args(base, tmp_path / "dpo", base=str(hf)), ov)
     assert _rows(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    _train(reward, _args(base, tmp_path / "rm", base=str(hf)), ov)
+    _train("reward", _args(base, tmp_path / "rm", base=str(hf)), ov)
     model, cfg, _ = load_model_dir(tmp_path / "rm")
     assert type(model).__name__ == "DecoderClassifier" and cfg.num_labels == 1
 

@@ -60,11 +60,12 @@ COMMON = ["--train.lr", "3e-3", "--train.micro_batch_size", "4", "--train.log_ev
           "false", "--train.ckpt_every", "1", "--train.keep_checkpoints", "0", "--train.warmup_steps", "1"]
 
 
-def _train(module, args, ov):
+def _train(method, args, ov):
+    from lmforge.finetune.scaffold import prepare
     from lmforge.train.loop import train_job
 
-    task, t = module.make_task(args, ov)
-    return train_job(task, t, args.out, resume=args.resume)
+    job, cfg = prepare(method, args, ov)
+    return train_job(job, cfg.train, args.out, resume=args.resume)
 
 
 def _rows(run):
@@ -77,12 +78,10 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def test_grpo_trains_logs_and_resumes_exactly_mid_rollout(fx, tmp_path):
-    from lmforge.finetune import grpo
-
     ov = COMMON + ["--train.max_steps", "4", "--grpo.num_generations", "4", "--grpo.max_new_tokens", "5",
                    "--grpo.beta", "0.1", "--grpo.epochs", "2"]
     run = tmp_path / "g"
-    _train(grpo, _args(fx, run), ov)
+    _train("grpo", _args(fx, run), ov)
     rows = _rows(run)
     # first minibatch of a rollout: the policy is the one that sampled: ratio 1, no clipping, KL 0
     assert rows[0]["clip_ratio"] == 0.0 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)
@@ -99,18 +98,16 @@ def test_grpo_trains_logs_and_resumes_exactly_mid_rollout(fx, tmp_path):
     assert rows[1]["kl"] > 0  # the second epoch on the same rollout sees a moved policy
     # resume from step 3 = in the middle of the second rollout (2 steps per rollout): same weights at 4
     resumed = tmp_path / "g2"
-    _train(grpo, _args(fx, resumed, resume=str(run / "checkpoints" / "step_00000003")), ov)
+    _train("grpo", _args(fx, resumed, resume=str(run / "checkpoints" / "step_00000003")), ov)
     assert _same_weights(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
     assert _rows(resumed)[-1]["loss"] == rows[-1]["loss"]
 
 
 def test_ppo_first_minibatch_kl_zero_ratio_one_and_resume(fx, tmp_path):
-    from lmforge.finetune import ppo
-
     ov = COMMON + ["--train.max_steps", "4", "--ppo.max_new_tokens", "5", "--ppo.epochs", "2",
                    "--ppo.kl_estimator", "k3", "--ppo.target_kl", "0.01", "--ppo.missing_eos_penalty", "1.0"]
     run = tmp_path / "p"
-    _train(ppo, _args(fx, run), ov)
+    _train("ppo", _args(fx, run), ov)
     rows = _rows(run)
     first = rows[0]
     assert first["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
@@ -124,7 +121,7 @@ def test_ppo_first_minibatch_kl_zero_ratio_one_and_resume(fx, tmp_path):
     model, cfg, _ = load_model_dir(run)
     assert type(model).__name__ == "DecoderWithValueHead"
     resumed = tmp_path / "p2"
-    _train(ppo, _args(fx, resumed, resume=str(run / "checkpoints" / "step_00000003")), ov)
+    _train("ppo", _args(fx, resumed, resume=str(run / "checkpoints" / "step_00000003")), ov)
     assert _same_weights(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
 
 
@@ -158,7 +155,6 @@ def test_reward_function_errors_name_function_and_example(fx):
 
 
 def test_grpo_with_reward_model_directory(fx, tmp_path):
-    from lmforge.finetune import grpo
     from lmforge.models.heads import DecoderClassifier
 
     base, _, _ = load_model_dir(fx / "base")
@@ -166,19 +162,19 @@ def test_grpo_with_reward_model_directory(fx, tmp_path):
     write_model_dir(tmp_path / "rm", DecoderClassifier.from_decoder(base))
     args = _args(fx, tmp_path / "g", reward=(), weights=None)
     args.reward = [str(tmp_path / "rm")]
-    _train(grpo, args, COMMON + ["--train.max_steps", "1", "--grpo.num_generations", "4", "--grpo.max_new_tokens", "4"])
+    _train("grpo", args, COMMON + ["--train.max_steps", "1", "--grpo.num_generations", "4", "--grpo.max_new_tokens", "4"])
     row = _rows(tmp_path / "g")[0]
     assert row["rewards/reward_model:rm/std"] > 0 and row["frac_reward_zero_std"] == 0.0
 
 
 DDP_RUNNER = '''
 import os, sys, types
-from lmforge.finetune import grpo
+from lmforge.finetune.scaffold import run
 out, resume, rw = sys.argv[1], (sys.argv[2] or None), sys.argv[3]
 args = types.SimpleNamespace(base=sys.argv[4], data=sys.argv[5], out=out, val_data=None, val_fraction=None, config=None,
                              recipe=None, resume=resume, overwrite=False, reward=[rw + ":exact"], reward_weights=None,
                              ptx_data=os.environ.get("PTX_DATA"))
-grpo.run(args, sys.argv[6:])
+run("grpo", args, sys.argv[6:])
 '''
 
 
@@ -219,13 +215,11 @@ def test_grpo_ddp_shards_rollouts_and_resumes_exactly(fx, tmp_path):
 
 
 def test_prompt_that_leaves_no_room_to_generate(fx, tmp_path):
-    from lmforge.finetune import grpo
-
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=" * 8, "answer": 2}) + "\n")  # 32 tokens = the whole context
     with pytest.raises(LMForgeError, match="a prompt of 32 tokens leaves no room to generate in the model's "
                                            "context of 32"):
-        _train(grpo, _args(fx, tmp_path / "g", data=str(data)), COMMON + ["--train.max_steps", "1",
+        _train("grpo", _args(fx, tmp_path / "g", data=str(data)), COMMON + ["--train.max_steps", "1",
                                                                           "--grpo.num_generations", "2"])
 
 
@@ -243,14 +237,13 @@ def test_grpo_ptx_adds_the_sft_loss_of_its_rows(fx, tmp_path):
     first minibatch the GRPO term is 0 (ratio 1, group advantages sum to zero), so the logged loss is
     exactly ptx_coef x the SFT loss of the base model on the first packed rows."""
     from lmforge.data.chat import read_examples
-    from lmforge.finetune import grpo
     from lmforge.finetune.sft import PackedRows, SFTObjective, render_examples
 
     data = _ptx_data(fx, tmp_path)
     ov = COMMON + ["--train.max_steps", "2", "--grpo.num_generations", "4", "--grpo.max_new_tokens", "5",
                    "--grpo.ptx_coef", "0.5", "--grpo.ptx_micro_batch_size", "3"]
     run = tmp_path / "g"
-    _train(grpo, _args(fx, run, ptx_data=str(data)), ov)
+    _train("grpo", _args(fx, run, ptx_data=str(data)), ov)
     rows = _rows(run)
     from lmforge.infer.llm import LLM
 
@@ -266,34 +259,30 @@ def test_grpo_ptx_adds_the_sft_loss_of_its_rows(fx, tmp_path):
     assert rows[0]["reward"] == pytest.approx(weighted, abs=1e-6)
     assert rows[1]["loss/ptx"] != rows[0]["loss/ptx"]  # the next step reads the next rows
     with pytest.raises(LMForgeError, match=r"--ptx-data needs grpo.ptx_coef > 0, got 0.0"):
-        _train(grpo, _args(fx, tmp_path / "z", ptx_data=str(data)), ov + ["--grpo.ptx_coef", "0"])
+        _train("grpo", _args(fx, tmp_path / "z", ptx_data=str(data)), ov + ["--grpo.ptx_coef", "0"])
 
 
 def test_ppo_ptx_resumes_exactly_mid_rollout(fx, tmp_path):
-    from lmforge.finetune import ppo
-
     data = _ptx_data(fx, tmp_path)
     ov = COMMON + ["--train.max_steps", "4", "--ppo.max_new_tokens", "5", "--ppo.epochs", "2", "--ppo.ptx_coef", "1.0"]
     run = tmp_path / "p"
-    _train(ppo, _args(fx, run, ptx_data=str(data)), ov)
+    _train("ppo", _args(fx, run, ptx_data=str(data)), ov)
     for r in _rows(run):  # PPO's loss (policy + vf_coef 0.1 x value) plus ptx_coef 1.0 x the SFT loss
         parts = r["loss/policy"] + 0.1 * r["loss/value"] + 1.0 * r["loss/ptx"]
         assert r["loss"] == pytest.approx(parts, rel=1e-5, abs=1e-6)
     resumed = tmp_path / "p2"
-    _train(ppo, _args(fx, resumed, ptx_data=str(data), resume=str(run / "checkpoints" / "step_00000003")), ov)
+    _train("ppo", _args(fx, resumed, ptx_data=str(data), resume=str(run / "checkpoints" / "step_00000003")), ov)
     assert _same_weights(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
 
 
 def test_bf16_training_computes_rollout_logps_in_bf16_too(fx, tmp_path):
     """Under bf16 autocast the old and reference log-probs come from the same bf16 forward as the
     update, so the first minibatch is exactly on-policy (they were fp32 once: ratio 1.00003)."""
-    from lmforge.finetune import grpo, ppo
-
     bf16 = COMMON + ["--train.max_steps", "1", "--train.dtype", "bfloat16"]
-    _train(ppo, _args(fx, tmp_path / "p"), bf16 + ["--ppo.max_new_tokens", "5"])
+    _train("ppo", _args(fx, tmp_path / "p"), bf16 + ["--ppo.max_new_tokens", "5"])
     first = _rows(tmp_path / "p")[0]
     assert first["policy/ratio"] == 1.0 and first["policy/approxkl"] == 0.0 and first["objective/kl"] == 0.0
-    _train(grpo, _args(fx, tmp_path / "g"), bf16 + ["--grpo.num_generations", "4", "--grpo.max_new_tokens", "5",
+    _train("grpo", _args(fx, tmp_path / "g"), bf16 + ["--grpo.num_generations", "4", "--grpo.max_new_tokens", "5",
                                                     "--grpo.beta", "0.1"])
     first = _rows(tmp_path / "g")[0]
     assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.0, abs=1e-6)

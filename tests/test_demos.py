@@ -106,5 +106,5 @@ def test_align_demo_reward_model_stage_trains_its_steps(tmp_path, one_thread):
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
     overrides = align_demo.stage_budget(3, None) + ["--train.progress", "false", "--train.micro_batch_size", "4",
                                                     "--train.eval_every", "0", "--train.device", "cpu"]
-    align_demo.run_method("reward_model", base, tmp_path / "pairs.jsonl", tmp_path / "rm", overrides)
+    align_demo.run_method("reward", base, tmp_path / "pairs.jsonl", tmp_path / "rm", overrides)
     assert chat_demo.trained_steps(tmp_path / "rm") == 3

@@ -154,13 +154,13 @@ def test_finetune_bad_input_is_one_line_error(files, tmp_path, capsys):
 
 
 def test_length_grouped_batches_cover_every_pair_once_per_epoch_with_less_padding():
-    from lmforge.finetune.seq2seq import PairRows
+    from lmforge.finetune.seq2seq import pair_batches
 
     rng = random.Random(0)
     rows = [([1] * rng.randint(1, 100), [2] * rng.randint(1, 100)) for _ in range(640)]
 
     def epoch(group: bool) -> tuple[list[int], int]:
-        src = PairRows(rows, lambda rs: rs, 8, 2, seed=3, group_by_length=group)
+        src = pair_batches(rows, lambda rs: rs, 8, 2, seed=3, group_by_length=group)
         seen, pad = [], 0
         for step in range(40):  # 40 steps x 2 micro-batches x 8 = one epoch
             for index in range(2):

@@ -18,11 +18,11 @@ identical carry no preference: they are skipped and counted.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from lmforge.data.table import read_table
 from lmforge.errors import LMForgeError
 
 ROLES = ("system", "user", "assistant")
@@ -49,23 +49,6 @@ class ReadStats:
     identical_skipped: int = 0
     too_long_skipped: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-def _lines(path: str | Path):
-    p = Path(path)
-    if not p.is_file():
-        raise LMForgeError(f"data file not found: {p}")
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                where = f"{p}:{n}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LMForgeError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise LMForgeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                yield where, obj
 
 
 def _check_messages(msgs: Any, where: str, key: str) -> list[dict]:
@@ -96,7 +79,7 @@ def read_preferences(path: str | Path, stats: ReadStats | None = None) -> list[P
     """Preference pairs of a JSONL file (explicit or implicit prompt format)."""
     stats = stats if stats is not None else ReadStats()
     pairs: list[PreferencePair] = []
-    for where, obj in _lines(path):
+    for where, obj in read_table(path, jsonl=True)[0]:
         if "chosen" not in obj or "rejected" not in obj:
             raise LMForgeError(f"{where}: a preference pair needs 'chosen' and 'rejected' (and optionally 'prompt'); "
                                f"found keys: {', '.join(sorted(obj)) or 'none'}")
@@ -143,7 +126,7 @@ def read_preferences(path: str | Path, stats: ReadStats | None = None) -> list[P
 def read_prompts(path: str | Path) -> list[PromptExample]:
     """RL prompts: {"prompt": str | messages, ...other columns}."""
     out = []
-    for where, obj in _lines(path):
+    for where, obj in read_table(path, jsonl=True)[0]:
         key = "prompt" if "prompt" in obj else "messages" if "messages" in obj else None
         if key is None:
             raise LMForgeError(f"{where}: an RL example needs a 'prompt' field (string or messages); "
@@ -260,7 +243,7 @@ def read_scoring_file(path: str | Path) -> tuple[list[dict], list, list]:
     """For `lmforge score --file`: (rows, prompts, completions) from {prompt, completion} rows or
     preference pairs (chosen then rejected of each pair, flattened)."""
     rows, prompts, completions = [], [], []
-    for where, obj in _lines(path):
+    for where, obj in read_table(path, jsonl=True)[0]:
         if "prompt" not in obj:
             raise LMForgeError(f"{where}: a row to score needs 'prompt' and 'completion' (or 'chosen' and 'rejected')")
         prompt = _field(obj, "prompt", where)

@@ -18,11 +18,11 @@ and tokens are assigned to spans by their character offsets in the fully rendere
 from __future__ import annotations
 
 import glob
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from lmforge.data.table import read_table
 from lmforge.errors import LMForgeError
 
 ROLES = ("system", "user", "assistant")
@@ -105,42 +105,12 @@ def to_messages(row: Any, where: str) -> list[dict[str, str]]:
                        f"'output' keys; got {keys})")
 
 
-def read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
-    """(file:line, parsed object) for every non-blank line; not-JSON lines are an error."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LMForgeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LMForgeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
 def read_examples(spec: str | Path | Iterable[str | Path]) -> list[Example]:
-    examples = [Example(to_messages(row, where), where) for path in expand_paths(spec) for where, row in read_jsonl(path)]
+    examples = [Example(to_messages(row, where), where) for path in expand_paths(spec)
+                for where, row in read_table(path, jsonl=True)[0]]
     if not examples:
         raise LMForgeError(f"no examples in {spec}")
     return examples
-
-
-def split_examples(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out round(val_fraction * n) whole examples (at least 1), chosen by a seeded permutation."""
-    import random
-
-    if not 0.0 < val_fraction < 1.0:
-        raise LMForgeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    n_val = max(1, round(val_fraction * len(examples)))
-    if n_val >= len(examples):
-        raise LMForgeError(f"--val-fraction {val_fraction} leaves no training examples out of {len(examples)}")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in val_idx], [e for i, e in enumerate(examples) if i in val_idx]
 
 
 def render_with_mask(tokenizer: Any, messages: list[dict[str, str]], loss_on: str = "completion",

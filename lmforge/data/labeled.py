@@ -1,15 +1,13 @@
 """Labelled text for classification: CSV / TSV / JSONL files with a text column (an optional text-pair
-column) and a label column, read with one-line errors that name the file, line and column.
+column) and a label column, read with one-line errors that name the file, line and column, and the
+token rows a decoder classifier reads.
 
     examples = read_labeled("train.csv", text="text", pair="text_pair", label="label")
     labels = label_set(examples)            # sorted names; ints sort as numbers
-    idx, mask, n_cut = decoder_rows(tokenizer, texts, pairs, limit)   # a decoder classifier's inputs
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -18,9 +16,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from lmforge.data.table import read_table
 from lmforge.errors import LMForgeError
-
-FORMATS = (".csv", ".tsv", ".jsonl", ".json")
 
 
 @dataclass
@@ -29,40 +26,6 @@ class Example:
     pair: Optional[str]
     label: Optional[str]
     where: str  # "file:line"
-
-
-def read_table(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    """((line number, row) list, column names) of a CSV, TSV or JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise LMForgeError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise LMForgeError(f"{path}: unsupported format '{suffix}'; use .csv, .tsv or .jsonl")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise LMForgeError(f"{path} is not UTF-8 text") from None
-    rows: list[tuple[int, dict[str, Any]]] = []
-    if suffix in (".jsonl", ".json"):
-        columns: dict[str, None] = {}
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LMForgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise LMForgeError(f"{path}:{n}: each line must be a JSON object")
-            columns.update(dict.fromkeys(obj))
-            rows.append((n, obj))
-        return rows, list(columns)
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-    columns_list = list(reader.fieldnames or [])
-    for row in reader:
-        rows.append((reader.line_num, row))
-    return rows, columns_list
 
 
 def read_labeled(path: str | Path, text: str = "text", pair: Optional[str] = "text_pair", label: Optional[str] = "label",
@@ -76,8 +39,7 @@ def read_labeled(path: str | Path, text: str = "text", pair: Optional[str] = "te
             raise LMForgeError(f"{path}: no column '{col}'; columns present: {', '.join(columns) or 'none'}")
     use_pair = pair is not None and pair in columns
     out = []
-    for n, row in rows:
-        where = f"{path}:{n}"
+    for where, row in rows:
         t = row.get(text)
         if not isinstance(t, str) or not t.strip():
             raise LMForgeError(f"{where}: empty text in column '{text}'")

@@ -120,12 +120,11 @@ def rl_steps(given: int | None, default: int, minutes: float | None) -> int:
 
 
 def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str], **extra: Any) -> dict:
-    import importlib
+    from lmforge.finetune.scaffold import run
 
-    mod = importlib.import_module(f"lmforge.finetune.{name}")
     args = types.SimpleNamespace(base=str(base), data=str(data), out=str(out), val_data=extra.pop("val_data", None),
                                  val_fraction=None, config=None, recipe=None, resume=None, overwrite=True, **extra)
-    return mod.run(args, overrides)
+    return run(name, args, overrides)
 
 
 @torch.no_grad()
@@ -277,7 +276,7 @@ def main() -> int:
         if "reward_model" in stages or "ppo_reward_model" in stages:
             t = time.time()
             rm = out / "reward_model"
-            run_method("reward_model", sft_dir, out / "pairs_train.jsonl", rm,
+            run_method("reward", sft_dir, out / "pairs_train.jsonl", rm,
                        common + stage_budget(epochs_of_pairs(3), minutes)
                        + ["--train.lr", lr(1e-4), "--train.micro_batch_size", "16", "--train.eval_every", "0"],
                        val_data=str(out / "pairs_heldout.jsonl"))

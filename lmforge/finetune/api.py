@@ -31,11 +31,11 @@ def finetune(method: str, base: str | Path, data: str | Path, out: str | Path, *
              **extra: Any) -> dict[str, Any]:
     """Run `lmforge finetune METHOD` in this process; returns the run summary. `config` holds config
     keys nested ({"train": {"lr": 1e-5}}) or dotted ({"train.lr": 1e-5})."""
-    from lmforge.finetune import method_module
+    from lmforge.finetune.scaffold import run
 
     args = types.SimpleNamespace(base=str(base), data=str(data), out=str(out),
                                  val_data=str(val_data) if val_data else None, val_fraction=val_fraction,
                                  config=config_file, recipe=recipe, resume=resume, overwrite=overwrite,
                                  reward=list(reward or []), reward_weights=list(reward_weights) if reward_weights else None,
                                  help_config=False, **extra)
-    return method_module(method).run(args, _flags(config))
+    return run(method, args, _flags(config))

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -29,8 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.labeled import decoder_rows
+from lmforge.data.sampling import ExampleBatches, split_validation
+from lmforge.data.table import data_fingerprint
 from lmforge.errors import LMForgeError
+from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
+from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig
+from lmforge.train.job import TrainJob
 
 EVAL_METRICS = "eval_metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -62,12 +65,10 @@ class ClassifyConfig:
     model: ClassifyModelConfig = field(default_factory=ClassifyModelConfig)
 
 
-# Fine-tuning a pretrained encoder: BERT paper's range (lr 2e-5..5e-5, warmup, weight decay 0.01).
-CLASSIFY_DEFAULTS = {"train": {"max_steps": 300, "lr": 5e-5, "warmup_steps": 30, "weight_decay": 0.01,
-                               "micro_batch_size": 16, "eval_every": 100, "ckpt_every": 100, "eval_iters": 1000,
-                               "beta2": 0.999, "log_every": 10}}
 CONFIG = ClassifyConfig  # `lmforge finetune classify --help-config`
-DEFAULTS = CLASSIFY_DEFAULTS
+# Fine-tuning a pretrained encoder: BERT paper's range (lr 2e-5..5e-5, warmup, weight decay 0.01).
+DEFAULTS = {"train": {"max_steps": 300, "lr": 5e-5, "warmup_steps": 30, "weight_decay": 0.01, "micro_batch_size": 16,
+                      "eval_every": 100, "ckpt_every": 100, "eval_iters": 1000, "beta2": 0.999, "log_every": 10}}
 
 
 # ---- rows -------------------------------------------------------------------------------------
@@ -87,52 +88,23 @@ def read_texts(path: str | Path) -> list[str]:
         raise LMForgeError(f"{p} is not UTF-8 text") from None
 
 
-class LabeledRows:
-    """Tokenized examples in deterministic epochs: epoch e is a permutation seeded by (seed, e), and
-    micro-batch (step, index) reads rows (step * per_step + index) * mb ..., so resume is exact."""
-
-    def __init__(self, ids: list[list[int]], types: list[list[int]], labels: list[int], micro_batch_size: int,
-                 micro_batches_per_step: int, seed: int, pad_id: int, shuffle: bool = True,
-                 max_len: Optional[int] = None):
-        if not ids:
-            raise LMForgeError("no training examples")
-        self.ids, self.types, self.labels = ids, types, labels
-        self.mb, self.per_step, self.seed, self.pad_id, self.shuffle = micro_batch_size, micro_batches_per_step, seed, pad_id, shuffle
-        self._perms: dict[int, list[int]] = {}
-        self.max_len = max_len
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._perms = {epoch: torch.randperm(len(self.ids), generator=g).tolist()}
-            else:
-                self._perms = {epoch: list(range(len(self.ids)))}
-        return self._perms[epoch]
-
-    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        T = max(len(self.ids[i]) for i in rows)
-        if self.max_len:  # a few distinct widths: kernels (oneDNN) are set up once per shape
-            T = min(-(-T // 16) * 16, self.max_len)
-        B = len(rows)
-        x = torch.full((B, T), self.pad_id, dtype=torch.long)
-        tt = torch.zeros((B, T), dtype=torch.long)
-        m = torch.zeros((B, T), dtype=torch.bool)
-        for b, i in enumerate(rows):
-            n = len(self.ids[i])
-            x[b, :n] = torch.tensor(self.ids[i])
-            tt[b, :n] = torch.tensor(self.types[i])
-            m[b, :n] = True
-        return {"input_ids": x, "attention_mask": m, "token_type_ids": tt,
-                "labels": torch.tensor([self.labels[i] for i in rows], dtype=torch.long)}
-
-    def micro_batch(self, step: int, index: int) -> dict[str, torch.Tensor]:
-        n = len(self.ids)
-        g0 = (step * self.per_step + index) * self.mb
-        return self.collate([self._order(g // n)[g % n] for g in range(g0, g0 + self.mb)])
-
-    def all_batches(self) -> list[dict[str, torch.Tensor]]:
-        return [self.collate(list(range(i, min(i + self.mb, len(self.ids))))) for i in range(0, len(self.ids), self.mb)]
+def labeled_batch(ids: Sequence[list[int]], types: Sequence[list[int]], labels: Sequence[int], rows: list[int],
+                  pad_id: int, max_len: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """The micro-batch of examples `rows`: right-padded ids, attention mask, token types and labels."""
+    T = max(len(ids[i]) for i in rows)
+    if max_len:  # a few distinct widths: kernels (oneDNN) are set up once per shape
+        T = min(-(-T // 16) * 16, max_len)
+    B = len(rows)
+    x = torch.full((B, T), pad_id, dtype=torch.long)
+    tt = torch.zeros((B, T), dtype=torch.long)
+    m = torch.zeros((B, T), dtype=torch.bool)
+    for b, i in enumerate(rows):
+        n = len(ids[i])
+        x[b, :n] = torch.tensor(ids[i])
+        tt[b, :n] = torch.tensor(types[i])
+        m[b, :n] = True
+    return {"input_ids": x, "attention_mask": m, "token_type_ids": tt,
+            "labels": torch.tensor([labels[i] for i in rows], dtype=torch.long)}
 
 
 def classifier_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,68 +128,23 @@ class ClassifyObjective:
 
 # ---- task -------------------------------------------------------------------------------------
 
-def _fingerprint(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()
-
-
-def _base_files(base: Path) -> dict[str, bytes]:
-    """Tokenizer files (and the HF config sidecar) that travel with the fine-tuned model."""
-    from lmforge.checkpoint import resolve_model_dir
-
-    st = base / "modules.json"
-    d = base if (base / "config.json").is_file() or st.is_file() else resolve_model_dir(base)
-    if st.is_file():
-        from lmforge.interop.encoder import sentence_transformers_layout
-
-        d = sentence_transformers_layout(base)[0]
-    files = {}
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (d / name).is_file():
-            files[name] = (d / name).read_bytes()
-    for name, src in (("hf_config.json", d / "hf_config.json"), ("hf_config.json", d / "config.json")):
-        if src.is_file() and name not in files:
-            files[name] = src.read_bytes()
-    return files
-
-
-def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optional[str], out: str | Path,
-               say: Any = None):
+def build_job(cfg: ClassifyConfig, args: Any) -> TrainJob:
     from lmforge.data.labeled import label_ids, label_set, read_labeled
     from lmforge.eval.classification import classification_metrics, plot_confusion
-    from lmforge.infer.llm import LLM
-    from lmforge.train import distributed as D
-    from lmforge.train.job import TrainJob
+    from lmforge.finetune.scaffold import say
 
-    say = say or (lambda msg: print(f"lmforge finetune classify: {msg}", file=sys.stderr, flush=True))
-    quiet = say if D.rank() == 0 else (lambda msg: None)
     t, d, m = cfg.train, cfg.data, cfg.model
-    base = Path(base)
-    llm = LLM.load(base)
+    base, data = Path(args.base), args.data
+    llm = load_base(base, "classify", families=("encoder", "decoder", "decoder_classifier"))
     family = getattr(llm.model, "family", "decoder")
-    if family not in ("encoder", "decoder", "decoder_classifier"):
-        raise LMForgeError(f"--base {base} is a {family} model; classify fine-tunes encoders and decoders")
-    if llm.tokenizer is None:
-        raise LMForgeError(f"--base {base} has no tokenizer (tokenizer.json); classification needs one to read text")
     cols = dict(text=d.text_column, pair=d.text_pair_column, label=d.label_column)
     examples = read_labeled(data, **cols)
     paths = [Path(data)]
-    if val_data is not None:
-        if d.val_fraction:
-            raise LMForgeError("give either --val-data or --val-fraction, not both")
-        val_examples = read_labeled(val_data, **cols)
-        paths.append(Path(val_data))
-    elif d.val_fraction:
-        if not 0 < d.val_fraction < 1:
-            raise LMForgeError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-        g = torch.Generator().manual_seed(t.seed)
-        order = torch.randperm(len(examples), generator=g).tolist()
-        k = max(1, round(len(examples) * d.val_fraction))
-        val_examples, examples = [examples[i] for i in order[:k]], [examples[i] for i in order[k:]]
-    else:
-        val_examples = []
+    val_examples = None
+    if getattr(args, "val_data", None) is not None:
+        val_examples = read_labeled(args.val_data, **cols)
+        paths.append(Path(args.val_data))
+    examples, val_examples = split_validation(examples, val_examples, d.val_fraction, t.seed)
     labels = label_set(examples)
     if len(labels) < 2:
         raise LMForgeError(f"{data}: the training data has {len(labels)} label(s) ({', '.join(labels)}); "
@@ -236,8 +163,8 @@ def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optio
             from lmforge.interop.encoder import sentence_transformers_layout
 
             pooling = sentence_transformers_layout(Path(base))[1]["pooling"]
-            quiet(f"classifier reads the {pooling}-pooled hidden states, as the sentence-transformers model does "
-                  "(--model.pooling cls for the BERT pooler)")
+            say("classify", f"classifier reads the {pooling}-pooled hidden states, as the sentence-transformers "
+                            "model does (--model.pooling cls for the BERT pooler)")
         if pooling is not None and pooling != model.cfg.classifier_pooling:
             over["classifier_pooling"] = pooling
         if m.dropout is not None:
@@ -269,17 +196,17 @@ def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optio
     ids, types, cut = encode(examples)
     vids, vtypes, vcut = encode(val_examples) if val_examples else ([], [], 0)
     if cut or vcut:
-        quiet(f"truncated {cut} training and {vcut} validation texts longer than {limit} tokens")
-    pad = getattr(llm.tokenizer, "pad_id", None)
-    pad = pad if pad is not None else (getattr(llm.tokenizer, "eos_id", None) or 0)
+        say("classify", f"truncated {cut} training and {vcut} validation texts longer than {limit} tokens")
+    pad = pad_id_of(llm.tokenizer)
     per_step = t.grad_accum * D.world_size()
-    source = LabeledRows(ids, types, y_train, t.micro_batch_size, per_step, t.seed, pad, max_len=limit)
-    val_source = LabeledRows(vids, vtypes, y_val, t.micro_batch_size, 1, t.seed, pad, shuffle=False,
-                             max_len=limit) if vids else None
+    source = ExampleBatches(len(ids), lambda rows: labeled_batch(ids, types, y_train, rows, pad, limit),
+                            t.micro_batch_size, per_step, t.seed)
+    val_source = ExampleBatches(len(vids), lambda rows: labeled_batch(vids, vtypes, y_val, rows, pad, limit),
+                                t.micro_batch_size, 1, t.seed, shuffle=False) if vids else None
     counts = {n: y_train.count(i) for i, n in enumerate(labels)}
-    quiet(f"{len(examples)} training examples, {len(val_examples)} validation; labels "
-          + ", ".join(f"{n} ({c})" for n, c in counts.items()))
-    out = Path(out)
+    say("classify", f"{len(examples)} training examples, {len(val_examples)} validation; labels "
+                    + ", ".join(f"{n} ({c})" for n, c in counts.items()))
+    out = Path(args.out)
 
     def evaluate(live: torch.nn.Module) -> dict[str, Any]:
         preds: list[int] = []
@@ -298,13 +225,14 @@ def build_task(cfg: ClassifyConfig, base: str | Path, data: str, val_data: Optio
             row[f"precision/{n}"], row[f"recall/{n}"] = pc["precision"], pc["recall"]
         return row
 
-    resolved = {"train": dataclasses.asdict(t), "data": dataclasses.asdict(d), "model": dataclasses.asdict(m),
-                "model_config": dataclasses.asdict(model.cfg), "base": str(base), "labels": labels}
+    resolved = {**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.cfg), "base": str(base),
+                "labels": labels}
     return TrainJob(
         name="classify", config=resolved, build_model=lambda: model, objective=ClassifyObjective(),
-        train_batches=source, eval_batches=(lambda: val_source.all_batches()[:t.eval_iters]) if val_source else None,
-        evaluate=evaluate if val_source else None, files=_base_files(base),
-        data_fingerprint={"dir": str(data), "sha256": _fingerprint(paths)}, report_perplexity=False,
+        train_batches=source, eval_batches=(lambda: val_source.all_batches(t.eval_iters)) if val_source else None,
+        evaluate=evaluate if val_source else None,
+        files=copied_files(base, TOKENIZER_FILES + ("vocab.txt",)),
+        data_fingerprint={"dir": str(data), "sha256": data_fingerprint(paths)}, report_perplexity=False,
         description=f"global batch {t.micro_batch_size * per_step} examples, {len(labels)} labels")
 
 
@@ -325,23 +253,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", help="column holding the label (default label)")
 
 
-def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> ClassifyConfig:
-    from lmforge.config import from_dict
-    from lmforge.finetune import layered_config
-
-    layered = layered_config(args, overrides, CLASSIFY_DEFAULTS, sections=("train", "data", "model"),
-                             data_flags=("text_column", "text_pair_column", "label_column"))
-    return from_dict(ClassifyConfig, layered)
+FLAG_KEYS = {"text_column": "data.text_column", "text_pair_column": "data.text_pair_column",
+             "label_column": "data.label_column"}
 
 
-def run(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:
-    from lmforge.train.loop import train_job
-
-    cfg = build_config(args, overrides)
-    task = build_task(cfg, args.base, args.data, args.val_data, args.out)
-    summary = train_job(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)
-    metrics = Path(args.out) / EVAL_METRICS
-    if metrics.is_file():
-        res = json.loads(metrics.read_text(encoding="utf-8"))
-        summary.update(accuracy=res["accuracy"], macro_f1=res["macro_f1"])
-    return summary
+def final_metrics(out: Path) -> dict[str, Any]:
+    """The last evaluation's accuracy and macro-F1, for the run summary."""
+    metrics = out / EVAL_METRICS
+    if not metrics.is_file():
+        return {}
+    res = json.loads(metrics.read_text(encoding="utf-8"))
+    return {"accuracy": res["accuracy"], "macro_f1": res["macro_f1"]}

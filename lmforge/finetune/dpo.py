@@ -11,15 +11,18 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 
-from lmforge.data.alignment_data import ReadStats, encode_pairs, read_preferences
+from lmforge.data.table import data_fingerprint
 from lmforge.errors import LMForgeError
-from lmforge.finetune import align_common as C
-from lmforge.finetune.preference import DPOObjective, PairBatches, reference_logps
-from lmforge.train.config import TrainConfig
+from lmforge.finetune.align_common import REPORT_PPL, AlignTrainConfig, resolved
+from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
+from lmforge.finetune.preference import DPOObjective, pair_batches, reference_logps, training_pairs
+from lmforge.finetune.scaffold import say
+from lmforge.train import distributed as D
+from lmforge.train.job import TrainJob
 
 REF_FILE = "reference_logps.safetensors"
 
@@ -37,15 +40,11 @@ class DPOSection:
 
 @dataclass
 class DPORunConfig:
-    train: C.AlignTrainConfig = field(default_factory=C.AlignTrainConfig)
+    train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
 CONFIG = DPORunConfig  # `lmforge finetune dpo --help-config`
-
-
-def add_arguments(parser: Any) -> None:
-    pass
 
 
 def _ref_bytes(ref: torch.Tensor, fingerprint: str) -> bytes:
@@ -65,72 +64,51 @@ def _load_ref(path: Path, fingerprint: str) -> torch.Tensor | None:
         return f.get_tensor("ref_logps")
 
 
-def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
-    from lmforge.train.job import TrainJob
-
-    cfg = C.build_section_config(DPORunConfig, args, overrides, {})
-    d = cfg.dpo
+def build_job(cfg: DPORunConfig, args: Any) -> TrainJob:
+    d, t = cfg.dpo, cfg.train
     if d.beta <= 0:
         raise LMForgeError(f"dpo.beta must be positive, got {d.beta}")
     if not 0.0 <= d.label_smoothing < 0.5:
         raise LMForgeError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
     if d.rpo_alpha is not None and d.rpo_alpha < 0:
         raise LMForgeError(f"dpo.rpo_alpha must be >= 0 (or none), got {d.rpo_alpha}")
-    llm = C.load_base(args.base)
+    llm = load_base(args.base, "dpo")
     model, tok = llm.model, llm.tokenizer
-    max_len = d.max_length or int(model.cfg.block_size)
-    stats = ReadStats()
-    pairs = read_preferences(args.data, stats)
-    val_pairs = read_preferences(args.val_data, stats) if getattr(args, "val_data", None) else None
-    if val_pairs is None:
-        pairs, val_pairs = C.split_val(pairs, getattr(args, "val_fraction", None), cfg.train.seed)
-    train_enc = encode_pairs(tok, pairs, max_len, stats)
-    val_enc = encode_pairs(tok, val_pairs, max_len, stats) if val_pairs else []
-    for note in stats.notes:
-        C.say("dpo", note)
-    pad = C.pad_id_of(tok)
+    train_enc, val_enc = training_pairs("dpo", args, tok, d.max_length or int(model.cfg.block_size), t.seed)
+    pad = pad_id_of(tok)
 
     # The reference pass: once, with the base weights, before the policy changes.
-    fingerprint = f"{C.file_sha(args.data)}:{len(train_enc)}:{len(val_enc)}:{Path(str(args.base)).resolve()}"
+    data_sha = data_fingerprint([args.data])
+    fingerprint = f"{data_sha}:{len(train_enc)}:{len(val_enc)}:{Path(str(args.base)).resolve()}"
     cached = _load_ref(Path(args.out) / REF_FILE, fingerprint)
     if cached is not None and cached.shape[1] == len(train_enc) + len(val_enc):
         ref = cached
-        C.say("dpo", f"reference log-probs reused from {Path(args.out) / REF_FILE}")
+        say("dpo", f"reference log-probs reused from {Path(args.out) / REF_FILE}")
     else:
         from lmforge.train.loop import training_precision
 
-        device, autocast = training_precision(cfg.train)  # on the GPU that will train, not the CPU
-        C.say("dpo", f"computing reference log-probs of {len(train_enc) + len(val_enc)} pairs on {device}")
+        device, autocast = training_precision(t)  # on the GPU that will train, not the CPU
+        say("dpo", f"computing reference log-probs of {len(train_enc) + len(val_enc)} pairs on {device}")
         ref = reference_logps(model.to(device), train_enc + val_enc, pad, autocast=autocast)
     ref_train, ref_val = ref[:, :len(train_enc)], ref[:, len(train_enc):]
-    t = cfg.train
-    from lmforge.train import distributed as D
-
     per_step = t.grad_accum * D.world_size()
-    source = PairBatches(train_enc, t.micro_batch_size, per_step, t.seed, pad, ref_train)
-    val_source = PairBatches(val_enc, t.micro_batch_size, 1, 0, pad, ref_val) if val_enc else None
-    files = C.model_files(llm, args.base)
+    source = pair_batches(train_enc, pad, t.micro_batch_size, per_step, t.seed, ref_train)
+    val_source = pair_batches(val_enc, pad, t.micro_batch_size, 1, 0, ref_val, shuffle=False) if val_enc else None
+    files = chat_model_files(llm, args.base)
     files[REF_FILE] = _ref_bytes(ref, fingerprint)
     holder = {"model": model}
 
     def build_model() -> torch.nn.Module:
         m = holder.pop("model", None)  # hand over the base weights once; no second copy
         if m is None:
-            m = C.load_base(args.base).model
+            m = load_base(args.base, "dpo").model
         return m
 
-    task = TrainJob(name="dpo", config=C.resolved("dpo", args, cfg), build_model=build_model,
-                objective=DPOObjective(d.beta, d.loss_type, d.label_smoothing, d.rpo_alpha), train_batches=source,
-                eval_batches=(lambda: val_source.fixed_batches(t.micro_batch_size)) if val_source else None,
-                files=files, data_fingerprint={"data": C.file_sha(args.data)}, report_perplexity=C.REPORT_PPL,
-                description=f"{len(train_enc)} pairs, global batch {t.micro_batch_size * per_step} pairs")
+    job = TrainJob(name="dpo", config=resolved("dpo", args, cfg), build_model=build_model,
+                   objective=DPOObjective(d.beta, d.loss_type, d.label_smoothing, d.rpo_alpha), train_batches=source,
+                   eval_batches=val_source.all_batches if val_source else None, files=files,
+                   data_fingerprint={"data": data_sha}, report_perplexity=REPORT_PPL,
+                   description=f"{len(train_enc)} pairs, global batch {t.micro_batch_size * per_step} pairs")
     del llm
     gc.collect()
-    return task, t
-
-
-def run(args: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    from lmforge.train.loop import train_job
-
-    task, t = make_task(args, overrides)
-    return train_job(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))
+    return job

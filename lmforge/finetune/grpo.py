@@ -11,14 +11,14 @@ completion_length, completions_ended, rollout_tok_per_s.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
-
+from typing import Any, Literal, Optional
 
 from lmforge.errors import LMForgeError
-from lmforge.finetune import align_common as C
 from lmforge.finetune import rl as R
+from lmforge.finetune.align_common import RLTrainConfig
+from lmforge.finetune.base_model import load_base
+from lmforge.finetune.rl import add_arguments  # noqa: F401  (--reward, --reward-weights, --ptx-data)
 from lmforge.train import alignment as A
-from lmforge.train.config import TrainConfig
 
 
 @dataclass
@@ -42,43 +42,19 @@ class GRPOSection:
 
 @dataclass
 class GRPORunConfig:
-    train: C.RLTrainConfig = field(default_factory=C.RLTrainConfig)
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
     grpo: GRPOSection = field(default_factory=GRPOSection)
 
 
 CONFIG = GRPORunConfig  # `lmforge finetune grpo --help-config`
 
 
-def add_arguments(parser: Any) -> None:
-    parser.add_argument("--reward", action="append", default=[], metavar="FILE.py:FN|MODULE:FN|RM_DIR",
-                        help="reward function(s) or reward-model directory; repeat for several")
-    parser.add_argument("--reward-weights", type=float, nargs="+", default=None, help="one weight per --reward")
-    parser.add_argument("--ptx-data", default=None, metavar="FILE.jsonl",
-                        help="SFT data mixed into every step with weight ptx_coef (InstructGPT's PPO-ptx): keeps "
-                             "what the model could do while RL moves it")
-
-
-def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
-    from lmforge.data.alignment_data import reply_stop_ids, encode_prompt, read_prompts
-    from lmforge.train import distributed as D
-    from lmforge.train.job import TrainJob
-
-    cfg = C.build_section_config(GRPORunConfig, args, overrides,
-                                 {})
+def build_job(cfg: GRPORunConfig, args: Any) -> Any:
     g, t = cfg.grpo, cfg.train
     if g.num_generations < 2:
         raise LMForgeError(f"grpo.num_generations must be at least 2 (advantages compare completions), got {g.num_generations}")
-    llm = C.load_base(args.base)
-    tok = llm.tokenizer
-    rewards = R.load_rewards(getattr(args, "reward", None) or [], getattr(args, "reward_weights", None),
-                             int(llm.model.cfg.vocab_size))
-    examples = read_prompts(args.data)
-    pids = [encode_prompt(tok, e.prompt) for e in examples]
-    ref = None
-    if g.beta > 0:
-        ref = C.load_base(args.base).model.eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
+    llm, rewards, examples, pids = R.rl_inputs("grpo", args)
+    ref = R.frozen_reference("grpo", args.base) if g.beta > 0 else None
     names = [rf.name for rf in rewards]
 
     def process(buf: dict) -> dict:
@@ -92,24 +68,10 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
         return buf
 
     spec = R.RolloutSpec(g.num_generations, g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.epochs, g.minibatches)
-    stops = reply_stop_ids(tok)
-    source = R.RolloutSource(examples, pids, tok, rewards, spec, t.micro_batch_size, t.grad_accum, t.seed,
-                             D.rank(), D.world_size(), process, stops, C.pad_id_of(tok))
+    source = R.rollout_source(llm, examples, pids, rewards, spec, t, process)
     objective = R.GRPOObjective(g.epsilon, g.epsilon_high, g.beta, g.loss_type, g.max_new_tokens)
-    batches, objective, ptx_sha = R.add_ptx(args, llm, source, objective, g.ptx_coef, g.ptx_micro_batch_size, t.seed,
-                                            t.grad_accum, "grpo")
     holder = {"model": llm.model}
-    task = TrainJob(name="grpo", config=C.resolved("grpo", args, cfg),
-                build_model=lambda: holder.pop("model", None) or C.load_base(args.base).model,
-                objective=objective, train_batches=batches, files=C.model_files(llm, args.base),
-                data_fingerprint={"data": C.file_sha(args.data), **ptx_sha}, report_perplexity=C.REPORT_PPL,
-                description=f"{len(examples)} prompts, {source.n_prompts * D.world_size()} prompts x "
-                            f"{g.num_generations} completions per rollout")
-    return task, t
-
-
-def run(args: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    from lmforge.train.loop import train_job
-
-    task, t = make_task(args, overrides)
-    return train_job(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))
+    return R.rl_job("grpo", args, cfg, llm, source, objective, g.ptx_coef, g.ptx_micro_batch_size,
+                    build_model=lambda: holder.pop("model", None) or load_base(args.base, "grpo").model,
+                    description=f"{len(examples)} prompts, {source.n_prompts * source.world} prompts x "
+                                f"{g.num_generations} completions per rollout")

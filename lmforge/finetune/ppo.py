@@ -16,14 +16,14 @@ loss/value, val/clipfrac, completion_length (mean reply length), objective/kl_co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 
-from lmforge.finetune import align_common as C
 from lmforge.finetune import rl as R
+from lmforge.finetune.align_common import RLTrainConfig
+from lmforge.finetune.rl import add_arguments  # noqa: F401  (--reward, --reward-weights, --ptx-data)
 from lmforge.train import alignment as A
-from lmforge.train.config import TrainConfig
 
 
 @dataclass
@@ -52,17 +52,11 @@ class PPOSection:
 
 @dataclass
 class PPORunConfig:
-    train: C.RLTrainConfig = field(default_factory=C.RLTrainConfig)
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
 
 
 CONFIG = PPORunConfig  # `lmforge finetune ppo --help-config`
-
-
-def add_arguments(parser: Any) -> None:
-    from lmforge.finetune.grpo import add_arguments as grpo_args
-
-    grpo_args(parser)
 
 
 def last_token_rewards(scores_N: torch.Tensor, mask_NT: torch.Tensor) -> torch.Tensor:
@@ -76,24 +70,12 @@ def last_token_rewards(scores_N: torch.Tensor, mask_NT: torch.Tensor) -> torch.T
     return out
 
 
-def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfig]:
-    from lmforge.data.alignment_data import reply_stop_ids, encode_prompt, read_prompts
+def build_job(cfg: PPORunConfig, args: Any) -> Any:
     from lmforge.models.heads import DecoderWithValueHead
-    from lmforge.train import distributed as D
-    from lmforge.train.job import TrainJob
 
-    cfg = C.build_section_config(PPORunConfig, args, overrides,
-                                 {})
     p, t = cfg.ppo, cfg.train
-    llm = C.load_base(args.base)
-    tok = llm.tokenizer
-    rewards = R.load_rewards(getattr(args, "reward", None) or [], getattr(args, "reward_weights", None),
-                             int(llm.model.cfg.vocab_size))
-    examples = read_prompts(args.data)
-    pids = [encode_prompt(tok, e.prompt) for e in examples]
-    ref = C.load_base(args.base).model.eval()  # the frozen reference (PPO needs it at every rollout)
-    for q in ref.parameters():
-        q.requires_grad_(False)
+    llm, rewards, examples, pids = R.rl_inputs("ppo", args)
+    ref = R.frozen_reference("ppo", args.base)  # PPO needs it at every rollout
     names = [rf.name for rf in rewards]
     ctl = {"kl_coef": float(p.kl_coef)}
 
@@ -129,26 +111,11 @@ def make_task(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, TrainConfi
             ctl["kl_coef"] = float(buf["ctl/kl_coef_next"])
 
     spec = R.RolloutSpec(1, p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.epochs, p.minibatches)
-    source = R.RolloutSource(examples, pids, tok, rewards, spec, t.micro_batch_size, t.grad_accum, t.seed,
-                             D.rank(), D.world_size(), process, reply_stop_ids(tok), C.pad_id_of(tok))
+    source = R.rollout_source(llm, examples, pids, rewards, spec, t, process)
     source.on_load = on_load
     base = llm.model
     objective = R.PPOObjective(p.cliprange, p.cliprange_value, p.vf_coef)
-    batches, objective, ptx_sha = R.add_ptx(args, llm, source, objective, p.ptx_coef, p.ptx_micro_batch_size, t.seed,
-                                            t.grad_accum, "ppo")
-
-    task = TrainJob(name="ppo", config=C.resolved("ppo", args, cfg),
-                build_model=lambda: DecoderWithValueHead.from_decoder(base),
-                objective=objective, train_batches=batches,
-                files=C.model_files(llm, args.base), data_fingerprint={"data": C.file_sha(args.data), **ptx_sha},
-                report_perplexity=C.REPORT_PPL,
-                description=f"{len(examples)} prompts, {source.n_prompts * D.world_size()} replies per rollout, "
-                            f"{spec.epochs * spec.minibatches} steps per rollout")
-    return task, t
-
-
-def run(args: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    from lmforge.train.loop import train_job
-
-    task, t = make_task(args, overrides)
-    return train_job(task, t, args.out, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))
+    return R.rl_job("ppo", args, cfg, llm, source, objective, p.ptx_coef, p.ptx_micro_batch_size,
+                    build_model=lambda: DecoderWithValueHead.from_decoder(base),
+                    description=f"{len(examples)} prompts, {source.n_prompts * source.world} replies per rollout, "
+                                f"{spec.epochs * spec.minibatches} steps per rollout")

@@ -1,7 +1,7 @@
-"""Preference training on pairs: the reward-model and DPO objectives, their batch source, and the
-one-off reference pass of DPO. Both run in the one training loop (`train_job`).
+"""Preference training on pairs: reading them, the reward-model and DPO objectives, their batch
+source, and the one-off reference pass of DPO. Both run in the one training loop (`train_job`).
 
-Batch layout (`PairBatches.micro_batch`): B pairs become 2B right-padded rows, chosen rows first,
+Batch layout (`pair_batch`): B pairs become 2B right-padded rows, chosen rows first,
     ids_NT        prompt + completion tokens (N = 2B), padding = pad id
     pad_mask_NT   True on real tokens
     labels_NT     next-token targets aligned with the logits: labels[t] = ids[t+1] where ids[t+1]
@@ -9,27 +9,30 @@ Batch layout (`PairBatches.micro_batch`): B pairs become 2B right-padded rows, c
     ref_logps_N   reference log-probability (sum over completion tokens), precomputed once
     n_tokens_N    completion tokens per row (for length-averaged IPO)
     margin_B      optional per-pair margin (reward model)
-Sampling: step s takes the global batch positions s*G .. s*G+G-1 of an endless sequence of
-epoch-wise permutations seeded by (seed, epoch), so batches are a pure function of (seed, step,
-micro-batch index) and resume is exact.
+Sampling (`pair_batches`, an `ExampleBatches`): step s takes the global batch positions s*G .. s*G+G-1
+of an endless sequence of epoch-wise permutations seeded by (seed, epoch), so batches are a pure
+function of (seed, step, micro-batch index) and resume is exact.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from lmforge.data.alignment_data import EncodedPair
+from lmforge.data.alignment_data import EncodedPair, ReadStats, encode_pairs, read_preferences
+from lmforge.data.sampling import ExampleBatches
 from lmforge.train import alignment as A
 
 
-def pair_rows(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Collate pairs into the batch layout above (without ref_logps)."""
-    seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    plen = [len(p.prompt) for p in pairs] * 2
+def pair_batch(pairs: Sequence[EncodedPair], idx: Sequence[int], pad_id: int,
+               ref_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The batch layout above of pairs[idx]; `ref_logps` (2, n_pairs): the sums of the chosen and
+    rejected completions' reference log-probs, or None."""
+    picked = [pairs[i] for i in idx]
+    seqs = [p.prompt + p.chosen for p in picked] + [p.prompt + p.rejected for p in picked]
+    plen = [len(p.prompt) for p in picked] * 2
     N, T = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((N, T), pad_id, dtype=torch.long)
     mask = torch.zeros(N, T, dtype=torch.bool)
@@ -40,45 +43,19 @@ def pair_rows(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tens
         mask[i, :L] = True
         labels[i, plen[i] - 1:L - 1] = ids[i, plen[i]:L]
     n_tok = (labels != -100).sum(1)
-    margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
-    return {"ids": ids, "pad_mask": mask, "labels": labels, "n_tokens": n_tok, "margin": margin}
+    margin = torch.tensor([p.margin for p in picked], dtype=torch.float32)
+    batch = {"ids": ids, "pad_mask": mask, "labels": labels, "n_tokens": n_tok, "margin": margin}
+    if ref_logps is not None:
+        t = torch.as_tensor(list(idx), dtype=torch.long)
+        batch["ref_logps"] = torch.cat([ref_logps[0, t], ref_logps[1, t]])
+    return batch
 
 
-def epoch_positions(seed: int, n_items: int, start: int, count: int) -> np.ndarray:
-    """Item indices at global positions start .. start+count-1 of the endless permuted stream."""
-    out = np.empty(count, dtype=np.int64)
-    cache: dict[int, np.ndarray] = {}
-    for j, g in enumerate(range(start, start + count)):
-        epoch = g // n_items
-        if epoch not in cache:
-            cache[epoch] = np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(n_items)
-        out[j] = cache[epoch][g % n_items]
-    return out
-
-
-class PairBatches:
-    """Deterministic micro-batches of preference pairs (see module docstring)."""
-
-    def __init__(self, pairs: Sequence[EncodedPair], micro_batch_size: int, micro_batches_per_step: int, seed: int,
-                 pad_id: int, ref_logps: torch.Tensor | None = None):
-        self.pairs, self.mb, self.per_step, self.seed, self.pad_id = list(pairs), micro_batch_size, micro_batches_per_step, seed, pad_id
-        self.ref = ref_logps  # (2, n_pairs): sums of chosen and rejected log-probs, or None
-
-    def rows(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        batch = pair_rows([self.pairs[i] for i in idx], self.pad_id)
-        if self.ref is not None:
-            t = torch.as_tensor(np.asarray(idx))
-            batch["ref_logps"] = torch.cat([self.ref[0, t], self.ref[1, t]])
-        return batch
-
-    def micro_batch(self, step: int, index: int) -> dict[str, torch.Tensor]:
-        start = (step * self.per_step + index) * self.mb
-        return self.rows(epoch_positions(self.seed, len(self.pairs), start, self.mb).tolist())
-
-    def fixed_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """Every pair once, in order (validation)."""
-        n = len(self.pairs)
-        return [self.rows(list(range(i, min(i + batch_size, n)))) for i in range(0, n, batch_size)]
+def pair_batches(pairs: Sequence[EncodedPair], pad_id: int, micro_batch_size: int, micro_batches_per_step: int,
+                 seed: int, ref_logps: torch.Tensor | None = None, shuffle: bool = True) -> ExampleBatches:
+    """The loop's batch source of preference pairs (module docstring)."""
+    return ExampleBatches(len(pairs), lambda idx: pair_batch(pairs, idx, pad_id, ref_logps), micro_batch_size,
+                          micro_batches_per_step, seed, shuffle)
 
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -100,9 +77,8 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence[EncodedPair], pad_id
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    src = PairBatches(pairs, batch_size, 1, 0, pad_id)
     out = []
-    for b in src.fixed_batches(batch_size):
+    for b in pair_batches(pairs, pad_id, batch_size, 1, 0, shuffle=False).all_batches():
         with torch.autocast(device.type, dtype=autocast, enabled=autocast != torch.float32):
             lp = completion_logps(model, to_device(b, device)).float().cpu()
         B = lp.shape[0] // 2
@@ -161,3 +137,21 @@ class RewardObjective:
 
 
 LN2 = math.log(2.0)
+
+
+def training_pairs(method: str, args: Any, tokenizer: Any, max_len: int,
+                   seed: int) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """(train, validation) token ids of --data (and --val-data, or --val-fraction of --data): the
+    pairs of reward and DPO training; what was skipped is reported."""
+    from lmforge.data.sampling import split_validation
+    from lmforge.finetune.scaffold import say
+
+    stats = ReadStats()
+    pairs = read_preferences(args.data, stats)
+    val_pairs = read_preferences(args.val_data, stats) if getattr(args, "val_data", None) else None
+    pairs, val_pairs = split_validation(pairs, val_pairs, getattr(args, "val_fraction", None), seed)
+    train = encode_pairs(tokenizer, pairs, max_len, stats)
+    val = encode_pairs(tokenizer, val_pairs, max_len, stats) if val_pairs else []
+    for note in stats.notes:
+        say(method, note)
+    return train, val

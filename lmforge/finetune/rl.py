@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from lmforge.data.sampling import EpochOrder
 from lmforge.errors import LMForgeError
 from lmforge.train import alignment as A
 
@@ -201,6 +202,7 @@ class RolloutSource:
                                f"x micro_batch_size {micro_batch_size} = {self.rows}) must be a multiple of the "
                                f"group size {spec.group_size}")
         self.n_prompts = self.rows // spec.group_size  # per rank per rollout
+        self.prompt_order = EpochOrder(len(self.prompts), seed)  # every rank reads the one stream
         self.steps_per_rollout = spec.epochs * spec.minibatches
         self.model: torch.nn.Module | None = None
         self.autocast = torch.float32  # the training forward's autocast dtype (bind)
@@ -256,10 +258,7 @@ class RolloutSource:
 
     # -- rollouts
     def _prompt_indices(self, r: int) -> list[int]:
-        from lmforge.finetune.preference import epoch_positions
-
-        start = (r * self.world + self.rank) * self.n_prompts
-        return epoch_positions(self.seed, len(self.prompts), start, self.n_prompts).tolist()
+        return self.prompt_order.take((r * self.world + self.rank) * self.n_prompts, self.n_prompts)
 
     @torch.no_grad()
     def rollout(self, r: int) -> dict[str, torch.Tensor]:
@@ -313,8 +312,9 @@ class RolloutSource:
             self.all_buffers = self._share(self.buffer)
         epoch, m = divmod(k, self.spec.minibatches)
         a = index - self.rank * self.ga
-        order = np.random.default_rng([self.seed & 0xFFFFFFFF, r, epoch, self.rank]).permutation(self.rows)
-        sel = torch.as_tensor(order[(m * self.ga + a) * self.mb:(m * self.ga + a + 1) * self.mb])
+        # epoch e of the block reads this rank's buffer in the e-th permutation of its own stream
+        order = EpochOrder(self.rows, _seed(self.seed, r, self.rank))
+        sel = torch.as_tensor(order.take(epoch * self.rows + (m * self.ga + a) * self.mb, self.mb))
         b = self.buffer
         out = {k2: v[sel] for k2, v in b.items() if v.dim() >= 1 and v.shape[0] == self.rows}
         # Trim trailing all-padding columns of this micro-batch.
@@ -452,8 +452,9 @@ def add_ptx(args: Any, llm: Any, source: RolloutSource, objective: Any, coef: fl
     if coef <= 0:
         raise LMForgeError(f"--ptx-data needs {method}.ptx_coef > 0, got {coef}")
     from lmforge.data.chat import read_examples
+    from lmforge.data.table import data_fingerprint
+    from lmforge.finetune.base_model import pad_id_of
     from lmforge.finetune.sft import PackedRows, render_examples
-    from lmforge.finetune.align_common import file_sha, pad_id_of
     from lmforge.train import distributed as D
 
     seq_len = int(llm.model.cfg.block_size)
@@ -461,4 +462,67 @@ def add_ptx(args: Any, llm: Any, source: RolloutSource, objective: Any, coef: fl
     # seed + 1: a stream of its own, not the permutation the prompts use
     rows = PackedRows(rendered, seq_len, rows_per_micro_batch, grad_accum * D.world_size(), seed + 1, True,
                       pad_id_of(llm.tokenizer))
-    return PtxBatches(source, rows), WithPtx(objective, coef), {"ptx_data": file_sha(path)}
+    return PtxBatches(source, rows), WithPtx(objective, coef), {"ptx_data": data_fingerprint([path])}
+
+
+# ---- what GRPO and PPO build alike --------------------------------------------------------------
+
+def add_arguments(parser: Any) -> None:
+    """The RL methods' own flags: the reward functions and the ptx data."""
+    parser.add_argument("--reward", action="append", default=[], metavar="FILE.py:FN|MODULE:FN|RM_DIR",
+                        help="reward function(s) or reward-model directory; repeat for several")
+    parser.add_argument("--reward-weights", type=float, nargs="+", default=None, help="one weight per --reward")
+    parser.add_argument("--ptx-data", default=None, metavar="FILE.jsonl",
+                        help="SFT data mixed into every step with weight ptx_coef (InstructGPT's PPO-ptx): keeps "
+                             "what the model could do while RL moves it")
+
+
+def rl_inputs(method: str, args: Any) -> tuple[Any, list[RewardFn], list[Any], list[list[int]]]:
+    """The policy to start from (an `LLM`), the reward functions, the prompts and their token ids."""
+    from lmforge.data.alignment_data import encode_prompt, read_prompts
+    from lmforge.finetune.base_model import load_base
+
+    llm = load_base(args.base, method)
+    rewards = load_rewards(getattr(args, "reward", None) or [], getattr(args, "reward_weights", None),
+                           int(llm.model.cfg.vocab_size))
+    examples = read_prompts(args.data)
+    return llm, rewards, examples, [encode_prompt(llm.tokenizer, e.prompt) for e in examples]
+
+
+def frozen_reference(method: str, base: str | Path) -> torch.nn.Module:
+    """A second copy of the base model, in eval mode and without gradients: the KL reference."""
+    from lmforge.finetune.base_model import load_base
+
+    ref = load_base(base, method).model.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def rollout_source(llm: Any, examples: Sequence[Any], prompt_ids: Sequence[Sequence[int]], rewards: Sequence[RewardFn],
+                   spec: RolloutSpec, t: Any, process: Callable[[dict], dict]) -> RolloutSource:
+    """This process's rollout source under the loop's settings `t` (micro-batch, accumulation, seed)."""
+    from lmforge.data.alignment_data import reply_stop_ids
+    from lmforge.finetune.base_model import pad_id_of
+    from lmforge.train import distributed as D
+
+    tok = llm.tokenizer
+    return RolloutSource(examples, prompt_ids, tok, rewards, spec, t.micro_batch_size, t.grad_accum, t.seed, D.rank(),
+                         D.world_size(), process, reply_stop_ids(tok), pad_id_of(tok))
+
+
+def rl_job(method: str, args: Any, cfg: Any, llm: Any, source: RolloutSource, objective: Any, ptx_coef: float,
+           ptx_micro_batch_size: int, build_model: Callable[[], torch.nn.Module], description: str) -> Any:
+    """The TrainJob of an RL method: its rollouts (plus the ptx rows of --ptx-data) and objective."""
+    from lmforge.data.table import data_fingerprint
+    from lmforge.finetune.align_common import REPORT_PPL, resolved
+    from lmforge.finetune.base_model import chat_model_files
+    from lmforge.train.job import TrainJob
+
+    t = cfg.train
+    batches, objective, ptx_sha = add_ptx(args, llm, source, objective, ptx_coef, ptx_micro_batch_size, t.seed,
+                                          t.grad_accum, method)
+    return TrainJob(name=method, config=resolved(method, args, cfg), build_model=build_model, objective=objective,
+                    train_batches=batches, files=chat_model_files(llm, args.base),
+                    data_fingerprint={"data": data_fingerprint([args.data]), **ptx_sha},
+                    report_perplexity=REPORT_PPL, description=description)

@@ -18,20 +18,22 @@ predictions go to RUN/eval_predictions.jsonl and its metrics to RUN/eval_metrics
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.sampling import ExampleBatches, split_validation
+from lmforge.data.table import data_fingerprint, read_table
 from lmforge.errors import LMForgeError
+from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
+from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig
+from lmforge.train.job import TrainJob
 
 IGNORE = -100
 EVAL_METRICS = "eval_metrics.json"
@@ -72,6 +74,7 @@ class Seq2SeqFinetuneConfig:
     generate: Seq2SeqGenerateConfig = field(default_factory=Seq2SeqGenerateConfig)
 
 
+CONFIG = Seq2SeqFinetuneConfig  # `lmforge finetune seq2seq --help-config`
 DEFAULTS = {"train": {"max_steps": 500, "lr": 5e-4, "warmup_steps": 50, "weight_decay": 0.01, "micro_batch_size": 16,
                       "eval_every": 100, "ckpt_every": 100, "eval_iters": 20, "beta2": 0.999, "log_every": 10}}
 
@@ -87,34 +90,7 @@ class Pair:
 
 def read_pairs(path: str | Path, source: str = "source", target: str = "target") -> list[Pair]:
     """(source, target) pairs of a CSV / TSV / JSONL file; errors name the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise LMForgeError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
-        raise LMForgeError(f"{path}: unsupported format '{suffix}'; use .csv, .tsv or .jsonl")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise LMForgeError(f"{path} is not UTF-8 text") from None
-    rows: list[tuple[int, dict]] = []
-    columns: dict[str, None] = {}
-    if suffix in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LMForgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise LMForgeError(f"{path}:{n}: each line must be a JSON object")
-            columns.update(dict.fromkeys(obj))
-            rows.append((n, obj))
-    else:
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        columns = dict.fromkeys(reader.fieldnames or [])
-        rows = [(reader.line_num, row) for row in reader]
+    rows, columns = read_table(path)
     if not rows:
         raise LMForgeError(f"{path} holds no examples")
     for col in (source, target):
@@ -122,55 +98,34 @@ def read_pairs(path: str | Path, source: str = "source", target: str = "target")
             raise LMForgeError(f"{path}: no column '{col}'; columns present: {', '.join(columns) or 'none'} "
                                f"(choose others with --source-column / --target-column)")
     out = []
-    for n, row in rows:
+    for where, row in rows:
         s, t = row.get(source), row.get(target)
         for col, v in ((source, s), (target, t)):
             if not isinstance(v, str) or not v.strip():
-                raise LMForgeError(f"{path}:{n}: empty {'source' if col == source else 'target'} in column '{col}'")
-        out.append(Pair(s, t, f"{path}:{n}"))
+                raise LMForgeError(f"{where}: empty {'source' if col == source else 'target'} in column '{col}'")
+        out.append(Pair(s, t, where))
     return out
 
 
-class PairRows:
-    """Tokenized (source, target) pairs in deterministic epochs: epoch e is a permutation seeded by
-    (seed, e) and micro-batch (step, index) reads rows (step * per_step + index) * mb ..., so resume is exact."""
+GROUP = 64  # with data.group_by_length: micro-batches per sorted chunk
 
-    GROUP = 64  # with group_by_length: micro-batches per sorted chunk
 
-    def __init__(self, rows: list[tuple[list[int], list[int]]], collate: Any, micro_batch_size: int,
-                 micro_batches_per_step: int, seed: int, shuffle: bool = True, group_by_length: bool = False):
-        if not rows:
-            raise LMForgeError("no training examples")
-        self.rows, self.collate, self.mb, self.per_step, self.seed, self.shuffle = (
-            rows, collate, micro_batch_size, micro_batches_per_step, seed, shuffle)
-        self.group = group_by_length
-        self._perm: tuple[int, list[int]] | None = None
+def pair_batches(rows: list[tuple[list[int], list[int]]], collate: Any, micro_batch_size: int,
+                 micro_batches_per_step: int, seed: int, shuffle: bool = True,
+                 group_by_length: bool = False) -> ExampleBatches:
+    """The loop's batch source of tokenized (source, target) pairs; `collate` takes a list of pairs.
+    With group_by_length each epoch's permutation is cut into chunks of GROUP micro-batches, each
+    chunk sorted by length, and the micro-batches shuffled: little padding, still a seeded shuffle."""
+    def by_length(order: list[int], g: torch.Generator) -> list[int]:
+        size = micro_batch_size * GROUP
+        blocks = []
+        for i in range(0, len(order), size):
+            chunk = sorted(order[i:i + size], key=lambda r: len(rows[r][0]) + len(rows[r][1]))
+            blocks += [chunk[j:j + micro_batch_size] for j in range(0, len(chunk), micro_batch_size)]
+        return [r for k in torch.randperm(len(blocks), generator=g).tolist() for r in blocks[k]]
 
-    def _order(self, epoch: int) -> list[int]:
-        if self._perm is None or self._perm[0] != epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                order = torch.randperm(len(self.rows), generator=g).tolist()
-                if self.group:
-                    # sort chunks of GROUP micro-batches by length, then shuffle the micro-batches
-                    size = self.mb * self.GROUP
-                    blocks = []
-                    for i in range(0, len(order), size):
-                        chunk = sorted(order[i:i + size], key=lambda r: len(self.rows[r][0]) + len(self.rows[r][1]))
-                        blocks += [chunk[j:j + self.mb] for j in range(0, len(chunk), self.mb)]
-                    order = [r for k in torch.randperm(len(blocks), generator=g).tolist() for r in blocks[k]]
-                self._perm = (epoch, order)
-            else:
-                self._perm = (epoch, list(range(len(self.rows))))
-        return self._perm[1]
-
-    def micro_batch(self, step: int, index: int) -> dict[str, torch.Tensor]:
-        n = len(self.rows)
-        g0 = (step * self.per_step + index) * self.mb
-        return self.collate([self.rows[self._order(g // n)[g % n]] for g in range(g0, g0 + self.mb)])
-
-    def all_batches(self) -> list[dict[str, torch.Tensor]]:
-        return [self.collate(self.rows[i:i + self.mb]) for i in range(0, len(self.rows), self.mb)]
+    return ExampleBatches(len(rows), lambda idx: collate([rows[i] for i in idx]), micro_batch_size,
+                          micro_batches_per_step, seed, shuffle, arrange=by_length if group_by_length else None)
 
 
 def decoder_collate(pad_id: int):
@@ -201,41 +156,23 @@ class DecoderCompletionObjective:
 
 # ---- task -------------------------------------------------------------------------------------
 
-def build_task(cfg: Seq2SeqFinetuneConfig, base: str | Path, data: str, val_data: Optional[str], out: str | Path,
-               say: Any = None):
+def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
     from lmforge.eval.generation import generation_metrics
-    from lmforge.infer.llm import LLM
-    from lmforge.train import distributed as D
+    from lmforge.finetune.scaffold import say
     from lmforge.train.denoise import Seq2SeqLMObjective, collate
-    from lmforge.train.job import TrainJob
 
-    say = say or (lambda msg: print(f"lmforge finetune seq2seq: {msg}", file=sys.stderr, flush=True))
-    quiet = say if D.rank() == 0 else (lambda msg: None)
     t, d, g = cfg.train, cfg.data, cfg.generate
-    base = Path(base)
-    llm = LLM.load(base)
-    model = llm.model
+    base, data = Path(args.base), args.data
+    llm = load_base(base, "seq2seq", families=("seq2seq", "decoder"))
+    model, tok = llm.model, llm.tokenizer
     family = getattr(model, "family", "decoder")
-    if family not in ("seq2seq", "decoder"):
-        raise LMForgeError(f"--base {base} is a {family} model; seq2seq fine-tunes encoder-decoders and decoders")
-    tok = llm.tokenizer
-    if tok is None:
-        raise LMForgeError(f"--base {base} has no tokenizer (tokenizer.json); seq2seq fine-tuning reads text")
     examples = read_pairs(data, d.source_column, d.target_column)
     paths = [Path(data)]
-    if val_data is not None:
-        if d.val_fraction:
-            raise LMForgeError("give either --val-data or --val-fraction, not both")
-        val_examples = read_pairs(val_data, d.source_column, d.target_column)
-        paths.append(Path(val_data))
-    elif d.val_fraction:
-        if not 0 < d.val_fraction < 1:
-            raise LMForgeError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(t.seed)).tolist()
-        k = max(1, round(len(examples) * d.val_fraction))
-        val_examples, examples = [examples[i] for i in order[:k]], [examples[i] for i in order[k:]]
-    else:
-        val_examples = []
+    val_examples = None
+    if getattr(args, "val_data", None) is not None:
+        val_examples = read_pairs(args.val_data, d.source_column, d.target_column)
+        paths.append(Path(args.val_data))
+    examples, val_examples = split_validation(examples, val_examples, d.val_fraction, t.seed)
 
     ctx = int(model.cfg.block_size)
     if family == "seq2seq":
@@ -278,23 +215,23 @@ def build_task(cfg: Seq2SeqFinetuneConfig, base: str | Path, data: str, val_data
     n_cut_train = dict(cut)
     vrows = [encode_pair(p) for p in val_examples]
     if any(cut.values()):
-        quiet(f"truncated {n_cut_train['source']} training and {cut['source'] - n_cut_train['source']} validation "
-              f"sources longer than {max_src} tokens, {n_cut_train['target']} training and "
-              f"{cut['target'] - n_cut_train['target']} validation targets longer than {max_tgt}")
+        say("seq2seq", f"truncated {n_cut_train['source']} training and {cut['source'] - n_cut_train['source']} "
+                       f"validation sources longer than {max_src} tokens, {n_cut_train['target']} training and "
+                       f"{cut['target'] - n_cut_train['target']} validation targets longer than {max_tgt}")
     per_step = t.grad_accum * D.world_size()
     if family == "seq2seq":
         pad, start = model.cfg.pad_id, model.cfg.decoder_start_id
         coll = lambda rs: collate(rs, pad, start)  # noqa: E731
         objective: Any = Seq2SeqLMObjective()
     else:
-        pad = tok.pad_id if tok.pad_id is not None else eos
+        pad = pad_id_of(tok)
         coll = decoder_collate(pad)
         objective = DecoderCompletionObjective()
-    source = PairRows(rows, coll, t.micro_batch_size, per_step, t.seed, group_by_length=d.group_by_length)
-    val_source = PairRows(vrows, coll, t.micro_batch_size, 1, t.seed, shuffle=False) if vrows else None
-    quiet(f"{len(examples)} training pairs, {len(val_examples)} validation ({family} model, "
-          f"columns '{d.source_column}' -> '{d.target_column}')")
-    out = Path(out)
+    source = pair_batches(rows, coll, t.micro_batch_size, per_step, t.seed, group_by_length=d.group_by_length)
+    val_source = pair_batches(vrows, coll, t.micro_batch_size, 1, t.seed, shuffle=False) if vrows else None
+    say("seq2seq", f"{len(examples)} training pairs, {len(val_examples)} validation ({family} model, "
+                   f"columns '{d.source_column}' -> '{d.target_column}')")
+    out = Path(args.out)
     gen_examples = val_examples[:g.max_examples]
     gen_sources = [encode_source(p.source) for p in gen_examples]
 
@@ -310,14 +247,13 @@ def build_task(cfg: Seq2SeqFinetuneConfig, base: str | Path, data: str, val_data
             for p, y in zip(gen_examples, preds)))
         return res
 
-    resolved = {"train": dataclasses.asdict(t), "data": dataclasses.asdict(d), "generate": dataclasses.asdict(g),
-                "model_config": dataclasses.asdict(model.cfg), "base": str(base)}
-    model.train()
+    resolved = {**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.cfg), "base": str(base)}
     return TrainJob(
         name="seq2seq", config=resolved, build_model=lambda: model, objective=objective, train_batches=source,
-        eval_batches=(lambda: val_source.all_batches()[:t.eval_iters]) if val_source else None,
-        evaluate=evaluate if gen_examples else None, files=_base_files(base),
-        data_fingerprint={"dir": str(data), "sha256": _fingerprint(paths)}, report_perplexity=False,
+        eval_batches=(lambda: val_source.all_batches(t.eval_iters)) if val_source else None,
+        evaluate=evaluate if gen_examples else None,
+        files=copied_files(base, TOKENIZER_FILES + ("generation_config.json",)),
+        data_fingerprint={"dir": str(data), "sha256": data_fingerprint(paths)}, report_perplexity=False,
         description=f"global batch {t.micro_batch_size * per_step} pairs")
 
 
@@ -352,28 +288,6 @@ def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], family: 
     return [s.strip() for s in out]
 
 
-def _fingerprint(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()
-
-
-def _base_files(base: Path) -> dict[str, bytes]:
-    """Tokenizer files (and the HF config sidecar) that travel with the fine-tuned model."""
-    from lmforge.checkpoint import resolve_model_dir
-
-    d = base if (base / "config.json").is_file() else resolve_model_dir(base)
-    files = {}
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                 "hf_config.json"):
-        if (d / name).is_file():
-            files[name] = (d / name).read_bytes()
-    if "hf_config.json" not in files and (d / "config.json").is_file():
-        files["hf_config.json"] = (d / "config.json").read_bytes()
-    return files
-
-
 # ---- command line -------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -382,22 +296,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", help="text put before every source, e.g. 'translate English to German: '")
 
 
-def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> Seq2SeqFinetuneConfig:
-    from lmforge.config import from_dict
-    from lmforge.finetune import layered_config
-
-    layered = layered_config(args, overrides, DEFAULTS, sections=("train", "data", "generate"),
-                             data_flags=("source_column", "target_column", "prefix"))
-    return from_dict(Seq2SeqFinetuneConfig, layered)
+FLAG_KEYS = {"source_column": "data.source_column", "target_column": "data.target_column", "prefix": "data.prefix"}
 
 
-def run(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:
-    from lmforge.train.loop import train_job
-
-    cfg = build_config(args, overrides)
-    task = build_task(cfg, args.base, args.data, args.val_data, args.out)
-    summary = train_job(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)
-    metrics = Path(args.out) / EVAL_METRICS
-    if metrics.is_file():
-        summary.update(json.loads(metrics.read_text(encoding="utf-8")))
-    return summary
+def final_metrics(out: Path) -> dict[str, Any]:
+    """The last evaluation's generation metrics, for the run summary."""
+    metrics = out / EVAL_METRICS
+    return json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {}

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -24,8 +21,13 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.sampling import EpochOrder, split_validation
+from lmforge.data.table import data_fingerprint
 from lmforge.errors import LMForgeError
+from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
+from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig
+from lmforge.train.job import TrainJob
 
 IGNORE = -100
 
@@ -61,9 +63,8 @@ class SFTConfig:
 CONFIG = SFTConfig  # `lmforge finetune sft --help-config`
 
 # Fine-tuning starts from a trained model: fewer steps, a smaller peak and warmup than pretraining.
-SFT_DEFAULTS = {"train": {"max_steps": 500, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.0,
-                          "micro_batch_size": 8, "eval_every": 100, "ckpt_every": 100, "eval_iters": 10}}
-DEFAULTS = SFT_DEFAULTS
+DEFAULTS = {"train": {"max_steps": 500, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.0,
+                      "micro_batch_size": 8, "eval_every": 100, "ckpt_every": 100, "eval_iters": 10}}
 
 
 # ---- batches ----------------------------------------------------------------------------------
@@ -71,8 +72,8 @@ DEFAULTS = SFT_DEFAULTS
 class PackedRows:
     """Deterministic micro-batches of rendered examples.
 
-    Epoch e visits the examples in a permutation seeded by (seed, e); with packing, consecutive
-    examples fill rows of seq_len tokens greedily (an example that does not fit starts a new row),
+    Epoch e visits the examples in a permutation seeded by (seed, e) (an EpochOrder); with packing,
+    consecutive examples fill rows of seq_len tokens greedily (an example that does not fit starts a new row),
     without packing each example is its own row (padded to the longest row of its micro-batch).
     Global row g of the stream is a pure function of (seed, g), so step s, micro-batch i always
     reads rows (s * per_step + i) * mb ... + mb, and resume is exact.
@@ -83,20 +84,16 @@ class PackedRows:
         if not examples:
             raise LMForgeError("no training examples left after filtering")
         self.examples, self.seq_len, self.mb = list(examples), seq_len, micro_batch_size
-        self.per_step, self.seed, self.packing, self.pad_id, self.shuffle = micro_batches_per_step, seed, packing, pad_id, shuffle
+        self.per_step, self.packing, self.pad_id = micro_batches_per_step, packing, pad_id
+        self.order = EpochOrder(len(self.examples), seed, shuffle)
         self._epochs: list[list[list[int]]] = []  # rows (lists of example indices) of each epoch
         self._starts: list[int] = [0]  # global index of each epoch's first row
 
     def _epoch(self, e: int) -> list[list[int]]:
         while len(self._epochs) <= e:
-            k = len(self._epochs)
-            order = list(range(len(self.examples)))
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-                order = torch.randperm(len(order), generator=g).tolist()
             rows: list[list[int]] = []
             used = self.seq_len + 1
-            for i in order:
+            for i in self.order.epoch(len(self._epochs)):
                 n = len(self.examples[i][0])
                 if self.packing and rows and used + n <= self.seq_len:
                     rows[-1].append(i)
@@ -168,7 +165,7 @@ class SFTObjective:
         return loss, {"loss": loss.detach(), "tokens": (batch["segment_ids"] >= 0).sum()}
 
 
-# ---- model, tokenizer and files -----------------------------------------------------------------
+# ---- model, tokenizer and examples --------------------------------------------------------------
 
 def prepare_chat_model(llm: Any, template: str) -> list[str]:
     """Give `llm` a chat template (mode auto / chatml / none); adds ChatML tokens and embedding rows
@@ -192,50 +189,6 @@ def prepare_chat_model(llm: Any, template: str) -> list[str]:
     tok.chat_template = CHATML_TEMPLATE
     notes.append("using the ChatML chat template" + (" (the base model has none)" if template == "auto" else ""))
     return notes
-
-
-def model_files(llm: Any, base: Path) -> dict[str, bytes]:
-    """tokenizer.json, tokenizer_config.json (chat template inside), chat_template.jinja and
-    generation_config.json (EOS and end-of-turn ids), plus the HF config sidecar of imported models."""
-    import tempfile
-
-    tok = llm.tokenizer
-    with tempfile.TemporaryDirectory() as d:
-        tok.save(Path(d) / "tokenizer.json")
-        files = {"tokenizer.json": (Path(d) / "tokenizer.json").read_bytes()}
-    conf = tok.tokenizer_config()
-    conf["model_max_length"] = llm.model.cfg.block_size
-    base_dir = base if (base / "config.json").is_file() else None
-    if base_dir is None:
-        from lmforge.checkpoint import resolve_model_dir
-
-        base_dir = resolve_model_dir(base)
-    src_conf = base_dir / "tokenizer_config.json"
-    if src_conf.is_file():  # keep the source's settings (tokenizer class, special tokens) and update the rest
-        try:
-            conf = {**json.loads(src_conf.read_text(encoding="utf-8")), **conf}
-        except json.JSONDecodeError:
-            pass
-    files["tokenizer_config.json"] = json.dumps(conf, indent=2, ensure_ascii=False).encode()
-    if tok.chat_template:
-        files["chat_template.jinja"] = tok.chat_template.encode()
-    stop = sorted(tok.stop_ids)
-    gen: dict[str, Any] = {}
-    src_gen = base_dir / "generation_config.json"
-    if src_gen.is_file():
-        try:
-            gen = json.loads(src_gen.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            gen = {}
-    if stop:
-        gen["eos_token_id"] = stop if len(stop) > 1 else stop[0]
-    if tok.pad_id is not None:
-        gen["pad_token_id"] = tok.pad_id
-    files["generation_config.json"] = json.dumps(gen, indent=2).encode()
-    for name, src in (("hf_config.json", base_dir / "hf_config.json"), ("hf_config.json", base_dir / "config.json")):
-        if src.is_file() and name not in files:
-            files[name] = src.read_bytes()
-    return files
 
 
 def render_examples(examples: list[Any], tok: Any, loss_on: str, seq_len: int, long: str,
@@ -272,70 +225,41 @@ def render_examples(examples: list[Any], tok: Any, loss_on: str, seq_len: int, l
     return out
 
 
-def _fingerprint(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+def build_job(cfg: SFTConfig, args: Any) -> TrainJob:
+    from lmforge.data.chat import expand_paths, read_examples
+    from lmforge.finetune.scaffold import say
 
-
-def build_task(cfg: SFTConfig, base: str | Path, data: Any, val_data: Any = None, say: Any = None) -> Any:
-    from lmforge.data.chat import expand_paths, read_examples, split_examples
-    from lmforge.infer.llm import LLM
-    from lmforge.train import distributed as D
-    from lmforge.train.job import TrainJob
-
-    say = say or (lambda msg: print(f"lmforge finetune sft: {msg}", file=sys.stderr, flush=True))
     t, d = cfg.train, cfg.data
-    base = Path(base)
-    llm = LLM.load(base)
-    if getattr(llm.model, "family", "decoder") != "decoder":
-        raise LMForgeError(f"--base {base} is a {llm.model.family} model; SFT trains decoders")
-    if llm.tokenizer is None:
-        raise LMForgeError(f"--base {base} has no tokenizer (tokenizer.json); SFT needs one to render text")
-    seq_len = t.seq_len or llm.model.cfg.block_size
-    if seq_len > llm.model.cfg.block_size:
-        raise LMForgeError(f"train.seq_len ({seq_len}) is longer than the model's context ({llm.model.cfg.block_size})")
-    examples = read_examples(data)  # every line checked before anything is written or said
-    paths = expand_paths(data)
-    if val_data is not None:
-        if d.val_fraction:
-            raise LMForgeError("give either --val-data or --val-fraction, not both")
-        val_examples = read_examples(val_data)
-        paths += expand_paths(val_data)
-    elif d.val_fraction:
-        examples, val_examples = split_examples(examples, d.val_fraction, t.seed)
-    else:
-        val_examples = []
-    notes = prepare_chat_model(llm, d.template)
-    if D.rank() == 0:
-        for note in notes:
-            say(note)
-    quiet = (lambda msg: None) if D.rank() != 0 else say
-    train_rows = render_examples(examples, llm.tokenizer, t.loss_on, seq_len, d.long, quiet)
-    val_rows = render_examples(val_examples, llm.tokenizer, t.loss_on, seq_len, d.long, None) if val_examples else []
-    pad = llm.tokenizer.pad_id if llm.tokenizer.pad_id is not None else (llm.tokenizer.eos_id or 0)
+    llm = load_base(args.base, "sft", families=("decoder",))
+    model = llm.model
+    seq_len = t.seq_len or model.cfg.block_size
+    if seq_len > model.cfg.block_size:
+        raise LMForgeError(f"train.seq_len ({seq_len}) is longer than the model's context ({model.cfg.block_size})")
+    examples = read_examples(args.data)  # every line checked before anything is written or said
+    paths = expand_paths(args.data)
+    val_examples = None
+    if getattr(args, "val_data", None) is not None:
+        val_examples = read_examples(args.val_data)
+        paths += expand_paths(args.val_data)
+    examples, val_examples = split_validation(examples, val_examples, d.val_fraction, t.seed)
+    for note in prepare_chat_model(llm, d.template):
+        say("sft", note)
+    train_rows = render_examples(examples, llm.tokenizer, t.loss_on, seq_len, d.long, lambda msg: say("sft", msg))
+    val_rows = render_examples(val_examples, llm.tokenizer, t.loss_on, seq_len, d.long) if val_examples else []
+    pad = pad_id_of(llm.tokenizer)
     per_step = t.grad_accum * D.world_size()
     source = PackedRows(train_rows, seq_len, t.micro_batch_size, per_step, t.seed, d.packing, pad)
     val_source = PackedRows(val_rows, seq_len, t.micro_batch_size, 1, t.seed, d.packing, pad, shuffle=False) \
         if val_rows else None
-    model = llm.model
-    resolved = {"train": dataclasses.asdict(t), "data": dataclasses.asdict(d),
-                "model": dataclasses.asdict(model.cfg), "base": str(base)}
+    resolved = {**dataclasses.asdict(cfg), "model": dataclasses.asdict(model.cfg), "base": str(Path(args.base))}
     resolved["train"]["seq_len"] = seq_len
     n_tok = sum(len(ids) for ids, _ in train_rows)
-    if D.rank() == 0:
-        say(f"{len(train_rows)} training examples ({n_tok:,} tokens, {source.rows_per_epoch()} rows of {seq_len} per "
-            f"epoch{' packed' if d.packing else ''}), {len(val_rows)} validation examples")
-
-    def build_model() -> torch.nn.Module:
-        return model
-
+    say("sft", f"{len(train_rows)} training examples ({n_tok:,} tokens, {source.rows_per_epoch()} rows of {seq_len} "
+               f"per epoch{' packed' if d.packing else ''}), {len(val_rows)} validation examples")
     return TrainJob(
-        name="sft", config=resolved, build_model=build_model, objective=SFTObjective(), train_batches=source,
+        name="sft", config=resolved, build_model=lambda: model, objective=SFTObjective(), train_batches=source,
         eval_batches=(lambda: val_source.all_batches(t.eval_iters)) if val_source else None,
-        files=model_files(llm, base), data_fingerprint={"dir": str(data), "sha256": _fingerprint(paths)},
+        files=chat_model_files(llm, args.base), data_fingerprint={"dir": str(args.data), "sha256": data_fingerprint(paths)},
         flops_per_token=model.cfg.flops_per_token(seq_len) if hasattr(model.cfg, "flops_per_token") else None,
         description=f"global batch {t.micro_batch_size * per_step} rows x {seq_len} tokens")
 
@@ -344,25 +268,10 @@ def build_task(cfg: SFTConfig, base: str | Path, data: Any, val_data: Any = None
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--truncate", action="store_true", help="cut examples longer than train.seq_len (default)")
-    g.add_argument("--drop-long", action="store_true", help="drop examples longer than train.seq_len")
+    g.add_argument("--truncate", dest="long", action="store_const", const="truncate",
+                   help="cut examples longer than train.seq_len (default)")
+    g.add_argument("--drop-long", dest="long", action="store_const", const="drop",
+                   help="drop examples longer than train.seq_len")
 
 
-def build_config(args: argparse.Namespace, overrides: Sequence[str]) -> SFTConfig:
-    from lmforge.config import deep_merge, from_dict
-    from lmforge.finetune import layered_config
-
-    layered = layered_config(args, overrides, SFT_DEFAULTS)
-    if getattr(args, "drop_long", False):
-        layered = deep_merge(layered, {"data": {"long": "drop"}})
-    elif getattr(args, "truncate", False):
-        layered = deep_merge(layered, {"data": {"long": "truncate"}})
-    return from_dict(SFTConfig, layered)
-
-
-def run(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:
-    from lmforge.train.loop import train_job
-
-    cfg = build_config(args, overrides)
-    task = build_task(cfg, args.base, args.data, args.val_data)
-    return train_job(task, cfg.train, args.out, resume=args.resume, overwrite=args.overwrite)
+FLAG_KEYS = {"long": "data.long"}  # --truncate / --drop-long
