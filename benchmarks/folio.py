@@ -287,15 +287,15 @@ def predict_run(run: Path, sources: list[str], max_len: int, beams: int = 1, max
     tok = llm.tokenizer
     split = [source_pieces(s, pieces, token_counter(tok)) if pieces else [s] for s in sources]
     sources = [p for ps in split for p in ps]
-    if getattr(llm.model, "family", "decoder") == "seq2seq":  # the source, cut to max_len with its EOS
-        family, eos, pad = "seq2seq", llm.model.cfg.eos_id, llm.model.cfg.pad_id
+    if "continue" not in llm.tasks:  # an encoder-decoder: the source, cut to max_len with its EOS
+        eos, pad = llm.model.cfg.eos_id, llm.model.cfg.pad_id
         ids = [tok.encode(s)[:max_len - 1] + [eos] for s in sources]
     else:  # as `lmforge finetune seq2seq` encodes a decoder's prompt: the source and a newline
-        family, eos, pad = "decoder", tok.eos_id, tok.pad_id
+        eos, pad = tok.eos_id, tok.pad_id
         ids = [tok.encode(s) + tok.encode("\n") for s in sources]
         ids = [x if len(x) <= DECODER_MAX_SOURCE else x[:DECODER_MAX_SOURCE - 1] + x[-1:] for x in ids]
     t0 = time.time()
-    preds = predict(llm.model, tok, ids, family, eos, pad,
+    preds = predict(llm.model, tok, ids, eos, pad,
                     Seq2SeqGenerateConfig(max_new_tokens=max_len + max_len // 4, num_beams=beams, batch_size=64,
                                           max_len_a=max_len_a, max_len_b=max_len_b))
     outputs = iter(preds)

@@ -196,15 +196,15 @@ def test_predict_cuts_each_output_at_max_len_a_times_source_plus_b(files, base, 
     eos = model.cfg.eos_id if family == "seq2seq" else tok.eos_id
     pad = model.cfg.pad_id if family == "seq2seq" else tok.pad_id
     sources = [tok.encode("a b c"), tok.encode("a b c d e f g h i")]
-    full = predict(model.eval(), tok, sources, family, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=20))
-    cut = predict(model, tok, sources, family, eos, pad,
+    full = predict(model.eval(), tok, sources, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=20))
+    cut = predict(model, tok, sources, eos, pad,
                   Seq2SeqGenerateConfig(max_new_tokens=20, max_len_a=0.5, max_len_b=1))
     for src, f, c in zip(sources, full, cut):
-        alone = predict(model, tok, [src], family, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=int(0.5 * len(src) + 1)))
+        alone = predict(model, tok, [src], eos, pad, Seq2SeqGenerateConfig(max_new_tokens=int(0.5 * len(src) + 1)))
         assert [c] == alone and len(c) < len(f)
     longest = max(int(0.5 * len(s) + 1) for s in sources)
-    beams = predict(model, tok, sources, family, eos, pad,
+    beams = predict(model, tok, sources, eos, pad,
                     Seq2SeqGenerateConfig(max_new_tokens=20, num_beams=3, max_len_a=0.5, max_len_b=1))
-    searched = predict(model, tok, sources, family, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=longest, num_beams=3))
+    searched = predict(model, tok, sources, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=longest, num_beams=3))
     # the longest source's budget bounds the search; the shorter one's best beam is cut at its own budget
     assert beams[1] == searched[1] and searched[0].startswith(beams[0])

@@ -6,23 +6,22 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lmforge.errors import LMForgeError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def load_base(base: str | Path, method: str, families: Sequence[str] | None = None) -> Any:
+def load_base(base: str | Path, method: str, needs: str | None = None, trains: str = "") -> Any:
     """An `LLM` (model in train mode + tokenizer) from an lmforge run/model directory or a Hugging
-    Face folder; `families` are the model families the method trains (None: any)."""
+    Face folder; `needs` is what its model must be able to do (a task of the family registry, e.g.
+    "continue" for a language model), `trains` says in words which models the method trains."""
     from lmforge.infer.llm import LLM
 
     llm = LLM.load(base)
-    family = getattr(llm.model, "family", "decoder")
-    if families is not None and family not in families:
-        raise LMForgeError(f"--base {base} is a {family} model; lmforge finetune {method} trains "
-                           f"{' and '.join(families)} models")
+    if needs is not None and needs not in llm.tasks:
+        raise LMForgeError(f"--base {base} is a {llm.family.name} model; lmforge finetune {method} trains {trains}")
     if llm.tokenizer is None:
         raise LMForgeError(f"--base {base} has no tokenizer (tokenizer.json); lmforge finetune {method} reads text")
     llm.model.train()

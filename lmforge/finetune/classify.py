@@ -88,9 +88,10 @@ def read_texts(path: str | Path) -> list[str]:
         raise LMForgeError(f"{p} is not UTF-8 text") from None
 
 
-def labeled_batch(ids: Sequence[list[int]], types: Sequence[list[int]], labels: Sequence[int], rows: list[int],
-                  pad_id: int, max_len: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """The micro-batch of examples `rows`: right-padded ids, attention mask, token types and labels."""
+def labeled_batch(ids: Sequence[list[int]], types: Optional[Sequence[list[int]]], labels: Sequence[int],
+                  rows: list[int], pad_id: int, max_len: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """The micro-batch of examples `rows`: right-padded ids, attention mask, labels, and the token types
+    when the model's tokenizer makes them (encoders)."""
     T = max(len(ids[i]) for i in rows)
     if max_len:  # a few distinct widths: kernels (oneDNN) are set up once per shape
         T = min(-(-T // 16) * 16, max_len)
@@ -101,16 +102,19 @@ def labeled_batch(ids: Sequence[list[int]], types: Sequence[list[int]], labels: 
     for b, i in enumerate(rows):
         n = len(ids[i])
         x[b, :n] = torch.tensor(ids[i])
-        tt[b, :n] = torch.tensor(types[i])
+        if types is not None:
+            tt[b, :n] = torch.tensor(types[i])
         m[b, :n] = True
-    return {"input_ids": x, "attention_mask": m, "token_type_ids": tt,
-            "labels": torch.tensor([labels[i] for i in rows], dtype=torch.long)}
+    batch = {"input_ids": x, "attention_mask": m, "labels": torch.tensor([labels[i] for i in rows], dtype=torch.long)}
+    if types is not None:
+        batch["token_type_ids"] = tt
+    return batch
 
 
 def classifier_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if getattr(model, "module", model).family == "encoder":
-        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    return model(batch["input_ids"], pad_mask_BT=batch["attention_mask"])
+    """(B, num_labels): every classifier takes ids and a padding mask, encoders token types too."""
+    types = {"token_type_BT": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    return model(batch["input_ids"], pad_mask_BT=batch["attention_mask"], **types)
 
 
 class ClassifyObjective:
@@ -135,8 +139,11 @@ def build_job(cfg: ClassifyConfig, args: Any) -> TrainJob:
 
     t, d, m = cfg.train, cfg.data, cfg.model
     base, data = Path(args.base), args.data
-    llm = load_base(base, "classify", families=("encoder", "decoder", "decoder_classifier"))
-    family = getattr(llm.model, "family", "decoder")
+    llm = load_base(base, "classify")
+    family = llm.family
+    if family.as_classifier is None:
+        raise LMForgeError(f"--base {base} is a {family.name} model, which lmforge finetune classify cannot turn "
+                           "into a classifier (it trains encoders and decoders)")
     cols = dict(text=d.text_column, pair=d.text_pair_column, label=d.label_column)
     examples = read_labeled(data, **cols)
     paths = [Path(data)]
@@ -153,48 +160,29 @@ def build_job(cfg: ClassifyConfig, args: Any) -> TrainJob:
     y_val = label_ids(val_examples, labels)  # an unknown label at eval is an error naming it
 
     # the model: the base body with a fresh classification head for these labels
-    model = llm.model
-    if family == "encoder":
-        over: dict[str, Any] = {}
-        pooling = m.pooling
-        if pooling is None and (Path(base) / "modules.json").is_file():
-            # a sentence-transformers model was trained to be read through its own pooling (mean for
-            # the MiniLM / MPNet models); its BERT pooler took no part in that training
-            from lmforge.interop.encoder import sentence_transformers_layout
-
-            pooling = sentence_transformers_layout(Path(base))[1]["pooling"]
-            say("classify", f"classifier reads the {pooling}-pooled hidden states, as the sentence-transformers "
-                            "model does (--model.pooling cls for the BERT pooler)")
-        if pooling is not None and pooling != model.cfg.classifier_pooling:
-            over["classifier_pooling"] = pooling
-        if m.dropout is not None:
-            over["dropout"] = m.dropout
-        same = model.cfg.head == "sequence" and model.cfg.label_names() == labels and not over
-        if not same:
-            with _seeded(t.seed):
-                model = model.with_head("sequence", labels=labels, **over)
-        limit = d.max_length or (model.cfg.block_size - model.cfg.position_offset)
-    else:
-        from lmforge.models.heads import DecoderClassifier
-
-        id2label = {str(i): n for i, n in enumerate(labels)}
-        if family != "decoder_classifier" or [str(v) for v in (model.cfg.id2label or {}).values()] != labels:
-            with _seeded(t.seed):
-                model = DecoderClassifier.from_decoder(model, num_labels=len(labels), id2label=id2label)
-        limit = d.max_length or model.cfg.block_size
+    pooling = m.pooling
+    read_as = getattr(llm.model, "sentence_pooling", None)
+    if pooling is None and read_as:
+        # a sentence-transformers model was trained to be read through its own pooling (mean for
+        # the MiniLM / MPNet models); its BERT pooler took no part in that training
+        pooling = read_as["pooling"]
+        say("classify", f"classifier reads the {pooling}-pooled hidden states, as the sentence-transformers "
+                        "model does (--model.pooling cls for the BERT pooler)")
+    with _seeded(t.seed):
+        model = family.as_classifier(llm.model, labels, pooling=pooling, dropout=m.dropout)
+    limit = d.max_length or family.max_tokens(model.cfg)
     model.train()
 
-    def encode(exs: list[Any]) -> tuple[list[list[int]], list[list[int]], int]:
+    def encode(exs: list[Any]) -> tuple[list[list[int]], Optional[list[list[int]]], int]:
         texts = [e.text for e in exs]
         pairs = [e.pair for e in exs] if any(e.pair for e in exs) else None
-        if family == "encoder":
+        if family.encoder_tokenizer:  # [CLS] a [SEP] b [SEP] with token types
             return llm.tokenizer.encode_pairs(texts, pairs, limit)
         idx, mask, cut = decoder_rows(llm.tokenizer, texts, pairs, limit)
-        ids = [row[:int(k)].tolist() for row, k in zip(idx, mask.sum(1))]
-        return ids, [[0] * len(r) for r in ids], cut
+        return [row[:int(k)].tolist() for row, k in zip(idx, mask.sum(1))], None, cut
 
     ids, types, cut = encode(examples)
-    vids, vtypes, vcut = encode(val_examples) if val_examples else ([], [], 0)
+    vids, vtypes, vcut = encode(val_examples) if val_examples else ([], None, 0)
     if cut or vcut:
         say("classify", f"truncated {cut} training and {vcut} validation texts longer than {limit} tokens")
     pad = pad_id_of(llm.tokenizer)

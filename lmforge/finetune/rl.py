@@ -49,10 +49,10 @@ class RewardModelFn:
     """A trained reward model (DecoderClassifier directory) as a reward function on token ids."""
 
     def __init__(self, path: str | Path, vocab_size: int):
-        from lmforge.models.registry import load_model_dir
+        from lmforge.models.registry import SCORE, family_of, load_model_dir
 
         model, cfg, _ = load_model_dir(path)
-        if getattr(model, "family", "") != "decoder_classifier" or cfg.num_labels != 1:
+        if SCORE not in family_of(model).tasks(cfg) or cfg.num_labels != 1:
             raise LMForgeError(f"--reward {path}: not a reward model (a 'lmforge finetune reward' run)")
         if cfg.vocab_size != vocab_size:
             raise LMForgeError(f"--reward {path}: the reward model's vocabulary ({cfg.vocab_size}) differs from the "

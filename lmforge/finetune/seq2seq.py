@@ -163,9 +163,11 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
 
     t, d, g = cfg.train, cfg.data, cfg.generate
     base, data = Path(args.base), args.data
-    llm = load_base(base, "seq2seq", families=("seq2seq", "decoder"))
+    llm = load_base(base, "seq2seq", needs="generate", trains="seq2seq and decoder models")
     model, tok = llm.model, llm.tokenizer
-    family = getattr(model, "family", "decoder")
+    # A decoder reads source and target in one context (a prompt it continues); an encoder-decoder
+    # encodes the source and generates the target on its own.
+    in_context = "continue" in llm.tasks
     examples = read_pairs(data, d.source_column, d.target_column)
     paths = [Path(data)]
     val_examples = None
@@ -175,22 +177,22 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
     examples, val_examples = split_validation(examples, val_examples, d.val_fraction, t.seed)
 
     ctx = int(model.cfg.block_size)
-    if family == "seq2seq":
-        eos = model.cfg.eos_id
-        if tok.eos_id is not None and tok.eos_id != eos:
-            raise LMForgeError(f"the tokenizer's EOS id ({tok.eos_id}) is not the model's ({eos})")
-    else:
+    if in_context:
         eos = tok.eos_id
         if eos is None:
             raise LMForgeError(f"the tokenizer of {base} has no end-of-text token to end targets with")
+    else:
+        eos = model.cfg.eos_id
+        if tok.eos_id is not None and tok.eos_id != eos:
+            raise LMForgeError(f"the tokenizer's EOS id ({tok.eos_id}) is not the model's ({eos})")
     # a decoder reads source and target in one context: by default the source gets half of it
-    max_src = d.max_source_length or (ctx if family == "seq2seq" else ctx // 2)
+    max_src = d.max_source_length or (ctx // 2 if in_context else ctx)
     max_tgt = d.max_target_length or ctx
     cut = {"source": 0, "target": 0}
 
     def encode_source(text: str) -> list[int]:
         ids = tok.encode(d.prefix + text)
-        if family == "decoder":
+        if in_context:
             ids = ids + tok.encode("\n")
         elif not ids or ids[-1] != eos:
             ids = ids + [eos]
@@ -202,7 +204,7 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
     def encode_pair(p: Pair) -> tuple[list[int], list[int]]:
         s = encode_source(p.source)
         tgt = tok.encode(p.target) + [eos]
-        room = max_tgt if family == "seq2seq" else min(max_tgt, ctx + 1 - len(s))
+        room = min(max_tgt, ctx + 1 - len(s)) if in_context else max_tgt
         if room < 2:
             raise LMForgeError(f"{p.where}: the source fills the model's context ({ctx} tokens); "
                                "lower data.max_source_length")
@@ -219,24 +221,24 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
                        f"validation sources longer than {max_src} tokens, {n_cut_train['target']} training and "
                        f"{cut['target'] - n_cut_train['target']} validation targets longer than {max_tgt}")
     per_step = t.grad_accum * D.world_size()
-    if family == "seq2seq":
-        pad, start = model.cfg.pad_id, model.cfg.decoder_start_id
-        coll = lambda rs: collate(rs, pad, start)  # noqa: E731
-        objective: Any = Seq2SeqLMObjective()
-    else:
+    if in_context:
         pad = pad_id_of(tok)
         coll = decoder_collate(pad)
-        objective = DecoderCompletionObjective()
+        objective: Any = DecoderCompletionObjective()
+    else:
+        pad, start = model.cfg.pad_id, model.cfg.decoder_start_id
+        coll = lambda rs: collate(rs, pad, start)  # noqa: E731
+        objective = Seq2SeqLMObjective()
     source = pair_batches(rows, coll, t.micro_batch_size, per_step, t.seed, group_by_length=d.group_by_length)
     val_source = pair_batches(vrows, coll, t.micro_batch_size, 1, t.seed, shuffle=False) if vrows else None
-    say("seq2seq", f"{len(examples)} training pairs, {len(val_examples)} validation ({family} model, "
+    say("seq2seq", f"{len(examples)} training pairs, {len(val_examples)} validation ({llm.family.name} model, "
                    f"columns '{d.source_column}' -> '{d.target_column}')")
     out = Path(args.out)
     gen_examples = val_examples[:g.max_examples]
     gen_sources = [encode_source(p.source) for p in gen_examples]
 
     def evaluate(live: torch.nn.Module) -> dict[str, Any]:
-        preds = predict(live, tok, gen_sources, family, eos, pad, g)
+        preds = predict(live, tok, gen_sources, eos, pad, g)
         res = generation_metrics(preds, [p.target for p in gen_examples])
         from lmforge.checkpoint import atomic_write_text
 
@@ -258,20 +260,23 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], family: str, eos: int, pad: int,
+def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], eos: int, pad: int,
             g: Seq2SeqGenerateConfig) -> list[str]:
-    """Generated target texts for token-id sources (greedy or beam search), in batches."""
+    """Generated target texts for token-id sources (greedy or beam search), in batches: an
+    encoder-decoder's target, or a decoder's continuation of the source."""
+    from lmforge.models.registry import CONTINUE, family_of
     from lmforge.infer.generate import generate
     from lmforge.infer.seq2seq import beam_search_decoder, generate_seq2seq
 
     model = getattr(model, "module", model)
+    in_context = CONTINUE in family_of(model).tasks(model.cfg)
     out: list[str] = []
     for i in range(0, len(sources), g.batch_size):
         chunk = sources[i:i + g.batch_size]
         n = g.max_new_tokens
         if g.max_len_a > 0:  # fairseq's rule: no search past the batch's longest budget (each output is cut below)
             n = max(1, min(n, max(int(g.max_len_a * len(s) + g.max_len_b) for s in chunk)))
-        if family == "seq2seq":
+        if not in_context:
             gens = generate_seq2seq(model, chunk, max_new_tokens=n, temperature=0, num_beams=g.num_beams, tokenizer=tok)
         elif g.num_beams > 1:
             gens = beam_search_decoder(model, chunk, max_new_tokens=n, num_beams=g.num_beams, eos_id=eos, pad_id=pad,
@@ -281,7 +286,7 @@ def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], family: 
             gens = generate(model, chunk, max_new_tokens=max(n, 1), temperature=0, eos_id=eos, pad_id=pad,
                             tokenizer=tok)
         if g.max_len_a > 0:  # greedy: cutting the output = stopping at the budget; beams: the best beam, cut
-            out += [tok.decode(x.ids[:int(g.max_len_a * len(src) + g.max_len_b)], skip_special=family == "seq2seq")
+            out += [tok.decode(x.ids[:int(g.max_len_a * len(src) + g.max_len_b)], skip_special=not in_context)
                     for x, src in zip(gens, chunk)]
         else:
             out += [x.text if x.text is not None else tok.decode(x.ids) for x in gens]

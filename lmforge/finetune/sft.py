@@ -230,7 +230,7 @@ def build_job(cfg: SFTConfig, args: Any) -> TrainJob:
     from lmforge.finetune.scaffold import say
 
     t, d = cfg.train, cfg.data
-    llm = load_base(args.base, "sft", families=("decoder",))
+    llm = load_base(args.base, "sft", needs="continue", trains="decoder models")
     model = llm.model
     seq_len = t.seq_len or model.cfg.block_size
     if seq_len > model.cfg.block_size:

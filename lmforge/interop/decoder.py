@@ -298,7 +298,7 @@ class _Entry:
     transpose: bool = False
 
 
-def _tensor_map(cfg: DecoderConfig, family: str, lm_shapes: dict[str, tuple[int, ...]]) -> list[_Entry]:
+def _tensor_map(cfg: DecoderConfig, layout: str, lm_shapes: dict[str, tuple[int, ...]]) -> list[_Entry]:
     entries: list[_Entry] = []
     H, K, D, F = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden
 
@@ -308,7 +308,7 @@ def _tensor_map(cfg: DecoderConfig, family: str, lm_shapes: dict[str, tuple[int,
         parts = hf if isinstance(hf, list) else [(hf, lm_shapes[lm][0] if lm_shapes[lm] else 1)]
         entries.append(_Entry(lm, parts, transpose and len(lm_shapes[lm]) == 2))
 
-    if family == "gpt2":
+    if layout == "gpt2":
         add("tok_emb.weight", "wte.weight")
         add("pos_emb.weight", "wpe.weight")
         for i in range(cfg.n_layer):
@@ -342,11 +342,12 @@ def _tensor_map(cfg: DecoderConfig, family: str, lm_shapes: dict[str, tuple[int,
     return entries
 
 
-def _hf_prefix(family: str) -> str:
-    return "transformer." if family == "gpt2" else "model."
+def _hf_prefix(layout: str) -> str:
+    return "transformer." if layout == "gpt2" else "model."
 
 
-def _family(arch: str) -> str:
+def _layout(arch: str) -> str:
+    """The tensor layout of an architecture: GPT-2's ('gpt2') or the Llama family's ('llama')."""
     return "gpt2" if arch == "GPT2LMHeadModel" else "llama"
 
 
@@ -368,11 +369,11 @@ def _hf_part_shape(entry: _Entry, rows: int, lm_shape: tuple[int, ...]) -> tuple
 def _import_plan(hf_dir: Path, source: WeightSource, cfg: DecoderConfig, arch: str,
                  dtype: Optional[torch.dtype] = None) -> list[OutTensor]:
     """The lmforge tensors of `cfg`, each with a reader over the HF tensors; checks names and shapes first."""
-    family = _family(arch)
+    layout = _layout(arch)
     lm_shapes = _expected_lm_shapes(cfg)
-    entries = _tensor_map(cfg, family, lm_shapes)
+    entries = _tensor_map(cfg, layout, lm_shapes)
     names = set(source.names())
-    prefix = _hf_prefix(family)
+    prefix = _hf_prefix(layout)
     if not any(n.startswith(prefix) for n in names):
         prefix = ""  # base-model files (e.g. the original gpt2 release) have no prefix
 
@@ -461,7 +462,7 @@ def convert_from_hf(src: Path, hf_cfg: dict, out_p: Path, overwrite: bool = Fals
 # ---- export ----------------------------------------------------------------------------------
 
 def _export_plan(source: WeightSource, cfg: DecoderConfig, arch: str, where: Path) -> list[OutTensor]:
-    family = _family(arch)
+    layout = _layout(arch)
     lm_shapes = _expected_lm_shapes(cfg)
     names = set(source.names())
     missing, extra = sorted(set(lm_shapes) - names), sorted(names - set(lm_shapes))
@@ -473,9 +474,9 @@ def _export_plan(source: WeightSource, cfg: DecoderConfig, arch: str, where: Pat
         if source.shape(name) != want:
             raise LMForgeError(f"{where}: tensor '{name}' has shape {source.shape(name)}, the config expects {want}")
     out_dtype = source.dtype("tok_emb.weight")
-    prefix = _hf_prefix(family)
+    prefix = _hf_prefix(layout)
     plan = []
-    for e in _tensor_map(cfg, family, lm_shapes):
+    for e in _tensor_map(cfg, layout, lm_shapes):
         start = 0
         for hf_name, rows in e.parts:
             rng = None if len(e.parts) == 1 else (start, start + rows)

@@ -448,6 +448,20 @@ class Encoder(nn.Module):
         return new
 
 
+def as_classifier(model: Encoder, labels: list[str], pooling: Optional[str] = None,
+                  dropout: Optional[float] = None) -> Encoder:
+    """`model` with a sequence-classification head for `labels` (itself when it has that head already
+    and nothing changes); `pooling` "cls" | "mean" and `dropout` set the new head's reading."""
+    over: dict[str, Any] = {}
+    if pooling is not None and pooling != model.cfg.classifier_pooling:
+        over["classifier_pooling"] = pooling
+    if dropout is not None:
+        over["dropout"] = dropout
+    if model.cfg.head == "sequence" and model.cfg.label_names() == labels and not over:
+        return model
+    return model.with_head("sequence", labels=labels, **over)
+
+
 def describe(cfg: EncoderConfig, seq_len: Optional[int] = None) -> tuple[dict[str, Any], list[str]]:
     """`lmforge info`: the shape's figures plus the parameters with each head."""
     by_head = {h: cfg.num_params(head=h) for h in HEADS}

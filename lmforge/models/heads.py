@@ -157,5 +157,13 @@ def _preset(cls: type) -> Any:
     return make
 
 
+def as_classifier(model: Decoder, labels: list[str], **_: Any) -> DecoderClassifier:
+    """A decoder classifier for `labels` on `model`'s body (itself when it is one for these labels).
+    Pooling and dropout options are an encoder head's: a decoder classifier reads its last token."""
+    if isinstance(model, DecoderClassifier) and [str(v) for v in (model.cfg.id2label or {}).values()] == labels:
+        return model
+    return DecoderClassifier.from_decoder(model, num_labels=len(labels), id2label={str(i): n for i, n in enumerate(labels)})
+
+
 classifier_from_preset = _preset(DecoderClassifierConfig)
 value_from_preset = _preset(DecoderValueConfig)

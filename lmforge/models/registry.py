@@ -57,6 +57,8 @@ class Family:
     interop: str | None = None                 # module reading / writing its Hugging Face folders (None: no HF form)
     generation: str | None = None              # inference module with `generate_for_llm(llm, prompt, **options)`
     encoder_tokenizer: bool = False            # its tokenizer frames inputs as [CLS] a [SEP] (roles cls/sep/mask)
+    # `lmforge finetune classify`: (model, labels, pooling=, dropout=) -> a classifier on its body (None: cannot)
+    as_classifier: Callable[..., torch.nn.Module] | None = None
     max_tokens: Callable[[Any], int] = lambda cfg: int(cfg.block_size)  # longest input its tokenizer makes
     # Extra JSON files of its model directories, loaded onto the model as attributes (None when absent).
     dir_files: dict[str, str] = field(default_factory=dict)
@@ -79,9 +81,10 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("decoder", decoder.DecoderConfig, decoder.Decoder, decoder.PRESETS, decoder.config_from_preset,
            decoder.describe, decoder.list_row, frozenset({GENERATE, CONTINUE, STREAM}),
-           interop="lmforge.interop.decoder", generation="lmforge.infer.generate"),
+           interop="lmforge.interop.decoder", generation="lmforge.infer.generate", as_classifier=heads.as_classifier),
     Family("decoder_classifier", heads.DecoderClassifierConfig, heads.DecoderClassifier, {},
-           heads.classifier_from_preset, decoder.describe, decoder.list_row, frozenset({CLASSIFY, SCORE})),
+           heads.classifier_from_preset, decoder.describe, decoder.list_row, frozenset({CLASSIFY, SCORE}),
+           as_classifier=heads.as_classifier),
     Family("decoder_value", heads.DecoderValueConfig, heads.DecoderWithValueHead, {}, heads.value_from_preset,
            decoder.describe, decoder.list_row, frozenset({GENERATE, CONTINUE, STREAM}),
            generation="lmforge.infer.generate"),
@@ -90,7 +93,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            tasks_of=lambda cfg: frozenset({EMBED, CLASSIFY} if cfg.head == "sequence" else {EMBED, MASKED_LM}),
            interop="lmforge.interop.encoder", encoder_tokenizer=True,
            max_tokens=lambda cfg: int(cfg.block_size - cfg.position_offset),
-           dir_files={encoder.SENTENCE_POOLING_FILE: "sentence_pooling"}),
+           dir_files={encoder.SENTENCE_POOLING_FILE: "sentence_pooling"}, as_classifier=encoder.as_classifier),
     Family("seq2seq", seq2seq.Seq2SeqConfig, seq2seq.Seq2Seq, seq2seq.PRESETS, seq2seq.config_from_preset,
            describe_shape, lambda name, cfg: shape_row(name, cfg, "seq2seq"), frozenset({GENERATE}),
            interop="lmforge.interop.seq2seq", generation="lmforge.infer.seq2seq"),

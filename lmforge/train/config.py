@@ -32,9 +32,10 @@ def _h(default: Any, text: str) -> Any:
 def _model_section() -> type:
     """A dataclass with the keys of every model family's config (DecoderConfig's first), each
     Optional and unset (None) by default; `resolve_model` checks them against the preset's family."""
-    from lmforge.models.registry import families
+    from lmforge.models.registry import families, family_of_preset
 
     fields, seen = [], set()
+    default_family = family_of_preset(DEFAULT_PRESET)
     for fam in families().values():
         hints = typing.get_type_hints(fam.config_cls)
         for f in dataclasses.fields(fam.config_cls):
@@ -43,7 +44,7 @@ def _model_section() -> type:
             seen.add(f.name)
             tp = hints[f.name]
             help_ = f.metadata.get("help", "")
-            if fam.name != "decoder":
+            if fam is not default_family:  # keys of the default preset's family need no label
                 help_ = f"({fam.name}) {help_}"
             if f.name == "preset":
                 fields.append((f.name, Optional[str], _h(DEFAULT_PRESET, f"{help_} (default {DEFAULT_PRESET}, or the "

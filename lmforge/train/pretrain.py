@@ -48,9 +48,9 @@ def pretraining_job(cfg: RunConfig, data_dir: str | Path) -> TrainJob:
     t = cfg.train
     seq_len = effective_seq_len(cfg, model_cfg)
     train_split, val_split = cfg.data.train_split, cfg.data.val_split
-    from lmforge.models.registry import get_family
+    from lmforge.models.registry import family_of
 
-    family = get_family(getattr(model_cfg, "_family", None) or _family_of(model_cfg))
+    family = family_of(model_cfg)
     spec = pretraining_spec(t.objective)
     if spec.family is not None and spec.family != family.name:
         raise LMForgeError(f"train.objective {t.objective} trains a {spec.family} model, but model.preset "
@@ -74,11 +74,3 @@ def pretraining_job(cfg: RunConfig, data_dir: str | Path) -> TrainJob:
         report_perplexity=parts.report_perplexity,
         description=f"global batch {t.micro_batch_size * ctx.micro_batches_per_step} x {seq_len} tokens")
 
-
-def _family_of(model_cfg: Any) -> str:
-    from lmforge.models.registry import families
-
-    for fam in families().values():
-        if isinstance(model_cfg, fam.config_cls):
-            return fam.name
-    raise LMForgeError(f"no model family for config {type(model_cfg).__name__}")
