@@ -326,7 +326,8 @@ def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], family: 
             g: Seq2SeqGenerateConfig) -> list[str]:
     """Generated target texts for token-id sources (greedy or beam search), in batches."""
     from lmforge.infer.generate import generate
-    from lmforge.infer.seq2seq import beam_search_decoder, generate_seq2seq
+    from lmforge.infer.beam import beam_search_decoder
+    from lmforge.infer.seq2seq import generate_seq2seq
 
     model = getattr(model, "module", model)
     out: list[str] = []

@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
-from lmforge.nn.layers import KVCache, RMSNorm
+from lmforge.nn.kv_cache import KVCache
+from lmforge.nn.layers import RMSNorm
 from lmforge.nn.linear import Linear
 
 ARCHS = ("t5", "bart")
@@ -229,11 +230,7 @@ class MultiHeadAttention(nn.Module):
             q_BTX, k_BTX, v_BTX = self.qkv(x_BTC).chunk(3, dim=-1)
             q_BHTD, k_BHSD, v_BHSD = self.heads(q_BTX), self.heads(k_BTX), self.heads(v_BTX)
             if cache is not None:
-                start = cache.length
-                cache.k_LBKSD[layer, :, :, start:start + T] = k_BHSD
-                cache.v_LBKSD[layer, :, :, start:start + T] = v_BHSD
-                k_BHSD = cache.k_LBKSD[layer, :, :, :start + T]
-                v_BHSD = cache.v_LBKSD[layer, :, :, :start + T]
+                k_BHSD, v_BHSD = cache.write(layer, k_BHSD, v_BHSD)
         y_BHTD = F.scaled_dot_product_attention(
             q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=is_causal and mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
@@ -351,10 +348,7 @@ class Seq2SeqCache:
 
     def reorder(self, idx_B: torch.Tensor) -> None:
         """Keep rows `idx_B` (beam search: each surviving beam takes its parent's cache)."""
-        kv = self.self_kv
-        kv.k_LBKSD = kv.k_LBKSD.index_select(1, idx_B)
-        kv.v_LBKSD = kv.v_LBKSD.index_select(1, idx_B)
-        kv.valid_BS = kv.valid_BS.index_select(0, idx_B)
+        self.self_kv.reorder(idx_B)
         self.cross_kv = [(k.index_select(0, idx_B), v.index_select(0, idx_B)) for k, v in self.cross_kv]
         if self.src_mask_BS is not None:
             self.src_mask_BS = self.src_mask_BS.index_select(0, idx_B)
@@ -533,14 +527,16 @@ class Seq2Seq(_Dropout, nn.Module):
             cross_mask = cross_allowed
         x_BTC = self.drop(x_BTC)
 
-        if cache is not None and not cache.cross_kv:
-            cache.cross_kv = [blk.cross_attn.memory_kv(memory_BSC) for blk in self.decoder]
+        if cache is not None:
+            if not cache.cross_kv:
+                cache.cross_kv = [blk.cross_attn.memory_kv(memory_BSC) for blk in self.decoder]
+            cache.self_kv.begin(T)
         for i, block in enumerate(self.decoder):
             kv = cache.cross_kv[i] if cache is not None else None
             x_BTC = block(x_BTC, self_mask=self_mask, cross_mask=cross_mask, memory=memory_BSC, kv=kv,
                           cache=cache.self_kv if cache is not None else None, layer=i)
         if cache is not None:
-            cache.self_kv.length = S
+            cache.self_kv.advance(T)
         if cfg.arch == "t5":
             x_BTC = self.drop(self.dec_norm_f(x_BTC))
         if last_only:
