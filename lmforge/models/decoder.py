@@ -20,8 +20,8 @@ import torch.nn as nn
 from lmforge.errors import LMForgeError
 from lmforge.nn.linear import Linear
 from lmforge.nn.kv_cache import KVCache
-from lmforge.nn.layers import (MLP, Attention, AttentionContext, causal_context, make_norm, packed_attention,
-                                packed_context, rope_cos_sin, rope_inv_freq, sinusoidal_table)
+from lmforge.nn.layers import (MLP, Attention, AttentionContext, InlineDropout, causal_context, make_norm,
+                                packed_attention, packed_context, rope_cos_sin, rope_inv_freq, sinusoidal_table)
 
 
 def _h(text: str) -> Any:
@@ -145,7 +145,7 @@ def config_from_preset(name: Optional[str], **overrides: Any) -> DecoderConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-class Block(nn.Module):
+class Block(InlineDropout, nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
@@ -153,7 +153,7 @@ class Block(nn.Module):
                               qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dropout=cfg.dropout)
         self.norm2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden, cfg.mlp, cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p_drop = cfg.dropout
 
     def forward(self, x_BTC: torch.Tensor, ctx: AttentionContext, *, layer: int,
                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -161,7 +161,7 @@ class Block(nn.Module):
         return x_BTC + self.drop(self.mlp(self.norm2(x_BTC)))
 
 
-class Decoder(nn.Module):
+class Decoder(InlineDropout, nn.Module):
     """GPT-style language model. `forward(idx_BT)` returns next-token logits (B, T, vocab)."""
 
     family = "decoder"
@@ -179,7 +179,7 @@ class Decoder(nn.Module):
             cos, sin = rope_cos_sin(inv_freq, cfg.block_size, attn_factor)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p_drop = cfg.dropout
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)

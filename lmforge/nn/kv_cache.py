@@ -38,6 +38,8 @@ class CacheWrite:
     start_B: torch.Tensor | None  # else each row's own first new slot (B,)
     end: int  # slots 0..end-1 are attended over: the longest row after the write
     valid_BS: torch.Tensor | None  # (B, end) True where a slot holds a token; None: every slot below a row's length does
+    rows_B1: torch.Tensor | None = None  # with start_B: the cache rows and slots written, for every layer
+    slots_BT: torch.Tensor | None = None
 
 
 class _Storage:
@@ -102,7 +104,11 @@ class KVCache:
         if end > self.max_len:
             raise LMForgeError(f"sequence of {end} tokens is longer than the context ({self.max_len})")
         start = lo if lo == hi else None
-        start_B = None if start is not None else torch.tensor(lengths, device=self.device)
+        start_B = rows_B1 = slots_BT = None
+        if start is None:
+            start_B = torch.tensor(lengths, device=self.device)
+            rows_B1 = torch.arange(r0, r1, device=self.device)[:, None]
+            slots_BT = start_B[:, None] + torch.arange(T, device=self.device)[None]
         if pad_mask_BT is not None and s.valid_NS is None and not bool(pad_mask_BT.all()):
             slots_S = torch.arange(self.max_len, device=self.device)
             s.valid_NS = slots_S[None] < torch.tensor(s.lengths, device=self.device)[:, None]
@@ -112,14 +118,10 @@ class KVCache:
             if start is not None:
                 s.valid_NS[r0:r1, start:end] = new_BT
             else:
-                s.valid_NS[r0:r1].scatter_(1, self._slots_BT(start_B, T), new_BT)
+                s.valid_NS[r0:r1].scatter_(1, slots_BT, new_BT)
             valid_BS = s.valid_NS[r0:r1, :end]
-        self._pending = CacheWrite(start, start_B, end, valid_BS)
+        self._pending = CacheWrite(start, start_B, end, valid_BS, rows_B1, slots_BT)
         return self._pending
-
-    @staticmethod
-    def _slots_BT(start_B: torch.Tensor, T: int) -> torch.Tensor:
-        return start_B[:, None] + torch.arange(T, device=start_B.device)[None]
 
     def write(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new keys and values at the slots `begin` planned; returns the keys and
@@ -134,10 +136,10 @@ class KVCache:
             k_NKSD[r0:r1, :, w.start:w.start + T] = k_BKTD
             v_NKSD[r0:r1, :, w.start:w.start + T] = v_BKTD
         else:  # each row at its own slots (a scheduler decode step)
-            rows_B1 = torch.arange(r0, r1, device=k_BKTD.device)[:, None]
-            slots_BT = self._slots_BT(w.start_B, k_BKTD.shape[2])
-            k_NKSD[rows_B1, :, slots_BT] = k_BKTD.transpose(1, 2).to(self.dtype)
-            v_NKSD[rows_B1, :, slots_BT] = v_BKTD.transpose(1, 2).to(self.dtype)
+            if k_BKTD.dtype != self.dtype:
+                k_BKTD, v_BKTD = k_BKTD.to(self.dtype), v_BKTD.to(self.dtype)
+            k_NKSD[w.rows_B1, :, w.slots_BT] = k_BKTD.transpose(1, 2)
+            v_NKSD[w.rows_B1, :, w.slots_BT] = v_BKTD.transpose(1, 2)
         k_BKSD, v_BKSD = k_NKSD[r0:r1, :, :w.end], v_NKSD[r0:r1, :, :w.end]
         if k_BKSD.dtype != k_BKTD.dtype:
             k_BKSD, v_BKSD = k_BKSD.to(k_BKTD.dtype), v_BKSD.to(v_BKTD.dtype)
