@@ -150,6 +150,13 @@ def test_cache_rows_of_different_lengths_equal_each_row_alone(flavour):
                 prompts[r] = torch.cat([prompts[r], nxt[r:r + 1]], 1)
                 torch.testing.assert_close(step[r, -1], model(prompts[r])[0, -1], rtol=0, atol=2e-5)
             nxt = nxt + 1
+        # two tokens per row at once (how speculative decoding verifies drafts), then roll them back
+        pair = torch.tensor([[6, 7], [8, 9], [10, 11]])
+        out = model(pair, cache=cache)
+        for r in range(3):
+            full = model(torch.cat([prompts[r], pair[r:r + 1]], 1))[0, -2:]
+            torch.testing.assert_close(out[r], full, rtol=0, atol=2e-5)
+        cache.truncate(2)
     assert cache.lengths == [19, 7, 13]
 
 

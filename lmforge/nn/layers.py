@@ -227,19 +227,20 @@ def packed_attention(device: torch.device) -> str:
 
 @dataclass
 class AttentionContext:
-    """What every attention layer of one forward pass shares, built once per pass: the position of
-    each new token, which keys each may attend to, and the cache the keys and values go through.
+    """What every attention layer of one forward pass shares, built once per pass: which keys each
+    new token may attend to, the cache the keys and values go through, and the new tokens' positions.
 
-    Built by `causal_context` (plain, padded or cached rows) or `packed_context` (packed training
-    rows); the model turns `pos_BT` into its position embeddings or RoPE angles.
+    Decoders build it with `causal_context` (plain, padded or cached rows) or `packed_context`
+    (packed training rows) and turn `pos_BT` into position embeddings or RoPE angles; a
+    bidirectional encoder passes just its padding mask, `AttentionContext(mask=...)`.
     """
 
-    pos_BT: torch.Tensor  # position of every new token (counts real tokens of its row / segment)
-    length: int  # key slots attended over (S)
     mask: torch.Tensor | None = None  # bool (B or 1, 1, T, S), True = may attend; None: see is_causal
-    is_causal: bool = False  # without a mask: causal (T == S) or, when False, every key
+    is_causal: bool = False  # without a mask: causal (T == S), or every key when False
     block_mask: Any = None  # flex attention's BlockMask, used instead of `mask` (packed rows on GPU)
     cache: KVCache | None = None
+    pos_BT: torch.Tensor | None = None  # position of every new token (counts real tokens of its row / segment)
+    length: int | None = None  # key slots attended over (S)
 
 
 def causal_context(B: int, T: int, device: torch.device, *, cache: KVCache | None = None,
@@ -261,7 +262,7 @@ def causal_context(B: int, T: int, device: torch.device, *, cache: KVCache | Non
     if start is not None and valid_BS is None and not needs_window and (start == 0 or T == 1):
         # plain causal attention (T == S), or one new token per row that sees the whole cache
         pos_BT = torch.arange(start, S, device=device)[None].expand(B, T)
-        return AttentionContext(pos_BT, S, None, T > 1, cache=cache)
+        return AttentionContext(None, T > 1, cache=cache, pos_BT=pos_BT, length=S)
     t_T = torch.arange(T, device=device)
     q_slot_BT = (start + t_T)[None] if start is not None else start_B[:, None] + t_T[None]
     k_slot_S = torch.arange(S, device=device)
@@ -278,7 +279,7 @@ def causal_context(B: int, T: int, device: torch.device, *, cache: KVCache | Non
             allowed_BTS = allowed_BTS & (pos_BT[:, :, None] - pos_BS[:, None, :] < window)
         # A padding query sees at least itself, so its softmax has no empty row (no NaNs).
         allowed_BTS = allowed_BTS | (k_slot_S[None, None] == q_slot_BT[:, :, None])
-    return AttentionContext(pos_BT, S, allowed_BTS[:, None], False, cache=cache)
+    return AttentionContext(allowed_BTS[:, None], cache=cache, pos_BT=pos_BT, length=S)
 
 
 def packed_context(segment_BT: torch.Tensor, window: int | None = None, flex: bool = False) -> AttentionContext:
@@ -299,12 +300,13 @@ def packed_context(segment_BT: torch.Tensor, window: int | None = None, flex: bo
             ok = (segment_BT[b, q] == segment_BT[b, k]) & (k <= q)
             return ok & (q - k < window) if window is not None else ok
 
-        return AttentionContext(pos_BT, T, block_mask=create_block_mask(same_example, B, None, T, T, device=device))
+        block_mask = create_block_mask(same_example, B, None, T, T, device=device)
+        return AttentionContext(block_mask=block_mask, pos_BT=pos_BT, length=T)
     allowed_TT = t_T[None, :] <= t_T[:, None]
     if window is not None:
         allowed_TT = allowed_TT & (t_T[:, None] - t_T[None, :] < window)
     same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
-    return AttentionContext(pos_BT, T, (same_BTT & allowed_TT[None])[:, None])
+    return AttentionContext((same_BTT & allowed_TT[None])[:, None], pos_BT=pos_BT, length=T)
 
 
 class Attention(nn.Module):
