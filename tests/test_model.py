@@ -129,6 +129,52 @@ def test_left_padding_gives_the_unpadded_logits(flavour):
     torch.testing.assert_close(step[1, -1], model(torch.cat([b, nxt[1:]], 1))[0, -1], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_cache_rows_of_different_lengths_equal_each_row_alone(flavour):
+    """The serving scheduler's layout: every row its own length, prefilled through a one-row view
+    (two chunks for the first), then decode steps on all rows at once."""
+    torch.manual_seed(0)
+    model = Decoder(config_from_preset("tiny", **FLAVOURS[flavour])).eval()
+    prompts = [torch.randint(0, 512, (1, n)) for n in (17, 5, 11)]
+    cache = model.new_cache(3, 32)
+    with torch.no_grad():
+        model(prompts[0][:, :9], cache=cache.rows(0, 1))
+        model(prompts[0][:, 9:], cache=cache.rows(0, 1))
+        for r in (1, 2):
+            model(prompts[r], cache=cache.rows(r, r + 1))
+        assert cache.lengths == [17, 5, 11]
+        nxt = torch.tensor([[3], [4], [5]])
+        for _ in range(2):
+            step = model(nxt, cache=cache)
+            for r in range(3):
+                prompts[r] = torch.cat([prompts[r], nxt[r:r + 1]], 1)
+                torch.testing.assert_close(step[r, -1], model(prompts[r])[0, -1], rtol=0, atol=2e-5)
+            nxt = nxt + 1
+        # two tokens per row at once (how speculative decoding verifies drafts), then roll them back
+        pair = torch.tensor([[6, 7], [8, 9], [10, 11]])
+        out = model(pair, cache=cache)
+        for r in range(3):
+            full = model(torch.cat([prompts[r], pair[r:r + 1]], 1))[0, -2:]
+            torch.testing.assert_close(out[r], full, rtol=0, atol=2e-5)
+        cache.truncate(2)
+    assert cache.lengths == [19, 7, 13]
+
+
+def test_bf16_cache_gives_the_fp32_greedy_tokens():
+    from lmforge.infer.generate import generate_ids
+
+    torch.manual_seed(0)
+    model = Decoder(config_from_preset("tiny", init_std=0.3, **FLAVOURS["llama-style"])).eval()
+    prompt = torch.randint(0, 512, (1, 12))
+    cache = model.new_cache(1, 40, dtype=torch.bfloat16)
+    with torch.no_grad():
+        toks = [int(model(prompt, cache=cache, last_only=True)[0, -1].argmax())]
+        for _ in range(15):
+            toks.append(int(model(torch.tensor([toks[-1:]]), cache=cache)[0, -1].argmax()))
+    assert cache.dtype == torch.bfloat16 and cache.nbytes() * 2 == model.new_cache(1, 40).nbytes()
+    assert toks == generate_ids(model, prompt.tolist(), max_new_tokens=16, temperature=0)[0]
+
+
 def test_context_overflow_is_a_clear_error():
     model = Decoder(config_from_preset("tiny")).eval()
     with pytest.raises(LMForgeError, match=r"sequence of 129 tokens is longer than the context \(128\)"):

@@ -117,6 +117,44 @@ def test_decoder_beam_search_through_llm(tmp_path):
         llm.generate(prompt, num_beams=2, num_samples=3)
 
 
+def test_decoder_beam_search_ends_at_every_stop_id(tmp_path):
+    """A chat model stops at EOS (0) and at <|im_end|> (3): a beam ends at either, as in
+    transformers' beam search with eos_token_id=[0, 3], and the output excludes it."""
+    import string
+
+    from lmforge.infer.beam import beam_search_decoder
+    from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer
+
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
+                                  eos_token_id=0, pad_token_id=1)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    _randomize(hf, 2)
+    with torch.no_grad():
+        hf.transformer.wte.weight[3] *= 2.0  # <|im_end|> likely after a few tokens (the head is tied)
+    hf.eval().save_pretrained(tmp_path)
+    prompt = [5, 6, 7, 8]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False,
+                      pad_token_id=1, eos_token_id=[0, 3])
+    assert [row[-1] for row in ref.tolist()] == [3, 3]  # both best beams ended at <|im_end|>
+    want = [row[4:-1] for row in ref.tolist()]
+    assert want == [[15, 22, 22], [22, 22, 22]]
+
+    tok = Tokenizer.train_char([string.ascii_letters[:44]])  # 6 specials + 44 characters = the model's 50
+    tok.chat_template = CHATML_TEMPLATE
+    llm = LLM.load(tmp_path)
+    llm.tokenizer = tok
+    assert llm.stop_ids == {0, 3} and tok.vocab_size == 50
+    assert llm.generate(prompt, max_new_tokens=8, num_beams=3, num_samples=2) == want
+    got = beam_search_decoder(llm.model, [prompt], max_new_tokens=8, num_beams=3, num_return_sequences=2,
+                              eos_id=[0, 3], pad_id=1)
+    assert [g.ids for g in got[0]] == want and [g.finish_reason for g in got[0]] == ["eos", "eos"]
+    # with EOS alone the same beams run on through <|im_end|>
+    eos_only = beam_search_decoder(llm.model, [prompt], max_new_tokens=8, num_beams=3, eos_id=0, pad_id=1)
+    assert eos_only[0].ids == hf.generate(torch.tensor([prompt]), max_new_tokens=8, num_beams=3, do_sample=False,
+                                          pad_token_id=1, eos_token_id=0)[0, 4:].tolist()
+    assert 3 in eos_only[0].ids
+
+
 @pytest.mark.parametrize("make", [t5_folder, bart_folder])
 def test_hf_folder_loads_onto_the_requested_device(tmp_path, make):
     """Weights assigned into the model are moved to the device first (the meta device stands in for CUDA)."""

@@ -15,7 +15,8 @@ from reference_libs import reference_lib
 transformers = reference_lib("transformers")
 
 from lmforge.errors import LMForgeError  # noqa: E402
-from lmforge.infer.seq2seq import beam_search_decoder, generate_seq2seq, right_pad  # noqa: E402
+from lmforge.infer.beam import beam_search_decoder  # noqa: E402
+from lmforge.infer.seq2seq import generate_seq2seq, right_pad  # noqa: E402
 from lmforge.interop.hf import convert_from_hf, convert_to_hf, load_hf_dir  # noqa: E402
 from lmforge.interop.seq2seq import config_from_hf, state_from_hf, state_to_hf  # noqa: E402
 from lmforge.models.seq2seq import PRESETS, Seq2Seq, config_from_preset  # noqa: E402

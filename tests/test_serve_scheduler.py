@@ -246,6 +246,27 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tok):
     assert got_long == generate_ids(llm.model, [long_prompt], max_new_tokens=3, temperature=0)[0]
 
 
+def test_cancelled_and_finished_sequences_free_their_cache_rows(tok):
+    """A sequence cancelled halfway through its prefill and finished ones leave empty rows: the
+    next request in the same row starts at slot 0 and equals LLM.generate."""
+    llm = make_llm(tok)
+    ids = tok.encode("ROMEO: but soft, what light through yonder window breaks? It is the east. " * 3)
+    sched = Scheduler(llm.model, tok, max_batch=2, prefill_chunk=8)
+    got = []
+    with torch.inference_mode():
+        handle = sched.submit(GenerationRequest(ids[:40], max_tokens=5, temperature=0), got.append)
+        sched._step(set())  # 8 of its 40 prompt tokens are in row 0
+        assert sched.cache.lengths == [8, 0]
+        sched._step({handle})  # what the scheduler thread does with a cancel(handle)
+        assert sched.cache.lengths == [0, 0] and got[-1].finish_reason == "cancelled"
+        req = GenerationRequest(ids[3:12], max_tokens=6, temperature=0, ignore_eos=True)
+        sched.submit(req, got.append)
+        while sched.num_running or sched.num_waiting:
+            sched._step(set())
+    assert [t for o in got[1:] for t in o.token_ids] == offline(llm, req)
+    assert sched.cache.lengths == [0, 0]
+
+
 def test_softcap_model_and_non_decoder_refused(tok):
     llm = make_llm(tok, logit_softcap=2.0, pos_encoding="sinusoidal")
     reqs = [request(i, p) for i, p in enumerate(prompts_for(tok, 6))]

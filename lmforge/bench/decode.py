@@ -100,8 +100,9 @@ class StaticGreedy:
 
     The engine's step slices the cache to the current length and rebuilds validity/position
     bookkeeping every token, so its shapes change each step. Here every step has the same shapes:
-    the new key/value is written at slot `pos` (a tensor), attention covers the whole preallocated
-    cache with a `slot <= pos` mask, and the step ends in argmax. That makes it one graph for
+    the new key/value is written at slot `pos` (a tensor) of the step's own preallocated keys and
+    values (the prompt's are read from the engine's prefill cache), attention covers all of them
+    with a `slot <= pos` mask, and the step ends in argmax. That makes it one graph for
     torch.compile (fused norms/residuals/activations, no Python per op) and replayable as a CUDA
     graph on GPU. Supports equal-length prompts, learned/sinusoidal/rope positions, no sliding window.
     """
@@ -162,13 +163,20 @@ class StaticGreedy:
         B, T = idx_BT.shape
         if n_new > 1 and T + n_new > self.max_len:
             raise ValueError(f"prompt ({T}) + new tokens ({n_new}) exceed StaticGreedy's max_len ({self.max_len})")
-        cache = self.model.new_cache(B, max(self.max_len, T + n_new))
+        cache = self.model.new_cache(B, T)
         tok_B = self.model(idx_BT, cache=cache, last_only=True)[:, -1].argmax(dim=-1)
+        # The step's own fixed-shape keys and values, starting with the prompt's from the prefill.
+        cfg = self.cfg
+        shape = (cfg.n_layer, B, cfg.n_kv_head, max(self.max_len, T + n_new), cfg.head_dim)
+        k_LBKSD = torch.zeros(shape, dtype=cache.dtype, device=idx_BT.device)
+        v_LBKSD = torch.zeros_like(k_LBKSD)
+        for layer in range(cfg.n_layer):
+            k_LBKSD[layer, :, :, :T], v_LBKSD[layer, :, :, :T] = cache.read(layer)
         out_BN = torch.empty(B, n_new, dtype=torch.long, device=idx_BT.device)
         out_BN[:, 0] = tok_B
         pos = torch.tensor(T, device=idx_BT.device)
         for n in range(1, n_new):
-            tok_B = self.step_fn(tok_B, pos, cache.k_LBKSD, cache.v_LBKSD)
+            tok_B = self.step_fn(tok_B, pos, k_LBKSD, v_LBKSD)
             out_BN[:, n] = tok_B
             pos += 1
         return out_BN

@@ -266,7 +266,8 @@ def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], eos: int
     encoder-decoder's target, or a decoder's continuation of the source."""
     from lmforge.models.registry import CONTINUE, family_of
     from lmforge.infer.generate import generate
-    from lmforge.infer.seq2seq import beam_search_decoder, generate_seq2seq
+    from lmforge.infer.beam import beam_search_decoder
+    from lmforge.infer.seq2seq import generate_seq2seq
 
     model = getattr(model, "module", model)
     in_context = CONTINUE in family_of(model).tasks(model.cfg)

@@ -1,4 +1,5 @@
-"""Beam search for every generative family (decoders and encoder-decoders).
+"""Beam search for every generative family (decoders and encoder-decoders), and its decoder-only
+entry point `beam_search_decoder`.
 
 The search keeps `num_beams` running hypotheses per input. Each step scores all beams x vocab
 continuations by accumulated log-probability, keeps the best 2*num_beams candidates (so that
@@ -17,17 +18,18 @@ settings give the same tokens:
 
 The model side is two callables: `prefill()` returns the next-token logits of every row
 (batch*num_beams rows, beams of one input adjacent) and `step(tokens_R)` feeds one new token per
-row and returns the next logits; `reorder(rows_R)` permutes the model's cache rows.
+row and returns the next logits; `reorder(rows_R)` permutes the model's cache rows (`KVCache.reorder`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import torch
 
 from lmforge.errors import LMForgeError
+from lmforge.infer.generate import Generation, check_prompts, left_pad, stop_id_set
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,15 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def beam_search(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tensor], torch.Tensor],
                 reorder: Callable[[torch.Tensor], None], prompt_RT: torch.Tensor, batch: int, max_new_tokens: int,
-                eos_id: int | None, pad_id: int | None, params: BeamParams,
+                stop_ids: Collection[int], pad_id: int | None, params: BeamParams,
                 forced: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
                 ) -> list[list[tuple[list[int], float]]]:
     """Beam search over `batch` inputs, each repeated num_beams times in `prompt_RT` (rows b*N..b*N+N-1).
 
     prompt_RT is what the n-gram rule sees as the start of every row (the decoder prompt, or the
-    decoder start token). Returns, per input, num_return_sequences (new token ids, score) pairs,
-    best first; ids stop before the EOS. `forced(logprobs_RV, n_generated, n_left)` may rewrite the
+    decoder start token). A hypothesis ends at any of `stop_ids` (EOS, a chat template's end of
+    turn; transformers' list of eos_token_id). Returns, per input, num_return_sequences (new token
+    ids, score) pairs, best first; ids stop before the stop id. `forced(logprobs_RV, n_generated, n_left)` may rewrite the
     log-probabilities of a step (forced BOS / EOS tokens).
     """
     N = params.num_beams
@@ -94,12 +97,13 @@ def beam_search(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tenso
     if max_new_tokens <= 0:
         return [[([], 0.0)] * params.num_return_sequences for _ in range(batch)]
     lp, early = params.length_penalty, params.early_stopping
-    K = max(2, 1 + (eos_id is not None)) * N  # candidates kept per step
+    stops_X = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    K = max(2, 1 + len(stops_X)) * N  # candidates kept per step (transformers: 1 + number of EOS ids)
     top_n_mask_K = torch.zeros(K, dtype=torch.bool, device=device)
     top_n_mask_K[:N] = True
-    fill = (pad_id or eos_id) if eos_id is not None else -1
+    fill = (pad_id or int(stops_X[0])) if len(stops_X) else -1  # beyond a hypothesis' end (never read)
 
-    running_BNL = torch.full((batch, N, max_len), fill if fill is not None else -1, dtype=torch.long, device=device)
+    running_BNL = torch.full((batch, N, max_len), fill, dtype=torch.long, device=device)
     running_BNL[:, :, :T0] = prompt_RT.view(batch, N, T0)
     finished_BNL = running_BNL.clone()
     running_scores_BN = torch.zeros(batch, N, device=device)
@@ -125,9 +129,7 @@ def beam_search(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tenso
         token_BK = top_idx_BK % V
         cand_BKL = _gather(running_BNL, parent_BK)
         cand_BKL[:, :, cur] = token_BK
-        ended_BK = torch.zeros_like(token_BK, dtype=torch.bool)
-        if eos_id is not None:
-            ended_BK |= token_BK == eos_id
+        ended_BK = torch.isin(token_BK, stops_X)
         if cur + 1 >= max_len:
             ended_BK[:] = True
 
@@ -169,8 +171,44 @@ def beam_search(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tenso
         hyps = []
         for j in range(params.num_return_sequences):
             ids = finished_BNL[b, j, T0:T0 + int(lengths_BN[b, j])].tolist()
-            if eos_id is not None and eos_id in ids:
-                ids = ids[:ids.index(eos_id)]
+            ids = ids[:next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))]
             hyps.append((ids, float(finished_scores_BN[b, j])))
         out.append(hyps)
+    return out
+
+
+@torch.inference_mode()
+def beam_search_decoder(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                        num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                        no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+                        eos_id: int | Iterable[int] | None = None, pad_id: int | None = None, tokenizer: Any = None,
+                        decode_text: bool = True) -> list[Generation] | list[list[Generation]]:
+    """Beam search for a decoder-only model (left-padded batch of prompts, KV cache reordered per step).
+    eos_id: one id or several (EOS and a chat template's end of turn); a beam ends at any of them."""
+    beam = BeamParams(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
+    n_new = check_prompts(model, prompts, max_new_tokens)
+    device = model.tok_emb.weight.device
+    B, N = len(prompts), beam.num_beams
+    idx_BT, pad_mask_BT = left_pad(prompts, pad_id if pad_id is not None else 0, device)
+    idx_RT = idx_BT.repeat_interleave(N, 0)
+    mask_RT = pad_mask_BT.repeat_interleave(N, 0) if pad_mask_BT is not None else None
+    T = idx_RT.shape[1]
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B * N, T + max(n_new, 1))
+        results = beam_search(
+            prefill=lambda: model(idx_RT, pad_mask_BT=mask_RT, cache=cache, last_only=True)[:, -1],
+            step=lambda tok_R: model(tok_R[:, None], cache=cache)[:, -1],
+            reorder=cache.reorder, prompt_RT=idx_RT, batch=B, max_new_tokens=n_new, stop_ids=stop_id_set(eos_id),
+            pad_id=pad_id, params=beam)
+    finally:
+        model.train(was_training)
+    out = []
+    for hyps in results:
+        gens = []
+        for ids, _ in hyps:
+            text = tokenizer.decode(ids) if tokenizer is not None and decode_text else None
+            gens.append(Generation(ids, text, "eos" if len(ids) < n_new else "length"))
+        out.append(gens if num_return_sequences > 1 else gens[0])
     return out

@@ -5,10 +5,11 @@
                      per iteration so a long prompt cannot stall running streams)  ->  one decode step
                      for every running sequence  ->  per-sequence sampling, stop rules, callbacks
 
-KV cache: `SlotCache` holds one preallocated row ("slot") per running sequence, each with its own
-length; nothing is re-padded per step. Running sequences occupy rows 0..n-1 (a finished sequence's
-row is refilled by moving the last row into it, one copy per finished sequence), so a decode step
-attends over a plain view of the cache, masked per row to that row's length.
+KV cache: one `KVCache` row ("slot") per running sequence, each with its own length; nothing is
+re-padded per step. Running sequences occupy rows 0..n-1 (a finished sequence's row is refilled by
+moving the last row into it, one copy per finished sequence) and the sequence being prefilled
+the row after them, so a decode step is the model's forward pass on the cache's rows 0..n-1
+(`KVCache.rows`), each row attending to its own length.
 
 Results do not depend on the company a request keeps: every sequence has its own sampling settings,
 its own `torch.Generator` (seeded from the request), stop strings, stop ids and token budget, and it
@@ -28,12 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import TextTracker, normalize_stop
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
-from lmforge.nn.layers import apply_rope
 
 log = logging.getLogger("lmforge.scheduler")
 
@@ -99,101 +98,11 @@ class StepOutput:
     error: str | None = None
 
 
-class SlotCache:
-    """Keys and values of `max_batch` sequences, each in its own row with its own length."""
-
-    def __init__(self, model: torch.nn.Module, max_batch: int, max_len: int):
-        cfg = model.cfg
-        p = model.tok_emb.weight
-        shape = (cfg.n_layer, max_batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k_LNKSD = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v_LNKSD = torch.zeros_like(self.k_LNKSD)
-        self.max_len = max_len
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.k_LNKSD[:, dst, :, :length] = self.k_LNKSD[:, src, :, :length]
-        self.v_LNKSD[:, dst, :, :length] = self.v_LNKSD[:, src, :, :length]
-
-    def nbytes(self) -> int:
-        return 2 * self.k_LNKSD.numel() * self.k_LNKSD.element_size()
-
-
 def check_servable(model: torch.nn.Module) -> None:
     family = getattr(model, "family", "decoder")
-    blocks = getattr(model, "blocks", None)
-    if family != "decoder" or not hasattr(model, "tok_emb") or blocks is None or not all(
-            hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in blocks):
+    if family != "decoder" or not hasattr(model, "new_cache"):
         raise LMForgeError(f"lmforge serve generates with decoder-only language models; this model is "
                            f"'{family}' ({type(model).__name__})")
-
-
-@torch.inference_mode()
-def forward_slots(model: torch.nn.Module, cache: SlotCache, idx_BT: torch.Tensor, row0: int, start_B: torch.Tensor,
-                  last_only: bool = True) -> torch.Tensor:
-    """The decoder's forward pass on cache rows row0..row0+B-1, row b's tokens at positions
-    start_B[b] .. start_B[b]+T-1. Either B == 1 (a prefill chunk) or T == 1 (a decode step).
-
-    The same computation as `Decoder.forward` with a `KVCache`, except that every row has its own
-    length: the new keys/values go to each row's own positions, and attention is masked per row.
-    Returns logits (B, T or 1, vocab).
-    """
-    cfg = model.cfg
-    B, T = idx_BT.shape
-    device = idx_BT.device
-    pos_BT = start_B[:, None] + torch.arange(T, device=device)[None]
-    S = int(start_B.max()) + T
-    if S > cache.max_len:
-        raise LMForgeError(f"sequence of {S} tokens is longer than the context ({cache.max_len})")
-    window = cfg.sliding_window
-    needs_window = window is not None and S > window
-    q_slot_BT1 = pos_BT[:, :, None]
-    k_slot_S = torch.arange(S, device=device)
-    if B == 1 and (T == 1 or int(start_B[0]) == 0) and not needs_window:
-        mask = None  # plain causal (prefill from slot 0) or one token seeing the whole row
-    else:
-        allowed_BTS = k_slot_S[None, None] <= q_slot_BT1
-        if needs_window:
-            allowed_BTS = allowed_BTS & (q_slot_BT1 - k_slot_S[None, None] < window)
-        mask = allowed_BTS[:, None]
-
-    x_BTC = model.tok_emb(idx_BT)
-    rope = None
-    if cfg.pos_encoding == "learned":
-        x_BTC = x_BTC + model.pos_emb(pos_BT)
-    elif cfg.pos_encoding == "sinusoidal":
-        x_BTC = x_BTC + model.pos_table[pos_BT].to(x_BTC.dtype)
-    else:
-        rope = (model.rope_cos[pos_BT], model.rope_sin[pos_BT])
-    rows = torch.arange(row0, row0 + B, device=device)
-    for layer, block in enumerate(model.blocks):
-        attn = block.attn
-        H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
-        q_BTX, k_BTX, v_BTX = attn.qkv(block.norm1(x_BTC)).split([H * D, K * D, K * D], dim=-1)
-        q_BHTD = q_BTX.view(B, T, H, D).transpose(1, 2)
-        k_BKTD = k_BTX.view(B, T, K, D).transpose(1, 2)
-        v_BKTD = v_BTX.view(B, T, K, D).transpose(1, 2)
-        if attn.q_norm is not None:
-            q_BHTD, k_BKTD = attn.q_norm(q_BHTD), attn.k_norm(k_BKTD)
-        if rope is not None:
-            q_BHTD = apply_rope(q_BHTD, *rope)
-            k_BKTD = apply_rope(k_BKTD, *rope)
-        k_NKSD, v_NKSD = cache.k_LNKSD[layer], cache.v_LNKSD[layer]
-        if B == 1:
-            s0 = int(start_B[0])
-            k_NKSD[row0, :, s0:s0 + T] = k_BKTD[0]
-            v_NKSD[row0, :, s0:s0 + T] = v_BKTD[0]
-        else:  # T == 1: each row writes its own position
-            k_NKSD[rows, :, start_B] = k_BKTD[:, :, 0]
-            v_NKSD[rows, :, start_B] = v_BKTD[:, :, 0]
-        y_BHTD = F.scaled_dot_product_attention(
-            q_BHTD, k_NKSD[row0:row0 + B, :, :S], v_NKSD[row0:row0 + B, :, :S], attn_mask=mask,
-            is_causal=mask is None and T > 1, enable_gqa=K != H)
-        x_BTC = x_BTC + attn.proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
-        x_BTC = x_BTC + block.mlp(block.norm2(x_BTC))
-    x_BTC = model.norm_f(x_BTC)
-    if last_only:
-        x_BTC = x_BTC[:, -1:]
-    return model.head(x_BTC)  # the model's own LM head (with its logit soft-cap)
 
 
 class _SkipSpecial:
@@ -278,7 +187,7 @@ class Scheduler:
             if eos is not None:
                 stop_ids.add(eos)
         self.stop_ids = set(stop_ids)
-        self.cache = SlotCache(model, max_batch, max_model_len)
+        self.cache = model.new_cache(max_batch, max_model_len)
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._waiting: deque[_Seq] = deque()
@@ -423,6 +332,7 @@ class Scheduler:
         p = self._prefilling
         if p is not None and p.id in cancelled:
             self._prefilling = None
+            self.cache.release(p.row)
             self._finish(p, "cancelled")
         for seq in [s for s in self._running if s.id in cancelled]:
             self._finish(seq, "cancelled")
@@ -433,13 +343,15 @@ class Scheduler:
         sequence, which sits right after the running rows, moves down by one)."""
         r = self._running.index(seq)
         last = self._running.pop()
-        if last is not seq:
-            self.cache.move(last.row, r, last.n_cached)
+        if last is seq:
+            self.cache.release(r)
+        else:
+            self.cache.move(last.row, r)
             last.row = r
             self._running[r] = last
         p = self._prefilling
         if p is not None:
-            self.cache.move(p.row, len(self._running), p.n_cached)
+            self.cache.move(p.row, len(self._running))
             p.row = len(self._running)
 
     def _prefill_chunk(self, seq: _Seq, budget: int) -> int:
@@ -448,8 +360,7 @@ class Scheduler:
         start = seq.n_cached
         idx_1T = torch.tensor([seq.prompt[start:start + n]], dtype=torch.long, device=self.device)
         want_prompt_lp = seq.prompt_logprobs is not None
-        logits_1TV = forward_slots(self.model, self.cache, idx_1T, seq.row,
-                                   torch.tensor([start], device=self.device), last_only=not want_prompt_lp)
+        logits_1TV = self.model(idx_1T, cache=self.cache.rows(seq.row, seq.row + 1), last_only=not want_prompt_lp)
         seq.n_cached += n
         if want_prompt_lp:
             self._collect_prompt_logprobs(seq, logits_1TV[0], start, n)
@@ -475,8 +386,7 @@ class Scheduler:
 
     def _decode(self) -> None:
         idx_B1 = torch.tensor([[s.pending] for s in self._running], dtype=torch.long, device=self.device)
-        start_B = torch.tensor([s.n_cached for s in self._running], dtype=torch.long, device=self.device)
-        logits_BV = forward_slots(self.model, self.cache, idx_B1, 0, start_B)[:, -1]
+        logits_BV = self.model(idx_B1, cache=self.cache.rows(0, len(self._running)))[:, -1]
         for s in self._running:
             s.n_cached += 1
         self.steps += 1
@@ -589,6 +499,8 @@ class Scheduler:
             self._waiting.clear()
         self._prefilling = None
         self._running = []
+        for row in range(self.cache.batch):
+            self.cache.release(row)
         for s in seqs:
             self._finish(s, reason, error=message)
 

@@ -1,4 +1,4 @@
-"""Generation for encoder-decoder models, and beam search for decoders.
+"""Generation for encoder-decoder models.
 
     sources --encoder (once)--> memory --cross-attention K/V (once per layer)--> cache
     decoder_start --decoder step (self-attention cache grows one slot)--> logits --> token ...
@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import torch
 
 from lmforge.errors import LMForgeError
-from lmforge.infer.beam import BeamParams, beam_search
-from lmforge.infer.generate import Generation, check_prompts, left_pad
+from lmforge.infer.beam import BeamParams, beam_search, beam_search_decoder
+from lmforge.infer.generate import Generation
 from lmforge.infer.sampling import SamplingParams, make_generator, sample_next
 
 
@@ -170,51 +170,9 @@ def _beam(model: torch.nn.Module, src_BS: torch.Tensor, mask_BS: torch.Tensor, n
     results = beam_search(
         prefill=lambda: model.decode(start_R1, memory_BSC, cache=cache)[:, -1],
         step=lambda tok_R: model.decode(tok_R[:, None], None, cache=cache)[:, -1],
-        reorder=cache.reorder, prompt_RT=start_R1, batch=B, max_new_tokens=n_new, eos_id=eos, pad_id=cfg.pad_id,
+        reorder=cache.reorder, prompt_RT=start_R1, batch=B, max_new_tokens=n_new, stop_ids={eos}, pad_id=cfg.pad_id,
         params=beam, forced=forced_tokens(cfg))
     return [[(ids, "eos" if len(ids) < n_new else "length") for ids, _ in hyps] for hyps in results]
-
-
-@torch.inference_mode()
-def beam_search_decoder(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-                        num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                        no_repeat_ngram_size: int = 0, num_return_sequences: int = 1, eos_id: int | None = None,
-                        pad_id: int | None = None, tokenizer: Any = None,
-                        decode_text: bool = True) -> list[Generation] | list[list[Generation]]:
-    """Beam search for a decoder-only model (left-padded batch of prompts, KV cache reordered per step)."""
-    beam = BeamParams(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
-    n_new = check_prompts(model, prompts, max_new_tokens)
-    device = model.tok_emb.weight.device
-    B, N = len(prompts), beam.num_beams
-    idx_BT, pad_mask_BT = left_pad(prompts, pad_id if pad_id is not None else 0, device)
-    idx_RT = idx_BT.repeat_interleave(N, 0)
-    mask_RT = pad_mask_BT.repeat_interleave(N, 0) if pad_mask_BT is not None else None
-    T = idx_RT.shape[1]
-    was_training = model.training
-    model.eval()
-    try:
-        cache = model.new_cache(B * N, T + max(n_new, 1))
-
-        def reorder(rows_R: torch.Tensor) -> None:
-            cache.k_LBKSD = cache.k_LBKSD.index_select(1, rows_R)
-            cache.v_LBKSD = cache.v_LBKSD.index_select(1, rows_R)
-            cache.valid_BS = cache.valid_BS.index_select(0, rows_R)
-
-        results = beam_search(
-            prefill=lambda: model(idx_RT, pad_mask_BT=mask_RT, cache=cache, last_only=True)[:, -1],
-            step=lambda tok_R: model(tok_R[:, None], cache=cache)[:, -1],
-            reorder=reorder, prompt_RT=idx_RT, batch=B, max_new_tokens=n_new, eos_id=eos_id, pad_id=pad_id,
-            params=beam)
-    finally:
-        model.train(was_training)
-    out = []
-    for hyps in results:
-        gens = []
-        for ids, _ in hyps:
-            text = tokenizer.decode(ids) if tokenizer is not None and decode_text else None
-            gens.append(Generation(ids, text, "eos" if len(ids) < n_new else "length"))
-        out.append(gens if num_return_sequences > 1 else gens[0])
-    return out
 
 
 def generate_for_llm(llm: Any, prompt: Any, *, max_new_tokens: int, temperature: float, top_k: int | None,
@@ -253,11 +211,10 @@ def generate_for_llm(llm: Any, prompt: Any, *, max_new_tokens: int, temperature:
     else:
         if num_samples > num_beams:
             raise LMForgeError(f"beam search returns at most num_beams ({num_beams}) results, asked for {num_samples}")
-        stop_ids = sorted(llm.stop_ids)
         rows = beam_search_decoder(model, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                    length_penalty=length_penalty, early_stopping=early_stopping,
                                    no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_samples,
-                                   eos_id=stop_ids[0] if stop_ids else None, pad_id=llm.pad_id,
+                                   eos_id=llm.stop_ids, pad_id=llm.pad_id,
                                    tokenizer=llm.tokenizer, decode_text=kind != "ids")
 
     def out(g: Generation) -> Any:

@@ -20,7 +20,9 @@ import torch.nn as nn
 from lmforge.errors import LMForgeError
 from lmforge.models.presets import preset_config
 from lmforge.nn.linear import Linear
-from lmforge.nn.layers import MLP, Attention, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
+from lmforge.nn.kv_cache import KVCache
+from lmforge.nn.layers import (MLP, Attention, AttentionContext, InlineDropout, causal_context, make_norm,
+                                packed_attention, packed_context, rope_cos_sin, rope_inv_freq, sinusoidal_table)
 
 
 def _h(text: str) -> Any:
@@ -142,7 +144,7 @@ def config_from_preset(name: Optional[str], **overrides: Any) -> DecoderConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-class Block(nn.Module):
+class Block(InlineDropout, nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
@@ -150,14 +152,15 @@ class Block(nn.Module):
                               qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dropout=cfg.dropout)
         self.norm2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden, cfg.mlp, cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p_drop = cfg.dropout
 
-    def forward(self, x_BTC: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
-        x_BTC = x_BTC + self.drop(self.attn(self.norm1(x_BTC), **attn_kwargs))
+    def forward(self, x_BTC: torch.Tensor, ctx: AttentionContext, *, layer: int,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x_BTC = x_BTC + self.drop(self.attn(self.norm1(x_BTC), ctx, layer=layer, rope=rope))
         return x_BTC + self.drop(self.mlp(self.norm2(x_BTC)))
 
 
-class Decoder(nn.Module):
+class Decoder(InlineDropout, nn.Module):
     """GPT-style language model. `forward(idx_BT)` returns next-token logits (B, T, vocab)."""
 
     family = "decoder"
@@ -175,7 +178,7 @@ class Decoder(nn.Module):
             cos, sin = rope_cos_sin(inv_freq, cfg.block_size, attn_factor)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p_drop = cfg.dropout
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -241,105 +244,48 @@ class Decoder(nn.Module):
         self.cfg = dataclasses.replace(self.cfg, vocab_size=new_vocab)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache of `batch` rows holding up to `max_len` positions (at most the context),
+        in `dtype` (default: the model's)."""
         p = self.tok_emb.weight
-        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim,
-                       dtype=dtype or p.dtype, device=p.device)
-
-    def _attention_mask(self, T: int, S: int, start: int, valid_BS: torch.Tensor | None,
-                        pos_BS: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-        """Boolean mask (B or 1, 1, T, S), True = may attend; None when plain causal attention does it."""
-        window = self.cfg.sliding_window
-        needs_window = window is not None and S > window
-        if valid_BS is None and not needs_window and (start == 0 or T == 1):
-            return None  # causal (T == S) or a single new token seeing the whole cache
-        q_slot = torch.arange(start, start + T, device=device)[:, None]
-        k_slot = torch.arange(S, device=device)[None, :]
-        allowed_TS = k_slot <= q_slot
-        if valid_BS is None:
-            if needs_window:
-                allowed_TS = allowed_TS & (q_slot - k_slot < window)
-            return allowed_TS[None, None]
-        allowed_BTS = allowed_TS[None] & valid_BS[:, None, :S]
-        if needs_window:
-            q_pos = pos_BS[:, start:start + T, None]
-            allowed_BTS = allowed_BTS & (q_pos - pos_BS[:, None, :S] < window)
-        # A padding query sees at least itself, so its softmax has no empty row (no NaNs).
-        allowed_BTS = allowed_BTS | (q_slot == k_slot)[None]
-        return allowed_BTS[:, None]
-
-    @staticmethod
-    def segment_positions_and_mask(segment_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For packed rows: positions restarting at 0 where the segment id changes, and the
-        block-diagonal causal mask (B, 1, T, T), True = may attend (same segment, not in the future)."""
-        B, T = segment_BT.shape
-        t = torch.arange(T, device=segment_BT.device)
-        starts_BT = torch.ones_like(segment_BT, dtype=torch.bool)
-        starts_BT[:, 1:] = segment_BT[:, 1:] != segment_BT[:, :-1]
-        first_BT = torch.where(starts_BT, t[None], torch.zeros_like(t)[None]).cummax(-1).values
-        pos_BT = t[None] - first_BT
-        same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
-        causal_TT = t[None, :] <= t[:, None]
-        return pos_BT, (same_BTT & causal_TT[None])[:, None]
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, min(max_len, self.cfg.block_size),
+                       self.cfg.head_dim, dtype=dtype or p.dtype, device=p.device)
 
     def forward(self, idx_BT: torch.Tensor, *, pad_mask_BT: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
                 segment_BT: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Logits for every position (or only the last with `last_only`).
 
-        pad_mask_BT: True where idx is a real token, False for (left) padding. With a cache the
-        new tokens are appended after `cache.length` and the cache advances.
+        pad_mask_BT: True where idx is a real token, False for padding (left padding with a cache).
+        cache: a `KVCache` (`new_cache`): the new tokens go after what each row holds, and the cache
+        advances; rows may hold different lengths (the serving scheduler's slots).
         segment_BT: packed training rows (no cache): integer ids of the example each token belongs
         to; positions restart at every example and attention never crosses examples.
         hidden: return the final hidden states (B, T, C) after the last norm instead of logits
         (for score / value heads).
         """
-        if segment_BT is not None:
-            return self._forward_packed(idx_BT, segment_BT, hidden)
         B, T = idx_BT.shape
-        device = idx_BT.device
-        start = cache.length if cache is not None else 0
-        S = start + T
-        limit = cache.max_len if cache is not None else self.cfg.block_size
-        if S > limit or S > self.cfg.block_size and self.cfg.pos_encoding != "rope":
-            raise LMForgeError(f"sequence of {S} tokens is longer than the context ({min(limit, self.cfg.block_size)})")
-
-        valid_BS = None
-        if cache is not None:
-            new_valid = pad_mask_BT if pad_mask_BT is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-            cache.valid_BS[:, start:S] = new_valid
-            if pad_mask_BT is not None and not bool(pad_mask_BT.all()):
-                cache.has_padding = True
-            if cache.has_padding:
-                valid_BS = cache.valid_BS[:, :S]
-        elif pad_mask_BT is not None and not bool(pad_mask_BT.all()):
-            valid_BS = pad_mask_BT
-
-        if valid_BS is not None:
-            pos_BS = (valid_BS.long().cumsum(-1) - 1).clamp(min=0)
-            pos_BT = pos_BS[:, start:S]
+        cfg = self.cfg
+        if segment_BT is not None:
+            flex = packed_attention(idx_BT.device) == "flex" and not (self.training and cfg.dropout > 0)
+            ctx = packed_context(segment_BT, cfg.sliding_window, flex)
         else:
-            pos_BS = None
-            pos_BT = torch.arange(start, S, device=device)[None].expand(B, T)
-        if self.cfg.sliding_window is not None and pos_BS is None:
-            pos_BS = torch.arange(S, device=device)[None]
+            ctx = causal_context(B, T, idx_BT.device, cache=cache, pad_mask_BT=pad_mask_BT, window=cfg.sliding_window)
+        if ctx.length > cfg.block_size:
+            raise LMForgeError(f"sequence of {ctx.length} tokens is longer than the context ({cfg.block_size})")
 
         x_BTC = self.tok_emb(idx_BT)
         rope = None
-        if self.cfg.pos_encoding == "learned":
-            x_BTC = x_BTC + self.pos_emb(pos_BT)
-        elif self.cfg.pos_encoding == "sinusoidal":
-            x_BTC = x_BTC + self.pos_table[pos_BT].to(x_BTC.dtype)
+        if cfg.pos_encoding == "learned":
+            x_BTC = x_BTC + self.pos_emb(ctx.pos_BT)
+        elif cfg.pos_encoding == "sinusoidal":
+            x_BTC = x_BTC + self.pos_table[ctx.pos_BT].to(x_BTC.dtype)
         else:
-            if S > self.rope_cos.shape[0]:
-                raise LMForgeError(f"sequence of {S} tokens is longer than the context ({self.rope_cos.shape[0]})")
-            rope = (self.rope_cos[pos_BT], self.rope_sin[pos_BT])
+            rope = (self.rope_cos[ctx.pos_BT], self.rope_sin[ctx.pos_BT])
         x_BTC = self.drop(x_BTC)
-
-        mask = self._attention_mask(T, S, start, valid_BS, pos_BS, device)
         for i, block in enumerate(self.blocks):
-            x_BTC = block(x_BTC, rope=rope, mask=mask, is_causal=T > 1, cache=cache, layer=i)
-        if cache is not None:
-            cache.length = S
+            x_BTC = block(x_BTC, ctx, layer=i, rope=rope)
+        if ctx.cache is not None:
+            ctx.cache.advance(T)
 
         x_BTC = self.norm_f(x_BTC)
         if last_only:
@@ -355,53 +301,6 @@ class Decoder(nn.Module):
             c = self.cfg.logit_softcap
             logits_BTV = c * torch.tanh(logits_BTV / c)
         return logits_BTV
-
-    def _forward_packed(self, idx_BT: torch.Tensor, segment_BT: torch.Tensor, hidden: bool) -> torch.Tensor:
-        B, T = idx_BT.shape
-        if T > self.cfg.block_size:
-            raise LMForgeError(f"sequence of {T} tokens is longer than the context ({self.cfg.block_size})")
-        pos_BT, mask = self.segment_positions_and_mask(segment_BT)
-        window = self.cfg.sliding_window
-        if window is not None:
-            t = torch.arange(T, device=idx_BT.device)
-            mask = mask & ((t[:, None] - t[None, :]) < window)[None, None]
-        block_mask = None
-        if packed_attention(idx_BT.device) == "flex" and not (self.training and self.cfg.dropout > 0):
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            seg = segment_BT
-
-            def same_example(b, h, q, k):  # noqa: ANN001 (flex mask_mod signature)
-                ok = (seg[b, q] == seg[b, k]) & (k <= q)
-                return ok & (q - k < window) if window is not None else ok
-
-            block_mask = create_block_mask(same_example, B, None, T, T, device=idx_BT.device)
-            mask = None
-        x_BTC = self.tok_emb(idx_BT)
-        rope = None
-        if self.cfg.pos_encoding == "learned":
-            x_BTC = x_BTC + self.pos_emb(pos_BT)
-        elif self.cfg.pos_encoding == "sinusoidal":
-            x_BTC = x_BTC + self.pos_table[pos_BT].to(x_BTC.dtype)
-        else:
-            rope = (self.rope_cos[pos_BT], self.rope_sin[pos_BT])
-        x_BTC = self.drop(x_BTC)
-        for i, block in enumerate(self.blocks):
-            x_BTC = block(x_BTC, rope=rope, mask=mask, is_causal=False, cache=None, layer=i, block_mask=block_mask)
-        x_BTC = self.norm_f(x_BTC)
-        return x_BTC if hidden else self.head(x_BTC)
-
-
-def packed_attention(device: torch.device) -> str:
-    """How packed rows attend: 'flex' (flex attention with a block mask; the default on GPU, where it
-    skips the masked blocks) or 'sdpa' (scaled_dot_product_attention with a boolean mask; CPU).
-    LMFORGE_PACKED_ATTENTION=flex|sdpa overrides."""
-    import os
-
-    choice = os.environ.get("LMFORGE_PACKED_ATTENTION", "auto")
-    if choice in ("flex", "sdpa"):
-        return choice
-    return "flex" if device.type == "cuda" else "sdpa"
 
 
 # ---- `lmforge info` ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
 from lmforge.models.presets import describe_shape, preset_config
-from lmforge.nn.layers import Attention, rope_cos_sin, rope_inv_freq
+from lmforge.nn.layers import Attention, AttentionContext, rope_cos_sin, rope_inv_freq
 from lmforge.nn.linear import Linear
 
 HEADS = ("none", "mlm", "sequence", "token")
@@ -263,9 +263,9 @@ class Block(nn.Module):
     def forward(self, x_BTC: torch.Tensor, mask: torch.Tensor | None, rope: Any) -> torch.Tensor:
         if self.prenorm:
             h = self.norm1(x_BTC) if self.norm1 is not None else x_BTC
-            x_BTC = x_BTC + self.drop(self.attn(h, rope=rope, mask=mask, is_causal=False))
+            x_BTC = x_BTC + self.drop(self.attn(h, AttentionContext(mask=mask), rope=rope))
             return x_BTC + self.drop(self.mlp(self.norm2(x_BTC)))
-        x_BTC = self.norm1(x_BTC + self.drop(self.attn(x_BTC, rope=rope, mask=mask, is_causal=False)))
+        x_BTC = self.norm1(x_BTC + self.drop(self.attn(x_BTC, AttentionContext(mask=mask), rope=rope)))
         return self.norm2(x_BTC + self.drop(self.mlp(x_BTC)))
 
 

@@ -1,5 +1,6 @@
 """Transformer building blocks shared by every model family: norms, positional encodings, MLPs,
-multi-head attention and the key/value cache. Pure modules: no I/O, no config files.
+multi-head attention and the attention context (positions and masks) every attention layer of a
+forward pass shares. Pure modules: no I/O, no config files.
 
 Shape suffixes on tensor names: B batch, T query positions, S key positions (cache length),
 H query heads, K key/value heads, D head dim, C model width, F MLP hidden width.
@@ -8,12 +9,14 @@ H query heads, K key/value heads, D head dim, C model width, F MLP hidden width.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.linear import Linear
 
 # ----------------------------------------------------------------------------------------------
@@ -34,6 +37,18 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return y * self.weight if self.weight is not None else y
+
+
+class InlineDropout:
+    """Mixin for modules: `self.drop(x)` is dropout with probability `self.p_drop` in training and x
+    itself otherwise, without a module call. At batch-1 decoding an nn.Dropout that does nothing
+    still costs a module dispatch (~4 us, over a dozen per step). Same draws as nn.Dropout."""
+
+    p_drop: float = 0.0
+    training: bool
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p_drop, True) if self.training and self.p_drop > 0 else x
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
@@ -198,24 +213,100 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m
         return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer, plus which slots hold real tokens.
+def packed_attention(device: torch.device) -> str:
+    """How packed rows attend: 'flex' (flex attention with a block mask; the default on GPU, where it
+    skips the masked blocks) or 'sdpa' (scaled_dot_product_attention with a boolean mask; CPU).
+    LMFORGE_PACKED_ATTENTION=flex|sdpa overrides."""
+    import os
 
-    Rows of a batch may start with left padding; `valid_BS` marks the slots that hold tokens,
-    so attention skips padding and positions count only real tokens.
+    choice = os.environ.get("LMFORGE_PACKED_ATTENTION", "auto")
+    if choice in ("flex", "sdpa"):
+        return choice
+    return "flex" if device.type == "cuda" else "sdpa"
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward pass shares, built once per pass: which keys each
+    new token may attend to, the cache the keys and values go through, and the new tokens' positions.
+
+    Decoders build it with `causal_context` (plain, padded or cached rows) or `packed_context`
+    (packed training rows) and turn `pos_BT` into position embeddings or RoPE angles; a
+    bidirectional encoder passes just its padding mask, `AttentionContext(mask=...)`.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.k_LBKSD = torch.zeros(n_layer, batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
-        self.v_LBKSD = torch.zeros_like(self.k_LBKSD)
-        self.valid_BS = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.length = 0  # slots filled so far (the same for every row)
-        self.max_len = max_len
-        self.has_padding = False
+    mask: torch.Tensor | None = None  # bool (B or 1, 1, T, S), True = may attend; None: see is_causal
+    is_causal: bool = False  # without a mask: causal (T == S), or every key when False
+    block_mask: Any = None  # flex attention's BlockMask, used instead of `mask` (packed rows on GPU)
+    cache: KVCache | None = None
+    pos_BT: torch.Tensor | None = None  # position of every new token (counts real tokens of its row / segment)
+    length: int | None = None  # key slots attended over (S)
 
-    def nbytes(self) -> int:
-        return 2 * self.k_LBKSD.numel() * self.k_LBKSD.element_size()
+
+def causal_context(B: int, T: int, device: torch.device, *, cache: KVCache | None = None,
+                   pad_mask_BT: torch.Tensor | None = None, window: int | None = None) -> AttentionContext:
+    """Causal attention for T new tokens per row, after what `cache` holds for that row (rows may
+    have different lengths) or alone without a cache.
+
+    pad_mask_BT: False marks padding; padding is never attended to and positions count only real
+    tokens, so a padded row computes what the same tokens compute alone. window: a token sees only
+    the last `window` positions (sliding-window attention).
+    """
+    if cache is not None:
+        w = cache.begin(T, pad_mask_BT)
+        start, start_B, S, valid_BS = w.start, w.start_B, w.end, w.valid_BS
+    else:
+        start, start_B, S = 0, None, T
+        valid_BS = pad_mask_BT if pad_mask_BT is not None and not bool(pad_mask_BT.all()) else None
+    needs_window = window is not None and S > window
+    if start is not None and valid_BS is None and not needs_window and (start == 0 or T == 1):
+        # plain causal attention (T == S), or one new token per row that sees the whole cache
+        pos_BT = torch.arange(start, S, device=device)[None].expand(B, T)
+        return AttentionContext(None, T > 1, cache=cache, pos_BT=pos_BT, length=S)
+    t_T = torch.arange(T, device=device)
+    q_slot_BT = (start + t_T)[None] if start is not None else start_B[:, None] + t_T[None]
+    k_slot_S = torch.arange(S, device=device)
+    allowed_BTS = k_slot_S[None, None] <= q_slot_BT[:, :, None]
+    if valid_BS is None:
+        pos_BT = q_slot_BT.expand(B, T)
+        if needs_window:
+            allowed_BTS = allowed_BTS & (q_slot_BT[:, :, None] - k_slot_S[None, None] < window)
+    else:
+        pos_BS = (valid_BS.long().cumsum(-1) - 1).clamp(min=0)
+        pos_BT = pos_BS.gather(1, q_slot_BT.expand(B, T))
+        allowed_BTS = allowed_BTS & valid_BS[:, None, :]
+        if needs_window:
+            allowed_BTS = allowed_BTS & (pos_BT[:, :, None] - pos_BS[:, None, :] < window)
+        # A padding query sees at least itself, so its softmax has no empty row (no NaNs).
+        allowed_BTS = allowed_BTS | (k_slot_S[None, None] == q_slot_BT[:, :, None])
+    return AttentionContext(allowed_BTS[:, None], cache=cache, pos_BT=pos_BT, length=S)
+
+
+def packed_context(segment_BT: torch.Tensor, window: int | None = None, flex: bool = False) -> AttentionContext:
+    """Attention for packed training rows: `segment_BT` holds the id of the example each token
+    belongs to; positions restart at every example and attention never crosses examples.
+    flex: build a flex-attention BlockMask instead of a dense mask (see `packed_attention`)."""
+    B, T = segment_BT.shape
+    device = segment_BT.device
+    t_T = torch.arange(T, device=device)
+    starts_BT = torch.ones_like(segment_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = segment_BT[:, 1:] != segment_BT[:, :-1]
+    first_BT = torch.where(starts_BT, t_T[None], torch.zeros_like(t_T)[None]).cummax(-1).values
+    pos_BT = t_T[None] - first_BT
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_example(b, h, q, k):  # noqa: ANN001 (flex mask_mod signature)
+            ok = (segment_BT[b, q] == segment_BT[b, k]) & (k <= q)
+            return ok & (q - k < window) if window is not None else ok
+
+        block_mask = create_block_mask(same_example, B, None, T, T, device=device)
+        return AttentionContext(block_mask=block_mask, pos_BT=pos_BT, length=T)
+    allowed_TT = t_T[None, :] <= t_T[:, None]
+    if window is not None:
+        allowed_TT = allowed_TT & (t_T[:, None] - t_T[None, :] < window)
+    same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
+    return AttentionContext((same_BTT & allowed_TT[None])[:, None], pos_BT=pos_BT, length=T)
 
 
 class Attention(nn.Module):
@@ -236,10 +327,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.dropout = dropout
 
-    def forward(self, x_BTC: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None, is_causal: bool = True,
-                cache: KVCache | None = None, layer: int = 0, block_mask: Any = None) -> torch.Tensor:
-        """block_mask: a flex-attention BlockMask (packed rows on GPU) used instead of `mask`."""
+    def forward(self, x_BTC: torch.Tensor, ctx: AttentionContext, *, layer: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`layer`: which of the cache's layers this is; `rope`: (cos, sin) of the new tokens' positions."""
         B, T, _ = x_BTC.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         q_BTX, k_BTX, v_BTX = self.qkv(x_BTC).split([H * D, K * D, K * D], dim=-1)
@@ -251,16 +341,13 @@ class Attention(nn.Module):
         if rope is not None:
             q_BHTD = apply_rope(q_BHTD, *rope)
             k_BKTD = apply_rope(k_BKTD, *rope)
-        if cache is not None:
-            start = cache.length
-            cache.k_LBKSD[layer, :, :, start:start + T] = k_BKTD
-            cache.v_LBKSD[layer, :, :, start:start + T] = v_BKTD
-            k_BKTD = cache.k_LBKSD[layer, :, :, :start + T]
-            v_BKTD = cache.v_LBKSD[layer, :, :, :start + T]
-        if block_mask is not None:
-            y_BHTD = flex_attention(q_BHTD, k_BKTD, v_BKTD, block_mask=block_mask, enable_gqa=K != H)
-            return self.proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
-        y_BHTD = F.scaled_dot_product_attention(
-            q_BHTD, k_BKTD, v_BKTD, attn_mask=mask, is_causal=is_causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
+        k_BKSD, v_BKSD = k_BKTD, v_BKTD
+        if ctx.cache is not None:  # the new keys and values join the cached ones
+            k_BKSD, v_BKSD = ctx.cache.write(layer, k_BKTD, v_BKTD)
+        if ctx.block_mask is not None:
+            y_BHTD = flex_attention(q_BHTD, k_BKSD, v_BKSD, block_mask=ctx.block_mask, enable_gqa=K != H)
+        else:
+            y_BHTD = F.scaled_dot_product_attention(
+                q_BHTD, k_BKSD, v_BKSD, attn_mask=ctx.mask, is_causal=ctx.is_causal,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
         return self.proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
