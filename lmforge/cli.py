@@ -371,19 +371,15 @@ def cmd_finetune(argv: list[str]) -> int:
     return 0
 
 
+BENCHMARKS = ("train", "decode", "encoder", "seq2seq")  # each a module of lmforge.bench with run(opts)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    opts = {"quick": args.quick}
-    if args.what == "train":
-        from lmforge.bench.train import run
-    elif args.what == "encoder":
-        from lmforge.bench.encoder import run
-    elif args.what == "seq2seq":
-        from lmforge.bench.seq2seq import run
-    else:
-        from lmforge.bench.decode import run
+    import importlib
+
     from lmforge.bench import summary_lines
 
-    result = run(opts)
+    result = importlib.import_module(f"lmforge.bench.{args.what}").run({"quick": args.quick})
     for line in summary_lines(result):
         print(line, file=sys.stderr)
     text = json.dumps(result, indent=2)
@@ -528,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(lmforge finetune METHOD --help)", add_help=False)
 
     s = sub.add_parser("bench", help="speed side by side with transformers")
-    s.add_argument("what", choices=["train", "decode", "encoder", "seq2seq"])
+    s.add_argument("what", choices=BENCHMARKS)
     s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
     s.add_argument("--json", help="also write the result to this file")
     return p

@@ -100,3 +100,40 @@ def test_the_scan_finds_each_kind_of_private_use(tmp_path):
     assert private_name_uses(pkg) == [
         "pkg/sub/b.py:3 pkg.a._x", "pkg/sub/b.py:4 pkg.a._y", "pkg/sub/b.py:6 pkg.a._z", "pkg/sub/b.py:6 pkg.a._x",
         "pkg/sub/b.py:8 pkg.a._y", "pkg/sub/b.py:9 pkg.sub._hidden", "pkg/sub/b.py:12 pkg.a._z"]
+
+
+FAMILY_NAMES = {"decoder", "encoder", "seq2seq", "decoder_classifier", "decoder_value"}
+
+
+def family_switches(package_dir: Path, own: tuple[str, ...] = ()) -> list[str]:
+    """`file:line` of every comparison with a model family's name outside models/ (the registry and
+    the family files) and the `own` files (a family's interop module may name its own parts):
+    callers ask the registry instead."""
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir)
+        if rel.parts[0] == "models" or rel.as_posix() in own:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Compare):
+                names = [c.value for c in [node.left, *node.comparators]
+                         if isinstance(c, ast.Constant) and c.value in FAMILY_NAMES]
+                names += [e.value for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                          for e in c.elts if isinstance(e, ast.Constant) and e.value in FAMILY_NAMES]
+                if names:
+                    found.append(f"lmforge/{rel.as_posix()}:{node.lineno} {names[0]}")
+    return found
+
+
+def test_nobody_outside_the_registry_switches_on_family_names():
+    from lmforge.models.registry import FAMILIES
+
+    interop = tuple(f.interop.replace("lmforge.", "").replace(".", "/") + ".py" for f in FAMILIES.values() if f.interop)
+    assert family_switches(PACKAGE_DIR, own=interop) == []
+
+
+def test_the_family_switch_scan_finds_one(tmp_path):
+    (tmp_path / "pkg" / "infer").mkdir(parents=True)
+    (tmp_path / "pkg" / "infer" / "x.py").write_text('if model.family == "seq2seq":\n    pass\n'
+                                                     'ok = kind in ("encoder", "other")\n')
+    assert family_switches(tmp_path / "pkg") == ["lmforge/infer/x.py:1 seq2seq", "lmforge/infer/x.py:3 encoder"]

@@ -95,8 +95,9 @@ class LLM:
     def _encode_text(self, texts: Sequence[str]) -> list[list[int]]:
         return encode_text_prompts(self._need_tokenizer(), texts)
 
-    def _prompts(self, prompt: Any) -> tuple[str, list[list[int]]]:
-        """('text' | 'ids' | 'texts', token-id prompts)."""
+    def prompt_batch(self, prompt: Any) -> tuple[str, list[list[int]]]:
+        """(kind, token-id prompts) of what `generate` takes: kind 'text' for a string, 'texts' for a
+        list of strings, 'ids' for a list of token ids (see `results_like`)."""
         if isinstance(prompt, str):
             return "text", self._encode_text([prompt])
         if isinstance(prompt, torch.Tensor):
@@ -126,22 +127,12 @@ class LLM:
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise LMForgeError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if "continue" not in self.tasks or num_beams != 1:
-            # Encoder-decoders, and beam search for every family (num_samples = best hypotheses returned).
-            from lmforge.infer.seq2seq import generate_for_llm
-
-            return generate_for_llm(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                                    num_samples=num_samples, num_beams=num_beams, length_penalty=length_penalty,
-                                    early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size, stop=stop)
-        kind, prompts = self._prompts(prompt)
-        rows = [p for p in prompts for _ in range(num_samples)]
-        gens = _generate(self.model, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids, pad_id=self.pad_id,
-                         stop=stop, tokenizer=self.tokenizer, seed=seed, decode_text=kind != "ids")
-        outs = [g.ids if kind == "ids" else g.text for g in gens]
-        grouped = [outs[i:i + num_samples] if num_samples > 1 else outs[i] for i in range(0, len(outs), num_samples)]
-        return grouped if kind == "texts" else grouped[0]
+        self._need("generate", f"a {self.family.name} model does not generate text")
+        return self.family.generation_module().generate_for_llm(
+            self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, num_samples=num_samples, num_beams=num_beams,
+            length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
+            stop=stop)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float = 1.0, stop: str | Sequence[str] | None = None,

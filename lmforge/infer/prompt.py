@@ -38,3 +38,17 @@ def render_chat_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]],
             raise
     as_system = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
     return list(tokenizer.apply_chat_template(as_system, add_generation_prompt=add_generation_prompt, tokenize=True))
+
+
+def results_like(kind: str, per_prompt: Sequence[Any]) -> Any:
+    """`LLM.generate`'s result in the shape of its prompt: one result for 'text' / 'ids', the list for
+    'texts' (each result itself a list when several samples were asked for)."""
+    return list(per_prompt) if kind == "texts" else per_prompt[0]
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first of the stop strings (generation that cannot stop mid-way: beams, seq2seq)."""
+    for s in stops:
+        if s in text:
+            text = text[:text.index(s)]
+    return text

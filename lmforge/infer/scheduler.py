@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmforge.errors import LMForgeError
+from lmforge.models.registry import CONTINUE, family_of
 from lmforge.infer.generate import TextTracker, normalize_stop
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
 
@@ -99,10 +100,11 @@ class StepOutput:
 
 
 def check_servable(model: torch.nn.Module) -> None:
-    family = getattr(model, "family", "decoder")
-    if family != "decoder" or not hasattr(model, "new_cache"):
+    """The scheduler batches models whose text continues a prompt through one KV cache (decoders)."""
+    family = family_of(model)
+    if CONTINUE not in family.can or not hasattr(model, "new_cache"):
         raise LMForgeError(f"lmforge serve generates with decoder-only language models; this model is "
-                           f"'{family}' ({type(model).__name__})")
+                           f"'{family.name}' ({type(model).__name__})")
 
 
 class _SkipSpecial:

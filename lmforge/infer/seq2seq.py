@@ -18,13 +18,10 @@ from typing import Any, Sequence
 import torch
 
 from lmforge.errors import LMForgeError
-from lmforge.infer.beam import BeamParams, beam_search, beam_search_decoder
-from lmforge.infer.generate import Generation
+from lmforge.infer.beam import BeamParams, beam_search
+from lmforge.infer.generate import Generation, normalize_stop
+from lmforge.infer.prompt import cut_at_stops, results_like
 from lmforge.infer.sampling import SamplingParams, make_generator, sample_next
-
-
-def is_seq2seq(model: torch.nn.Module) -> bool:
-    return getattr(model, "family", None) == "seq2seq"
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,52 +176,32 @@ def generate_for_llm(llm: Any, prompt: Any, *, max_new_tokens: int, temperature:
                      top_p: float | None, repetition_penalty: float, seed: int | None, num_samples: int, num_beams: int,
                      length_penalty: float, early_stopping: bool | str, no_repeat_ngram_size: int,
                      stop: str | Sequence[str] | None) -> Any:
-    """`LLM.generate` for encoder-decoders (any decoding) and for decoders with num_beams > 1.
-
-    Same shapes of results as `LLM.generate`: str for a str prompt, new ids for ids, a list for a
-    list of strings; num_samples > 1 gives a list per prompt (the best hypotheses for beam search).
-    Stop strings cut the returned text after generation.
-    """
-    from lmforge.infer.generate import normalize_stop
-
-    kind, prompts = llm._prompts(prompt)
+    """`LLM.generate` for encoder-decoders: the generated target of each source (greedy, sampling or
+    beam search). Results come in the shape of the prompt, as for decoders (infer/prompt.results_like);
+    num_samples > 1 gives a list per prompt (the best hypotheses for beam search). Stop strings cut the
+    returned text after generation."""
+    kind, prompts = llm.prompt_batch(prompt)
     model = llm.model
     stops = normalize_stop(stop)
-    if is_seq2seq(model):
-        eos = model.cfg.eos_id
-        if kind != "ids":  # text sources end with the EOS, as T5 / BART tokenizers make them
-            prompts = [p if p and p[-1] == eos else [*p, eos] for p in prompts]
-        if num_beams > 1 or temperature == 0:
-            rows = generate_seq2seq(model, prompts, max_new_tokens=max_new_tokens, temperature=0,
-                                    repetition_penalty=repetition_penalty, num_beams=num_beams,
-                                    length_penalty=length_penalty, early_stopping=early_stopping,
-                                    no_repeat_ngram_size=no_repeat_ngram_size,
-                                    num_return_sequences=num_samples if num_beams > 1 else 1,
-                                    tokenizer=llm.tokenizer, decode_text=kind != "ids")
-            if num_beams == 1 and num_samples > 1:  # greedy: every sample is the same
-                rows = [[r] * num_samples for r in rows]
-        else:
-            rows = generate_seq2seq(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, repetition_penalty=repetition_penalty,
-                                    no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_samples,
-                                    seed=seed, tokenizer=llm.tokenizer, decode_text=kind != "ids")
+    eos = model.cfg.eos_id
+    if kind != "ids":  # text sources end with the EOS, as T5 / BART tokenizers make them
+        prompts = [p if p and p[-1] == eos else [*p, eos] for p in prompts]
+    if num_beams > 1 or temperature == 0:
+        rows = generate_seq2seq(model, prompts, max_new_tokens=max_new_tokens, temperature=0,
+                                repetition_penalty=repetition_penalty, num_beams=num_beams,
+                                length_penalty=length_penalty, early_stopping=early_stopping,
+                                no_repeat_ngram_size=no_repeat_ngram_size,
+                                num_return_sequences=num_samples if num_beams > 1 else 1,
+                                tokenizer=llm.tokenizer, decode_text=kind != "ids")
+        if num_beams == 1 and num_samples > 1:  # greedy: every sample is the same
+            rows = [[r] * num_samples for r in rows]
     else:
-        if num_samples > num_beams:
-            raise LMForgeError(f"beam search returns at most num_beams ({num_beams}) results, asked for {num_samples}")
-        rows = beam_search_decoder(model, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                   length_penalty=length_penalty, early_stopping=early_stopping,
-                                   no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_samples,
-                                   eos_id=llm.stop_ids, pad_id=llm.pad_id,
-                                   tokenizer=llm.tokenizer, decode_text=kind != "ids")
+        rows = generate_seq2seq(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, repetition_penalty=repetition_penalty,
+                                no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_samples,
+                                seed=seed, tokenizer=llm.tokenizer, decode_text=kind != "ids")
 
     def out(g: Generation) -> Any:
-        if kind == "ids":
-            return g.ids
-        text = g.text or ""
-        for s in stops:
-            if s in text:
-                text = text[:text.index(s)]
-        return text
+        return g.ids if kind == "ids" else cut_at_stops(g.text or "", stops)
 
-    results = [[out(g) for g in r] if isinstance(r, list) else out(r) for r in rows]
-    return results if kind == "texts" else results[0]
+    return results_like(kind, [[out(g) for g in r] if isinstance(r, list) else out(r) for r in rows])
