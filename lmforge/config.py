@@ -19,6 +19,14 @@ import yaml
 
 from lmforge.errors import LMForgeError
 
+
+def config_field(default: Any, help: str) -> Any:
+    """A config dataclass field with its default and the help text `--help-config` and the CLI show
+    (a list or dict default becomes a factory, so instances never share it)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
 _NONE_WORDS = {"none", "null", "~", ""}
 _TRUE_WORDS = {"true", "yes", "1", "on"}
 _FALSE_WORDS = {"false", "no", "0", "off"}

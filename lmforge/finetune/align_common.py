@@ -4,37 +4,34 @@ trained model, and the run's inputs recorded in its config."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from lmforge.config import config_field
 from lmforge.train.config import TrainConfig
-
-
-def _h(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class AlignTrainConfig(TrainConfig):
     """The loop's TrainConfig with defaults for fine-tuning a trained model (not pretraining)."""
 
-    max_steps: int = _h(200, "optimizer steps to train for")
-    lr: float = _h(1e-5, "peak learning rate")
-    warmup_steps: int = _h(10, "linear warmup steps from 0 to lr")
-    weight_decay: float = _h(0.0, "AdamW weight decay (not applied to norms, biases, embeddings)")
-    micro_batch_size: int = _h(8, "pairs (reward, dpo) or completions (grpo, ppo) per forward/backward pass")
-    eval_every: int = _h(50, "evaluate every N steps (and always at the end; 0 = only at the end)")
-    ckpt_every: int = _h(100, "checkpoint every N steps (and always at the end; 0 = only at the end)")
-    eval_iters: int = _h(10, "unused by preference / RL methods (every validation pair is evaluated)")
+    max_steps: int = config_field(200, "optimizer steps to train for")
+    lr: float = config_field(1e-5, "peak learning rate")
+    warmup_steps: int = config_field(10, "linear warmup steps from 0 to lr")
+    weight_decay: float = config_field(0.0, "AdamW weight decay (not applied to norms, biases, embeddings)")
+    micro_batch_size: int = config_field(8, "pairs (reward, dpo) or completions (grpo, ppo) per forward/backward pass")
+    eval_every: int = config_field(50, "evaluate every N steps (and always at the end; 0 = only at the end)")
+    ckpt_every: int = config_field(100, "checkpoint every N steps (and always at the end; 0 = only at the end)")
+    eval_iters: int = config_field(10, "unused by preference / RL methods (every validation pair is evaluated)")
 
 
 @dataclass
 class RLTrainConfig(AlignTrainConfig):
     """GRPO / PPO: micro-batches of 32 completions, evaluation only at the end (no validation loss)."""
 
-    micro_batch_size: int = _h(32, "completions per forward/backward pass; rollout batch per process = "
+    micro_batch_size: int = config_field(32, "completions per forward/backward pass; rollout batch per process = "
                                    "minibatches x grad_accum x micro_batch_size")
-    eval_every: int = _h(0, "evaluate every N steps (RL methods have no validation loss; 0 = only at the end)")
+    eval_every: int = config_field(0, "evaluate every N steps (RL methods have no validation loss; 0 = only at the end)")
 
 
 def resolved(method: str, args: Any, cfg: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from lmforge.data.labeled import decoder_rows
 from lmforge.data.sampling import ExampleBatches, split_validation
 from lmforge.data.table import data_fingerprint
+from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
 from lmforge.train import distributed as D
@@ -39,23 +40,20 @@ EVAL_METRICS = "eval_metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
 
 
-def _h(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
 
 @dataclass
 class ClassifyDataConfig:
-    text_column: str = _h("text", "column holding the text")
-    text_pair_column: str = _h("text_pair", "column holding the second text of a pair (used when present)")
-    label_column: str = _h("label", "column holding the label (string or int)")
-    val_fraction: float = _h(0.0, "hold out this share of examples for validation when no --val-data is given")
-    max_length: Optional[int] = _h(None, "tokens per example (longer ones are truncated); default the model's context")
+    text_column: str = config_field("text", "column holding the text")
+    text_pair_column: str = config_field("text_pair", "column holding the second text of a pair (used when present)")
+    label_column: str = config_field("label", "column holding the label (string or int)")
+    val_fraction: float = config_field(0.0, "hold out this share of examples for validation when no --val-data is given")
+    max_length: Optional[int] = config_field(None, "tokens per example (longer ones are truncated); default the model's context")
 
 
 @dataclass
 class ClassifyModelConfig:
-    pooling: Optional[Literal["cls", "mean"]] = _h(None, "encoders: what the head reads; default the model's own (cls; a sentence-transformers folder's pooling)")
-    dropout: Optional[float] = _h(None, "encoders: dropout while fine-tuning; default the model's own")
+    pooling: Optional[Literal["cls", "mean"]] = config_field(None, "encoders: what the head reads; default the model's own (cls; a sentence-transformers folder's pooling)")
+    dropout: Optional[float] = config_field(None, "encoders: dropout while fine-tuning; default the model's own")
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from lmforge.data.sampling import ExampleBatches, split_validation
 from lmforge.data.table import data_fingerprint, read_table
+from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
 from lmforge.train import distributed as D
@@ -40,31 +41,28 @@ EVAL_METRICS = "eval_metrics.json"
 EVAL_PREDICTIONS = "eval_predictions.jsonl"
 
 
-def _h(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
 
 @dataclass
 class Seq2SeqDataConfig:
-    source_column: str = _h("source", "column holding the source text")
-    target_column: str = _h("target", "column holding the target text")
-    prefix: str = _h("", "text put before every source (a T5 task prefix such as 'translate English to German: ')")
-    max_source_length: Optional[int] = _h(None, "source tokens (EOS included); longer ones are cut; default the context")
-    max_target_length: Optional[int] = _h(None, "target tokens (EOS included); longer ones are cut; default the context")
-    val_fraction: float = _h(0.0, "hold out this share of examples for validation when no --val-data is given")
-    group_by_length: bool = _h(True, "batch examples of similar length together (less padding; each epoch's "
+    source_column: str = config_field("source", "column holding the source text")
+    target_column: str = config_field("target", "column holding the target text")
+    prefix: str = config_field("", "text put before every source (a T5 task prefix such as 'translate English to German: ')")
+    max_source_length: Optional[int] = config_field(None, "source tokens (EOS included); longer ones are cut; default the context")
+    max_target_length: Optional[int] = config_field(None, "target tokens (EOS included); longer ones are cut; default the context")
+    val_fraction: float = config_field(0.0, "hold out this share of examples for validation when no --val-data is given")
+    group_by_length: bool = config_field(True, "batch examples of similar length together (less padding; each epoch's "
                                      "order stays a seeded shuffle)")
 
 
 @dataclass
 class Seq2SeqGenerateConfig:
-    max_new_tokens: int = _h(128, "longest generated target at evaluation")
-    num_beams: int = _h(1, "beam search at evaluation (1 = greedy)")
-    max_examples: int = _h(200, "validation examples generated at every evaluation (0 = no generation metrics)")
-    batch_size: int = _h(32, "sources generated together")
-    max_len_a: float = _h(0.0, "with max_len_b: each output cut at a * source tokens + b tokens, a guard "
+    max_new_tokens: int = config_field(128, "longest generated target at evaluation")
+    num_beams: int = config_field(1, "beam search at evaluation (1 = greedy)")
+    max_examples: int = config_field(200, "validation examples generated at every evaluation (0 = no generation metrics)")
+    batch_size: int = config_field(32, "sources generated together")
+    max_len_a: float = config_field(0.0, "with max_len_b: each output cut at a * source tokens + b tokens, a guard "
                                "against loops (fairseq's --max-len-a/--max-len-b; 0 = no cut)")
-    max_len_b: int = _h(0, "see max_len_a")
+    max_len_b: int = config_field(0, "see max_len_a")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lmforge.data.sampling import EpochOrder, split_validation
 from lmforge.data.table import data_fingerprint
+from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
 from lmforge.train import distributed as D
@@ -32,24 +33,21 @@ from lmforge.train.job import TrainJob
 IGNORE = -100
 
 
-def _h(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
 
 @dataclass
 class SFTTrainConfig(TrainConfig):
-    loss_on: Literal["completion", "prompt_and_completion"] = _h(
+    loss_on: Literal["completion", "prompt_and_completion"] = config_field(
         "completion", "completion = assistant tokens only (their end-of-turn token included); "
                       "prompt_and_completion = every token")
 
 
 @dataclass
 class SFTDataConfig:
-    packing: bool = _h(True, "pack examples into train.seq_len rows (block-diagonal attention, positions restart)")
-    long: Literal["truncate", "drop"] = _h("truncate", "examples longer than train.seq_len: truncate or drop "
+    packing: bool = config_field(True, "pack examples into train.seq_len rows (block-diagonal attention, positions restart)")
+    long: Literal["truncate", "drop"] = config_field("truncate", "examples longer than train.seq_len: truncate or drop "
                                                        "(--truncate / --drop-long)")
-    val_fraction: float = _h(0.0, "hold out this share of whole examples for validation when no --val-data is given")
-    template: Literal["auto", "chatml", "none"] = _h(
+    val_fraction: float = config_field(0.0, "hold out this share of whole examples for validation when no --val-data is given")
+    template: Literal["auto", "chatml", "none"] = config_field(
         "auto", "auto = the base model's chat template, else ChatML (its tokens added when missing); "
                 "chatml = always ChatML; none = plain prompt + completion + EOS (base models, no template)")
 

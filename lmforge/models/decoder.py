@@ -19,14 +19,11 @@ import torch.nn as nn
 
 from lmforge.errors import LMForgeError
 from lmforge.models.presets import preset_config
+from lmforge.models.tied_head import TiedHeadHooks
 from lmforge.nn.linear import Linear
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.layers import (MLP, Attention, AttentionContext, InlineDropout, causal_context, make_norm,
                                 packed_attention, packed_context, rope_cos_sin, rope_inv_freq, sinusoidal_table)
-
-
-def _h(text: str) -> Any:
-    return field(default=None, metadata={"help": text})
 
 
 @dataclass
@@ -160,7 +157,7 @@ class Block(InlineDropout, nn.Module):
         return x_BTC + self.drop(self.mlp(self.norm2(x_BTC)))
 
 
-class Decoder(InlineDropout, nn.Module):
+class Decoder(TiedHeadHooks, InlineDropout, nn.Module):
     """GPT-style language model. `forward(idx_BT)` returns next-token logits (B, T, vocab)."""
 
     family = "decoder"
@@ -203,17 +200,7 @@ class Decoder(InlineDropout, nn.Module):
             else:
                 nn.init.ones_(p)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    # ---- hooks for checkpoint loading (see models/registry.py) ---------------------------
-
-    def tied_state_keys(self) -> list[str]:
-        return ["lm_head.weight"] if self.cfg.tie_embeddings else []
-
-    def retie(self) -> None:
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+    # ---- hooks for checkpoint loading (see models/registry.py; the tied head's in TiedHeadHooks) ---
 
     def rebuild_buffers(self) -> None:
         """Non-persistent buffers (RoPE / sinusoidal tables) are not in the file; recompute them."""

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.models.presets import describe_shape, preset_config
 from lmforge.nn.layers import Attention, AttentionContext, rope_cos_sin, rope_inv_freq
@@ -43,48 +44,43 @@ SENTENCE_POOLING_FILE = "sentence_pooling.json"
 ACTIVATIONS = ("gelu", "tanh", "relu")
 
 
-def _f(default: Any, text: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
 
 @dataclass
 class EncoderConfig:
     """Shape, flavour and head of an encoder. Defaults: lmforge's modern pre-LN encoder ('encoder-small')."""
 
-    preset: Optional[str] = _f(None, "preset the other keys start from (see `lmforge info --list`)")
-    vocab_size: int = _f(4096, "vocabulary size; `lmforge train` sets it from the data's tokenizer")
-    block_size: int = _f(512, "maximum sequence length (rows of the position table for learned positions)")
-    n_layer: int = _f(6, "number of transformer blocks")
-    n_head: int = _f(4, "attention heads")
-    n_embd: int = _f(256, "model width")
-    mlp_hidden: Optional[int] = _f(None, "MLP hidden width; default 4*n_embd (gelu) or 2*n_embd (geglu, per branch)")
-    mlp: str = _f("geglu", "gelu (exact erf GELU, BERT) | geglu (GELU-gated linear unit, ModernBERT)")
-    pos_encoding: str = _f("rope", "learned (BERT) | rope")
-    position_offset: int = _f(0, "RoBERTa: positions of real tokens start at pad_id + 1 and padding takes row pad_id")
-    type_vocab_size: int = _f(0, "token-type (segment) embeddings: 2 for BERT sentence pairs, 1 RoBERTa, 0 none")
-    pad_id: int = _f(0, "padding token id (RoBERTa positions, batching)")
-    rope_theta: float = _f(10000.0, "RoPE base (global layers)")
-    local_window: Optional[int] = _f(None, "local layers attend within +-local_window//2 positions (ModernBERT: 128); none = all global")
-    local_rope_theta: float = _f(10000.0, "RoPE base of local layers")
-    global_every: int = _f(3, "with local_window: layer i is global when i % global_every == 0")
-    prenorm: bool = _f(True, "pre-LN blocks + final norm (modern) or post-LN blocks (BERT)")
-    bias: bool = _f(False, "biases in attention and MLP linears")
-    norm_bias: bool = _f(False, "biases in LayerNorms")
-    norm_eps: float = _f(1e-5, "epsilon of every LayerNorm (BERT: 1e-12)")
-    pooler: bool = _f(False, "BERT pooler: dense + tanh on [CLS], part of the base model")
-    head: str = _f("mlm", "none | mlm | sequence (classification / regression) | token (per-token classification)")
-    head_bias: bool = _f(True, "bias of the dense layer in the MLM / classifier transform (ModernBERT: false)")
-    mlm_bias: bool = _f(True, "bias added to the tied MLM decoder")
-    num_labels: int = _f(2, "classes of the sequence / token head; 1 = regression")
-    labels: Optional[list] = _f(None, "label names, index = class id (id2label)")
-    classifier_pooling: str = _f("cls", "cls | mean (over real tokens): what the sequence head reads")
-    classifier_dense: bool = _f(True, "without a pooler: dense + activation (+ norm) before the classifier")
-    classifier_act: str = _f("gelu", "activation of that dense layer: gelu | tanh (RoBERTa) | relu (DistilBERT)")
-    classifier_norm: bool = _f(True, "LayerNorm after that activation (ModernBERT)")
-    dropout: float = _f(0.0, "dropout on embeddings, attention, residual branches and the classifier")
-    init_std: float = _f(0.02, "std of the normal init of weights")
+    preset: Optional[str] = config_field(None, "preset the other keys start from (see `lmforge info --list`)")
+    vocab_size: int = config_field(4096, "vocabulary size; `lmforge train` sets it from the data's tokenizer")
+    block_size: int = config_field(512, "maximum sequence length (rows of the position table for learned positions)")
+    n_layer: int = config_field(6, "number of transformer blocks")
+    n_head: int = config_field(4, "attention heads")
+    n_embd: int = config_field(256, "model width")
+    mlp_hidden: Optional[int] = config_field(None, "MLP hidden width; default 4*n_embd (gelu) or 2*n_embd (geglu, per branch)")
+    mlp: str = config_field("geglu", "gelu (exact erf GELU, BERT) | geglu (GELU-gated linear unit, ModernBERT)")
+    pos_encoding: str = config_field("rope", "learned (BERT) | rope")
+    position_offset: int = config_field(0, "RoBERTa: positions of real tokens start at pad_id + 1 and padding takes row pad_id")
+    type_vocab_size: int = config_field(0, "token-type (segment) embeddings: 2 for BERT sentence pairs, 1 RoBERTa, 0 none")
+    pad_id: int = config_field(0, "padding token id (RoBERTa positions, batching)")
+    rope_theta: float = config_field(10000.0, "RoPE base (global layers)")
+    local_window: Optional[int] = config_field(None, "local layers attend within +-local_window//2 positions (ModernBERT: 128); none = all global")
+    local_rope_theta: float = config_field(10000.0, "RoPE base of local layers")
+    global_every: int = config_field(3, "with local_window: layer i is global when i % global_every == 0")
+    prenorm: bool = config_field(True, "pre-LN blocks + final norm (modern) or post-LN blocks (BERT)")
+    bias: bool = config_field(False, "biases in attention and MLP linears")
+    norm_bias: bool = config_field(False, "biases in LayerNorms")
+    norm_eps: float = config_field(1e-5, "epsilon of every LayerNorm (BERT: 1e-12)")
+    pooler: bool = config_field(False, "BERT pooler: dense + tanh on [CLS], part of the base model")
+    head: str = config_field("mlm", "none | mlm | sequence (classification / regression) | token (per-token classification)")
+    head_bias: bool = config_field(True, "bias of the dense layer in the MLM / classifier transform (ModernBERT: false)")
+    mlm_bias: bool = config_field(True, "bias added to the tied MLM decoder")
+    num_labels: int = config_field(2, "classes of the sequence / token head; 1 = regression")
+    labels: Optional[list] = config_field(None, "label names, index = class id (id2label)")
+    classifier_pooling: str = config_field("cls", "cls | mean (over real tokens): what the sequence head reads")
+    classifier_dense: bool = config_field(True, "without a pooler: dense + activation (+ norm) before the classifier")
+    classifier_act: str = config_field("gelu", "activation of that dense layer: gelu | tanh (RoBERTa) | relu (DistilBERT)")
+    classifier_norm: bool = config_field(True, "LayerNorm after that activation (ModernBERT)")
+    dropout: float = config_field(0.0, "dropout on embeddings, attention, residual branches and the classifier")
+    init_std: float = config_field(0.02, "std of the normal init of weights")
 
     def __post_init__(self) -> None:
         if self.mlp_hidden is None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
 from lmforge.models.presets import preset_config
+from lmforge.models.tied_head import TiedHeadHooks
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.layers import InlineDropout, RMSNorm
 from lmforge.nn.linear import Linear
@@ -344,7 +345,7 @@ class Seq2SeqCache:
             self.cross_mask = self.cross_mask.index_select(0, idx_B)
 
 
-class Seq2Seq(InlineDropout, nn.Module):
+class Seq2Seq(TiedHeadHooks, InlineDropout, nn.Module):
     """Encoder-decoder LM. `forward(src_BS, tgt_BT)` returns next-token logits of the target (B, T, vocab),
     where tgt starts with `cfg.decoder_start_id` (teacher forcing: the labels shifted right)."""
 
@@ -408,16 +409,6 @@ class Seq2Seq(InlineDropout, nn.Module):
             nn.init.normal_(p, 0.0, std)
         if cfg.arch == "bart":
             self.final_logits_bias.zero_()
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def tied_state_keys(self) -> list[str]:
-        return ["lm_head.weight"] if self.cfg.tie_embeddings else []
-
-    def retie(self) -> None:
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
 
     # ---- masks and positions -----------------------------------------------------------------
 

@@ -18,15 +18,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from lmforge.config import deep_merge, from_dict, load_yaml, parse_overrides
+from lmforge.config import config_field, deep_merge, from_dict, load_yaml, parse_overrides
 from lmforge.errors import LMForgeError
 from lmforge.models.decoder import DecoderConfig, config_from_preset
 
 DEFAULT_PRESET = "small"
 
-
-def _h(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
 
 
 def _model_section() -> type:
@@ -47,11 +44,11 @@ def _model_section() -> type:
             if fam is not default_family:  # keys of the default preset's family need no label
                 help_ = f"({fam.name}) {help_}"
             if f.name == "preset":
-                fields.append((f.name, Optional[str], _h(DEFAULT_PRESET, f"{help_} (default {DEFAULT_PRESET}, or the "
+                fields.append((f.name, Optional[str], config_field(DEFAULT_PRESET, f"{help_} (default {DEFAULT_PRESET}, or the "
                                                                       "objective's family default; keys set here "
                                                                       "override it)")))
             else:
-                fields.append((f.name, Optional[tp], _h(None, help_)))
+                fields.append((f.name, Optional[tp], config_field(None, help_)))
     cls = dataclasses.make_dataclass("ModelConfig", fields)
     cls.__module__ = __name__
     cls.__doc__ = "Model keys of every family; unset keys take the preset's value."
@@ -65,62 +62,62 @@ ModelConfig = _model_section()
 class TrainConfig:
     """Optimisation, schedule, evaluation, checkpointing and hardware settings."""
 
-    objective: str = _h("causal_lm", "training objective (see lmforge.train.objectives.PRETRAINING)")
-    max_steps: int = _h(1000, "optimizer steps to train for")
-    max_minutes: Optional[float] = _h(None, "wall-clock budget in minutes (total over resumes): stop cleanly "
+    objective: str = config_field("causal_lm", "training objective (see lmforge.train.objectives.PRETRAINING)")
+    max_steps: int = config_field(1000, "optimizer steps to train for")
+    max_minutes: Optional[float] = config_field(None, "wall-clock budget in minutes (total over resumes): stop cleanly "
                                             "(eval + checkpoint) when reached; the cosine schedule then ends at the "
                                             "step count estimated from the measured time per step")
-    micro_batch_size: int = _h(16, "sequences per forward/backward pass (per process)")
-    grad_accum: int = _h(1, "micro-batches accumulated per optimizer step (per process)")
-    seq_len: Optional[int] = _h(None, "tokens per training sequence; default model.block_size (must not exceed it)")
-    lr: float = _h(1e-3, "peak learning rate")
-    min_lr: Optional[float] = _h(None, "learning rate at the end of the cosine decay; default lr / 10")
-    warmup_steps: int = _h(100, "linear warmup steps from 0 to lr")
-    weight_decay: float = _h(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)")
-    beta1: float = _h(0.9, "AdamW beta1")
-    beta2: float = _h(0.95, "AdamW beta2")
-    eps: float = _h(1e-8, "AdamW epsilon")
-    optimizer: Literal["adamw", "muon"] = _h("adamw", "adamw | muon; muon = Muon for the blocks' weight matrices "
+    micro_batch_size: int = config_field(16, "sequences per forward/backward pass (per process)")
+    grad_accum: int = config_field(1, "micro-batches accumulated per optimizer step (per process)")
+    seq_len: Optional[int] = config_field(None, "tokens per training sequence; default model.block_size (must not exceed it)")
+    lr: float = config_field(1e-3, "peak learning rate")
+    min_lr: Optional[float] = config_field(None, "learning rate at the end of the cosine decay; default lr / 10")
+    warmup_steps: int = config_field(100, "linear warmup steps from 0 to lr")
+    weight_decay: float = config_field(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)")
+    beta1: float = config_field(0.9, "AdamW beta1")
+    beta2: float = config_field(0.95, "AdamW beta2")
+    eps: float = config_field(1e-8, "AdamW epsilon")
+    optimizer: Literal["adamw", "muon"] = config_field("adamw", "adamw | muon; muon = Muon for the blocks' weight matrices "
                                                       "(peak lr muon_lr) and AdamW (peak lr lr) for the rest")
-    muon_lr: float = _h(0.02, "Muon peak learning rate (follows the same warmup + cosine shape as lr)")
-    muon_momentum: float = _h(0.95, "Muon momentum (Nesterov)")
-    muon_weight_decay: float = _h(0.0, "decoupled weight decay of the Muon matrices")
-    grad_clip: float = _h(1.0, "clip the global gradient norm to this value (0 = no clipping)")
-    eval_every: int = _h(250, "evaluate every N steps (and always at the end; 0 = only at the end)")
-    eval_iters: int = _h(20, "validation batches (of micro_batch_size sequences) per evaluation")
-    log_every: int = _h(10, "write a metrics.jsonl row every N steps (and at steps 1 and the last)")
-    ckpt_every: int = _h(500, "checkpoint every N steps (and always at the end; 0 = only at the end)")
-    keep_checkpoints: int = _h(3, "keep the newest N checkpoints (0 = keep all)")
-    seed: int = _h(1337, "seed of the weight init, the data windows and dropout")
-    compile: bool = _h(False, "torch.compile the model")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _h(
+    muon_lr: float = config_field(0.02, "Muon peak learning rate (follows the same warmup + cosine shape as lr)")
+    muon_momentum: float = config_field(0.95, "Muon momentum (Nesterov)")
+    muon_weight_decay: float = config_field(0.0, "decoupled weight decay of the Muon matrices")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm to this value (0 = no clipping)")
+    eval_every: int = config_field(250, "evaluate every N steps (and always at the end; 0 = only at the end)")
+    eval_iters: int = config_field(20, "validation batches (of micro_batch_size sequences) per evaluation")
+    log_every: int = config_field(10, "write a metrics.jsonl row every N steps (and at steps 1 and the last)")
+    ckpt_every: int = config_field(500, "checkpoint every N steps (and always at the end; 0 = only at the end)")
+    keep_checkpoints: int = config_field(3, "keep the newest N checkpoints (0 = keep all)")
+    seed: int = config_field(1337, "seed of the weight init, the data windows and dropout")
+    compile: bool = config_field(False, "torch.compile the model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = config_field(
         "auto", "auto | float32 | bfloat16 | float16; auto = bf16 autocast on CUDA if supported, else fp32")
-    device: Literal["auto", "cpu", "cuda"] = _h("auto", "auto | cpu | cuda; auto = cuda if available")
-    peak_flops: Optional[float] = _h(None, "peak FLOP/s of one device for the MFU figure; default from a small "
+    device: Literal["auto", "cpu", "cuda"] = config_field("auto", "auto | cpu | cuda; auto = cuda if available")
+    peak_flops: Optional[float] = config_field(None, "peak FLOP/s of one device for the MFU figure; default from a small "
                                            "table (GPUs) or a nominal CPU estimate")
-    progress: bool = _h(True, "show a progress bar on stderr")
+    progress: bool = config_field(True, "show a progress bar on stderr")
 
 
 @dataclass
 class DataConfig:
     """Which splits of the prepared data directory to read."""
 
-    train_split: str = _h("train", "split trained on (SPLIT.bin)")
-    val_split: str = _h("val", "split evaluated on (SPLIT.bin)")
+    train_split: str = config_field("train", "split trained on (SPLIT.bin)")
+    val_split: str = config_field("val", "split evaluated on (SPLIT.bin)")
 
 
 @dataclass
 class ObjectiveConfig:
     """Settings of the pretraining objectives other than causal_lm (train.objective)."""
 
-    mask_prob: float = _h(0.15, "mlm: share of tokens selected for prediction (ModernBERT uses 0.3)")
-    whole_word_mask: bool = _h(False, "mlm: select whole words (all their WordPiece '##' / BPE pieces) together")
-    noise_density: float = _h(0.15, "span_corruption: share of each window's tokens dropped from the source (T5)")
-    mean_span_length: float = _h(3.0, "span_corruption: mean length of a dropped span (T5)")
-    num_sentinels: int = _h(100, "span_corruption: sentinel ids (<extra_id_i>, or the last rows of the model vocabulary)")
-    infill_ratio: float = _h(0.3, "text_infilling: share of tokens replaced by mask spans (BART)")
-    poisson_lambda: float = _h(3.0, "text_infilling: mean span length, Poisson distributed (BART)")
-    permute_sentences: bool = _h(True, "text_infilling: shuffle the sentences of each window first (BART)")
+    mask_prob: float = config_field(0.15, "mlm: share of tokens selected for prediction (ModernBERT uses 0.3)")
+    whole_word_mask: bool = config_field(False, "mlm: select whole words (all their WordPiece '##' / BPE pieces) together")
+    noise_density: float = config_field(0.15, "span_corruption: share of each window's tokens dropped from the source (T5)")
+    mean_span_length: float = config_field(3.0, "span_corruption: mean length of a dropped span (T5)")
+    num_sentinels: int = config_field(100, "span_corruption: sentinel ids (<extra_id_i>, or the last rows of the model vocabulary)")
+    infill_ratio: float = config_field(0.3, "text_infilling: share of tokens replaced by mask spans (BART)")
+    poisson_lambda: float = config_field(3.0, "text_infilling: mean span length, Poisson distributed (BART)")
+    permute_sentences: bool = config_field(True, "text_infilling: shuffle the sentences of each window first (BART)")
 
 
 @dataclass
