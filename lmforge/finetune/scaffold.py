@@ -60,21 +60,6 @@ def say(method: str, msg: str) -> None:
         print(f"lmforge finetune {method}: {msg}", file=sys.stderr, flush=True)
 
 
-def saved_config(args: Any) -> dict[str, Any] | None:
-    """On --resume, the config the checkpoint to resume from was trained with."""
-    if not getattr(args, "resume", None):
-        return None
-    from lmforge import checkpoint as ckpt_io
-    from lmforge.train.loop import resolve_resume
-
-    found = resolve_resume(args.resume, Path(args.out))
-    if found is None:
-        return None
-    state, _ = ckpt_io.load_train_state(found, with_tensors=False)
-    saved = state.get("config")
-    return saved if isinstance(saved, dict) else None
-
-
 def flag_keys(module: Any) -> dict[str, str]:
     """{attribute of a command-line flag: the "section.key" it sets} of a method."""
     keys = dict(getattr(module, "FLAG_KEYS", {}))
@@ -104,8 +89,10 @@ def method_config(module: Any, args: Any, overrides: Sequence[str] = (), saved: 
 
 def prepare(method: str, args: Any, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
     """(TrainJob, config) of `lmforge finetune METHOD` with these flags, ready for `train_job`."""
+    from lmforge.train.run_dir import saved_config
+
     module = method_module(method)
-    saved = saved_config(args)
+    saved = saved_config(args.resume, Path(args.out)) if getattr(args, "resume", None) else None
     cfg = method_config(module, args, overrides, saved)
     if saved and "val_fraction" not in flag_keys(module) and getattr(args, "val_fraction", None) is None:
         # a method without data.val_fraction records the flag with the run's inputs: resume keeps it too
