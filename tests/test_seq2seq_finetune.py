@@ -208,3 +208,33 @@ def test_predict_cuts_each_output_at_max_len_a_times_source_plus_b(files, base, 
     searched = predict(model, tok, sources, eos, pad, Seq2SeqGenerateConfig(max_new_tokens=longest, num_beams=3))
     # the longest source's budget bounds the search; the shorter one's best beam is cut at its own budget
     assert beams[1] == searched[1] and searched[0].startswith(beams[0])
+
+
+def test_validation_is_whole_by_default_and_a_partial_one_is_labelled(files, tmp_path, capsys):
+    """finetune seq2seq evaluates every validation pair by default (eval_iters 1000 batches); with
+    fewer batches than the set, the loss rows, the summary and the last line say it was partial, and
+    generation metrics of the first generate.max_examples pairs say so too."""
+    from lmforge.cli import main
+
+    rng = random.Random(1)
+    val = tmp_path / "val200.jsonl"
+    val.write_text("".join(json.dumps({"source": " ".join(w), "target": " ".join(reversed(w))}) + "\n"
+                           for w in (rng.sample(WORDS, 3) for _ in range(200))))
+
+    def run(out, *extra):
+        args = _args(files, "t5", out, "--train.max_steps", "2", "--train.eval_every", "0", *extra)
+        args[args.index("--val-data") + 1] = str(val)
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return json.loads(captured.out.strip().splitlines()[-1]), [r for r in rows if "val_loss" in r], captured.err
+
+    summary, [row], err = run(tmp_path / "full")
+    assert not any(k.startswith("val_partial") or k.startswith("val_examples") for k in (*row, *summary))
+    assert "partial validation" not in err
+    generation = {"generation_partial": True, "generation_examples": 4, "generation_examples_total": 200}
+    assert {k: row[k] for k in generation} == {k: summary[k] for k in generation} == generation
+    summary, [row], err = run(tmp_path / "part", "--train.eval_iters", "2")
+    partial = {"val_partial": True, "val_examples": 16, "val_examples_total": 200}
+    assert {k: row[k] for k in partial} == {k: summary[k] for k in partial} == partial
+    assert f"val loss {row['val_loss']:.4f} (partial validation: 16 of 200 examples), " in err

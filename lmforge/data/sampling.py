@@ -1,12 +1,16 @@
-"""Which examples train, validate, and in what order: the seeded validation split, the endless
-stream of seeded epoch permutations, and the micro-batches of the training loop read from it.
+"""Which examples train, validate, and in what order: the fixed order of the built-in split files,
+the seeded validation split, the endless stream of seeded epoch permutations, and the micro-batches
+of the training loop read from it (and how much of a validation set an evaluation reads).
 
-Both draw from torch's generator, so a split or an order is a pure function of the seed (and the
-epoch): a resumed run, or a process of a DDP run, reads exactly the examples it would have read.
+The split and the epochs draw from torch's generator, so a split or an order is a pure function of
+the seed (and the epoch): a resumed run, or a process of a DDP run, reads exactly the examples it
+would have read.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -17,6 +21,40 @@ T = TypeVar("T")
 
 # Rearranges an epoch's permutation (e.g. groups examples of similar length), drawing from its generator.
 Arrange = Callable[[list[int], torch.Generator], list[int]]
+
+
+def fixed_shuffle(items: Sequence[T], key: Callable[[T], str], seed: str = "lmforge") -> list[T]:
+    """The items in a fixed pseudo-random order: by sha256 of (seed, key(item)), ties in input order.
+    The same on every machine and Python, and a subset keeps its relative order: the order of a
+    built-in split file, so any first part of it is a fair sample of the whole."""
+    def rank(i: int) -> tuple[bytes, int]:
+        return hashlib.sha256(f"{seed}\0{key(items[i])}".encode()).digest(), i
+
+    return [items[i] for i in sorted(range(len(items)), key=rank)]
+
+
+@dataclass(frozen=True)
+class EvalCoverage:
+    """How much of its validation set one evaluation reads: metrics of a partial evaluation are
+    labelled as such (`val_partial: true` with the counts), never passed off as the whole set's."""
+
+    evaluated: int
+    total: int
+    unit: str  # what is counted: "examples", "tokens"
+
+    @property
+    def partial(self) -> bool:
+        return self.evaluated < self.total
+
+    def labels(self, prefix: str = "val") -> dict[str, Any]:
+        """The keys a partial evaluation adds to its metrics (none for a full one)."""
+        if not self.partial:
+            return {}
+        return {f"{prefix}_partial": True, f"{prefix}_{self.unit}": self.evaluated,
+                f"{prefix}_{self.unit}_total": self.total}
+
+    def describe(self) -> str:
+        return f"{self.evaluated:,} of {self.total:,} {self.unit}"
 
 
 def split_validation(examples: Sequence[T], val_examples: Sequence[T] | None, val_fraction: float | None,
@@ -90,3 +128,7 @@ class ExampleBatches:
         """Every example once, in file order, in micro-batches (at most `limit` of them): validation."""
         starts = range(0, self.n, self.mb)[:limit]
         return [self.collate(list(range(i, min(i + self.mb, self.n)))) for i in starts]
+
+    def coverage(self, limit: int | None = None) -> EvalCoverage:
+        """How many examples all_batches(limit) holds, of all."""
+        return EvalCoverage(self.n if limit is None else min(self.n, limit * self.mb), self.n, "examples")

@@ -3,8 +3,8 @@
 The `vaderSentiment==3.3.2` source distribution on PyPI (MIT) ships them in
 `additional_resources/hutto_ICWSM_2014.tar.gz`: 10,605 movie-review sentences (Pang & Lee) rated by
 about 20 people each on -4..+4, plus tweets, Amazon product-review snippets and New York Times
-editorial snippets. `lmforge data sentiment --out DIR` fetches the sdist with
-`pip download --no-deps --no-binary :all:`, checks its sha256, and writes
+editorial snippets. `lmforge data sentiment --out DIR` fetches the sdist into the lmforge cache
+(`lmforge.data.fetch`: pip, or `--from-file PATH` offline), checks its sha256, and writes
 
     train.jsonl, val.jsonl, test.jsonl      movie sentences, a fixed 80/10/10 split by sentence id
     test_tweets.jsonl, test_products.jsonl, test_news.jsonl   the other domains (out-of-domain tests)
@@ -12,7 +12,8 @@ editorial snippets. `lmforge data sentiment --out DIR` fetches the sdist with
 
 Each line is {"text": ..., "label": "positive" | "negative", "rating": mean}: mean rating > 0 is
 positive, < 0 negative; sentences rated exactly 0 are left out. The split of a sentence depends
-only on its id (sha256 of "movie:<id>"), so it never changes between runs or machines.
+only on its id (sha256 of "movie:<id>"), so it never changes between runs or machines; each file is
+in a fixed shuffle (by the sentence's key), so its first rows are a fair sample of the whole.
 """
 
 from __future__ import annotations
@@ -20,20 +21,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from lmforge.data.fetch import PinnedFile, Purpose, fetch_pinned, unpacked
+from lmforge.data.sampling import fixed_shuffle
 from lmforge.errors import LMForgeError
 
-VADER_PIN = "vaderSentiment==3.3.2"
-VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
-VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+VADER = PinnedFile("pypi", "vaderSentiment", "3.3.2", "vaderSentiment-3.3.2.tar.gz",
+                   "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9")
+SENTIMENT = Purpose("the VADER sentiment corpora", "lmforge data sentiment")
 _INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 DOMAINS = {  # output file -> ground-truth file inside hutto_ICWSM_2014.tar.gz
     "movies": "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
@@ -45,40 +45,9 @@ SPLIT = (80, 90)  # sha256 bucket < 80: train, < 90: val, else test
 FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "test_tweets.jsonl", "test_products.jsonl", "test_news.jsonl")
 
 
-def vader_sdist(progress: bool = True) -> Path:
-    """The cached, verified vaderSentiment sdist (downloaded with pip on first use)."""
-    from lmforge.data.corpus import cache_root, sha256_file
-
-    root = cache_root()
-    final = root / VADER_SDIST
-    if final.is_file() and sha256_file(final) == VADER_SHA256:
-        return final
-    if progress:
-        print(f"downloading {VADER_PIN} (source distribution, 2.5 MB) from PyPI into {root}", file=sys.stderr)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        dl = Path(tempfile.mkdtemp(prefix=".download.", dir=root))
-    except OSError as e:
-        raise LMForgeError(f"cannot create the cache directory {root}: {e.strerror}") from None
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", VADER_PIN, "-d", str(dl),
-               "-q", "--disable-pip-version-check"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise LMForgeError(f"{VADER_PIN} could not be downloaded ({type(e).__name__}: {e})") from None
-        got = dl / VADER_SDIST
-        if proc.returncode != 0 or not got.is_file():
-            lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip() and not ln.startswith("WARNING")]
-            reason = lines[-1].strip() if lines else f"pip exited with status {proc.returncode}"
-            raise LMForgeError(f"{VADER_PIN} could not be downloaded ({reason}); check the connection to PyPI")
-        digest = sha256_file(got)
-        if digest != VADER_SHA256:
-            raise LMForgeError(f"{VADER_SDIST} has sha256 {digest}, expected {VADER_SHA256}; refusing to use it")
-        os.replace(got, final)
-    finally:
-        shutil.rmtree(dl, ignore_errors=True)
-    return final
+def vader_sdist(progress: bool = True, from_file: str | Path | None = None) -> Path:
+    """The cached, verified vaderSentiment sdist (fetched with pip on first use, or from `from_file`)."""
+    return fetch_pinned(VADER, SENTIMENT, from_file, progress)
 
 
 def _member(tar: tarfile.TarFile, name: str) -> bytes:
@@ -125,9 +94,10 @@ def _row(r: dict[str, Any]) -> Optional[dict[str, Any]]:
     return {"text": r["text"], "label": "positive" if r["rating"] > 0 else "negative", "rating": r["rating"]}
 
 
-def build_sentiment(out: str | Path, overwrite: bool = False, sdist: Optional[Path] = None,
+def build_sentiment(out: str | Path, overwrite: bool = False, from_file: str | Path | None = None,
                     progress: bool = True) -> dict[str, Any]:
-    """Write the sentiment files into `out` (atomically: a temp dir renamed into place); returns meta."""
+    """Write the sentiment files into `out` (atomically: a temp dir renamed into place); returns meta.
+    `from_file`: the vaderSentiment sdist, fetched elsewhere (used instead of downloading it)."""
     from lmforge.checkpoint import atomic_write_text, replace_dir_atomically
 
     out = Path(out)
@@ -135,23 +105,30 @@ def build_sentiment(out: str | Path, overwrite: bool = False, sdist: Optional[Pa
         raise LMForgeError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise LMForgeError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    sdist = sdist or vader_sdist(progress)
-    corpora = read_corpora(sdist)
-    files: dict[str, list[dict[str, Any]]] = {name: [] for name in FILES}
-    for r in corpora["movies"]:
-        row = _row(r)
-        if row is None:
-            continue
-        b = _bucket(f"movie:{r['id']}")
-        files["train.jsonl" if b < SPLIT[0] else "val.jsonl" if b < SPLIT[1] else "test.jsonl"].append(row)
-    for domain in ("test_tweets", "test_products", "test_news"):
-        files[f"{domain}.jsonl"] = [row for row in map(_row, corpora[domain]) if row is not None]
+    corpora = read_corpora(vader_sdist(progress, from_file))
+    keyed: dict[str, list[tuple[str, dict[str, Any]]]] = {name: [] for name in FILES}  # (sentence key, row)
+    for domain, rows in corpora.items():
+        for r in rows:
+            row = _row(r)
+            if row is None:
+                continue
+            key = f"{'movie' if domain == 'movies' else domain}:{r['id']}"
+            if domain == "movies":
+                b = _bucket(key)
+                name = "train.jsonl" if b < SPLIT[0] else "val.jsonl" if b < SPLIT[1] else "test.jsonl"
+            else:
+                name = f"{domain}.jsonl"
+            keyed[name].append((key, row))
+    # The source files are sorted (the movie sentences start with hundreds of positives): each file is
+    # written in a fixed shuffle, so its first rows are a fair sample (a partial validation reads them).
+    files = {name: [row for _, row in fixed_shuffle(pairs, lambda kr: kr[0])] for name, pairs in keyed.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        meta: dict[str, Any] = {"source": VADER_PIN, "sha256": VADER_SHA256, "archive": _INNER,
+        meta: dict[str, Any] = {"source": VADER.spec, "sha256": VADER.sha256, "archive": _INNER,
                                 "labels": ["negative", "positive"], "rule": "mean rating > 0 positive, < 0 negative",
                                 "split": "movie sentences by sha256('movie:<id>') % 100: <80 train, <90 val, else test",
+                                "order": "each file shuffled by sha256 of the sentence's '<domain>:<id>' key",
                                 "files": {}}
         for name, rows in files.items():
             atomic_write_text(tmp / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -166,19 +143,14 @@ def build_sentiment(out: str | Path, overwrite: bool = False, sdist: Optional[Pa
     return meta
 
 
-def vader_analyzer(sdist: Optional[Path] = None) -> Any:
+def vader_analyzer(progress: bool = True) -> Any:
     """VADER's own SentimentIntensityAnalyzer, loaded from the verified sdist (no install needed)."""
     import importlib.util
 
-    from lmforge.data.corpus import cache_root
-
-    sdist = sdist or vader_sdist()
-    target = cache_root() / "vaderSentiment-3.3.2-code"
-    if not (target / "vaderSentiment.py").is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(sdist, "r:gz") as tar:
-            for name in ("vaderSentiment.py", "vader_lexicon.txt", "emoji_utf8_lexicon.txt"):
-                (target / name).write_bytes(_member(tar, f"vaderSentiment-3.3.2/vaderSentiment/{name}"))
+    code = ("vaderSentiment.py", "vader_lexicon.txt", "emoji_utf8_lexicon.txt")
+    members = {f"vaderSentiment-3.3.2/vaderSentiment/{name}": name for name in code}
+    target = unpacked(VADER, "vaderSentiment-3.3.2-code", members.get, len(code), "VADER code files", SENTIMENT,
+                      progress=progress)
     spec = importlib.util.spec_from_file_location("_lmforge_vader", target / "vaderSentiment.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None

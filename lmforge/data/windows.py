@@ -8,7 +8,8 @@ micro-batch number r * grad_accum + a. One process with grad_accum=2 and two pro
 grad_accum=1 therefore train on the same global batch, and micro_batch_size 2 x grad_accum 2
 sees the same windows as micro_batch_size 4 x grad_accum 1.
 
-Evaluation: a fixed set of windows spread evenly over the validation split.
+Evaluation: a fixed set of windows spread evenly over the validation split; `window_coverage` says
+how much of the split they read (a partial evaluation is labelled as such).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lmforge.data.sampling import EvalCoverage
 from lmforge.errors import LMForgeError
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -67,6 +69,18 @@ class TrainWindows:
         return _gather(self.tokens, starts, self.seq_len)
 
 
+def eval_starts(n_tokens: int, seq_len: int, count: int) -> np.ndarray:
+    """Start offsets of `count` evaluation windows of seq_len+1 tokens spread evenly over a split."""
+    return np.linspace(0, n_tokens - seq_len - 1, num=count).round().astype(np.int64)
+
+
+def window_coverage(starts: np.ndarray, window: int, n_tokens: int) -> EvalCoverage:
+    """How many tokens of a split of n_tokens the windows of `window` tokens at `starts` read (overlaps once)."""
+    s = np.unique(starts)
+    read = int(np.minimum(np.diff(s), window).sum()) + window if len(s) else 0
+    return EvalCoverage(min(read, n_tokens), n_tokens, "tokens")
+
+
 class EvalWindows:
     """`n_batches` fixed batches of windows spread evenly over a split (the same every evaluation)."""
 
@@ -75,8 +89,11 @@ class EvalWindows:
             raise LMForgeError(f"the {name} has {len(tokens)} tokens, fewer than train.seq_len + 1 ({seq_len + 1}); "
                                "lower train.seq_len or prepare more data")
         self.tokens, self.seq_len, self.bs, self.n_batches = tokens, seq_len, batch_size, n_batches
-        self.starts = np.linspace(0, len(tokens) - seq_len - 1, num=batch_size * n_batches).round().astype(np.int64)
+        self.starts = eval_starts(len(tokens), seq_len, batch_size * n_batches)
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _gather(self.tokens, self.starts[i * self.bs:(i + 1) * self.bs], self.seq_len)
+
+    def coverage(self) -> EvalCoverage:
+        return window_coverage(self.starts, self.seq_len + 1, len(self.tokens))
 

@@ -216,6 +216,7 @@ def build_job(cfg: ClassifyConfig, args: Any) -> TrainJob:
     return TrainJob(
         name="classify", config=resolved, build_model=lambda: model, objective=ClassifyObjective(),
         train_batches=source, eval_batches=(lambda: val_source.all_batches(t.eval_iters)) if val_source else None,
+        eval_coverage=val_source.coverage(t.eval_iters) if val_source else None,
         evaluate=evaluate if val_source else None,
         files=copied_files(base, TOKENIZER_FILES + ("vocab.txt",)),
         data_fingerprint={"dir": str(data), "sha256": data_fingerprint(paths)}, report_perplexity=False,

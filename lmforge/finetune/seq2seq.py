@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.sampling import ExampleBatches, split_validation
+from lmforge.data.sampling import EvalCoverage, ExampleBatches, split_validation
 from lmforge.data.table import data_fingerprint, read_table
 from lmforge.config import config_field
 from lmforge.errors import LMForgeError
@@ -74,7 +74,7 @@ class Seq2SeqFinetuneConfig:
 
 CONFIG = Seq2SeqFinetuneConfig  # `lmforge finetune seq2seq --help-config`
 DEFAULTS = {"train": {"max_steps": 500, "lr": 5e-4, "warmup_steps": 50, "weight_decay": 0.01, "micro_batch_size": 16,
-                      "eval_every": 100, "ckpt_every": 100, "eval_iters": 20, "beta2": 0.999, "log_every": 10}}
+                      "eval_every": 100, "ckpt_every": 100, "eval_iters": 1000, "beta2": 0.999, "log_every": 10}}
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -233,11 +233,12 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
                    f"columns '{d.source_column}' -> '{d.target_column}')")
     out = Path(args.out)
     gen_examples = val_examples[:g.max_examples]
+    gen_coverage = EvalCoverage(len(gen_examples), len(val_examples), "examples")  # generation metrics read these
     gen_sources = [encode_source(p.source) for p in gen_examples]
 
     def evaluate(live: torch.nn.Module) -> dict[str, Any]:
         preds = predict(live, tok, gen_sources, eos, pad, g)
-        res = generation_metrics(preds, [p.target for p in gen_examples])
+        res = {**generation_metrics(preds, [p.target for p in gen_examples]), **gen_coverage.labels("generation")}
         from lmforge.checkpoint import atomic_write_text
 
         out.mkdir(parents=True, exist_ok=True)
@@ -251,6 +252,7 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
     return TrainJob(
         name="seq2seq", config=resolved, build_model=lambda: model, objective=objective, train_batches=source,
         eval_batches=(lambda: val_source.all_batches(t.eval_iters)) if val_source else None,
+        eval_coverage=val_source.coverage(t.eval_iters) if val_source else None,
         evaluate=evaluate if gen_examples else None,
         files=copied_files(base, TOKENIZER_FILES + ("generation_config.json",)),
         data_fingerprint={"dir": str(data), "sha256": data_fingerprint(paths)}, report_perplexity=False,

@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.sampling import EpochOrder, split_validation
+from lmforge.data.sampling import EpochOrder, EvalCoverage, split_validation
 from lmforge.data.table import data_fingerprint
 from lmforge.config import config_field
 from lmforge.errors import LMForgeError
@@ -142,6 +142,12 @@ class PackedRows:
         out = [self.collate(rows[i:i + self.mb]) for i in range(0, len(rows), self.mb)]
         return out[:limit] if limit else out
 
+    def coverage(self, limit: int | None = None) -> EvalCoverage:
+        """How many examples all_batches(limit) holds, of all."""
+        rows = self._epoch(0)
+        evaluated = sum(len(r) for r in (rows[:limit * self.mb] if limit else rows))
+        return EvalCoverage(evaluated, len(self.examples), "examples")
+
 
 class SFTObjective:
     """Mean cross entropy over the tokens whose label is not -100."""
@@ -257,6 +263,7 @@ def build_job(cfg: SFTConfig, args: Any) -> TrainJob:
     return TrainJob(
         name="sft", config=resolved, build_model=lambda: model, objective=SFTObjective(), train_batches=source,
         eval_batches=(lambda: val_source.all_batches(t.eval_iters)) if val_source else None,
+        eval_coverage=val_source.coverage(t.eval_iters) if val_source else None,
         files=chat_model_files(llm, args.base), data_fingerprint={"dir": str(args.data), "sha256": data_fingerprint(paths)},
         flops_per_token=model.cfg.flops_per_token(seq_len) if hasattr(model.cfg, "flops_per_token") else None,
         description=f"global batch {t.micro_batch_size * per_step} rows x {seq_len} tokens")

@@ -33,5 +33,6 @@ def make_causal_lm(ctx: PretrainContext) -> PretrainParts:
                          name=ctx.train_name)
     val = EvalWindows(ctx.val_tokens, ctx.seq_len, ctx.micro_batch_size, ctx.eval_iters, name=ctx.val_name)
     return PretrainParts(CausalLMObjective(), train, lambda: [val.batch(i) for i in range(val.n_batches)],
+                         eval_coverage=val.coverage(),
                          tokens_per_step=ctx.micro_batch_size * ctx.micro_batches_per_step * ctx.seq_len,
                          bytes_per_token=ctx.val_bytes_per_token, report_perplexity=True)

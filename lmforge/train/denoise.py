@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
-from lmforge.data.windows import window_starts
+from lmforge.data.sampling import EvalCoverage
+from lmforge.data.windows import eval_starts, window_coverage, window_starts
 from lmforge.train.job import PretrainContext, PretrainParts
 
 IGNORE = -100
@@ -204,7 +205,7 @@ class DenoisingWindows:
     def eval_batches(self, tokens: np.ndarray, n_batches: int) -> list[dict[str, torch.Tensor]]:
         if len(tokens) < self.length + 1:
             raise LMForgeError(f"the val split has {len(tokens)} tokens, fewer than a window ({self.length + 1})")
-        starts = np.linspace(0, len(tokens) - self.length - 1, num=self.mb * n_batches).round().astype(np.int64)
+        starts = eval_starts(len(tokens), self.length, self.mb * n_batches)
         out = []
         for i in range(n_batches):
             rng = _rng(EVAL_SEED, 0, i)
@@ -212,6 +213,10 @@ class DenoisingWindows:
             pairs = [self.noise(np.asarray(tokens[s:s + self.length]).astype(np.int64), rng) for s in chunk]
             out.append(collate(pairs, self.pad_id, self.start_id))
         return out
+
+    def eval_coverage(self, tokens: np.ndarray, n_batches: int) -> EvalCoverage:
+        """How much of the split eval_batches(tokens, n_batches) reads."""
+        return window_coverage(eval_starts(len(tokens), self.length, self.mb * n_batches), self.length, len(tokens))
 
 
 def _check_ids(ctx: PretrainContext) -> None:
@@ -259,7 +264,8 @@ def make_span_corruption(ctx: PretrainContext) -> PretrainParts:
         raise LMForgeError(f"span-corruption targets ({n_noise} noise tokens) exceed model.block_size {cfg.block_size}")
     train = DenoisingWindows(ctx.train_tokens, length, ctx.micro_batch_size, ctx.micro_batches_per_step, ctx.seed,
                              noise, cfg.pad_id, cfg.decoder_start_id)
-    return PretrainParts(Seq2SeqLMObjective(), train, lambda: train.eval_batches(ctx.val_tokens, ctx.eval_iters))
+    return PretrainParts(Seq2SeqLMObjective(), train, lambda: train.eval_batches(ctx.val_tokens, ctx.eval_iters),
+                         eval_coverage=train.eval_coverage(ctx.val_tokens, ctx.eval_iters))
 
 
 def sentence_ends(tok: Any, vocab_size: int) -> np.ndarray:
@@ -297,4 +303,5 @@ def make_text_infilling(ctx: PretrainContext) -> PretrainParts:
 
     train = DenoisingWindows(ctx.train_tokens, length, ctx.micro_batch_size, ctx.micro_batches_per_step, ctx.seed,
                              noise, cfg.pad_id, cfg.decoder_start_id)
-    return PretrainParts(Seq2SeqLMObjective(), train, lambda: train.eval_batches(ctx.val_tokens, ctx.eval_iters))
+    return PretrainParts(Seq2SeqLMObjective(), train, lambda: train.eval_batches(ctx.val_tokens, ctx.eval_iters),
+                         eval_coverage=train.eval_coverage(ctx.val_tokens, ctx.eval_iters))

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
+from lmforge.data.sampling import EvalCoverage
+
 
 class BatchSource(Protocol):
     def micro_batch(self, step: int, index: int) -> Any:
@@ -54,6 +56,7 @@ class TrainJob:
     objective: Objective                        # loss, stats = objective(model, batch)
     train_batches: Any                          # BatchSource
     eval_batches: Callable[[], Sequence[Any]] | None = None  # fixed validation batches
+    eval_coverage: EvalCoverage | None = None   # how much of the validation set they hold (None: all of it)
     evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None  # extra metrics at every eval
     files: dict[str, bytes] = field(default_factory=dict)    # written into RUN and every checkpoint
     run_files: dict[str, bytes] = field(default_factory=dict)  # written into RUN only (data_meta.json)
@@ -91,6 +94,7 @@ class PretrainParts:
     objective: Objective
     train_batches: Any                           # BatchSource
     eval_batches: Callable[[], Sequence[Any]]    # the fixed validation batches
+    eval_coverage: EvalCoverage | None = None    # how much of the val split they read (None: all of it)
     tokens_per_step: int | None = None           # fixed tokens per optimizer step (else stats["tokens"])
     bytes_per_token: float | None = None         # for validation bits per byte
     report_perplexity: bool = False              # val_ppl = exp(val_loss): a language-model loss

@@ -296,8 +296,13 @@ class Trainer:
             "checkpoint": str(ckpt_io.latest_checkpoint(self.out)) if info.is_main else None,
         }
         if self.last_val:
+            coverage = self.task.eval_coverage
+            partial = coverage is not None and coverage.partial
+            if partial:  # val_loss / val_ppl / val_bpb above read part of the validation set: say so
+                summary.update(coverage.labels("val"))
             _say(f"done: {self.step} steps, val loss {self.last_val['val_loss']:.4f}"
                  + (f", {self.last_val['val_bpb']:.4f} bits/byte" if self.last_val.get("val_bpb") is not None else "")
+                 + (f" (partial validation: {coverage.describe()})" if partial else "")
                  + f", {seconds:.0f}s; run in {self.out}", info)
         else:
             _say(f"done: {self.step} steps, train loss {loss_val:.4f}, {seconds:.0f}s; run in {self.out}", info)
@@ -367,6 +372,8 @@ class Trainer:
             row["val_bpb"] = val_loss / math.log(2) / bpt if bpt else None
         for name, value in means.items():
             row[f"val_{name}"] = value
+        if self.task.eval_coverage is not None:
+            row.update(self.task.eval_coverage.labels("val"))  # val_partial, and how much was read
         row.update(extra)
         row["elapsed"] = round(elapsed, 3)
         self.last_val = row
@@ -375,8 +382,9 @@ class Trainer:
         if info.is_main:
             self.metrics.write(row)
             bpb = f", {row['val_bpb']:.3f} bits/byte" if row.get("val_bpb") is not None else ""
+            partial = " (partial)" if row.get("val_partial") else ""
             plot_loss(self.metrics.rows, self.out / "loss.png",
-                      title=f"{self.out.name}: step {self.step}, val loss {val_loss:.3f}{bpb}")
+                      title=f"{self.out.name}: step {self.step}, val loss {val_loss:.3f}{bpb}{partial}")
         return row
 
     def _checkpoint(self, elapsed: float) -> None:

@@ -89,4 +89,4 @@ def make_mlm(ctx: PretrainContext) -> PretrainParts:
     body = ctx.seq_len - (cls_id is not None)
     val = EvalWindows(ctx.val_tokens, body, ctx.micro_batch_size, ctx.eval_iters, name="val split")
     objective = MLMObjective(most_frequent_token(ctx.train_tokens, special, vocab))
-    return PretrainParts(objective, train, lambda: masked_eval_batches(val, masker, cls_id))
+    return PretrainParts(objective, train, lambda: masked_eval_batches(val, masker, cls_id), eval_coverage=val.coverage())

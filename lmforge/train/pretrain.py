@@ -67,6 +67,7 @@ def pretraining_job(cfg: RunConfig, data_dir: str | Path) -> TrainJob:
     return TrainJob(
         name=t.objective, config=resolved_dict(cfg, model_cfg), build_model=lambda: family.model_cls(model_cfg),
         objective=parts.objective, train_batches=parts.train_batches, eval_batches=parts.eval_batches,
+        eval_coverage=parts.eval_coverage,
         files={"tokenizer.json": data.tokenizer_path.read_bytes()},
         run_files={"data_meta.json": (data.directory / "meta.json").read_bytes()},
         data_fingerprint={"dir": str(data.directory), "splits": data.meta.get("splits")},
