@@ -391,6 +391,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from lmforge.checkpoint import atomic_write_text
 
         atomic_write_text(args.json, text + "\n")
+    if args.results:
+        from lmforge.bench.results import record
+
+        record(f"bench-{args.what}", {k: v for k, v in result.items() if k != "machine"}, out=args.results,
+               wall_s=result.get("wall_s"))
     print(text)
     return 0
 
@@ -531,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["train", "decode", "encoder", "seq2seq"])
     s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
     s.add_argument("--json", help="also write the result to this file")
+    from lmforge.bench.results import add_results_flag
+
+    add_results_flag(s, "bench-WHAT")
     return p
 
 

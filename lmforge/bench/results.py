@@ -7,7 +7,7 @@ A record says what was run, on which code and machine, and when:
 
     {"name", "command", "commit", "date", "machine", ["wall_s",] "figures"}
 
-`command` is the command line (shlex-joined sys.argv unless given), `commit` the checkout's HEAD
+`command` is the command line (sys.argv as typed in the checkout, unless given), `commit` the checkout's HEAD
 ("-dirty" when tracked files outside docs/results/ differ from it; null outside git), `date` UTC
 ISO 8601, `machine` lmforge.bench.machine.machine_info() (CPU and GPU model, cores, load, versions).
 Every demo and benchmark takes `--results PATH` (a file, or a directory for PATH/NAME.json) and
@@ -32,9 +32,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmforge.bench.machine import machine_info
-from lmforge.checkpoint import atomic_write_text
-
 REPO = Path(__file__).resolve().parents[2]
 # Records land in the checkout while `make results` runs; writing them must not mark the later ones dirty.
 RESULTS_DIR = "docs/results"
@@ -57,6 +54,22 @@ def git_commit(repo: str | Path = REPO) -> str | None:
     return f"{head}-dirty" if changes else head
 
 
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command line that is running, as one would type it in the checkout: a module of lmforge run
+    with `python -m` (argv[0] is then its file) as `python -m lmforge.x`, a script of the checkout as
+    `python path/from/the/checkout.py`, anything else as given."""
+    args = list(sys.argv if argv is None else argv)
+    try:
+        where = Path(args[0]).resolve().relative_to(REPO)
+    except (IndexError, ValueError):
+        return shlex.join(args)
+    if where.parts[0] == "lmforge" and where.suffix == ".py":
+        args[:1] = ["python", "-m", ".".join(where.with_suffix("").parts)]
+    elif where.suffix == ".py":
+        args[:1] = ["python", where.as_posix()]
+    return shlex.join(args)
+
+
 def results_path(out: str | Path, name: str) -> Path:
     """`out` itself, or out/NAME.json when `out` is a directory (an existing one, or a path ending in '/')."""
     text = str(out)
@@ -69,9 +82,12 @@ def results_path(out: str | Path, name: str) -> Path:
 def record(name: str, figures: dict[str, Any], *, out: str | Path | None = None, command: str | None = None,
            wall_s: float | None = None) -> dict[str, Any]:
     """The record of `figures` (JSON-serialisable); written atomically to `out` when given."""
+    from lmforge.bench.machine import machine_info  # torch: not needed to build a parser
+    from lmforge.checkpoint import atomic_write_text
+
     rec: dict[str, Any] = {
         "name": name,
-        "command": command if command is not None else shlex.join(sys.argv),
+        "command": command if command is not None else command_line(),
         "commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -84,6 +100,13 @@ def record(name: str, figures: dict[str, Any], *, out: str | Path | None = None,
         atomic_write_text(path, json.dumps(rec, indent=2) + "\n")
         print(f"results: {path}", file=sys.stderr)
     return rec
+
+
+def add_results_flag(parser: argparse.ArgumentParser, name: str) -> None:
+    """The `--results PATH` option every demo and benchmark takes."""
+    parser.add_argument("--results", metavar="PATH",
+                        help=f"also record the figures with the command, commit, machine and date in PATH "
+                             f"(a .json file, or a directory such as docs/results/ for {name}.json)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
