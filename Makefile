@@ -23,13 +23,11 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 venv: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
-# Trains a fixed 450 steps (the same model on any machine; about 5 minutes on 2 CPU cores, 6 from a
-# fresh clone); `lmforge train` prints the steps and seconds it took.
+# lmforge prepare shakespeare, lmforge train --recipe demo (a fixed 450 steps: the same model on any
+# machine), lmforge generate and lmforge eval, each printed as it runs (lmforge/demo/pretrain_demo.py);
+# `lmforge train` prints the steps and seconds it took.
 demo: venv
-	$(VENV)/bin/lmforge prepare shakespeare --out $(DEMO_DATA) --overwrite
-	$(VENV)/bin/lmforge train --data $(DEMO_DATA) --out $(DEMO_RUN) --recipe demo --overwrite
-	$(VENV)/bin/lmforge generate --ckpt $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 1 --num-samples 2
-	$(VENV)/bin/lmforge eval --ckpt $(DEMO_RUN) --data $(DEMO_DATA)
+	$(PY) -m lmforge.demo.pretrain_demo --data $(DEMO_DATA) --out $(DEMO_RUN)
 
 # SFT of the demo model on verifiable tasks (trains the demo model first when runs/demo has none): a
 # fixed 1,057 steps; prints held-out accuracy before/after, samples, the steps and minutes it took,
@@ -73,6 +71,7 @@ align-bench: venv  # rollout tokens/s, steps/s, DPO peak memory with precomputed
 # scratch (15 min each), make demo's decoder fine-tuned on clause pieces (10 min), and the same
 # decoder post-editing the word table's output, with and without the guard (10 min).
 FOLIO_PIECES = --pieces 24 --batch 64 --decoder-lr 1.5e-3 --max-len-a 1.2 --max-len-b 8 --beams 4
+FOLIO_WHOLE  = --batch 64 --decoder-lr 1.5e-3 --max-len-a 1.2 --max-len-b 8 --beams 4
 folio-bench: venv
 	@test -d $(DEMO_RUN) || $(MAKE) demo
 	$(PY) benchmarks/folio.py --out runs/folio --models t5,bart --minutes 15
@@ -83,3 +82,77 @@ folio-bench: venv
 
 clean:
 	rm -rf $(VENV) runs data build *.egg-info
+
+# ---- every published figure, re-measured -------------------------------------------------------------
+# Each step writes its record (command, commit, machine, date, figures) to $(RESULTS)NAME.json and
+# prints how long it took; docs/results/README.md maps the files to the doc sections and gives the
+# durations on 2 CPU cores. `make results` runs them all in order (the quality runs need the models the
+# earlier ones train: demo -> chat-demo -> align-demo, align-bench; demo -> folio).
+RESULTS ?= docs/results/
+TIMED    = $(PY) -m lmforge.bench.results --name $@ --
+RESULTS_QUALITY = results-demo results-chat-demo results-align-demo results-folio results-sentiment
+RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
+                  results-bench-seq2seq
+.PHONY: results results-quality results-speed results-parity results-test $(RESULTS_QUALITY) $(RESULTS_SPEED)
+
+results: dev
+	$(TIMED) $(MAKE) --no-print-directory results-quality results-speed results-parity results-test
+
+results-quality: dev
+	@for t in $(RESULTS_QUALITY); do $(MAKE) --no-print-directory $$t || exit $$?; done
+
+results-speed: dev
+	@for t in $(RESULTS_SPEED); do $(MAKE) --no-print-directory $$t || exit $$?; done
+
+results-demo: dev  # make demo, plus the GPT-2-style baseline trained as long in the same run
+	$(TIMED) $(PY) -m lmforge.demo.pretrain_demo --data $(DEMO_DATA) --out $(DEMO_RUN) --baseline --results $(RESULTS)
+
+results-chat-demo: dev
+	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
+	$(TIMED) $(PY) -m lmforge.demo.chat_demo --base $(DEMO_RUN) --out $(CHAT_RUN) --results $(RESULTS)
+
+results-align-demo: dev  # make align-demo's stages and the control, more SFT instead of RL
+	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
+	$(TIMED) $(PY) -m lmforge.demo.align_demo --sft $(CHAT_RUN) --data $(CHAT_DATA) --out runs/align-demo \
+	    --stages grpo,ppo,dpo,ppo_reward_model,sft_more --results $(RESULTS)
+
+results-align-bench: dev
+	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
+	$(TIMED) $(PY) benchmarks/align_bench.py --sft $(CHAT_RUN) --data $(CHAT_DATA) --results $(RESULTS)
+
+results-folio: dev  # make folio-bench, the decoder on whole speeches (the control for pieces), greedy pieces
+	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
+	$(TIMED) $(PY) benchmarks/folio.py --out runs/folio --models t5,bart --minutes 15 --results $(RESULTS)
+	$(TIMED) $(PY) benchmarks/folio.py --out runs/folio-whole --models decoder --decoder-base $(DEMO_RUN) --minutes 10 \
+	    $(FOLIO_WHOLE) --results $(RESULTS)
+	$(TIMED) $(PY) benchmarks/folio.py --out runs/folio-pieces --models decoder --decoder-base $(DEMO_RUN) --minutes 10 \
+	    $(FOLIO_PIECES) --results $(RESULTS)
+	$(TIMED) $(PY) benchmarks/folio.py --out runs/folio-pieces --models decoder --decoder-base $(DEMO_RUN) --rescore \
+	    $(FOLIO_PIECES) --beams 1 --results $(RESULTS)folio-pieces-greedy.json
+	$(TIMED) $(PY) benchmarks/folio.py --out runs/folio-cascade --models decoder --decoder-base $(DEMO_RUN) --minutes 10 \
+	    $(FOLIO_PIECES) --table-input --max-word-change 0.1 --results $(RESULTS)
+
+results-sentiment: dev
+	$(TIMED) $(PY) benchmarks/sentiment.py --out runs/sentiment --ood-limit 1000 --results $(RESULTS)
+
+results-bench: dev
+	$(TIMED) $(PY) benchmarks/run.py --results $(RESULTS)
+
+results-speedrun: dev
+	$(TIMED) $(PY) benchmarks/speedrun.py --minutes 5 --out runs/speedrun --data $(DEMO_DATA) --results $(RESULTS)
+
+results-serve: dev  # one model thread (the default), then both cores to the model
+	$(TIMED) $(PY) benchmarks/serve.py --results $(RESULTS)
+	$(TIMED) $(PY) benchmarks/serve.py --threads 2 --results $(RESULTS)serve-threads2.json
+
+results-bench-encoder: dev
+	$(TIMED) $(VENV)/bin/lmforge bench encoder --results $(RESULTS)
+
+results-bench-seq2seq: dev
+	$(TIMED) $(VENV)/bin/lmforge bench seq2seq --results $(RESULTS)
+
+results-parity: dev  # logit differences against transformers, every family (docs/parity.md)
+	$(TIMED) $(PY) benchmarks/parity.py --results $(RESULTS)
+
+results-test: dev  # how long make test takes (the Quickstart's figure)
+	$(PY) -m lmforge.bench.results --name test-suite --results $(RESULTS) -- $(MAKE) --no-print-directory test

@@ -1,6 +1,7 @@
 """Alignment speed and memory on the chat demo's SFT model (docs/benchmarks.md, "Alignment").
 
     python benchmarks/align_bench.py [--sft runs/chat-demo] [--data data/chat_tasks] [--steps 20] [--device cuda]
+                                     [--results PATH]
 
 Each measurement runs in its own process (peak RSS = getrusage ru_maxrss of that process):
   dpo_precomputed  lmforge's DPO: reference log-probs computed once, no reference model while training
@@ -9,7 +10,8 @@ Each measurement runs in its own process (peak RSS = getrusage ru_maxrss of that
   grpo, ppo        rollout tokens/s (batched KV-cache generation inside training) and optimizer steps/s
 On a CUDA device (--device cuda) it also reports peak_cuda_train_mb: torch.cuda.max_memory_allocated
 during training alone (reset after the task is built, so DPO's one reference pass is not in it).
-Prints one JSON object per measurement and a summary table.
+Prints one JSON object per measurement and a summary table; `--results` records them for
+docs/results/ (align-bench.json, one entry per measurement).
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def child(mode: str, sft: str, tasks: str, steps: int, out: str, device: str = "
 
 
 def main() -> int:
+    from lmforge.bench.results import add_results_flag, record
+
     p = argparse.ArgumentParser()
     p.add_argument("--sft", default="runs/chat-demo")
     p.add_argument("--data", default="data/chat_tasks")
@@ -111,11 +115,13 @@ def main() -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--child")
     p.add_argument("--out")
+    add_results_flag(p, "align-bench")
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.sft, a.data, a.steps, a.out, a.device)))
         return 0
     results = []
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         for mode in a.modes.split(","):
             r = subprocess.run([sys.executable, __file__, "--child", mode, "--sft", a.sft, "--data", a.data,
@@ -129,6 +135,8 @@ def main() -> int:
     for r in results:
         print(f"{r['mode']:<16} {r['steps_per_s']:>8.3f} {r['peak_rss_mb']:>12.1f} {r.get('peak_cuda_train_mb', '-'):>13} "
               f"{r.get('rollout_tok_per_s', '-'):>14}")
+    if a.results:
+        record("align-bench", {r["mode"]: r for r in results}, out=a.results, wall_s=time.perf_counter() - t0)
     return 0
 
 

@@ -24,6 +24,9 @@ Cascade (--table-input): the models read the table's output instead of the Folio
    the words, else the table's. --rescore decodes the models already trained in OUT again.
 The validation plays are for choosing settings; the test plays are the reported figures. Prints one
 table per split (BLEU, chrF, ROUGE-L, exact match) and writes OUT/results.json ({"val": ..., "test": ...}).
+--results records the figures for docs/results/ (OUT's folder name.json), under stable keys: "pairs"
+(per split), "val" / "test" {"copy", "table", MODEL, MODEL_guarded: metrics}, "models" {MODEL: label,
+parameters, steps, train seconds, the validation loss by step, the last train loss}, "config".
 """
 
 from __future__ import annotations
@@ -302,7 +305,20 @@ def predict_run(run: Path, sources: list[str], max_len: int, beams: int = 1, max
     return [" ".join(next(outputs) for _ in ps) for ps in split], time.time() - t0
 
 
+def training_curve(run: Path) -> dict[str, Any]:
+    """Steps, the validation loss by step and the last train loss of a run (its metrics.jsonl)."""
+    from lmforge.train.metrics import read_rows
+
+    rows = read_rows(run / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    return {"steps": max((r["step"] for r in rows if "step" in r), default=0),
+            "val_loss_by_step": [[r["step"], round(r["val_loss"], 4)] for r in rows if "val_loss" in r],
+            "train_loss_last": round(train[-1]["loss"], 4) if train else None}
+
+
 def main() -> None:
+    from lmforge.bench.results import add_results_flag, record
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/folio")
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget per model")
@@ -339,7 +355,9 @@ def main() -> None:
     ap.add_argument("--table-input", action="store_true",
                     help="cascade: the models read the substitution table's output instead of the Folio source "
                     "(they learn to post-edit it: punctuation, case, the words the table gets wrong)")
+    add_results_flag(ap, "OUT's folder name")
     args = ap.parse_args()
+    start = time.time()
     out = Path(args.out)
     data = out / "data"
     if not (data / "test.jsonl").is_file():
@@ -350,10 +368,12 @@ def main() -> None:
     splits = {name: ([p["source"] for p in load(name)], [p["target"] for p in load(name)]) for name in ("val", "test")}
     table = substitution_table(train)
     results: dict[str, dict[str, dict]] = {name: {} for name in splits}
+    figures: dict[str, Any] = {"pairs": {"train": len(train), **{name: len(src) for name, (src, _) in splits.items()}},
+                               **{name: {} for name in splits}, "models": {}}  # --results: the same, stable keys
     table_outputs = {name: [apply_table(table, s) for s in sources] for name, (sources, _) in splits.items()}
     for name, (sources, refs) in splits.items():
-        results[name]["copy source"] = generation_metrics(sources, refs)
-        results[name]["word substitution table"] = generation_metrics(table_outputs[name], refs)
+        results[name]["copy source"] = figures[name]["copy"] = generation_metrics(sources, refs)
+        results[name]["word substitution table"] = figures[name]["table"] = generation_metrics(table_outputs[name], refs)
 
     model_data, model_sources = data, {name: sources for name, (sources, _) in splits.items()}
     if args.table_input:  # the same pairs with every source passed through a substitution table first
@@ -392,22 +412,26 @@ def main() -> None:
         label = {"t5": "T5-style", "bart": "BART-style", "decoder": "decoder (make demo's, fine-tuned)"}[kind]
         label = f"{label} ({n / 1e6:.1f}M)" + (", table input" if args.table_input else "") \
             + (f", pieces <= {args.pieces}" if args.pieces else "") + (f", beams {args.beams}" if args.beams > 1 else "")
+        figures["models"][kind] = {"label": label, "params": n, "train_seconds": round(train_s), **training_curve(run)}
         for name, (sources, refs) in splits.items():
             preds, gen_s = predict_run(run, model_sources[name], args.max_len, args.beams, args.max_len_a,
                                          args.max_len_b, args.pieces)
-            results[name][label] = {**generation_metrics(preds, refs), "train_seconds": round(train_s),
-                                    "generate_seconds": round(gen_s)}
+            results[name][label] = figures[name][kind] = {**generation_metrics(preds, refs),
+                                                          "train_seconds": round(train_s),
+                                                          "generate_seconds": round(gen_s)}
             if args.table_input and args.max_word_change > 0:
                 kept = guarded(model_sources[name], preds, args.max_word_change)
-                results[name][f"table + {kind} post-edit, guard {args.max_word_change:g}"] = {
-                    **generation_metrics(kept, refs), "train_seconds": round(train_s),
-                    "model_outputs_kept": sum(k == p for k, p in zip(kept, preds))}
+                results[name][f"table + {kind} post-edit, guard {args.max_word_change:g}"] = \
+                    figures[name][f"{kind}_guarded"] = {**generation_metrics(kept, refs), "train_seconds": round(train_s),
+                                                        "model_outputs_kept": sum(k == p for k, p in zip(kept, preds))}
             (out / f"{kind}_{name}_predictions.jsonl").write_text(
                 "".join(json.dumps({"source": s, "target": r, "prediction": p}, ensure_ascii=False) + "\n"
                         for s, r, p in zip(sources, refs, preds)))
-    results["config"] = {k: v for k, v in vars(args).items()}
+    results["config"] = figures["config"] = {k: v for k, v in vars(args).items()}
     results["train_seconds"] = train_seconds
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    if args.results:
+        record(out.name, figures, out=args.results, wall_s=time.time() - start)
     for name, (sources, _) in splits.items():
         print(f"\nFolio -> modern spelling, {name} plays ({len(sources)} speeches), {len(train)} training pairs")
         print(f"{'system':<56} {'BLEU':>6} {'chrF':>6} {'ROUGE-L':>8} {'exact':>6}")

@@ -1,6 +1,6 @@
 """GPU figures in one run (written for one H100 / H200; any CUDA device works):
 
-    python benchmarks/gpu.py --out DIR [--skip train,decode,serve,check] [--train-steps 60]
+    python benchmarks/gpu.py --out DIR [--skip train,decode,serve,check] [--train-steps 60] [--results PATH]
 
 1. train   -- MFU of GPT-2 124M (12 layers, width 768, context 1024; vocabulary padded to 50304 as
               in nanoGPT) trained by `lmforge train` in bf16 autocast with torch.compile, micro-batch 32
@@ -17,7 +17,7 @@
               streaming clients next to a sequential transformers loop).
 4. check   -- the generative families on CUDA agree with the CPU: greedy decoder tokens (engine and
               scheduler), T5 and BART greedy and beam tokens, fp32, random tiny models.
-Writes DIR/gpu.json and prints it.
+Writes DIR/gpu.json and prints it; `--results` records it for docs/results/ (e.g. gpu-h200.json).
 """
 
 from __future__ import annotations
@@ -172,11 +172,14 @@ def check() -> dict[str, Any]:
 
 
 def main() -> int:
+    from lmforge.bench.results import add_results_flag, record
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/gpu"))
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: train, decode, serve, check")
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--micro-batch", type=int, default=32)
+    add_results_flag(ap, "gpu")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("error: benchmarks/gpu.py needs a CUDA device", file=sys.stderr)
@@ -200,6 +203,8 @@ def main() -> int:
         print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
         (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    if args.results:
+        record("gpu", result, out=args.results, wall_s=sum(v for k, v in result.items() if k.endswith("_wall_s")))
     return 0
 
 

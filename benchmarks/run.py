@@ -1,12 +1,14 @@
 """lmforge vs Hugging Face transformers, side by side in one process: training and decoding speed.
 
-    python benchmarks/run.py [train|decode|all] [--quick] [--json OUT] [--opt KEY=VALUE ...]
+    python benchmarks/run.py [train|decode|all] [--quick] [--json OUT] [--results PATH] [--opt KEY=VALUE ...]
 
 Prints one JSON document: {"machine": ..., "train": <lmforge.bench.train.run result>,
 "decode": <lmforge.bench.decode.run result>, "targets": [every verdict]}, then one line per target
 on stderr ("met" / "NOT met" and by how much). `--opt` sets a benchmark option (see DEFAULTS in
 lmforge/bench/train.py and lmforge/bench/decode.py), for the benchmark(s) that have it, e.g.
 `--opt iters=10 --opt models=small --opt variants=lmforge,lmforge_fast,transformers`.
+`--results` records the result for docs/results/ (bench.json; bench-train.json or bench-decode.json
+for one of the two) with lmforge.bench.results.
 The same benchmarks run as `lmforge bench train|decode [--quick] [--json OUT]`.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +63,16 @@ def run(which: str, quick: bool, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lmforge.bench.results import add_results_flag, record
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("which", nargs="?", default="all", choices=("train", "decode", "all"))
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds not minutes (a smoke test)")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON result to this file")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="benchmark option (repeatable)")
+    add_results_flag(p, "bench")
     args = p.parse_args(argv)
+    t0 = time.perf_counter()
     try:
         result = run(args.which, args.quick, _parse_opts(args.opt))
     except LMForgeError as e:
@@ -77,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(t["text"], file=sys.stderr)
     if args.json:
         args.json.write_text(text + "\n", encoding="utf-8")
+    if args.results:
+        name = "bench" if args.which == "all" else f"bench-{args.which}"
+        record(name, {k: v for k, v in result.items() if k != "machine"}, out=args.results,
+               wall_s=time.perf_counter() - t0)
     return 0
 
 

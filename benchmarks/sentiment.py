@@ -13,8 +13,10 @@ Rows, each evaluated on every test file:
 
     python benchmarks/sentiment.py [--out DIR] [--minilm-minutes 9] [--scratch-steps 1500] [--skip minilm,scratch]
                                    [--minilm-run RUN] [--scratch-run RUN]   (evaluate runs made earlier)
+                                   [--ood-limit N] [--results PATH]
 
-Prints a table and, as the last line, one JSON object with every number (accuracies, minutes).
+Prints a table and, as the last line, one JSON object with every number (accuracies, minutes);
+`--results` records it for docs/results/ (sentiment.json; test sets named movies, tweets, products, news).
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def finetune(base: str, data: Path, out: Path, steps: int | None, lr: float = 1e
 
 
 def main() -> None:
+    from lmforge.bench.results import add_results_flag, record
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "runs" / "sentiment"))
     p.add_argument("--minilm-steps", type=int, default=None, help="fine-tune MiniLM for this many steps ...")
@@ -112,7 +116,9 @@ def main() -> None:
                                                         "e.g. '--model.n_layer 4 --model.n_embd 128'")
     p.add_argument("--minilm-run", help="evaluate this fine-tuned MiniLM run instead of training one")
     p.add_argument("--scratch-run", help="evaluate this fine-tuned from-scratch run instead of training one")
+    add_results_flag(p, "sentiment")
     args = p.parse_args()
+    start = time.time()
     out = Path(args.out)
     full = out / "data"
     if not (full / "test.jsonl").is_file():
@@ -171,7 +177,14 @@ def main() -> None:
     for name, accs in rows.items():
         print(f"{name:<14}" + "".join(f"{accs[f]:>20.4f}" for f in TESTS))
     sizes = {f: len(read(data / f)) for f in TESTS}
-    print(json.dumps({"accuracy": rows, "examples": sizes, "minutes": {k: round(v, 2) for k, v in minutes.items()}}))
+    figures = {"accuracy": rows, "examples": sizes, "minutes": {k: round(v, 2) for k, v in minutes.items()}}
+    print(json.dumps(figures))
+    if args.results:  # the test sets by name (no dots in the keys)
+        short = {"test.jsonl": "movies", "test_tweets.jsonl": "tweets", "test_products.jsonl": "products",
+                 "test_news.jsonl": "news"}
+        record("sentiment", {"accuracy": {m: {short[f]: a for f, a in accs.items()} for m, accs in rows.items()},
+                             "examples": {short[f]: n for f, n in sizes.items()}, "minutes": figures["minutes"],
+                             "config": vars(args)}, out=args.results, wall_s=time.time() - start)
 
 
 if __name__ == "__main__":

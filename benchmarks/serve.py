@@ -3,6 +3,7 @@ to a sequential loop of the same requests through transformers' `generate` on th
 
     python benchmarks/serve.py [--model DIR] [--clients 1,8,32] [--rounds 2] [--max-tokens 128]
                                [--prompt-len 32] [--threads 1] [--hf-requests 8] [--repeats 3] [--json OUT]
+                               [--results PATH]
 
 Model: by default a GPT-2-architecture model with the shape of `make demo`'s model (4 blocks x 256
 wide, 4 heads, context 256, vocab 4096), randomly initialised by transformers and saved as a
@@ -21,7 +22,7 @@ and p99. `engine_only`: the scheduler alone in this process (no HTTP), 1 and the
 sequences at once. transformers: `model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)`
 for `hf_requests` of the same prompts in a loop, in this process, while the server is idle. The
 server rows and the transformers loop take turns `repeats` times; each figure is the median
-repeat (all samples in the JSON).
+repeat (all samples in the JSON). `--results` records the result for docs/results/ (serve.json).
 """
 
 from __future__ import annotations
@@ -203,6 +204,8 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lmforge.bench.results import add_results_flag, record
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="model to serve (default: a GPT-2 model of the demo's shape)")
     p.add_argument("--clients", default="1,8,32", help="comma-separated concurrent client counts")
@@ -217,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="demo", choices=sorted(SHAPES),
                    help="shape of the default model: demo (make demo's, 5M) or gpt2 (124M)")
     p.add_argument("--json", type=Path)
+    add_results_flag(p, "serve")
     args = p.parse_args(argv)
+    t0 = time.perf_counter()
 
     from lmforge.bench.machine import machine_info
 
@@ -270,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if args.json:
             args.json.write_text(text + "\n", encoding="utf-8")
+        if args.results:
+            record("serve", {k: v for k, v in result.items() if k != "machine"}, out=args.results,
+                   wall_s=time.perf_counter() - t0)
         for k, v in ratios.items():
             goal = 10 if "transformers" in k else 4
             print(f"{k}: {v}x (target {goal}x: {'met' if v >= goal else 'NOT met'})", file=sys.stderr)

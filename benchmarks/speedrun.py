@@ -1,6 +1,6 @@
 """Speedrun: train the `baseline` and `speedrun` recipes for the same wall-clock budget, compare val bpb.
 
-    python benchmarks/speedrun.py [--minutes 5] [--data DIR] [--out DIR] [--json OUT]
+    python benchmarks/speedrun.py [--minutes 5] [--data DIR] [--out DIR] [--json OUT] [--results PATH]
 
 Both recipes train on the same prepared data (the built-in Shakespeare corpus, BPE vocab 4096,
 prepared into DIR/ if it holds no prepared data yet), one after the other, each with
@@ -11,7 +11,8 @@ models are then scored on the whole validation split with `lmforge.eval.perplexi
     improvement = (bpb_baseline - bpb_speedrun) / bpb_baseline      target: >= 0.10
 
 The runs are sequential, so load from other processes during one of them biases the result;
-check `machine.load_average_1m` in the output (taken before and after).
+check `machine.load_average_1m` in the output (taken before and after). `--results` records the
+result for docs/results/ (speedrun.json).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def run(minutes: float, data: Path | None = None, out: Path | None = None, extra
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lmforge.bench.results import add_results_flag, record
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=5.0, help="training budget per recipe (default 5)")
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            "OUT/baseline and OUT/speedrun must not hold runs yet")
     p.add_argument("--json", type=Path, default=None, help="also write the result JSON here")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes (default baseline,speedrun)")
+    add_results_flag(p, "speedrun")
     args, extra = p.parse_known_args(argv)  # extra --train.key VALUE overrides apply to every recipe
     try:
         result = run(args.minutes, args.data, args.out, extra, tuple(r for r in args.recipes.split(",") if r))
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(result["target"]["text"], file=sys.stderr)
     if args.json:
         args.json.write_text(text + "\n", encoding="utf-8")
+    if args.results:
+        record("speedrun", {k: v for k, v in result.items() if k != "machine"}, out=args.results,
+               wall_s=result["wall_s"])
     return 0
 
 

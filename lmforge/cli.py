@@ -327,7 +327,7 @@ def finetune_parser(method: str) -> argparse.ArgumentParser:
 
     module = method_module(method)
     p = _Parser(prog=f"lmforge finetune {method}", description=(module.__doc__ or "").strip().splitlines()[0],
-                epilog="Config keys: --section.key VALUE (e.g. --train.lr 1e-4); see docs/internals.md")
+                epilog="Config keys: --section.key VALUE (e.g. --train.lr 1e-4); see docs/architecture.md")
     p.add_argument("--base", required=True, help="model to start from: lmforge run / model dir or Hugging Face folder")
     p.add_argument("--data", required=True, help="training data: a JSONL/CSV/TSV file, a directory or a glob")
     p.add_argument("--out", required=True, help="run directory")
@@ -388,6 +388,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from lmforge.checkpoint import atomic_write_text
 
         atomic_write_text(args.json, text + "\n")
+    if args.results:
+        from lmforge.bench.results import record
+
+        record(f"bench-{args.what}", {k: v for k, v in result.items() if k != "machine"}, out=args.results,
+               wall_s=result.get("wall_s"))
     print(text)
     return 0
 
@@ -533,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=BENCHMARKS)
     s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
     s.add_argument("--json", help="also write the result to this file")
+    from lmforge.bench.results import add_results_flag
+
+    add_results_flag(s, "bench-WHAT")
     return p
 
 

@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     model = Decoder(config_from_preset("tiny", vocab_size=tok.vocab_size, block_size=BLOCK, init_std=0.1))
     model_dir = write_model_dir(root / "model", model, root / "tokenizer.json")
 
-    # A prepared data directory in the documented format (docs/internals.md).
+    # A prepared data directory in the documented format (docs/architecture.md).
     stream = []
     for doc in DOCS:
         stream += tok.encode(doc) + [tok.eos_id]

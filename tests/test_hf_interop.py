@@ -76,6 +76,14 @@ ROPE_CONFIGS = {
 }
 
 
+def reference_config(name: str):
+    """The transformers config of reference model `name`: one of HF_CONFIGS, or a Llama with ROPE_CONFIGS[name]
+    (benchmarks/parity.py measures the same references)."""
+    if name in HF_CONFIGS:
+        return HF_CONFIGS[name]()
+    return _llama(rope_parameters={**ROPE_CONFIGS[name], "rope_theta": 10000.0})
+
+
 def save_hf(hf_cfg, path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
@@ -90,11 +98,7 @@ def hf_dirs(tmp_path_factory):
 
     def get(name: str) -> Path:
         if name not in cache:
-            if name in HF_CONFIGS:
-                cfg = HF_CONFIGS[name]()
-            else:
-                cfg = _llama(rope_parameters={**ROPE_CONFIGS[name], "rope_theta": 10000.0})
-            cache[name] = save_hf(cfg, tmp_path_factory.mktemp(name))
+            cache[name] = save_hf(reference_config(name), tmp_path_factory.mktemp(name))
         return cache[name]
 
     return get

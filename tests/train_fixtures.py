@@ -1,6 +1,6 @@
 """Test fixtures for the training tests: a small prepared data directory built directly.
 
-It follows the prepared-data format of docs/internals.md (train.bin / val.bin uint16 memmaps,
+It follows the prepared-data format of docs/architecture.md (train.bin / val.bin uint16 memmaps,
 meta.json, a `tokenizers` tokenizer.json) without depending on lmforge.data, so the training tests
 stand on their own. The text is a deterministic pseudo-English (a fixed LCG picks words), tokenized
 per character, so the token stream is identical on every machine and version.

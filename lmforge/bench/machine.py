@@ -1,6 +1,6 @@
 """What the benchmarks ran on, and the machine-level measurements they share.
 
-    machine_info()            CPU model, cores, memory, torch/transformers versions, threads, load
+    machine_info()            CPU (and GPU) model, cores, memory, torch/transformers versions, threads, load
     matmul_peak(n, repeats)   measured fp32 peak: best of `repeats` square torch.mm of size n, in GFLOP/s
     rss_bytes(), peak_rss_bytes(), reset_peak_rss()   resident memory of this process
     tune_malloc()             keep freed memory in glibc's heap (fewer page faults per training step)
@@ -84,6 +84,7 @@ def machine_info() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
         "cuda": torch.cuda.is_available(),
+        "gpu_model": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "malloc_tuned": _MALLOC_TUNED,
         "load_average_1m": round(load[0], 2) if load else None,
     }

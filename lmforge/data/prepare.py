@@ -1,4 +1,4 @@
-"""`lmforge prepare`: sources -> tokenizer + train/val token files (see docs/internals.md for the layout).
+"""`lmforge prepare`: sources -> tokenizer + train/val token files (see docs/architecture.md for the layout).
 
 Passes over the corpus, each streaming (memory is bounded by a batch of text, not the corpus):
   1. scan: sha256 of every file, UTF-8 / binary check, .jsonl validation, per-document sizes;

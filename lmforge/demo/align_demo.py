@@ -12,14 +12,18 @@ Chain (each stage starts from the SFT model; all on the CPU):
     reward_model      a reward model on the same pairs (pairwise accuracy on held-out pairs)
     ppo_reward_model  PPO with the learned reward model instead of the verifier; the verifier rides
                       along at weight 0, so the log shows whether the policy exploits the model
+    sft_more          the control (not a default stage): as much compute spent on more SFT of the chat
+                      demo's training conversations instead (1,500 steps of the chat-demo recipe at lr 1e-4)
 Every stage trains a fixed number of steps, so every machine trains the same models: GRPO 473 and
 PPO 950 (about 12 minutes each on the quiet 2-core build machine; PPO's count is an estimate), DPO 2 and the reward model 3
 epochs of the pairs. `--minutes M` opts into a wall-clock budget per stage instead.
 Printed: one table (stage, accuracy +- standard error, mean reply length, KL to SFT, steps, minutes)
-and, as the last line, one JSON object with each stage's accuracy and reward_model_pair_accuracy.
+and, as the last line, one JSON object with each stage's accuracy and reward_model_pair_accuracy;
+`--results` records every figure (docs/results/align-demo.json).
 
     python -m lmforge.demo.align_demo [--sft runs/chat-demo] [--data data/chat_tasks] [--out runs/align-demo]
                                       [--grpo-steps 473] [--ppo-steps 950] [--minutes M] [--quick]
+                                      [--stages grpo,ppo,dpo,ppo_reward_model,sft_more] [--results PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 import sys
 import time
 import types
@@ -35,6 +40,7 @@ from typing import Any
 
 import torch
 
+from lmforge.bench.results import add_results_flag, record
 from lmforge.data.alignment_data import encode_prompt, reply_stop_ids
 from lmforge.data.tasks import check
 from lmforge.demo.chat_demo import trained_steps
@@ -45,6 +51,7 @@ VERIFIER = "lmforge.finetune.rewards:task_verifier"
 GRPO_STEPS = 473  # what 12 minutes of GRPO reached on the quiet 2-core build machine
 PPO_STEPS = 950  # estimated (not measured) for about 12 minutes there: a PPO step trains on 32 replies,
                  # a GRPO step on 8 prompts x 8, at about the same cost per reply
+SFT_MORE_STEPS = 1500  # the control: about 12 minutes of the chat-demo recipe's SFT steps there
 
 
 def log(msg: str) -> None:
@@ -123,7 +130,8 @@ def run_method(name: str, base: Path, data: Path, out: Path, overrides: list[str
     from lmforge.finetune.scaffold import run
 
     args = types.SimpleNamespace(base=str(base), data=str(data), out=str(out), val_data=extra.pop("val_data", None),
-                                 val_fraction=None, config=None, recipe=None, resume=None, overwrite=True, **extra)
+                                 val_fraction=None, config=None, recipe=extra.pop("recipe", None), resume=None,
+                                 overwrite=True, **extra)
     return run(name, args, overrides)
 
 
@@ -189,7 +197,8 @@ def main() -> int:
                    help="DPO stage: weight of the chosen replies' NLL added to the DPO loss (TRL's rpo_alpha; 0 = plain DPO)")
     p.add_argument("--stages", default="grpo,ppo,dpo,ppo_reward_model",
                    help="comma-separated: grpo, ppo, dpo, reward_model (the reward model alone), ppo_reward_model "
-                        "(the reward model, then PPO with it)")
+                        "(the reward model, then PPO with it), sft_more (the control: more SFT instead of RL)")
+    add_results_flag(p, "align-demo")
     a = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)
@@ -240,7 +249,9 @@ def main() -> int:
     rl_data.write_text("".join(json.dumps(x) + "\n" for x in (rl_rows or train)))
     sampled = sum(x["chosen_sampled"] for x in pairs)
     results["sampling"] = {"minutes": (time.time() - t) / 60, "pairs": len(pairs), "rl_prompts": len(rl_rows),
-                           "heldout_pairs": len(pairs_heldout)}
+                           "heldout_pairs": len(pairs_heldout), "chosen_sampled": sampled,
+                           "pairs_by_task": dict(Counter(x["task"] for x in pairs)),
+                           "rl_prompts_by_task": dict(Counter(x.get("task") for x in rl_rows))}
     log(f"sampled {n_pair_prompts} training prompts x 8: {len(pairs)} pairs (chosen sampled in {sampled}, else the "
         f"reference reply), {len(rl_rows)} RL prompts with a pass rate in (0, 1) "
         f"({results['sampling']['minutes']:.1f} min)")
@@ -304,6 +315,11 @@ def main() -> int:
                 "verified_accuracy_last_quarter": last["rewards/task_verifier/mean"],
                 "share_of_logged_intervals_reward_up_accuracy_flat_or_down": len(exploit) / max(len(rows) - 1, 1)}
 
+    if "sft_more" in stages:
+        # the control for the RL stages: the same compute spent on more SFT of the training conversations
+        stage("sft_more", "sft", tasks / "train.jsonl", 4 if a.quick else rl_steps(None, SFT_MORE_STEPS, minutes),
+              ["--train.lr", lr(1e-4), "--train.min_lr", lr(1e-5), "--train.eval_every", "0"], recipe="chat-demo")
+
     print(f"{'stage':<18} {'accuracy':>16} {'reply len':>10} {'KL to SFT':>10} {'steps':>6} {'minutes':>8}")
     sampling = results.pop("sampling")
     for name, r in results.items():
@@ -320,6 +336,10 @@ def main() -> int:
     summary = {name: round(r["accuracy"], 4) for name, r in results.items()}
     summary["reward_model_pair_accuracy"] = pair_acc
     print(json.dumps(summary))
+    if a.results:
+        record("align-demo", {"stages": results, "sampling": sampling, "reward_model_pair_accuracy": pair_acc,
+                              "test_prompts": len(test), "config": vars(a)},
+               out=a.results, wall_s=time.time() - t0)
     return 0
 
 

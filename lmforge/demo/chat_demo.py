@@ -1,6 +1,7 @@
 """`make chat-demo`: turn the `make demo` Shakespeare model into an assistant for verifiable tasks.
 
     python -m lmforge.demo.chat_demo [--base runs/demo] [--out runs/chat-demo] [--steps N | --minutes M]
+                                     [--results PATH]
 
 1. the base model (trained by `make demo` first when absent);
 2. seeded task data (lmforge.data.tasks): 50,000 training conversations, 1,000 held-out test prompts
@@ -9,7 +10,8 @@
 4. `lmforge finetune sft` (recipe chat-demo: a fixed 1,057 steps, so every machine trains the same
    model; `--minutes` opts into a wall-clock budget instead) through the one training loop;
 5. accuracy after SFT, per task type, the share of replies that end with `<|im_end|>` (stop_rate),
-   a few sample conversations, the steps and wall time, and one JSON line with the figures.
+   a few sample conversations, the steps and wall time, and one JSON line with the figures
+   (`--results` records them for docs/results/: chat-demo.json).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from typing import Any
 
 import torch
 
+from lmforge.bench.results import add_results_flag, record
 from lmforge.data.tasks import TASK_TYPES, check, write_split
+from lmforge.demo.pretrain_demo import train_base
 
 REPO_DATA = Path("data")
 
@@ -110,10 +114,7 @@ def ensure_base(base: Path) -> None:
     if base.is_dir() and latest_checkpoint(base) is not None:
         return
     print(f"chat-demo: no model in {base}; training it first (make demo's recipe: 450 steps, about 5 minutes)", flush=True)
-    lmforge = [sys.executable, "-m", "lmforge.cli"]
-    subprocess.run(lmforge + ["prepare", "shakespeare", "--out", "data/shakespeare", "--overwrite", "--quiet"], check=True)
-    subprocess.run(lmforge + ["train", "--data", "data/shakespeare", "--out", str(base), "--recipe", "demo",
-                              "--overwrite", "--train.progress", "false"], check=True)
+    train_base(Path("data/shakespeare"), base, quiet=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="opt-in: an SFT wall-clock budget instead of fixed steps (the result then depends on the machine)")
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-test", type=int, default=1000)
+    add_results_flag(p, "chat-demo")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -170,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
               "minutes": round((time.perf_counter() - t0) / 60, 2)}
     print(f"chat-demo: done in {result['minutes']:.1f} minutes")
     print(json.dumps(result))
+    if args.results:
+        record("chat-demo", {**result, "stop_rate_before": round(before["stop_rate"], 4),
+                             "per_task_before": {k: round(v, 4) for k, v in before["per_task"].items()},
+                             "test_prompts": len(test), "train_conversations": len(rows) - 200},
+               out=args.results, wall_s=time.perf_counter() - t0)
     return 0
 
 

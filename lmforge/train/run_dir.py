@@ -7,7 +7,7 @@
     park_previous_run(out, entries)    --overwrite: move the old run aside until the new one has a checkpoint
     write_run_files(out, config, ...)  config.yaml and the job's files
 
-Layout: docs/internals.md, "Run directory". Only lmforge's own entries are ever moved or replaced.
+Layout: docs/architecture.md, "Run directory". Only lmforge's own entries are ever moved or replaced.
 """
 
 from __future__ import annotations
