@@ -562,6 +562,21 @@ def build_parser() -> argparse.ArgumentParser:
 _TAKES_OVERRIDES = {"train", "info"}
 
 
+def _joined_overrides(argv: list[str]) -> list[str]:
+    """'--section.key VALUE' as '--section.key=VALUE': argparse must not take VALUE for a positional (`info MODEL`)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg and "=" not in arg and i + 1 < len(argv) \
+                and not argv[i + 1].startswith("--"):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -573,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "finetune":  # each method has its own flags: parsed by its own parser
             return cmd_finetune(argv[1:])
+        if argv and argv[0] in _TAKES_OVERRIDES:
+            argv = _joined_overrides(argv)
         args, extra = parser.parse_known_args(argv)
         if extra and args.verb not in _TAKES_OVERRIDES:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
