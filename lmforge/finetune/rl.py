@@ -514,6 +514,11 @@ def rollout_source(llm: Any, examples: Sequence[Any], prompt_ids: Sequence[Seque
                          D.world_size(), process, reply_stop_ids(tok), pad_id_of(tok))
 
 
+# loss.png of a GRPO / PPO run: what its rollouts tell, under the loss (GRPO logs kl only with grpo.beta > 0)
+RL_PANELS = {"reward (mean per completion)": ("reward",), "KL to the reference": ("kl", "objective/kl"),
+             "reply length (tokens)": ("completion_length",)}
+
+
 def rl_job(method: str, args: Any, cfg: Any, llm: Any, source: RolloutSource, objective: Any, ptx_coef: float,
            ptx_micro_batch_size: int, build_model: Callable[[], torch.nn.Module], description: str) -> Any:
     """The TrainJob of an RL method: its rollouts (plus the ptx rows of --ptx-data) and objective."""
@@ -529,8 +534,3 @@ def rl_job(method: str, args: Any, cfg: Any, llm: Any, source: RolloutSource, ob
                     train_batches=batches, files=chat_model_files(llm, args.base),
                     data_fingerprint={"data": data_fingerprint([args.data]), **ptx_sha},
                     report_perplexity=REPORT_PPL, description=description, plot_panels=RL_PANELS)
-
-
-# loss.png of a GRPO / PPO run: what its rollouts tell, under the loss (GRPO logs kl only with grpo.beta > 0)
-RL_PANELS = {"reward (mean per completion)": ("reward",), "KL to the reference": ("kl", "objective/kl"),
-             "reply length (tokens)": ("completion_length",)}
