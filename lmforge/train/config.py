@@ -64,9 +64,10 @@ class TrainConfig:
 
     objective: str = config_field("causal_lm", "training objective (see lmforge.train.objectives.PRETRAINING)")
     max_steps: int = config_field(1000, "optimizer steps to train for")
-    max_minutes: Optional[float] = config_field(None, "wall-clock budget in minutes (total over resumes): stop cleanly "
-                                            "(eval + checkpoint) when reached; the cosine schedule then ends at the "
-                                            "step count estimated from the measured time per step")
+    max_minutes: Optional[float] = config_field(None, "wall-clock budget in minutes (total over resumes) covering "
+                                            "everything the run does: an early evaluation and checkpoint (4 steps "
+                                            "in) measure their cost, the final ones are reserved, and the cosine "
+                                            "schedule ends at the step count that fits")
     micro_batch_size: int = config_field(16, "sequences per forward/backward pass (per process)")
     grad_accum: int = config_field(1, "micro-batches accumulated per optimizer step (per process)")
     seq_len: Optional[int] = config_field(None, "tokens per training sequence; default model.block_size (must not exceed it)")
