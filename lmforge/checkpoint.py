@@ -5,7 +5,8 @@ A *model directory* is self-contained and is what `LLM.load` reads:
     model.safetensors    weights (tied weights stored once, under tok_emb.weight)
     tokenizer.json       optional; the tokenizer the model was trained with
 A training *run directory* holds `config.yaml`, `metrics.jsonl` and `checkpoints/step_XXXXXXXX/`
-(each a model directory plus the training-state sidecar) and `checkpoints/latest`.
+(each a model directory plus the training-state sidecar) and `checkpoints/latest`; with
+train.keep_best also `checkpoints/best/` (the best validation model, a model directory).
 
 Every write goes to a temporary name, is fsynced, then renamed: a checkpoint exists only once it is
 complete, so a run killed at any moment leaves its last complete checkpoint loadable.
@@ -32,6 +33,8 @@ MODEL_WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+BEST = "best"  # checkpoints/best: the best validation model of a run with train.keep_best
+BEST_EVAL = "best_eval.json"  # in checkpoints/best: the evaluation row that made it the best
 
 
 # ---- atomic file primitives ------------------------------------------------------------------
@@ -299,6 +302,22 @@ def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modul
         for old in _step_dirs(root)[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_best_checkpoint(run_dir: str | Path, model: torch.nn.Module, eval_row: dict[str, Any],
+                          extra_files: dict[str, bytes] | None = None) -> Path:
+    """Replace RUN/checkpoints/best atomically with `model` (a model directory, not resumable) and the
+    evaluation row that made it the best. `latest` never points at it, so a run still loads its last
+    checkpoint; `LLM.load(RUN/checkpoints/best)` loads this one."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_{BEST}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model_dir(tmp, model, extra_files=extra_files)
+    atomic_write_text(tmp / BEST_EVAL, json.dumps(eval_row, indent=1))
+    final = root / BEST
+    replace_dir_atomically(tmp, final)
     return final
 
 

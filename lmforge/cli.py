@@ -147,15 +147,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cols = None if all(v is None for v in cols.values()) else {"text": cols["text"] or "text",
                                                                    "pair": cols["pair"] or "text_pair",
                                                                    "label": cols["label"] or "label"}
-        result = evaluate_classifier(llm, args.data, batch_size=args.batch_size, columns=cols)
+        result = evaluate_classifier(llm, args.data, batch_size=args.batch_size, columns=cols, progress=True)
     elif "masked_lm" in llm.tasks:
         from lmforge.eval.mlm import evaluate_mlm
 
-        result = evaluate_mlm(llm, args.data[0], batch_size=args.batch_size)
+        result = evaluate_mlm(llm, args.data[0], batch_size=args.batch_size, progress=True)
     else:
         from lmforge.eval.perplexity import evaluate
 
-        result = evaluate(llm, args.data, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        result = evaluate(llm, args.data, batch_size=args.batch_size, max_tokens=args.max_tokens, progress=True)
     print(json.dumps(result))
     return 0
 
@@ -166,6 +166,10 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     from lmforge.config import from_dict, parse_overrides
     from lmforge.models.registry import all_presets, family_of_preset
 
+    if args.model is not None:
+        if args.preset is not None or args.list or extra:
+            raise LMForgeError("lmforge info describes a MODEL (run or model directory) or a --preset, not both")
+        return _info_of_model(args)
     if args.list or (args.preset is None and not extra):
         print(f"{'preset':<12} {'params':>18} {'layers':>6} {'heads':>5} {'kv':>3} {'width':>6} {'ctx':>6}  flavour")
         for name, fam in all_presets():
@@ -185,6 +189,28 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"preset                 {args.preset} ({fam.name})")
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _info_of_model(args: argparse.Namespace) -> int:
+    """`lmforge info MODEL`: what a run (its latest checkpoint) or model directory holds."""
+    from dataclasses import asdict
+
+    from lmforge.checkpoint import resolve_model_dir
+    from lmforge.models.registry import model_summary, read_model_config
+
+    directory = resolve_model_dir(args.model)
+    fam, cfg = read_model_config(directory)
+    info, lines = fam.describe(cfg, args.seq_len)
+    summary = model_summary(cfg)
+    if args.json:
+        print(json.dumps({"model": str(directory), "family": fam.name, "summary": summary, **info,
+                          "config": asdict(cfg)}, indent=2))
+        return 0
+    print(f"model                  {directory} ({fam.name})")
+    print(f"what                   {summary}")
     for line in lines:
         print(line)
     return 0
@@ -457,7 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-pair-column", dest="pair_column", help="classifiers: column of the second text of pairs")
     s.add_argument("--label-column", help="classifiers: column holding the label (default: the run's, else label)")
 
-    s = sub.add_parser("info", help="parameter count, FLOPs and KV-cache size of a preset (+ --model.KEY overrides)")
+    s = sub.add_parser("info", help="parameter count, FLOPs and KV-cache size of a model or a preset "
+                       "(+ --model.KEY overrides)")
+    s.add_argument("model", nargs="?", metavar="MODEL",
+                   help="a run (its latest checkpoint) or model directory: describe the model it holds")
     s.add_argument("--preset", help="preset name; --list shows them all")
     s.add_argument("--list", action="store_true")
     s.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length for attention FLOPs (default: context)")
@@ -547,6 +576,21 @@ def build_parser() -> argparse.ArgumentParser:
 _TAKES_OVERRIDES = {"train", "info"}
 
 
+def _joined_overrides(argv: list[str]) -> list[str]:
+    """'--section.key VALUE' as '--section.key=VALUE': argparse must not take VALUE for a positional (`info MODEL`)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg and "=" not in arg and i + 1 < len(argv) \
+                and not argv[i + 1].startswith("--"):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -558,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "finetune":  # each method has its own flags: parsed by its own parser
             return cmd_finetune(argv[1:])
+        if argv and argv[0] in _TAKES_OVERRIDES:
+            argv = _joined_overrides(argv)
         args, extra = parser.parse_known_args(argv)
         if extra and args.verb not in _TAKES_OVERRIDES:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 import types
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def wrong_len(prompts, completions, **kw):
     return [0.0]
 def nan(prompts, completions, **kw):
     return [float("nan")] * len(completions)
+def broken(prompts, completions, **kw):
+    raise KeyError("answer")
 '''
 
 
@@ -96,6 +99,10 @@ def test_grpo_trains_logs_and_resumes_exactly_mid_rollout(fx, tmp_path):
     assert [r["reward"] for r in rows[::2]] == [r["reward"] for r in rows[1::2]]
     assert [r["completion_length"] for r in rows[::2]] == [r["completion_length"] for r in rows[1::2]]
     assert rows[1]["kl"] > 0  # the second epoch on the same rollout sees a moved policy
+    # loss.png (drawn at checkpoints: GRPO has no validation) shows the loss, then reward, KL and reply length
+    png = (run / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (700, 1200)  # 4 panels
+    _assert_rl_panels(run, R.GRPOObjective.loss_label, "kl")
     # resume from step 3 = in the middle of the second rollout (2 steps per rollout): same weights at 4
     resumed = tmp_path / "g2"
     _train("grpo", _args(fx, resumed, resume=str(run / "checkpoints" / "step_00000003")), ov)
@@ -118,11 +125,39 @@ def test_ppo_first_minibatch_kl_zero_ratio_one_and_resume(fx, tmp_path):
         assert key in first
     assert rows[2]["objective/kl"] != 0.0  # second rollout: the policy has moved away from the reference
     assert rows[2]["objective/kl_coef"] != rows[0]["objective/kl_coef"]  # adaptive controller moved
+    _assert_rl_panels(run, R.PPOObjective.loss_label, "objective/kl")
     model, cfg, _ = load_model_dir(run)
     assert type(model).__name__ == "DecoderWithValueHead"
     resumed = tmp_path / "p2"
     _train("ppo", _args(fx, resumed, resume=str(run / "checkpoints" / "step_00000003")), ov)
     assert _same_weights(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+
+
+def _assert_rl_panels(run: Path, loss_label: str, kl_key: str) -> None:
+    from lmforge.train.metrics import loss_figure, read_rows
+
+    rows = read_rows(run / "metrics.jsonl")
+    fig = loss_figure(rows, loss_label, panels=R.RL_PANELS)
+    assert [ax.get_ylabel() for ax in fig.axes] == [loss_label, "reward (mean per completion)", "KL to the reference",
+                                                     "reply length (tokens)"]
+    assert [[line.get_label() for line in ax.get_lines()] for ax in fig.axes[1:]] == \
+        [["reward"], [kl_key], ["completion_length"]]
+    assert list(fig.axes[3].get_lines()[0].get_ydata()) == [r["completion_length"] for r in rows if "loss" in r]
+
+
+def test_reward_function_error_prints_on_its_own_line_after_the_progress_bar(fx, tmp_path, capsys):
+    from lmforge.cli import main
+
+    rc = main(["finetune", "grpo", "--base", str(fx / "base"), "--data", str(fx / "prompts.jsonl"),
+               "--out", str(tmp_path / "run"), "--reward", f"{fx / 'rw.py'}:broken", "--train.max_steps", "2",
+               "--train.micro_batch_size", "4", "--grpo.num_generations", "2", "--grpo.max_new_tokens", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train:" in err  # the bar was drawn
+    lines = err.split("\n")
+    error = [line for line in lines if "error:" in line]
+    assert len(error) == 1 and error[0].startswith("error: reward function broken raised KeyError: 'answer' on example "
+                                                   f"{fx / 'prompts.jsonl'}:"), err
+    assert lines[lines.index(error[0]) - 1].startswith("\rtrain:")  # the bar's line ended before the message
 
 
 def test_ppo_last_token_rewards():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,9 @@ def test_prepare_train_generate_eval(pipeline):
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout)
     assert set(result) >= {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}
+    # a progress bar of the scored batches (8 windows each) on stderr
+    batches = -(-result["windows"] // 8)
+    assert re.search(rf"(?:^|[\r\n])eval: 100%\|[^|]*\| {batches}/{batches} \[", ev.stderr), ev.stderr
     assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
 
 
@@ -89,6 +93,9 @@ def test_sampling_is_reproducible_with_a_seed(pipeline):
      "error: prompt has 400 tokens but the model's context is 128"),
     (["eval", "--ckpt", "{tmp}/nope", "--data", "{root}/data"], "error: checkpoint not found: {tmp}/nope"),
     (["convert", "--from-hf", "{tmp}", "--out", "{tmp}/o"], "error: "),
+    (["info", "{root}/run", "--preset", "tiny"],
+     "error: lmforge info describes a MODEL (run or model directory) or a --preset, not both"),
+    (["info", "{tmp}/nope"], "error: checkpoint not found: {tmp}/nope"),
 ])
 def test_user_errors_are_one_line_with_exit_2(pipeline, tmp_path, args, message):
     root = pipeline[0]
@@ -98,6 +105,25 @@ def test_user_errors_are_one_line_with_exit_2(pipeline, tmp_path, args, message)
     assert result.stderr.startswith(message.format(**fill)), result.stderr
     assert "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [result.stderr.splitlines()[-1]]
+
+
+def test_info_describes_the_model_a_run_trained(pipeline):
+    from lmforge.models.decoder import config_from_preset
+
+    root = pipeline[0]
+    cfg = config_from_preset("tiny", vocab_size=300)
+    n = cfg.num_params()
+    summary = f"a decoder of {n:,} parameters ({n / 1e6:,.2f}M): preset tiny as it is."
+    info = lmforge("info", str(root / "run"))
+    assert info.returncode == 0, info.stderr
+    lines = info.stdout.splitlines()
+    assert lines[:3] == [f"model                  {root / 'run' / 'checkpoints' / 'step_00000030'} (decoder)",
+                         f"what                   {summary}",
+                         f"parameters             {n:,}  ({n / 1e6:,.2f}M; non-embedding {cfg.num_params(non_embedding=True):,})"]
+    # config.yaml says the same above the config
+    assert (root / "run" / "config.yaml").read_text().replace("\n# ", " ").startswith(f"# What this run trains: {summary}")
+    as_json = json.loads(lmforge("info", str(root / "run"), "--json").stdout)
+    assert (as_json["family"], as_json["params"], as_json["summary"]) == ("decoder", n, summary)
 
 
 def test_corrupt_checkpoint_is_named(pipeline, tmp_path):

@@ -98,6 +98,25 @@ def test_finetune_classify_encoder_end_to_end(base_encoder, tmp_path, capsys):
     assert {"macro_f1", "per_class", "labels"} <= set(ev)
 
 
+def test_max_minutes_reserves_the_real_validation_set_not_eval_iters(base_encoder, tmp_path, capsys, one_thread):
+    """65 validation examples (5 batches) under the method's eval_iters of 1000: the budget reserves an
+    evaluation of those, measured, so a 12-second budget trains; reserving 1000 batches left 4 steps."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(200, 1))
+    val = write_jsonl(tmp_path / "val.jsonl", make_rows(65, 2))
+    rc = main(["finetune", "classify", "--base", str(base_encoder), "--data", train, "--val-data", val,
+               "--out", str(tmp_path / "run"), "--train.max_steps", "100000", "--train.max_minutes", "0.2",
+               "--train.lr", "3e-3", "--train.progress", "false"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["stopped_by"] == "max_minutes" and summary["steps"] > 10
+    assert summary["seconds"] <= 12.0 * 1.2  # the budget holds (a loaded machine's timing noise aside)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "val_loss" in r]
+    # the timing evaluation, the periodic ones (train.eval_every 100), the final one
+    assert [r["step"] for r in evals] == [4, *range(100, summary["steps"], 100), summary["steps"]]
+    assert summary["accuracy"] == evals[-1]["accuracy"]
+
+
 def test_bad_inputs_are_one_line_errors(base_encoder, tmp_path, capsys):
     good = make_rows(30, 3)
     train = write_jsonl(tmp_path / "t.jsonl", good)

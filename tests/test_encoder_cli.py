@@ -1,6 +1,7 @@
 """Encoder verbs of the CLI: info, prepare --tokenizer wordpiece, embed, classify, eval on a classifier, convert."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -50,8 +51,10 @@ def test_classify_eval_convert_embed(hf_classifier, tmp_path, capsys):
     data = tmp_path / "d.csv"
     data.write_text("sentence,y\n" + "".join(f"{t},{'pos' if i % 2 else 'neg'}\n" for i, t in enumerate(TEXTS)))
     assert main(["eval", "--ckpt", str(hf_classifier), "--data", str(data), "--text-column", "sentence",
-                 "--label-column", "y"]) == 0
-    ev = json.loads(capsys.readouterr().out)
+                 "--label-column", "y", "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    ev = json.loads(captured.out)
+    assert re.search(r"\reval: 100%\|[^|]*\| 2/2 \[", captured.err), captured.err  # progress: 4 texts, 2 a batch
     assert set(ev) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix"} and ev["n"] == 4
     # convert to lmforge and back: same predictions, transformers loads it without missing keys
     assert main(["convert", "--from-hf", str(hf_classifier), "--out", str(tmp_path / "lm")]) == 0

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -151,7 +152,7 @@ def test_hf_bert_and_roberta_tokenizers_load_as_they_are(tmp_path):
     assert row[0] == 0 and row.count(2) == 3 and row[-1] == 2
 
 
-def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path):
+def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path, capsys):
     from lmforge.data.prepare import prepare
     from lmforge.train.pretrain import run_training
 
@@ -193,7 +194,9 @@ def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path):
     from lmforge.eval.mlm import evaluate_mlm
 
     ev = evaluate_mlm(str(tmp_path / "full"), str(tmp_path / "data"), seq_len=32)
-    again = evaluate_mlm(str(tmp_path / "part"), str(tmp_path / "data"), seq_len=32)
+    again = evaluate_mlm(str(tmp_path / "part"), str(tmp_path / "data"), seq_len=32, progress=True)
+    batches = ev["windows"] // 8  # batch_size 8
+    assert re.search(rf"\reval: 100%\|[^|]*\| {batches}/{batches} \[", capsys.readouterr().err)
     assert {k: v for k, v in ev.items() if k != "checkpoint"} == {k: v for k, v in again.items() if k != "checkpoint"}
     assert ev["masked_tokens"] > 0 and 0 <= ev["mlm_acc"] <= 1 and ev["mlm_loss"] < math.log(100) + 1
 

@@ -216,9 +216,30 @@ def test_run_directory_contents(data, tmp_path):
 def test_model_keys_override_preset_and_vocab_comes_from_data(data, tmp_path):
     _train(data, tmp_path / "run", "--train.max_steps", "1", "--model.n_layer", "3", "--model.n_embd=32",
            "--model.vocab_size", "64")
-    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    cfg = yaml.safe_load(text)["model"]
     assert (cfg["preset"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["block_size"]) == ("tiny", 3, 32, 4, 128)
     assert cfg["vocab_size"] == 64  # larger than the tokenizer's 40: kept (padding rows)
+    # config.yaml says what was trained: model.preset is where the keys started, not the model
+    assert text.startswith(
+        "# What this run trains: a decoder of 44,320 parameters (0.04M): preset tiny (0.11M alone) is only\n"
+        "# where its keys started; n_layer, n_embd, head_dim, mlp_hidden differ from it. `lmforge info RUN`\n"
+        "# describes it.\nmodel:\n")
+
+
+def test_config_yaml_names_an_unchanged_preset_and_resume_accepts_runs_without_the_note(data, tmp_path):
+    run = tmp_path / "run"
+    _train(data, run, "--train.max_steps", "1", "--train.eval_every", "0")
+    assert (run / "config.yaml").read_text().startswith(
+        "# What this run trains: a decoder of 110,848 parameters (0.11M): preset tiny as it is. `lmforge info\n"
+        "# RUN` describes it.\nmodel:\n")
+    # a run written before train.keep_best existed (its saved config lacks the key) still resumes
+    ck = run / "checkpoints" / "step_00000001"
+    state = json.loads((ck / "train_state.json").read_text())
+    del state["config"]["train"]["keep_best"]
+    (ck / "train_state.json").write_text(json.dumps(state))
+    summary = _train(data, run, "--train.max_steps", "2", "--train.eval_every", "0", resume="auto")
+    assert summary["steps"] == 2
 
 
 def test_max_minutes_stops_cleanly_with_eval_and_checkpoint(data, tmp_path, monkeypatch):
@@ -241,6 +262,218 @@ def test_max_minutes_stops_cleanly_with_eval_and_checkpoint(data, tmp_path, monk
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs == sorted(lrs, reverse=True)
     assert lrs[-1] < 3e-4 * 1.5 and lrs[len(lrs) // 2] < 0.75 * 3e-3
+
+
+class FakeClock:
+    """The loop's clock: every reading is 0.1 s after the last; `advance` is work that takes time."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.1
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _budgeted_job(data, clock, eval_seconds, *extra):
+    """A pretraining job whose own evaluation (as a seq2seq run's generation) takes `eval_seconds`."""
+    import dataclasses
+
+    from lmforge.train.config import build_config
+    from lmforge.train.pretrain import pretraining_job
+
+    cfg = build_config(overrides=TINY + ["--train.max_steps", "100000", "--train.warmup_steps", "0", *extra])
+
+    def evaluate(model):
+        clock.advance(eval_seconds)
+        return {"generated": 1.0}
+
+    return dataclasses.replace(pretraining_job(cfg, data), evaluate=evaluate), cfg
+
+
+@pytest.mark.parametrize("eval_every", [0, 4])
+def test_max_minutes_budget_covers_a_measured_costly_evaluation(data, tmp_path, monkeypatch, eval_every):
+    """An evaluation of 2 s (generation, say) in a 15 s budget: the trainer times one early and reserves
+    that for the final one (and the periodic ones), so the run ends within its budget, having used it."""
+    import lmforge.train.loop as loop
+
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "_clock", clock)
+    job, cfg = _budgeted_job(data, clock, 2.0, "--train.max_minutes", "0.25", "--train.eval_every", str(eval_every))
+    summary = loop.train_job(job, cfg.train, tmp_path / "run")
+    assert summary["stopped_by"] == "max_minutes"
+    # within budget, and less unused than a step and the evaluation due at the last step (when it stops
+    # there rather than pay for two evaluations)
+    unused = 15.0 - summary["seconds"]
+    assert 0 <= unused < (1.0 if eval_every == 0 else 1.0 + 2.1)
+    evals = [r["step"] for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    if eval_every == 0:
+        assert evals == [4, summary["steps"]]  # the timing evaluation once 3 steps after the first are timed
+    else:
+        assert evals == list(range(4, summary["steps"], 4)) + [summary["steps"]]
+    # the timing checkpoint at step 4 and the final one (train.ckpt_every 500)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == \
+        ["step_00000004", f"step_{summary['steps']:08d}"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{summary['steps']:08d}" / "train_state.json").read_text())
+    assert state["schedule"]["total_steps"] == summary["steps"]  # the schedule ended where the run did
+
+
+def test_time_budget_plans_with_measured_costs():
+    from lmforge.train.loop import TimeBudget
+
+    b = TimeBudget(1.0, eval_every=10, ckpt_every=0, has_eval=True)
+    b.step_done(5.0)  # the first step (with its warm-up) is not timed
+    b.step_done(6.0)
+    b.checkpointed(2.0)  # checkpoint time does not count as step time
+    b.step_done(9.0)
+    assert b.step_s is None and not b.wants_timing()
+    b.step_done(10.0)
+    assert b.step_times == [1.0, 1.0, 1.0] and b.step_s == 1.0 and b.wants_timing()
+    b.checkpointed(2.0)
+    assert b.wants_timing() and b.plan(4, 30.0, 1000, 1000) == (1000, False)  # no evaluation measured: the clock alone
+    b.evaluated(5.0)
+    assert not b.wants_timing()
+    # 60 s - 30 elapsed - 7 final = 23 s at 1.5 s a step (a 5 s evaluation every 10 steps)
+    assert b.plan(4, 30.0, 1000, 1000) == (4 + 15, False)
+    assert b.plan(10, 30.0, 1000, 1000) == (10 + 12, False)  # the evaluation due at step 10 comes first
+    assert b.plan(4, 52.0, 1000, 1000) == (4, False)  # 1 s left after the final ones: one more step fits
+    assert b.plan(4, 52.5, 1000, 1000) == (4, True)
+    assert b.plan(4, 30.0, 6, 1000) == (6, False)  # never beyond max_steps
+    no_eval = TimeBudget(1.0, 0, 0, has_eval=False)
+    for now in (1.0, 2.0, 3.0, 4.0):
+        no_eval.step_done(now)
+    assert no_eval.wants_timing()  # the checkpoint cost
+    no_eval.checkpointed(0.5)
+    assert not no_eval.wants_timing() and no_eval.plan(4, 50.0, 100, 100) == (4 + 9, False)
+
+
+class ScriptedValidation:
+    """A job's objective whose validation losses follow a script, one value per evaluation."""
+
+    name = "scripted"
+    loss_label = "cross entropy (nats/token)"
+
+    def __init__(self, inner, script, batches_per_eval):
+        self.inner, self.script, self.per_eval, self.calls = inner, list(script), batches_per_eval, 0
+
+    def __call__(self, model, batch):
+        if model.training:
+            return self.inner(model, batch)
+        value = torch.tensor(self.script[self.calls // self.per_eval])
+        self.calls += 1
+        return value, {"loss": value}
+
+
+def _keep_best_run(data, run, max_steps, script, resume=None):
+    import dataclasses
+
+    from lmforge.train.config import build_config
+    from lmforge.train.loop import train_job
+    from lmforge.train.pretrain import pretraining_job
+
+    cfg = build_config(overrides=TINY + ["--train.max_steps", str(max_steps), "--train.eval_every", "2",
+                                         "--train.ckpt_every", "2", "--train.keep_checkpoints", "0",
+                                         "--train.keep_best", "true"])
+    job = pretraining_job(cfg, data)
+    job = dataclasses.replace(job, objective=ScriptedValidation(job.objective, script, batches_per_eval=2))
+    return train_job(job, cfg.train, run, resume=resume)
+
+
+def test_keep_best_keeps_the_best_validation_checkpoint_beside_the_last(data, tmp_path):
+    from lmforge.checkpoint import load_tensors
+    from lmforge.infer.llm import LLM
+
+    run = tmp_path / "run"
+    best = run / "checkpoints" / "best"
+    summary = _keep_best_run(data, run, 6, [3.0, 2.0, 2.5])  # evaluations at steps 2, 4, 6
+    assert summary["best_val_loss"] == 2.0 and summary["best_checkpoint"] == str(best)
+    assert json.loads((best / "best_eval.json").read_text())["step"] == 4
+    weights = load_tensors(best / "model.safetensors")
+    step4 = load_tensors(run / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert weights.keys() == step4.keys() and all(torch.equal(weights[k], step4[k]) for k in weights)
+    assert sorted(p.name for p in best.iterdir()) == ["best_eval.json", "model.safetensors", "model_config.json",
+                                                        "tokenizer.json"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    step6 = load_tensors(run / "checkpoints" / "step_00000006" / "model.safetensors")
+    loaded = LLM.load(run).model.state_dict()  # a run loads its last checkpoint, not the best
+    assert torch.equal(loaded["tok_emb.weight"], step6["tok_emb.weight"])
+    assert not torch.equal(loaded["tok_emb.weight"], weights["tok_emb.weight"])
+    assert torch.equal(LLM.load(best).model.state_dict()["tok_emb.weight"], weights["tok_emb.weight"])
+
+    # Resumed, the best so far is remembered: a worse evaluation keeps step 4, a better one replaces it.
+    assert _keep_best_run(data, run, 8, [2.2], resume="auto")["best_val_loss"] == 2.0
+    assert json.loads((best / "best_eval.json").read_text())["step"] == 4
+    assert _keep_best_run(data, run, 10, [1.5], resume="auto")["best_val_loss"] == 1.5
+    assert json.loads((best / "best_eval.json").read_text())["step"] == 10
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+
+
+def test_keep_best_needs_validation_and_is_documented(data, tmp_path):
+    import dataclasses
+
+    from lmforge.train.config import build_config, config_help
+    from lmforge.train.loop import train_job
+    from lmforge.train.pretrain import pretraining_job
+
+    cfg = build_config(overrides=TINY + ["--train.keep_best", "true"])
+    job = dataclasses.replace(pretraining_job(cfg, data), eval_batches=None)
+    with pytest.raises(LMForgeError) as e:
+        train_job(job, cfg.train, tmp_path / "run")
+    assert str(e.value) == ("train.keep_best keeps the checkpoint of the lowest validation loss, but this run has no "
+                            "validation batches")
+    assert not (tmp_path / "run").exists()
+    row = next(line for line in config_help().splitlines() if line.strip().startswith("train.keep_best "))
+    assert "RUN/checkpoints/best" in row and "load RUN/checkpoints/best" in row
+
+
+def test_loss_plot_names_the_objectives_loss(data, tmp_path, monkeypatch):
+    import lmforge.train.loop as loop
+    from lmforge.finetune.classify import ClassifyObjective
+    from lmforge.finetune.preference import DPOObjective, RewardObjective
+    from lmforge.train.metrics import loss_figure
+
+    drawn = []
+    monkeypatch.setattr(loop, "plot_loss", lambda rows, path, **kw: drawn.append(kw))
+    _train(data, tmp_path / "run", "--train.max_steps", "2", "--train.eval_every", "2")
+    assert [kw["loss_label"] for kw in drawn] == ["cross entropy (nats/token)"] and drawn[0]["panels"] == {}
+
+    rows = [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}, {"step": 2, "val_loss": 0.65}]
+    for objective, label in [(ClassifyObjective(), "cross entropy (nats/example)"),
+                             (DPOObjective(0.1, "sigmoid"), "DPO loss (sigmoid, per pair)"),
+                             (DPOObjective(0.1, "ipo", rpo_alpha=1.0), "DPO loss (ipo, per pair) + rpo_alpha x NLL"),
+                             (RewardObjective(), "Bradley-Terry loss (per pair)")]:
+        assert objective.loss_label == label
+        fig = loss_figure(rows, objective.loss_label)
+        assert [ax.get_ylabel() for ax in fig.axes] == [label]
+        assert fig.axes[0].get_xlabel() == "step"
+        assert [line.get_label() for line in fig.axes[0].get_lines()] == ["train", "validation"]
+
+
+def test_a_long_evaluation_shows_a_progress_bar(data, tmp_path, capsys):
+    import dataclasses
+    import time
+
+    from lmforge.train.config import build_config
+    from lmforge.train.loop import EVAL_BAR_DELAY, train_job
+    from lmforge.train.pretrain import pretraining_job
+
+    class SlowValidation(ScriptedValidation):
+        def __call__(self, model, batch):
+            if not model.training:
+                time.sleep(EVAL_BAR_DELAY / 2)
+            return self.inner(model, batch)
+
+    cfg = build_config(overrides=TINY + ["--train.max_steps", "1", "--train.eval_iters", "4", "--train.progress", "true"])
+    job = pretraining_job(cfg, data)
+    train_job(dataclasses.replace(job, objective=SlowValidation(job.objective, [], 1)), cfg.train, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert re.search(r"\reval: +[0-9]+%\|[^|]*\| [2-4]/4 \[", err), err  # shown once it ran 1 s, then cleared
+    capsys.readouterr()
+    _train(data, tmp_path / "quick", "--train.max_steps", "1", "--train.progress", "true")
+    assert "eval:" not in capsys.readouterr().err  # a quick evaluation shows no bar
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -80,9 +80,9 @@ def _run_columns(path: Path) -> dict[str, Any]:
 
 
 def evaluate_classifier(ckpt: Any, data: Sequence[str] | str, batch_size: int = 32,
-                        columns: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                        columns: Optional[dict[str, Any]] = None, progress: bool = False) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class figures and the confusion matrix of a classifier (an LLM, or the
-    path of one) on labelled files."""
+    path of one) on labelled files; `progress` shows a bar of the batches on stderr."""
     from lmforge.data.labeled import label_ids, read_labeled
     from lmforge.infer.classify import class_logits, label_names
     from lmforge.infer.llm import LLM
@@ -96,7 +96,8 @@ def evaluate_classifier(ckpt: Any, data: Sequence[str] | str, batch_size: int = 
         raise LMForgeError("this model is a regression / reward model (one output); classification metrics need classes")
     y = label_ids(examples, labels)
     pairs = [e.pair for e in examples] if any(e.pair for e in examples) else None
-    logits, cut = class_logits(llm.model, llm.tokenizer, [e.text for e in examples], pairs, batch_size)
+    logits, cut = class_logits(llm.model, llm.tokenizer, [e.text for e in examples], pairs, batch_size,
+                               progress=progress)
     result = classification_metrics(y, logits.argmax(-1).tolist(), labels)
     result["truncated"] = cut
     result["data"] = [str(f) for f in files]

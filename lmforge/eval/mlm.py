@@ -4,6 +4,7 @@ masked with the fixed evaluation seed (15%, 80/10/10; `lmforge.data.masking`), s
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -18,8 +19,12 @@ from lmforge.infer.llm import LLM
 
 
 @torch.no_grad()
-def evaluate_mlm(ckpt: Any, data_dir: str, batch_size: int = 8, max_windows: int = 200, seq_len: int = 128) -> dict[str, Any]:
-    """Masked-LM figures of an encoder (an LLM, or its path) on at most `max_windows` windows of `seq_len` tokens."""
+def evaluate_mlm(ckpt: Any, data_dir: str, batch_size: int = 8, max_windows: int = 200, seq_len: int = 128,
+                 progress: bool = False) -> dict[str, Any]:
+    """Masked-LM figures of an encoder (an LLM, or its path) on at most `max_windows` windows of `seq_len`
+    tokens; `progress` shows a bar of the batches on stderr."""
+    from tqdm import tqdm
+
     llm = LLM.of(ckpt)
     model = llm.model
     if getattr(model.cfg, "head", None) != "mlm":
@@ -37,7 +42,8 @@ def evaluate_mlm(ckpt: Any, data_dir: str, batch_size: int = 8, max_windows: int
     masker = Masker(model.cfg.vocab_size, mask_token_id(tok), special, 0.15)
     frequent = most_frequent_token(data.split("train"), special, model.cfg.vocab_size)
     loss_sum, correct, base, count = 0.0, 0, 0, 0
-    for batch in masked_eval_batches(windows, masker, cls_id):
+    for batch in tqdm(masked_eval_batches(windows, masker, cls_id), total=windows.n_batches, desc="eval", unit="batch",
+                      file=sys.stderr, dynamic_ncols=True, disable=not progress):
         sel_BT = batch["labels"] != IGNORE
         logits_NV = model(batch["input_ids"], select_BT=sel_BT).float()
         y_N = batch["labels"][sel_BT]

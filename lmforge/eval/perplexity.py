@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,8 +32,11 @@ from lmforge.errors import LMForgeError
 
 @torch.inference_mode()
 def score_tokens(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int,
-                 batch_size: int = 8) -> tuple[float, int, int]:
-    """(total nats, predicted tokens, windows) of `tokens` under `model`, windows as described above."""
+                 batch_size: int = 8, progress: bool = False) -> tuple[float, int, int]:
+    """(total nats, predicted tokens, windows) of `tokens` under `model`, windows as described above;
+    `progress` shows a bar of the batches on stderr."""
+    from tqdm import tqdm
+
     n = len(tokens)
     if n < 2:
         return 0.0, 0, 0
@@ -42,7 +46,10 @@ def score_tokens(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], blo
     L = int(block_size)
     n_pred = n - 1
     n_full = n_pred // L
+    rest = n_pred - n_full * L
     total = 0.0
+    bar = tqdm(total=-(-n_full // batch_size) + (1 if rest else 0), desc="eval", unit="batch", file=sys.stderr,
+               dynamic_ncols=True, disable=not progress)
     try:
         # Full windows in batches; a batch is one contiguous slice of the (possibly memory-mapped) stream.
         for w0 in range(0, n_full, batch_size):
@@ -53,11 +60,13 @@ def score_tokens(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], blo
             # first input of window i+1, so shift the flat stream rather than each row.
             y_BT = chunk[1:].view(b, L)
             total += _nats(model, x_BT, y_BT)
-        rest = n_pred - n_full * L
+            bar.update(1)
         if rest:
             chunk = torch.from_numpy(np.asarray(tokens[n_full * L: n], dtype=np.int64)).to(device)
             total += _nats(model, chunk[:-1][None], chunk[1:][None])
+            bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)
     return total, n_pred, n_full + (1 if rest else 0)
 
@@ -151,12 +160,12 @@ def _text_files(sources: Sequence[str], llm: Any, max_tokens: int | None) -> tup
 
 
 def evaluate(ckpt: Any, data: str | Sequence[str], batch_size: int = 8, max_tokens: int | None = None,
-             device: str = "cpu") -> dict[str, Any]:
+             device: str = "cpu", progress: bool = False) -> dict[str, Any]:
     """Loss / perplexity / bits per byte of a model (an LLM, or a run, model or HF dir) on `data`.
 
     `data` is one prepared data directory (its val split is scored; byte count from meta.json) or
     text files (.txt, .jsonl, directories of them, globs). `max_tokens` caps the tokens scored
-    (default: all). Returns a JSON-ready dict.
+    (default: all); `progress` shows a bar of the batches on stderr. Returns a JSON-ready dict.
     """
     from lmforge.infer.llm import LLM
 
@@ -175,7 +184,7 @@ def evaluate(ckpt: Any, data: str | Sequence[str], batch_size: int = 8, max_toke
     else:
         tokens, n_bytes, info = _text_files(data, llm, max_tokens)
     block = int(llm.config.block_size)
-    nats, n_tok, windows = score_tokens(llm.model, tokens, block, batch_size)
+    nats, n_tok, windows = score_tokens(llm.model, tokens, block, batch_size, progress=progress)
     loss = nats / n_tok
     return {
         "loss": loss,

@@ -119,6 +119,7 @@ class ClassifyObjective:
     """Cross entropy over classes (mean over the micro-batch); stats: acc, tokens."""
 
     name = "classify"
+    loss_label = "cross entropy (nats/example)"
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         logits = classifier_logits(model, batch).float()

@@ -95,6 +95,7 @@ class DPOObjective:
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  rpo_alpha: float | None = None):
         self.beta, self.loss_type, self.ls, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
+        self.loss_label = f"DPO loss ({loss_type}, per pair)" + (" + rpo_alpha x NLL" if rpo_alpha is not None else "")
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         lp_N = completion_logps(model, batch)
@@ -120,6 +121,7 @@ class RewardObjective:
     """Bradley-Terry loss on the scores read at each row's last real token."""
 
     name = "reward"
+    loss_label = "Bradley-Terry loss (per pair)"
 
     def __init__(self, center_coef: float = 0.0, use_margin: bool = False):
         self.center_coef, self.use_margin = center_coef, use_margin

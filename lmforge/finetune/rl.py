@@ -376,6 +376,7 @@ def rollout_stats(buf: dict[str, torch.Tensor], reward_names: Sequence[str]) -> 
 
 class GRPOObjective:
     name = "grpo"
+    loss_label = "GRPO loss (clipped policy objective)"
 
     def __init__(self, eps_low: float, eps_high: float | None, beta: float, loss_type: str, max_new_tokens: int):
         self.eps_low, self.eps_high, self.beta, self.loss_type, self.L = eps_low, eps_high, beta, loss_type, max_new_tokens
@@ -391,6 +392,7 @@ class GRPOObjective:
 
 class PPOObjective:
     name = "ppo"
+    loss_label = "PPO loss (policy + vf_coef x value)"
 
     def __init__(self, cliprange: float, cliprange_value: float, vf_coef: float):
         self.clip, self.vclip, self.vf_coef = cliprange, cliprange_value, vf_coef
@@ -434,6 +436,7 @@ class WithPtx:
         from lmforge.finetune.sft import SFTObjective
 
         self.objective, self.coef, self.sft, self.name = objective, coef, SFTObjective(), objective.name
+        self.loss_label = f"{objective.loss_label} + ptx_coef x SFT loss"
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]):
         rl = {k: v for k, v in batch.items() if k != "ptx"}
@@ -511,6 +514,11 @@ def rollout_source(llm: Any, examples: Sequence[Any], prompt_ids: Sequence[Seque
                          D.world_size(), process, reply_stop_ids(tok), pad_id_of(tok))
 
 
+# loss.png of a GRPO / PPO run: what its rollouts tell, under the loss (GRPO logs kl only with grpo.beta > 0)
+RL_PANELS = {"reward (mean per completion)": ("reward",), "KL to the reference": ("kl", "objective/kl"),
+             "reply length (tokens)": ("completion_length",)}
+
+
 def rl_job(method: str, args: Any, cfg: Any, llm: Any, source: RolloutSource, objective: Any, ptx_coef: float,
            ptx_micro_batch_size: int, build_model: Callable[[], torch.nn.Module], description: str) -> Any:
     """The TrainJob of an RL method: its rollouts (plus the ptx rows of --ptx-data) and objective."""
@@ -525,4 +533,4 @@ def rl_job(method: str, args: Any, cfg: Any, llm: Any, source: RolloutSource, ob
     return TrainJob(name=method, config=resolved(method, args, cfg), build_model=build_model, objective=objective,
                     train_batches=batches, files=chat_model_files(llm, args.base),
                     data_fingerprint={"data": data_fingerprint([args.data]), **ptx_sha},
-                    report_perplexity=REPORT_PPL, description=description)
+                    report_perplexity=REPORT_PPL, description=description, plot_panels=RL_PANELS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -141,7 +142,10 @@ def decoder_collate(pad_id: int):
 
 
 class DecoderCompletionObjective:
+    """Cross entropy of the completion (target) tokens of prompt + completion rows. Stats: acc, tokens."""
+
     name = "seq2seq"
+    loss_label = "cross entropy (nats/target token)"
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         logits = model(batch["input_ids"])  # right padding: causal attention never reads it
@@ -237,7 +241,7 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
     gen_sources = [encode_source(p.source) for p in gen_examples]
 
     def evaluate(live: torch.nn.Module) -> dict[str, Any]:
-        preds = predict(live, tok, gen_sources, eos, pad, g)
+        preds = predict(live, tok, gen_sources, eos, pad, g, progress=t.progress)
         res = {**generation_metrics(preds, [p.target for p in gen_examples]), **gen_coverage.labels("generation")}
         from lmforge.checkpoint import atomic_write_text
 
@@ -261,10 +265,14 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], eos: int, pad: int,
-            g: Seq2SeqGenerateConfig) -> list[str]:
+            g: Seq2SeqGenerateConfig, progress: bool = False) -> list[str]:
     """Generated target texts for token-id sources (greedy or beam search), in batches: an
-    encoder-decoder's target, or a decoder's continuation of the source."""
+    encoder-decoder's target, or a decoder's continuation of the source. With `progress`, a bar on
+    stderr once generating takes a while."""
+    from tqdm import tqdm
+
     from lmforge.models.registry import CONTINUE, family_of
+    from lmforge.train.loop import EVAL_BAR_DELAY
     from lmforge.infer.generate import generate
     from lmforge.infer.beam import beam_search_decoder
     from lmforge.infer.seq2seq import generate_seq2seq
@@ -272,7 +280,8 @@ def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], eos: int
     model = getattr(model, "module", model)
     in_context = CONTINUE in family_of(model).tasks(model.cfg)
     out: list[str] = []
-    for i in range(0, len(sources), g.batch_size):
+    for i in tqdm(range(0, len(sources), g.batch_size), desc="eval: generating", unit="batch", file=sys.stderr,
+                  dynamic_ncols=True, leave=False, delay=EVAL_BAR_DELAY, disable=not progress):
         chunk = sources[i:i + g.batch_size]
         n = g.max_new_tokens
         if g.max_len_a > 0:  # fairseq's rule: no search past the batch's longest budget (each output is cut below)

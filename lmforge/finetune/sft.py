@@ -153,6 +153,7 @@ class SFTObjective:
     """Mean cross entropy over the tokens whose label is not -100."""
 
     name = "sft"
+    loss_label = "cross entropy (nats/trained token)"
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         y_BT = batch["labels"]

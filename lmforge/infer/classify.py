@@ -7,6 +7,7 @@ Which of the two a model takes is its family's `encoder_tokenizer` (models/regis
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional, Sequence
 
 import torch
@@ -27,8 +28,11 @@ def label_names(model: torch.nn.Module) -> list[str]:
 
 @torch.no_grad()
 def class_logits(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], pairs: Optional[Sequence[str]] = None,
-                 batch_size: int = 32, max_length: Optional[int] = None) -> tuple[torch.Tensor, int]:
-    """((N, num_labels) logits, number of texts truncated to the context)."""
+                 batch_size: int = 32, max_length: Optional[int] = None, progress: bool = False) -> tuple[torch.Tensor, int]:
+    """((N, num_labels) logits, number of texts truncated to the context); `progress` shows a bar of the
+    batches on stderr."""
+    from tqdm import tqdm
+
     family = family_of(model)
     if CLASSIFY not in family.can:
         raise LMForgeError("classify needs a classifier: an encoder with a sequence head or a decoder classifier "
@@ -38,7 +42,8 @@ def class_logits(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], p
     device = model.tok_emb.weight.device
     outs, cut = [], 0
     limit = max_length or model.cfg.block_size
-    for i in range(0, len(texts), batch_size):
+    for i in tqdm(range(0, len(texts), batch_size), desc="eval", unit="batch", file=sys.stderr, dynamic_ncols=True,
+                  disable=not progress):
         chunk, chunk_pairs = texts[i:i + batch_size], None if pairs is None else pairs[i:i + batch_size]
         if family.encoder_tokenizer:
             b = need_tokenizer(tokenizer).batch(chunk, chunk_pairs, max_length, pad_to_multiple_of=PAD_MULTIPLE)

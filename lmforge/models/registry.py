@@ -18,6 +18,7 @@ module (the protocol in lmforge/interop/__init__.py) and one entry in FAMILIES b
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from lmforge.tokenizer import Tokenizer
 
 __all__ = ["Family", "FAMILIES", "get_family", "families", "family_of", "family_of_preset", "all_presets",
            "family_of_model_dir", "read_model_config", "build_model", "load_model_dir", "load_tokenizer",
-           "preset_config"]
+           "preset_config", "model_summary"]
 
 # What a family's models can be asked to do (LLM methods, the CLI and the server check these).
 # CONTINUE: generated text continues the prompt (decoders), where an encoder-decoder's is a new target.
@@ -76,6 +77,16 @@ class Family:
         if self.generation is None:
             raise LMForgeError(f"a {self.name} model does not generate text")
         return importlib.import_module(self.generation)
+
+    def preset_changes(self, cfg: Any) -> list[str] | None:
+        """The keys of `cfg` that differ from its preset (`cfg.preset`); vocab_size aside, as it
+        follows the tokenizer. None when `cfg` names no preset of this family."""
+        name = getattr(cfg, "preset", None)
+        if name not in self.presets:
+            return None
+        start = self.config_from_preset(name, vocab_size=cfg.vocab_size)
+        return [f.name for f in dataclasses.fields(cfg)
+                if f.name != "preset" and getattr(cfg, f.name) != getattr(start, f.name)]
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -131,6 +142,23 @@ def family_of_preset(preset: str) -> Family:
 
 def all_presets() -> list[tuple[str, Family]]:
     return [(p, fam) for fam in FAMILIES.values() for p in fam.presets]
+
+
+def model_summary(cfg: Any, n_params: int | None = None) -> str:
+    """What a model config is, in one sentence: its family and exact parameter count (`n_params`
+    when the model is at hand, else the config's count), and how it relates to the preset its keys
+    started from (a run's config.yaml names that preset; `lmforge info --preset NAME` describes it)."""
+    family = family_of(cfg)
+    n = n_params if n_params is not None else cfg.num_params()
+    text = f"{'an' if family.name[0] in 'aeiou' else 'a'} {family.name} of {n:,} parameters ({n / 1e6:,.2f}M)"
+    changes = family.preset_changes(cfg)
+    if changes is None:
+        return text + "."
+    if not changes:
+        return text + f": preset {cfg.preset} as it is."
+    preset_n = family.config_from_preset(cfg.preset, vocab_size=cfg.vocab_size).num_params()
+    return (text + f": preset {cfg.preset} ({preset_n / 1e6:,.2f}M alone) is only where its keys started; "
+            + ", ".join(changes) + (" differ" if len(changes) > 1 else " differs") + " from it.")
 
 
 # ---- lmforge model directories -----------------------------------------------------------------

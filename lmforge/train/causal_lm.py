@@ -15,6 +15,7 @@ class CausalLMObjective:
     targets equal to `ignore_index` (default -100) do not count."""
 
     name = "causal_lm"
+    loss_label = "cross entropy (nats/token)"
 
     def __init__(self, ignore_index: int = -100):
         self.ignore_index = ignore_index

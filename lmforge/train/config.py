@@ -64,9 +64,10 @@ class TrainConfig:
 
     objective: str = config_field("causal_lm", "training objective (see lmforge.train.objectives.PRETRAINING)")
     max_steps: int = config_field(1000, "optimizer steps to train for")
-    max_minutes: Optional[float] = config_field(None, "wall-clock budget in minutes (total over resumes): stop cleanly "
-                                            "(eval + checkpoint) when reached; the cosine schedule then ends at the "
-                                            "step count estimated from the measured time per step")
+    max_minutes: Optional[float] = config_field(None, "wall-clock budget in minutes (total over resumes) covering "
+                                            "everything the run does: an early evaluation and checkpoint (4 steps "
+                                            "in) measure their cost, the final ones are reserved, and the cosine "
+                                            "schedule ends at the step count that fits")
     micro_batch_size: int = config_field(16, "sequences per forward/backward pass (per process)")
     grad_accum: int = config_field(1, "micro-batches accumulated per optimizer step (per process)")
     seq_len: Optional[int] = config_field(None, "tokens per training sequence; default model.block_size (must not exceed it)")
@@ -88,6 +89,9 @@ class TrainConfig:
     log_every: int = config_field(10, "write a metrics.jsonl row every N steps (and at steps 1 and the last)")
     ckpt_every: int = config_field(500, "checkpoint every N steps (and always at the end; 0 = only at the end)")
     keep_checkpoints: int = config_field(3, "keep the newest N checkpoints (0 = keep all)")
+    keep_best: bool = config_field(False, "also keep the model of the lowest validation loss in RUN/checkpoints/best "
+                                   "(written at each evaluation that improves on it; a model directory, not resumable). "
+                                   "Loading RUN still gives the last checkpoint; load RUN/checkpoints/best for this one")
     seed: int = config_field(1337, "seed of the weight init, the data windows and dropout")
     compile: bool = config_field(False, "torch.compile the model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = config_field(
@@ -128,12 +132,10 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
-# Keys that may differ between a checkpoint's config and the config a run is resumed with.
-RESUMABLE_CHANGES = frozenset({
-    "train.max_steps", "train.max_minutes", "train.eval_every", "train.eval_iters", "train.log_every",
-    "train.ckpt_every", "train.keep_checkpoints", "train.progress", "train.compile", "train.device",
-    "train.peak_flops",
-})
+# Train keys that may differ between a checkpoint's config and the config a run is resumed with.
+RESUMABLE_TRAIN_KEYS = ("max_steps", "max_minutes", "eval_every", "eval_iters", "log_every", "ckpt_every",
+                        "keep_checkpoints", "keep_best", "progress", "compile", "device", "peak_flops")
+RESUMABLE_CHANGES = frozenset(f"train.{k}" for k in RESUMABLE_TRAIN_KEYS)
 
 
 def recipe_path(name: str) -> Path:

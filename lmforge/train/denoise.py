@@ -171,6 +171,7 @@ class Seq2SeqLMObjective:
     """Cross entropy of the target tokens (teacher forcing). Stats: loss, acc (top-1), tokens."""
 
     name = "seq2seq"
+    loss_label = "cross entropy (nats/target token)"
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         logits_BTV = model(batch["input_ids"], batch["decoder_input_ids"], src_mask_BS=batch["input_mask"],

@@ -40,9 +40,11 @@ class Objective(Protocol):
     """What a batch means and which loss it gives: `loss, stats = objective(model, batch)`. `loss` is a
     scalar to backpropagate (a mean over the batch, so equal micro-batches average correctly under
     gradient accumulation); `stats` maps names to detached scalars the loop logs ("tokens" counts
-    the step's tokens when the job has no fixed tokens_per_step; "loss" is not logged twice)."""
+    the step's tokens when the job has no fixed tokens_per_step; "loss" is not logged twice).
+    `loss_label` names the loss and its unit: the y-axis of loss.png."""
 
     name: str
+    loss_label: str
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ...
@@ -66,6 +68,8 @@ class TrainJob:
     bytes_per_token: float | None = None        # validation bits per byte = val_loss / ln 2 / this
     report_perplexity: bool = True              # val_ppl = exp(val_loss) (language-model losses)
     description: str = ""                       # one line for the start message ("global batch ...")
+    # loss.png panels under the loss: {y-axis label: metrics.jsonl keys drawn in it} (RL rewards, KL, ...)
+    plot_panels: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass

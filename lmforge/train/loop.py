@@ -5,16 +5,20 @@
 Per optimizer step: set the scheduled learning rate, run grad_accum micro-batches (forward under
 autocast, loss / grad_accum backward; DDP syncs gradients only on the last one), unscale (fp16),
 clip the global gradient norm, step AdamW. Every log_every steps a metrics.jsonl row; every
-eval_every steps validation loss / perplexity / bits per byte and the loss plot; every ckpt_every
-steps a checkpoint. Evaluation and a checkpoint always happen at the end, including a stop forced
+eval_every steps validation loss / perplexity / bits per byte plus the job's own metrics (and, with
+train.keep_best, checkpoints/best when the validation loss improved); every ckpt_every steps a
+checkpoint; after either, loss.png (the y-axis named by the objective's `loss_label`, the job's
+`plot_panels` below). Evaluation and a checkpoint always happen at the end, including a stop forced
 by train.max_minutes.
 
-Wall-clock budget (train.max_minutes, counted over resumes): once a few steps have run, the number
-of steps that fit in the remaining time is estimated from the mean wall time per step so far
-(evaluation and checkpoint time included) and the cosine schedule ends there (never beyond
-train.max_steps), so the learning rate has decayed when time runs out. The run stops when the time
-left is less than the last evaluation + checkpoint took. Such runs are not bit-reproducible (their
-schedule depends on timing); runs without max_minutes are, including across resumes.
+Wall-clock budget (train.max_minutes, counted over resumes; `TimeBudget`): the budget covers
+everything the run does. Once a few steps are timed, the trainer evaluates once to measure what an
+evaluation costs (its real validation batches and the job's own evaluation, such as generation);
+from then on the steps that fit in the time left, after the periodic evaluations and checkpoints
+and with the final ones reserved, set where the cosine schedule ends (never beyond
+train.max_steps), so the learning rate has decayed when time runs out. Such runs are not
+bit-reproducible (their schedule depends on timing); runs without max_minutes are, including
+across resumes.
 
 Run directory handling (resume, --overwrite, what may be written where) is in run_dir.py; what
 `lmforge train` trains is assembled in pretrain.py.
@@ -48,6 +52,7 @@ from lmforge.train.run_dir import (PREVIOUS_RUN, RUN_ENTRIES, check_out_dir, che
 
 _clock = time.perf_counter  # wall clock of the step timing (a test replaces it with a fake one)
 _ESTIMATE_AFTER = 3  # steps timed before the max_minutes schedule estimate starts (step 1 includes warm-up)
+EVAL_BAR_DELAY = 1.0  # seconds an evaluation runs before it shows a progress bar
 
 
 def _say(msg: str, info: D.DistInfo) -> None:
@@ -180,13 +185,20 @@ class Trainer:
                  "is written", info)
         elif (out / PREVIOUS_RUN).is_dir():
             self.parked = out / PREVIOUS_RUN  # left by an --overwrite that stopped before its first checkpoint
-        write_run_files(out, self.resolved, {**self.task.files, **self.task.run_files})
+        from lmforge.models.registry import model_summary
+
+        note = (f"What this run trains: {model_summary(self.raw.cfg, self.raw.num_params())} "
+                "`lmforge info RUN` describes it.")
+        write_run_files(out, self.resolved, {**self.task.files, **self.task.run_files}, model_note=note)
 
     # ---- main ------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         t, info = self.t, self.info
         self.eval_set = list(self.task.eval_batches()) if self.task.eval_batches is not None else []
+        if t.keep_best and not self.eval_set:
+            raise LMForgeError("train.keep_best keeps the checkpoint of the lowest validation loss, but this run "
+                               "has no validation batches")
         self._build()
         self._prepare_run_dir()  # the first write to --out: every check is done by now
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main)
@@ -208,80 +220,11 @@ class Trainer:
 
         bar = tqdm(total=self.horizon, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    dynamic_ncols=True, disable=not (t.progress and info.is_main), leave=True)
-        session_start = _clock()
-        first_step_done: tuple[float, int] | None = None  # (time, step) after this session's first step
-        interval_start, interval_tokens = _clock(), 0
-        eval_s: float | None = None  # how long the last evaluation / checkpoint took
-        ckpt_s = 0.0
-        stop_reason = "max_steps"
-        loss_val = float("nan")
-        while self.step < t.max_steps:
-            loss_t, gnorm_t, lr, stats_t, step_tokens = self._train_step(self.step)
-            self.step += 1
-            self.tokens += step_tokens
-            interval_tokens += step_tokens
-            bar.update(1)
-            now = _clock()
-            elapsed = self.elapsed_before + (now - session_start)
-            if first_step_done is None:
-                first_step_done = (now, self.step)
+        try:  # an error ends the bar's line first, so its message stands on a line of its own
+            stop_reason, loss_val, seconds = self._steps(bar)
+        finally:
+            bar.close()
 
-            stop = self.step >= t.max_steps
-            if t.max_minutes is not None:
-                horizon, out_of_time = self.horizon, elapsed >= t.max_minutes * 60.0
-                timed = self.step - first_step_done[1]
-                if timed >= _ESTIMATE_AFTER:
-                    per_step = (now - first_step_done[0]) / timed  # includes eval/checkpoint time so far
-                    if eval_s is None:  # an eval batch costs about a third of a training micro-batch
-                        eval_s = per_step * t.eval_iters / (3 * t.grad_accum * info.world_size)
-                    left = t.max_minutes * 60.0 - elapsed - eval_s - ckpt_s  # keep time for the final ones
-                    horizon = min(t.max_steps, self.step + max(0, int(left / per_step)))
-                    out_of_time = left <= 0
-                # Rank 0's clock decides for every rank, so all ranks stop at the same step.
-                decision = D.broadcast_from_main(torch.tensor([float(horizon), float(out_of_time)]), info)
-                self.horizon = int(decision[0])
-                if bar.total != self.horizon:
-                    bar.total = self.horizon
-                if decision[1] > 0 and not stop:
-                    stop, stop_reason = True, "max_minutes"
-
-            if self.step % t.log_every == 0 or self.step == 1 or stop:
-                loss_val = float(D.all_reduce_mean(loss_t, info))
-                interval = max(_clock() - interval_start, 1e-9)
-                tok_per_s = interval_tokens / interval
-                mfu = (self.flops_per_token or 0) * tok_per_s / (self.peak * info.world_size) if self.peak else None
-                mfu = mfu if self.flops_per_token else None
-                row = {"step": self.step, "loss": loss_val, "lr": lr, "tokens": self.tokens,
-                       "grad_norm": float(gnorm_t), "tok_per_s": round(tok_per_s, 1),
-                       "mfu": round(mfu, 5) if mfu is not None else None, "elapsed": round(elapsed, 3)}
-                for name, value in stats_t.items():  # the objective's own numbers (accuracy, kl, ...)
-                    row[name] = float(D.all_reduce_mean(value, info))
-                self.metrics.write(row)
-                if not math.isfinite(loss_val):
-                    bar.close()
-                    raise LMForgeError(f"the training loss became {loss_val} at step {self.step}; lower train.lr "
-                                       "or raise train.warmup_steps (the last checkpoint is unaffected)")
-                post = {"loss": f"{loss_val:.4f}", "tok/s": f"{tok_per_s:,.0f}"}
-                if mfu is not None:
-                    post["mfu"] = f"{100 * mfu:.1f}%"
-                bar.set_postfix(post, refresh=False)
-                interval_start, interval_tokens = _clock(), 0
-
-            extra_start = _clock()
-            has_eval = bool(self.eval_set) or self.task.evaluate is not None
-            if has_eval and ((t.eval_every and self.step % t.eval_every == 0) or stop):
-                self._evaluate(elapsed)
-                eval_s = _clock() - extra_start
-            if (t.ckpt_every and self.step % t.ckpt_every == 0) or stop:
-                ckpt_start = _clock()
-                self._checkpoint(self.elapsed_before + (ckpt_start - session_start))
-                ckpt_s = _clock() - ckpt_start
-            interval_start += _clock() - extra_start  # tokens/s measures training only
-            if stop:
-                break
-        bar.close()
-
-        seconds = self.elapsed_before + (_clock() - session_start)
         summary = {
             "run_dir": str(self.out),
             "steps": self.step,
@@ -295,6 +238,9 @@ class Trainer:
             "seconds": round(seconds, 2),
             "checkpoint": str(ckpt_io.latest_checkpoint(self.out)) if info.is_main else None,
         }
+        if t.keep_best:
+            best = self.out / ckpt_io.CKPT_DIR / ckpt_io.BEST
+            summary["best_checkpoint"] = str(best) if info.is_main and best.is_dir() else None
         if self.last_val:
             coverage = self.task.eval_coverage
             partial = coverage is not None and coverage.partial
@@ -307,6 +253,93 @@ class Trainer:
         else:
             _say(f"done: {self.step} steps, train loss {loss_val:.4f}, {seconds:.0f}s; run in {self.out}", info)
         return summary
+
+    def _steps(self, bar: Any) -> tuple[str, float, float]:
+        """Train to train.max_steps or the time budget: (why it stopped, last train loss, seconds over resumes)."""
+        t, info = self.t, self.info
+        has_eval = bool(self.eval_set) or self.task.evaluate is not None
+        budget = TimeBudget(t.max_minutes, t.eval_every, t.ckpt_every, has_eval) if t.max_minutes is not None else None
+        self.session_start = _clock()
+        self.interval_start, self.interval_tokens = _clock(), 0
+        stop_reason = "max_steps"
+        self.loss_val = float("nan")
+        start_step = self.step
+        while self.step < t.max_steps:
+            loss_t, gnorm_t, lr, stats_t, step_tokens = self._train_step(self.step)
+            self.step += 1
+            self.tokens += step_tokens
+            self.interval_tokens += step_tokens
+            bar.update(1)
+            stop = self.step >= t.max_steps
+            logged = self.step % t.log_every == 0 or self.step == 1 or stop
+            if logged:
+                self._log_step(bar, loss_t, gnorm_t, lr, stats_t)
+
+            now = _clock()
+            elapsed = self.elapsed_before + (now - self.session_start)
+            if budget is not None:
+                budget.step_done(now)
+                horizon, out_of_time = budget.plan(self.step, elapsed, t.max_steps, self.horizon)
+                # Rank 0's clock decides for every rank, so all ranks stop at the same step.
+                decision = D.broadcast_from_main(torch.tensor([float(horizon), float(out_of_time)]), info)
+                self.horizon = int(decision[0])
+                if bar.total != self.horizon:
+                    bar.total = self.horizon
+                if decision[1] > 0 and not stop:
+                    stop, stop_reason = True, "max_minutes"
+                    if not logged:
+                        self._log_step(bar, loss_t, gnorm_t, lr, stats_t)
+
+            # Evaluation and checkpoint, each timed for the budget (a budgeted run does both once
+            # as soon as its step time is known, to measure them).
+            extra_start = mark = now
+            measure = budget is not None and budget.wants_timing()
+            evaluated = has_eval and ((t.eval_every and self.step % t.eval_every == 0) or stop or measure)
+            if evaluated:
+                self._evaluate(elapsed)
+                self._plot()
+                now = _clock()
+                if budget is not None:
+                    budget.evaluated(now - mark)
+                mark = now
+            if (t.ckpt_every and self.step % t.ckpt_every == 0) or stop or measure:
+                self._checkpoint(self.elapsed_before + (mark - self.session_start))
+                if not evaluated:  # runs without evaluations (RL) plot their curves here
+                    self._plot()
+                now = _clock()
+                if budget is not None:
+                    budget.checkpointed(now - mark)
+                mark = now
+            self.interval_start += mark - extra_start  # tokens/s measures training only
+            if stop:
+                break
+        end = mark if self.step > start_step else self.session_start  # the end of the last checkpoint
+        return stop_reason, self.loss_val, self.elapsed_before + (end - self.session_start)
+
+    def _log_step(self, bar: Any, loss_t: torch.Tensor, gnorm_t: torch.Tensor, lr: float,
+                  stats_t: dict[str, torch.Tensor]) -> None:
+        """The metrics.jsonl row of the step just taken, and the progress bar's figures."""
+        info = self.info
+        self.loss_val = loss_val = float(D.all_reduce_mean(loss_t, info))
+        now = _clock()
+        tok_per_s = self.interval_tokens / max(now - self.interval_start, 1e-9)
+        mfu = self.flops_per_token * tok_per_s / (self.peak * info.world_size) if self.peak and self.flops_per_token \
+            else None
+        row = {"step": self.step, "loss": loss_val, "lr": lr, "tokens": self.tokens,
+               "grad_norm": float(gnorm_t), "tok_per_s": round(tok_per_s, 1),
+               "mfu": round(mfu, 5) if mfu is not None else None,
+               "elapsed": round(self.elapsed_before + (now - self.session_start), 3)}
+        for name, value in stats_t.items():  # the objective's own numbers (accuracy, kl, ...)
+            row[name] = float(D.all_reduce_mean(value, info))
+        self.metrics.write(row)
+        if not math.isfinite(loss_val):
+            raise LMForgeError(f"the training loss became {loss_val} at step {self.step}; lower train.lr "
+                               "or raise train.warmup_steps (the last checkpoint is unaffected)")
+        post = {"loss": f"{loss_val:.4f}", "tok/s": f"{tok_per_s:,.0f}"}
+        if mfu is not None:
+            post["mfu"] = f"{100 * mfu:.1f}%"
+        bar.set_postfix(post, refresh=False)
+        self.interval_start, self.interval_tokens = _clock(), 0
 
     def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor], int]:
         t, info = self.t, self.info
@@ -344,10 +377,14 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, elapsed: float) -> dict[str, float]:
+        from tqdm import tqdm
+
         info = self.info
         self.raw.eval()
         sums: dict[str, torch.Tensor] = {}  # per stat: (sum over batches, batches)
-        for i in range(info.rank, len(self.eval_set), info.world_size):
+        shown = self.t.progress and info.is_main  # a bar only once an evaluation takes a while
+        for i in tqdm(range(info.rank, len(self.eval_set), info.world_size), desc="eval", unit="batch",
+                      file=sys.stderr, dynamic_ncols=True, leave=False, delay=EVAL_BAR_DELAY, disable=not shown):
             batch = to_device(self.eval_set[i], self.device)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 loss, stats = self.objective(self.eval_model, batch)
@@ -360,8 +397,7 @@ class Trainer:
         extra = self.task.evaluate(self.raw) if self.task.evaluate is not None and info.is_main else {}
         self.raw.train()
         means: dict[str, float] = {}
-        names = sorted(sums) if not info.enabled else sorted(sums)  # every rank holds the same stat names
-        for name in names:
+        for name in sorted(sums):  # every rank holds the same stat names
             total = D.all_reduce_sum(sums[name], info)
             means[name] = float(total[0] / total[1]) if total[1] > 0 else float("nan")
         val_loss = means.pop("loss", float("nan"))
@@ -377,15 +413,29 @@ class Trainer:
         row.update(extra)
         row["elapsed"] = round(elapsed, 3)
         self.last_val = row
-        if math.isfinite(val_loss):
-            self.best_val = val_loss if self.best_val is None else min(self.best_val, val_loss)
+        improved = math.isfinite(val_loss) and (self.best_val is None or val_loss < self.best_val)
+        if improved:
+            self.best_val = val_loss
         if info.is_main:
             self.metrics.write(row)
-            bpb = f", {row['val_bpb']:.3f} bits/byte" if row.get("val_bpb") is not None else ""
-            partial = " (partial)" if row.get("val_partial") else ""
-            plot_loss(self.metrics.rows, self.out / "loss.png",
-                      title=f"{self.out.name}: step {self.step}, val loss {val_loss:.3f}{bpb}{partial}")
+            if improved and self.t.keep_best:
+                ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files)
         return row
+
+    def _plot(self) -> None:
+        """loss.png: the loss on the objective's axis, and the job's panels under it."""
+        if not self.info.is_main:
+            return
+        last = self.last_val or {}
+        title = f"{self.out.name}: step {self.step}"
+        if last.get("val_loss") is not None and math.isfinite(last["val_loss"]):
+            title += f", val loss {last['val_loss']:.3f}"
+            if last.get("val_bpb") is not None:
+                title += f", {last['val_bpb']:.3f} bits/byte"
+            if last.get("val_partial"):
+                title += " (partial)"
+        plot_loss(self.metrics.rows, self.out / "loss.png", loss_label=self.objective.loss_label, title=title,
+                  panels=self.task.plot_panels)
 
     def _checkpoint(self, elapsed: float) -> None:
         info = self.info
@@ -431,6 +481,63 @@ class Trainer:
         if self.parked is not None:
             shutil.rmtree(self.parked, ignore_errors=True)
             self.parked = None
+
+
+class TimeBudget:
+    """train.max_minutes: where the schedule ends and when to stop, from costs measured in this session.
+
+    A step costs the mean wall time from one step's end to the next, evaluations and checkpoints
+    left out (and this session's first step, with its warm-up). An evaluation costs what the last one
+    took, all of it (validation batches and the job's own evaluation such as generation), and a
+    checkpoint what the last one took: the trainer evaluates and checkpoints as soon as the step cost
+    is known (`wants_timing`), so the final ones are reserved at measured costs, never guesses. The
+    run goes on while the evaluation and checkpoint due at this step, one more step and the final
+    evaluation and checkpoint all fit in the time left.
+    """
+
+    def __init__(self, minutes: float, eval_every: int, ckpt_every: int, has_eval: bool):
+        self.seconds = minutes * 60.0
+        self.eval_every, self.ckpt_every = eval_every, ckpt_every
+        self.eval_s: float | None = None if has_eval else 0.0  # None: not measured yet
+        self.ckpt_s: float | None = None
+        self.step_times: list[float] = []
+        self.last_step_end: float | None = None
+        self.extras = 0.0  # evaluation and checkpoint seconds since the last step's end
+
+    def step_done(self, now: float) -> None:
+        """A step ended at clock time `now`."""
+        if self.last_step_end is not None:
+            self.step_times.append(now - self.last_step_end - self.extras)
+        self.last_step_end, self.extras = now, 0.0
+
+    def evaluated(self, seconds: float) -> None:
+        self.eval_s = seconds
+        self.extras += seconds
+
+    def checkpointed(self, seconds: float) -> None:
+        self.ckpt_s = seconds
+        self.extras += seconds
+
+    @property
+    def step_s(self) -> float | None:
+        n = len(self.step_times)
+        return sum(self.step_times) / n if n >= _ESTIMATE_AFTER else None
+
+    def wants_timing(self) -> bool:
+        """Whether to evaluate and checkpoint now to measure them: the step time is known, they are not."""
+        return self.step_s is not None and (self.eval_s is None or self.ckpt_s is None)
+
+    def plan(self, step: int, elapsed: float, max_steps: int, horizon: int) -> tuple[int, bool]:
+        """(the step the schedule ends at, stop now) after `step` steps and `elapsed` seconds."""
+        step_s, eval_s, ckpt_s = self.step_s, self.eval_s, self.ckpt_s
+        if step_s is None or eval_s is None or ckpt_s is None:
+            return horizon, elapsed >= self.seconds
+        due = (eval_s if self.eval_every and step % self.eval_every == 0 else 0.0) + \
+              (ckpt_s if self.ckpt_every and step % self.ckpt_every == 0 else 0.0)
+        left = self.seconds - elapsed - due - eval_s - ckpt_s  # the final evaluation and checkpoint reserved
+        per_step = step_s + (eval_s / self.eval_every if self.eval_every else 0.0) + \
+            (ckpt_s / self.ckpt_every if self.ckpt_every else 0.0)
+        return min(max_steps, step + max(0, int(left / per_step))), left < step_s
 
 
 def _finite(x: Any) -> Any:

@@ -109,31 +109,57 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_loss(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Train loss and validation loss against step, as a PNG written atomically."""
+def loss_figure(rows: list[dict[str, Any]], loss_label: str = "loss", title: str = "",
+                panels: dict[str, tuple[str, ...]] | None = None) -> Any:
+    """The figure of loss.png: train and validation loss against step on a y-axis named
+    `loss_label` (the objective's loss and unit), then one panel per entry of `panels`
+    ({y-axis label: metrics.jsonl keys drawn in it}; panels with nothing logged are left out)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and math.isfinite(r["val_loss"])]
-    fig = Figure(figsize=(7, 4.2), dpi=100)
+    train = _series(rows, "loss")
+    val = _series(rows, "val_loss")
+    extra = {label: [(key, _series(rows, key)) for key in keys] for label, keys in (panels or {}).items()}
+    extra = {label: [(k, xy) for k, xy in lines if xy] for label, lines in extra.items()}
+    extra = {label: lines for label, lines in extra.items() if lines}
+    fig = Figure(figsize=(7, 4.2 + 2.6 * len(extra)), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(1 + len(extra), 1, 1)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        ax.plot(*zip(*train), label="train", linewidth=1.2)
     if val:
-        ax.plot(*zip(*val), "o-", label="val loss", linewidth=1.5, markersize=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=4)
+    ax.set_ylabel(loss_label)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
     if train or val:
         ax.legend()
+    for i, (label, lines) in enumerate(extra.items()):
+        panel = fig.add_subplot(1 + len(extra), 1, 2 + i, sharex=ax)
+        for key, xy in lines:
+            panel.plot(*zip(*xy), label=key, linewidth=1.2)
+        panel.set_ylabel(label)
+        panel.grid(alpha=0.3)
+        if len(lines) > 1:
+            panel.legend()
+    fig.axes[-1].set_xlabel("step")
     fig.tight_layout()
+    return fig
+
+
+def plot_loss(rows: list[dict[str, Any]], path: Path, loss_label: str = "loss", title: str = "",
+              panels: dict[str, tuple[str, ...]] | None = None) -> None:
+    """loss_figure(...) as a PNG written atomically."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    loss_figure(rows, loss_label, title, panels).savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every row logging a finite `key`."""
+    return [(r["step"], r[key]) for r in rows
+            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
 
 
 def format_eta(seconds: float) -> str:

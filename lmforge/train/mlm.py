@@ -53,6 +53,7 @@ class MLMObjective:
     Stats: acc (top-1 on masked tokens), baseline_acc (always the most frequent token), tokens."""
 
     name = "mlm"
+    loss_label = "masked-token cross entropy (nats/token)"
 
     def __init__(self, most_frequent: int = -1):
         self.most_frequent = most_frequent

@@ -5,7 +5,7 @@
     check_out_dir(out, resuming, ...)  refuse to write into a directory holding something else
     check_resume_matches(ckpt, ...)    refuse to resume with another config or other data
     park_previous_run(out, entries)    --overwrite: move the old run aside until the new one has a checkpoint
-    write_run_files(out, config, ...)  config.yaml and the job's files
+    write_run_files(out, config, ...)  config.yaml (headed by what the run trains) and the job's files
 
 Layout: docs/architecture.md, "Run directory". Only lmforge's own entries are ever moved or replaced.
 """
@@ -13,6 +13,7 @@ Layout: docs/architecture.md, "Run directory". Only lmforge's own entries are ev
 from __future__ import annotations
 
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +21,7 @@ import yaml
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
-from lmforge.train.config import config_differences
+from lmforge.train.config import RESUMABLE_TRAIN_KEYS, config_differences
 
 PREVIOUS_RUN = ".previous_run"  # where --overwrite parks the old run until the new one has a checkpoint
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "loss.png", "tokenizer.json", "data_meta.json", "checkpoints")
@@ -70,9 +71,9 @@ def check_resume_matches(ckpt: Path, state: dict[str, Any], config: dict[str, An
     keys that may change on resume, and the same data."""
     diffs = config_differences(state.get("config", {}), config)
     if diffs:
+        keys = ", ".join(RESUMABLE_TRAIN_KEYS[:-1]) + f" and {RESUMABLE_TRAIN_KEYS[-1]}"
         raise LMForgeError(f"the config differs from the one checkpoint {ckpt} was trained with: {'; '.join(diffs)}; "
-                           "only the train keys max_steps, max_minutes, eval_every, eval_iters, log_every, "
-                           "ckpt_every, keep_checkpoints, progress, compile, device and peak_flops may change")
+                           f"only the train keys {keys} may change")
     saved = state.get("data") or {}
     now = data_fingerprint or {}
     if isinstance(saved, dict) and isinstance(now, dict):
@@ -108,9 +109,11 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write_run_files(out: Path, config: dict[str, Any], files: dict[str, bytes]) -> None:
-    """RUN/config.yaml (the resolved config) and the job's files, each written atomically."""
+def write_run_files(out: Path, config: dict[str, Any], files: dict[str, bytes], model_note: str = "") -> None:
+    """RUN/config.yaml (the resolved config, headed by `model_note`: what the run trains, as YAML
+    comments that reading the file ignores) and the job's files, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_io.atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    header = "".join(f"# {line}\n" for line in textwrap.wrap(model_note, 98)) if model_note else ""
+    ckpt_io.atomic_write_text(out / "config.yaml", header + yaml.safe_dump(config, sort_keys=False))
     for name, data in files.items():
         ckpt_io.atomic_write_bytes(out / name, data)
