@@ -94,15 +94,22 @@ def texts_and_model(args: argparse.Namespace, verb: str) -> tuple[str, list[str]
     return positional[0], positional[1:]
 
 
-def add_device_argument(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N, mps or auto (cuda "
-                                                   "when available) (default cpu)")
-
-
-def add_threads_argument(s: argparse.ArgumentParser) -> None:
+def add_runtime_arguments(s: argparse.ArgumentParser, device: bool = True) -> None:
+    """--threads of a verb that computes, and --device of one that loads a model."""
     from lmforge.runtime import THREADS_HELP
 
+    if device:
+        s.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N, mps or auto (cuda "
+                                                       "when available) (default cpu)")
     s.add_argument("--threads", type=_positive_int, default=None, metavar="N", help=THREADS_HELP)
+
+
+def add_texts_arguments(s: argparse.ArgumentParser, model: str) -> None:
+    """`MODEL TEXT...` and --file of embed / classify (with --ckpt MODEL, every positional is a text)."""
+    s.add_argument("texts", nargs="*", metavar="MODEL TEXT",
+                   help=f"{model}, then the texts; with --ckpt MODEL every argument is a text")
+    add_model_argument(s, positional=False)
+    s.add_argument("--file", help="texts, one per line (.jsonl: the 'text' field)")
 
 
 def add_sampling_arguments(s: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
@@ -416,7 +423,7 @@ def finetune_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint path")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default")
-    add_threads_argument(p)
+    add_runtime_arguments(p, device=False)
     if hasattr(module, "add_arguments"):
         module.add_arguments(p)
     return p
@@ -524,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint path")
     s.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     s.add_argument("--help-config", action="store_true", help="list every config key with its default")
-    add_threads_argument(s)
+    add_runtime_arguments(s, device=False)
 
     s = sub.add_parser("generate", help="generate text from a trained model",
                        usage="lmforge generate MODEL (--prompt TEXT | --prompt-file FILE) [options]")
@@ -541,8 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**penalty")
     s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
     s.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    add_device_argument(s)
-    add_threads_argument(s)
+    add_runtime_arguments(s)
 
     s = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out data (classifiers: accuracy, "
                                     "macro-F1; masked-LM encoders: masked-token loss and accuracy)",
@@ -556,8 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-column", help="classifiers: column holding the text (default: the run's, else text)")
     s.add_argument("--text-pair-column", dest="pair_column", help="classifiers: column of the second text of pairs")
     s.add_argument("--label-column", help="classifiers: column holding the label (default: the run's, else label)")
-    add_device_argument(s)
-    add_threads_argument(s)
+    add_runtime_arguments(s)
 
     s = sub.add_parser("info", help="parameter count, FLOPs and KV-cache size of a preset (+ --model.KEY overrides)")
     s.add_argument("--preset", help="preset name; --list shows them all")
@@ -573,26 +578,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)",
                        usage="lmforge embed MODEL [TEXT ...] [--file FILE] [options]")
-    s.add_argument("texts", nargs="*", metavar="MODEL TEXT", help="the encoder (run / model directory, HF or "
-                   "sentence-transformers folder), then the texts; with --ckpt MODEL every argument is a text")
-    add_model_argument(s, positional=False)
-    s.add_argument("--file", help="texts, one per line (.jsonl: the 'text' field)")
+    add_texts_arguments(s, "the encoder (run / model directory, HF or sentence-transformers folder)")
     s.add_argument("--pooling", choices=["mean", "cls"], default=None, help="default: the model's own, else mean")
     s.add_argument("--no-normalize", action="store_true", help="keep the raw pooled vectors (default: unit length)")
     s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
-    add_device_argument(s)
-    add_threads_argument(s)
+    add_runtime_arguments(s)
 
     s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify)",
                        usage="lmforge classify MODEL [TEXT ...] [--file FILE] [options]")
-    s.add_argument("texts", nargs="*", metavar="MODEL TEXT", help="the classifier (run / model directory or HF "
-                   "…ForSequenceClassification folder), then the texts; with --ckpt MODEL every argument is a text")
-    add_model_argument(s, positional=False)
-    s.add_argument("--file", help="texts, one per line (.jsonl: the 'text' field)")
+    add_texts_arguments(s, "the classifier (run / model directory or HF …ForSequenceClassification folder)")
     s.add_argument("--json", action="store_true", help="one JSON object per text")
     s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
-    add_device_argument(s)
-    add_threads_argument(s)
+    add_runtime_arguments(s)
 
     s = sub.add_parser("score", help="reward-model scores of completions (lmforge finetune reward)",
                        usage="lmforge score MODEL (--prompt P --completion C ... | --file FILE) [options]")
@@ -601,8 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--completion", action="append", default=[], help="completion to score (repeatable)")
     s.add_argument("--file", help="JSONL: {prompt, completion} rows, or preference pairs {prompt, chosen, rejected}")
     s.add_argument("--json", action="store_true", help="one JSON object per completion")
-    add_device_argument(s)
-    add_threads_argument(s)
+    add_runtime_arguments(s)
 
     s = sub.add_parser("convert", help="import from / export to a Hugging Face checkpoint folder",
                        usage="lmforge convert MODEL (--from-hf | --to-hf) --out DIR [options]")
@@ -626,8 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(s, max_new_tokens=256, temperature=0.7,
                            max_new_help="reply length limit (default 256); each reply is clipped to what fits the "
                                         "model's context after the conversation")
-    add_device_argument(s)
-    add_threads_argument(s)
+    add_runtime_arguments(s)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
     s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -638,8 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=_positive_int, default=32, help="sequences decoded together (default 32)")
     s.add_argument("--max-queue", type=_positive_int, default=256, help="requests allowed to wait; more get 429")
     s.add_argument("--max-model-len", type=_positive_int, default=None, help="prompt + completion limit (default: context)")
-    add_device_argument(s)
-    add_threads_argument(s)
+    add_runtime_arguments(s)
     s.add_argument("--log-prompts", action="store_true", help="also log prompt text (off: only ids, sizes, timing)")
 
     sub.add_parser("finetune", help="post-train a model: sft, reward, dpo, grpo, ppo, classify, seq2seq "
@@ -649,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=BENCHMARKS, help="what to time: training, decoding, encoders or seq2seq models")
     s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
     s.add_argument("--json", help="also write the result to this file")
-    add_threads_argument(s)
+    add_runtime_arguments(s, device=False)
     return p
 
 
