@@ -541,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(s, max_new_tokens=200, temperature=1.0,
                            max_new_help="generate at most this many tokens (default 200)")
     s.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
-    s.add_argument("--num-samples", type=_positive_int, default=1, help="samples to print (default 1); each uses "
-                   "the next seed")
+    s.add_argument("--num-samples", type=_positive_int, default=1, help="samples to print (default 1); sample i "
+                   "uses --seed + i")
     s.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with N beams (1 = off); "
                    "--num-samples then prints the N best hypotheses")
     s.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**penalty")
@@ -558,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "labelled CSV/TSV/JSONL files)")
     s.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward pass (default 8)")
     s.add_argument("--max-tokens", type=_positive_int, default=None,
-                   help="evaluate at most this many tokens (default: all)")
+                   help="language models: score at most this many tokens (default: all)")
     s.add_argument("--text-column", help="classifiers: column holding the text (default: the run's, else text)")
     s.add_argument("--text-pair-column", dest="pair_column", help="classifiers: column of the second text of pairs")
     s.add_argument("--label-column", help="classifiers: column holding the label (default: the run's, else label)")
