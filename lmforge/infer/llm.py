@@ -40,7 +40,7 @@ class LLM:
         """Load a training run directory (its latest checkpoint), a model/checkpoint directory, or a
         Hugging Face model folder (transformers or sentence-transformers) of any model family, onto
         `device` ('cpu', 'cuda', 'cuda:N', 'mps', 'auto')."""
-        device = resolve_device(device, "device")
+        device = str(resolve_device(device, "device"))
         path = Path(path)
         if not path.exists():
             raise LMForgeError(f"checkpoint not found: {path}")
