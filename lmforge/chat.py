@@ -4,7 +4,8 @@ The reply streams token by token; the history is kept and sent each turn. Comman
     /system TEXT   set the system prompt (and start over)      /reset   forget the conversation
     /save FILE     write the conversation as JSONL {"messages": [...]}   /exit (or Ctrl-D)   quit
 Ctrl-C stops the reply being written, not the program. When the history no longer fits the
-model's context, the oldest turns are dropped (the system prompt stays) and the REPL says so. A
+model's context, the oldest turns are dropped (the system prompt stays) and the REPL says so; a
+reply is clipped to the context left after the conversation (a note on stderr says so once). A
 model without a chat template is used for plain continuation of what you type, with a note.
 
 The REPL talks to a backend: `LocalBackend` (a model loaded in this process) here; a backend for
@@ -50,34 +51,44 @@ class LocalBackend:
         return getattr(self.llm.model.cfg, "block_size", None)
 
 
-def fit_history(backend: ChatBackend, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[dict[str, str]], int]:
-    """Drop the oldest non-system turns until prompt + max_new_tokens fits the context.
-    Returns (messages that fit, number of messages dropped)."""
+def fit_history(backend: ChatBackend, messages: list[dict[str, str]],
+                max_new_tokens: int) -> tuple[list[dict[str, str]], int, int]:
+    """Fit a turn into the context: drop the oldest non-system turns until the prompt leaves the
+    reply min(max_new_tokens, half the context), then clip the reply to what is left (as `LLM.chat`
+    and the server do). Returns (messages that fit, number of messages dropped, the reply's token
+    budget); one message too long for any reply is an LMForgeError."""
     limit = backend.context_length()
     if limit is None:
-        return messages, 0
+        return messages, 0, max_new_tokens
+    reserve = min(max_new_tokens, limit // 2)
     msgs, dropped = list(messages), 0
     while True:
         n = backend.count_tokens(msgs)
-        if n is None or n + max_new_tokens <= limit:
-            return msgs, dropped
+        if n is None:
+            return msgs, dropped, max_new_tokens
+        if n + reserve <= limit:
+            break
         first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
-        if first is None or first >= len(msgs) - 1:  # only the newest message is left: it alone is too long
-            raise LMForgeError(f"the message is {n} tokens; with --max-new-tokens {max_new_tokens} it does not fit "
-                               f"the model's context of {limit} tokens")
+        if first is None or first >= len(msgs) - 1:  # only the newest message is left
+            break
         del msgs[first]
         dropped += 1
         # Drop a whole exchange: an assistant reply left without its user turn goes too.
         if first < len(msgs) - 1 and msgs[first]["role"] == "assistant":
             del msgs[first]
             dropped += 1
+    if n >= limit:
+        raise LMForgeError(f"the message is {n} tokens and does not fit the model's context of {limit} tokens "
+                           "(a reply needs at least one more)")
+    return msgs, dropped, min(max_new_tokens, limit - n)
 
 
 def repl(backend: ChatBackend, sampling: dict[str, Any], system: str | None = None, stdin: TextIO | None = None,
-         out: TextIO | None = None) -> int:
-    stdin, out = stdin or sys.stdin, out or sys.stdout
+         out: TextIO | None = None, err: TextIO | None = None) -> int:
+    stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = stdin.isatty() if hasattr(stdin, "isatty") else False
     max_new = int(sampling.get("max_new_tokens", 256))
+    clipped_noted = False
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     def say(text: str) -> None:
@@ -132,7 +143,7 @@ def repl(backend: ChatBackend, sampling: dict[str, Any], system: str | None = No
             continue
         history.append({"role": "user", "content": line})
         try:
-            fitted, dropped = fit_history(backend, history, max_new)
+            fitted, dropped, budget = fit_history(backend, history, max_new)
         except LMForgeError as e:
             say(f"error: {e}")
             history.pop()
@@ -140,9 +151,15 @@ def repl(backend: ChatBackend, sampling: dict[str, Any], system: str | None = No
         if dropped:
             say(f"(the conversation no longer fits the context: dropped the {dropped} oldest messages)")
             history = fitted
+        if budget < max_new and not clipped_noted:  # once: the same holds for every later turn
+            err.write(f"note: --max-new-tokens {max_new} does not fit the model's context of "
+                      f"{backend.context_length()} tokens with the conversation; each reply is clipped to what "
+                      f"fits (this one: {budget} tokens)\n")
+            err.flush()
+            clipped_noted = True
         reply: list[str] = []
         try:
-            for piece in backend.stream(history, **sampling):
+            for piece in backend.stream(history, **{**sampling, "max_new_tokens": budget}):
                 reply.append(piece)
                 out.write(piece)
                 out.flush()

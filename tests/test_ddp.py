@@ -53,7 +53,10 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
     """torchrun --nproc_per_node 2 on one GPU: a message, not NCCL's "duplicate GPU" traceback. A
     launcher that gives each process its own CUDA_VISIBLE_DEVICES shows each one GPU: cuda:0."""
     from lmforge.errors import LMForgeError
-    from lmforge.train.distributed import pick_device
+    from lmforge.runtime import resolve_device
+
+    def pick_device(pref, local_rank):  # as the training loop resolves train.device
+        return resolve_device(pref, "--train.device", local_rank)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

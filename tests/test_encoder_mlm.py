@@ -175,8 +175,9 @@ def test_mlm_pretraining_runs_and_resumes_bit_exactly(tmp_path, capsys):
 
     from train_fixtures import killed_cli
 
+    # on this process's CPU threads, as the runs here: float sums depend on the thread count
     proc = subprocess.run(killed_cli(4, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "part"),
-                                         *over]), capture_output=True, text=True)
+                                         "--threads", str(torch.get_num_threads()), *over]), capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     run_training(str(tmp_path / "data"), str(tmp_path / "part"), overrides=over, resume="auto")
 

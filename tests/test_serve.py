@@ -179,6 +179,68 @@ def test_stream_with_several_prompts_and_n(client):
     assert texts == [c.text for c in full.choices] and sorted(finished) == [0, 1, 2, 3]
 
 
+def test_stop_reason_names_the_stop_string_or_token_as_vllm_does(server, client, llm):
+    """vLLM's `stop_reason`: the stop string or the stop token id that ended a choice; null when it
+    ended at the tokenizer's EOS or at the length limit. An end-of-turn id that is not the EOS (a
+    generation_config `eos_token_id` in vLLM) is reported like a stop token. Whole and streamed, for
+    completions and chat completions; the openai client returns the field in `model_extra`."""
+    tok = llm.tokenizer
+    ids = tok.encode_prompt("ROMEO: but")
+    greedy = offline_ids(llm, ids, 12, temperature=0)
+    stop_id = greedy[2]
+    by_id = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0,
+                                      extra_body={"stop_token_ids": [stop_id], "ignore_eos": True})
+    assert by_id.choices[0].finish_reason == "stop" and by_id.choices[0].model_extra["stop_reason"] == stop_id
+    text = tok.decode(greedy, skip_special=True)
+    stop_text = text[3:6]
+    by_text = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0, stop=[stop_text],
+                                        extra_body={"ignore_eos": True})
+    assert (by_text.choices[0].text, by_text.choices[0].model_extra["stop_reason"]) == \
+        (text[:text.index(stop_text)], stop_text)
+    at_eos = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0,
+                                       logit_bias={str(tok.eos_id): 100})
+    assert (at_eos.choices[0].finish_reason, at_eos.choices[0].model_extra["stop_reason"]) == ("stop", None)
+    length = client.completions.create(model=NAME, prompt=ids, max_tokens=2, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert (length.choices[0].finish_reason, length.choices[0].model_extra["stop_reason"]) == ("length", None)
+
+    end_of_turn = tok.end_of_turn_id
+    assert end_of_turn != tok.eos_id and end_of_turn in tok.stop_ids
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                          temperature=0, logit_bias={str(end_of_turn): 100})
+    assert (chat.choices[0].finish_reason, chat.choices[0].model_extra["stop_reason"]) == ("stop", end_of_turn)
+    hi = [{"role": "user", "content": "hi"}]
+    chat_stop = offline_ids(llm, tok.apply_chat_template(hi, add_generation_prompt=True), 12, temperature=0)[2]
+    chunks = list(client.chat.completions.create(model=NAME, messages=hi, max_tokens=12, temperature=0, stream=True,
+                                                 extra_body={"stop_token_ids": [chat_stop], "ignore_eos": True}))
+    reasons = [(ch.choices[0].finish_reason, ch.choices[0].model_extra["stop_reason"]) for ch in chunks]
+    assert reasons == [(None, None)] * (len(reasons) - 1) + [("stop", chat_stop)]
+    raw = httpx.post(server[0].url + "/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0,
+                                                              "stop": [stop_text], "ignore_eos": True,
+                                                              "stream": True}, timeout=30)
+    events = sse_events(raw.text)[:-1]
+    assert [e["choices"][0]["stop_reason"] for e in events] == [None] * (len(events) - 1) + [stop_text]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_unknown_request_fields_are_accepted_and_logged_once_per_name(server, client, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="lmforge.serve")
+    body = {"prompt": "hello", "max_tokens": 2, "temperature": 0, "service_tier": "auto",
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    first = httpx.post(server[0].url + "/v1/completions", json=body, timeout=30)
+    again = httpx.post(server[0].url + "/v1/completions", json=body, timeout=30)
+    assert (first.status_code, again.status_code) == (200, 200)
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi", "weight": 1}],
+                                          max_tokens=2, temperature=0, extra_body={"service_tier": "auto"})
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    warned = [r.getMessage() for r in caplog.records if r.name == "lmforge.serve" and r.levelno == logging.WARNING]
+    assert warned == [f"ignored the request field '{name}': this server does not support it (logged once per field "
+                      "name)" for name in ("service_tier", "stream_options.continuous_usage_stats",
+                                           "messages[].weight")]
+
+
 # ---- chat -----------------------------------------------------------------------------------------
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]

@@ -100,7 +100,8 @@ def test_chat_stream_with_logprobs_and_a_failed_choice():
     base = {"id": "id-1", "object": "chat.completion.chunk", "created": 5, "model": "m"}
 
     def chunk(idx, delta, lp, reason):
-        return {**base, "choices": [{"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
+        return {**base, "choices": [{"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason,
+                                     "stop_reason": None}]}
 
     d = {"token": "d", "logprob": -0.5, "bytes": [100]}
     assert run_stream(fmt, batches, 2) == [
@@ -120,11 +121,11 @@ def test_chat_stream_usage_and_full_body():
     base = {"id": "id-1", "object": "chat.completion.chunk", "created": 5, "model": "m"}
     assert pieces == [
         events({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}], "usage": None}),
+                                     "finish_reason": None, "stop_reason": None}], "usage": None}),
         events({**base, "choices": [{"index": 0, "delta": {"content": "ab"}, "logprobs": None,
-                                     "finish_reason": None}], "usage": None},
-               {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
-                "usage": None}),
+                                     "finish_reason": None, "stop_reason": None}], "usage": None},
+               {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length",
+                                     "stop_reason": None}], "usage": None}),
         events({**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}),
         "data: [DONE]\n\n"]
     out = ChoiceOutput([0, 1], "ab", [], None, "length", completion_tokens=2)
@@ -135,15 +136,48 @@ def test_chat_stream_usage_and_full_body():
         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}, "system_fingerprint": None}
 
 
+def test_stop_reason_is_reported_on_the_choice_that_a_stop_ended():
+    """vLLM's `stop_reason`: the stop string or stop token id that ended a choice, null otherwise; in
+    the whole body, and in the last streamed chunk of the choice (earlier chunks carry null)."""
+    chat = ChatCompletionRequest.model_validate_json('{"messages": [{"role": "user", "content": "x"}], "n": 2, '
+                                                     '"stream": true}')
+    fmt = ChatFormat(Letters(), chat, [0])
+    batches = [[(0, StepOutput(1, [3], "d", finish_reason="stop", stop_reason="END", completion_tokens=1)),
+                (1, StepOutput(2, [4], "e", completion_tokens=1))],
+               [(1, StepOutput(2, [], "", finish_reason="stop", stop_reason=7, completion_tokens=1))]]
+    base = {"id": "id-1", "object": "chat.completion.chunk", "created": 5, "model": "m"}
+
+    def chunk(idx, delta, reason, stop_reason):
+        return {**base, "choices": [{"index": idx, "delta": delta, "logprobs": None, "finish_reason": reason,
+                                     "stop_reason": stop_reason}]}
+    assert run_stream(fmt, batches, 2)[1:] == [
+        events(chunk(0, {"content": "d"}, None, None), chunk(0, {}, "stop", "END"),
+               chunk(1, {"content": "e"}, None, None)),
+        events(chunk(1, {}, "stop", 7)),
+        "data: [DONE]\n\n"]
+    outs = [ChoiceOutput([3], "d", [], None, "stop", 1, stop_reason="END"),
+            ChoiceOutput([4], "e", [], None, "stop", 1, stop_reason=7),
+            ChoiceOutput([5], "f", [], None, "stop", 1)]  # at EOS: null
+    assert [c["stop_reason"] for c in fmt.full("c", 5, "m", outs)["choices"]] == ["END", 7, None]
+    completion = CompletionRequest.model_validate_json('{"prompt": "x", "n": 3, "stream": true}')
+    cfmt = CompletionFormat(Letters(), completion, ["x"], [[0]])
+    assert [c["stop_reason"] for c in cfmt.full("c", 5, "m", outs)["choices"]] == ["END", 7, None]
+    streamed = run_stream(cfmt, [[(0, StepOutput(1, [3], "d", finish_reason="stop", stop_reason="END",
+                                                 completion_tokens=1))]], 1)
+    assert streamed[0] == events({"id": "id-1", "object": "text_completion", "created": 5, "model": "m",
+                                  "choices": [{"index": 0, "text": "d", "logprobs": None, "finish_reason": "stop",
+                                               "stop_reason": "END"}]})
+
+
 def test_merge_outputs_coalesces_each_choice_in_order_of_arrival():
     a = StepOutput(1, [1], "b", [TokenLogprob(1, -1.0, [])], [TokenLogprob(9, None, [])], completion_tokens=1)
     b = StepOutput(2, [2], "c", None, completion_tokens=1)
-    c = StepOutput(1, [3, 4], "de", [TokenLogprob(3, -0.5, []), TokenLogprob(4, -0.25, [])], None, "length",
-                   completion_tokens=3)
+    c = StepOutput(1, [3, 4], "de", [TokenLogprob(3, -0.5, []), TokenLogprob(4, -0.25, [])], None, "stop",
+                   stop_reason="\n\n", completion_tokens=3)
     merged = merge_outputs([(1, a), (0, b), (1, c)])
     assert merged == [
         (1, StepOutput(1, [1, 3, 4], "bde", [TokenLogprob(1, -1.0, []), TokenLogprob(3, -0.5, []),
-                                               TokenLogprob(4, -0.25, [])], [TokenLogprob(9, None, [])], "length",
-                       completion_tokens=3)),
+                                               TokenLogprob(4, -0.25, [])], [TokenLogprob(9, None, [])], "stop",
+                       stop_reason="\n\n", completion_tokens=3)),
         (0, b)]
     assert a.token_ids == [1] and a.text == "b" and len(a.logprobs) == 1  # the inputs are left as they were

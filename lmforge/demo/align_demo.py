@@ -46,6 +46,7 @@ from lmforge.data.tasks import check
 from lmforge.demo.chat_demo import trained_steps
 from lmforge.infer.generate import generate
 from lmforge.infer.llm import LLM
+from lmforge.runtime import THREADS_HELP, set_threads
 
 VERIFIER = "lmforge.finetune.rewards:task_verifier"
 GRPO_STEPS = 473  # what 12 minutes of GRPO reached on the quiet 2-core build machine
@@ -179,6 +180,7 @@ def split_pairs_by_prompt(pairs: list[dict], fraction: float = 0.1) -> tuple[lis
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--sft", default="runs/chat-demo", help="the chat demo's SFT run (make chat-demo)")
     p.add_argument("--data", default="data/chat_tasks", help="the chat demo's task split (train.jsonl, test.jsonl)")
     p.add_argument("--out", default="runs/align-demo")
@@ -200,7 +202,7 @@ def main() -> int:
                         "(the reward model, then PPO with it), sft_more (the control: more SFT instead of RL)")
     add_results_flag(p, "align-demo")
     a = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    set_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = Path(a.data)

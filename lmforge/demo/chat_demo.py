@@ -31,6 +31,7 @@ import torch
 from lmforge.bench.results import add_results_flag, record
 from lmforge.data.tasks import TASK_TYPES, check, write_split
 from lmforge.demo.pretrain_demo import train_base
+from lmforge.runtime import THREADS_HELP, set_threads
 
 REPO_DATA = Path("data")
 
@@ -73,17 +74,24 @@ def reply_end(ids: list[int], finish_reason: str, other_stops: set[int]) -> tupl
     return ids, finish_reason == "eos"
 
 
-def sft_command(base: Path, data: Path, out: Path, steps: int | None, minutes: float | None) -> list[str]:
+def sft_command(base: Path, data: Path, out: Path, steps: int | None, minutes: float | None,
+                threads: int | None = None) -> list[str]:
     """`lmforge finetune sft` of the demo: the chat-demo recipe's fixed steps, or `steps`, or with
-    `minutes` a wall-clock budget (the schedule fitted to it; steps then only cap the run)."""
+    `minutes` a wall-clock budget (the schedule fitted to it; steps then only cap the run); on
+    `threads` CPU threads (None: lmforge's default)."""
     cmd = [sys.executable, "-m", "lmforge.cli", "finetune", "sft", "--base", str(base), "--data", str(data / "train.jsonl"),
            "--val-data", str(data / "val.jsonl"), "--out", str(out), "--recipe", "chat-demo", "--overwrite",
-           "--train.progress", "false"]
+           "--train.progress", "false"] + threads_flag(threads)
     if minutes is not None:
         cmd += ["--train.max_minutes", str(minutes), "--train.max_steps", str(steps or 100000)]
     elif steps is not None:
         cmd += ["--train.max_steps", str(steps)]
     return cmd
+
+
+def threads_flag(threads: int | None) -> list[str]:
+    """--threads for a child `lmforge` command: the demo's own setting, when one was given."""
+    return [] if threads is None else ["--threads", str(threads)]
 
 
 def trained_steps(run: Path) -> int:
@@ -108,17 +116,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def ensure_base(base: Path) -> None:
+def ensure_base(base: Path, threads: int | None = None) -> None:
     from lmforge.checkpoint import latest_checkpoint
 
     if base.is_dir() and latest_checkpoint(base) is not None:
         return
     print(f"chat-demo: no model in {base}; training it first (make demo's recipe: 450 steps, about 5 minutes)", flush=True)
-    train_base(Path("data/shakespeare"), base, quiet=True)
+    train_base(Path("data/shakespeare"), base, quiet=True, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="chat-demo")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--base", default="runs/demo")
     p.add_argument("--out", default="runs/chat-demo")
     p.add_argument("--data", default="data/chat_tasks")
@@ -130,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=1000)
     add_results_flag(p, "chat-demo")
     args = p.parse_args(argv)
+    set_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     base, out, data = Path(args.base), Path(args.out), Path(args.data)
-    ensure_base(base)
+    ensure_base(base, args.threads)
     paths = write_split(data, n_train=args.n_train + 200, n_test=args.n_test, seed=0)
     rows = read_jsonl(paths["train"])
     (data / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:200]), encoding="utf-8")
@@ -147,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
           f"stop rate {100 * before['stop_rate']:.1f}%", flush=True)
 
     sft_start = time.perf_counter()
-    subprocess.run(sft_command(base, data, out, args.steps, args.minutes), check=True)
+    subprocess.run(sft_command(base, data, out, args.steps, args.minutes, args.threads), check=True)
     sft_minutes = (time.perf_counter() - sft_start) / 60
     sft_steps = trained_steps(out)
     print(f"chat-demo: SFT trained {sft_steps} steps in {sft_minutes:.1f} minutes", flush=True)

@@ -53,11 +53,13 @@ def last_json(output: str) -> dict[str, Any]:
     return json.loads("\n".join(lines[start:]))
 
 
-def train_base(data: Path, run: Path, quiet: bool = False) -> dict[str, Any]:
-    """Prepare the built-in corpus into `data` and train the demo recipe into `run`; the train summary."""
+def train_base(data: Path, run: Path, quiet: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Prepare the built-in corpus into `data` and train the demo recipe into `run` (on `threads` CPU
+    threads; None: lmforge's default); the train summary."""
     lmforge("prepare", "shakespeare", "--out", str(data), "--overwrite", *(["--quiet"] if quiet else []))
     return last_json(lmforge("train", "--data", str(data), "--out", str(run), "--recipe", "demo", "--overwrite",
-                             *(["--train.progress", "false"] if quiet else [])))
+                             *(["--train.progress", "false"] if quiet else []),
+                             *(["--threads", str(threads)] if threads is not None else [])))
 
 
 def main(argv: list[str] | None = None) -> int:

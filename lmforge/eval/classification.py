@@ -79,6 +79,17 @@ def _run_columns(path: Path) -> dict[str, Any]:
     return cols
 
 
+def directory_given(path: Path) -> str:
+    """The error for a directory where a classifier's labelled files belong, naming the ones inside."""
+    from lmforge.data.table import FORMATS
+
+    found = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+    example = "test.jsonl" if "test.jsonl" in found else (found[0] if found else "test.jsonl")
+    inside = f"; it holds {', '.join(found)}" if found else "; it holds none"
+    return (f"{path} is a directory; a classifier is evaluated on labelled CSV/TSV/JSONL files (a text and a label "
+            f"column), e.g. --data {path / example}{inside}")
+
+
 def evaluate_classifier(ckpt: Any, data: Sequence[str] | str, batch_size: int = 32,
                         columns: Optional[dict[str, Any]] = None, progress: bool = False) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class figures and the confusion matrix of a classifier (an LLM, or the
@@ -88,6 +99,9 @@ def evaluate_classifier(ckpt: Any, data: Sequence[str] | str, batch_size: int = 
     from lmforge.infer.llm import LLM
 
     files = [data] if isinstance(data, (str, Path)) else list(data)
+    for f in files:
+        if Path(f).is_dir():
+            raise LMForgeError(directory_given(Path(f)))
     llm = LLM.of(ckpt)
     cols = columns or _run_columns(Path(llm.path))
     labels = label_names(llm.model)

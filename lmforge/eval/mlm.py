@@ -42,8 +42,10 @@ def evaluate_mlm(ckpt: Any, data_dir: str, batch_size: int = 8, max_windows: int
     masker = Masker(model.cfg.vocab_size, mask_token_id(tok), special, 0.15)
     frequent = most_frequent_token(data.split("train"), special, model.cfg.vocab_size)
     loss_sum, correct, base, count = 0.0, 0, 0, 0
+    device = model.tok_emb.weight.device
     for batch in tqdm(masked_eval_batches(windows, masker, cls_id), total=windows.n_batches, desc="eval", unit="batch",
                       file=sys.stderr, dynamic_ncols=True, disable=not progress):
+        batch = {k: v.to(device) for k, v in batch.items()}
         sel_BT = batch["labels"] != IGNORE
         logits_NV = model(batch["input_ids"], select_BT=sel_BT).float()
         y_N = batch["labels"][sel_BT]

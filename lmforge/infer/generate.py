@@ -150,6 +150,7 @@ class TextTracker:
         self.tail = ""  # decoded but held back: it could be the start of a stop string
         self.taken = 0
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
         self.n_tokens = 0  # tokens consumed up to the one that completed a stop string
 
     def push(self, token: int) -> bool:
@@ -168,9 +169,10 @@ class TextTracker:
     def _add(self, delta: str) -> None:
         s = self.tail + delta
         if self.stops:
-            hits = [i for i in (s.find(stop) for stop in self.stops) if i >= 0]
+            hits = [(i, stop) for stop in self.stops if (i := s.find(stop)) >= 0]
             if hits:
-                self.parts.append(s[:min(hits)])
+                at, self.matched = min(hits, key=lambda hit: hit[0])  # the earliest; a tie: the first listed
+                self.parts.append(s[:at])
                 self.tail = ""
                 self.stopped = True
                 self.n_tokens = len(self.ids)

@@ -19,6 +19,7 @@ from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate as _generate
 from lmforge.infer.generate import stream_text
 from lmforge.infer.prompt import encode_text_prompts, render_chat_prompt
+from lmforge.runtime import resolve_device
 
 
 class LLM:
@@ -37,7 +38,9 @@ class LLM:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "LLM":
         """Load a training run directory (its latest checkpoint), a model/checkpoint directory, or a
-        Hugging Face model folder (transformers or sentence-transformers) of any model family."""
+        Hugging Face model folder (transformers or sentence-transformers) of any model family, onto
+        `device` ('cpu', 'cuda', 'cuda:N', 'mps', 'auto')."""
+        device = str(resolve_device(device, "device"))
         path = Path(path)
         if not path.exists():
             raise LMForgeError(f"checkpoint not found: {path}")

@@ -94,6 +94,9 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # only with the first output
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    # what ended a "stop", as vLLM reports it: the stop string, or a stop token id other than the
+    # tokenizer's EOS (a request's stop_token_ids, an end-of-turn id); None at EOS and otherwise
+    stop_reason: int | str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
@@ -189,6 +192,7 @@ class Scheduler:
             if eos is not None:
                 stop_ids.add(eos)
         self.stop_ids = set(stop_ids)
+        self.eos_id = getattr(tokenizer, "eos_id", None)  # ending here is no stop_reason (vLLM's rule)
         self.cache = model.new_cache(max_batch, max_model_len)
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -444,10 +448,11 @@ class Scheduler:
 
     def _emit(self, seq: _Seq, tok: int, lp: TokenLogprob | None) -> bool:
         """Record a sampled token, apply the stop rules and call back. True when the sequence ended."""
-        reason = None
+        reason = stop_reason = None
         new_ids: list[int] = []
         if tok in seq.stop_ids:
             reason = "stop"
+            stop_reason = None if tok == self.eos_id and not seq.req.ignore_eos else tok
         else:
             seq.generated.append(tok)
             new_ids.append(tok)
@@ -456,7 +461,7 @@ class Scheduler:
             if seq.counts_V is not None:
                 seq.counts_V[tok] += 1
             if seq.tracker is not None and seq.tracker.push(tok):
-                reason = "stop"
+                reason, stop_reason = "stop", seq.tracker.matched
             elif len(seq.generated) >= seq.max_new or seq.n_cached + 1 >= self.cache.max_len:
                 reason = "length"
         text = ""
@@ -465,7 +470,8 @@ class Scheduler:
                 seq.tracker.finish()
             text = seq.tracker.take()
         logprobs = ([lp] if new_ids else []) if lp is not None else None
-        out = StepOutput(seq.id, new_ids, text, logprobs, finish_reason=reason, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
+        out = StepOutput(seq.id, new_ids, text, logprobs, finish_reason=reason, stop_reason=stop_reason,
+                         prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
         if seq.prompt_logprobs is not None:
             out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         seq.pending = tok
@@ -533,6 +539,7 @@ class Completed:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None
     error: str | None = None
@@ -551,7 +558,7 @@ def run_all(sched: Scheduler, requests: Sequence[GenerationRequest], timeout: fl
             if out.prompt_logprobs is not None:
                 res.prompt_logprobs = out.prompt_logprobs
             if out.finish_reason is not None:
-                res.finish_reason, res.error = out.finish_reason, out.error
+                res.finish_reason, res.stop_reason, res.error = out.finish_reason, out.stop_reason, out.error
                 done.release()
         return on_output
 

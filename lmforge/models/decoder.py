@@ -79,11 +79,23 @@ class DecoderConfig:
         if self.n_head % self.n_kv_head:
             raise LMForgeError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")
         if self.pos_encoding == "rope" and self.head_dim % 2:
-            raise LMForgeError(f"rope needs an even head_dim, got {self.head_dim}")
+            raise LMForgeError(self.odd_head_dim_message())
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise LMForgeError(f"model.sliding_window must be positive, got {self.sliding_window}")
         if not 0.0 <= self.dropout < 1.0:
             raise LMForgeError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    def odd_head_dim_message(self) -> str:
+        """What to change when RoPE meets an odd head_dim (it rotates pairs of dimensions)."""
+        C, H, D = self.n_embd, self.n_head, self.head_dim
+        if D != C // H:  # head_dim was set on its own
+            return f"rope needs an even model.head_dim, got {D}; set --model.head_dim to an even number"
+        kv = self.n_kv_head if self.n_kv_head != H else 1  # n_kv_head follows n_head unless set apart
+        fits = [h for h in range(1, C + 1) if C % h == 0 and (C // h) % 2 == 0 and h % kv == 0]
+        near = min(fits, key=lambda h: (abs(h - H), -h), default=None)
+        hint = f" (e.g. --model.n_head {near})" if near is not None else ""
+        return (f"rope needs an even head_dim, got {D} = model.n_embd {C} // model.n_head {H}; change --model.n_head "
+                f"or --model.n_embd so that n_embd / n_head is even{hint}, or set --model.head_dim to an even number")
 
     # ---- sizes -----------------------------------------------------------------------------
 

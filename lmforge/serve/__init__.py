@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import sys
 from typing import Any
 
@@ -33,18 +32,25 @@ def _is_loopback(host: str) -> bool:
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_batch: int = 32, max_queue: int = 256,
-          max_model_len: int | None = None, device: str = "cpu", log_prompts: bool = False) -> None:
+          max_model_len: int | None = None, device: str = "cpu", log_prompts: bool = False,
+          threads: int | None = None) -> None:
     """Load MODEL (anything `LLM.load` accepts) in the background and serve it until interrupted.
-    A model that fails to load stops the server with an LMForgeError (the CLI's one-line error)."""
+    The model computes on `threads` CPU threads (None: `runtime.default_threads()`, which leaves
+    cores to the HTTP side). A model that fails to load stops the server with an LMForgeError (the
+    CLI's one-line error)."""
     import socket
 
     import uvicorn
     from pathlib import Path
 
+    from lmforge.runtime import default_threads, resolve_device
     from lmforge.serve.app import create_app
     from lmforge.serve.config import ServerConfig
     from lmforge.serve.engine import Engine
 
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise LMForgeError(f"--port must be 1..65535, got {port}")
+    resolve_device(device, "--device")
     if not Path(model).exists():
         raise LMForgeError(f"model not found: {model}")
     if not _is_loopback(host) and api_key is None:
@@ -52,7 +58,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
               file=sys.stderr)
     name = served_model_name or Path(model).resolve().name
     cfg = ServerConfig(served_model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                       max_model_len=max_model_len, log_prompts=log_prompts, model_path=str(model))
+                       max_model_len=max_model_len, log_prompts=log_prompts, model_path=str(model),
+                       threads=threads if threads is not None else default_threads())
 
     failed: list[BaseException] = []
     holder: dict[str, Any] = {}
@@ -69,10 +76,6 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     def load_model() -> Any:
         from lmforge.infer.llm import LLM
 
-        if "OMP_NUM_THREADS" not in os.environ and device == "cpu":
-            # leave a core to the HTTP side: on 2 cores, model threads spinning on both starve it
-            cfg.threads = max(1, (os.cpu_count() or 2) - 1)
-
         llm = LLM.load(model, device=device)
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
@@ -81,8 +84,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         sched = engine.scheduler
         logging.getLogger("lmforge.serve").info(
             "KV cache: %.0f MiB (%d sequences x %d tokens; --max-batch / --max-model-len change it); "
-            "model threads: %s (OMP_NUM_THREADS sets them)", sched.cache.nbytes() / 2**20, sched.max_batch,
-            sched.max_model_len, sched.num_threads or "torch default")
+            "model threads: %d (--threads sets them)", sched.cache.nbytes() / 2**20, sched.max_batch,
+            sched.max_model_len, sched.num_threads)
         return engine
 
     # bind first: a taken port is a one-line error before anything loads

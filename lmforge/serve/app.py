@@ -18,6 +18,7 @@ from typing import AsyncIterator, Callable, TypeVar
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serve.config import ServerConfig
@@ -26,7 +27,7 @@ from lmforge.serve.metrics import Metrics
 from lmforge.serve.middleware import Guard, error_response, read_json
 from lmforge.serve.openai_format import ChatFormat, CompletionFormat
 from lmforge.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ServeError,
-                                    TokenizeRequest)
+                                    TokenizeRequest, unknown_fields)
 
 log = logging.getLogger("lmforge.serve")
 router = APIRouter()
@@ -40,6 +41,7 @@ class AppState:
         self.cfg = cfg
         self.engine = engine
         self.load_error: str | None = None
+        self.unknown_fields: set[str] = set()  # request fields already logged as ignored
         self.created = int(time.time())
         self.metrics = Metrics(queue_length=lambda: self.engine.scheduler.num_waiting if self.engine else 0,
                                running_batch_size=lambda: self.engine.scheduler.num_running if self.engine else 0)
@@ -51,6 +53,14 @@ class AppState:
         except Exception as e:  # keep answering 503 with the reason
             self.load_error = str(e)
             log.error("loading the model failed: %s", e)
+
+    def log_unknown_fields(self, request: BaseModel) -> None:
+        """A warning, once per field name, for each request field this server ignores."""
+        for name in unknown_fields(request):
+            if name not in self.unknown_fields:
+                self.unknown_fields.add(name)
+                log.warning("ignored the request field '%s': this server does not support it (logged once per "
+                            "field name)", name)
 
     def ready(self) -> Engine:
         if self.engine is None:
@@ -91,6 +101,7 @@ async def _read_request(request: Request, schema: type[RequestT]) -> tuple[AppSt
     state = _state(request)
     eng = state.ready()
     req = await read_json(request, schema, state.cfg.max_body_bytes)
+    state.log_unknown_fields(req)
     state.check_model(req.model)
     return state, eng, req
 

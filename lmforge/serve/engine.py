@@ -157,6 +157,7 @@ class ChoiceOutput:
     finish_reason: str | None
     completion_tokens: int = 0
     error: str | None = None
+    stop_reason: int | str | None = None
 
 
 class Choices:
@@ -227,7 +228,7 @@ class Choices:
                     out.prompt_logprobs = o.prompt_logprobs
                 out.completion_tokens = o.completion_tokens
                 if o.finish_reason is not None:
-                    out.finish_reason, out.error = o.finish_reason, o.error
+                    out.finish_reason, out.stop_reason, out.error = o.finish_reason, o.stop_reason, o.error
                     left -= 1
         finally:
             if left:
@@ -253,6 +254,6 @@ def merge_outputs(outs: list[tuple[int, StepOutput]]) -> list[tuple[int, StepOut
             if o.logprobs is not None:
                 m.logprobs = (m.logprobs or []) + o.logprobs
             m.prompt_logprobs = m.prompt_logprobs or o.prompt_logprobs
-            m.finish_reason, m.error = o.finish_reason, o.error
+            m.finish_reason, m.stop_reason, m.error = o.finish_reason, o.stop_reason, o.error
             m.completion_tokens = o.completion_tokens
     return list(merged.items())

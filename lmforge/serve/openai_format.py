@@ -113,7 +113,7 @@ class CompletionFormat:
                 entries = (o.prompt_logprobs or []) + o.logprobs if self.req.echo else o.logprobs
                 lp = self.logprobs(entries, 0)
             items.append({"index": idx, "text": prefix + o.text, "logprobs": lp,
-                          "finish_reason": finish_reason(o), "stop_reason": None})
+                          "finish_reason": finish_reason(o), "stop_reason": o.stop_reason})
         return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": items,
                 "usage": usage(sum(len(p) for p in self.prompts), sum(o.completion_tokens for o in outs)),
                 "system_fingerprint": None}
@@ -140,7 +140,7 @@ class CompletionFormat:
             if not (text or reason or (lp and lp["tokens"])):
                 return []
             return [frame.chunk({"index": idx, "text": text, "logprobs": lp, "finish_reason": reason,
-                                 "stop_reason": None})]
+                                 "stop_reason": o.stop_reason})]
         return frame.events(batches, on_output, sum(len(p) for p in self.prompts))
 
 
@@ -160,7 +160,7 @@ class ChatFormat:
     def full(self, rid: str, created: int, model: str, outs: list[ChoiceOutput]) -> dict:
         items = [{"index": i, "message": {"role": "assistant", "content": o.text, "refusal": None, "tool_calls": []},
                   "logprobs": self.logprobs(o.logprobs) if self.req.logprobs else None,
-                  "finish_reason": finish_reason(o), "stop_reason": None} for i, o in enumerate(outs)]
+                  "finish_reason": finish_reason(o), "stop_reason": o.stop_reason} for i, o in enumerate(outs)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": items,
                 "usage": usage(len(self.ids), sum(o.completion_tokens for o in outs)), "system_fingerprint": None}
 
@@ -168,8 +168,10 @@ class ChatFormat:
         frame = EventStream({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model},
                             self.req.stream_options)
 
-        def chunk(idx: int, delta: dict, lp: dict | None, reason: str | None) -> str:
-            return frame.chunk({"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason})
+        def chunk(idx: int, delta: dict, lp: dict | None, reason: str | None,
+                  stop_reason: int | str | None = None) -> str:
+            return frame.chunk({"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason,
+                                "stop_reason": stop_reason})
 
         def on_output(idx: int, o: StepOutput) -> list[str]:
             parts = []
@@ -177,7 +179,7 @@ class ChatFormat:
             if o.text or (lp and lp["content"]):
                 parts.append(chunk(idx, {"content": o.text}, lp, None))
             if o.finish_reason:
-                parts.append(chunk(idx, {}, None, finish_reason(o)))
+                parts.append(chunk(idx, {}, None, finish_reason(o), o.stop_reason))
             return parts
         roles = "".join(chunk(i, {"role": "assistant", "content": ""}, None, None) for i in range(n_choices))
         return frame.events(batches, on_output, len(self.ids), first=roles)

@@ -1,6 +1,7 @@
 """Request schemas of the OpenAI-compatible API (field names and ranges as OpenAI's reference and
 vLLM define them), their translation into the scheduler's `GenerationRequest`, and the error body.
-Requests are validated strictly: "5" is not an integer."""
+Requests are validated strictly: "5" is not an integer. A field this server does not know is
+accepted and ignored, as OpenAI does (`unknown_fields` names them, so the server can log them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmforge.infer.scheduler import GenerationRequest
 
-StrictModel = ConfigDict(strict=True, extra="ignore")
+StrictModel = ConfigDict(strict=True, extra="allow")  # extras are kept only to be named in the log
+
+
+def unknown_fields(request: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the fields of `request` (and of the objects in it) that no schema declares,
+    e.g. ["user_metadata", "messages[].tool_call_id"]."""
+    names = [prefix + name for name in (request.model_extra or {})]
+    for name in type(request).model_fields:
+        value = getattr(request, name)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, BaseModel):
+                names += unknown_fields(item, f"{prefix}{name}{'[]' if isinstance(value, list) else ''}.")
+    return list(dict.fromkeys(names))
 
 
 class ServeError(Exception):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lmforge.errors import LMForgeError
+from lmforge.runtime import resolve_device
 
 
 @dataclass
@@ -34,22 +34,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def pick_device(pref: str, local_rank: int = 0) -> torch.device:
-    """'auto' is CUDA when available (one GPU per local rank), else CPU."""
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise LMForgeError("train.device is 'cuda' but no CUDA device is available")
-        n, procs = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        # Processes that all see the same GPUs (torchrun) need one each: NCCL refuses two on one GPU
-        # with a "duplicate GPU" traceback. A launcher that gives each process its own
-        # CUDA_VISIBLE_DEVICES (srun --gpus-per-task) shows each one GPU, cuda:0.
-        if procs > n and "CUDA_VISIBLE_DEVICES" not in os.environ:
-            raise LMForgeError(f"{procs} processes on this machine but {n} CUDA device(s): one GPU per process; "
-                               f"use torchrun --nproc_per_node {n}, or --train.device cpu")
-        return torch.device("cuda", local_rank % n)
-    return torch.device("cpu")
-
-
 def world_size() -> int:
     """Processes in this run, known before the process group exists (torchrun's WORLD_SIZE)."""
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -63,9 +47,9 @@ def setup(device_pref: str) -> DistInfo:
     """Join the process group torchrun describes (env RANK, WORLD_SIZE, LOCAL_RANK), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(device=pick_device(device_pref))
+        return DistInfo(device=resolve_device(device_pref, "--train.device"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_pref, local_rank)
+    device = resolve_device(device_pref, "--train.device", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

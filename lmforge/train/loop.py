@@ -42,13 +42,14 @@ import torch
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
+from lmforge.runtime import resolve_device
 from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig, config_hash, validate_train
 from lmforge.train.job import TrainJob, to_device
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_loss
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.run_dir import (PREVIOUS_RUN, RUN_ENTRIES, check_out_dir, check_resume_matches, holds_run,
-                                   park_previous_run, resolve_resume, write_run_files)
+                                   park_previous_run, resolve_resume, restore_previous_run, write_run_files)
 
 _clock = time.perf_counter  # wall clock of the step timing (a test replaces it with a fake one)
 _ESTIMATE_AFTER = 3  # steps timed before the max_minutes schedule estimate starts (step 1 includes warm-up)
@@ -72,7 +73,7 @@ def training_precision(train_cfg: TrainConfig) -> tuple[torch.device, torch.dtyp
     """(device, autocast dtype) the loop will train this process in: for the passes a task makes
     before training (DPO's reference log-probs), so they run where and as the training forward does."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if D.world_size() > 1 else 0
-    device = D.pick_device(train_cfg.device, local_rank)
+    device = resolve_device(train_cfg.device, "--train.device", local_rank)
     return device, _autocast_dtype(train_cfg.dtype, device)
 
 
@@ -92,9 +93,13 @@ def train_job(task: TrainJob, train_cfg: TrainConfig, out_dir: str | Path, resum
         check_resume_matches(ckpt, state, task.config, task.data_fingerprint)
 
     info = D.setup(train_cfg.device)
+    trainer = Trainer(task, train_cfg, out, info, ckpt, state, tensors, resume_requested=bool(resume),
+                      overwrite=overwrite)
     try:
-        return Trainer(task, train_cfg, out, info, ckpt, state, tensors, resume_requested=bool(resume),
-                       overwrite=overwrite).run()
+        return trainer.run()
+    except BaseException:  # an error, Ctrl-C: before the first checkpoint, --out gets its old run back
+        trainer.restore_parked_run()
+        raise
     finally:
         D.teardown(info)
 
@@ -179,8 +184,7 @@ class Trainer:
         if not info.is_main:
             return
         if self.overwrite and out.exists() and holds_run(out):
-            entries = tuple(dict.fromkeys(RUN_ENTRIES + tuple(self.task.files) + tuple(self.task.run_files)))
-            self.parked = park_previous_run(out, entries)
+            self.parked = park_previous_run(out, self.run_entries())
             _say(f"moved the old run's files to {self.parked}; they are deleted once this run's first checkpoint "
                  "is written", info)
         elif (out / PREVIOUS_RUN).is_dir():
@@ -190,6 +194,16 @@ class Trainer:
         note = (f"What this run trains: {model_summary(self.raw.cfg, self.raw.num_params())} "
                 "`lmforge info RUN` describes it.")
         write_run_files(out, self.resolved, {**self.task.files, **self.task.run_files}, model_note=note)
+
+    def run_entries(self) -> tuple[str, ...]:
+        """The entries of --out this run writes (lmforge's own; nothing else is moved or removed)."""
+        return tuple(dict.fromkeys(RUN_ENTRIES + tuple(self.task.files) + tuple(self.task.run_files)))
+
+    def restore_parked_run(self) -> None:
+        """This run stopped before its first checkpoint: put back the run it parked, if any."""
+        if self.parked is not None and self.info.is_main:
+            restore_previous_run(self.out, self.run_entries())
+            self.parked = None
 
     # ---- main ------------------------------------------------------------------------------
 

@@ -5,9 +5,12 @@
     check_out_dir(out, resuming, ...)  refuse to write into a directory holding something else
     check_resume_matches(ckpt, ...)    refuse to resume with another config or other data
     park_previous_run(out, entries)    --overwrite: move the old run aside until the new one has a checkpoint
+    restore_previous_run(out, entries) the new run stopped before its first checkpoint: the old run comes back
     write_run_files(out, config, ...)  config.yaml (headed by what the run trains) and the job's files
 
 Layout: docs/architecture.md, "Run directory". Only lmforge's own entries are ever moved or replaced.
+A run that stops before its first checkpoint holds nothing to resume: its directory is reused by
+the next run without --overwrite (and an old run it had parked is put back).
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ def saved_config(resume: str, out: Path) -> dict[str, Any] | None:
 
 
 def holds_run(out: Path) -> bool:
-    """`out` is an lmforge run, or the stub of an --overwrite that stopped before its first checkpoint."""
-    return ckpt_io.is_run_dir(out) or ckpt_io.is_run_dir(out / PREVIOUS_RUN)
+    """`out` holds a run worth keeping: one with a checkpoint, or the run an --overwrite parked that
+    its replacement has not yet succeeded (the replacement was killed before its first checkpoint)."""
+    return ckpt_io.latest_checkpoint(out) is not None or ckpt_io.is_run_dir(out / PREVIOUS_RUN)
 
 
 def check_out_dir(out: Path, resuming: bool, overwrite: bool) -> None:
@@ -61,6 +65,8 @@ def check_out_dir(out: Path, resuming: bool, overwrite: bool) -> None:
         if not (resuming or overwrite):
             raise LMForgeError(f"{out} already holds a training run; pass --resume auto to continue it "
                                "or --overwrite to start over")
+        return
+    if ckpt_io.is_run_dir(out):  # a run that stopped before its first checkpoint: nothing to keep
         return
     if any(out.iterdir()):
         raise LMForgeError(f"{out} is not empty and holds no lmforge run; choose a new or empty --out directory")
@@ -100,6 +106,19 @@ def park_previous_run(out: Path, entries: Sequence[str] = RUN_ENTRIES) -> Path:
         if (out / name).exists():
             (out / name).rename(prev / name)
     return prev
+
+
+def restore_previous_run(out: Path, entries: Sequence[str] = RUN_ENTRIES) -> None:
+    """Undo `park_previous_run` when the new run stops before its first checkpoint: its files go,
+    the parked run's files come back, RUN/.previous_run goes."""
+    prev = out / PREVIOUS_RUN
+    if not prev.is_dir():
+        return
+    for name in entries:
+        _remove(out / name)
+    for item in prev.iterdir():
+        item.rename(out / item.name)
+    prev.rmdir()
 
 
 def _remove(path: Path) -> None:
