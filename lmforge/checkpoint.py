@@ -30,6 +30,7 @@ from lmforge.errors import LMForgeError
 MODEL_CONFIG = "model_config.json"
 MODEL_WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
+GENERATION_FORMAT = "generation_format.json"  # how a source-to-target fine-tune reads its prompts (infer/prompt.py)
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 

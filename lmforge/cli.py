@@ -105,14 +105,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = LLM.load(args.ckpt, device=args.device)
     opts: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None)
+    # Encoder-decoders and models with a generation format print the generated target only.
+    shown = prompt if llm.continues_prompt else ""
     if "stream" not in llm.tasks or args.num_beams > 1:
-        # Encoder-decoders print the generated target only; beam search prints the best N hypotheses.
+        # Beam search prints the best N hypotheses.
         if args.stream:
             raise LMForgeError("--stream works with sampling from decoders; drop it for seq2seq models or --num-beams")
         beam = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
                     no_repeat_ngram_size=args.no_repeat_ngram_size)
         out = llm.generate(prompt, seed=args.seed, num_samples=args.num_samples, **beam, **opts)
-        shown = prompt if "continue" in llm.tasks else ""
         for i, text in enumerate(out if args.num_samples > 1 else [out]):
             if args.num_samples > 1:
                 print(f"--- {'hypothesis' if args.num_beams > 1 else 'sample'} {i + 1}/{args.num_samples} ---")
@@ -123,13 +124,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples} ---")
         if args.stream:
-            sys.stdout.write(prompt)
+            sys.stdout.write(shown)
             for piece in llm.stream(prompt, seed=seed, **opts):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:
-            print(prompt + llm.generate(prompt, seed=seed, **opts))
+            print(shown + llm.generate(prompt, seed=seed, **opts))
     return 0
 
 
@@ -423,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate text from a trained model")
     s.add_argument("--ckpt", required=True, help="run directory, model directory or Hugging Face folder")
-    s.add_argument("--prompt", help="prompt text")
+    s.add_argument("--prompt", help="prompt text (for an encoder-decoder or a `finetune seq2seq` run: the source; "
+                   "only the generated target is printed)")
     s.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
     s.add_argument("--max-new-tokens", type=_positive_int, default=200)
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
