@@ -140,6 +140,10 @@ def test_server_completion_is_the_target(runs):
             body = httpx.post(srv.url + "/v1/completions", json={
                 "prompt": source, "temperature": 0, "max_tokens": NEW}, timeout=60).json()
             assert body["choices"][0]["text"] == pred
+        raw = httpx.post(srv.url + "/v1/completions", json={
+            "prompt": sources[2], "temperature": 0, "max_tokens": NEW, "stream": True}, timeout=60).text
+        events = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == preds[2]
         echo = httpx.post(srv.url + "/v1/completions", json={
             "prompt": sources[0], "temperature": 0, "max_tokens": NEW, "echo": True}, timeout=60).json()
         assert echo["choices"][0]["text"] == PREFIX + sources[0] + "\n" + preds[0]  # the text the model read
@@ -167,8 +171,8 @@ def test_a_bad_format_file_is_a_one_line_error(runs, tmp_path):
     (ckpt / "generation_format.json").write_text('{"prefix": 3, "separator": "\\n"}')
     with pytest.raises(LMForgeError) as e:
         LLM.load(run)
-    assert str(e.value) == (f"the generation format of {run} must be a JSON object with the strings 'prefix' and "
+    assert str(e.value) == (f"generation_format.json of {run} must be a JSON object with the strings 'prefix' and "
                             "'separator', got {\"prefix\": 3, \"separator\": \"\\n\"}")
     done = lmforge("generate", "--ckpt", str(run), "--prompt", "the king")
-    assert done.returncode == 2 and done.stderr.startswith("error: the generation format of ")
+    assert done.returncode == 2 and done.stderr.startswith(f"error: generation_format.json of {run} must be ")
     assert len(done.stderr.strip().splitlines()) == 1

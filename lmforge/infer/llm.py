@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from lmforge.checkpoint import GENERATION_FORMAT
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate as _generate
 from lmforge.infer.generate import stream_text
@@ -36,7 +37,7 @@ class LLM:
         self.path = Path(path) if path is not None else None
         recorded = getattr(model, "generation_format", None)  # the model directory's file, as the registry read it
         self.generation_format = None if recorded is None else GenerationFormat.from_json(
-            recorded, f"the generation format of {self.path or 'this model'}")
+            recorded, f"{GENERATION_FORMAT} of {self.path or 'this model'}")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "LLM":
