@@ -90,7 +90,7 @@ clean:
 # earlier ones train: demo -> chat-demo -> align-demo, align-bench; demo -> folio).
 RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
-RESULTS_QUALITY = results-demo results-chat-demo results-align-demo results-folio results-sentiment
+RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
                   results-bench-seq2seq
 .PHONY: results results-quality results-speed results-parity results-test $(RESULTS_QUALITY) $(RESULTS_SPEED)
@@ -106,6 +106,9 @@ results-speed: dev
 
 results-demo: dev  # make demo, plus the GPT-2-style baseline trained as long in the same run
 	$(TIMED) $(PY) -m lmforge.demo.pretrain_demo --data $(DEMO_DATA) --out $(DEMO_RUN) --baseline --results $(RESULTS)
+
+results-demo-shape: dev  # the demo recipe's SwiGLU (exports as Qwen3) against its old ReLU^2 MLP, same steps and seed
+	$(TIMED) $(PY) benchmarks/demo_shape.py --data $(DEMO_DATA) --out runs/demo-shape --results $(RESULTS)
 
 results-chat-demo: dev
 	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo

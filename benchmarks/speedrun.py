@@ -108,16 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     except LMForgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    print(text)
-    if "target" in result:
-        print(result["target"]["text"], file=sys.stderr)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    report(result, args.json)
     if args.results:
         record("speedrun", {k: v for k, v in result.items() if k != "machine"}, out=args.results,
                wall_s=result["wall_s"])
     return 0
+
+
+def report(result: dict[str, Any], json_path: Path | None) -> None:
+    """Print the result JSON (and its target's sentence on stderr); also write it to `json_path`."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if "target" in result:
+        print(result["target"]["text"], file=sys.stderr)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from lmforge.errors import LMForgeError
 MODEL_CONFIG = "model_config.json"
 MODEL_WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
+GENERATION_FORMAT = "generation_format.json"  # how a source-to-target fine-tune reads its prompts (infer/prompt.py)
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 BEST = "best"  # checkpoints/best: the best validation model of a run with train.keep_best

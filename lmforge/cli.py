@@ -186,14 +186,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     llm = LLM.load(model, device=args.device)
     opts: dict[str, Any] = dict(sampling_options(args), stop=args.stop or None)
+    # Encoder-decoders and models with a generation format print the generated target only.
+    shown = prompt if llm.continues_prompt else ""
     if "stream" not in llm.tasks or args.num_beams > 1:
-        # Encoder-decoders print the generated target only; beam search prints the best N hypotheses.
+        # Beam search prints the best N hypotheses.
         if args.stream:
             raise LMForgeError("--stream works with sampling from decoders; drop it for seq2seq models or --num-beams")
         beam = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
                     no_repeat_ngram_size=args.no_repeat_ngram_size)
         out = llm.generate(prompt, seed=args.seed, num_samples=args.num_samples, **beam, **opts)
-        shown = prompt if "continue" in llm.tasks else ""
         for i, text in enumerate(out if args.num_samples > 1 else [out]):
             if args.num_samples > 1:
                 print(f"--- {'hypothesis' if args.num_beams > 1 else 'sample'} {i + 1}/{args.num_samples} ---")
@@ -204,13 +205,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples} ---")
         if args.stream:
-            sys.stdout.write(prompt)
+            sys.stdout.write(shown)
             for piece in llm.stream(prompt, seed=seed, **opts):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:
-            print(prompt + llm.generate(prompt, seed=seed, **opts))
+            print(shown + llm.generate(prompt, seed=seed, **opts))
     return 0
 
 
@@ -570,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate text from a trained model",
                        usage="lmforge generate MODEL (--prompt TEXT | --prompt-file FILE) [options]")
     add_model_argument(s)
-    s.add_argument("--prompt", help="prompt text")
+    s.add_argument("--prompt", help="prompt text (for an encoder-decoder or a `finetune seq2seq` run: the source; "
+                   "only the generated target is printed)")
     s.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
     add_sampling_arguments(s, max_new_tokens=200, temperature=1.0,
                            max_new_help="generate at most this many tokens (default 200)")

@@ -39,7 +39,8 @@ def test_demo_recipe_is_valid():
     cfg = build_config(recipe="demo")
     m = resolve_model(cfg, data_vocab_size=4096)
     validate(cfg, m)
-    assert (m.n_layer, m.n_embd, m.pos_encoding, m.norm, m.mlp, m.block_size) == (4, 256, "rope", "rmsnorm", "relu2", 256)
+    assert (m.n_layer, m.n_embd, m.pos_encoding, m.norm, m.mlp, m.mlp_hidden, m.block_size) == (
+        4, 256, "rope", "rmsnorm", "swiglu", 688, 256)
     assert cfg.train.optimizer == "muon" and m.qk_norm and not m.tie_embeddings
     assert 3e6 < m.num_params() < 6e6
     assert cfg.train.max_steps == 450 and cfg.train.max_minutes is None and cfg.train.seq_len == 256

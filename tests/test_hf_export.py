@@ -97,6 +97,9 @@ CASES = {
     "qkv-bias": ({**LLAMA_STYLE, "qkv_bias": True}, "Qwen2ForCausalLM"),
     "qkv-bias-window": ({**LLAMA_STYLE, "qkv_bias": True, "sliding_window": 8}, "Qwen2ForCausalLM"),
     "sliding-window": ({**LLAMA_STYLE, "sliding_window": 8}, "MistralForCausalLM"),
+    "qk-norm": ({**LLAMA_STYLE, "qk_norm": True}, "Qwen3ForCausalLM"),
+    "qk-norm-window-tied-headdim": ({**LLAMA_STYLE, "qk_norm": True, "sliding_window": 8, "tie_embeddings": True,
+                                     "head_dim": 24}, "Qwen3ForCausalLM"),
     "rope-llama3": ({**LLAMA_STYLE, "rope_theta": 500000.0, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16}}, "LlamaForCausalLM"),
     "rope-yarn": ({**LLAMA_STYLE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
@@ -170,7 +173,8 @@ def test_lmforge_tokenizer_exports_for_autotokenizer(tmp_path):
 
 @pytest.mark.parametrize("overrides, feature", [
     ({**GPT2_STYLE, "pos_encoding": "sinusoidal"}, "pos_encoding=sinusoidal"),
-    ({**LLAMA_STYLE, "qk_norm": True}, "qk_norm=true"),
+    ({**GPT2_STYLE, "qk_norm": True}, "qk_norm=true with GPT-2 layout"),
+    ({**LLAMA_STYLE, "qk_norm": True, "qkv_bias": True}, "qk_norm=true together with qkv_bias=true"),
     ({**GPT2_STYLE, "mlp": "relu2"}, "mlp=relu2"),
     ({**LLAMA_STYLE, "logit_softcap": 30.0}, "logit_softcap=30.0"),
     ({**LLAMA_STYLE, "mlp": "gelu"}, "the mix pos_encoding=rope, norm=rmsnorm, mlp=gelu"),
@@ -211,3 +215,61 @@ def test_export_from_run_dir_and_bad_sources(tmp_path):
     with pytest.raises(LMForgeError, match="model.safetensors is truncated or corrupt"):
         convert_to_hf(str(run), str(tmp_path / "hf2"))
     assert not (tmp_path / "hf2").exists()
+
+
+OLD_DEMO_SHAPE = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=64, pos_encoding="rope", norm="rmsnorm",
+                      qk_norm=True, mlp="relu2", bias=False, tie_embeddings=False)
+
+
+def test_a_model_without_equivalent_names_the_fix_and_an_exportable_recipe(tmp_path):
+    import subprocess
+    import sys
+
+    write_model_dir(tmp_path / "lm", make_model(**OLD_DEMO_SHAPE))
+    message = ("this model cannot be exported to Hugging Face format: no supported architecture has mlp=relu2 (use "
+               "--model.mlp swiglu, as Qwen3 (with qk_norm) / Llama, or gelu with the GPT-2 layout); `lmforge train "
+               "--recipe demo` trains a shape that exports (Qwen3)")
+    with pytest.raises(LMForgeError) as e:
+        convert_to_hf(str(tmp_path / "lm"), str(tmp_path / "hf"))
+    assert str(e.value) == message
+    done = subprocess.run([sys.executable, "-m", "lmforge.cli", "convert", "--to-hf", str(tmp_path / "lm"), "--out",
+                           str(tmp_path / "hf")], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"error: {message}\n")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_demo_recipe_run_and_its_seq2seq_finetune_export_as_qwen3(tmp_path):
+    """`lmforge train --recipe demo` (narrowed to a tiny width) and `finetune seq2seq` on that run both
+    export with `lmforge convert --to-hf`; transformers loads them with the same logits."""
+    import os
+    import subprocess
+    import sys
+
+    from lmforge.infer.llm import LLM
+    from train_fixtures import REPO, make_data_dir
+
+    def lmforge(*args: str) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        done = subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    data = make_data_dir(tmp_path / "data")
+    lmforge("train", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", "demo", "--model.n_layer", "2",
+            "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32", "--train.seq_len", "32",
+            "--train.micro_batch_size", "2", "--train.max_steps", "3", "--train.eval_iters", "1",
+            "--train.progress", "false")
+    pairs = [{"source": f"the {w} king", "target": f"king {w} the"} for w in ("old", "far", "land", "war", "love")]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
+    lmforge("finetune", "seq2seq", "--base", str(tmp_path / "run"), "--data", str(tmp_path / "pairs.jsonl"),
+            "--out", str(tmp_path / "ft"), "--train.max_steps", "2", "--train.micro_batch_size", "2",
+            "--train.progress", "false", "--generate.max_examples", "0")
+    for run in ("run", "ft"):
+        lmforge("convert", "--to-hf", str(tmp_path / run), "--out", str(tmp_path / f"{run}-hf"))
+        hf_cfg = json.loads((tmp_path / f"{run}-hf" / "config.json").read_text())
+        assert (hf_cfg["architectures"], hf_cfg["intermediate_size"]) == (["Qwen3ForCausalLM"], 688)
+        ours = LLM.load(tmp_path / run).model
+        ref = load_in_transformers(tmp_path / f"{run}-hf")
+        idx = torch.randint(0, ours.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            assert (ours(idx) - ref(idx).logits).abs().max().item() < TOL

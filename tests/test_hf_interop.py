@@ -63,6 +63,13 @@ HF_CONFIGS = {
         vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=8,
         max_window_layers=0, bos_token_id=1, eos_token_id=2),
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    "qwen3-window-tied": lambda: transformers.Qwen3Config(
+        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+        use_sliding_window=True, sliding_window=8, max_window_layers=0, bos_token_id=1, eos_token_id=2),
 }
 ROPE_CONFIGS = {
     "linear": {"rope_type": "linear", "factor": 2.0},
@@ -164,7 +171,8 @@ def test_dynamic_rope_drops_original_max_position_embeddings(hf_dirs):
 
 # ---- greedy generation -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-window", "qwen2", "qwen2-window"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-window", "qwen2", "qwen2-window", "qwen3",
+                                  "qwen3-window-tied"])
 def test_greedy_32_tokens_match_hf_generate(hf_dirs, name):
     path = hf_dirs(name)
     ours, _, _ = load_hf_dir(path)
@@ -198,7 +206,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-bias-headdim-tied", "mistral-window", "qwen2",
-                                  "qwen2-window", "llama3"])
+                                  "qwen2-window", "qwen3", "qwen3-window-tied", "llama3"])
 def test_round_trip_hf_lmforge_hf_identical(hf_dirs, tmp_path, name):
     src = hf_dirs(name)
     lm_dir = convert_from_hf(str(src), str(tmp_path / "lm"))
@@ -406,6 +414,19 @@ def test_unsupported_config_options(hf_dirs, tmp_path, changes, message):
     _edit_config(bad, **changes)
     with pytest.raises(LMForgeError, match=message):
         load_hf_dir(bad)
+
+
+def test_qwen3_reads_qk_norm_and_refuses_attention_bias(hf_dirs, tmp_path):
+    _, cfg, _ = load_hf_dir(hf_dirs("qwen3"))
+    assert (cfg.qk_norm, cfg.mlp, cfg.bias, cfg.qkv_bias, cfg.head_dim, cfg.n_kv_head) == (True, "swiglu", False, False,
+                                                                                           24, 2)
+    bad = _copy(hf_dirs("qwen3"), tmp_path / "bad")
+    _edit_config(bad, attention_bias=True)
+    with pytest.raises(LMForgeError) as e:
+        load_hf_dir(bad)
+    assert str(e.value) == (f"{bad / 'config.json'}: attention_bias=true is not supported for Qwen3ForCausalLM "
+                            "(lmforge has biases on q/k/v only or on every linear layer, not on the attention "
+                            "projections alone)")
 
 
 def test_qwen2_window_on_some_layers_only_is_refused(hf_dirs, tmp_path):

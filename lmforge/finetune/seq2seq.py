@@ -13,6 +13,10 @@ decoder the source gets half of it) are cut and counted. Every evaluation report
 validation examples, BLEU and chrF (sacrebleu), ROUGE-1/2/L (rouge-score) and exact match of the
 generated targets (greedy, or beam search with `generate.num_beams`); the last evaluation's
 predictions go to RUN/eval_predictions.jsonl and its metrics to RUN/eval_metrics.json.
+
+The run and every checkpoint record the format (generation_format.json: the prefix, and a decoder's
+separator "\n"), so `LLM.generate`, `lmforge generate` and the server read a text prompt as a source
+and return the generated target alone, exactly as `predict` does here.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from lmforge.checkpoint import GENERATION_FORMAT
 from lmforge.data.sampling import EvalCoverage, ExampleBatches, split_validation
 from lmforge.data.table import data_fingerprint, read_table
 from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
+from lmforge.infer.prompt import GenerationFormat
 from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig
 from lmforge.train.job import TrainJob
@@ -191,12 +197,12 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
     max_src = d.max_source_length or (ctx // 2 if in_context else ctx)
     max_tgt = d.max_target_length or ctx
     cut = {"source": 0, "target": 0}
+    # a decoder's target follows its source after a newline; an encoder-decoder's source ends with EOS
+    fmt = GenerationFormat(prefix=d.prefix, separator="\n" if in_context else "")
 
     def encode_source(text: str) -> list[int]:
-        ids = tok.encode(d.prefix + text)
-        if in_context:
-            ids = ids + tok.encode("\n")
-        elif not ids or ids[-1] != eos:
+        ids = fmt.encode(tok, text)
+        if not in_context and (not ids or ids[-1] != eos):
             ids = ids + [eos]
         if len(ids) > max_src:
             cut["source"] += 1
@@ -258,7 +264,8 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
         eval_batches=(lambda: val_source.all_batches(t.eval_iters)) if val_source else None,
         eval_coverage=val_source.coverage(t.eval_iters) if val_source else None,
         evaluate=evaluate if gen_examples else None,
-        files=copied_files(base, TOKENIZER_FILES + ("generation_config.json",)),
+        files={**copied_files(base, TOKENIZER_FILES + ("generation_config.json",)),
+               GENERATION_FORMAT: fmt.to_json().encode()},
         data_fingerprint={"dir": str(data), "sha256": data_fingerprint(paths)}, report_perplexity=False,
         description=f"global batch {t.micro_batch_size * per_step} pairs")
 
@@ -267,8 +274,9 @@ def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
 def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], eos: int, pad: int,
             g: Seq2SeqGenerateConfig, progress: bool = False) -> list[str]:
     """Generated target texts for token-id sources (greedy or beam search), in batches: an
-    encoder-decoder's target, or a decoder's continuation of the source. With `progress`, a bar on
-    stderr once generating takes a while."""
+    encoder-decoder's target, or a decoder's continuation of the source; what `LLM.generate` returns
+    for the same sources of a run with their generation format. With `progress`, a bar on stderr once
+    generating takes a while."""
     from tqdm import tqdm
 
     from lmforge.models.registry import CONTINUE, family_of
@@ -300,7 +308,7 @@ def predict(model: torch.nn.Module, tok: Any, sources: list[list[int]], eos: int
                     for x, src in zip(gens, chunk)]
         else:
             out += [x.text if x.text is not None else tok.decode(x.ids) for x in gens]
-    return [s.strip() for s in out]
+    return out
 
 
 # ---- command line -------------------------------------------------------------------------------

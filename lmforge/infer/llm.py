@@ -15,10 +15,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from lmforge.checkpoint import GENERATION_FORMAT
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate as _generate
 from lmforge.infer.generate import stream_text
-from lmforge.infer.prompt import encode_text_prompts, render_chat_prompt
+from lmforge.infer.prompt import GenerationFormat, encode_text_prompts, render_chat_prompt
 from lmforge.runtime import resolve_device
 
 
@@ -26,7 +27,8 @@ class LLM:
     """A model, its config and (when it has one) its tokenizer, ready to generate.
 
     Attributes: `model` (the `Decoder`; calling it on ids (B, T) returns logits (B, T, vocab)),
-    `config` (its `DecoderConfig`), `tokenizer` (or None), `path`.
+    `config` (its `DecoderConfig`), `tokenizer` (or None), `path`, `generation_format` (the
+    `GenerationFormat` a source-to-target fine-tune recorded, or None: plain continuation).
     """
 
     def __init__(self, model: torch.nn.Module, config: Any, tokenizer: Any = None, path: str | Path | None = None):
@@ -34,6 +36,9 @@ class LLM:
         self.config = config
         self.tokenizer = tokenizer
         self.path = Path(path) if path is not None else None
+        recorded = getattr(model, "generation_format", None)  # the model directory's file, as the registry read it
+        self.generation_format = None if recorded is None else GenerationFormat.from_json(
+            recorded, f"{GENERATION_FORMAT} of {self.path or 'this model'}")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "LLM":
@@ -67,6 +72,14 @@ class LLM:
 
         return family_of(self.model)
 
+    @property
+    def continues_prompt(self) -> bool:
+        """Whether generated text continues the prompt's text (a decoder without a generation format),
+        rather than being a target of its own (encoder-decoders, and models with a generation format)."""
+        from lmforge.models.registry import CONTINUE
+
+        return CONTINUE in self.tasks and self.generation_format is None
+
     def _need(self, capability: str, message: str) -> None:
         if capability not in self.tasks:
             raise LMForgeError(message)
@@ -96,7 +109,7 @@ class LLM:
         return self.tokenizer
 
     def _encode_text(self, texts: Sequence[str]) -> list[list[int]]:
-        return encode_text_prompts(self._need_tokenizer(), texts)
+        return encode_text_prompts(self._need_tokenizer(), texts, self.generation_format)
 
     def prompt_batch(self, prompt: Any) -> tuple[str, list[list[int]]]:
         """(kind, token-id prompts) of what `generate` takes: kind 'text' for a string, 'texts' for a
@@ -119,7 +132,8 @@ class LLM:
                  stop: str | Sequence[str] | None = None, seed: int | None = None, num_samples: int = 1,
                  num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
                  no_repeat_ngram_size: int = 0) -> Any:
-        """Continue `prompt` (for an encoder-decoder: the source; the result is the generated target).
+        """Continue `prompt` (for an encoder-decoder, or a model with a generation format: the source;
+        the result is the generated target).
 
         A string gives the generated text (str); a list of token ids gives the list of new ids; a
         list of strings gives one result per string (generated together in one batch). With

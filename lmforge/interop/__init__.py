@@ -6,7 +6,7 @@ hands it to that family's interop module. `lmforge.interop.files` is what they s
 weight reading, the streaming safetensors writer, sharding, the conversion's output directory, the
 tokenizer of a Hugging Face folder).
 
-A family's interop module (decoder.py: GPT-2 / Llama / Mistral / Qwen2; encoder.py: BERT / RoBERTa /
+A family's interop module (decoder.py: GPT-2 / Llama / Mistral / Qwen2 / Qwen3; encoder.py: BERT / RoBERTa /
 DistilBERT / ModernBERT and sentence-transformers folders; seq2seq.py: T5 / BART) provides:
 
     ARCHITECTURES                                   transformers architectures it reads

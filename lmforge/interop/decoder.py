@@ -1,5 +1,5 @@
-"""Hugging Face interop of the decoder family: GPT-2, Llama, Mistral and Qwen2 checkpoints in and
-out, numerically identical (the interop protocol: lmforge/interop/__init__.py).
+"""Hugging Face interop of the decoder family: GPT-2, Llama, Mistral, Qwen2 and Qwen3 checkpoints in
+and out, numerically identical (the interop protocol: lmforge/interop/__init__.py).
 
     load_hf(dir)                      HF folder -> (Decoder, DecoderConfig, Tokenizer or None), in memory
     convert_from_hf(dir, out)         HF folder -> lmforge model directory
@@ -38,9 +38,9 @@ from lmforge.interop.files import (DEFAULT_MAX_SHARD_SIZE, GENERATION_CONFIG, HF
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.tokenizer import CHAT_TEMPLATE_FILE, read_tokenizer_json, token_name
 
-ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MODEL_TYPES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-               "Qwen2ForCausalLM": "qwen2"}
+               "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
 _ROPE_KEYS = {  # the keys each rope type uses (HF ignores any others, and so do we)
     "linear": ("factor",),
@@ -138,7 +138,7 @@ def config_from_hf(hf: dict, source: str = HF_CONFIG) -> tuple[DecoderConfig, st
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise LMForgeError(f"{source}: hidden_act '{act}' is not supported (lmforge's SwiGLU uses silu)")
-    bias, qkv_bias, window = False, False, None
+    bias, qkv_bias, qk_norm, window = False, False, False, None
     if arch == "LlamaForCausalLM":
         attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
         if attn_bias != mlp_bias:
@@ -148,8 +148,14 @@ def config_from_hf(hf: dict, source: str = HF_CONFIG) -> tuple[DecoderConfig, st
         bias = attn_bias
     elif arch == "MistralForCausalLM":
         window = hf.get("sliding_window", 4096)  # transformers' MistralConfig default when the key is absent
-    elif arch == "Qwen2ForCausalLM":
-        qkv_bias = True
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        if arch == "Qwen2ForCausalLM":
+            qkv_bias = True
+        else:  # Qwen3: per-head RMSNorm of queries and keys; attention_bias puts biases on q, k, v and o
+            qk_norm = True
+            if hf.get("attention_bias", False):
+                raise LMForgeError(f"{source}: attention_bias=true is not supported for {arch} (lmforge has biases "
+                                   "on q/k/v only or on every linear layer, not on the attention projections alone)")
         if hf.get("use_sliding_window", False):
             window = hf.get("sliding_window", 4096)
             kinds = hf.get("layer_types") or [
@@ -168,30 +174,36 @@ def config_from_hf(hf: dict, source: str = HF_CONFIG) -> tuple[DecoderConfig, st
         vocab_size=vocab, block_size=max_pos, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=hidden,
         head_dim=head_dim, mlp_hidden=inter, pos_encoding="rope", rope_theta=theta, rope_scaling=scaling,
         mlp="swiglu", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), bias=bias, qkv_bias=qkv_bias,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), sliding_window=window, dropout=0.0,
+        qk_norm=qk_norm, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), sliding_window=window, dropout=0.0,
         init_std=float(hf.get("initializer_range", 0.02)))
     return cfg, arch
 
 
+# The error's last word when a model has no HF equivalent: a recipe whose models export.
+_EXPORTABLE_RECIPE = "`lmforge train --recipe demo` trains a shape that exports (Qwen3)"
+
+
 def _unsupported_features(cfg: DecoderConfig) -> list[str]:
-    """Features of `cfg` that no supported HF architecture has, named as lmforge config keys."""
+    """Features of `cfg` that no supported HF architecture has, each named as an lmforge config key
+    with the change that makes the model exportable."""
     bad = []
     if cfg.pos_encoding == "sinusoidal":
-        bad.append("pos_encoding=sinusoidal")
-    if cfg.qk_norm:
-        bad.append("qk_norm=true")
+        bad.append("pos_encoding=sinusoidal (use --model.pos_encoding rope, as Llama / Qwen3, or learned with the "
+                   "GPT-2 layout)")
     if cfg.mlp == "relu2":
-        bad.append("mlp=relu2")
+        bad.append("mlp=relu2 (use --model.mlp swiglu, as Qwen3 (with qk_norm) / Llama, or gelu with the GPT-2 layout)")
     if cfg.logit_softcap:
-        bad.append(f"logit_softcap={cfg.logit_softcap}")
+        bad.append(f"logit_softcap={cfg.logit_softcap} (leave model.logit_softcap unset)")
     if bad:
         return bad
     gpt2_like = (cfg.pos_encoding, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
     llama_like = (cfg.pos_encoding, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
     if not gpt2_like and not llama_like:
         return [f"the mix pos_encoding={cfg.pos_encoding}, norm={cfg.norm}, mlp={cfg.mlp} (GPT-2 is learned/layernorm/"
-                "gelu, the Llama family rope/rmsnorm/swiglu)"]
+                "gelu, the Llama family and Qwen3 rope/rmsnorm/swiglu)"]
     if gpt2_like:
+        if cfg.qk_norm:
+            bad.append("qk_norm=true with GPT-2 layout (QK-norm is Qwen3's: rope, rmsnorm, swiglu)")
         if not cfg.bias:
             bad.append("bias=false with GPT-2 layout (GPT-2 has biases everywhere)")
         if cfg.n_kv_head != cfg.n_head:
@@ -200,6 +212,9 @@ def _unsupported_features(cfg: DecoderConfig) -> list[str]:
             bad.append("head_dim * n_head != n_embd with GPT-2 layout")
         if cfg.sliding_window is not None:
             bad.append("sliding_window with GPT-2 layout")
+    elif cfg.qk_norm and (cfg.bias or cfg.qkv_bias):
+        bad.append(f"qk_norm=true together with {'bias' if cfg.bias else 'qkv_bias'}=true (Qwen3, the architecture "
+                   "with QK-norm, has no biases here; use --model.bias false --model.qkv_bias false)")
     elif cfg.bias and cfg.sliding_window is not None:
         bad.append("bias=true together with sliding_window (Llama has no sliding window, Mistral no biases)")
     return bad
@@ -210,9 +225,11 @@ def hf_architectures_for(cfg: DecoderConfig) -> list[str]:
     bad = _unsupported_features(cfg)
     if bad:
         raise LMForgeError(f"this model cannot be exported to Hugging Face format: no supported architecture has "
-                           f"{'; '.join(bad)}")
+                           f"{'; '.join(bad)}; {_EXPORTABLE_RECIPE}")
     if cfg.pos_encoding == "learned":
         return ["GPT2LMHeadModel"]
+    if cfg.qk_norm:
+        return ["Qwen3ForCausalLM"]
     if cfg.bias:
         return ["LlamaForCausalLM"]  # attention_bias = mlp_bias = true
     if cfg.qkv_bias:
@@ -279,7 +296,9 @@ def config_to_hf(cfg: DecoderConfig, arch: Optional[str] = None, *, dtype: torch
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
     elif arch == "MistralForCausalLM":
         out.update(sliding_window=cfg.sliding_window)
-    else:
+    else:  # Qwen2 and Qwen3: the same sliding-window keys
+        if arch == "Qwen3ForCausalLM":
+            out.update(attention_bias=False)
         sliding = cfg.sliding_window is not None
         out.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window,
                    max_window_layers=0 if sliding else cfg.n_layer,
@@ -327,6 +346,8 @@ def _tensor_map(cfg: DecoderConfig, layout: str, lm_shapes: dict[str, tuple[int,
         for i in range(cfg.n_layer):
             b, h = f"blocks.{i}.", f"layers.{i}."
             add(b + "norm1.weight", h + "input_layernorm.weight")
+            add(b + "attn.q_norm.weight", h + "self_attn.q_norm.weight")  # Qwen3's QK-norm
+            add(b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")
             for p in ("weight", "bias"):
                 add(b + f"attn.qkv.{p}", [(h + f"self_attn.q_proj.{p}", H * D), (h + f"self_attn.k_proj.{p}", K * D),
                                           (h + f"self_attn.v_proj.{p}", K * D)])

@@ -92,7 +92,8 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("decoder", decoder.DecoderConfig, decoder.Decoder, decoder.PRESETS, decoder.config_from_preset,
            decoder.describe, decoder.list_row, frozenset({GENERATE, CONTINUE, STREAM}),
-           interop="lmforge.interop.decoder", generation="lmforge.infer.causal", as_classifier=heads.as_classifier),
+           interop="lmforge.interop.decoder", generation="lmforge.infer.causal", as_classifier=heads.as_classifier,
+           dir_files={ckpt_io.GENERATION_FORMAT: "generation_format"}),
     Family("decoder_classifier", heads.DecoderClassifierConfig, heads.DecoderClassifier, {},
            heads.classifier_from_preset, decoder.describe, decoder.list_row, frozenset({CLASSIFY, SCORE}),
            as_classifier=heads.as_classifier),
@@ -107,7 +108,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            dir_files={encoder.SENTENCE_POOLING_FILE: "sentence_pooling"}, as_classifier=encoder.as_classifier),
     Family("seq2seq", seq2seq.Seq2SeqConfig, seq2seq.Seq2Seq, seq2seq.PRESETS, seq2seq.config_from_preset,
            describe_shape, lambda name, cfg: shape_row(name, cfg, "seq2seq"), frozenset({GENERATE}),
-           interop="lmforge.interop.seq2seq", generation="lmforge.infer.seq2seq"),
+           interop="lmforge.interop.seq2seq", generation="lmforge.infer.seq2seq",
+           dir_files={ckpt_io.GENERATION_FORMAT: "generation_format"}),
 )}
 
 

@@ -1,7 +1,8 @@
 """The engine bridge between HTTP requests and the scheduler (lmforge/infer/scheduler.py), whose
 thread owns the model.
 
-Prompts become token ids by infer's rules (`encode_text_prompts`, `render_chat_prompt`), a request
+Prompts become token ids by infer's rules (`encode_text_prompts`, with the model's generation format
+when it has one; `render_chat_prompt`), a request
 becomes one `GenerationRequest` per (prompt, sample), and each sequence's outputs cross from the
 scheduler thread into the event loop (`Choices`). No model math, no HTTP.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from lmforge.errors import LMForgeError
-from lmforge.infer.prompt import encode_text_prompts, render_chat_prompt
+from lmforge.infer.prompt import GenerationFormat, encode_text_prompts, render_chat_prompt
 from lmforge.infer.scheduler import GenerationRequest, InvalidRequest, QueueFull, Scheduler, StepOutput, TokenLogprob
 from lmforge.serve.config import ServerConfig
 from lmforge.serve.metrics import Metrics
@@ -23,11 +24,14 @@ from lmforge.serve.protocol import ChatMessage, ServeError
 
 
 class Engine:
-    """What the routes need: the scheduler, the tokenizer and the model's limits."""
+    """What the routes need: the scheduler, the tokenizer, the model's generation format (None: text
+    prompts are continued) and the model's limits."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer: Any, model_path: str | None = None):
+    def __init__(self, scheduler: Scheduler, tokenizer: Any, model_path: str | None = None,
+                 generation_format: GenerationFormat | None = None):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        self.generation_format = generation_format
         self.max_model_len = scheduler.max_model_len
         self.model_path = model_path
         self._mailbox: Mailbox | None = None  # of the event loop that submitted last
@@ -36,7 +40,8 @@ class Engine:
     def from_llm(cls, llm: Any, cfg: ServerConfig) -> "Engine":
         sched = Scheduler(llm.model, llm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                           max_model_len=cfg.max_model_len, num_threads=cfg.threads)
-        return cls(sched.start(), llm.tokenizer, str(llm.path) if llm.path is not None else None)
+        return cls(sched.start(), llm.tokenizer, str(llm.path) if llm.path is not None else None,
+                   llm.generation_format)
 
     # ---- prompts --------------------------------------------------------------------------------
 
@@ -54,7 +59,9 @@ class Engine:
 
     def completion_prompts(self, prompt: Any) -> tuple[list[str | None], list[list[int]]]:
         """A completions `prompt` (a string, strings, token ids or lists of them) as (each prompt's
-        text, or None for token ids; each prompt's token ids, used verbatim when given as ids)."""
+        text, or None for token ids; each prompt's token ids, used verbatim when given as ids). With a
+        generation format a text prompt is a source: its text is the formatted source (what `echo`
+        returns), its ids the format's."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -63,10 +70,12 @@ class Engine:
             prompt = [prompt]
         if all(isinstance(p, str) for p in prompt):  # the schema allows no mix of texts and ids
             tok = self.require_tokenizer("prompt")
+            fmt = self.generation_format
             try:
-                return list(prompt), encode_text_prompts(tok, prompt)
+                ids = encode_text_prompts(tok, prompt, fmt)
             except LMForgeError as e:
                 raise ServeError(400, str(e), param="prompt") from None
+            return [p if fmt is None else fmt.text(p) for p in prompt], ids
         for row in prompt:
             if not row:
                 raise ServeError(400, "prompt is empty", param="prompt")
