@@ -22,7 +22,7 @@ from lmforge.train import alignment as A
 
 
 @dataclass
-class GRPOSection:
+class GRPOSection(R.PtxOptions):
     num_generations: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest completion"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
@@ -35,9 +35,6 @@ class GRPOSection:
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = field(default="grpo", metadata={"help": "grpo | bnpo | dr_grpo"})
     epochs: int = field(default=1, metadata={"help": "optimisation passes per rollout batch (TRL's num_iterations)"})
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a rollout batch"})
-    ptx_coef: float = field(default=0.05, metadata={"help": "with --ptx-data: weight of the SFT loss on that data "
-                                                            "(InstructGPT's PPO-ptx gamma)"})
-    ptx_micro_batch_size: int = field(default=8, metadata={"help": "with --ptx-data: packed SFT rows per micro-batch"})
 
 
 @dataclass

@@ -27,7 +27,7 @@ from lmforge.train import alignment as A
 
 
 @dataclass
-class PPOSection:
+class PPOSection(R.PtxOptions):
     max_new_tokens: int = field(default=32, metadata={"help": "longest reply"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
     top_k: Optional[int] = field(default=None, metadata={"help": "top-k of the rollouts"})
@@ -45,9 +45,6 @@ class PPOSection:
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass"})
     missing_eos_penalty: Optional[float] = field(default=None, metadata={"help": "subtracted from the score of replies that never end"})
     whiten_advantages: bool = field(default=True, metadata={"help": "zero-mean unit-variance advantages over the batch"})
-    ptx_coef: float = field(default=0.05, metadata={"help": "with --ptx-data: weight of the SFT loss on that data "
-                                                            "(InstructGPT's PPO-ptx gamma)"})
-    ptx_micro_batch_size: int = field(default=8, metadata={"help": "with --ptx-data: packed SFT rows per micro-batch"})
 
 
 @dataclass

@@ -23,7 +23,7 @@ import importlib
 import importlib.util
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,6 +36,16 @@ from lmforge.train import alignment as A
 
 
 # ---- reward functions ------------------------------------------------------------------------
+
+
+@dataclass
+class PtxOptions:
+    """The keys GRPO and PPO share for InstructGPT's PPO-ptx term (`--ptx-data`)."""
+
+    ptx_coef: float = field(default=0.05, metadata={"help": "with --ptx-data: weight of the SFT loss on that data "
+                                                            "(InstructGPT's PPO-ptx gamma)"})
+    ptx_micro_batch_size: int = field(default=8, metadata={"help": "with --ptx-data: packed SFT rows per micro-batch"})
+
 
 @dataclass
 class RewardFn:
