@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DATA  ?= data/shakespeare
 DEMO_RUN   ?= runs/demo
+# CPU threads of the demos (`make demo THREADS=2`); empty: lmforge's default (half the cores, or OMP_NUM_THREADS)
+THREADS    ?=
+THREADS_FLAG = $(if $(THREADS),--threads $(THREADS))
 
 .PHONY: venv dev demo chat-demo test test-cuda bench clean sentiment-bench
 
@@ -27,13 +30,13 @@ dev: $(VENV)/.dev-installed
 # machine), lmforge generate and lmforge eval, each printed as it runs (lmforge/demo/pretrain_demo.py);
 # `lmforge train` prints the steps and seconds it took.
 demo: venv
-	$(PY) -m lmforge.demo.pretrain_demo --data $(DEMO_DATA) --out $(DEMO_RUN)
+	$(PY) -m lmforge.demo.pretrain_demo --data $(DEMO_DATA) --out $(DEMO_RUN) $(THREADS_FLAG)
 
 # SFT of the demo model on verifiable tasks (trains the demo model first when runs/demo has none): a
 # fixed 1,057 steps; prints held-out accuracy before/after, samples, the steps and minutes it took,
 # and a JSON line. About 10 minutes on 2 CPU cores.
 chat-demo: venv
-	$(PY) -m lmforge.demo.chat_demo --base $(DEMO_RUN) --out runs/chat-demo
+	$(PY) -m lmforge.demo.chat_demo --base $(DEMO_RUN) --out runs/chat-demo $(THREADS_FLAG)
 
 # The layer contract (pyproject.toml [tool.importlinter]; --no-cache leaves no cache folder in the
 # checkout) first, then the suite; -rs prints why a test skipped.
@@ -60,7 +63,7 @@ CHAT_DATA ?= data/chat_tasks
 # of steps (GRPO 473, PPO 950); prints each stage's steps and minutes (about 45 min on 2 cores).
 align-demo: venv
 	@test -d $(CHAT_RUN) || $(MAKE) chat-demo
-	$(PY) -m lmforge.demo.align_demo --sft $(CHAT_RUN) --data $(CHAT_DATA) --out runs/align-demo
+	$(PY) -m lmforge.demo.align_demo --sft $(CHAT_RUN) --data $(CHAT_DATA) --out runs/align-demo $(THREADS_FLAG)
 
 align-bench: venv  # rollout tokens/s, steps/s, DPO peak memory with precomputed vs live reference
 	@test -d $(CHAT_RUN) || $(MAKE) chat-demo

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.bench.results import add_results_flag, record
+from lmforge.runtime import THREADS_HELP
 
 SAMPLE = ["--prompt", "ROMEO:", "--max-new-tokens", "200", "--temperature", "0.8", "--top-k", "50", "--seed", "1",
           "--num-samples", "2"]
@@ -68,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo", help="the run directory")
     p.add_argument("--baseline", action="store_true",
                    help="also train the GPT-2-style baseline recipe for the same time (into OUT-baseline) and evaluate it")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     add_results_flag(p, "demo")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     data, run = Path(args.data), Path(args.out)
-    train = train_base(data, run)
-    lmforge("generate", "--ckpt", str(run), *SAMPLE)
-    val = last_json(lmforge("eval", "--ckpt", str(run), "--data", str(data)))
+    threads = ["--threads", str(args.threads)] if args.threads is not None else []
+    train = train_base(data, run, threads=args.threads)
+    lmforge("generate", "--ckpt", str(run), *SAMPLE, *threads)
+    val = last_json(lmforge("eval", "--ckpt", str(run), "--data", str(data), *threads))
     from lmforge.models.registry import load_model_dir
 
     figures: dict[str, Any] = {
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         base_run = run.with_name(run.name + "-baseline")
         minutes = f"{train['seconds'] / 60:.4f}"
         base = last_json(lmforge("train", "--data", str(data), "--out", str(base_run), "--recipe", "baseline",
-                                 "--overwrite", "--train.max_minutes", minutes))
-        base_val = last_json(lmforge("eval", "--ckpt", str(base_run), "--data", str(data)))
+                                 "--overwrite", "--train.max_minutes", minutes, *threads))
+        base_val = last_json(lmforge("eval", "--ckpt", str(base_run), "--data", str(data), *threads))
         figures.update({"baseline_steps": base["steps"], "baseline_tokens": base["tokens"],
                         "baseline_train_seconds": base["seconds"], "baseline_val_loss": base_val["loss"],
                         "baseline_val_bpb": base_val["bits_per_byte"],
