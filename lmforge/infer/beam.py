@@ -30,6 +30,7 @@ import torch
 
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import Generation, check_prompts, left_pad, stop_id_set
+from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,8 @@ def beam_search_decoder(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
                         num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = False,
                         no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
                         eos_id: int | Iterable[int] | None = None, pad_id: int | None = None, tokenizer: Any = None,
-                        decode_text: bool = True) -> list[Generation] | list[list[Generation]]:
+                        decode_text: bool = True, kv_cache_dtype: str | None = None,
+                        ) -> list[Generation] | list[list[Generation]]:
     """Beam search for a decoder-only model (left-padded batch of prompts, KV cache reordered per step).
     eos_id: one id or several (EOS and a chat template's end of turn); a beam ends at any of them."""
     beam = BeamParams(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
@@ -196,7 +198,7 @@ def beam_search_decoder(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(B * N, T + max(n_new, 1))
+        cache = model.new_cache(B * N, T + max(n_new, 1), dtype=cache_dtype_of(kv_cache_dtype))
         results = beam_search(
             prefill=lambda: model(idx_RT, pad_mask_BT=mask_RT, cache=cache, last_only=True)[:, -1],
             step=lambda tok_R: model(tok_R[:, None], cache=cache)[:, -1],

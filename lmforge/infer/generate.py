@@ -30,6 +30,7 @@ import torch
 
 from lmforge.errors import LMForgeError
 from lmforge.infer.sampling import SamplingParams, make_generator, sample_next
+from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
 
 
 @dataclass
@@ -95,8 +96,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
 
 @torch.inference_mode()
 def token_stream(model: torch.nn.Module, idx_BT: torch.Tensor, pad_mask_BT: torch.Tensor | None, n_new: int,
-                 params: SamplingParams, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+                 params: SamplingParams, generator: torch.Generator | None,
+                 cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, shape (B,), `n_new` times (stop iterating to stop early).
+    The KV cache stores keys and values in `cache_dtype` (None: the model's dtype).
 
     The hot loop: one model call on one position per step, sampling on (B, V) logits; no work
     that grows with the sequence besides the attention itself.
@@ -108,7 +111,7 @@ def token_stream(model: torch.nn.Module, idx_BT: torch.Tensor, pad_mask_BT: torc
     model.eval()
     try:
         # The last sampled token is never fed back, so the cache needs T + n_new - 1 slots.
-        cache = model.new_cache(B, T + n_new - 1)
+        cache = model.new_cache(B, T + n_new - 1, dtype=cache_dtype)
         seen_BV = None
         if params.repetition_penalty != 1.0:
             V = int(model.cfg.vocab_size)
@@ -239,14 +242,16 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, eos_id: int | Iterable[int] | None = None, pad_id: int | None = None,
              stop: str | Sequence[str] | None = None, tokenizer: Any = None, seed: int | None = None,
-             decode_text: bool = True) -> list[Generation]:
+             decode_text: bool = True, kv_cache_dtype: str | None = None) -> list[Generation]:
     """Generate for a batch of token-id prompts (any lengths). Returns one `Generation` per prompt.
 
     temperature 0 = greedy. `stop` strings need `tokenizer`; with a tokenizer and `decode_text`
     each result carries its text (cut before the first stop string). The ids of a row that hit a
-    stop string run up to and including the token that completed it.
+    stop string run up to and including the token that completed it. `kv_cache_dtype`: "auto"
+    (None, the model's dtype), "fp32" or "bf16".
     """
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    cache_dtype = cache_dtype_of(kv_cache_dtype)
     stops = normalize_stop(stop)
     stop_ids = stop_id_set(eos_id)
     if stops and tokenizer is None:
@@ -262,7 +267,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     finished = [False] * B  # only maintained with stop strings (Python-side per-row state)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
-    for tok_B in token_stream(model, idx_BT, pad_mask_BT, n_new, params, generator):
+    for tok_B in token_stream(model, idx_BT, pad_mask_BT, n_new, params, generator, cache_dtype):
         out_BN[:, n] = tok_B
         n += 1
         if trackers is not None:
@@ -310,24 +315,27 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], **kwa
 def stream_text(model: torch.nn.Module, tokenizer: Any, prompt: Sequence[int], *, max_new_tokens: int = 64,
                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 repetition_penalty: float = 1.0, eos_id: int | Iterable[int] | None = None,
-                stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
+                stop: str | Sequence[str] | None = None, seed: int | None = None,
+                kv_cache_dtype: str | None = None) -> Iterator[str]:
     """Yield text pieces of one prompt's continuation as tokens are produced. The pieces join to the
     text `generate` returns for the same settings; none ends inside a multi-byte character.
     Arguments are checked here, before the first piece is asked for."""
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     stops = normalize_stop(stop)
     n_new = check_prompts(model, [prompt], max_new_tokens)
-    return _stream(model, tokenizer, list(prompt), n_new, params, stop_id_set(eos_id), stops, seed)
+    return _stream(model, tokenizer, list(prompt), n_new, params, stop_id_set(eos_id), stops, seed,
+                   cache_dtype_of(kv_cache_dtype))
 
 
 @torch.inference_mode()
 def _stream(model: torch.nn.Module, tokenizer: Any, prompt: list[int], n_new: int, params: SamplingParams,
-            stop_ids: set[int], stops: list[str], seed: int | None) -> Iterator[str]:
+            stop_ids: set[int], stops: list[str], seed: int | None,
+            cache_dtype: torch.dtype | None) -> Iterator[str]:
     device = _model_device(model)
     idx_BT = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = None if params.greedy else make_generator(device, seed)
     tracker = TextTracker(tokenizer, stops)
-    steps = token_stream(model, idx_BT, None, n_new, params, generator)
+    steps = token_stream(model, idx_BT, None, n_new, params, generator, cache_dtype)
     try:
         for tok_B in steps:
             tok = int(tok_B[0])

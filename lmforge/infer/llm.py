@@ -4,6 +4,8 @@
     llm = LLM.load("runs/shakespeare")            # run dir, model/checkpoint dir or Hugging Face folder
     llm.generate("ROMEO:", max_new_tokens=50, temperature=0.8, top_k=200, seed=0)   # -> str
     llm.generate([15, 27, 3], temperature=0)      # -> list of new token ids
+    llm.generate("ROMEO:", temperature=0, draft="runs/draft", num_draft_tokens=4)  # speculative decoding
+    llm.last_stats                                # its acceptance rate and tokens per target forward
     for piece in llm.stream("ROMEO:"): print(piece, end="")
     logits = llm.model(torch.tensor([[15, 27, 3]]))  # (batch, time, vocab)
 """
@@ -28,7 +30,8 @@ class LLM:
 
     Attributes: `model` (the `Decoder`; calling it on ids (B, T) returns logits (B, T, vocab)),
     `config` (its `DecoderConfig`), `tokenizer` (or None), `path`, `generation_format` (the
-    `GenerationFormat` a source-to-target fine-tune recorded, or None: plain continuation).
+    `GenerationFormat` a source-to-target fine-tune recorded, or None: plain continuation),
+    `last_stats` (the `SpeculativeStats` of the last speculative `generate`, else None).
     """
 
     def __init__(self, model: torch.nn.Module, config: Any, tokenizer: Any = None, path: str | Path | None = None):
@@ -36,6 +39,7 @@ class LLM:
         self.config = config
         self.tokenizer = tokenizer
         self.path = Path(path) if path is not None else None
+        self.last_stats: Any = None
         recorded = getattr(model, "generation_format", None)  # the model directory's file, as the registry read it
         self.generation_format = None if recorded is None else GenerationFormat.from_json(
             recorded, f"{GENERATION_FORMAT} of {self.path or 'this model'}")
@@ -131,7 +135,8 @@ class LLM:
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                  stop: str | Sequence[str] | None = None, seed: int | None = None, num_samples: int = 1,
                  num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                 no_repeat_ngram_size: int = 0) -> Any:
+                 no_repeat_ngram_size: int = 0, kv_cache_dtype: str = "auto", draft: "LLM | str | Path | None" = None,
+                 num_draft_tokens: int = 4, prompt_lookup_num_tokens: int | None = None) -> Any:
         """Continue `prompt` (for an encoder-decoder, or a model with a generation format: the source;
         the result is the generated target).
 
@@ -141,19 +146,45 @@ class LLM:
         greedy; `seed` makes sampling reproducible. Generation stops at the end-of-text token, at
         any `stop` string (not included in the text) or after max_new_tokens. For token-id prompts
         a stop string ends generation and the ids run through the token that completed it.
+
+        `kv_cache_dtype`: "auto" (the model's dtype), "fp32" or "bf16" (half the cache memory).
+        Speculative decoding: `draft` (an LLM or a path; a smaller decoder sharing this model's
+        tokenizer) guesses `num_draft_tokens` tokens per step, or without a draft
+        `prompt_lookup_num_tokens` guesses by copying from the prompt; greedy output is the same as
+        without, sampled output has the same distribution, and `last_stats` says what it achieved.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise LMForgeError(f"num_samples must be a positive integer, got {num_samples!r}")
         self._need("generate", f"a {self.family.name} model does not generate text")
+        self.last_stats = None
+        speculation = self._speculation(draft, num_draft_tokens, prompt_lookup_num_tokens)
         return self.family.generation_module().generate_for_llm(
             self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, num_samples=num_samples, num_beams=num_beams,
             length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
-            stop=stop)
+            stop=stop, kv_cache_dtype=kv_cache_dtype, **({"speculation": speculation} if speculation else {}))
+
+    def _speculation(self, draft: "LLM | str | Path | None", num_draft_tokens: int,
+                     prompt_lookup_num_tokens: int | None) -> Any:
+        """The `Speculation` that generate's arguments ask for (None: plain decoding)."""
+        from lmforge.infer.speculative import Speculation, check_draft, check_positive
+
+        if draft is None and prompt_lookup_num_tokens is None:
+            return None
+        if draft is not None and prompt_lookup_num_tokens is not None:
+            raise LMForgeError("give either a draft model or prompt_lookup_num_tokens, not both")
+        self._need("stream", f"speculative decoding works with decoder-only models; this is a {self.family.name} "
+                             "model")
+        if draft is None:
+            return Speculation(None, check_positive(prompt_lookup_num_tokens, "prompt_lookup_num_tokens"))
+        k = check_positive(num_draft_tokens, "num_draft_tokens")
+        draft = LLM.of(draft, device=self.device)
+        check_draft(self.model, self.tokenizer, draft.model, draft.tokenizer)
+        return Speculation(draft.model, k)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float = 1.0, stop: str | Sequence[str] | None = None,
-               seed: int | None = None, num_samples: int = 1) -> Iterator[str]:
+               seed: int | None = None, num_samples: int = 1, kv_cache_dtype: str = "auto") -> Iterator[str]:
         """Yield the generated text in pieces as tokens are produced (same settings as `generate`);
         the pieces join to what `generate` returns for the same seed."""
         if not isinstance(prompt, str):
@@ -164,7 +195,7 @@ class LLM:
         (ids,) = self._encode_text([prompt])
         return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
-                           stop=stop, seed=seed)
+                           stop=stop, seed=seed, kv_cache_dtype=kv_cache_dtype)
 
     # ---- chat ------------------------------------------------------------------------------
 
@@ -184,23 +215,25 @@ class LLM:
 
     def chat(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             stop: str | Sequence[str] | None = None, seed: int | None = None) -> str:
+             stop: str | Sequence[str] | None = None, seed: int | None = None, kv_cache_dtype: str = "auto") -> str:
         """The assistant's reply to a conversation (rendered with the model's chat template); stops at
         the end-of-turn token, which is not part of the reply."""
         ids = self.chat_prompt(messages)
         (gen,) = _generate(self.model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
-                           pad_id=self.pad_id, stop=stop, tokenizer=self.tokenizer, seed=seed)
+                           pad_id=self.pad_id, stop=stop, tokenizer=self.tokenizer, seed=seed,
+                           kv_cache_dtype=kv_cache_dtype)
         return gen.text
 
     def chat_stream(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                    stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
+                    stop: str | Sequence[str] | None = None, seed: int | None = None,
+                    kv_cache_dtype: str = "auto") -> Iterator[str]:
         """`chat`, yielding the reply in pieces as tokens are produced (they join to `chat`'s reply)."""
         ids = self.chat_prompt(messages)
         return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
-                           stop=stop, seed=seed)
+                           stop=stop, seed=seed, kv_cache_dtype=kv_cache_dtype)
 
     def embed(self, texts: str | Sequence[str], pooling: str | None = None, normalize: bool | None = None,
               batch_size: int = 32) -> torch.Tensor:

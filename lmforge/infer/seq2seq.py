@@ -22,6 +22,7 @@ from lmforge.infer.beam import BeamParams, beam_search
 from lmforge.infer.generate import Generation, normalize_stop
 from lmforge.infer.prompt import cut_at_stops, results_like
 from lmforge.infer.sampling import SamplingParams, make_generator, sample_next
+from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,10 +77,12 @@ def generate_seq2seq(model: torch.nn.Module, sources: Sequence[Sequence[int]], *
                      repetition_penalty: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
                      early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
                      eos_id: int | None = None, seed: int | None = None, tokenizer: Any = None,
-                     decode_text: bool = True) -> list[Generation] | list[list[Generation]]:
+                     decode_text: bool = True, kv_cache_dtype: str | None = None,
+                     ) -> list[Generation] | list[list[Generation]]:
     """Targets for a batch of token-id sources. One `Generation` per source, or with
     num_return_sequences > 1 a list of that many per source (best first for beam search).
-    eos_id defaults to the model config's."""
+    eos_id defaults to the model config's; `kv_cache_dtype` as for decoders ("auto", "fp32", "bf16")."""
+    cache_dtype = cache_dtype_of(kv_cache_dtype)
     cfg = model.cfg
     eos = cfg.eos_id if eos_id is None else eos_id
     n_new = _check_sources(model, sources, max_new_tokens)
@@ -90,14 +93,14 @@ def generate_seq2seq(model: torch.nn.Module, sources: Sequence[Sequence[int]], *
         src_BS, mask_BS = right_pad(sources, cfg.pad_id, device)
         if num_beams > 1 or num_return_sequences > 1 and temperature == 0:
             beam = BeamParams(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
-            rows = _beam(model, src_BS, mask_BS, n_new, eos, beam)
+            rows = _beam(model, src_BS, mask_BS, n_new, eos, beam, cache_dtype)
         else:
             params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
             reps = num_return_sequences
             if reps > 1:
                 src_BS, mask_BS = src_BS.repeat_interleave(reps, 0), mask_BS.repeat_interleave(reps, 0)
             rows = [[r] for r in _sample(model, src_BS, mask_BS, n_new, eos, params, no_repeat_ngram_size,
-                                         None if params.greedy else make_generator(device, seed))]
+                                         None if params.greedy else make_generator(device, seed), cache_dtype)]
             if reps > 1:
                 rows = [[rows[i + j][0] for j in range(reps)] for i in range(0, len(rows), reps)]
     finally:
@@ -113,14 +116,15 @@ def generate_seq2seq(model: torch.nn.Module, sources: Sequence[Sequence[int]], *
 
 
 def _sample(model: torch.nn.Module, src_BS: torch.Tensor, mask_BS: torch.Tensor, n_new: int, eos: int,
-            params: SamplingParams, no_repeat: int, generator: torch.Generator | None) -> list[tuple[list[int], str]]:
+            params: SamplingParams, no_repeat: int, generator: torch.Generator | None,
+            cache_dtype: torch.dtype | None) -> list[tuple[list[int], str]]:
     cfg = model.cfg
     B = src_BS.shape[0]
     device = src_BS.device
     if n_new == 0:
         return [([], "length") for _ in range(B)]
     memory_BSC = model.encode(src_BS, mask_BS)
-    cache = model.new_cache(B, n_new, src_mask_BS=mask_BS)
+    cache = model.new_cache(B, n_new, src_mask_BS=mask_BS, dtype=cache_dtype)
     seq_BT = torch.full((B, 1), cfg.decoder_start_id, dtype=torch.long, device=device)
     seen_BV = None
     if params.repetition_penalty != 1.0:
@@ -155,14 +159,14 @@ def _sample(model: torch.nn.Module, src_BS: torch.Tensor, mask_BS: torch.Tensor,
 
 
 def _beam(model: torch.nn.Module, src_BS: torch.Tensor, mask_BS: torch.Tensor, n_new: int, eos: int,
-          beam: BeamParams) -> list[list[tuple[list[int], str]]]:
+          beam: BeamParams, cache_dtype: torch.dtype | None) -> list[list[tuple[list[int], str]]]:
     cfg = model.cfg
     B, N = src_BS.shape[0], beam.num_beams
     device = src_BS.device
     # Encode each source once, then give every beam its own view of the memory.
     memory_BSC = model.encode(src_BS, mask_BS).repeat_interleave(N, 0)
     mask_RS = mask_BS.repeat_interleave(N, 0)
-    cache = model.new_cache(B * N, max(n_new, 1), src_mask_BS=mask_RS)
+    cache = model.new_cache(B * N, max(n_new, 1), src_mask_BS=mask_RS, dtype=cache_dtype)
     start_R1 = torch.full((B * N, 1), cfg.decoder_start_id, dtype=torch.long, device=device)
     results = beam_search(
         prefill=lambda: model.decode(start_R1, memory_BSC, cache=cache)[:, -1],
@@ -175,7 +179,7 @@ def _beam(model: torch.nn.Module, src_BS: torch.Tensor, mask_BS: torch.Tensor, n
 def generate_for_llm(llm: Any, prompt: Any, *, max_new_tokens: int, temperature: float, top_k: int | None,
                      top_p: float | None, repetition_penalty: float, seed: int | None, num_samples: int, num_beams: int,
                      length_penalty: float, early_stopping: bool | str, no_repeat_ngram_size: int,
-                     stop: str | Sequence[str] | None) -> Any:
+                     stop: str | Sequence[str] | None, kv_cache_dtype: str | None = None) -> Any:
     """`LLM.generate` for encoder-decoders: the generated target of each source (greedy, sampling or
     beam search). Results come in the shape of the prompt, as for decoders (infer/prompt.results_like);
     num_samples > 1 gives a list per prompt (the best hypotheses for beam search). Stop strings cut the
@@ -192,14 +196,15 @@ def generate_for_llm(llm: Any, prompt: Any, *, max_new_tokens: int, temperature:
                                 length_penalty=length_penalty, early_stopping=early_stopping,
                                 no_repeat_ngram_size=no_repeat_ngram_size,
                                 num_return_sequences=num_samples if num_beams > 1 else 1,
-                                tokenizer=llm.tokenizer, decode_text=kind != "ids")
+                                tokenizer=llm.tokenizer, decode_text=kind != "ids", kv_cache_dtype=kv_cache_dtype)
         if num_beams == 1 and num_samples > 1:  # greedy: every sample is the same
             rows = [[r] * num_samples for r in rows]
     else:
         rows = generate_seq2seq(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, repetition_penalty=repetition_penalty,
                                 no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_samples,
-                                seed=seed, tokenizer=llm.tokenizer, decode_text=kind != "ids")
+                                seed=seed, tokenizer=llm.tokenizer, decode_text=kind != "ids",
+                                kv_cache_dtype=kv_cache_dtype)
 
     def out(g: Generation) -> Any:
         return g.ids if kind == "ids" else cut_at_stops(g.text or "", stops)

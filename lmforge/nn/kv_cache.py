@@ -29,6 +29,18 @@ import torch
 
 from lmforge.errors import LMForgeError
 
+# `--kv-cache-dtype` (vLLM's flag): "auto" stores keys and values in the model's dtype.
+KV_CACHE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def kv_cache_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype a `kv_cache_dtype` setting names (None: the model's dtype)."""
+    if name is None:
+        return None
+    if name not in KV_CACHE_DTYPES:
+        raise LMForgeError(f"kv_cache_dtype must be 'auto', 'fp32' or 'bf16', got {name!r}")
+    return KV_CACHE_DTYPES[name]
+
 
 @dataclass(frozen=True)
 class CacheWrite:
