@@ -126,6 +126,19 @@ def add_sampling_arguments(s: argparse.ArgumentParser, max_new_tokens: int, temp
     s.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
 
 
+def add_kv_cache_argument(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="how the KV cache stores keys and values: auto (the model's dtype), fp32 or bf16 (half the "
+                        "memory)")
+
+
+def add_draft_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--draft", metavar="PATH", help="speculative decoding: a smaller model with the same tokenizer "
+                   "guesses tokens that MODEL checks several at a time (same greedy output, same distribution)")
+    s.add_argument("--num-draft-tokens", type=_positive_int, default=4, metavar="K",
+                   help="--draft: tokens guessed per step (default 4)")
+
+
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty)
@@ -185,7 +198,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = model_of(args, "generate")
     prompt = _read_prompt(args)
     llm = LLM.load(model, device=args.device)
-    opts: dict[str, Any] = dict(sampling_options(args), stop=args.stop or None)
+    opts: dict[str, Any] = dict(sampling_options(args), stop=args.stop or None, kv_cache_dtype=args.kv_cache_dtype)
+    speculative = args.draft is not None or args.prompt_lookup_num_tokens is not None
+    if speculative:
+        if args.stream:
+            raise LMForgeError("--stream does not combine with --draft or --prompt-lookup-num-tokens")
+        draft = LLM.load(args.draft, device=args.device) if args.draft is not None else None
+        opts.update(draft=draft, num_draft_tokens=args.num_draft_tokens,
+                    prompt_lookup_num_tokens=args.prompt_lookup_num_tokens)
     # Encoder-decoders and models with a generation format print the generated target only.
     shown = prompt if llm.continues_prompt else ""
     if "stream" not in llm.tasks or args.num_beams > 1:
@@ -199,6 +219,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if args.num_samples > 1:
                 print(f"--- {'hypothesis' if args.num_beams > 1 else 'sample'} {i + 1}/{args.num_samples} ---")
             print(shown + text)
+        if speculative:
+            print(f"speculative decoding: {llm.last_stats}", file=sys.stderr)
         return 0
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
@@ -212,6 +234,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         else:
             print(shown + llm.generate(prompt, seed=seed, **opts))
+            if speculative:
+                print(f"speculative decoding: {llm.last_stats}", file=sys.stderr)
     return 0
 
 
@@ -420,6 +444,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         from lmforge.infer.llm import LLM
 
         backend = LocalBackend(LLM.load(args.model, device=args.device))
+        sampling["kv_cache_dtype"] = args.kv_cache_dtype
     return repl(backend, sampling, system=args.system)
 
 
@@ -428,7 +453,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
           max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len, device=args.device,
-          log_prompts=args.log_prompts, threads=args.threads)
+          log_prompts=args.log_prompts, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, draft=args.draft,
+          num_draft_tokens=args.num_draft_tokens)
     return 0
 
 
@@ -584,6 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**penalty")
     s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
     s.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    add_kv_cache_argument(s)
+    add_draft_arguments(s)
+    s.add_argument("--prompt-lookup-num-tokens", type=_positive_int, default=None, metavar="K",
+                   help="speculative decoding without a draft: guess K tokens by copying what followed the latest "
+                        "words earlier in the prompt or output (good for edits and copy-heavy tasks)")
     add_runtime_arguments(s)
 
     s = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out data (classifiers: accuracy, "
@@ -664,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(s, max_new_tokens=256, temperature=0.7,
                            max_new_help="reply length limit (default 256); each reply is clipped to what fits the "
                                         "model's context after the conversation")
+    add_kv_cache_argument(s)
     add_runtime_arguments(s)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
@@ -675,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=_positive_int, default=32, help="sequences decoded together (default 32)")
     s.add_argument("--max-queue", type=_positive_int, default=256, help="requests allowed to wait; more get 429")
     s.add_argument("--max-model-len", type=_positive_int, default=None, help="prompt + completion limit (default: context)")
+    add_kv_cache_argument(s)
+    add_draft_arguments(s)
     add_runtime_arguments(s)
     s.add_argument("--log-prompts", action="store_true", help="also log prompt text (off: only ids, sizes, timing)")
 

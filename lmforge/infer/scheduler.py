@@ -14,6 +14,11 @@ the row after them, so a decode step is the model's forward pass on the cache's 
 Results do not depend on the company a request keeps: every sequence has its own sampling settings,
 its own `torch.Generator` (seeded from the request), stop strings, stop ids and token budget, and it
 is sampled with the same functions `LLM.generate` uses, one row at a time.
+
+With a draft model each running sequence takes its own speculative step per iteration
+(infer/speculative.py: one target forward on its row for several tokens; the draft keeps a cache of
+its own, rows mirrored with the target's); greedy output stays the same, sampled output keeps its
+distribution. Sequences asking for logprobs or OpenAI penalties decode without guesses.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from lmforge.errors import LMForgeError
 from lmforge.models.registry import CONTINUE, family_of
 from lmforge.infer.generate import TextTracker, normalize_stop
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
+from lmforge.infer.speculative import DraftModel, SpeculativeStats, check_draft, check_positive, speculative_step
+from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
 
 log = logging.getLogger("lmforge.scheduler")
 
@@ -167,11 +174,14 @@ class Scheduler:
 
     `on_output(StepOutput)` is called from the scheduler thread (keep it quick; hand off to your
     own thread or event loop). The last output of a sequence has `finish_reason` set.
+    `kv_cache_dtype`: "auto" (the model's), "fp32" or "bf16"; `draft`: a smaller decoder over the
+    same vocabulary for speculative decoding with `num_draft_tokens` guesses per step.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_batch: int = 32, max_queue: int = 256,
                  max_model_len: int | None = None, prefill_chunk: int = 256, stop_ids: set[int] | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, kv_cache_dtype: str = "auto", draft: torch.nn.Module | None = None,
+                 num_draft_tokens: int = 4):
         check_servable(model)
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise LMForgeError("max_batch, max_queue and prefill_chunk must be positive")
@@ -193,7 +203,18 @@ class Scheduler:
                 stop_ids.add(eos)
         self.stop_ids = set(stop_ids)
         self.eos_id = getattr(tokenizer, "eos_id", None)  # ending here is no stop_reason (vLLM's rule)
-        self.cache = model.new_cache(max_batch, max_model_len)
+        cache_dtype = cache_dtype_of(kv_cache_dtype)
+        self.cache = model.new_cache(max_batch, max_model_len, dtype=cache_dtype)
+        self.draft, self.draft_cache, self.num_draft_tokens = draft, None, num_draft_tokens
+        self.spec_stats = SpeculativeStats()
+        if draft is not None:
+            check_positive(num_draft_tokens, "num_draft_tokens")
+            check_draft(model, None, draft, None)
+            if int(draft.cfg.block_size) < max_model_len:
+                raise LMForgeError(f"the draft's context ({draft.cfg.block_size} tokens) is shorter than the "
+                                   f"served length ({max_model_len}); set --max-model-len to at most the draft's")
+            self.draft = draft.eval()
+            self.draft_cache = draft.new_cache(max_batch, max_model_len, dtype=cache_dtype)
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._waiting: deque[_Seq] = deque()
@@ -338,7 +359,7 @@ class Scheduler:
         p = self._prefilling
         if p is not None and p.id in cancelled:
             self._prefilling = None
-            self.cache.release(p.row)
+            self._release_row(p.row)
             self._finish(p, "cancelled")
         for seq in [s for s in self._running if s.id in cancelled]:
             self._finish(seq, "cancelled")
@@ -350,15 +371,25 @@ class Scheduler:
         r = self._running.index(seq)
         last = self._running.pop()
         if last is seq:
-            self.cache.release(r)
+            self._release_row(r)
         else:
-            self.cache.move(last.row, r)
+            self._move_row(last.row, r)
             last.row = r
             self._running[r] = last
         p = self._prefilling
         if p is not None:
-            self.cache.move(p.row, len(self._running))
+            self._move_row(p.row, len(self._running))
             p.row = len(self._running)
+
+    def _release_row(self, row: int) -> None:
+        for cache in (self.cache, self.draft_cache):
+            if cache is not None:
+                cache.release(row)
+
+    def _move_row(self, src: int, dst: int) -> None:
+        for cache in (self.cache, self.draft_cache):
+            if cache is not None:
+                cache.move(src, dst)
 
     def _prefill_chunk(self, seq: _Seq, budget: int) -> int:
         """Feed the next chunk of seq's prompt; after the last chunk sample its first token."""
@@ -391,12 +422,41 @@ class Scheduler:
             seq.prompt_logprobs.extend(_logprob_entries(lp_TV, targets, seq.req.prompt_logprobs))
 
     def _decode(self) -> None:
+        if self.draft is not None:
+            self._decode_speculative()
+            return
         idx_B1 = torch.tensor([[s.pending] for s in self._running], dtype=torch.long, device=self.device)
         logits_BV = self.model(idx_B1, cache=self.cache.rows(0, len(self._running)))[:, -1]
         for s in self._running:
             s.n_cached += 1
         self.steps += 1
         self._sample_rows(list(self._running), logits_BV)
+
+    def _decode_speculative(self) -> None:
+        """One speculative step per running sequence, each on its own cache row."""
+        self.steps += 1
+        for s in list(self._running):
+            cache = self.cache.rows(s.row, s.row + 1)
+            if s.extras or s.req.logprobs is not None:
+                idx_11 = torch.tensor([[s.pending]], dtype=torch.long, device=self.device)
+                logits_1V = self.model(idx_11, cache=cache)[:, -1]
+                s.n_cached += 1
+                self._sample_rows([s], logits_1V)
+                continue
+            # guesses stop where the sequence must: its token budget and the last slot of its row
+            k = max(0, min(self.num_draft_tokens, s.max_new - len(s.generated) - 1, cache.max_len - s.n_cached - 2))
+            tokens = s.prompt + s.generated
+            draft = DraftModel(self.draft, self.draft_cache.rows(s.row, s.row + 1))
+            guesses, q_KV = draft.propose(tokens, k, s.params, s.generator, s.seen_V)
+            new = speculative_step(self.model, cache, s.pending, guesses, q_KV, s.params, s.generator, s.seen_V)
+            draft.keep(len(tokens) + len(new) - 1)
+            self.spec_stats.add(len(guesses), len(new))
+            fed = s.n_cached
+            for j, tok in enumerate(new):
+                s.n_cached = fed + 1 + j  # what the cache holds once this token is the pending one
+                if self._emit(s, tok, None):
+                    self._release(s)
+                    break
 
     def _sample_rows(self, seqs: list[_Seq], logits_BV: torch.Tensor) -> None:
         """Pick each sequence's next token (greedy rows together, sampled rows one by one with their
@@ -508,7 +568,7 @@ class Scheduler:
         self._prefilling = None
         self._running = []
         for row in range(self.cache.batch):
-            self.cache.release(row)
+            self._release_row(row)
         for s in seqs:
             self._finish(s, reason, error=message)
 

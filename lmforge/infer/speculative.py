@@ -28,7 +28,7 @@ import torch
 
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import Generation, TextTracker, check_prompts, normalize_stop, stop_id_set
-from lmforge.infer.sampling import SamplingParams, make_generator, process_logits
+from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
 from lmforge.models.registry import CONTINUE, family_of
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
@@ -36,8 +36,9 @@ from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
 
 @dataclass
 class SpeculativeStats:
-    """What speculation achieved: guesses checked and accepted, target forward passes (decode steps,
-    the prompt's prefill not counted) and the tokens they produced."""
+    """What speculation achieved: guesses checked and accepted, target forward passes of the decode
+    steps and the tokens they produced (the prompt's prefill and its token are not counted, so
+    decoding without speculation makes 1.0 token per target forward)."""
 
     proposed: int = 0
     accepted: int = 0
@@ -219,7 +220,9 @@ def speculative_step(target: torch.nn.Module, cache: KVCache, pending: int, gues
 def speculative_tokens(target: torch.nn.Module, prompt: Sequence[int], n_new: int, params: SamplingParams,
                        generator: torch.Generator | None, proposer: Any, k: int, stats: SpeculativeStats,
                        cache_dtype: torch.dtype | None = None) -> Iterator[int]:
-    """Yield one prompt's next `n_new` tokens, several per target forward."""
+    """Yield one prompt's next `n_new` tokens: the first from the prompt's prefill (as without
+    speculation), then several per target forward. The target's cache holds every token but the
+    last one, which the next step feeds."""
     if n_new <= 0:
         return
     cache = target.new_cache(1, len(prompt) + n_new - 1, dtype=cache_dtype)
@@ -229,9 +232,13 @@ def speculative_tokens(target: torch.nn.Module, prompt: Sequence[int], n_new: in
     if params.repetition_penalty != 1.0:
         seen_V = torch.zeros(int(target.cfg.vocab_size), dtype=torch.bool, device=device)
         seen_V[torch.tensor(tokens, device=device)] = True
-    if len(tokens) > 1:  # the cache holds every token but the pending one
-        target(torch.tensor([tokens[:-1]], dtype=torch.long, device=device), cache=cache, last_only=True)
-    produced = 0
+    logits_1V = target(torch.tensor([tokens], dtype=torch.long, device=device), cache=cache, last_only=True)[:, -1]
+    first = int(sample_next(logits_1V, params, generator, None if seen_V is None else seen_V[None]))
+    tokens.append(first)
+    if seen_V is not None:
+        seen_V[first] = True
+    yield first
+    produced = 1
     while produced < n_new:
         guesses, q_KV = proposer.propose(tokens, min(k, n_new - produced - 1), params, generator, seen_V)
         new = speculative_step(target, cache, tokens[-1], guesses, q_KV, params, generator, seen_V)

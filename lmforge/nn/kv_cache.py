@@ -148,10 +148,8 @@ class KVCache:
             k_NKSD[r0:r1, :, w.start:w.start + T] = k_BKTD
             v_NKSD[r0:r1, :, w.start:w.start + T] = v_BKTD
         else:  # each row at its own slots (a scheduler decode step)
-            if k_BKTD.dtype != self.dtype:
-                k_BKTD, v_BKTD = k_BKTD.to(self.dtype), v_BKTD.to(self.dtype)
-            k_NKSD[w.rows_B1, :, w.slots_BT] = k_BKTD.transpose(1, 2)
-            v_NKSD[w.rows_B1, :, w.slots_BT] = v_BKTD.transpose(1, 2)
+            k_NKSD[w.rows_B1, :, w.slots_BT] = k_BKTD.transpose(1, 2).to(self.dtype)
+            v_NKSD[w.rows_B1, :, w.slots_BT] = v_BKTD.transpose(1, 2).to(self.dtype)
         k_BKSD, v_BKSD = k_NKSD[r0:r1, :, :w.end], v_NKSD[r0:r1, :, :w.end]
         if k_BKSD.dtype != k_BKTD.dtype:
             k_BKSD, v_BKSD = k_BKSD.to(k_BKTD.dtype), v_BKSD.to(v_BKTD.dtype)

@@ -33,11 +33,14 @@ def _is_loopback(host: str) -> bool:
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_batch: int = 32, max_queue: int = 256,
           max_model_len: int | None = None, device: str = "cpu", log_prompts: bool = False,
-          threads: int | None = None) -> None:
+          threads: int | None = None, kv_cache_dtype: str = "auto", draft: str | None = None,
+          num_draft_tokens: int = 4) -> None:
     """Load MODEL (anything `LLM.load` accepts) in the background and serve it until interrupted.
     The model computes on `threads` CPU threads (None: `runtime.default_threads()`, which leaves
     cores to the HTTP side). A model that fails to load stops the server with an LMForgeError (the
-    CLI's one-line error)."""
+    CLI's one-line error). `kv_cache_dtype` ("auto", "fp32", "bf16") is the KV cache's storage;
+    `draft` (a model sharing MODEL's tokenizer) turns on speculative decoding with
+    `num_draft_tokens` guesses per step."""
     import socket
 
     import uvicorn
@@ -47,19 +50,24 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     from lmforge.serve.app import create_app
     from lmforge.serve.config import ServerConfig
     from lmforge.serve.engine import Engine
+    from lmforge.nn.kv_cache import kv_cache_dtype as kv_cache_dtype_of
 
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise LMForgeError(f"--port must be 1..65535, got {port}")
     resolve_device(device, "--device")
     if not Path(model).exists():
         raise LMForgeError(f"model not found: {model}")
+    if draft is not None and not Path(draft).exists():
+        raise LMForgeError(f"draft model not found: {draft}")
+    kv_cache_dtype_of(kv_cache_dtype)
     if not _is_loopback(host) and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
     name = served_model_name or Path(model).resolve().name
     cfg = ServerConfig(served_model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                        max_model_len=max_model_len, log_prompts=log_prompts, model_path=str(model),
-                       threads=threads if threads is not None else default_threads())
+                       threads=threads if threads is not None else default_threads(),
+                       kv_cache_dtype=kv_cache_dtype, draft=draft, num_draft_tokens=num_draft_tokens)
 
     failed: list[BaseException] = []
     holder: dict[str, Any] = {}
@@ -80,12 +88,13 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
             raise LMForgeError(f"--max-model-len {max_model_len} is longer than the model's context ({ctx})")
-        engine = Engine.from_llm(llm, cfg)
+        engine = Engine.from_llm(llm, cfg, draft=None if draft is None else LLM.load(draft, device=device))
         sched = engine.scheduler
         logging.getLogger("lmforge.serve").info(
-            "KV cache: %.0f MiB (%d sequences x %d tokens; --max-batch / --max-model-len change it); "
-            "model threads: %d (--threads sets them)", sched.cache.nbytes() / 2**20, sched.max_batch,
-            sched.max_model_len, sched.num_threads)
+            "KV cache: %.0f MiB %s (%d sequences x %d tokens; --max-batch / --max-model-len / --kv-cache-dtype "
+            "change it); model threads: %d (--threads sets them)%s", sched.cache.nbytes() / 2**20,
+            str(sched.cache.dtype).removeprefix("torch."), sched.max_batch, sched.max_model_len, sched.num_threads,
+            "" if draft is None else f"; speculative decoding with {draft}, {num_draft_tokens} guesses per step")
         return engine
 
     # bind first: a taken port is a one-line error before anything loads

@@ -18,3 +18,6 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     model_path: str | None = None
     threads: int | None = None  # torch threads of the scheduler thread (None: torch's default)
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "fp32" or "bf16"
+    draft: str | None = None  # a draft model for speculative decoding (same tokenizer)
+    num_draft_tokens: int = 4  # guesses per speculative step

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from lmforge.errors import LMForgeError
 from lmforge.infer.prompt import GenerationFormat, encode_text_prompts, render_chat_prompt
 from lmforge.infer.scheduler import GenerationRequest, InvalidRequest, QueueFull, Scheduler, StepOutput, TokenLogprob
+from lmforge.infer.speculative import check_draft
 from lmforge.serve.config import ServerConfig
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.protocol import ChatMessage, ServeError
@@ -37,9 +38,13 @@ class Engine:
         self._mailbox: Mailbox | None = None  # of the event loop that submitted last
 
     @classmethod
-    def from_llm(cls, llm: Any, cfg: ServerConfig) -> "Engine":
+    def from_llm(cls, llm: Any, cfg: ServerConfig, draft: Any = None) -> "Engine":
+        """An engine serving `llm`; `draft` (an LLM sharing its tokenizer) turns on speculative decoding."""
+        if draft is not None:
+            check_draft(llm.model, llm.tokenizer, draft.model, draft.tokenizer)
         sched = Scheduler(llm.model, llm.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                          max_model_len=cfg.max_model_len, num_threads=cfg.threads)
+                          max_model_len=cfg.max_model_len, num_threads=cfg.threads, kv_cache_dtype=cfg.kv_cache_dtype,
+                          draft=None if draft is None else draft.model, num_draft_tokens=cfg.num_draft_tokens)
         return cls(sched.start(), llm.tokenizer, str(llm.path) if llm.path is not None else None,
                    llm.generation_format)
 
