@@ -74,14 +74,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, threads: int, max_batch: int, device: str = "cpu") -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, threads: int, max_batch: int, device: str = "cpu",
+                 kv_cache_dtype: str = "auto") -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(model), "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "4096", "--device", device],
+                             "--max-batch", str(max_batch), "--max-queue", "4096", "--device", device,
+                             "--kv-cache-dtype", kv_cache_dtype],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -141,7 +143,7 @@ async def drive(url: str, clients: int, rounds: int, prompts: list[list[int]], m
 
 
 def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_tokens: int, threads: int,
-                device: str = "cpu") -> list[dict]:
+                device: str = "cpu", kv_cache_dtype: str = "auto") -> list[dict]:
     """The scheduler in this process without HTTP: the same requests submitted together (the
     ceiling the server can reach; the difference to the HTTP rows is the serving overhead)."""
     import torch
@@ -153,7 +155,7 @@ def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_t
     llm = LLM.load(model, device=device)
     rows = []
     for c in clients:
-        sched = Scheduler(llm.model, llm.tokenizer, max_batch=max(clients)).start()
+        sched = Scheduler(llm.model, llm.tokenizer, max_batch=max(clients), kv_cache_dtype=kv_cache_dtype).start()
         try:
             reqs = [GenerationRequest(prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0, ignore_eos=True,
                                       logprobs=0) for i in range(c)]
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu | cuda: where the server, the engine and transformers run")
     p.add_argument("--shape", default="demo", choices=sorted(SHAPES),
                    help="shape of the default model: demo (make demo's, 5M) or gpt2 (124M)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the server's KV cache storage (recorded as config.kv_cache_dtype)")
     p.add_argument("--json", type=Path)
     add_results_flag(p, "serve")
     args = p.parse_args(argv)
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         hf = load_transformers(model, args.threads, args.device) if hf_ok else None
         samples: dict[int, list[dict[str, Any]]] = {c: [] for c in clients}
         hf_samples: list[dict[str, Any]] = []
-        proc, url = start_server(model, args.threads, max(clients), args.device)
+        proc, url = start_server(model, args.threads, max(clients), args.device, args.kv_cache_dtype)
         try:
             for rep in range(args.repeats):
                 for c in clients:
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         if hf_samples:
             result["transformers_sequential"] = median_row(hf_samples)
         result["engine_only"] = engine_only(model, prompts, sorted({1, max(clients)}), args.max_tokens, args.threads,
-                                            args.device)
+                                            args.device, args.kv_cache_dtype)
         print(json.dumps(result["engine_only"]), file=sys.stderr)
         result["load_average_1m_end"] = round(os.getloadavg()[0], 2)
         rows = {r["clients"]: r for r in result["lmforge"]}

@@ -76,7 +76,7 @@ def test_stream_chat_and_beams_take_the_setting(llm):
     beams = llm.generate("ROMEO:", max_new_tokens=8, num_beams=3, kv_cache_dtype="bf16")
     assert beams == llm.generate("ROMEO:", max_new_tokens=8, num_beams=3, kv_cache_dtype="bf16")
     with pytest.raises(LMForgeError, match="^kv_cache_dtype must be 'auto', 'fp32' or 'bf16', got 'fp8'$"):
-        llm.stream("ROMEO:", kv_cache_dtype="fp8")
+        llm.stream("ROMEO:", max_new_tokens=4, kv_cache_dtype="fp8")
 
 
 def test_server_and_cli_take_the_flags(llm):
