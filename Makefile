@@ -95,7 +95,7 @@ RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
-                  results-bench-seq2seq
+                  results-bench-seq2seq results-speculative
 .PHONY: results results-quality results-speed results-parity results-test $(RESULTS_QUALITY) $(RESULTS_SPEED)
 
 results: dev
@@ -156,6 +156,10 @@ results-bench-encoder: dev
 
 results-bench-seq2seq: dev
 	$(TIMED) $(VENV)/bin/lmforge bench seq2seq --results $(RESULTS)
+
+results-speculative: dev  # batch-1 greedy with a draft (trained here: --recipe draft) vs the demo model alone
+	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
+	$(TIMED) $(PY) benchmarks/speculative.py --target $(DEMO_RUN) --data $(DEMO_DATA) --results $(RESULTS)
 
 results-parity: dev  # logit differences against transformers, every family (docs/parity.md)
 	$(TIMED) $(PY) benchmarks/parity.py --results $(RESULTS)
