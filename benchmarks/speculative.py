@@ -43,7 +43,7 @@ def timed(fn: Callable[[], list[int]]) -> tuple[list[int], float]:
 
 
 def quick_pair(directory: Path) -> tuple[Path, Path, list[list[int]]]:
-    """A random 2-layer target and its first layer as the draft (they agree often), exportable (Qwen3 shape)."""
+    """A random 2-layer target and its first layer as the draft, exportable (Qwen3 shape)."""
     import torch
 
     from lmforge.checkpoint import write_model_dir
@@ -56,6 +56,9 @@ def quick_pair(directory: Path) -> tuple[Path, Path, list[list[int]]]:
                  mlp="swiglu", bias=False, tie_embeddings=False, init_std=0.3)
     torch.manual_seed(0)
     target = Decoder(config_from_preset("tiny", n_layer=2, **shape))
+    with torch.no_grad():  # a damped second layer: the first alone often guesses right
+        for name in ("attn.proj", "mlp.fc_out"):
+            target.get_submodule(f"blocks.1.{name}").weight.mul_(0.3)
     draft = Decoder(config_from_preset("tiny", n_layer=1, **shape))
     draft.load_state_dict({k: v for k, v in target.state_dict().items() if not k.startswith("blocks.1.")})
     ids = tok.encode("ROMEO: but soft, what light through yonder window breaks? It is the east.")

@@ -43,8 +43,12 @@ def llm_of(model: Decoder, tok: Tokenizer | None) -> LLM:
 @pytest.fixture(scope="module")
 def pair(tok):
     """A target and a smaller draft (one layer) over the same tokenizer; the draft is the target's
-    first layer, embeddings and head, so it agrees with the target often but not always."""
+    first layer, embeddings and head, and the target's second layer is damped, so the draft agrees
+    with the target often but not always."""
     target = decoder(tok.vocab_size, 0, n_layer=2)
+    with torch.no_grad():
+        for name in ("attn.proj", "mlp.fc_out"):
+            target.get_submodule(f"blocks.1.{name}").weight.mul_(0.3)
     draft = decoder(tok.vocab_size, 0, n_layer=1)
     state = {k: v for k, v in target.state_dict().items() if not k.startswith("blocks.1.")}
     draft.load_state_dict(state)
@@ -184,7 +188,9 @@ def test_scheduler_with_a_draft_gives_the_same_greedy_tokens(pair, tok):
     prompts = [tok.encode(t) for t in (PROMPT, "hello world", "It is the", "soft, what")]
     reqs = [GenerationRequest(p, max_tokens=20, temperature=0) for p in prompts]
     reqs.append(GenerationRequest(prompts[0], max_tokens=20, temperature=0, logprobs=2))  # decodes without guesses
+    reqs.append(GenerationRequest(prompts[0], max_tokens=20, temperature=0, stop=["e "]))
     reqs.append(GenerationRequest(prompts[1], max_tokens=20, temperature=0.8, seed=3))
+    reqs.append(GenerationRequest(prompts[2], max_tokens=20, temperature=1.2, seed=4, top_k=50, repetition_penalty=1.3))
     plain = Scheduler(target.model, tok, max_batch=3).start()
     spec = Scheduler(target.model, tok, max_batch=3, draft=draft.model, num_draft_tokens=3).start()
     try:
@@ -192,10 +198,14 @@ def test_scheduler_with_a_draft_gives_the_same_greedy_tokens(pair, tok):
     finally:
         plain.stop()
         spec.stop()
-    for w, g in list(zip(want, got))[:5]:
+    for w, g in list(zip(want, got))[:6]:
         assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason)
     assert got[0].token_ids == target.generate(prompts[0], max_new_tokens=20, temperature=0)
-    assert len(got[5].token_ids) == 20 or got[5].finish_reason == "stop"
+    # sampled: the same guesses and draws as LLM.generate with the draft and the same seed
+    for r, g in zip(reqs[6:], got[6:]):
+        assert g.token_ids == target.generate(r.prompt_ids, max_new_tokens=20, temperature=r.temperature, seed=r.seed,
+                                              top_k=r.top_k, repetition_penalty=r.repetition_penalty, draft=draft,
+                                              num_draft_tokens=3)
     assert spec.spec_stats.accepted > 0 and spec.spec_stats.tokens_per_target_forward > 1.0
 
 
@@ -217,6 +227,11 @@ def test_server_with_a_draft_answers_like_without(pair, tok):
                 r = client.post("/v1/completions", json=body)
                 assert r.status_code == 200, r.text
                 texts.append(r.json()["choices"][0]["text"])
+                metrics = client.get("/metrics").text
+            stats = engine.scheduler.spec_stats
+            assert f"lmforge_spec_decode_accepted_tokens {float(stats.accepted)}" in metrics
+            assert f"lmforge_spec_decode_acceptance_rate {stats.acceptance_rate}" in metrics
+            assert (stats.accepted > 0) == (d is not None)
         finally:
             engine.scheduler.stop()
     assert texts[1] == texts[0] == target.generate(PROMPT, max_new_tokens=24, temperature=0)

@@ -237,6 +237,32 @@ def stop_id_set(eos_id: int | Iterable[int] | None) -> set[int]:
     return {int(i) for i in eos_id}
 
 
+@dataclass
+class Settings:
+    """A generate call's arguments, checked: what to sample with, where to stop, how many tokens."""
+
+    params: SamplingParams
+    stops: list[str]
+    stop_ids: set[int]
+    n_new: int
+    cache_dtype: torch.dtype | None
+    generator: torch.Generator | None
+
+    @classmethod
+    def check(cls, model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+              top_k: int | None, top_p: float | None, repetition_penalty: float, eos_id: int | Iterable[int] | None,
+              stop: str | Sequence[str] | None, tokenizer: Any, seed: int | None,
+              kv_cache_dtype: str | None) -> "Settings":
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        cache_dtype = cache_dtype_of(kv_cache_dtype)
+        stops = normalize_stop(stop)
+        if stops and tokenizer is None:
+            raise LMForgeError("stop strings need a tokenizer, and this model has none")
+        n_new = check_prompts(model, prompts, max_new_tokens)
+        generator = None if params.greedy else make_generator(_model_device(model), seed)
+        return cls(params, stops, stop_id_set(eos_id), n_new, cache_dtype, generator)
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -250,24 +276,20 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     stop string run up to and including the token that completed it. `kv_cache_dtype`: "auto"
     (None, the model's dtype), "fp32" or "bf16".
     """
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    cache_dtype = cache_dtype_of(kv_cache_dtype)
-    stops = normalize_stop(stop)
-    stop_ids = stop_id_set(eos_id)
-    if stops and tokenizer is None:
-        raise LMForgeError("stop strings need a tokenizer, and this model has none")
-    n_new = check_prompts(model, prompts, max_new_tokens)
+    settings = Settings.check(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
+                              stop, tokenizer, seed, kv_cache_dtype)
+    stops, stop_ids, n_new = settings.stops, settings.stop_ids, settings.n_new
     device = _model_device(model)
     B = len(prompts)
     idx_BT, pad_mask_BT = left_pad(prompts, pad_id if pad_id is not None else 0, device)
-    generator = None if params.greedy else make_generator(device, seed)
 
     out_BN = torch.empty(B, max(n_new, 0), dtype=torch.long, device=device)
     trackers = [TextTracker(tokenizer, stops) for _ in range(B)] if stops else None
     finished = [False] * B  # only maintained with stop strings (Python-side per-row state)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
-    for tok_B in token_stream(model, idx_BT, pad_mask_BT, n_new, params, generator, cache_dtype):
+    for tok_B in token_stream(model, idx_BT, pad_mask_BT, n_new, settings.params, settings.generator,
+                              settings.cache_dtype):
         out_BN[:, n] = tok_B
         n += 1
         if trackers is not None:

@@ -27,11 +27,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from lmforge.errors import LMForgeError
-from lmforge.infer.generate import Generation, TextTracker, check_prompts, normalize_stop, stop_id_set
-from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
+from lmforge.infer.generate import Generation, Settings, TextTracker
+from lmforge.infer.sampling import SamplingParams, process_logits, sample_next
 from lmforge.models.registry import CONTINUE, family_of
 from lmforge.nn.kv_cache import KVCache
-from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
 
 
 @dataclass
@@ -279,26 +278,20 @@ def generate_speculative(model: torch.nn.Module, prompts: Sequence[Sequence[int]
                          kv_cache_dtype: str | None = None) -> tuple[list[Generation], SpeculativeStats]:
     """`generate` with speculative decoding, one prompt after another; the same results for greedy
     decoding, the same distribution when sampling. Also returns what the speculation achieved."""
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    stops = normalize_stop(stop)
-    stop_ids = stop_id_set(eos_id)
-    if stops and tokenizer is None:
-        raise LMForgeError("stop strings need a tokenizer, and this model has none")
-    n_new = check_prompts(model, prompts, max_new_tokens)
-    cache_dtype = cache_dtype_of(kv_cache_dtype)
-    device = model.tok_emb.weight.device
-    generator = None if params.greedy else make_generator(device, seed)
+    settings = Settings.check(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
+                              stop, tokenizer, seed, kv_cache_dtype)
     stats = SpeculativeStats()
     was_training = model.training
     model.eval()
     try:
         results = []
         for prompt in prompts:
-            proposer = speculation.proposer(len(prompt) + n_new - 1, cache_dtype)
-            steps = speculative_tokens(model, prompt, n_new, params, generator, proposer, speculation.num_tokens,
-                                       stats, cache_dtype)
-            results.append(_finish_row(steps, stop_ids, TextTracker(tokenizer, stops) if stops else None,
-                                       tokenizer if decode_text else None))
+            n_new = settings.n_new
+            proposer = speculation.proposer(len(prompt) + n_new - 1, settings.cache_dtype)
+            steps = speculative_tokens(model, prompt, n_new, settings.params, settings.generator, proposer,
+                                       speculation.num_tokens, stats, settings.cache_dtype)
+            tracker = TextTracker(tokenizer, settings.stops) if settings.stops else None
+            results.append(_finish_row(steps, settings.stop_ids, tracker, tokenizer if decode_text else None))
     finally:
         model.train(was_training)
     return results, stats

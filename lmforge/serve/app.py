@@ -44,7 +44,8 @@ class AppState:
         self.unknown_fields: set[str] = set()  # request fields already logged as ignored
         self.created = int(time.time())
         self.metrics = Metrics(queue_length=lambda: self.engine.scheduler.num_waiting if self.engine else 0,
-                               running_batch_size=lambda: self.engine.scheduler.num_running if self.engine else 0)
+                               running_batch_size=lambda: self.engine.scheduler.num_running if self.engine else 0,
+                               speculative=lambda: self.engine.scheduler.spec_stats if self.engine else None)
 
     def load(self, loader: Callable[[], Engine]) -> None:
         try:

@@ -1,9 +1,10 @@
 """The server's Prometheus metrics (GET /metrics): requests by route and status, prompt and
-generated tokens, queue length and running batch size, time to first token and between tokens."""
+generated tokens, queue length and running batch size, time to first token and between tokens, and
+what speculative decoding achieves (zeros without a draft)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -16,7 +17,8 @@ class Metrics:
 
     CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-    def __init__(self, queue_length: Callable[[], int], running_batch_size: Callable[[], int]):
+    def __init__(self, queue_length: Callable[[], int], running_batch_size: Callable[[], int],
+                 speculative: Callable[[], Any] = lambda: None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("lmforge_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
@@ -25,6 +27,14 @@ class Metrics:
         Gauge("lmforge_queue_length", "requests waiting for a slot", registry=r).set_function(queue_length)
         Gauge("lmforge_running_batch_size", "sequences in the running batch",
               registry=r).set_function(running_batch_size)
+        for name, what, attr in (
+                ("draft_tokens", "tokens guessed by the draft and checked by the model", "proposed"),
+                ("accepted_tokens", "guessed tokens the model accepted", "accepted"),
+                ("acceptance_rate", "accepted / guessed tokens", "acceptance_rate"),
+                ("tokens_per_target_forward", "tokens per forward pass of the model in decode steps",
+                 "tokens_per_target_forward")):
+            Gauge(f"lmforge_spec_decode_{name}", f"speculative decoding: {what}", registry=r).set_function(
+                lambda attr=attr: getattr(speculative(), attr, 0.0))
         self.ttft = Histogram("lmforge_time_to_first_token_seconds", "time from request to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("lmforge_time_per_output_token_seconds", "time between consecutive tokens of a sequence",
