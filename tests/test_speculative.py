@@ -18,6 +18,7 @@ from lmforge.infer.speculative import PromptLookup, Speculation, accept_guesses,
 from lmforge.infer.sampling import SamplingParams
 from lmforge.models.decoder import Decoder, config_from_preset
 from lmforge.tokenizer import Tokenizer
+from reference_libs import reference_lib
 
 CORPUS = ["hello world, this is a tiny corpus for a tiny tokenizer. " * 3,
           "ROMEO: but soft, what light through yonder window breaks? It is the east. " * 3]
@@ -312,3 +313,31 @@ def test_cli_generate_with_a_draft_and_its_errors(pair, tok, tmp_path, capsys):
             run(*args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_same_tokens_as_transformers_assisted_generation(tmp_path):
+    """The pair exported for transformers (Qwen3 shape): `generate(assistant_model=...)` greedy gives
+    the tokens lmforge's speculative decoding gives."""
+    transformers = reference_lib("transformers")
+    from lmforge.interop.hf import convert_to_hf
+
+    shape = dict(block_size=64, pos_encoding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", bias=False,
+                 tie_embeddings=False)
+    target, draft = decoder(97, 0, n_layer=2, **shape), decoder(97, 0, n_layer=1, **shape)
+    with torch.no_grad():
+        for name in ("attn.proj", "mlp.fc_out"):
+            target.get_submodule(f"blocks.1.{name}").weight.mul_(0.3)
+    draft.load_state_dict({k: v for k, v in target.state_dict().items() if not k.startswith("blocks.1.")})
+    hf = [transformers.AutoModelForCausalLM.from_pretrained(
+        convert_to_hf(write_model_dir(tmp_path / name, m), tmp_path / f"hf-{name}"), dtype=torch.float32).eval()
+        for name, m in (("target", target), ("draft", draft))]
+    for m in hf:
+        m.generation_config.eos_token_id = None
+    prompt = [5, 17, 33, 2, 90, 41, 41, 7]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        want = hf[0].generate(ids, attention_mask=torch.ones_like(ids), assistant_model=hf[1], max_new_tokens=30,
+                              do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    got = llm_of(target, None).generate(prompt, max_new_tokens=30, temperature=0, draft=llm_of(draft, None),
+                                        num_draft_tokens=4)
+    assert got == want
