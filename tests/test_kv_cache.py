@@ -116,13 +116,19 @@ def test_truncate_rolls_back_positions():
         cache.truncate(4)
 
 
-def test_bf16_cache_stores_bf16_and_returns_the_query_dtype():
-    cache = KVCache(n_layer=1, batch=1, n_kv_head=1, max_len=3, head_dim=2, dtype=torch.bfloat16)
-    assert cache.dtype == torch.bfloat16 and cache.nbytes() == 2 * 3 * 2 * 2
-    k = torch.tensor([[[[1.001, 2.0], [3.0, 4.0]]]])
+def test_bf16_cache_stores_and_returns_bf16():
+    """The decoder attends over a bf16 cache in bf16 (no upcast copy of the cache per step)."""
+    cache = KVCache(n_layer=1, batch=2, n_kv_head=1, max_len=3, head_dim=2, dtype=torch.bfloat16)
+    assert cache.dtype == torch.bfloat16 and cache.nbytes() == 2 * 2 * 3 * 2 * 2
+    k = torch.tensor([[[[1.001, 2.0], [3.0, 4.0]]]]).expand(2, 1, 2, 2)
     cache.begin(2)
     k_BKSD, v_BKSD = cache.write(0, k, k)
-    assert k_BKSD.dtype == torch.float32 and torch.equal(k_BKSD, k.bfloat16().float())
+    cache.advance(2)
+    assert k_BKSD.dtype == torch.bfloat16 and torch.equal(k_BKSD, k.bfloat16())
+    cache.rows(1, 2).truncate(1)  # rows of different lengths: the per-row write path
+    cache.begin(1)
+    k_BKSD, _ = cache.write(0, torch.full((2, 1, 1, 2), 5.001), torch.zeros(2, 1, 1, 2))
+    assert k_BKSD.dtype == torch.bfloat16 and k_BKSD[1, 0, 1].tolist() == [5.0, 5.0]
     assert cache.read(0)[0].dtype == torch.bfloat16
 
 

@@ -229,8 +229,8 @@ class MultiHeadAttention(nn.Module):
         else:
             q_BTX, k_BTX, v_BTX = self.qkv(x_BTC).chunk(3, dim=-1)
             q_BHTD, k_BHSD, v_BHSD = self.heads(q_BTX), self.heads(k_BTX), self.heads(v_BTX)
-            if cache is not None:
-                k_BHSD, v_BHSD = cache.write(layer, k_BHSD, v_BHSD)
+            if cache is not None:  # in the model's dtype: a float mask carries T5's position bias
+                k_BHSD, v_BHSD = (t.to(q_BHTD.dtype) for t in cache.write(layer, k_BHSD, v_BHSD))
         y_BHTD = F.scaled_dot_product_attention(
             q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=is_causal and mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale)

@@ -12,9 +12,9 @@ Every row has its own length. `LLM.generate` and beam search keep the rows equal
 is recorded as slots without a token); the serving scheduler gives each running sequence a row of
 its own and works on a contiguous range of rows (`rows`), compacting them with `move` / `release`.
 `reorder` makes surviving beams take their parents' rows; `truncate` drops the newest positions
-(rolling back rejected speculative tokens). Keys and values are stored in the cache's `dtype`
-(bf16 halves the memory) and returned in the dtype of the keys written, so attention computes in
-the model's dtype. Nothing outside this class touches its tensors.
+(rolling back rejected speculative tokens). Keys and values are stored and returned in the cache's
+`dtype` (`kv_cache_dtype`: bf16 halves the memory; the decoder then attends in bf16). Nothing
+outside this class touches its tensors.
 
 Shape suffixes: L layers, N all rows of the cache, B the rows of this cache (a view's range),
 K key/value heads, S slots (positions), T new tokens, D head dim.
@@ -137,7 +137,7 @@ class KVCache:
 
     def write(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new keys and values at the slots `begin` planned; returns the keys and
-        values to attend over (B, K, end, D) in the dtype of those given."""
+        values to attend over (B, K, end, D), in the cache's dtype."""
         w = self._pending
         if w is None:
             raise RuntimeError("KVCache.write before begin()")
@@ -145,15 +145,12 @@ class KVCache:
         k_NKSD, v_NKSD = self._s.k_LNKSD[layer], self._s.v_LNKSD[layer]
         if w.start is not None:  # one slice per row range (generate, beams, a scheduler prefill chunk)
             T = k_BKTD.shape[2]
-            k_NKSD[r0:r1, :, w.start:w.start + T] = k_BKTD
+            k_NKSD[r0:r1, :, w.start:w.start + T] = k_BKTD  # copy_ casts to the cache's dtype
             v_NKSD[r0:r1, :, w.start:w.start + T] = v_BKTD
         else:  # each row at its own slots (a scheduler decode step)
             k_NKSD[w.rows_B1, :, w.slots_BT] = k_BKTD.transpose(1, 2).to(self.dtype)
             v_NKSD[w.rows_B1, :, w.slots_BT] = v_BKTD.transpose(1, 2).to(self.dtype)
-        k_BKSD, v_BKSD = k_NKSD[r0:r1, :, :w.end], v_NKSD[r0:r1, :, :w.end]
-        if k_BKSD.dtype != k_BKTD.dtype:
-            k_BKSD, v_BKSD = k_BKSD.to(k_BKTD.dtype), v_BKSD.to(v_BKTD.dtype)
-        return k_BKSD, v_BKSD
+        return k_NKSD[r0:r1, :, :w.end], v_NKSD[r0:r1, :, :w.end]
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's keys and values (B, K, S, D) over slots 0..S-1, S the longest row (stored dtype)."""

@@ -344,10 +344,14 @@ class Attention(nn.Module):
         k_BKSD, v_BKSD = k_BKTD, v_BKTD
         if ctx.cache is not None:  # the new keys and values join the cached ones
             k_BKSD, v_BKSD = ctx.cache.write(layer, k_BKTD, v_BKTD)
+        # a bf16 cache is attended over in bf16: no upcast copy of the whole cache per step, and bf16
+        # matrix units (CPU AMX, GPU tensor cores) do the products
+        out_dtype = q_BHTD.dtype
+        q_BHTD = q_BHTD.to(k_BKSD.dtype)
         if ctx.block_mask is not None:
             y_BHTD = flex_attention(q_BHTD, k_BKSD, v_BKSD, block_mask=ctx.block_mask, enable_gqa=K != H)
         else:
             y_BHTD = F.scaled_dot_product_attention(
                 q_BHTD, k_BKSD, v_BKSD, attn_mask=ctx.mask, is_causal=ctx.is_causal,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
-        return self.proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
+        return self.proj(y_BHTD.to(out_dtype).transpose(1, 2).reshape(B, T, H * D))
