@@ -159,7 +159,8 @@ results-bench-seq2seq: dev
 
 results-speculative: dev  # batch-1 greedy with a draft (trained here: --recipe draft) vs the demo model alone
 	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
-	$(TIMED) $(PY) benchmarks/speculative.py --target $(DEMO_RUN) --data $(DEMO_DATA) --results $(RESULTS)
+	$(TIMED) $(PY) benchmarks/speculative.py --target $(DEMO_RUN) --data $(DEMO_DATA) --results $(RESULTS) \
+	    $(if $(wildcard runs/folio-whole/decoder),--folio-model runs/folio-whole/decoder --folio-data runs/folio-whole/data/test.jsonl)
 
 results-parity: dev  # logit differences against transformers, every family (docs/parity.md)
 	$(TIMED) $(PY) benchmarks/parity.py --results $(RESULTS)

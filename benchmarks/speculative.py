@@ -15,9 +15,11 @@ them), acceptance rate and tokens per target forward, token identity with the ta
 same for transformers `generate` and assisted generation on the pair exported with `convert --to-hf`
 (transformers' own schedule of assistant tokens). Prompt lookup: the target with
 `prompt_lookup_num_tokens` on a copy-heavy prompt (a validation passage, then its first half again:
-continuing it means copying), against the target alone on the same prompt. No Folio model is used:
-a decoder over Folio pieces is out of this benchmark's scope. `--quick`: random tiny models, a few
-tokens (a smoke test of the script). `--results` records speculative.json.
+continuing it means copying), against the target alone on the same prompt; with `--folio-model`
+(a decoder fine-tuned on Folio modernisation, e.g. by benchmarks/folio.py) also on `--folio-prompts`
+sources of `--folio-data` (test.jsonl of `lmforge data folio`), where the modern text mostly copies
+the source. `--quick`: random tiny models, a few tokens (a smoke test of the script). `--results`
+records speculative.json.
 """
 
 from __future__ import annotations
@@ -137,6 +139,26 @@ def prompt_lookup_rows(target: Any, prompt: list[int], n_new: int, ks: list[int]
             "best": max(rows, key=lambda r: r["speedup"])}
 
 
+def folio_lookup_rows(llm: Any, sources: list[str], n_new: int, ks: list[int]) -> dict[str, Any]:
+    """Greedy modernisation of Folio sources with and without prompt lookup (the model's generation format)."""
+    base = [timed(lambda s=s: llm.generate(s, max_new_tokens=n_new, temperature=0)) for s in sources]
+    secs = sum(t for _, t in base)
+    rows = []
+    for k in ks:
+        runs, stats = [], []
+        for s in sources:
+            runs.append(timed(lambda s=s: llm.generate(s, max_new_tokens=n_new, temperature=0,
+                                                       prompt_lookup_num_tokens=k)))
+            stats.append(llm.last_stats)
+        proposed, accepted = sum(x.proposed for x in stats), sum(x.accepted for x in stats)
+        forwards, made = sum(x.target_forwards for x in stats), sum(x.tokens for x in stats)
+        rows.append({"k": k, "speedup": round(secs / sum(t for _, t in runs), 2),
+                     "acceptance_rate": round(accepted / max(1, proposed), 3),
+                     "tokens_per_target_forward": round(made / max(1, forwards), 2),
+                     "same_text": [o for o, _ in runs] == [o for o, _ in base]})
+    return {"sources": len(sources), "with_lookup": rows, "best": max(rows, key=lambda r: r["speedup"])}
+
+
 def transformers_rows(target_dir: Path, draft_dir: Path, work: Path, prompts: list[list[int]], n_new: int,
                       reference: list[list[int]]) -> dict[str, Any]:
     import torch
@@ -156,6 +178,9 @@ def transformers_rows(target_dir: Path, draft_dir: Path, work: Path, prompts: li
     for name, extra in (("generate", {}), ("assisted", {"assistant_model": hf_draft})):
         outs = []
         with torch.inference_mode():
+            warm = torch.tensor([prompts[0]])
+            hf_target.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False,
+                               pad_token_id=0, **extra)
             for p in prompts:
                 ids = torch.tensor([p])
                 out, secs = timed(lambda ids=ids: hf_target.generate(
@@ -181,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--folio-model", type=Path, help="a decoder fine-tuned on Folio modernisation (prompt lookup)")
+    p.add_argument("--folio-data", type=Path, help="Folio test.jsonl (default: runs/folio/data/test.jsonl)")
+    p.add_argument("--folio-prompts", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="random tiny models, a few tokens (smoke test)")
     p.add_argument("--json", type=Path)
     add_results_flag(p, "speculative")
@@ -217,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         result["transformers"] = transformers_rows(Path(target_dir), Path(draft_dir), work, prompts, n_new, reference)
         half = prompts[0][:len(prompts[0]) // 2]
         result["prompt_lookup"] = prompt_lookup_rows(target, prompts[0] + half, n_new, ks)
+        folio_model = target_dir if args.quick else args.folio_model
+        if folio_model is not None:
+            data = args.folio_data or ROOT / "runs" / "folio" / "data" / "test.jsonl"
+            if args.quick:
+                data = work / "folio.jsonl"
+                data.write_text('{"source": "Stand & vnfold your selfe"}\n{"source": "Long liue the King"}\n')
+            rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+            sources = [r["source"] for r in rows[:args.folio_prompts]]
+            result["prompt_lookup_folio"] = folio_lookup_rows(LLM.load(folio_model), sources, n_new, ks)
     best = result["lmforge"]["best"]
     result["targets"] = {"draft_speedup": best["speedup"], "goal": 1.8, "met": best["speedup"] >= 1.8,
                          "token_identical": all(r["token_identical"] for r in result["lmforge"]["with_draft"])}
