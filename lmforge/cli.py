@@ -201,8 +201,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     opts: dict[str, Any] = dict(sampling_options(args), stop=args.stop or None, kv_cache_dtype=args.kv_cache_dtype)
     speculative = args.draft is not None or args.prompt_lookup_num_tokens is not None
     if speculative:
-        if args.stream:
-            raise LMForgeError("--stream does not combine with --draft or --prompt-lookup-num-tokens")
         draft = LLM.load(args.draft, device=args.device) if args.draft is not None else None
         opts.update(draft=draft, num_draft_tokens=args.num_draft_tokens,
                     prompt_lookup_num_tokens=args.prompt_lookup_num_tokens)
@@ -234,8 +232,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         else:
             print(shown + llm.generate(prompt, seed=seed, **opts))
-            if speculative:
-                print(f"speculative decoding: {llm.last_stats}", file=sys.stderr)
+        if speculative:
+            print(f"speculative decoding: {llm.last_stats}", file=sys.stderr)
     return 0
 
 

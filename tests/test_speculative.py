@@ -76,6 +76,16 @@ def test_greedy_with_a_draft_is_token_identical(pair, tok, k):
     assert stats.tokens_per_target_forward == stats.tokens / stats.target_forwards > 1.0
 
 
+def test_stream_with_a_draft_joins_to_generate(pair):
+    target, draft = pair
+    for kwargs in (dict(temperature=0), dict(temperature=0.9, seed=5, top_p=0.9)):
+        for spec in (dict(draft=draft, num_draft_tokens=3), dict(prompt_lookup_num_tokens=2)):
+            text = target.generate(PROMPT, max_new_tokens=30, stop=["e "], **spec, **kwargs)
+            stats = target.last_stats
+            assert "".join(target.stream(PROMPT, max_new_tokens=30, stop=["e "], **spec, **kwargs)) == text
+            assert target.last_stats == stats
+
+
 def test_greedy_with_stop_ids_penalty_and_bf16_cache(pair, tok):
     target, draft = pair
     p = tok.encode(PROMPT)
@@ -305,8 +315,8 @@ def test_cli_generate_with_a_draft_and_its_errors(pair, tok, tmp_path, capsys):
     assert run("--draft", str(tmp_path / "bad")) == (
         2, "", f"error: the draft's vocabulary has {tok.vocab_size + 1} tokens but the target's has {tok.vocab_size}; "
                "a draft must share the target's tokenizer\n")
-    assert run("--draft", str(tmp_path / "draft"), "--stream") == (
-        2, "", "error: --stream does not combine with --draft or --prompt-lookup-num-tokens\n")
+    code, out, err = run("--draft", str(tmp_path / "draft"), "--stream")
+    assert (code, out) == (0, plain) and err.startswith("speculative decoding: acceptance rate ")
     for args, fragment in ((["--num-draft-tokens", "0"], "argument --num-draft-tokens: expected a positive integer, got '0'"),
                            (["--kv-cache-dtype", "fp16"], "argument --kv-cache-dtype: invalid choice: 'fp16'")):
         with pytest.raises(SystemExit) as e:

@@ -342,25 +342,28 @@ def stream_text(model: torch.nn.Module, tokenizer: Any, prompt: Sequence[int], *
     """Yield text pieces of one prompt's continuation as tokens are produced. The pieces join to the
     text `generate` returns for the same settings; none ends inside a multi-byte character.
     Arguments are checked here, before the first piece is asked for."""
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    stops = normalize_stop(stop)
-    n_new = check_prompts(model, [prompt], max_new_tokens)
-    return _stream(model, tokenizer, list(prompt), n_new, params, stop_id_set(eos_id), stops, seed,
-                   cache_dtype_of(kv_cache_dtype))
+    settings = Settings.check(model, [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
+                              stop, tokenizer, seed, kv_cache_dtype)
+    idx_1T = torch.tensor([list(prompt)], dtype=torch.long, device=_model_device(model))
+    steps = token_stream(model, idx_1T, None, settings.n_new, settings.params, settings.generator,
+                         settings.cache_dtype)
+    return text_pieces(tokenizer, _first_row(steps), settings.stop_ids, settings.stops)
 
 
-@torch.inference_mode()
-def _stream(model: torch.nn.Module, tokenizer: Any, prompt: list[int], n_new: int, params: SamplingParams,
-            stop_ids: set[int], stops: list[str], seed: int | None,
-            cache_dtype: torch.dtype | None) -> Iterator[str]:
-    device = _model_device(model)
-    idx_BT = torch.tensor([prompt], dtype=torch.long, device=device)
-    generator = None if params.greedy else make_generator(device, seed)
-    tracker = TextTracker(tokenizer, stops)
-    steps = token_stream(model, idx_BT, None, n_new, params, generator, cache_dtype)
+def _first_row(steps: Iterator[torch.Tensor]) -> Iterator[int]:
     try:
         for tok_B in steps:
-            tok = int(tok_B[0])
+            yield int(tok_B[0])
+    finally:
+        steps.close()
+
+
+def text_pieces(tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stops: list[str]) -> Iterator[str]:
+    """The text of one row's `tokens` in pieces as they come, until a stop id, a stop string or the
+    end (then `tokens` is closed)."""
+    tracker = TextTracker(tokenizer, stops)
+    try:
+        for tok in tokens:
             if tok in stop_ids:
                 break
             stopped = tracker.push(tok)
@@ -370,7 +373,7 @@ def _stream(model: torch.nn.Module, tokenizer: Any, prompt: list[int], n_new: in
             if stopped:
                 break
     finally:
-        steps.close()
+        tokens.close()
     tracker.finish()
     piece = tracker.take()
     if piece:

@@ -184,7 +184,9 @@ class LLM:
 
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float = 1.0, stop: str | Sequence[str] | None = None,
-               seed: int | None = None, num_samples: int = 1, kv_cache_dtype: str = "auto") -> Iterator[str]:
+               seed: int | None = None, num_samples: int = 1, kv_cache_dtype: str = "auto",
+               draft: "LLM | str | Path | None" = None, num_draft_tokens: int = 4,
+               prompt_lookup_num_tokens: int | None = None) -> Iterator[str]:
         """Yield the generated text in pieces as tokens are produced (same settings as `generate`);
         the pieces join to what `generate` returns for the same seed."""
         if not isinstance(prompt, str):
@@ -193,9 +195,17 @@ class LLM:
             raise LMForgeError("stream produces one sample; use generate(..., num_samples=N) for several")
         self._need("stream", "stream works with decoders; use generate() with an encoder-decoder model")
         (ids,) = self._encode_text([prompt])
-        return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
-                           stop=stop, seed=seed, kv_cache_dtype=kv_cache_dtype)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, eos_id=self.stop_ids, stop=stop, seed=seed,
+                       kv_cache_dtype=kv_cache_dtype)
+        self.last_stats = None
+        speculation = self._speculation(draft, num_draft_tokens, prompt_lookup_num_tokens)
+        if speculation is None:
+            return stream_text(self.model, self.tokenizer, ids, **options)
+        from lmforge.infer.speculative import SpeculativeStats, stream_speculative
+
+        self.last_stats = SpeculativeStats()
+        return stream_speculative(self.model, self.tokenizer, ids, speculation, self.last_stats, **options)
 
     # ---- chat ------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from lmforge.errors import LMForgeError
-from lmforge.infer.generate import Generation, Settings, TextTracker
+from lmforge.infer.generate import Generation, Settings, TextTracker, text_pieces
 from lmforge.infer.sampling import SamplingParams, process_logits, sample_next
 from lmforge.models.registry import CONTINUE, family_of
 from lmforge.nn.kv_cache import KVCache
@@ -224,6 +224,17 @@ def speculative_tokens(target: torch.nn.Module, prompt: Sequence[int], n_new: in
     last one, which the next step feeds."""
     if n_new <= 0:
         return
+    was_training = target.training
+    target.eval()
+    try:
+        yield from _tokens(target, prompt, n_new, params, generator, proposer, k, stats, cache_dtype)
+    finally:
+        target.train(was_training)
+
+
+def _tokens(target: torch.nn.Module, prompt: Sequence[int], n_new: int, params: SamplingParams,
+            generator: torch.Generator | None, proposer: Any, k: int, stats: SpeculativeStats,
+            cache_dtype: torch.dtype | None) -> Iterator[int]:
     cache = target.new_cache(1, len(prompt) + n_new - 1, dtype=cache_dtype)
     device = cache.device
     tokens = list(prompt)
@@ -268,6 +279,13 @@ class Speculation:
                                f"({max_len}); use a draft with a longer context or generate fewer tokens")
         return DraftModel(self.draft, self.draft.new_cache(1, max_len, dtype=cache_dtype))
 
+    def tokens(self, model: torch.nn.Module, prompt: Sequence[int], settings: Settings,
+               stats: SpeculativeStats) -> Iterator[int]:
+        """One prompt's new tokens by speculative decoding under a generate call's `settings`."""
+        proposer = self.proposer(len(prompt) + settings.n_new - 1, settings.cache_dtype)
+        return speculative_tokens(model, prompt, settings.n_new, settings.params, settings.generator, proposer,
+                                  self.num_tokens, stats, settings.cache_dtype)
+
 
 @torch.inference_mode()
 def generate_speculative(model: torch.nn.Module, prompts: Sequence[Sequence[int]], speculation: Speculation, *,
@@ -281,20 +299,24 @@ def generate_speculative(model: torch.nn.Module, prompts: Sequence[Sequence[int]
     settings = Settings.check(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
                               stop, tokenizer, seed, kv_cache_dtype)
     stats = SpeculativeStats()
-    was_training = model.training
-    model.eval()
-    try:
-        results = []
-        for prompt in prompts:
-            n_new = settings.n_new
-            proposer = speculation.proposer(len(prompt) + n_new - 1, settings.cache_dtype)
-            steps = speculative_tokens(model, prompt, n_new, settings.params, settings.generator, proposer,
-                                       speculation.num_tokens, stats, settings.cache_dtype)
-            tracker = TextTracker(tokenizer, settings.stops) if settings.stops else None
-            results.append(_finish_row(steps, settings.stop_ids, tracker, tokenizer if decode_text else None))
-    finally:
-        model.train(was_training)
+    results = []
+    for prompt in prompts:
+        steps = speculation.tokens(model, prompt, settings, stats)
+        tracker = TextTracker(tokenizer, settings.stops) if settings.stops else None
+        results.append(_finish_row(steps, settings.stop_ids, tracker, tokenizer if decode_text else None))
     return results, stats
+
+
+def stream_speculative(model: torch.nn.Module, tokenizer: Any, prompt: Sequence[int], speculation: Speculation,
+                       stats: SpeculativeStats, *, max_new_tokens: int = 64, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                       eos_id: int | Iterable[int] | None = None, stop: str | Sequence[str] | None = None,
+                       seed: int | None = None, kv_cache_dtype: str | None = None) -> Iterator[str]:
+    """`stream_text` with speculative decoding; `stats` fills in as the pieces are taken."""
+    settings = Settings.check(model, [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
+                              stop, tokenizer, seed, kv_cache_dtype)
+    return text_pieces(tokenizer, speculation.tokens(model, prompt, settings, stats), settings.stop_ids,
+                       settings.stops)
 
 
 def _finish_row(steps: Iterator[int], stop_ids: set[int], tracker: TextTracker | None,
