@@ -351,3 +351,15 @@ def test_same_tokens_as_transformers_assisted_generation(tmp_path):
     got = llm_of(target, None).generate(prompt, max_new_tokens=30, temperature=0, draft=llm_of(draft, None),
                                         num_draft_tokens=4)
     assert got == want
+
+
+def test_serve_refuses_a_missing_draft_and_a_bad_cache_dtype(pair, tmp_path):
+    from lmforge.serve import serve
+
+    model = str(write_model_dir(tmp_path / "m", pair[0].model))
+    with pytest.raises(LMForgeError) as e:
+        serve(model, port=8123, draft=str(tmp_path / "nope"))
+    assert str(e.value) == f"draft model not found: {tmp_path / 'nope'}"
+    with pytest.raises(LMForgeError) as e:
+        serve(model, port=8123, kv_cache_dtype="fp16")
+    assert str(e.value) == "kv_cache_dtype must be 'auto', 'fp32' or 'bf16', got 'fp16'"
