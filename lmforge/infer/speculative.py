@@ -145,14 +145,14 @@ class PromptLookup:
 
     def propose(self, tokens: Sequence[int], k: int, params: SamplingParams, generator: torch.Generator | None,
                 seen_V: torch.Tensor | None) -> tuple[list[int], None]:
-        n_tok = len(tokens)
+        toks, n_tok = list(tokens), len(tokens)
         if k == 0:
             return [], None
         for n in range(min(self.max_ngram, n_tok - 1), 0, -1):
-            tail = list(tokens[n_tok - n:])
+            tail = toks[n_tok - n:]
             for start in range(n_tok - n):  # the first occurrence that has tokens after it
-                if list(tokens[start:start + n]) == tail:
-                    return list(tokens[start + n:min(start + n + k, n_tok)]), None
+                if toks[start] == tail[0] and toks[start:start + n] == tail:
+                    return toks[start + n:start + n + k], None
         return [], None
 
     def keep(self, n: int) -> None:
