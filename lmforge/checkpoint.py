@@ -1,7 +1,8 @@
 """Checkpoint files: the only module that reads or writes them.
 
 A *model directory* is self-contained and is what `LLM.load` reads:
-    model_config.json    DecoderConfig as JSON ({"family": "decoder", "config": {...}})
+    model_config.json    DecoderConfig as JSON ({"family": "decoder", "config": {...}}; a quantised
+                         model adds "quantization": {scheme, group_size, embeddings, compute_dtype})
     model.safetensors    weights (tied weights stored once, under tok_emb.weight)
     tokenizer.json       optional; the tokenizer the model was trained with
 A training *run directory* holds `config.yaml`, `metrics.jsonl` and `checkpoints/step_XXXXXXXX/`
@@ -129,7 +130,10 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def model_config_json(model: torch.nn.Module) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return {"family": getattr(model, "family", "decoder"), "config": asdict(model.cfg)}
+    meta = {"family": getattr(model, "family", "decoder"), "config": asdict(model.cfg)}
+    if getattr(model, "quantization", None) is not None:  # nn/quant.py's QuantConfig of a quantised model
+        meta["quantization"] = asdict(model.quantization)
+    return meta
 
 
 def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_path: str | Path | None = None,
