@@ -33,10 +33,11 @@ def _is_loopback(host: str) -> bool:
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_batch: int = 32, max_queue: int = 256,
           max_model_len: int | None = None, device: str = "cpu", log_prompts: bool = False,
-          threads: int | None = None) -> None:
+          threads: int | None = None, quantize: str | None = None, group_size: int | None = None,
+          quantize_embeddings: bool = False) -> None:
     """Load MODEL (anything `LLM.load` accepts) in the background and serve it until interrupted.
     The model computes on `threads` CPU threads (None: `runtime.default_threads()`, which leaves
-    cores to the HTTP side). A model that fails to load stops the server with an LMForgeError (the
+    cores to the HTTP side). `quantize` / `group_size` / `quantize_embeddings`: as `LLM.load`. A model that fails to load stops the server with an LMForgeError (the
     CLI's one-line error)."""
     import socket
 
@@ -59,7 +60,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     name = served_model_name or Path(model).resolve().name
     cfg = ServerConfig(served_model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                        max_model_len=max_model_len, log_prompts=log_prompts, model_path=str(model),
-                       threads=threads if threads is not None else default_threads())
+                       threads=threads if threads is not None else default_threads(), quantize=quantize,
+                       group_size=group_size, quantize_embeddings=quantize_embeddings)
 
     failed: list[BaseException] = []
     holder: dict[str, Any] = {}
@@ -76,7 +78,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     def load_model() -> Any:
         from lmforge.infer.llm import LLM
 
-        llm = LLM.load(model, device=device)
+        llm = LLM.load(model, device=device, quantize=cfg.quantize, group_size=cfg.group_size,
+                       quantize_embeddings=cfg.quantize_embeddings)
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
             raise LMForgeError(f"--max-model-len {max_model_len} is longer than the model's context ({ctx})")

@@ -18,3 +18,6 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     model_path: str | None = None
     threads: int | None = None  # torch threads of the scheduler thread (None: torch's default)
+    quantize: str | None = None  # weight-only quantisation on load: "int8" | "int4" (None: as stored)
+    group_size: int | None = None  # int4 group size (None: 128)
+    quantize_embeddings: bool = False  # also the token embeddings and LM head
