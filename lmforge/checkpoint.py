@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LMForgeError
@@ -183,11 +183,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise LMForgeError(f"{path} holds no lmforge checkpoint (no {MODEL_CONFIG}, {MODEL_WEIGHTS} or {CKPT_DIR}/)")
 
 
-def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load weights, naming any missing/unexpected tensor or shape mismatch; re-ties and rebuilds buffers."""
-    expected = model_state_for_saving(model)
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+def _check_names(expected: dict[str, torch.Tensor], names: set[str], source: Path) -> None:
+    missing = sorted(set(expected) - names)
+    extra = sorted(names - set(expected))
     if missing or extra:
         parts = []
         if missing:
@@ -195,14 +193,47 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
         if extra:
             parts.append(f"unexpected tensors: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
         raise LMForgeError(f"{source} does not match the model config ({'; '.join(parts)})")
-    for name, t in state.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise LMForgeError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the config expects {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False, assign=True)
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: dict[str, torch.Tensor], source: Path) -> None:
+    if tuple(t.shape) != tuple(expected[name].shape):
+        raise LMForgeError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the config expects {tuple(expected[name].shape)}")
+
+
+def _after_loading(model: torch.nn.Module) -> None:
     if hasattr(model, "retie"):
         model.retie()
     if hasattr(model, "rebuild_buffers"):
         model.rebuild_buffers()
+
+
+def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load weights, naming any missing/unexpected tensor or shape mismatch; re-ties and rebuilds buffers."""
+    expected = model_state_for_saving(model)
+    _check_names(expected, set(state), source)
+    for name, t in state.items():
+        _check_shape(name, t, expected, source)
+    model.load_state_dict(state, strict=False, assign=True)
+    _after_loading(model)
+
+
+def load_state_streamed(model: torch.nn.Module, path: Path) -> None:
+    """`load_state_checked` from a weights file, copying its tensors one at a time into the model's own
+    (allocated) tensors: the file's tensors are never all in memory beside the model."""
+    expected = model_state_for_saving(model)
+    if not path.is_file():
+        raise LMForgeError(f"checkpoint file missing: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            _check_names(expected, set(f.keys()), path)
+            with torch.no_grad():
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    _check_shape(name, t, expected, path)
+                    expected[name].copy_(t)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LMForgeError(f"checkpoint file {path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+    _after_loading(model)
 
 
 def replace_dir_atomically(tmp_dir: Path, final_dir: Path) -> None:

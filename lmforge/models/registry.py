@@ -36,7 +36,8 @@ from lmforge.nn.quant import QuantConfig, check_device, quantized_skeleton
 from lmforge.tokenizer import Tokenizer
 
 __all__ = ["Family", "FAMILIES", "get_family", "families", "family_of", "family_of_preset", "all_presets",
-           "family_of_model_dir", "read_model_config", "read_quantization", "build_model", "load_model_dir", "load_tokenizer",
+           "family_of_model_dir", "read_model_config", "read_quantization",
+           "build_quantized_model", "build_model", "load_model_dir", "load_tokenizer",
            "preset_config", "model_summary"]
 
 # What a family's models can be asked to do (LLM methods, the CLI and the server check these).
@@ -202,21 +203,28 @@ def read_quantization(directory: Path) -> QuantConfig | None:
 
 
 def build_model(family: Family, cfg: Any, device: str | torch.device = "cpu",
-                state: dict[str, torch.Tensor] | None = None, source: Path | None = None,
-                quantization: QuantConfig | None = None) -> torch.nn.Module:
-    """A model of `family` with config `cfg`; with `state`, its weights (checked) without a random init;
-    with `quantization`, the quantised modules that state holds (no fp weight is ever allocated)."""
+                state: dict[str, torch.Tensor] | None = None, source: Path | None = None) -> torch.nn.Module:
+    """A model of `family` with config `cfg`; with `state`, its weights (checked) without a random init."""
     if state is None:
         return family.model_cls(cfg).to(device)
     with torch.device("meta"):
         model = family.model_cls(cfg)
-        if quantization is not None:
-            check_device(quantization, device)
-            quantized_skeleton(model, quantization)
     model = model.to_empty(device=device)
     # load_state_checked assigns the given tensors themselves, so they go to the device first
     ckpt_io.load_state_checked(model, {k: v.to(device) for k, v in state.items()}, source or Path("<weights>"))
     return model.to(device)  # buffers rebuilt from the weights follow them; a no-op for the rest
+
+
+def build_quantized_model(family: Family, cfg: Any, qc: QuantConfig, weights: Path,
+                          device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model quantised with `qc` (nn/quant.py) from its weights file: the quantised modules are
+    allocated and the file's tensors copied in one at a time; no fp weight is ever allocated."""
+    check_device(qc, device)
+    with torch.device("meta"):
+        model = quantized_skeleton(family.model_cls(cfg), qc)
+    model = model.to_empty(device=device)
+    ckpt_io.load_state_streamed(model, weights)
+    return model
 
 
 def load_tokenizer(family: Family, cfg: Any, tokenizer_json: Path) -> Tokenizer | None:
@@ -231,9 +239,11 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tupl
     """(model in eval mode, its config, its Tokenizer or None) from an lmforge run or model directory."""
     directory = ckpt_io.resolve_model_dir(path)
     family, cfg = read_model_config(directory)
-    state = ckpt_io.load_tensors(directory / ckpt_io.MODEL_WEIGHTS)
-    model = build_model(family, cfg, device, state, directory / ckpt_io.MODEL_WEIGHTS,
-                        read_quantization(directory)).eval()
+    weights, qc = directory / ckpt_io.MODEL_WEIGHTS, read_quantization(directory)
+    if qc is None:
+        model = build_model(family, cfg, device, ckpt_io.load_tensors(weights), weights).eval()
+    else:
+        model = build_quantized_model(family, cfg, qc, weights, device).eval()
     for name, attr in family.dir_files.items():
         setattr(model, attr, ckpt_io.read_json(directory / name) if (directory / name).is_file() else None)
     return model, cfg, load_tokenizer(family, cfg, directory / ckpt_io.TOKENIZER)
