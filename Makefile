@@ -95,7 +95,7 @@ RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
-                  results-bench-seq2seq
+                  results-bench-seq2seq results-quant
 .PHONY: results results-quality results-speed results-parity results-test $(RESULTS_QUALITY) $(RESULTS_SPEED)
 
 results: dev
@@ -156,6 +156,11 @@ results-bench-encoder: dev
 
 results-bench-seq2seq: dev
 	$(TIMED) $(VENV)/bin/lmforge bench seq2seq --results $(RESULTS)
+
+results-quant: dev  # int8 / int4 decode speed and weight memory, then their quality on the demo and chat-demo models
+	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
+	$(TIMED) $(PY) benchmarks/quant.py --demo $(DEMO_RUN) --demo-data $(DEMO_DATA) --chat $(CHAT_RUN) \
+	    --chat-data $(CHAT_DATA)/test.jsonl --results $(RESULTS)
 
 results-parity: dev  # logit differences against transformers, every family (docs/parity.md)
 	$(TIMED) $(PY) benchmarks/parity.py --results $(RESULTS)
