@@ -187,6 +187,11 @@ def test_cli_quantize_then_generate_info_and_errors(model_dir, tmp_path, capsys)
     assert "already quantised (int8)" in capsys.readouterr().err
     assert main(["quantize", str(model_dir), "--scheme", "fp8", "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == "error: unknown quantisation scheme 'fp8'; choose one of: int8, int4\n"
+    assert main(["serve", str(model_dir), "--quantize", "int4", "--group-size", "100"]) == 2
+    assert capsys.readouterr().err == "error: int4 group size must be one of 32, 64, 128, got 100\n"
+    assert main(["convert", str(out), "--to-hf", "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (f"error: {out} holds int8 weights, which Hugging Face folders cannot hold; "
+                                       "export the full-precision model it was quantised from\n")
     assert not (tmp_path / "again").exists() and not (tmp_path / "x").exists()
 
 

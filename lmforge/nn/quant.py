@@ -157,8 +157,8 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = None) -> "QuantizedLinear":
         return cls.from_weight(linear.weight, linear.bias, scheme, group_size)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) @ W.T in bf16 on the kernel, back in x's dtype (no bias)."""
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) @ W.T (+ bias) in bf16 on the kernel, back in x's dtype."""
         x_MK = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
         if self.k_padded != self.in_features:
             x_MK = F.pad(x_MK, (0, self.k_padded - self.in_features))
@@ -167,11 +167,12 @@ class QuantizedLinear(nn.Module):
         else:
             y_MN = torch._weight_int4pack_mm_for_cpu(x_MK, self.qweight, self.group_size, self.scales)
             y_MN = y_MN[:, :self.out_features]
+        if bias is not None:
+            y_MN = y_MN + bias  # bf16 + fp32 bias: one op that also returns fp32
         return y_MN.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return self.matmul(x, self.bias)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """The dequantised fp32 rows `idx` (any shape) of the weight: (*idx.shape, K)."""

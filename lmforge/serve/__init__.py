@@ -52,6 +52,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise LMForgeError(f"--port must be 1..65535, got {port}")
     resolve_device(device, "--device")
+    if quantize is not None or group_size is not None or quantize_embeddings:
+        from lmforge.nn.quant import quant_config
+
+        quant_config(quantize, group_size, quantize_embeddings)  # a bad option fails before the server starts
     if not Path(model).exists():
         raise LMForgeError(f"model not found: {model}")
     if not _is_loopback(host) and api_key is None:
