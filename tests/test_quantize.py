@@ -213,3 +213,19 @@ def test_cli_quantizes_an_imported_hugging_face_decoder(tmp_path, capsys):
         tmp_path / "hf", quantize="int4", group_size=32).generate(ids, max_new_tokens=6, temperature=0)
     assert not (out / ".fp-import").exists() and (out / MODEL_WEIGHTS).stat().st_size < (
         tmp_path / "hf" / "model.safetensors").stat().st_size / 3
+
+
+@pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32)])
+def test_serving_scheduler_batches_a_quantised_model_like_generate_alone(model_dir, scheme, group_size):
+    from lmforge.infer.scheduler import GenerationRequest, Scheduler, run_all
+
+    llm = LLM.load(model_dir, quantize=scheme, group_size=group_size, quantize_embeddings=True)
+    ids = llm.tokenizer.encode("ROMEO: but soft, what light through yonder window breaks? hello world")
+    prompts = [ids[i % 5: i % 5 + 2 + (7 * i) % 19] for i in range(8)]
+    sched = Scheduler(llm.model, llm.tokenizer, max_batch=8, prefill_chunk=5).start()
+    try:
+        together = run_all(sched, [GenerationRequest(p, max_tokens=10, temperature=0) for p in prompts])
+    finally:
+        sched.stop()
+    # the kernels compute each row on its own, so a row's tokens do not depend on its batch
+    assert [t.token_ids for t in together] == [llm.generate(p, max_new_tokens=10, temperature=0) for p in prompts]
