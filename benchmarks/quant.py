@@ -14,7 +14,9 @@ the tied head quantised too (`--quantize-embeddings`), and int8 with them in fp3
 share of greedy tokens equal to lmforge fp32's on that prompt (random weights: near-ties flip early).
 
 Memory, per shape and variant: the model.safetensors bytes `lmforge quantize` writes, and the peak
-RSS of a fresh process that loads that directory with `LLM.load` (minus `baseline_rss_bytes`, the
+RSS of a fresh process that loads that directory with `LLM.load` and runs one forward step on one
+token, which reads every weight (fp32 weights are mapped from the file and resident only once read;
+quantised ones are read into their modules as they load) (minus `baseline_rss_bytes`, the
 same process before loading: Python, torch and lmforge imported, and torch's one-time costs paid by
 building a tiny model on the meta device).
 
@@ -153,11 +155,15 @@ def probe(directory: str) -> None:
     M.tune_malloc()
     with torch.device("meta"):  # pays torch's one-time costs (~75 MB, lazily imported ops) before the baseline
         Decoder(config_from_preset("tiny"))
+    M.reset_peak_rss()
     before = M.rss_bytes()
     llm = LLM.load(directory)
+    with torch.no_grad():  # reads every weight: an fp32 file's mapped pages are resident only once read
+        llm.model(torch.zeros(1, 1, dtype=torch.long))
     peak = M.peak_rss_bytes()
     print(json.dumps({"baseline_rss_bytes": before, "peak_rss_after_load_bytes": peak,
-                      "load_rss_bytes": peak - before, "state_bytes": state_bytes(llm.model)}))
+                      "load_rss_bytes": peak - before, "rss_after_load_bytes": M.rss_bytes(),
+                      "state_bytes": state_bytes(llm.model)}))
 
 
 # ---- quality -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LMForgeError
@@ -217,22 +217,47 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     _after_loading(model)
 
 
+# safetensors dtype names of the tensors lmforge writes
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
 def load_state_streamed(model: torch.nn.Module, path: Path) -> None:
-    """`load_state_checked` from a weights file, copying its tensors one at a time into the model's own
-    (allocated) tensors: the file's tensors are never all in memory beside the model."""
+    """`load_state_checked` from a weights file, read tensor by tensor straight into the model's own
+    (allocated) tensors: no second copy of the weights is ever in memory, not even the file's pages
+    mapped (safetensors' loaders map the file, and mapped pages count as resident)."""
     expected = model_state_for_saving(model)
     if not path.is_file():
         raise LMForgeError(f"checkpoint file missing: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            _check_names(expected, set(f.keys()), path)
-            with torch.no_grad():
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    _check_shape(name, t, expected, path)
-                    expected[name].copy_(t)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LMForgeError(f"checkpoint file {path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+
+    def corrupt(why: str) -> LMForgeError:
+        return LMForgeError(f"checkpoint file {path} is truncated or corrupt ({why})")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt("no header")
+        try:
+            header = json.loads(f.read(int.from_bytes(head, "little")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt(f"header: {e}") from None
+        data_start = 8 + int.from_bytes(head, "little")
+        header.pop("__metadata__", None)
+        _check_names(expected, set(header), path)
+        for name, info in header.items():
+            dst = expected[name]
+            _check_shape(name, torch.empty(info["shape"], device="meta"), expected, path)
+            if SAFETENSORS_DTYPES.get(info["dtype"]) != dst.dtype:
+                raise LMForgeError(f"{path}: tensor '{name}' is {info['dtype']}, the config expects {dst.dtype}")
+            begin, end = info["data_offsets"]
+            buf = dst if dst.device.type == "cpu" and dst.is_contiguous() else torch.empty_like(dst, device="cpu")
+            f.seek(data_start + begin)
+            if end - begin != buf.nbytes or f.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy())) != buf.nbytes:
+                raise corrupt(f"tensor '{name}' is short")
+            if buf is not dst:
+                with torch.no_grad():
+                    dst.copy_(buf)
     _after_loading(model)
 
 

@@ -229,3 +229,12 @@ def test_serving_scheduler_batches_a_quantised_model_like_generate_alone(model_d
         sched.stop()
     # the kernels compute each row on its own, so a row's tokens do not depend on its batch
     assert [t.token_ids for t in together] == [llm.generate(p, max_new_tokens=10, temperature=0) for p in prompts]
+
+
+def test_a_truncated_quantised_file_names_the_problem(model_dir, tmp_path):
+    out = quantize_model_dir(model_dir, tmp_path / "q", quant_config("int8"))
+    data = (out / MODEL_WEIGHTS).read_bytes()
+    (out / MODEL_WEIGHTS).write_bytes(data[:-100])
+    with pytest.raises(LMForgeError) as e:
+        LLM.load(out)
+    assert str(e.value).startswith(f"checkpoint file {out / MODEL_WEIGHTS} is truncated or corrupt (tensor '")
