@@ -2,6 +2,7 @@
 
     from lmforge import LLM
     llm = LLM.load("runs/shakespeare")            # run dir, model/checkpoint dir or Hugging Face folder
+    llm = LLM.load("runs/shakespeare", quantize="int8")   # weight-only int8 (or "int4"), see nn/quant.py
     llm.generate("ROMEO:", max_new_tokens=50, temperature=0.8, top_k=200, seed=0)   # -> str
     llm.generate([15, 27, 3], temperature=0)      # -> list of new token ids
     for piece in llm.stream("ROMEO:"): print(piece, end="")
@@ -245,4 +246,6 @@ class LLM:
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
-        return f"LLM({self.path or 'in-memory'}, {n / 1e6:.2f}M parameters, tokenizer={'yes' if self.tokenizer else 'no'})"
+        qc = getattr(self.model, "quantization", None)
+        weights = f"{n / 1e6:.2f}M parameters" if qc is None else f"{qc.scheme} weights"  # int tensors are buffers
+        return f"LLM({self.path or 'in-memory'}, {weights}, tokenizer={'yes' if self.tokenizer else 'no'})"
