@@ -212,10 +212,6 @@ class QuantizedEmbedding(QuantizedLinear):
         return self.rows(idx)
 
     @property
-    def num_embeddings(self) -> int:
-        return self.out_features
-
-    @property
     def weight(self) -> torch.Tensor:
         # Callers read `tok_emb.weight.device / .dtype` for where the model computes and in what
         # dtype (KV caches, inputs): an empty tensor answers both without a second copy of the table.
