@@ -235,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     matrix, masked-LM encoders masked-token loss / accuracy, language models loss / perplexity / bits per byte."""
     from lmforge.infer.llm import LLM
 
-    llm = LLM.load(model_of(args, "eval"), device=args.device)
+    llm = LLM.load(model_of(args, "eval"), device=args.device, **quantize_options(args))
     if "classify" in llm.tasks:
         from lmforge.eval.classification import evaluate_classifier
 
@@ -634,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-pair-column", dest="pair_column", help="classifiers: column of the second text of pairs")
     s.add_argument("--label-column", help="classifiers: column holding the label (default: the run's, else label)")
     add_runtime_arguments(s)
+    add_quantize_arguments(s)
 
     s = sub.add_parser("info", help="parameter count, FLOPs and KV-cache size of a model or a preset "
                        "(+ --model.KEY overrides)")

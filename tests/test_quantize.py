@@ -176,6 +176,12 @@ def test_cli_quantize_then_generate_info_and_errors(model_dir, tmp_path, capsys)
     assert main(["generate", str(model_dir), "--quantize", "int8", "--quantize-embeddings", "--prompt", "hello",
                  "--max-new-tokens", "8", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == "hello" + expected + "\n"
+    text = tmp_path / "held_out.txt"
+    text.write_text(CORPUS[1], encoding="utf-8")
+    assert main(["eval", str(model_dir), "--data", str(text), "--quantize", "int8", "--quantize-embeddings"]) == 0
+    on_load = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(out), "--data", str(text)]) == 0
+    assert {**json.loads(capsys.readouterr().out), "checkpoint": None} == {**on_load, "checkpoint": None}
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["quantization"]["scheme"] == "int8" and info["weight_bytes"] == (out / MODEL_WEIGHTS).stat().st_size
