@@ -95,7 +95,7 @@ RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
-                  results-bench-seq2seq results-speculative
+                  results-bench-seq2seq results-quant results-speculative
 .PHONY: results results-quality results-speed results-parity results-test $(RESULTS_QUALITY) $(RESULTS_SPEED)
 
 results: dev
@@ -161,6 +161,10 @@ results-speculative: dev  # batch-1 greedy with a draft (trained here: --recipe 
 	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
 	$(TIMED) $(PY) benchmarks/speculative.py --target $(DEMO_RUN) --data $(DEMO_DATA) --results $(RESULTS) \
 	    $(if $(wildcard runs/folio-whole/decoder),--folio-model runs/folio-whole/decoder --folio-data runs/folio-whole/data/test.jsonl)
+results-quant: dev  # int8 / int4 decode speed and weight memory, then their quality on the demo and chat-demo models
+	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
+	$(TIMED) $(PY) benchmarks/quant.py --demo $(DEMO_RUN) --demo-data $(DEMO_DATA) --chat $(CHAT_RUN) \
+	    --chat-data $(CHAT_DATA)/test.jsonl --results $(RESULTS)
 
 results-parity: dev  # logit differences against transformers, every family (docs/parity.md)
 	$(TIMED) $(PY) benchmarks/parity.py --results $(RESULTS)

@@ -1,7 +1,8 @@
 """Checkpoint files: the only module that reads or writes them.
 
 A *model directory* is self-contained and is what `LLM.load` reads:
-    model_config.json    DecoderConfig as JSON ({"family": "decoder", "config": {...}})
+    model_config.json    DecoderConfig as JSON ({"family": "decoder", "config": {...}}; a quantised
+                         model adds "quantization": {scheme, group_size, embeddings, compute_dtype})
     model.safetensors    weights (tied weights stored once, under tok_emb.weight)
     tokenizer.json       optional; the tokenizer the model was trained with
 A training *run directory* holds `config.yaml`, `metrics.jsonl` and `checkpoints/step_XXXXXXXX/`
@@ -129,7 +130,10 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def model_config_json(model: torch.nn.Module) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return {"family": getattr(model, "family", "decoder"), "config": asdict(model.cfg)}
+    meta = {"family": getattr(model, "family", "decoder"), "config": asdict(model.cfg)}
+    if getattr(model, "quantization", None) is not None:  # nn/quant.py's QuantConfig of a quantised model
+        meta["quantization"] = asdict(model.quantization)
+    return meta
 
 
 def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_path: str | Path | None = None,
@@ -179,11 +183,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise LMForgeError(f"{path} holds no lmforge checkpoint (no {MODEL_CONFIG}, {MODEL_WEIGHTS} or {CKPT_DIR}/)")
 
 
-def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load weights, naming any missing/unexpected tensor or shape mismatch; re-ties and rebuilds buffers."""
-    expected = model_state_for_saving(model)
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+def _check_names(expected: dict[str, torch.Tensor], names: set[str], source: Path) -> None:
+    missing = sorted(set(expected) - names)
+    extra = sorted(names - set(expected))
     if missing or extra:
         parts = []
         if missing:
@@ -191,14 +193,72 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
         if extra:
             parts.append(f"unexpected tensors: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
         raise LMForgeError(f"{source} does not match the model config ({'; '.join(parts)})")
-    for name, t in state.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise LMForgeError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the config expects {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False, assign=True)
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: dict[str, torch.Tensor], source: Path) -> None:
+    if tuple(t.shape) != tuple(expected[name].shape):
+        raise LMForgeError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the config expects {tuple(expected[name].shape)}")
+
+
+def _after_loading(model: torch.nn.Module) -> None:
     if hasattr(model, "retie"):
         model.retie()
     if hasattr(model, "rebuild_buffers"):
         model.rebuild_buffers()
+
+
+def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load weights, naming any missing/unexpected tensor or shape mismatch; re-ties and rebuilds buffers."""
+    expected = model_state_for_saving(model)
+    _check_names(expected, set(state), source)
+    for name, t in state.items():
+        _check_shape(name, t, expected, source)
+    model.load_state_dict(state, strict=False, assign=True)
+    _after_loading(model)
+
+
+# safetensors dtype names of the tensors lmforge writes
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def load_state_streamed(model: torch.nn.Module, path: Path) -> None:
+    """`load_state_checked` from a weights file, read tensor by tensor straight into the model's own
+    (allocated) tensors: no second copy of the weights is ever in memory, not even the file's pages
+    mapped (safetensors' loaders map the file, and mapped pages count as resident)."""
+    expected = model_state_for_saving(model)
+    if not path.is_file():
+        raise LMForgeError(f"checkpoint file missing: {path}")
+
+    def corrupt(why: str) -> LMForgeError:
+        return LMForgeError(f"checkpoint file {path} is truncated or corrupt ({why})")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt("no header")
+        try:
+            header = json.loads(f.read(int.from_bytes(head, "little")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt(f"header: {e}") from None
+        data_start = 8 + int.from_bytes(head, "little")
+        header.pop("__metadata__", None)
+        _check_names(expected, set(header), path)
+        for name, info in header.items():
+            dst = expected[name]
+            _check_shape(name, torch.empty(info["shape"], device="meta"), expected, path)
+            if SAFETENSORS_DTYPES.get(info["dtype"]) != dst.dtype:
+                raise LMForgeError(f"{path}: tensor '{name}' is {info['dtype']}, the config expects {dst.dtype}")
+            begin, end = info["data_offsets"]
+            buf = dst if dst.device.type == "cpu" and dst.is_contiguous() else torch.empty_like(dst, device="cpu")
+            f.seek(data_start + begin)
+            if end - begin != buf.nbytes or f.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy())) != buf.nbytes:
+                raise corrupt(f"tensor '{name}' is short")
+            if buf is not dst:
+                with torch.no_grad():
+                    dst.copy_(buf)
+    _after_loading(model)
 
 
 def replace_dir_atomically(tmp_dir: Path, final_dir: Path) -> None:

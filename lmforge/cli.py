@@ -104,6 +104,21 @@ def add_runtime_arguments(s: argparse.ArgumentParser, device: bool = True) -> No
     s.add_argument("--threads", type=_positive_int, default=None, metavar="N", help=THREADS_HELP)
 
 
+def add_quantize_arguments(s: argparse.ArgumentParser) -> None:
+    """--quantize int8|int4 (+ --group-size, --quantize-embeddings) of a verb that loads a model to run it."""
+    s.add_argument("--quantize", metavar="SCHEME", default=None,
+                   help="quantise the weights as they load: int8 (per output channel) or int4 (grouped); "
+                        "matmuls then run on PyTorch's weight-only kernels with bf16 activations")
+    s.add_argument("--group-size", type=_positive_int, default=None, metavar="G",
+                   help="int4: inputs sharing one scale and zero point: 32, 64 or 128 (default 128)")
+    s.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantise the token embeddings and the LM head (default: they stay fp32)")
+
+
+def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(quantize=args.quantize, group_size=args.group_size, quantize_embeddings=args.quantize_embeddings)
+
+
 def add_texts_arguments(s: argparse.ArgumentParser, model: str) -> None:
     """`MODEL TEXT...` and --file of embed / classify (with --ckpt MODEL, every positional is a text)."""
     s.add_argument("texts", nargs="*", metavar="MODEL TEXT",
@@ -197,7 +212,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model = model_of(args, "generate")
     prompt = _read_prompt(args)
-    llm = LLM.load(model, device=args.device)
+    llm = LLM.load(model, device=args.device, **quantize_options(args))
     opts: dict[str, Any] = dict(sampling_options(args), stop=args.stop or None, kv_cache_dtype=args.kv_cache_dtype)
     speculative = args.draft is not None or args.prompt_lookup_num_tokens is not None
     if speculative:
@@ -242,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     matrix, masked-LM encoders masked-token loss / accuracy, language models loss / perplexity / bits per byte."""
     from lmforge.infer.llm import LLM
 
-    llm = LLM.load(model_of(args, "eval"), device=args.device)
+    llm = LLM.load(model_of(args, "eval"), device=args.device, **quantize_options(args))
     if "classify" in llm.tasks:
         from lmforge.eval.classification import evaluate_classifier
 
@@ -301,13 +316,22 @@ def _info_of_model(args: argparse.Namespace) -> int:
     """`lmforge info MODEL`: what a run (its latest checkpoint) or model directory holds."""
     from dataclasses import asdict
 
-    from lmforge.checkpoint import resolve_model_dir
-    from lmforge.models.registry import model_summary, read_model_config
+    from lmforge.checkpoint import MODEL_WEIGHTS, resolve_model_dir
+    from lmforge.models.registry import model_summary, read_model_config, read_quantization
 
     directory = resolve_model_dir(args.model)
     fam, cfg = read_model_config(directory)
     info, lines = fam.describe(cfg, args.seq_len)
     summary = model_summary(cfg)
+    qc = read_quantization(directory)
+    weight_bytes = (directory / MODEL_WEIGHTS).stat().st_size
+    info = {**info, "quantization": None if qc is None else asdict(qc), "weight_bytes": weight_bytes}
+    if qc is not None:
+        group = f" in groups of {qc.group_size}" if qc.group_size else " per output channel"
+        lines.append(f"quantised              {qc.scheme}{group}, "
+                     f"{'embeddings and head too' if qc.embeddings else 'embeddings and head in fp32'}, "
+                     f"{qc.compute_dtype} activations")
+    lines.append(f"weights                {weight_bytes:,} bytes ({MODEL_WEIGHTS})")
     if args.json:
         print(json.dumps({"model": str(directory), "family": fam.name, "summary": summary, **info,
                           "config": asdict(cfg)}, indent=2))
@@ -441,7 +465,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         from lmforge.chat import LocalBackend
         from lmforge.infer.llm import LLM
 
-        backend = LocalBackend(LLM.load(args.model, device=args.device))
+        backend = LocalBackend(LLM.load(args.model, device=args.device, **quantize_options(args)))
         sampling["kv_cache_dtype"] = args.kv_cache_dtype
     return repl(backend, sampling, system=args.system)
 
@@ -452,7 +476,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
           max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len, device=args.device,
           log_prompts=args.log_prompts, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, draft=args.draft,
-          num_draft_tokens=args.num_draft_tokens)
+          num_draft_tokens=args.num_draft_tokens, **quantize_options(args))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lmforge.infer.quantize import quantize_model_dir
+    from lmforge.nn.quant import quant_config
+
+    qc = quant_config(args.scheme, args.group_size, args.quantize_embeddings)
+    out = quantize_model_dir(model_of(args, "quantize"), args.out, qc, overwrite=args.overwrite)
+    print(f"wrote {out}")
     return 0
 
 
@@ -614,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding without a draft: guess K tokens by copying what followed the latest "
                         "words earlier in the prompt or output (good for edits and copy-heavy tasks)")
     add_runtime_arguments(s)
+    add_quantize_arguments(s)
 
     s = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out data (classifiers: accuracy, "
                                     "macro-F1; masked-LM encoders: masked-token loss and accuracy)",
@@ -628,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-pair-column", dest="pair_column", help="classifiers: column of the second text of pairs")
     s.add_argument("--label-column", help="classifiers: column holding the label (default: the run's, else label)")
     add_runtime_arguments(s)
+    add_quantize_arguments(s)
 
     s = sub.add_parser("info", help="parameter count, FLOPs and KV-cache size of a model or a preset "
                        "(+ --model.KEY overrides)")
@@ -684,6 +720,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", type=_size, default=5 * 2**30, metavar="SIZE",
                    help="--to-hf: split safetensors above this size, e.g. 2GB, 500MB (default 5GB)")
 
+    s = sub.add_parser("quantize", help="write a weight-only quantised copy of a model (int8 or int4) that every "
+                                        "verb loads", usage="lmforge quantize MODEL --scheme int8|int4 --out DIR")
+    add_model_argument(s)
+    s.add_argument("--scheme", required=True, help="int8 (per output channel) or int4 (grouped, with zero points)")
+    s.add_argument("--group-size", type=_positive_int, default=None, metavar="G",
+                   help="int4: inputs sharing one scale and zero point: 32, 64 or 128 (default 128)")
+    s.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantise the token embeddings and the LM head (default: they stay fp32)")
+    s.add_argument("--out", required=True, help="directory to write (a model directory with the tokenizer)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_runtime_arguments(s, device=False)
+
     s = sub.add_parser("chat", help="talk to a chat model in the terminal (streams replies, keeps history)")
     s.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--url", help="talk to a running `lmforge serve` instead, e.g. http://127.0.0.1:8000")
@@ -695,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "model's context after the conversation")
     add_kv_cache_argument(s)
     add_runtime_arguments(s)
+    add_quantize_arguments(s)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
     s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -708,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_cache_argument(s)
     add_draft_arguments(s)
     add_runtime_arguments(s)
+    add_quantize_arguments(s)
     s.add_argument("--log-prompts", action="store_true", help="also log prompt text (off: only ids, sizes, timing)")
 
     sub.add_parser("finetune", help="post-train a model: sft, reward, dpo, grpo, ppo, classify, seq2seq "
@@ -725,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # verbs that compute: they take --threads (finetune, with its own parser, too)
-COMPUTE_VERBS = {"train", "generate", "eval", "chat", "serve", "embed", "classify", "score", "bench"}
+COMPUTE_VERBS = {"train", "generate", "eval", "chat", "serve", "embed", "classify", "score", "bench", "quantize"}
 _TAKES_OVERRIDES = {"train", "info"}
 
 
@@ -771,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "info":
             return cmd_info(args, extra)
         command = {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
-                   "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench,
+                   "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench, "quantize": cmd_quantize,
                    "embed": cmd_embed, "classify": cmd_classify, "score": cmd_score,
                    "data": cmd_data}[verb]
         if verb in COMPUTE_VERBS:

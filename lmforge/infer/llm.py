@@ -2,6 +2,7 @@
 
     from lmforge import LLM
     llm = LLM.load("runs/shakespeare")            # run dir, model/checkpoint dir or Hugging Face folder
+    llm = LLM.load("runs/shakespeare", quantize="int8")   # weight-only int8 (or "int4"), see nn/quant.py
     llm.generate("ROMEO:", max_new_tokens=50, temperature=0.8, top_k=200, seed=0)   # -> str
     llm.generate([15, 27, 3], temperature=0)      # -> list of new token ids
     llm.generate("ROMEO:", temperature=0, draft="runs/draft", num_draft_tokens=4)  # speculative decoding
@@ -45,11 +46,23 @@ class LLM:
             recorded, f"{GENERATION_FORMAT} of {self.path or 'this model'}")
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "LLM":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None,
+             group_size: int | None = None, quantize_embeddings: bool = False) -> "LLM":
         """Load a training run directory (its latest checkpoint), a model/checkpoint directory, or a
         Hugging Face model folder (transformers or sentence-transformers) of any model family, onto
-        `device` ('cpu', 'cuda', 'cuda:N', 'mps', 'auto')."""
+        `device` ('cpu', 'cuda', 'cuda:N', 'mps', 'auto').
+
+        `quantize` "int8" | "int4" quantises the weights as they load (weight-only, see nn/quant.py;
+        int4 in groups of `group_size` inputs, default 128; `quantize_embeddings` also the token
+        embeddings and LM head). A directory `lmforge quantize` wrote loads quantised as it is."""
+        from lmforge.nn.quant import check_device, quant_config, quantize_model
+
         device = str(resolve_device(device, "device"))
+        if quantize is None and (group_size is not None or quantize_embeddings):
+            raise LMForgeError("--group-size and --quantize-embeddings go with --quantize int8|int4")
+        qc = None if quantize is None else quant_config(quantize, group_size, quantize_embeddings)
+        if qc is not None:
+            check_device(qc, device)
         path = Path(path)
         if not path.exists():
             raise LMForgeError(f"checkpoint not found: {path}")
@@ -57,6 +70,8 @@ class LLM:
         from lmforge.models.registry import load_model_dir
 
         model, cfg, tok = (load_hf_dir if is_hf_dir(path) else load_model_dir)(path, device=device)
+        if qc is not None:
+            quantize_model(model, qc)
         return cls(model.eval(), cfg, tok, path)
 
     @classmethod
@@ -274,4 +289,6 @@ class LLM:
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
-        return f"LLM({self.path or 'in-memory'}, {n / 1e6:.2f}M parameters, tokenizer={'yes' if self.tokenizer else 'no'})"
+        qc = getattr(self.model, "quantization", None)
+        weights = f"{n / 1e6:.2f}M parameters" if qc is None else f"{qc.scheme} weights"  # int tensors are buffers
+        return f"LLM({self.path or 'in-memory'}, {weights}, tokenizer={'yes' if self.tokenizer else 'no'})"

@@ -21,7 +21,7 @@ from lmforge.checkpoint import MODEL_CONFIG, resolve_model_dir
 from lmforge.errors import LMForgeError
 from lmforge.interop.files import (HF_CONFIG, SENTENCE_TRANSFORMERS_MODULES, check_out, read_hf_config,
                                    read_json_file)
-from lmforge.models.registry import FAMILIES, Family, read_model_config
+from lmforge.models.registry import FAMILIES, Family, read_model_config, read_quantization
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30  # bytes per output shard, as transformers' save_pretrained
 
@@ -85,6 +85,10 @@ def convert_to_hf(src: str | Path, out: str | Path, overwrite: bool = False,
                            "import it with `lmforge convert --from-hf`")
     model_dir = resolve_model_dir(src)
     fam, cfg = read_model_config(model_dir)
+    qc = read_quantization(model_dir)
+    if qc is not None:
+        raise LMForgeError(f"{src} holds {qc.scheme} weights, which Hugging Face folders cannot hold; "
+                           "export the full-precision model it was quantised from")
     out_p = Path(out)
     check_out(out_p, overwrite, Path(src))
     return fam.interop_module().convert_to_hf(model_dir, cfg, out_p, overwrite=overwrite, max_shard_size=max_shard_size)

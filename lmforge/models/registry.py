@@ -32,10 +32,12 @@ from lmforge.config import from_dict
 from lmforge.errors import LMForgeError
 from lmforge.models import decoder, encoder, heads, seq2seq
 from lmforge.models.presets import describe_shape, preset_config, shape_row, unknown_name
+from lmforge.nn.quant import QuantConfig, check_device, quantized_skeleton
 from lmforge.tokenizer import Tokenizer
 
 __all__ = ["Family", "FAMILIES", "get_family", "families", "family_of", "family_of_preset", "all_presets",
-           "family_of_model_dir", "read_model_config", "build_model", "load_model_dir", "load_tokenizer",
+           "family_of_model_dir", "read_model_config", "read_quantization",
+           "build_quantized_model", "build_model", "load_model_dir", "load_tokenizer",
            "preset_config", "model_summary"]
 
 # What a family's models can be asked to do (LLM methods, the CLI and the server check these).
@@ -192,6 +194,14 @@ def read_model_config(directory: Path) -> tuple[Family, Any]:
     return family, from_dict(family.config_cls, meta["config"], prefix="model.")
 
 
+def read_quantization(directory: Path) -> QuantConfig | None:
+    """The quantisation a model directory's weights hold (None: full precision)."""
+    meta = _read_meta(directory)
+    if meta.get("quantization") is None:
+        return None
+    return QuantConfig.from_json(meta["quantization"], str(directory / ckpt_io.MODEL_CONFIG))
+
+
 def build_model(family: Family, cfg: Any, device: str | torch.device = "cpu",
                 state: dict[str, torch.Tensor] | None = None, source: Path | None = None) -> torch.nn.Module:
     """A model of `family` with config `cfg`; with `state`, its weights (checked) without a random init."""
@@ -203,6 +213,18 @@ def build_model(family: Family, cfg: Any, device: str | torch.device = "cpu",
     # load_state_checked assigns the given tensors themselves, so they go to the device first
     ckpt_io.load_state_checked(model, {k: v.to(device) for k, v in state.items()}, source or Path("<weights>"))
     return model.to(device)  # buffers rebuilt from the weights follow them; a no-op for the rest
+
+
+def build_quantized_model(family: Family, cfg: Any, qc: QuantConfig, weights: Path,
+                          device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model quantised with `qc` (nn/quant.py) from its weights file: the quantised modules are
+    allocated and the file's tensors copied in one at a time; no fp weight is ever allocated."""
+    check_device(qc, device)
+    with torch.device("meta"):
+        model = quantized_skeleton(family.model_cls(cfg), qc)
+    model = model.to_empty(device=device)
+    ckpt_io.load_state_streamed(model, weights)
+    return model
 
 
 def load_tokenizer(family: Family, cfg: Any, tokenizer_json: Path) -> Tokenizer | None:
@@ -217,8 +239,11 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tupl
     """(model in eval mode, its config, its Tokenizer or None) from an lmforge run or model directory."""
     directory = ckpt_io.resolve_model_dir(path)
     family, cfg = read_model_config(directory)
-    state = ckpt_io.load_tensors(directory / ckpt_io.MODEL_WEIGHTS)
-    model = build_model(family, cfg, device, state, directory / ckpt_io.MODEL_WEIGHTS).eval()
+    weights, qc = directory / ckpt_io.MODEL_WEIGHTS, read_quantization(directory)
+    if qc is None:
+        model = build_model(family, cfg, device, ckpt_io.load_tensors(weights), weights).eval()
+    else:
+        model = build_quantized_model(family, cfg, qc, weights, device).eval()
     for name, attr in family.dir_files.items():
         setattr(model, attr, ckpt_io.read_json(directory / name) if (directory / name).is_file() else None)
     return model, cfg, load_tokenizer(family, cfg, directory / ckpt_io.TOKENIZER)

@@ -4,6 +4,8 @@ checkpoint-loading hooks of models/registry.py)."""
 
 from __future__ import annotations
 
+import torch
+
 
 class TiedHeadHooks:
     """Mixin of a model with `tok_emb`, `lm_head` and `cfg.tie_embeddings`."""
@@ -17,5 +19,5 @@ class TiedHeadHooks:
 
     def retie(self) -> None:
         """Share the head with the embedding again after loading (loading assigns separate tensors)."""
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and isinstance(self.tok_emb, torch.nn.Embedding):  # a quantised table ties itself
             self.lm_head.weight = self.tok_emb.weight

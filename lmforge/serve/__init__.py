@@ -33,14 +33,15 @@ def _is_loopback(host: str) -> bool:
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_batch: int = 32, max_queue: int = 256,
           max_model_len: int | None = None, device: str = "cpu", log_prompts: bool = False,
-          threads: int | None = None, kv_cache_dtype: str = "auto", draft: str | None = None,
+          threads: int | None = None, quantize: str | None = None, group_size: int | None = None,
+          quantize_embeddings: bool = False, kv_cache_dtype: str = "auto", draft: str | None = None,
           num_draft_tokens: int = 4) -> None:
     """Load MODEL (anything `LLM.load` accepts) in the background and serve it until interrupted.
     The model computes on `threads` CPU threads (None: `runtime.default_threads()`, which leaves
     cores to the HTTP side). A model that fails to load stops the server with an LMForgeError (the
-    CLI's one-line error). `kv_cache_dtype` ("auto", "fp32", "bf16") is the KV cache's storage;
-    `draft` (a model sharing MODEL's tokenizer) turns on speculative decoding with
-    `num_draft_tokens` guesses per step."""
+    CLI's one-line error). `quantize` / `group_size` / `quantize_embeddings`: as `LLM.load`.
+    `kv_cache_dtype` ("auto", "fp32", "bf16") is the KV cache's storage; `draft` (a model sharing
+    MODEL's tokenizer) turns on speculative decoding with `num_draft_tokens` guesses per step."""
     import socket
 
     import uvicorn
@@ -55,6 +56,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise LMForgeError(f"--port must be 1..65535, got {port}")
     resolve_device(device, "--device")
+    if quantize is not None or group_size is not None or quantize_embeddings:
+        from lmforge.nn.quant import quant_config
+
+        quant_config(quantize, group_size, quantize_embeddings)  # a bad option fails before the server starts
     if not Path(model).exists():
         raise LMForgeError(f"model not found: {model}")
     if draft is not None and not Path(draft).exists():
@@ -66,7 +71,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     name = served_model_name or Path(model).resolve().name
     cfg = ServerConfig(served_model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                        max_model_len=max_model_len, log_prompts=log_prompts, model_path=str(model),
-                       threads=threads if threads is not None else default_threads(),
+                       threads=threads if threads is not None else default_threads(), quantize=quantize,
+                       group_size=group_size, quantize_embeddings=quantize_embeddings,
                        kv_cache_dtype=kv_cache_dtype, draft=draft, num_draft_tokens=num_draft_tokens)
 
     failed: list[BaseException] = []
@@ -84,7 +90,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     def load_model() -> Any:
         from lmforge.infer.llm import LLM
 
-        llm = LLM.load(model, device=device)
+        llm = LLM.load(model, device=device, quantize=cfg.quantize, group_size=cfg.group_size,
+                       quantize_embeddings=cfg.quantize_embeddings)
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
             raise LMForgeError(f"--max-model-len {max_model_len} is longer than the model's context ({ctx})")

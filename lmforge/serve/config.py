@@ -21,3 +21,6 @@ class ServerConfig:
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "fp32" or "bf16"
     draft: str | None = None  # a draft model for speculative decoding (same tokenizer)
     num_draft_tokens: int = 4  # guesses per speculative step
+    quantize: str | None = None  # weight-only quantisation on load: "int8" | "int4" (None: as stored)
+    group_size: int | None = None  # int4 group size (None: 128)
+    quantize_embeddings: bool = False  # also the token embeddings and LM head
