@@ -147,9 +147,10 @@ results-bench: dev
 results-speedrun: dev
 	$(TIMED) $(PY) benchmarks/speedrun.py --minutes 5 --out runs/speedrun --data $(DEMO_DATA) --results $(RESULTS)
 
-results-serve: dev  # one model thread (the default), then both cores to the model
+results-serve: dev  # one model thread (the default), then both cores to the model, then int8 weights + bf16 KV cache
 	$(TIMED) $(PY) benchmarks/serve.py --results $(RESULTS)
 	$(TIMED) $(PY) benchmarks/serve.py --threads 2 --results $(RESULTS)serve-threads2.json
+	$(TIMED) $(PY) benchmarks/serve.py --quantize int8 --kv-cache-dtype bf16 --results $(RESULTS)serve-int8-bf16.json
 
 results-bench-encoder: dev
 	$(TIMED) $(VENV)/bin/lmforge bench encoder --results $(RESULTS)

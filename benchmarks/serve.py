@@ -75,7 +75,7 @@ def free_port() -> int:
 
 
 def start_server(model: Path, threads: int, max_batch: int, device: str = "cpu",
-                 kv_cache_dtype: str = "auto") -> tuple[subprocess.Popen, str]:
+                 kv_cache_dtype: str = "auto", quantize: str | None = None) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
@@ -83,7 +83,7 @@ def start_server(model: Path, threads: int, max_batch: int, device: str = "cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(model), "--port", str(port),
                              "--max-batch", str(max_batch), "--max-queue", "4096", "--device", device,
-                             "--kv-cache-dtype", kv_cache_dtype],
+                             "--kv-cache-dtype", kv_cache_dtype] + (["--quantize", quantize] if quantize else []),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -143,7 +143,7 @@ async def drive(url: str, clients: int, rounds: int, prompts: list[list[int]], m
 
 
 def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_tokens: int, threads: int,
-                device: str = "cpu", kv_cache_dtype: str = "auto") -> list[dict]:
+                device: str = "cpu", kv_cache_dtype: str = "auto", quantize: str | None = None) -> list[dict]:
     """The scheduler in this process without HTTP: the same requests submitted together (the
     ceiling the server can reach; the difference to the HTTP rows is the serving overhead)."""
     import torch
@@ -152,7 +152,7 @@ def engine_only(model: Path, prompts: list[list[int]], clients: list[int], max_t
     from lmforge.infer.scheduler import GenerationRequest, Scheduler, run_all
 
     torch.set_num_threads(threads)
-    llm = LLM.load(model, device=device)
+    llm = LLM.load(model, device=device, quantize=quantize)
     rows = []
     for c in clients:
         sched = Scheduler(llm.model, llm.tokenizer, max_batch=max(clients), kv_cache_dtype=kv_cache_dtype).start()
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="shape of the default model: demo (make demo's, 5M) or gpt2 (124M)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="the server's KV cache storage (recorded as config.kv_cache_dtype)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="the server's weights, quantised as they load (recorded as config.quantize)")
     p.add_argument("--json", type=Path)
     add_results_flag(p, "serve")
     args = p.parse_args(argv)
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         hf = load_transformers(model, args.threads, args.device) if hf_ok else None
         samples: dict[int, list[dict[str, Any]]] = {c: [] for c in clients}
         hf_samples: list[dict[str, Any]] = []
-        proc, url = start_server(model, args.threads, max(clients), args.device, args.kv_cache_dtype)
+        proc, url = start_server(model, args.threads, max(clients), args.device, args.kv_cache_dtype,
+                                 args.quantize)
         try:
             for rep in range(args.repeats):
                 for c in clients:
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         if hf_samples:
             result["transformers_sequential"] = median_row(hf_samples)
         result["engine_only"] = engine_only(model, prompts, sorted({1, max(clients)}), args.max_tokens, args.threads,
-                                            args.device, args.kv_cache_dtype)
+                                            args.device, args.kv_cache_dtype, args.quantize)
         print(json.dumps(result["engine_only"]), file=sys.stderr)
         result["load_average_1m_end"] = round(os.getloadavg()[0], 2)
         rows = {r["clients"]: r for r in result["lmforge"]}
