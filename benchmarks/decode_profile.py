@@ -1,0 +1,125 @@
+"""Where a batch-1 decode step's time goes, fp32 against int8 / int4 weights (torch.profiler).
+
+    python benchmarks/decode_profile.py [--shape small] [--new-tokens 64] [--threads 1] [--results PATH]
+
+The same randomly initialised GPT-2 model as benchmarks/quant.py (saved as a Hugging Face folder,
+loaded with `LLM.load(..., quantize=...)`), a 64-token prompt, `new_tokens` greedy tokens, profiled
+after one warm-up run; the same run with one new token is subtracted, so the figures are per decode
+step (the prompt's prefill excluded). Self CPU time of every operator, grouped: the weight matmuls (fp32 oneDNN /
+mm, or the int8 / int4 weight-only kernels, with the bf16 casts of their inputs and outputs),
+attention (SDPA), and everything else (norms, rotary / positions, residual adds, embedding, the KV
+cache's writes, sampling); `python_overhead_ms_per_token` is the wall time per token that no
+operator accounts for (Python, module calls, dispatch). The figures say how much a faster matmul can
+still win: once the matmuls are cheap, the rest of the step sets the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SHAPES = {"small": (8192, 1024, 6, 6, 384), "gpt2": (50257, 1024, 12, 12, 768)}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "int8": dict(quantize="int8", quantize_embeddings=True),
+    "int4_g128": dict(quantize="int4", group_size=128, quantize_embeddings=True),
+}
+MATMUL_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul",
+              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_to_copy", "aten::copy_")
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
+                 "aten::_scaled_dot_product_attention_math", "aten::_flash_attention_forward")
+
+
+def group_of(name: str) -> str:
+    if name in ATTENTION_OPS:
+        return "attention"
+    if name in MATMUL_OPS:
+        return "matmul"
+    return "other_ops"
+
+
+def profile_variant(hf_dir: Path, variant: str, prompt: list[int], n_new: int) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from lmforge.infer.generate import generate
+    from lmforge.infer.llm import LLM
+
+    model = LLM.load(hf_dir, **VARIANTS[variant]).model
+
+    def run(n: int) -> None:
+        generate(model, [prompt], max_new_tokens=n, temperature=0.0)
+
+    def measure(n: int) -> tuple[float, float, dict[str, float], dict[str, float]]:
+        t = time.perf_counter()
+        run(n)
+        plain_s = time.perf_counter() - t
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            run(n)
+            profiled_s = time.perf_counter() - t
+        groups = {"matmul": 0.0, "attention": 0.0, "other_ops": 0.0}
+        ops: dict[str, float] = {}
+        for ev in prof.key_averages():
+            groups[group_of(ev.key)] += ev.self_cpu_time_total / 1000
+            ops[ev.key] = ops.get(ev.key, 0.0) + ev.self_cpu_time_total / 1000
+        return plain_s * 1000, profiled_s * 1000, groups, ops
+
+    run(n_new)  # warm-up: allocations, oneDNN primitive caches
+    # The prompt's prefill and first token cost the same in both runs: their difference is n_new - 1 decode steps.
+    long_ms, long_prof_ms, long_groups, long_ops = measure(n_new)
+    short_ms, short_prof_ms, short_groups, short_ops = measure(1)
+    steps = n_new - 1
+    groups = {k: (long_groups[k] - short_groups[k]) / steps for k in long_groups}
+    ops = {k: (v - short_ops.get(k, 0.0)) / steps for k, v in long_ops.items()}
+    profiled = (long_prof_ms - short_prof_ms) / steps
+    return {"ms_per_token": round((long_ms - short_ms) / steps, 4),
+            "profiled_ms_per_token": round(profiled, 4),
+            "op_ms_per_token": {k: round(v, 4) for k, v in groups.items()},
+            "python_overhead_ms_per_token": round(max(profiled - sum(groups.values()), 0.0), 4),
+            "top_ops_ms_per_token": {k: round(v, 4) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:12]}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lmforge.bench.results import add_results_flag, record
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    add_results_flag(p, "decode-profile")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    torch.set_num_threads(a.threads)
+
+    from lmforge.bench.train import hf_gpt2_config, save_hf_model
+
+    V, ctx, L, H, C = SHAPES[a.shape]
+    with tempfile.TemporaryDirectory(prefix="lmforge-decode-profile-") as tmp:
+        hf_dir = Path(tmp) / "hf"
+        save_hf_model(hf_gpt2_config(vocab_size=V, n_positions=ctx, n_layer=L, n_head=H, n_embd=C), hf_dir, seed=0)
+        prompt = torch.randint(0, V, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        result: dict[str, Any] = {"benchmark": "decode_profile", "shape": a.shape, "threads": a.threads,
+                                  "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "variants": {}}
+        for v in VARIANTS:
+            result["variants"][v] = profile_variant(hf_dir, v, prompt, a.new_tokens)
+            print(v, json.dumps(result["variants"][v]), file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    if a.results:
+        record("decode-profile", result, out=a.results, wall_s=time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
