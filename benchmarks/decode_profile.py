@@ -11,6 +11,9 @@ attention (SDPA), and everything else (norms, rotary / positions, residual adds,
 cache's writes, sampling); `python_overhead_ms_per_token` is the wall time per token that no
 operator accounts for (Python, module calls, dispatch). The figures say how much a faster matmul can
 still win: once the matmuls are cheap, the rest of the step sets the speed.
+
+`kernels`: one weight's matmul alone, fp32 (oneDNN and MKL) against the int8 / int4 weight-only
+kernels with bf16 and with fp32 activations (why `QuantizedLinear` computes in bf16).
 """
 
 from __future__ import annotations
@@ -90,6 +93,48 @@ def profile_variant(hf_dir: Path, variant: str, prompt: list[int], n_new: int) -
             "top_ops_ms_per_token": {k: round(v, 4) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:12]}}
 
 
+KERNEL_CASES = [(768, 768, 1), (3072, 768, 1), (768, 3072, 1), (3072, 768, 16), (3072, 768, 64)]  # (N, K, M)
+
+
+def kernel_times(iters: int = 30) -> list[dict[str, Any]]:
+    """Microseconds per call (median of `iters`) of one N x K weight at M rows: fp32 through lmforge's
+    `Linear` (oneDNN) and through `F.linear` (MKL), and the int8 / int4 (group 128) weight-only kernels
+    with bf16 activations (what `QuantizedLinear` does, casts included) and with fp32 activations."""
+    import statistics
+
+    import torch.nn.functional as F
+
+    from lmforge.nn.linear import Linear
+    from lmforge.nn.quant import QuantizedLinear
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return round(statistics.median(ts) * 1e6, 1)
+
+    rows = []
+    with torch.inference_mode():
+        for N, K, M in KERNEL_CASES:
+            lin = Linear(K, N, bias=False)
+            x = torch.randn(M, K)
+            q8 = QuantizedLinear.from_linear(lin, "int8")
+            q4 = QuantizedLinear.from_linear(lin, "int4", 128)
+            rows.append({"N": N, "K": K, "M": M,
+                         "fp32_onednn_us": timed(lambda: lin(x)),
+                         "fp32_mkl_us": timed(lambda: F.linear(x, lin.weight)),
+                         "int8_bf16_x_us": timed(lambda: q8(x)),
+                         "int8_fp32_x_us": timed(lambda: torch._weight_int8pack_mm(x, q8.qweight, q8.scales.float())),
+                         "int4_g128_bf16_x_us": timed(lambda: q4(x)),
+                         "int4_g128_fp32_x_us": timed(lambda: torch._weight_int4pack_mm_for_cpu(
+                             x, q4.qweight, 128, q4.scales.float()))})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from lmforge.bench.results import add_results_flag, record
 
@@ -115,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in VARIANTS:
             result["variants"][v] = profile_variant(hf_dir, v, prompt, a.new_tokens)
             print(v, json.dumps(result["variants"][v]), file=sys.stderr)
+    result["kernels"] = kernel_times()
     print(json.dumps(result, indent=2))
     if a.results:
         record("decode-profile", result, out=a.results, wall_s=time.perf_counter() - t0)
