@@ -70,14 +70,14 @@ def child(mode: str, sft: str, tasks: str, steps: int, out: str, device: str = "
             from lmforge.finetune.base_model import load_base
 
             ref = load_base(sft, "dpo").model.eval().to(device)
-            inner = DPOObjective()
 
-            def live(model, batch):
-                with torch.no_grad():
-                    batch = {**batch, "ref_logps": completion_logps(ref, batch)}
-                return inner(model, batch)
+            class LiveReferenceDPO(DPOObjective):  # the reference's log-probs computed in every step
+                def __call__(self, model, batch):
+                    with torch.no_grad():
+                        batch = {**batch, "ref_logps": completion_logps(ref, batch)}
+                    return super().__call__(model, batch)
 
-            task.objective = live
+            task.objective = LiveReferenceDPO()
         _reset_cuda_peak(device)
         t0 = time.perf_counter()
         train_job(task, cfg.train, out)
