@@ -136,7 +136,7 @@ def kernel_times(iters: int = 30) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.bench.results import add_results_flag, record
+    from lmforge.bench.results import add_results_flag, publish
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             result["variants"][v] = profile_variant(hf_dir, v, prompt, a.new_tokens)
             print(v, json.dumps(result["variants"][v]), file=sys.stderr)
     result["kernels"] = kernel_times()
-    print(json.dumps(result, indent=2))
-    if a.results:
-        record("decode-profile", result, out=a.results, wall_s=time.perf_counter() - t0)
+    publish("decode-profile", result, results=a.results, wall_s=time.perf_counter() - t0)
     return 0
 
 

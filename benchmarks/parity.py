@@ -249,7 +249,7 @@ PARTS: dict[str, Callable[[Path], dict[str, Any]]] = {"decoders": decoders, "exp
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.bench.results import add_results_flag, record
+    from lmforge.bench.results import add_results_flag, publish
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default all: {','.join(PARTS)})")
@@ -270,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             figures[name] = PARTS[name](Path(d))
             print(f"parity: {name} {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    print(json.dumps(figures, indent=2))
-    if args.results:
-        record("parity", figures, out=args.results, wall_s=time.perf_counter() - t0)
+    publish("parity", figures, results=args.results, wall_s=time.perf_counter() - t0)
     return 0
 
 

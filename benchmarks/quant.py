@@ -243,7 +243,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.bench.results import add_results_flag, record
+    from lmforge.bench.results import add_results_flag, publish
     from lmforge.errors import LMForgeError
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -288,14 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result["targets"] = targets(result)
-    text = json.dumps(result, indent=2)
-    print(text)
+    publish("quant", result, json_path=a.json, results=a.results, wall_s=time.perf_counter() - t0)
     for t in result["targets"]:
         print(t["text"], file=sys.stderr)
-    if a.json:
-        a.json.write_text(text + "\n", encoding="utf-8")
-    if a.results:
-        record("quant", result, out=a.results, wall_s=time.perf_counter() - t0)
     return 0
 
 

@@ -15,7 +15,6 @@ The same benchmarks run as `lmforge bench train|decode [--quick] [--json OUT]`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ def run(which: str, quick: bool, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.bench.results import add_results_flag, record
+    from lmforge.bench.results import add_results_flag, publish
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("which", nargs="?", default="all", choices=("train", "decode", "all"))
@@ -78,16 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except LMForgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    print(text)
+    publish("bench" if args.which == "all" else f"bench-{args.which}", result, json_path=args.json,
+            results=args.results, wall_s=time.perf_counter() - t0)
     for t in result["targets"]:
         print(t["text"], file=sys.stderr)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    if args.results:
-        name = "bench" if args.which == "all" else f"bench-{args.which}"
-        record(name, {k: v for k, v in result.items() if k != "machine"}, out=args.results,
-               wall_s=time.perf_counter() - t0)
     return 0
 
 

@@ -206,7 +206,7 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.bench.results import add_results_flag, record
+    from lmforge.bench.results import add_results_flag, publish
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="model to serve (default: a GPT-2 model of the demo's shape)")
@@ -278,13 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios[f"lmforge_{max(clients)}_vs_transformers_sequential"] = round(
                 top["tokens_per_s"] / result["transformers_sequential"]["tokens_per_s"], 2)
         result["ratios"] = ratios
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.json:
-            args.json.write_text(text + "\n", encoding="utf-8")
-        if args.results:
-            record("serve", {k: v for k, v in result.items() if k != "machine"}, out=args.results,
-                   wall_s=time.perf_counter() - t0)
+        publish("serve", result, json_path=args.json, results=args.results, wall_s=time.perf_counter() - t0)
         for k, v in ratios.items():
             goal = 10 if "transformers" in k else 4
             print(f"{k}: {v}x (target {goal}x: {'met' if v >= goal else 'NOT met'})", file=sys.stderr)

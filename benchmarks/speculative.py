@@ -197,7 +197,7 @@ def transformers_rows(target_dir: Path, draft_dir: Path, work: Path, prompts: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.bench.results import add_results_flag, record
+    from lmforge.bench.results import add_results_flag, publish
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", type=Path, default=ROOT / "runs" / "demo")
@@ -259,13 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     best = result["lmforge"]["best"]
     result["targets"] = {"draft_speedup": best["speedup"], "goal": 1.8, "met": best["speedup"] >= 1.8,
                          "token_identical": all(r["token_identical"] for r in result["lmforge"]["with_draft"])}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    if args.results:
-        record("speculative", {k: v for k, v in result.items() if k != "machine"}, out=args.results,
-               wall_s=time.perf_counter() - t0)
+    publish("speculative", result, json_path=args.json, results=args.results, wall_s=time.perf_counter() - t0)
     print(f"draft k={best['k']}: {best['speedup']}x the target alone (target 1.8x: "
           f"{'met' if best['speedup'] >= 1.8 else 'NOT met'}), acceptance {best['acceptance_rate']}", file=sys.stderr)
     return 0

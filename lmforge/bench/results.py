@@ -2,6 +2,7 @@
 
     record(name, figures, out=PATH_OR_DIR, command=None, wall_s=None) -> dict
     git_commit(repo) -> "sha" | "sha-dirty" | None
+    publish(name, result, json_path=None, results=None, wall_s=None)   # a benchmark's JSON out and record
 
 A record says what was run, on which code and machine, and when:
 
@@ -100,6 +101,18 @@ def record(name: str, figures: dict[str, Any], *, out: str | Path | None = None,
         atomic_write_text(path, json.dumps(rec, indent=2) + "\n")
         print(f"results: {path}", file=sys.stderr)
     return rec
+
+
+def publish(name: str, result: dict[str, Any], *, json_path: str | Path | None = None,
+            results: str | Path | None = None, wall_s: float | None = None) -> None:
+    """A benchmark's ending: print `result` as JSON, also write it to `json_path`, and with `results`
+    record it under `name` (its own "machine" entry left to the record's)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n", encoding="utf-8")
+    if results:
+        record(name, {k: v for k, v in result.items() if k != "machine"}, out=results, wall_s=wall_s)
 
 
 def add_results_flag(parser: argparse.ArgumentParser, name: str) -> None:
