@@ -219,6 +219,11 @@ class EncoderMLP(nn.Module):
         self.fc_in = Linear(cfg.n_embd, n_in, bias=cfg.bias)
         self.fc_out = Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
 
+    def linear_roles(self) -> dict[str, dict[str, tuple[int, int]]]:
+        h = self.hidden
+        up = {"gate": (0, h), "up": (h, 2 * h)} if self.kind == "geglu" else {"up": (0, h)}
+        return {"fc_in": up, "fc_out": {"down": (0, self.fc_out.out_features)}}
+
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         h_BTF = self.fc_in(x_BTC)
         if self.kind == "geglu":

@@ -210,6 +210,13 @@ class MultiHeadAttention(nn.Module):
             self.qkv = Linear(dim, 3 * inner, bias=bias)
         self.proj = Linear(inner, dim, bias=bias)
 
+    def linear_roles(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """The rows of each fused projection by role (LoRA targets, PEFT names)."""
+        n = self.n_head * self.head_dim
+        fused = {"q": {"q": (0, n)}, "kv": {"k": (0, n), "v": (n, 2 * n)}} if self.cross else \
+            {"qkv": {"q": (0, n), "k": (n, 2 * n), "v": (2 * n, 3 * n)}}
+        return {**fused, "proj": {"o": (0, self.proj.out_features)}}
+
     def heads(self, x_BTX: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTX.shape
         return x_BTX.view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -246,6 +253,11 @@ class FeedForward(nn.Module):
         self.gated = kind.startswith("gated")
         self.fc_in = Linear(dim, 2 * hidden if self.gated else hidden, bias=bias)
         self.fc_out = Linear(hidden, dim, bias=bias)
+
+    def linear_roles(self) -> dict[str, dict[str, tuple[int, int]]]:
+        h = self.hidden
+        up = {"gate": (0, h), "up": (h, 2 * h)} if self.gated else {"up": (0, h)}
+        return {"fc_in": up, "fc_out": {"down": (0, self.fc_out.out_features)}}
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind in ("relu", "gated-relu"):

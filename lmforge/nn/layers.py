@@ -175,6 +175,12 @@ class MLP(nn.Module):
         self.fc_in = Linear(dim, n_in, bias=bias)
         self.fc_out = Linear(hidden, dim, bias=bias)
 
+    def linear_roles(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """The rows of each fused linear by role (LoRA targets, PEFT names): [gate; up] for swiglu."""
+        h = self.hidden
+        up = {"gate": (0, h), "up": (h, 2 * h)} if self.kind == "swiglu" else {"up": (0, h)}
+        return {"fc_in": up, "fc_out": {"down": (0, self.fc_out.out_features)}}
+
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         h_BTF = self.fc_in(x_BTC)
         if self.kind == "swiglu":
@@ -326,6 +332,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.dropout = dropout
+
+    def linear_roles(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """The rows of the fused q|k|v projection by role (LoRA targets, PEFT names)."""
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        return {"qkv": {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}, "proj": {"o": (0, self.proj.out_features)}}
 
     def forward(self, x_BTC: torch.Tensor, ctx: AttentionContext, *, layer: int = 0,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
