@@ -47,14 +47,19 @@ class LLM:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None,
-             group_size: int | None = None, quantize_embeddings: bool = False) -> "LLM":
+             group_size: int | None = None, quantize_embeddings: bool = False,
+             adapter: str | Path | None = None) -> "LLM":
         """Load a training run directory (its latest checkpoint), a model/checkpoint directory, or a
         Hugging Face model folder (transformers or sentence-transformers) of any model family, onto
         `device` ('cpu', 'cuda', 'cuda:N', 'mps', 'auto').
 
         `quantize` "int8" | "int4" quantises the weights as they load (weight-only, see nn/quant.py;
         int4 in groups of `group_size` inputs, default 128; `quantize_embeddings` also the token
-        embeddings and LM head). A directory `lmforge quantize` wrote loads quantised as it is."""
+        embeddings and LM head). A directory `lmforge quantize` wrote loads quantised as it is.
+
+        `adapter`: a LoRA adapter directory (PEFT's format: adapter_config.json +
+        adapter_model.safetensors, from lmforge or PEFT) added to the loaded model (over the
+        quantised weights when `quantize` is given)."""
         from lmforge.nn.quant import check_device, quant_config, quantize_model
 
         device = str(resolve_device(device, "device"))
@@ -72,6 +77,11 @@ class LLM:
         model, cfg, tok = (load_hf_dir if is_hf_dir(path) else load_model_dir)(path, device=device)
         if qc is not None:
             quantize_model(model, qc)
+        if adapter is not None:
+            from lmforge.interop.peft import load_adapter
+
+            load_adapter(model, adapter)
+            model.to(device)
         return cls(model.eval(), cfg, tok, path)
 
     @classmethod

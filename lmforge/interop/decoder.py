@@ -385,6 +385,28 @@ def _hf_part_shape(entry: _Entry, rows: int, lm_shape: tuple[int, ...]) -> tuple
     return (rows, *lm_shape[1:]) if lm_shape else ()
 
 
+def export_architecture(cfg: DecoderConfig, origin: dict | None = None) -> str:
+    """The HF architecture `convert --to-hf` writes for `cfg`: the one the model came from (`origin`,
+    its HF config), when it still expresses it, else the preferred one."""
+    preferred = next((a for a in (origin or {}).get("architectures") or [] if a in ARCHITECTURES), None)
+    return next((a for a in hf_architectures_for(cfg) if a == preferred), hf_architectures_for(cfg)[0])
+
+
+def hf_tensor_parts(cfg: DecoderConfig, arch: str) -> dict[str, tuple[list[tuple[str, int, int]], bool]]:
+    """{lmforge tensor: ([(full HF name, first row, end row), ...], transposed)}: where each tensor of a
+    model with `cfg` lies in architecture `arch` (adapters map their modules through this)."""
+    layout = _layout(arch)
+    prefix = _hf_prefix(layout)
+    out = {}
+    for e in _tensor_map(cfg, layout, _expected_lm_shapes(cfg)):
+        parts, start = [], 0
+        for hf_name, rows in e.parts:
+            parts.append((hf_name if hf_name == "lm_head.weight" else prefix + hf_name, start, start + rows))
+            start += rows
+        out[e.lm] = (parts, e.transpose)
+    return out
+
+
 # ---- import ----------------------------------------------------------------------------------
 
 def _import_plan(hf_dir: Path, source: WeightSource, cfg: DecoderConfig, arch: str,
@@ -524,8 +546,7 @@ def convert_to_hf(model_dir: Path, cfg: DecoderConfig, out_p: Path, overwrite: b
     check_out(out_p, overwrite, model_dir)
     origin = read_json_file(model_dir / HF_CONFIG_SIDECAR) if (model_dir / HF_CONFIG_SIDECAR).is_file() else {}
     origin = origin if isinstance(origin, dict) else {}
-    preferred = next((a for a in origin.get("architectures") or [] if a in ARCHITECTURES), None)
-    arch = next((a for a in hf_architectures_for(cfg) if a == preferred), hf_architectures_for(cfg)[0])
+    arch = export_architecture(cfg, origin)
     if not (model_dir / MODEL_WEIGHTS).is_file():
         raise LMForgeError(f"checkpoint file missing: {model_dir / MODEL_WEIGHTS}")
     source = WeightSource(model_dir, single=MODEL_WEIGHTS, index="", allow_bin=False)
