@@ -490,6 +490,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lmforge.infer.merge import merge_adapter_dir
+
+    out = merge_adapter_dir(args.base, args.adapter, args.out, dequantize=args.dequantize, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def finetune_parser(method: str) -> argparse.ArgumentParser:
     """The flags every method shares plus the method's own (its module's add_arguments)."""
     from lmforge.finetune.scaffold import method_module
@@ -732,6 +740,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_runtime_arguments(s, device=False)
 
+    s = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain model directory (base + scaled BA)",
+                       usage="lmforge merge BASE ADAPTER --out DIR [--dequantize]")
+    s.add_argument("base", metavar="BASE", help="the base model: run, model directory or Hugging Face folder")
+    s.add_argument("adapter", metavar="ADAPTER", help="a LoRA adapter directory (PEFT's format) or a LoRA training run")
+    s.add_argument("--out", required=True, help="directory to write (a model directory with the base's tokenizer)")
+    s.add_argument("--dequantize", action="store_true",
+                   help="a quantised base: merge into fp32 weights (required; int4/int8 would round the update away)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_runtime_arguments(s, device=False)
+
     s = sub.add_parser("chat", help="talk to a chat model in the terminal (streams replies, keeps history)")
     s.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--url", help="talk to a running `lmforge serve` instead, e.g. http://127.0.0.1:8000")
@@ -775,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # verbs that compute: they take --threads (finetune, with its own parser, too)
-COMPUTE_VERBS = {"train", "generate", "eval", "chat", "serve", "embed", "classify", "score", "bench", "quantize"}
+COMPUTE_VERBS = {"train", "generate", "eval", "chat", "serve", "embed", "classify", "score", "bench", "quantize", "merge"}
 _TAKES_OVERRIDES = {"train", "info"}
 
 
@@ -821,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "info":
             return cmd_info(args, extra)
         command = {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
-                   "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench, "quantize": cmd_quantize,
+                   "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench, "quantize": cmd_quantize, "merge": cmd_merge,
                    "embed": cmd_embed, "classify": cmd_classify, "score": cmd_score,
                    "data": cmd_data}[verb]
         if verb in COMPUTE_VERBS:

@@ -309,3 +309,33 @@ def check_device(qc: QuantConfig, device: str | torch.device) -> None:
     if qc.scheme == "int4" and torch.device(device).type != "cpu":
         raise LMForgeError(f"int4 weights run on PyTorch's x86 CPU kernel; use --device cpu or --quantize int8 "
                            f"on {torch.device(device).type}")
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """The reverse of `quantize_model`, in place: every quantised module becomes its fp32 original with
+    the weights the kernels multiply by (`dequantize()`), ties restored; returns the model."""
+    from lmforge.nn.linear import Linear
+
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantizedEmbedding):
+                emb = nn.Embedding(child.out_features, child.in_features, device=child.qweight.device)
+                with torch.no_grad():
+                    emb.weight.copy_(child.dequantize())
+                setattr(parent, name, emb)
+                head = getattr(parent, HEAD, None)
+                if isinstance(head, TiedQuantizedHead):
+                    lin = Linear(child.in_features, child.out_features, bias=False, device=emb.weight.device)
+                    lin.weight = emb.weight
+                    setattr(parent, HEAD, lin)
+            elif isinstance(child, QuantizedLinear):
+                lin = Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                             device=child.qweight.device)
+                with torch.no_grad():
+                    lin.weight.copy_(child.dequantize())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(parent, name, lin)
+    if hasattr(model, "quantization"):
+        model.quantization = None
+    return model
