@@ -127,3 +127,82 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     with pytest.raises(LMForgeError, match="targets 'model.layers.0.self_attn.q_proj', which this model "
                                            r"\(GPT2LMHeadModel\) does not have"):
         load_adapter(gpt2, tmp_path / "a")
+
+
+# ---- the other families: BERT-style classifiers and T5 / BART, both directions ---------------------------
+
+def _peft_and_ours(tmp_path: Path, hf_model, lora_config, direction: str):
+    """(PEFT model, lmforge model) holding the same adapter, made on the side `direction` names."""
+    from lmforge.interop.hf import load_hf_dir
+
+    hf_model.save_pretrained(tmp_path / "hf")
+    if direction == "peft->lmforge":
+        torch.manual_seed(3)
+        theirs = peft.get_peft_model(hf_model, lora_config)
+        randomize_adapters_(theirs, seed=4)
+        theirs.save_pretrained(str(tmp_path / "adapter"))
+        ours = LLM.load(tmp_path / "hf", adapter=tmp_path / "adapter").model
+    else:
+        ours, _, _ = load_hf_dir(tmp_path / "hf")
+        lora.add_lora(ours, lora_config)
+        randomize_adapters_(ours, seed=4)
+        save_adapter(ours, tmp_path / "adapter", base=tmp_path / "hf")
+        theirs = peft.PeftModel.from_pretrained(hf_model, str(tmp_path / "adapter"))
+    return theirs.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("direction", ["peft->lmforge", "lmforge->peft"])
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_encoder_classifier_adapter_equals_peft(tmp_path, kind, direction):
+    from test_encoder_parity import CLASS, batch, hf_config
+
+    torch.manual_seed(0)
+    hf_model = getattr(transformers, CLASS[kind] + "ForSequenceClassification")(hf_config(kind, num_labels=3)).eval()
+    with torch.no_grad():  # a trained head, so that saving it with the adapter matters
+        hf_model.classifier.weight.normal_(0, 0.5)
+    if direction == "peft->lmforge":
+        targets = ["query", "value"] if kind == "bert" else ["q_lin", "v_lin", "lin1"]
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=["classifier"])
+    else:
+        config = lora.LoRASettings(r=4, alpha=8, targets="q,v,up", modules_to_save="classifier")
+    theirs, ours = _peft_and_ours(tmp_path, hf_model, config, direction)
+    if direction == "peft->lmforge":
+        with torch.no_grad():
+            theirs.base_model.model.classifier.modules_to_save["default"].weight.normal_(0, 0.5)
+        theirs.save_pretrained(str(tmp_path / "adapter2"))
+        ours = LLM.load(tmp_path / "hf", adapter=tmp_path / "adapter2").model.eval()
+    else:
+        with torch.no_grad():
+            ours.classifier.weight.normal_(0, 0.5)
+        save_adapter(ours, tmp_path / "adapter2", base=tmp_path / "hf")
+        fresh = type(hf_model).from_pretrained(tmp_path / "hf")  # not the one PEFT wrapped already
+        theirs = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "adapter2")).eval()
+    ids, mask, types = batch(0)
+    with torch.no_grad():
+        kw = {"token_type_ids": types} if kind == "bert" else {}
+        ref = theirs(input_ids=ids, attention_mask=mask, **kw).logits
+        got = ours(ids, mask.bool(), types if kind == "bert" else None)
+    assert (ref - got).abs().max().item() < TOL
+    assert ref.abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("direction", ["peft->lmforge", "lmforge->peft"])
+@pytest.mark.parametrize("kind", ["t5-v1.1", "bart"])
+def test_seq2seq_adapter_equals_peft(tmp_path, kind, direction):
+    from test_seq2seq_parity import hf_model as seq2seq_model
+
+    hf_model = seq2seq_model(kind)
+    if direction == "peft->lmforge":
+        targets = ["q", "v", "wi_0", "wo"] if kind.startswith("t5") else ["q_proj", "v_proj", "fc1", "out_proj"]
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    else:
+        config = lora.LoRASettings(r=4, alpha=8, targets="all-linear")
+    theirs, ours = _peft_and_ours(tmp_path, hf_model, config, direction)
+    g = torch.Generator().manual_seed(1)
+    src, tgt = torch.randint(3, 50, (2, 9), generator=g), torch.randint(3, 50, (2, 6), generator=g)
+    with torch.no_grad():
+        ref = theirs(input_ids=src, decoder_input_ids=tgt).logits
+        got = ours(src, tgt)
+        base = seq2seq_model(kind)(input_ids=src, decoder_input_ids=tgt).logits
+    assert (ref - got).abs().max().item() < TOL
+    assert (ref - base).abs().max().item() > 1e-2  # the adapter acts

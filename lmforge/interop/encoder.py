@@ -31,7 +31,7 @@ from lmforge.errors import LMForgeError
 from lmforge.interop.files import (DEFAULT_MAX_SHARD_SIZE, HF_CONFIG, HF_CONFIG_SIDECAR, SENTENCE_TRANSFORMERS_MODULES,
                                    SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TempDir, WeightSource, check_out,
                                    load_hf_tokenizer, read_hf_config, read_json_file, tensors_in_memory,
-                                   write_hf_weights, write_model_config)
+                                   stacked_parts, write_hf_weights, write_model_config)
 from lmforge.models.encoder import SENTENCE_POOLING_FILE, EncoderConfig
 from lmforge.models.registry import build_model, get_family
 
@@ -279,6 +279,23 @@ def tensor_map(cfg: EncoderConfig, kind: str) -> list[tuple[str, list[str]]]:
                 m += _lin("cls_transform.norm", "head.norm", nb)
         m += _lin("classifier", classifier)
     return m
+
+
+def export_architecture(cfg: EncoderConfig, origin: dict | None = None) -> str:
+    """The transformers family `convert --to-hf` writes (bert, roberta, distilbert, modernbert)."""
+    return hf_kind(cfg)
+
+
+def hf_tensor_parts(cfg: EncoderConfig, kind: str) -> dict[str, tuple[list[tuple[str, int, int]], bool]]:
+    """{lmforge tensor: ([(HF name, first row, end row)], transposed)} of the export (adapters map through it)."""
+    with torch.device("meta"):
+        model = build_model(get_family("encoder"), cfg, device="meta")
+    rows = {k: (v.shape[0] if v.dim() else 1) for k, v in model.state_dict().items()}
+    parts = stacked_parts(tensor_map(cfg, kind), rows)
+    if cfg.head == "none":  # a bare …Model is saved without the family prefix, as save_pretrained does
+        p = _PREFIX[kind]
+        parts = {lm: ([(h[len(p):] if h.startswith(p) else h, a, b) for h, a, b in ps], t) for lm, (ps, t) in parts.items()}
+    return parts
 
 
 # Tensors a Hugging Face file may hold that the architecture does not use (buffers saved by old

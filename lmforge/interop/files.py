@@ -348,3 +348,17 @@ class TempDir:
             return
         fsync_dir(self.path)
         replace_dir_atomically(self.path, self.out)
+
+
+# ---- where lmforge tensors lie in a Hugging Face state dict (for adapters) --------------------------
+
+def stacked_parts(mapping: Any, rows: dict[str, int]) -> dict[str, tuple[list[tuple[str, int, int]], bool]]:
+    """{lmforge tensor: ([(HF name, first row, end row)], False)} from (lmforge name, [HF names]) pairs whose
+    HF tensors are equal pieces stacked along dim 0 (`rows`: each lmforge tensor's first dimension)."""
+    out = {}
+    for lm, hf_names in mapping:
+        if lm not in rows:
+            continue
+        n = rows[lm] // len(hf_names)
+        out[lm] = ([(h, i * n, (i + 1) * n) for i, h in enumerate(hf_names)], False)
+    return out

@@ -142,11 +142,16 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, *, base: str | Pat
     if not ranks:
         raise LMForgeError(f"adapter '{name}' holds no weights")
     names = _tensor_names(model, base)
-    saved_modules = []
-    for pname, p in _saved_parameters(model, settings):
-        hf = names.get(pname, pname)
-        tensors[PEFT_PREFIX + hf] = p.detach().float().contiguous()
-        saved_modules.append(hf.rpartition(".")[0])
+    saved = dict(_saved_parameters(model, settings))
+    saved_modules = sorted({names.get(n, n).rpartition(".")[0] for n in saved})
+    # PEFT wraps every module whose name merely ends with an entry ("classifier" takes DistilBERT's
+    # "pre_classifier" too) and expects its tensors in the file: save those as well
+    plain = {n.replace(".base.", "."): p for n, p in model.named_parameters() if ".adapters." not in n}
+    for lm, hf in names.items():
+        if lm in plain and any(hf.rpartition(".")[0].endswith(m) for m in saved_modules):
+            saved.setdefault(lm, plain[lm])
+    for pname, p in saved.items():
+        tensors[PEFT_PREFIX + names.get(pname, pname)] = p.detach().float().contiguous()
     r0 = settings.r
     alpha0 = float(settings.alpha if settings.alpha is not None else settings.r)
     config = {
@@ -160,7 +165,7 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, *, base: str | Pat
         "target_modules": sorted(ranks),
         "rank_pattern": {m: r for m, r in sorted(ranks.items()) if r != r0},
         "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if not math.isclose(a, alpha0)},
-        "modules_to_save": sorted(set(saved_modules)) or None,
+        "modules_to_save": saved_modules or None,
         "fan_in_fan_out": arch == "GPT2LMHeadModel",  # GPT-2's Conv1D stores weights transposed
         "bias": "none",
         "init_lora_weights": True,

@@ -27,7 +27,8 @@ from lmforge.checkpoint import MODEL_WEIGHTS, TOKENIZER, atomic_write_text, load
 from lmforge.errors import LMForgeError
 from lmforge.interop.files import (DEFAULT_MAX_SHARD_SIZE, GENERATION_CONFIG, HF_CONFIG, HF_CONFIG_SIDECAR,
                                    SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TempDir, WeightSource, check_out,
-                                   load_hf_tokenizer, read_json_file, tensors_in_memory, write_hf_weights)
+                                   load_hf_tokenizer, read_json_file, stacked_parts, tensors_in_memory,
+                                   write_hf_weights)
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 ARCHITECTURES = ("T5ForConditionalGeneration", "BartForConditionalGeneration")
@@ -245,6 +246,19 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: Seq2SeqConfig) -> dict[str,
         for name, piece in zip(parts, t.chunk(len(parts), 0) if len(parts) > 1 else [t]):
             out[name] = piece.contiguous()
     return out
+
+
+def export_architecture(cfg: Seq2SeqConfig, origin: dict | None = None) -> str:
+    """The transformers family `convert --to-hf` writes: t5 or bart."""
+    return cfg.arch
+
+
+def hf_tensor_parts(cfg: Seq2SeqConfig, arch: str) -> dict[str, tuple[list[tuple[str, int, int]], bool]]:
+    """{lmforge tensor: ([(HF name, first row, end row)], transposed)} of the export (adapters map through it)."""
+    with torch.device("meta"):
+        model = Seq2Seq(cfg)
+    rows = {k: (v.shape[0] if v.dim() else 1) for k, v in model.state_dict().items()}
+    return stacked_parts(_key_map(cfg).items(), rows)
 
 
 def _is_tied(hf_state: dict[str, torch.Tensor], shared_key: str) -> bool:
