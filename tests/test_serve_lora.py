@@ -193,6 +193,14 @@ def test_adapters_with_speculative_decoding(dirs, alone):
         assert out == offline_ids(alone[a], ids, MAX_TOKENS, temperature=0), (ids, a)
 
 
+def test_a_model_loaded_with_an_adapter_keeps_it_for_requests_naming_none(dirs, alone):
+    """LLM.load(base, adapter=DIR) served alone (no --lora): its adapter acts, as in LLM.generate."""
+    llm = LLM.load(dirs["base"], adapter=dirs["a"])
+    ids = llm.tokenizer.encode_prompt(PROMPTS[1])
+    got, _ = scheduler_outputs(llm, [(ids, None), (ids, "default")])
+    assert got == [offline_ids(alone["ada"], ids, MAX_TOKENS, temperature=0)] * 2
+
+
 def test_the_scheduler_refuses_an_unknown_adapter(dirs):
     llm, _ = served_llm(dirs)
     sched = Scheduler(llm.model, llm.tokenizer)

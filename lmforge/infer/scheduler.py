@@ -21,7 +21,8 @@ its own, rows mirrored with the target's); greedy output stays the same, sampled
 distribution. Sequences asking for logprobs or OpenAI penalties decode without guesses.
 
 LoRA (serving several adapters on one base, `lmforge serve BASE --lora NAME=DIR`): each sequence keeps
-the adapter it asked for (`GenerationRequest.adapter`, None: the base), and every forward pass of the
+the adapter it asked for (`GenerationRequest.adapter`; None: the model as loaded, i.e. the adapter
+active then, if any: a LoRA run served alone keeps its adapter), and every forward pass of the
 model, prefill, decode or speculative, runs under `adapter_rows` with the adapters of the rows it
 computes, so sequences of different adapters share one batch and one KV cache.
 """
@@ -47,7 +48,7 @@ from lmforge.infer.generate import TextTracker, normalize_stop
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
 from lmforge.infer.speculative import DraftModel, SpeculativeStats, check_draft, check_positive, speculative_step
 from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
-from lmforge.nn.lora import adapter_rows, has_lora
+from lmforge.nn.lora import adapter_rows, has_lora, lora_modules
 
 log = logging.getLogger("lmforge.scheduler")
 
@@ -86,7 +87,7 @@ class GenerationRequest:
     logprobs: int | None = None  # per generated token: its logprob and the top-N alternatives
     prompt_logprobs: int | None = None  # the same for the prompt tokens (completions `echo`)
     skip_special_tokens: bool = True  # decoded text never shows control tokens
-    adapter: str | None = None  # the LoRA adapter of the model this sequence uses (None: the base)
+    adapter: str | None = None  # the LoRA adapter of the model this sequence uses (None: the model as loaded)
 
 
 @dataclass
@@ -200,6 +201,8 @@ class Scheduler:
             raise LMForgeError(f"max_model_len must be between 1 and the model's context ({ctx}), got {max_model_len}")
         self.model = model.eval()
         self.adapters = sorted(getattr(model, "lora_settings", {})) if has_lora(model) else []
+        # what a request naming no adapter gets: the adapter active when the model came (None: the base)
+        self.default_adapter = next((m.active for m in lora_modules(model).values() if m.active), None)
         self.tokenizer = tokenizer
         self.device = model.tok_emb.weight.device
         self.vocab = int(model.cfg.vocab_size)
@@ -480,7 +483,9 @@ class Scheduler:
 
     def _adapters(self, seqs: Sequence[_Seq]) -> contextlib.AbstractContextManager:
         """The forward passes inside run row b with the adapter of seqs[b] (a no-op without LoRA)."""
-        return adapter_rows(self.model, [s.req.adapter for s in seqs]) if self.adapters else contextlib.nullcontext()
+        if not self.adapters:
+            return contextlib.nullcontext()
+        return adapter_rows(self.model, [s.req.adapter or self.default_adapter for s in seqs])
 
     def _sample_rows(self, seqs: list[_Seq], logits_BV: torch.Tensor) -> None:
         """Pick each sequence's next token (greedy rows together, sampled rows one by one with their
