@@ -178,7 +178,22 @@ class LoRALinear(nn.Module):
 # ---- whole models ----------------------------------------------------------------------------------
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """{name: LoRA linear} of `model`, without walking into the LoRA linears' own adapters (the
+    scheduler asks once per forward pass)."""
+    out: dict[str, LoRALinear] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, LoRALinear):
+                out[full] = child
+            else:
+                walk(child, full)
+
+    if isinstance(model, LoRALinear):
+        return {"": model}
+    walk(model, "")
+    return out
 
 
 def has_lora(model: nn.Module) -> bool:
