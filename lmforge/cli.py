@@ -119,6 +119,18 @@ def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(quantize=args.quantize, group_size=args.group_size, quantize_embeddings=args.quantize_embeddings)
 
 
+def add_adapter_argument(s: argparse.ArgumentParser) -> None:
+    """--adapter DIR of a verb that runs one model (serve serves several with --lora NAME=DIR)."""
+    s.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, from lmforge or "
+                        "PEFT) to run on MODEL (over the quantised weights with --quantize)")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """LLM.load's options of a verb with --quantize and --adapter."""
+    return dict(quantize_options(args), adapter=args.adapter)
+
+
 def add_texts_arguments(s: argparse.ArgumentParser, model: str) -> None:
     """`MODEL TEXT...` and --file of embed / classify (with --ckpt MODEL, every positional is a text)."""
     s.add_argument("texts", nargs="*", metavar="MODEL TEXT",
@@ -212,7 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model = model_of(args, "generate")
     prompt = _read_prompt(args)
-    llm = LLM.load(model, device=args.device, **quantize_options(args))
+    llm = LLM.load(model, device=args.device, **load_options(args))
     opts: dict[str, Any] = dict(sampling_options(args), stop=args.stop or None, kv_cache_dtype=args.kv_cache_dtype)
     speculative = args.draft is not None or args.prompt_lookup_num_tokens is not None
     if speculative:
@@ -257,7 +269,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     matrix, masked-LM encoders masked-token loss / accuracy, language models loss / perplexity / bits per byte."""
     from lmforge.infer.llm import LLM
 
-    llm = LLM.load(model_of(args, "eval"), device=args.device, **quantize_options(args))
+    llm = LLM.load(model_of(args, "eval"), device=args.device, **load_options(args))
     if "classify" in llm.tasks:
         from lmforge.eval.classification import evaluate_classifier
 
@@ -460,12 +472,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.url:
         from lmforge.chat import HTTPBackend  # noqa: F401  (added with the server)
 
+        if args.adapter is not None:
+            raise LMForgeError("--adapter goes with a MODEL; a server picks its adapter by name: --served-model NAME")
+
         backend = HTTPBackend(args.url, api_key=args.api_key, model=args.served_model)
     else:
         from lmforge.chat import LocalBackend
         from lmforge.infer.llm import LLM
 
-        backend = LocalBackend(LLM.load(args.model, device=args.device, **quantize_options(args)))
+        backend = LocalBackend(LLM.load(args.model, device=args.device, **load_options(args)))
         sampling["kv_cache_dtype"] = args.kv_cache_dtype
     return repl(backend, sampling, system=args.system)
 
@@ -476,7 +491,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
           max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len, device=args.device,
           log_prompts=args.log_prompts, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, draft=args.draft,
-          num_draft_tokens=args.num_draft_tokens, **quantize_options(args))
+          num_draft_tokens=args.num_draft_tokens, lora=args.lora or (), **quantize_options(args))
     return 0
 
 
@@ -657,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "words earlier in the prompt or output (good for edits and copy-heavy tasks)")
     add_runtime_arguments(s)
     add_quantize_arguments(s)
+    add_adapter_argument(s)
 
     s = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out data (classifiers: accuracy, "
                                     "macro-F1; masked-LM encoders: masked-token loss and accuracy)",
@@ -672,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-column", help="classifiers: column holding the label (default: the run's, else label)")
     add_runtime_arguments(s)
     add_quantize_arguments(s)
+    add_adapter_argument(s)
 
     s = sub.add_parser("info", help="parameter count, FLOPs and KV-cache size of a model or a preset "
                        "(+ --model.KEY overrides)")
@@ -762,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_cache_argument(s)
     add_runtime_arguments(s)
     add_quantize_arguments(s)
+    add_adapter_argument(s)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
     s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -776,6 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_draft_arguments(s)
     add_runtime_arguments(s)
     add_quantize_arguments(s)
+    s.add_argument("--lora", action="append", metavar="NAME=DIR",
+                   help="serve the LoRA adapter in DIR on MODEL as model NAME (repeatable): a request whose `model` "
+                        "is NAME uses it, one naming MODEL none; all share one batch (as vLLM's --lora-modules)")
     s.add_argument("--log-prompts", action="store_true", help="also log prompt text (off: only ids, sizes, timing)")
 
     sub.add_parser("finetune", help="post-train a model: sft, reward, dpo, grpo, ppo, classify, seq2seq "

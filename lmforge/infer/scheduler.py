@@ -19,10 +19,17 @@ With a draft model each running sequence takes its own speculative step per iter
 (infer/speculative.py: one target forward on its row for several tokens; the draft keeps a cache of
 its own, rows mirrored with the target's); greedy output stays the same, sampled output keeps its
 distribution. Sequences asking for logprobs or OpenAI penalties decode without guesses.
+
+LoRA (serving several adapters on one base, `lmforge serve BASE --lora NAME=DIR`): each sequence keeps
+the adapter it asked for (`GenerationRequest.adapter`; None: the model as loaded, i.e. the adapter
+active then, if any: a LoRA run served alone keeps its adapter), and every forward pass of the
+model, prefill, decode or speculative, runs under `adapter_rows` with the adapters of the rows it
+computes, so sequences of different adapters share one batch and one KV cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -41,6 +48,7 @@ from lmforge.infer.generate import TextTracker, normalize_stop
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
 from lmforge.infer.speculative import DraftModel, SpeculativeStats, check_draft, check_positive, speculative_step
 from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
+from lmforge.nn.lora import adapter_rows, has_lora, lora_modules
 
 log = logging.getLogger("lmforge.scheduler")
 
@@ -79,6 +87,7 @@ class GenerationRequest:
     logprobs: int | None = None  # per generated token: its logprob and the top-N alternatives
     prompt_logprobs: int | None = None  # the same for the prompt tokens (completions `echo`)
     skip_special_tokens: bool = True  # decoded text never shows control tokens
+    adapter: str | None = None  # the LoRA adapter of the model this sequence uses (None: the model as loaded)
 
 
 @dataclass
@@ -191,6 +200,9 @@ class Scheduler:
         if not 1 <= max_model_len <= ctx:
             raise LMForgeError(f"max_model_len must be between 1 and the model's context ({ctx}), got {max_model_len}")
         self.model = model.eval()
+        self.adapters = sorted(getattr(model, "lora_settings", {})) if has_lora(model) else []
+        # what a request naming no adapter gets: the adapter active when the model came (None: the base)
+        self.default_adapter = next((m.active for m in lora_modules(model).values() if m.active), None)
         self.tokenizer = tokenizer
         self.device = model.tok_emb.weight.device
         self.vocab = int(model.cfg.vocab_size)
@@ -280,6 +292,9 @@ class Scheduler:
                                      "logit_bias")
         if req.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer, and this model has none", "stop")
+        if req.adapter is not None and req.adapter not in self.adapters:
+            raise InvalidRequest(f"no LoRA adapter named '{req.adapter}'; this model has "
+                                 f"{', '.join(self.adapters) or 'none'}", "adapter")
 
     def submit(self, req: GenerationRequest, callback: Callable[[StepOutput], None]) -> int:
         """Queue a request; returns its handle (for `cancel`). Raises QueueFull at the queue bound."""
@@ -397,7 +412,8 @@ class Scheduler:
         start = seq.n_cached
         idx_1T = torch.tensor([seq.prompt[start:start + n]], dtype=torch.long, device=self.device)
         want_prompt_lp = seq.prompt_logprobs is not None
-        logits_1TV = self.model(idx_1T, cache=self.cache.rows(seq.row, seq.row + 1), last_only=not want_prompt_lp)
+        with self._adapters([seq]):
+            logits_1TV = self.model(idx_1T, cache=self.cache.rows(seq.row, seq.row + 1), last_only=not want_prompt_lp)
         seq.n_cached += n
         if want_prompt_lp:
             self._collect_prompt_logprobs(seq, logits_1TV[0], start, n)
@@ -426,7 +442,8 @@ class Scheduler:
             self._decode_speculative()
             return
         idx_B1 = torch.tensor([[s.pending] for s in self._running], dtype=torch.long, device=self.device)
-        logits_BV = self.model(idx_B1, cache=self.cache.rows(0, len(self._running)))[:, -1]
+        with self._adapters(self._running):
+            logits_BV = self.model(idx_B1, cache=self.cache.rows(0, len(self._running)))[:, -1]
         for s in self._running:
             s.n_cached += 1
         self.steps += 1
@@ -436,27 +453,39 @@ class Scheduler:
         """One speculative step per running sequence, each on its own cache row."""
         self.steps += 1
         for s in list(self._running):
-            cache = self.cache.rows(s.row, s.row + 1)
-            if s.extras or s.req.logprobs is not None:
-                idx_11 = torch.tensor([[s.pending]], dtype=torch.long, device=self.device)
-                logits_1V = self.model(idx_11, cache=cache)[:, -1]
-                s.n_cached += 1
-                self._sample_rows([s], logits_1V)
-                continue
-            # guesses stop where the sequence must: its token budget and the last slot of its row
-            k = max(0, min(self.num_draft_tokens, s.max_new - len(s.generated) - 1, cache.max_len - s.n_cached - 2))
-            tokens = s.prompt + s.generated
-            draft = DraftModel(self.draft, self.draft_cache.rows(s.row, s.row + 1))
-            guesses, q_KV = draft.propose(tokens, k, s.params, s.generator, s.seen_V)
-            new = speculative_step(self.model, cache, s.pending, guesses, q_KV, s.params, s.generator, s.seen_V)
-            draft.keep(len(tokens) + len(new) - 1)
-            self.spec_stats.add(len(guesses), len(new))
-            fed = s.n_cached
-            for j, tok in enumerate(new):
-                s.n_cached = fed + 1 + j  # what the cache holds once this token is the pending one
-                if self._emit(s, tok, None):
-                    self._release(s)
-                    break
+            with self._adapters([s]):  # the draft has no adapters: it guesses for the base, the model checks
+                self._speculative_step(s)
+
+    def _speculative_step(self, s: _Seq) -> None:
+        """One speculative step of one sequence on its own cache row (plain decoding when it asks for
+        logprobs or penalties)."""
+        cache = self.cache.rows(s.row, s.row + 1)
+        if s.extras or s.req.logprobs is not None:
+            idx_11 = torch.tensor([[s.pending]], dtype=torch.long, device=self.device)
+            logits_1V = self.model(idx_11, cache=cache)[:, -1]
+            s.n_cached += 1
+            self._sample_rows([s], logits_1V)
+            return
+        # guesses stop where the sequence must: its token budget and the last slot of its row
+        k = max(0, min(self.num_draft_tokens, s.max_new - len(s.generated) - 1, cache.max_len - s.n_cached - 2))
+        tokens = s.prompt + s.generated
+        draft = DraftModel(self.draft, self.draft_cache.rows(s.row, s.row + 1))
+        guesses, q_KV = draft.propose(tokens, k, s.params, s.generator, s.seen_V)
+        new = speculative_step(self.model, cache, s.pending, guesses, q_KV, s.params, s.generator, s.seen_V)
+        draft.keep(len(tokens) + len(new) - 1)
+        self.spec_stats.add(len(guesses), len(new))
+        fed = s.n_cached
+        for j, tok in enumerate(new):
+            s.n_cached = fed + 1 + j  # what the cache holds once this token is the pending one
+            if self._emit(s, tok, None):
+                self._release(s)
+                break
+
+    def _adapters(self, seqs: Sequence[_Seq]) -> contextlib.AbstractContextManager:
+        """The forward passes inside run row b with the adapter of seqs[b] (a no-op without LoRA)."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        return adapter_rows(self.model, [s.req.adapter or self.default_adapter for s in seqs])
 
     def _sample_rows(self, seqs: list[_Seq], logits_BV: torch.Tensor) -> None:
         """Pick each sequence's next token (greedy rows together, sampled rows one by one with their

@@ -124,8 +124,9 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.adapters = nn.ModuleDict()
         self.active: str | None = None      # the adapter every row uses (None: none)
-        self.row_adapters: torch.Tensor | None = None  # (B,) index into `row_names` per batch row, -1: none
-        self.row_names: list[str] = []
+        # per-row adapters (`adapter_rows`): the batch size and, per adapter, the rows it acts on
+        # (None: all of them); rows no adapter names get the base alone. None: `active` acts.
+        self.row_adapters: tuple[int, list[tuple[str, torch.Tensor | None]]] | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads .weight (dtype, device) sees the base's
@@ -146,12 +147,18 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.row_adapters is not None:  # one adapter per batch row (x is (B, ...))
-            delta = torch.zeros_like(y)
-            for i, name in enumerate(self.row_names):
-                rows = (self.row_adapters == i).nonzero().flatten()
-                if rows.numel() and name in self.adapters:
-                    delta[rows] = self.adapters[name].delta(x[rows], self.out_features).to(y.dtype)
-            return y + delta
+            batch, groups = self.row_adapters
+            if x.shape[0] != batch:
+                raise ValueError(f"adapter_rows named {batch} rows, the batch has {x.shape[0]}")
+            for name, rows in groups:
+                if name not in self.adapters:  # this adapter leaves this linear alone
+                    continue
+                if rows is None:
+                    y = y + self.adapters[name].delta(x, self.out_features).to(y.dtype)
+                else:
+                    delta = self.adapters[name].delta(x.index_select(0, rows), self.out_features)
+                    y = y.index_add(0, rows, delta.to(y.dtype))
+            return y
         if self.active is None:
             return y
         return y + self.adapters[self.active].delta(x, self.out_features).to(y.dtype)
@@ -171,7 +178,22 @@ class LoRALinear(nn.Module):
 # ---- whole models ----------------------------------------------------------------------------------
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """{name: LoRA linear} of `model`, without walking into the LoRA linears' own adapters (the
+    scheduler asks once per forward pass)."""
+    out: dict[str, LoRALinear] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, LoRALinear):
+                out[full] = child
+            else:
+                walk(child, full)
+
+    if isinstance(model, LoRALinear):
+        return {"": model}
+    walk(model, "")
+    return out
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -188,7 +210,10 @@ def linear_roles(model: nn.Module) -> dict[str, dict[str, tuple[int, int]]]:
     """{linear module name: {segment: (first row, end row)}} for every linear of `model` (LoRA-wrapped
     ones by their own name): roles where the layer declares them (`linear_roles()`), else "all"."""
     out: dict[str, dict[str, tuple[int, int]]] = {}
+    wrapped = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LoRALinear))
     for parent_name, parent in model.named_modules():
+        if f"{parent_name}.".startswith(wrapped):  # a LoRA linear's own base and A / B linears
+            continue
         declared = parent.linear_roles() if hasattr(parent, "linear_roles") else {}
         for child_name, child in parent.named_children():
             lin = child.base if isinstance(child, LoRALinear) else child
@@ -295,17 +320,24 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def adapter_rows(model: nn.Module, names: list[str | None]) -> Iterator[None]:
-    """Row b of the batch uses adapter names[b] (None: the base alone): many adapters in one batch."""
-    order = sorted({n for n in names if n is not None})
-    ids = torch.tensor([order.index(n) if n is not None else -1 for n in names], dtype=torch.long)
+    """Row b of the batch (dim 0 of every input: (B, T, C) in decode, (1, T, C) for one prefilled
+    sequence) uses adapter names[b] (None: the base alone): many adapters in one batch. The rows of
+    each adapter are gathered once here, not per linear; one adapter on every row costs what
+    `set_adapter` does."""
     mods = lora_modules(model)
+    devices = {m.weight.device for m in mods.values()}
+    groups: dict[Any, list[tuple[str, torch.Tensor | None]]] = {d: [] for d in devices}
+    for name in sorted({n for n in names if n is not None}):
+        rows = [b for b, n in enumerate(names) if n == name]
+        for d in devices:
+            groups[d].append((name, None if len(rows) == len(names) else torch.tensor(rows, device=d)))
     for m in mods.values():
-        m.row_adapters, m.row_names = ids.to(m.weight.device), order
+        m.row_adapters = (len(names), groups[m.weight.device])
     try:
         yield
     finally:
         for m in mods.values():
-            m.row_adapters, m.row_names = None, []
+            m.row_adapters = None
 
 
 def adapter_state_dict(model: nn.Module, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """`lmforge serve MODEL`: an OpenAI-compatible HTTP server over the continuous-batching scheduler.
 
     lmforge serve runs/demo --port 8000
+    lmforge serve runs/base --lora sql=runs/sql-lora --lora chat=runs/chat-lora   # requests pick by `model`
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "ROMEO:", "max_tokens": 32}'
 
@@ -8,7 +9,7 @@ Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /tokenize, /
 /tokenizer_info, /metrics and a web chat page at /. The modules, by job: app.py (create_app and
 the routes), protocol.py (request schemas, errors), engine.py (the bridge to the scheduler),
 openai_format.py (response bodies and stream chunks), middleware.py (API key, log lines, body limit),
-metrics.py (Prometheus), config.py (ServerConfig), client.py (`lmforge chat --url`).
+metrics.py (Prometheus), config.py (ServerConfig), adapters.py (`--lora`), client.py (`lmforge chat --url`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 from lmforge.errors import LMForgeError
 
@@ -35,19 +36,21 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
           max_model_len: int | None = None, device: str = "cpu", log_prompts: bool = False,
           threads: int | None = None, quantize: str | None = None, group_size: int | None = None,
           quantize_embeddings: bool = False, kv_cache_dtype: str = "auto", draft: str | None = None,
-          num_draft_tokens: int = 4) -> None:
+          num_draft_tokens: int = 4, lora: Sequence[str] = ()) -> None:
     """Load MODEL (anything `LLM.load` accepts) in the background and serve it until interrupted.
     The model computes on `threads` CPU threads (None: `runtime.default_threads()`, which leaves
     cores to the HTTP side). A model that fails to load stops the server with an LMForgeError (the
     CLI's one-line error). `quantize` / `group_size` / `quantize_embeddings`: as `LLM.load`.
     `kv_cache_dtype` ("auto", "fp32", "bf16") is the KV cache's storage; `draft` (a model sharing
-    MODEL's tokenizer) turns on speculative decoding with `num_draft_tokens` guesses per step."""
+    MODEL's tokenizer) turns on speculative decoding with `num_draft_tokens` guesses per step.
+    `lora`: "NAME=DIR" LoRA adapters served on MODEL, picked by the request's `model` (serve/adapters.py)."""
     import socket
 
     import uvicorn
     from pathlib import Path
 
     from lmforge.runtime import default_threads, resolve_device
+    from lmforge.serve.adapters import load_lora_modules, lora_modules
     from lmforge.serve.app import create_app
     from lmforge.serve.config import ServerConfig
     from lmforge.serve.engine import Engine
@@ -69,11 +72,13 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
     name = served_model_name or Path(model).resolve().name
+    adapters = lora_modules(lora, name)
     cfg = ServerConfig(served_model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                        max_model_len=max_model_len, log_prompts=log_prompts, model_path=str(model),
                        threads=threads if threads is not None else default_threads(), quantize=quantize,
                        group_size=group_size, quantize_embeddings=quantize_embeddings,
-                       kv_cache_dtype=kv_cache_dtype, draft=draft, num_draft_tokens=num_draft_tokens)
+                       kv_cache_dtype=kv_cache_dtype, draft=draft, num_draft_tokens=num_draft_tokens,
+                       lora_modules=adapters)
 
     failed: list[BaseException] = []
     holder: dict[str, Any] = {}
@@ -92,6 +97,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
 
         llm = LLM.load(model, device=device, quantize=cfg.quantize, group_size=cfg.group_size,
                        quantize_embeddings=cfg.quantize_embeddings)
+        if adapters:
+            load_lora_modules(llm.model, adapters)
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
             raise LMForgeError(f"--max-model-len {max_model_len} is longer than the model's context ({ctx})")
@@ -102,6 +109,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
             "change it); model threads: %d (--threads sets them)%s", sched.cache.nbytes() / 2**20,
             str(sched.cache.dtype).removeprefix("torch."), sched.max_batch, sched.max_model_len, sched.num_threads,
             "" if draft is None else f"; speculative decoding with {draft}, {num_draft_tokens} guesses per step")
+        if adapters:
+            logging.getLogger("lmforge.serve").info("LoRA adapters (request `model`): %s",
+                                                    ", ".join(f"{n}={d}" for n, d in adapters.items()))
         return engine
 
     # bind first: a taken port is a one-line error before anything loads

@@ -69,10 +69,15 @@ class AppState:
             raise ServeError(503, f"the model is not ready{why}")
         return self.engine
 
-    def check_model(self, name: str | None) -> None:
-        served = self.cfg.served_model_name
-        if name is not None and name != served:
-            raise ServeError(404, f"The model `{name}` does not exist. This server serves `{served}`.", param="model")
+    def adapter_of(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` asks for: None for the base model (or no `model`),
+        the adapter of that name (`--lora NAME=DIR`), a 404 for any other name."""
+        if name is None or name == self.cfg.served_model_name:
+            return None
+        if name in self.cfg.lora_modules:
+            return name
+        served = ", ".join(f"`{n}`" for n in [self.cfg.served_model_name, *self.cfg.lora_modules])
+        raise ServeError(404, f"The model `{name}` does not exist. This server serves {served}.", param="model")
 
 
 def create_app(cfg: ServerConfig, engine: Engine | None = None, loader: Callable[[], Engine] | None = None) -> FastAPI:
@@ -103,7 +108,7 @@ async def _read_request(request: Request, schema: type[RequestT]) -> tuple[AppSt
     eng = state.ready()
     req = await read_json(request, schema, state.cfg.max_body_bytes)
     state.log_unknown_fields(req)
-    state.check_model(req.model)
+    state.adapter_of(req.model)
     return state, eng, req
 
 
@@ -143,22 +148,27 @@ async def index(request: Request) -> HTMLResponse:
 
 
 def _model_card(state: AppState, eng: Engine, name: str) -> dict:
+    """The base model's card, or (as vLLM lists them) a LoRA adapter's: its directory as `root`, the
+    base model as `parent`."""
+    base = state.cfg.served_model_name
+    adapter = state.adapter_of(name)
+    root = state.cfg.lora_modules[adapter] if adapter else eng.model_path or name
     return {"id": name, "object": "model", "created": state.created, "owned_by": "lmforge",
-            "root": eng.model_path or name, "parent": None, "max_model_len": eng.max_model_len}
+            "root": root, "parent": base if adapter else None, "max_model_len": eng.max_model_len}
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
     state = _state(request)
-    return {"object": "list", "data": [_model_card(state, state.ready(), state.cfg.served_model_name)]}
+    eng = state.ready()
+    return {"object": "list", "data": [_model_card(state, eng, name)
+                                       for name in [state.cfg.served_model_name, *state.cfg.lora_modules]]}
 
 
 @router.get("/v1/models/{name:path}")
 async def model_info(request: Request, name: str) -> dict:
     state = _state(request)
-    eng = state.ready()
-    state.check_model(name)
-    return _model_card(state, eng, name)
+    return _model_card(state, state.ready(), name)
 
 
 @router.post("/tokenize")
@@ -206,7 +216,8 @@ async def completions(request: Request) -> Response:
     if max_tokens == 0 and not req.echo:
         raise ServeError(400, "max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    sampling = req.sampling_request(max_tokens, req.logprobs, prompt_logprobs=echo_logprobs)
+    sampling = req.sampling_request(max_tokens, req.logprobs, prompt_logprobs=echo_logprobs,
+                                    adapter=state.adapter_of(req.model))
     if state.cfg.log_prompts:
         log.info("%s prompt: %r", request.state.req_id, req.prompt)
     choices = eng.submit(prompts, req.n, sampling, state.metrics)
@@ -230,7 +241,8 @@ async def chat_completions(request: Request) -> Response:
         log.info("%s messages: %r", request.state.req_id, [m.model_dump() for m in req.messages])
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = asked if asked is not None else max(1, eng.max_model_len - len(ids))
-    sampling = req.sampling_request(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    sampling = req.sampling_request(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                    adapter=state.adapter_of(req.model))
     choices = eng.submit([ids], req.n, sampling, state.metrics, prompt_param="messages")
     fmt = ChatFormat(eng.tokenizer, req, ids)
     return await _respond(request, choices, fmt, req.stream, f"chatcmpl-{uuid.uuid4().hex}")
@@ -240,7 +252,7 @@ async def _respond(request: Request, choices: Choices, fmt: CompletionFormat | C
                    rid: str) -> Response:
     """The response to a generation request: a stream of events, or the whole body once every
     choice has finished."""
-    created, model = int(time.time()), _state(request).cfg.served_model_name
+    created, model = int(time.time()), fmt.req.model or _state(request).cfg.served_model_name  # as asked
     if stream:
         return _event_stream(request, choices, fmt.stream(rid, created, model, choices.batches(), len(choices.handles)))
     body = fmt.full(rid, created, model, await choices.collect(request.is_disconnected))

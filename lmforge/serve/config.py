@@ -1,8 +1,9 @@
-"""`ServerConfig`: what `lmforge serve` was asked for: the served name, limits, auth and logging."""
+"""`ServerConfig`: what `lmforge serve` was asked for: the served name (and its LoRA adapters' names),
+limits, auth and logging."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this is refused (413)
 
@@ -24,3 +25,4 @@ class ServerConfig:
     quantize: str | None = None  # weight-only quantisation on load: "int8" | "int4" (None: as stored)
     group_size: int | None = None  # int4 group size (None: 128)
     quantize_embeddings: bool = False  # also the token embeddings and LM head
+    lora_modules: dict[str, str] = field(default_factory=dict)  # served LoRA adapters: model name -> directory

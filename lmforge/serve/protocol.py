@@ -95,9 +95,9 @@ class _SamplingFields(BaseModel):
     logit_bias: Optional[dict[str, float]] = None
 
     def sampling_request(self, max_tokens: int, logprobs: int | None,
-                         prompt_logprobs: int | None = None) -> GenerationRequest:
+                         prompt_logprobs: int | None = None, adapter: str | None = None) -> GenerationRequest:
         """The scheduler request these fields ask for, without a prompt: the engine makes one per
-        (prompt, sample) from it."""
+        (prompt, sample) from it. `adapter`: the LoRA adapter `model` names (None: the base)."""
         bias = None
         if self.logit_bias:  # OpenAI's keys are token ids as strings
             try:
@@ -115,7 +115,7 @@ class _SamplingFields(BaseModel):
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, logit_bias=bias, seed=self.seed, stop=stop,
             stop_token_ids=list(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
+            prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens, adapter=adapter)
 
 
 class CompletionRequest(_SamplingFields):
