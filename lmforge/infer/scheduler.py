@@ -19,6 +19,10 @@ With a draft model each running sequence takes its own speculative step per iter
 (infer/speculative.py: one target forward on its row for several tokens; the draft keeps a cache of
 its own, rows mirrored with the target's); greedy output stays the same, sampled output keeps its
 distribution. Sequences asking for logprobs or OpenAI penalties decode without guesses.
+
+Structured output: a request's `grammar` (infer/grammar.py) gives its sequence a matcher of its own;
+at the sampling point the tokens it forbids are masked out of that sequence's logits, and each
+sampled token advances it. Constrained sequences decode without guesses too.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from lmforge.errors import LMForgeError
 from lmforge.models.registry import CONTINUE, family_of
 from lmforge.infer.generate import TextTracker, normalize_stop
+from lmforge.infer.grammar import Grammar, mask_logits
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
 from lmforge.infer.speculative import DraftModel, SpeculativeStats, check_draft, check_positive, speculative_step
 from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
@@ -79,6 +84,7 @@ class GenerationRequest:
     logprobs: int | None = None  # per generated token: its logprob and the top-N alternatives
     prompt_logprobs: int | None = None  # the same for the prompt tokens (completions `echo`)
     skip_special_tokens: bool = True  # decoded text never shows control tokens
+    grammar: Grammar | None = None  # structured output: only tokens this grammar allows are sampled
 
 
 @dataclass
@@ -162,6 +168,7 @@ class _Seq:
             self.seen_V[torch.tensor(self.prompt, device=device)] = True
         self.counts_V = torch.zeros(vocab, device=device) if (req.presence_penalty or req.frequency_penalty) else None
         self.prompt_logprobs: list[TokenLogprob] | None = [] if req.prompt_logprobs is not None else None
+        self.constraint = None if req.grammar is None else req.grammar.matcher(stop_ids)
 
 
 class Scheduler:
@@ -280,6 +287,9 @@ class Scheduler:
                                      "logit_bias")
         if req.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer, and this model has none", "stop")
+        if req.grammar is not None and req.ignore_eos and not req.stop_token_ids:
+            raise InvalidRequest(f"{req.grammar.field} needs a stop token to end the output; ignore_eos leaves none",
+                                 "ignore_eos")
 
     def submit(self, req: GenerationRequest, callback: Callable[[StepOutput], None]) -> int:
         """Queue a request; returns its handle (for `cancel`). Raises QueueFull at the queue bound."""
@@ -437,7 +447,7 @@ class Scheduler:
         self.steps += 1
         for s in list(self._running):
             cache = self.cache.rows(s.row, s.row + 1)
-            if s.extras or s.req.logprobs is not None:
+            if s.extras or s.req.logprobs is not None or s.constraint is not None:
                 idx_11 = torch.tensor([[s.pending]], dtype=torch.long, device=self.device)
                 logits_1V = self.model(idx_11, cache=cache)[:, -1]
                 s.n_cached += 1
@@ -462,7 +472,8 @@ class Scheduler:
         """Pick each sequence's next token (greedy rows together, sampled rows one by one with their
         own generator) and hand it to `_emit`."""
         toks: list[int | None] = [None] * len(seqs)
-        plain_greedy = [i for i, s in enumerate(seqs) if s.params.greedy and s.seen_V is None and not s.extras]
+        plain_greedy = [i for i, s in enumerate(seqs)
+                        if s.params.greedy and s.seen_V is None and not s.extras and s.constraint is None]
         if plain_greedy:
             idx = torch.tensor(plain_greedy, device=logits_BV.device)
             picked = logits_BV[idx].float().argmax(dim=-1).tolist()
@@ -490,6 +501,8 @@ class Scheduler:
 
     def _pick(self, seq: _Seq, logits_1V: torch.Tensor) -> int:
         seen = seq.seen_V[None] if seq.seen_V is not None else None
+        if seq.constraint is not None:
+            logits_1V = mask_logits(logits_1V, [seq.constraint])
         if not seq.extras:
             return int(sample_next(logits_1V, seq.params, seq.generator, seen)[0])
         logits_1V = logits_1V.float()
@@ -510,6 +523,8 @@ class Scheduler:
         """Record a sampled token, apply the stop rules and call back. True when the sequence ended."""
         reason = stop_reason = None
         new_ids: list[int] = []
+        if seq.constraint is not None:
+            seq.constraint.accept(tok)
         if tok in seq.stop_ids:
             reason = "stop"
             stop_reason = None if tok == self.eos_id and not seq.req.ignore_eos else tok
