@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -285,3 +287,20 @@ def test_uncompilable_constraints_are_openai_400s(server, body, param, message):
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and err["param"] == param
         assert err["message"].startswith(message)
+
+
+def test_benchmark_quick_mode_measures_masks_and_decode_steps(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import structured
+
+    assert structured.main(["--quick"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["engine"] == "llguidance 1.9.1" and out["tokens"] == 24
+    assert sorted(out["engine_choice"]["engines"]) == ["llguidance 1.9.1", "lm-format-enforcer 0.11.3",
+                                                       "outlines-core 0.2.14", "xgrammar 0.2.9"]
+    (tiny,) = out["models"].values()
+    assert tiny["vocab_size"] == 512 and [b["batch"] for b in tiny["batches"]] == [1, 2]
+    for b in tiny["batches"]:
+        assert b["constrained_tokens"] >= b["batch"] and b["rows_complete_valid_json"] == b["rows_complete"]
+        assert 0 < b["mask_ms_per_token"]["p50"] <= b["mask_ms_per_token"]["p99"]
+        assert b["decode_step_ms"] > 0 and b["json_schema_step_ms"] > 0
