@@ -43,10 +43,10 @@ class GrammarError(LMForgeError):
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
+    cs, n_printable = list(bs), len(bs)
     for b in range(256):
         if b not in bs:  # unprintable bytes take the characters from 256 on, in byte order
-            cs.append(256 + len(bs) - 188)
+            cs.append(256 + len(bs) - n_printable)
             bs.append(b)
     return {chr(c): b for b, c in zip(bs, cs)}
 
