@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from lmforge.errors import LMForgeError
 from lmforge.infer.beam import beam_search_decoder
 from lmforge.infer.generate import generate, normalize_stop
+from lmforge.infer.grammar import Grammar
 from lmforge.infer.prompt import cut_at_stops, results_like
 from lmforge.infer.speculative import Speculation, generate_speculative
 
@@ -22,7 +23,7 @@ def generate_for_llm(llm: Any, prompt: Any, *, max_new_tokens: int, temperature:
                      top_p: float | None, repetition_penalty: float, seed: int | None, num_samples: int,
                      num_beams: int, length_penalty: float, early_stopping: bool | str, no_repeat_ngram_size: int,
                      stop: str | Sequence[str] | None, kv_cache_dtype: str | None = None,
-                     speculation: Speculation | None = None) -> Any:
+                     speculation: Speculation | None = None, grammar: Grammar | None = None) -> Any:
     kind, prompts = llm.prompt_batch(prompt)
     if speculation is not None and num_beams > 1:
         raise LMForgeError("speculative decoding does not combine with beam search; use num_beams=1")
@@ -32,7 +33,7 @@ def generate_for_llm(llm: Any, prompt: Any, *, max_new_tokens: int, temperature:
                        repetition_penalty=repetition_penalty, eos_id=llm.stop_ids, stop=stop,
                        tokenizer=llm.tokenizer, seed=seed, decode_text=kind != "ids", kv_cache_dtype=kv_cache_dtype)
         if speculation is None:
-            gens = generate(llm.model, rows, pad_id=llm.pad_id, **options)
+            gens = generate(llm.model, rows, pad_id=llm.pad_id, grammar=grammar, **options)
         else:
             gens, llm.last_stats = generate_speculative(llm.model, rows, speculation, **options)
         outs = [g.ids if kind == "ids" else g.text for g in gens]

@@ -12,6 +12,10 @@ Generation of a row ends at the EOS token (not included in the output), at a sto
 level: the output is cut just before it) or after `max_new_tokens`. Finished rows keep riding
 along in the batch (their tokens are ignored) until every row is done.
 
+A `Grammar` (infer/grammar.py: JSON Schema, regex, choice) gives every row its own matcher; the
+tokens it forbids are masked out of the logits before the sampling settings apply, and a stop id is
+allowed only once the row's output is complete.
+
 Streaming decodes incrementally (the prefix/read-offset scheme of HF text-generation-inference):
 a piece is released only once it decodes to complete characters, so a multi-byte character split
 over several byte-level BPE tokens never shows up as a partial U+FFFD.
@@ -29,6 +33,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from lmforge.errors import LMForgeError
+from lmforge.infer.grammar import Grammar, TokenConstraint, accept_tokens, mask_logits
 from lmforge.infer.sampling import SamplingParams, make_generator, sample_next
 from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
 
@@ -97,9 +102,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
 @torch.inference_mode()
 def token_stream(model: torch.nn.Module, idx_BT: torch.Tensor, pad_mask_BT: torch.Tensor | None, n_new: int,
                  params: SamplingParams, generator: torch.Generator | None,
-                 cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+                 cache_dtype: torch.dtype | None = None,
+                 constraints: Sequence[TokenConstraint | None] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, shape (B,), `n_new` times (stop iterating to stop early).
-    The KV cache stores keys and values in `cache_dtype` (None: the model's dtype).
+    The KV cache stores keys and values in `cache_dtype` (None: the model's dtype); `constraints`
+    (one per row, or None) mask each row's logits before sampling.
 
     The hot loop: one model call on one position per step, sampling on (B, V) logits; no work
     that grows with the sequence besides the attention itself.
@@ -122,7 +129,11 @@ def token_stream(model: torch.nn.Module, idx_BT: torch.Tensor, pad_mask_BT: torc
             seen_BV = seen_BW[:, :V]
         logits_BV = model(idx_BT, pad_mask_BT=pad_mask_BT, cache=cache, last_only=True)[:, -1]
         for step in range(n_new):
+            if constraints is not None:
+                logits_BV = mask_logits(logits_BV, constraints)
             tok_B = sample_next(logits_BV, params, generator, seen_BV)
+            if constraints is not None:
+                accept_tokens(constraints, tok_B)
             yield tok_B
             if step + 1 == n_new:
                 break
@@ -268,13 +279,15 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, eos_id: int | Iterable[int] | None = None, pad_id: int | None = None,
              stop: str | Sequence[str] | None = None, tokenizer: Any = None, seed: int | None = None,
-             decode_text: bool = True, kv_cache_dtype: str | None = None) -> list[Generation]:
+             decode_text: bool = True, kv_cache_dtype: str | None = None,
+             grammar: Grammar | None = None) -> list[Generation]:
     """Generate for a batch of token-id prompts (any lengths). Returns one `Generation` per prompt.
 
     temperature 0 = greedy. `stop` strings need `tokenizer`; with a tokenizer and `decode_text`
     each result carries its text (cut before the first stop string). The ids of a row that hit a
     stop string run up to and including the token that completed it. `kv_cache_dtype`: "auto"
-    (None, the model's dtype), "fp32" or "bf16".
+    (None, the model's dtype), "fp32" or "bf16". `grammar` constrains every row (its own matcher
+    each); a row cut by `max_new_tokens` before the grammar completes ends with "length".
     """
     settings = Settings.check(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
                               stop, tokenizer, seed, kv_cache_dtype)
@@ -287,9 +300,10 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     trackers = [TextTracker(tokenizer, stops) for _ in range(B)] if stops else None
     finished = [False] * B  # only maintained with stop strings (Python-side per-row state)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    constraints = None if grammar is None else [grammar.matcher(stop_ids) for _ in range(B)]
     n = 0
     for tok_B in token_stream(model, idx_BT, pad_mask_BT, n_new, settings.params, settings.generator,
-                              settings.cache_dtype):
+                              settings.cache_dtype, constraints):
         out_BN[:, n] = tok_B
         n += 1
         if trackers is not None:
@@ -338,15 +352,16 @@ def stream_text(model: torch.nn.Module, tokenizer: Any, prompt: Sequence[int], *
                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 repetition_penalty: float = 1.0, eos_id: int | Iterable[int] | None = None,
                 stop: str | Sequence[str] | None = None, seed: int | None = None,
-                kv_cache_dtype: str | None = None) -> Iterator[str]:
+                kv_cache_dtype: str | None = None, grammar: Grammar | None = None) -> Iterator[str]:
     """Yield text pieces of one prompt's continuation as tokens are produced. The pieces join to the
     text `generate` returns for the same settings; none ends inside a multi-byte character.
     Arguments are checked here, before the first piece is asked for."""
     settings = Settings.check(model, [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
                               stop, tokenizer, seed, kv_cache_dtype)
     idx_1T = torch.tensor([list(prompt)], dtype=torch.long, device=_model_device(model))
+    constraints = None if grammar is None else [grammar.matcher(settings.stop_ids)]
     steps = token_stream(model, idx_1T, None, settings.n_new, settings.params, settings.generator,
-                         settings.cache_dtype)
+                         settings.cache_dtype, constraints)
     return text_pieces(tokenizer, _first_row(steps), settings.stop_ids, settings.stops)
 
 

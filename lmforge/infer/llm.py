@@ -8,6 +8,8 @@
     llm.generate("ROMEO:", temperature=0, draft="runs/draft", num_draft_tokens=4)  # speculative decoding
     llm.last_stats                                # its acceptance rate and tokens per target forward
     for piece in llm.stream("ROMEO:"): print(piece, end="")
+    llm.chat(messages, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}})
+    llm.generate("Colour:", guided_choice=["red", "green"])   # also guided_regex=, guided_json=schema
     logits = llm.model(torch.tensor([[15, 27, 3]]))  # (batch, time, vocab)
 """
 
@@ -161,7 +163,9 @@ class LLM:
                  stop: str | Sequence[str] | None = None, seed: int | None = None, num_samples: int = 1,
                  num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
                  no_repeat_ngram_size: int = 0, kv_cache_dtype: str = "auto", draft: "LLM | str | Path | None" = None,
-                 num_draft_tokens: int = 4, prompt_lookup_num_tokens: int | None = None) -> Any:
+                 num_draft_tokens: int = 4, prompt_lookup_num_tokens: int | None = None,
+                 response_format: dict[str, Any] | None = None, guided_json: Any = None,
+                 guided_regex: str | None = None, guided_choice: Sequence[str] | None = None) -> Any:
         """Continue `prompt` (for an encoder-decoder, or a model with a generation format: the source;
         the result is the generated target).
 
@@ -177,17 +181,42 @@ class LLM:
         tokenizer) guesses `num_draft_tokens` tokens per step, or without a draft
         `prompt_lookup_num_tokens` guesses by copying from the prompt; greedy output is the same as
         without, sampled output has the same distribution, and `last_stats` says what it achieved.
+
+        Structured output (constrained decoding, infer/grammar.py), at most one of: `response_format`
+        (OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ...,
+        "schema": {...}, "strict": true}}), `guided_json` (a JSON Schema), `guided_regex`,
+        `guided_choice` (a list of strings). Every token is drawn from those the grammar allows
+        (temperature, top-k and top-p apply after the mask); the end-of-text token only once the
+        output is complete, so a finished output always parses; max_new_tokens can still cut it.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise LMForgeError(f"num_samples must be a positive integer, got {num_samples!r}")
         self._need("generate", f"a {self.family.name} model does not generate text")
         self.last_stats = None
         speculation = self._speculation(draft, num_draft_tokens, prompt_lookup_num_tokens)
+        grammar = self.grammar(response_format, guided_json, guided_regex, guided_choice)
+        if grammar is not None and (speculation is not None or num_beams > 1):
+            raise LMForgeError(f"{grammar.field} works with sampling and greedy decoding; it does not combine with "
+                               "beam search or speculative decoding")
+        extra = {"speculation": speculation} if speculation else {"grammar": grammar} if grammar else {}
         return self.family.generation_module().generate_for_llm(
             self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, num_samples=num_samples, num_beams=num_beams,
             length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
-            stop=stop, kv_cache_dtype=kv_cache_dtype, **({"speculation": speculation} if speculation else {}))
+            stop=stop, kv_cache_dtype=kv_cache_dtype, **extra)
+
+    def grammar(self, response_format: dict[str, Any] | None = None, guided_json: Any = None,
+                guided_regex: str | None = None, guided_choice: Sequence[str] | None = None) -> Any:
+        """The compiled `Grammar` (infer/grammar.py) of whichever structured-output option is given,
+        None when none is; a constraint the engine cannot compile raises `GrammarError` naming it."""
+        from lmforge.infer.grammar import Grammar
+
+        if all(v is None for v in (response_format, guided_json, guided_regex, guided_choice)):
+            return None
+        self._need("stream", f"structured output (response_format, guided_*) works with decoder-only models; "
+                             f"this is a {self.family.name} model")
+        return Grammar.from_options(self.tokenizer, int(self.config.vocab_size), response_format, guided_json,
+                                    guided_regex, guided_choice)
 
     def _speculation(self, draft: "LLM | str | Path | None", num_draft_tokens: int,
                      prompt_lookup_num_tokens: int | None) -> Any:
@@ -211,7 +240,9 @@ class LLM:
                top_p: float | None = None, repetition_penalty: float = 1.0, stop: str | Sequence[str] | None = None,
                seed: int | None = None, num_samples: int = 1, kv_cache_dtype: str = "auto",
                draft: "LLM | str | Path | None" = None, num_draft_tokens: int = 4,
-               prompt_lookup_num_tokens: int | None = None) -> Iterator[str]:
+               prompt_lookup_num_tokens: int | None = None, response_format: dict[str, Any] | None = None,
+               guided_json: Any = None, guided_regex: str | None = None,
+               guided_choice: Sequence[str] | None = None) -> Iterator[str]:
         """Yield the generated text in pieces as tokens are produced (same settings as `generate`);
         the pieces join to what `generate` returns for the same seed."""
         if not isinstance(prompt, str):
@@ -225,8 +256,11 @@ class LLM:
                        kv_cache_dtype=kv_cache_dtype)
         self.last_stats = None
         speculation = self._speculation(draft, num_draft_tokens, prompt_lookup_num_tokens)
+        grammar = self.grammar(response_format, guided_json, guided_regex, guided_choice)
+        if grammar is not None and speculation is not None:
+            raise LMForgeError(f"{grammar.field} does not combine with speculative decoding")
         if speculation is None:
-            return stream_text(self.model, self.tokenizer, ids, **options)
+            return stream_text(self.model, self.tokenizer, ids, grammar=grammar, **options)
         from lmforge.infer.speculative import SpeculativeStats, stream_speculative
 
         self.last_stats = SpeculativeStats()
@@ -250,25 +284,31 @@ class LLM:
 
     def chat(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             stop: str | Sequence[str] | None = None, seed: int | None = None, kv_cache_dtype: str = "auto") -> str:
+             stop: str | Sequence[str] | None = None, seed: int | None = None, kv_cache_dtype: str = "auto",
+             response_format: dict[str, Any] | None = None, guided_json: Any = None,
+             guided_regex: str | None = None, guided_choice: Sequence[str] | None = None) -> str:
         """The assistant's reply to a conversation (rendered with the model's chat template); stops at
-        the end-of-turn token, which is not part of the reply."""
+        the end-of-turn token, which is not part of the reply. Structured output as in `generate`."""
         ids = self.chat_prompt(messages)
+        grammar = self.grammar(response_format, guided_json, guided_regex, guided_choice)
         (gen,) = _generate(self.model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
                            pad_id=self.pad_id, stop=stop, tokenizer=self.tokenizer, seed=seed,
-                           kv_cache_dtype=kv_cache_dtype)
+                           kv_cache_dtype=kv_cache_dtype, grammar=grammar)
         return gen.text
 
     def chat_stream(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                     stop: str | Sequence[str] | None = None, seed: int | None = None,
-                    kv_cache_dtype: str = "auto") -> Iterator[str]:
+                    kv_cache_dtype: str = "auto", response_format: dict[str, Any] | None = None,
+                    guided_json: Any = None, guided_regex: str | None = None,
+                    guided_choice: Sequence[str] | None = None) -> Iterator[str]:
         """`chat`, yielding the reply in pieces as tokens are produced (they join to `chat`'s reply)."""
         ids = self.chat_prompt(messages)
+        grammar = self.grammar(response_format, guided_json, guided_regex, guided_choice)
         return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
-                           stop=stop, seed=seed, kv_cache_dtype=kv_cache_dtype)
+                           stop=stop, seed=seed, kv_cache_dtype=kv_cache_dtype, grammar=grammar)
 
     def embed(self, texts: str | Sequence[str], pooling: str | None = None, normalize: bool | None = None,
               batch_size: int = 32) -> torch.Tensor:

@@ -25,6 +25,9 @@ the adapter it asked for (`GenerationRequest.adapter`; None: the model as loaded
 active then, if any: a LoRA run served alone keeps its adapter), and every forward pass of the
 model, prefill, decode or speculative, runs under `adapter_rows` with the adapters of the rows it
 computes, so sequences of different adapters share one batch and one KV cache.
+Structured output: a request's `grammar` (infer/grammar.py) gives its sequence a matcher of its own;
+at the sampling point the tokens it forbids are masked out of that sequence's logits, and each
+sampled token advances it. Constrained sequences decode without guesses too.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch
 from lmforge.errors import LMForgeError
 from lmforge.models.registry import CONTINUE, family_of
 from lmforge.infer.generate import TextTracker, normalize_stop
+from lmforge.infer.grammar import Grammar, mask_logits
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample_next
 from lmforge.infer.speculative import DraftModel, SpeculativeStats, check_draft, check_positive, speculative_step
 from lmforge.nn.kv_cache import kv_cache_dtype as cache_dtype_of
@@ -88,6 +92,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # the same for the prompt tokens (completions `echo`)
     skip_special_tokens: bool = True  # decoded text never shows control tokens
     adapter: str | None = None  # the LoRA adapter of the model this sequence uses (None: the model as loaded)
+    grammar: Grammar | None = None  # structured output: only tokens this grammar allows are sampled
 
 
 @dataclass
@@ -171,6 +176,7 @@ class _Seq:
             self.seen_V[torch.tensor(self.prompt, device=device)] = True
         self.counts_V = torch.zeros(vocab, device=device) if (req.presence_penalty or req.frequency_penalty) else None
         self.prompt_logprobs: list[TokenLogprob] | None = [] if req.prompt_logprobs is not None else None
+        self.constraint = None if req.grammar is None else req.grammar.matcher(stop_ids)
 
 
 class Scheduler:
@@ -295,6 +301,9 @@ class Scheduler:
         if req.adapter is not None and req.adapter not in self.adapters:
             raise InvalidRequest(f"no LoRA adapter named '{req.adapter}'; this model has "
                                  f"{', '.join(self.adapters) or 'none'}", "adapter")
+        if req.grammar is not None and req.ignore_eos and not req.stop_token_ids:
+            raise InvalidRequest(f"{req.grammar.field} needs a stop token to end the output; ignore_eos leaves none",
+                                 "ignore_eos")
 
     def submit(self, req: GenerationRequest, callback: Callable[[StepOutput], None]) -> int:
         """Queue a request; returns its handle (for `cancel`). Raises QueueFull at the queue bound."""
@@ -460,7 +469,7 @@ class Scheduler:
         """One speculative step of one sequence on its own cache row (plain decoding when it asks for
         logprobs or penalties)."""
         cache = self.cache.rows(s.row, s.row + 1)
-        if s.extras or s.req.logprobs is not None:
+        if s.extras or s.req.logprobs is not None or s.constraint is not None:
             idx_11 = torch.tensor([[s.pending]], dtype=torch.long, device=self.device)
             logits_1V = self.model(idx_11, cache=cache)[:, -1]
             s.n_cached += 1
@@ -491,7 +500,8 @@ class Scheduler:
         """Pick each sequence's next token (greedy rows together, sampled rows one by one with their
         own generator) and hand it to `_emit`."""
         toks: list[int | None] = [None] * len(seqs)
-        plain_greedy = [i for i, s in enumerate(seqs) if s.params.greedy and s.seen_V is None and not s.extras]
+        plain_greedy = [i for i, s in enumerate(seqs)
+                        if s.params.greedy and s.seen_V is None and not s.extras and s.constraint is None]
         if plain_greedy:
             idx = torch.tensor(plain_greedy, device=logits_BV.device)
             picked = logits_BV[idx].float().argmax(dim=-1).tolist()
@@ -519,6 +529,8 @@ class Scheduler:
 
     def _pick(self, seq: _Seq, logits_1V: torch.Tensor) -> int:
         seen = seq.seen_V[None] if seq.seen_V is not None else None
+        if seq.constraint is not None:
+            logits_1V = mask_logits(logits_1V, [seq.constraint])
         if not seq.extras:
             return int(sample_next(logits_1V, seq.params, seq.generator, seen)[0])
         logits_1V = logits_1V.float()
@@ -539,6 +551,8 @@ class Scheduler:
         """Record a sampled token, apply the stop rules and call back. True when the sequence ended."""
         reason = stop_reason = None
         new_ids: list[int] = []
+        if seq.constraint is not None:
+            seq.constraint.accept(tok)
         if tok in seq.stop_ids:
             reason = "stop"
             stop_reason = None if tok == self.eos_id and not seq.req.ignore_eos else tok

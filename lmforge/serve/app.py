@@ -218,6 +218,7 @@ async def completions(request: Request) -> Response:
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     sampling = req.sampling_request(max_tokens, req.logprobs, prompt_logprobs=echo_logprobs,
                                     adapter=state.adapter_of(req.model))
+    sampling.grammar = eng.grammar(req)
     if state.cfg.log_prompts:
         log.info("%s prompt: %r", request.state.req_id, req.prompt)
     choices = eng.submit(prompts, req.n, sampling, state.metrics)
@@ -230,10 +231,6 @@ async def chat_completions(request: Request) -> Response:
     state, eng, req = await _read_request(request, ChatCompletionRequest)
     if req.tools:
         raise ServeError(400, "tools are not supported by this server", param="tools")
-    kind = (req.response_format or {}).get("type", "text")
-    if kind != "text":  # a reply that merely looks like JSON would be worse than a clear refusal
-        raise ServeError(400, f"response_format type '{kind}' is not supported by this server (no constrained "
-                              "decoding); only 'text'", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise ServeError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     ids = eng.chat_prompt(req.messages, req.add_generation_prompt)
@@ -243,6 +240,7 @@ async def chat_completions(request: Request) -> Response:
     max_tokens = asked if asked is not None else max(1, eng.max_model_len - len(ids))
     sampling = req.sampling_request(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                     adapter=state.adapter_of(req.model))
+    sampling.grammar = eng.grammar(req)
     choices = eng.submit([ids], req.n, sampling, state.metrics, prompt_param="messages")
     fmt = ChatFormat(eng.tokenizer, req, ids)
     return await _respond(request, choices, fmt, req.stream, f"chatcmpl-{uuid.uuid4().hex}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from lmforge.errors import LMForgeError
+from lmforge.infer.grammar import Grammar, GrammarError
 from lmforge.infer.prompt import GenerationFormat, encode_text_prompts, render_chat_prompt
 from lmforge.infer.scheduler import GenerationRequest, InvalidRequest, QueueFull, Scheduler, StepOutput, TokenLogprob
 from lmforge.infer.speculative import check_draft
@@ -102,6 +103,16 @@ class Engine:
             raise ServeError(400, f"the chat template could not format these messages: {e}", param="messages") from None
 
     # ---- generation ------------------------------------------------------------------------------
+
+    def grammar(self, request: Any) -> Grammar | None:
+        """The structured-output constraint a request asks for (`response_format`, or vLLM's
+        `guided_json` / `guided_regex` / `guided_choice`), compiled; a 400 naming the field that
+        cannot be compiled."""
+        try:
+            return Grammar.from_options(self.tokenizer, self.scheduler.vocab, request.response_format,
+                                        request.guided_json, request.guided_regex, request.guided_choice)
+        except GrammarError as e:
+            raise ServeError(400, str(e), param=e.field) from None
 
     def submit(self, prompts: list[list[int]], n: int, sampling: GenerationRequest, metrics: Metrics,
                prompt_param: str = "prompt") -> "Choices":

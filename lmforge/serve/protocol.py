@@ -93,6 +93,11 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logit_bias: Optional[dict[str, float]] = None
+    # structured output: OpenAI's response_format, or vLLM's guided_* (at most one)
+    response_format: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
 
     def sampling_request(self, max_tokens: int, logprobs: int | None,
                          prompt_logprobs: int | None = None, adapter: str | None = None) -> GenerationRequest:
@@ -154,7 +159,6 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     tools: Optional[list[Any]] = None
-    response_format: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
 
 
