@@ -25,6 +25,7 @@ the adapter it asked for (`GenerationRequest.adapter`; None: the model as loaded
 active then, if any: a LoRA run served alone keeps its adapter), and every forward pass of the
 model, prefill, decode or speculative, runs under `adapter_rows` with the adapters of the rows it
 computes, so sequences of different adapters share one batch and one KV cache.
+
 Structured output: a request's `grammar` (infer/grammar.py) gives its sequence a matcher of its own;
 at the sampling point the tokens it forbids are masked out of that sequence's logits, and each
 sampled token advances it. Constrained sequences decode without guesses too.
