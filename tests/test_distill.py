@@ -368,3 +368,23 @@ def test_on_policy_batches_hold_the_students_completions(lm_teacher):
     y = b["labels"][0]
     assert (y[:len(prompt) - 1] == -100).all() and y[len(prompt) - 1:n - 1].tolist() == b["input_ids"][0, len(prompt):n].tolist()
     assert torch.equal(src.micro_batch(0, 0)["input_ids"], b["input_ids"])  # seeded by (seed, step, index): resumable
+
+
+def test_benchmark_quick_reports_every_row(tmp_path, capsys):
+    import importlib.util
+
+    from train_fixtures import REPO
+
+    spec = importlib.util.spec_from_file_location("distill_bench", REPO / "benchmarks/distill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    runs = {p.parent.parent.name + "/" + p.parent.name for p in tmp_path.glob("*/*/checkpoints")}
+    assert runs == {"encoder/distilled", "encoder/control", "decoder/distilled", "decoder/control"}
+    enc, dec = res["encoder"], res["decoder"]
+    assert enc["param_share"] == pytest.approx(enc["student_params"] / enc["teacher_params"], abs=1e-4)
+    assert enc["param_share"] <= 0.4 and dec["param_share"] < 0.5
+    assert set(enc["test_accuracy"]) == {"teacher", "distilled", "control"} == set(dec["test_accuracy"])
+    assert enc["speedup"] == pytest.approx(enc["classify_seconds"]["teacher"] / enc["classify_seconds"]["student"],
+                                           rel=0.05)

@@ -46,6 +46,7 @@ class StudentConfig:
     n_embd: Optional[int] = config_field(None, "width of a preset or `teacher` student (default: the preset's / the teacher's)")
     n_head: Optional[int] = config_field(None, "attention heads of a preset or `teacher` student")
     mlp_hidden: Optional[int] = config_field(None, "MLP hidden width of a preset or `teacher` student")
+    n_kv_head: Optional[int] = config_field(None, "key/value heads of a preset or `teacher` decoder student")
 
 
 INNER = {"lm": sft, "classify": classify, "seq2seq": seq2seq}  # the method whose data and batches a task reads
