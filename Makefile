@@ -93,7 +93,8 @@ clean:
 # earlier ones train: demo -> chat-demo -> align-demo, align-bench; demo -> folio).
 RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
-RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment
+RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment \
+                  results-distill
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
                   results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured
 .PHONY: results results-quality results-speed results-parity results-test $(RESULTS_QUALITY) $(RESULTS_SPEED)
@@ -140,6 +141,11 @@ results-folio: dev  # make folio-bench, the decoder on whole speeches (the contr
 
 results-sentiment: dev
 	$(TIMED) $(PY) benchmarks/sentiment.py --out runs/sentiment --ood-limit 1000 --results $(RESULTS)
+
+results-distill: dev  # the sentiment MiniLM and the chat-demo model distilled into small students, against training them alone
+	@test -d runs/sentiment/minilm || $(MAKE) --no-print-directory results-sentiment
+	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
+	$(TIMED) $(PY) benchmarks/distill.py --out runs/distill --minutes 10 --results $(RESULTS)
 
 results-bench: dev
 	$(TIMED) $(PY) benchmarks/run.py --results $(RESULTS)

@@ -3,7 +3,8 @@
     lmforge prepare SOURCE... --out DIR          corpus -> tokenizer + train/val token memmaps
     lmforge train --data DIR --out RUN           train any family: decoder, encoder (MLM), T5 / BART (denoising)
                                                  (config: --recipe, --config, --section.key VALUE)
-    lmforge finetune METHOD MODEL --data F --out RUN   sft, reward, dpo, grpo, ppo, classify, seq2seq
+    lmforge finetune METHOD MODEL --data F --out RUN   sft, reward, dpo, grpo, ppo, classify, seq2seq, distill
+    lmforge distill --teacher T --student S --data F --out RUN   knowledge distillation (= finetune distill)
     lmforge generate MODEL --prompt TEXT         sample text (KV cache, temperature / top-k / top-p, beams)
     lmforge eval MODEL --data DIR|FILES          loss, perplexity, bits per byte; classifier / MLM metrics (JSON)
     lmforge chat MODEL                           talk to a chat model in the terminal
@@ -513,16 +514,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def finetune_parser(method: str) -> argparse.ArgumentParser:
+def finetune_parser(method: str, prog: str | None = None) -> argparse.ArgumentParser:
     """The flags every method shares plus the method's own (its module's add_arguments)."""
     from lmforge.finetune.scaffold import method_module
 
     module = method_module(method)
-    p = _Parser(prog=f"lmforge finetune {method}", description=(module.__doc__ or "").strip().splitlines()[0],
-                usage=f"lmforge finetune {method} MODEL --data FILE --out RUN [options] [--section.key VALUE ...]",
+    prog = prog or f"lmforge finetune {method}"
+    alias = getattr(module, "MODEL_FLAG", "--base")
+    p = _Parser(prog=prog, description=(module.__doc__ or "").strip().splitlines()[0],
+                usage=f"{prog} MODEL --data FILE --out RUN [options] [--section.key VALUE ...]",
                 epilog="Config keys: --section.key VALUE (e.g. --train.lr 1e-4); --help-config lists them")
-    add_model_argument(p, "the model to start from: an lmforge run, model directory or Hugging Face folder",
-                       alias="--base")
+    add_model_argument(p, "the model to start from: an lmforge run, model directory or Hugging Face folder"
+                       + ("" if alias == "--base" else f" (the same as {alias})"), alias=alias)
     p.add_argument("--data", required=True, help="training data: a JSONL/CSV/TSV file, a directory or a glob")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--val-data", help="validation data (default: --val-fraction of --data, or none)")
@@ -555,30 +558,37 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return overrides, rest
 
 
-def finetune_config_help(method: str) -> str:
-    """The method's config keys: its CONFIG dataclass, with the method's DEFAULTS."""
+def finetune_config_help(method: str, argv: Sequence[str] = (), prog: str | None = None) -> str:
+    """The method's config keys: its CONFIG dataclass, with the method's DEFAULTS (a method whose
+    config depends on its flags, distill's --task, reads them from argv)."""
     from lmforge.finetune.scaffold import method_module
     from lmforge.train.config import config_help
 
     module = method_module(method)
-    return config_help(module.CONFIG, command=f"lmforge finetune {method}", defaults=getattr(module, "DEFAULTS", None))
+    config_cls, defaults = module.CONFIG, getattr(module, "DEFAULTS", None)
+    if hasattr(module, "config_for"):
+        known, _ = finetune_parser(method).parse_known_args(["--data", "-", "--out", "-", *argv])
+        config_cls, defaults = module.config_for(known, [], None)
+    return config_help(config_cls, command=prog or f"lmforge finetune {method}", defaults=defaults)
 
 
-def cmd_finetune(argv: list[str]) -> int:
-    from lmforge.finetune.scaffold import METHODS, run
+def cmd_finetune(argv: list[str], prog: str | None = None) -> int:
+    """`lmforge finetune METHOD ...`; `prog` names a verb that is one method (`lmforge distill`)."""
+    from lmforge.finetune.scaffold import METHODS, method_module, run
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: lmforge finetune METHOD MODEL --data FILE --out RUN [options] [--section.key VALUE ...]\n"
               f"methods: {', '.join(METHODS)}\n`lmforge finetune METHOD --help` lists a method's options.")
         return 0 if argv else 2
     method, rest = argv[0], argv[1:]
+    verb = prog[len("lmforge "):] if prog else f"finetune {method}"
     if "--help-config" in rest:
-        print(finetune_config_help(method))
+        print(finetune_config_help(method, [a for a in rest if a != "--help-config"], prog))
         return 0
-    parser = finetune_parser(method)
+    parser = finetune_parser(method, prog)
     overrides, rest = split_overrides(rest)
     args, extra = parser.parse_known_args(rest)
-    args.base = model_of(args, f"finetune {method}", alias="--base")
+    args.base = model_of(args, verb, alias=getattr(method_module(method), "MODEL_FLAG", "--base"))
     if args.resume and args.overwrite:
         raise LMForgeError("pass either --resume or --overwrite, not both")
     summary = with_threads(args.threads, lambda: run(method, args, overrides + extra))
@@ -799,8 +809,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "is NAME uses it, one naming MODEL none; all share one batch (as vLLM's --lora-modules)")
     s.add_argument("--log-prompts", action="store_true", help="also log prompt text (off: only ids, sizes, timing)")
 
-    sub.add_parser("finetune", help="post-train a model: sft, reward, dpo, grpo, ppo, classify, seq2seq "
+    sub.add_parser("finetune", help="post-train a model: sft, reward, dpo, grpo, ppo, classify, seq2seq, distill "
                                     "(lmforge finetune METHOD --help)", add_help=False)
+    sub.add_parser("distill", help="train a student to match a teacher: soft targets, DistilBERT, TinyBERT, GKD "
+                                   "(lmforge distill --help)", add_help=False)
 
     s = sub.add_parser("bench", help="speed side by side with transformers")
     s.add_argument("what", choices=BENCHMARKS, help="what to time: training, decoding, encoders or seq2seq models")
@@ -841,6 +853,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "finetune":  # each method has its own flags: parsed by its own parser
             return cmd_finetune(argv[1:])
+        if argv and argv[0] == "distill":  # = lmforge finetune distill
+            return cmd_finetune(["distill", *argv[1:]], prog="lmforge distill")
         overrides: list[str] = []
         if argv and argv[0] in _TAKES_OVERRIDES:  # an override's value is never taken for a positional (`info MODEL`)
             overrides, argv = split_overrides(argv)

@@ -131,14 +131,16 @@ class ClassifyObjective:
 
 # ---- task -------------------------------------------------------------------------------------
 
-def build_job(cfg: ClassifyConfig, args: Any) -> TrainJob:
+def build_job(cfg: ClassifyConfig, args: Any, llm: Any = None) -> TrainJob:
+    """The classification TrainJob; `llm` (default: loaded from args.base) is the model to train
+    (lmforge distill passes its student)."""
     from lmforge.data.labeled import label_ids, label_set, read_labeled
     from lmforge.eval.classification import classification_metrics, plot_confusion
     from lmforge.finetune.scaffold import say
 
     t, d, m = cfg.train, cfg.data, cfg.model
     base, data = Path(args.base), args.data
-    llm = load_base(base, "classify")
+    llm = llm or load_base(base, "classify")
     family = llm.family
     if family.as_classifier is None:
         raise LMForgeError(f"--base {base} is a {family.name} model, which lmforge finetune classify cannot turn "

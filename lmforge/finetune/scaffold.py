@@ -9,6 +9,9 @@ A method is a module (METHODS) that holds only what differs:
     add_arguments(parser)  optional: its own flags
     FLAG_KEYS              optional {flag attribute: "section.key"}: the config keys its flags set
     build_job(cfg, args)   the TrainJob, from the config and the command line (base, data, val_data, out, ...)
+    config_for(args, overrides, saved)  optional: (CONFIG, DEFAULTS) when they depend on the command line
+                           (distill: its --task picks the sections of the method whose data it reads)
+    MODEL_FLAG             optional: the flag naming the model it trains (default --base; distill: --student)
     final_metrics(out)     optional: what the run summary adds from the run directory
 The scaffold does the rest: the config, the job, the one training loop (`train_job`), the summary.
 
@@ -38,6 +41,7 @@ METHODS: dict[str, str] = {
     "ppo": "lmforge.finetune.ppo",
     "classify": "lmforge.finetune.classify",
     "seq2seq": "lmforge.finetune.seq2seq",
+    "distill": "lmforge.finetune.distill",
 }
 
 
@@ -74,8 +78,10 @@ def method_config(module: Any, args: Any, overrides: Sequence[str] = (), saved: 
     from lmforge.config import deep_merge, from_dict
     from lmforge.train.config import gather_config_dict
 
-    sections = [f.name for f in dataclasses.fields(module.CONFIG)]
-    base = deep_merge({}, getattr(module, "DEFAULTS", {}))
+    config_cls, defaults = (module.config_for(args, overrides, saved) if hasattr(module, "config_for")
+                            else (module.CONFIG, getattr(module, "DEFAULTS", {})))
+    sections = [f.name for f in dataclasses.fields(config_cls)]
+    base = deep_merge({}, defaults)
     if saved:
         base = deep_merge(base, {k: saved[k] for k in sections if isinstance(saved.get(k), dict)})
     layered = gather_config_dict(getattr(args, "config", None), overrides, getattr(args, "recipe", None), base=base)
@@ -84,7 +90,7 @@ def method_config(module: Any, args: Any, overrides: Sequence[str] = (), saved: 
         if value is not None:
             section, name = key.split(".")
             layered = deep_merge(layered, {section: {name: value}})
-    return from_dict(module.CONFIG, layered)
+    return from_dict(config_cls, layered)
 
 
 def prepare(method: str, args: Any, overrides: Sequence[str] = ()) -> tuple[Any, Any]:

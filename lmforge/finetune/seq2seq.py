@@ -164,14 +164,16 @@ class DecoderCompletionObjective:
 
 # ---- task -------------------------------------------------------------------------------------
 
-def build_job(cfg: Seq2SeqFinetuneConfig, args: Any) -> TrainJob:
+def build_job(cfg: Seq2SeqFinetuneConfig, args: Any, llm: Any = None) -> TrainJob:
+    """The seq2seq TrainJob; `llm` (default: loaded from args.base) is the model to train (lmforge
+    distill passes its student)."""
     from lmforge.eval.generation import generation_metrics
     from lmforge.finetune.scaffold import say
     from lmforge.train.denoise import Seq2SeqLMObjective, collate
 
     t, d, g = cfg.train, cfg.data, cfg.generate
     base, data = Path(args.base), args.data
-    llm = load_base(base, "seq2seq", needs="generate", trains="seq2seq and decoder models")
+    llm = llm or load_base(base, "seq2seq", needs="generate", trains="seq2seq and decoder models")
     model, tok = llm.model, llm.tokenizer
     # A decoder reads source and target in one context (a prompt it continues); an encoder-decoder
     # encodes the source and generates the target on its own.

@@ -230,12 +230,14 @@ def render_examples(examples: list[Any], tok: Any, loss_on: str, seq_len: int, l
     return out
 
 
-def build_job(cfg: SFTConfig, args: Any) -> TrainJob:
+def build_job(cfg: SFTConfig, args: Any, llm: Any = None) -> TrainJob:
+    """The SFT TrainJob; `llm` (default: loaded from args.base) is the model to train (lmforge
+    distill passes its student)."""
     from lmforge.data.chat import expand_paths, read_examples
     from lmforge.finetune.scaffold import say
 
     t, d = cfg.train, cfg.data
-    llm = load_base(args.base, "sft", needs="continue", trains="decoder models")
+    llm = llm or load_base(args.base, "sft", needs="continue", trains="decoder models")
     model = llm.model
     seq_len = t.seq_len or model.cfg.block_size
     if seq_len > model.cfg.block_size:

@@ -338,9 +338,9 @@ class Attention(nn.Module):
         q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         return {"qkv": {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}, "proj": {"o": (0, self.proj.out_features)}}
 
-    def forward(self, x_BTC: torch.Tensor, ctx: AttentionContext, *, layer: int = 0,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """`layer`: which of the cache's layers this is; `rope`: (cos, sin) of the new tokens' positions."""
+    def _project(self, x_BTC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k and v (B, K, T, D) of the new tokens, normed and rotated."""
         B, T, _ = x_BTC.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         q_BTX, k_BTX, v_BTX = self.qkv(x_BTC).split([H * D, K * D, K * D], dim=-1)
@@ -352,6 +352,21 @@ class Attention(nn.Module):
         if rope is not None:
             q_BHTD = apply_rope(q_BHTD, *rope)
             k_BKTD = apply_rope(k_BKTD, *rope)
+        return q_BHTD, k_BKTD, v_BKTD
+
+    def scores(self, x_BTC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pre-softmax attention scores q.k / sqrt(D), (B, H, T, T), unmasked (no cache): what
+        TinyBERT's attention loss compares. The fused attention kernel never materialises them."""
+        q_BHTD, k_BKTD, _ = self._project(x_BTC, rope)
+        k_BHTD = k_BKTD.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        return q_BHTD @ k_BHTD.transpose(-1, -2) / math.sqrt(self.head_dim)
+
+    def forward(self, x_BTC: torch.Tensor, ctx: AttentionContext, *, layer: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`layer`: which of the cache's layers this is; `rope`: (cos, sin) of the new tokens' positions."""
+        B, T, _ = x_BTC.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        q_BHTD, k_BKTD, v_BKTD = self._project(x_BTC, rope)
         k_BKSD, v_BKSD = k_BKTD, v_BKTD
         if ctx.cache is not None:  # the new keys and values join the cached ones
             k_BKSD, v_BKSD = ctx.cache.write(layer, k_BKTD, v_BKTD)

@@ -65,6 +65,8 @@ class TrainJob:
     data_fingerprint: Any = None                # must be equal on resume (e.g. the data's sha256)
     tokens_per_step: int | None = None          # fixed tokens per optimizer step (else stats["tokens"])
     flops_per_token: int | None = None          # for the MFU figure
+    # trained beside the model, saved in the train state but not in the model files (a distillation projection)
+    extra_modules: torch.nn.Module | None = None
     bytes_per_token: float | None = None        # validation bits per byte = val_loss / ln 2 / this
     report_perplexity: bool = True              # val_ppl = exp(val_loss) (language-model losses)
     description: str = ""                       # one line for the start message ("global batch ...")

@@ -132,10 +132,14 @@ class Trainer:
             ckpt_io.load_state_checked(raw, weights, self.ckpt / ckpt_io.MODEL_WEIGHTS)
         self.raw = raw.to(self.device)
         self.raw.train()
+        # modules the objective trains beside the model (a distillation projection): in the optimizer
+        # and the train state, not in the model files
+        self.extra = self.task.extra_modules.to(self.device).train() if self.task.extra_modules is not None else None
+        self.trained = self.raw if self.extra is None else torch.nn.ModuleList([self.raw, self.extra])
         self.dtype = _autocast_dtype(t.dtype, self.device)
         if hasattr(self.task.train_batches, "bind"):
             self.task.train_batches.bind(self.raw, autocast=self.dtype)
-        self.optimizer = build_optimizer(self.raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.device.type,
+        self.optimizer = build_optimizer(self.trained, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.device.type,
                                          name=t.optimizer, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
                                          muon_weight_decay=t.muon_weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -174,6 +178,12 @@ class Trainer:
             self.horizon = self.t.max_steps  # max_steps may have changed on resume
         self.best_val = s.get("best_val_loss")
         self.last_val = s.get("last_eval")
+        if self.extra is not None:
+            try:  # copied in place: the optimizer holds these parameters already
+                self.extra.load_state_dict({k[len("extra."):]: v for k, v in tens.items() if k.startswith("extra.")})
+            except RuntimeError as e:
+                raise LMForgeError(f"{src} does not fit this run's {type(self.extra).__name__} "
+                                   f"({str(e).splitlines()[0]})") from None
         source = self.task.train_batches
         if hasattr(source, "load_state_dict"):
             prefix = "batches."
@@ -377,9 +387,13 @@ class Trainer:
                     local_tokens += int(value)
                 elif name != "loss":
                     stat_sums[name] = stat_sums.get(name, 0) + value.detach().float() / t.grad_accum
+        if self.extra is not None and info.enabled:  # DDP averages the model's gradients, not these
+            for p in self.extra.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(D.all_reduce_mean(p.grad, info))
         self.scaler.unscale_(self.optimizer)
         # max_norm=inf still returns the norm and leaves the gradients as they are.
-        gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -486,6 +500,9 @@ class Trainer:
             "scaler": scaler_struct,
             "lmforge_version": __version__,
         }
+        if self.extra is not None:
+            for name, value in self.extra.state_dict().items():
+                tensors[f"extra.{name}"] = value.detach().cpu().contiguous()
         source = self.task.train_batches
         if hasattr(source, "state_dict"):
             for name, value in source.state_dict().items():
