@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -146,16 +146,20 @@ def model_config_json(model: torch.nn.Module) -> dict[str, Any]:
 
 def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_path: str | Path | None = None,
                     extra_files: dict[str, bytes] | None = None,
-                    weights: dict[str, torch.Tensor] | None | bool = True) -> Path:
+                    weights: Callable[[Path], None] | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a model directory (in place; callers wanting atomicity write into a temp dir and rename).
     `extra_files` (name -> bytes) travel with the model: tokenizer_config.json, chat_template.jinja, ...
-    `weights`: True writes the model's own; a dict writes those (a sharded model's gathered weights);
-    False writes no model.safetensors (a sharded checkpoint keeps its weights in sharded/)."""
+    `weights(directory)` writes the weights instead of model.safetensors (a sharded checkpoint's are
+    already in sharded/); `state` replaces the model's own state in model.safetensors (a sharded
+    model's weights gathered to rank 0)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = model_config_json(model)
-    if weights is not False:
-        save_tensors(directory / MODEL_WEIGHTS, model_state_for_saving(model) if weights is True else weights,
+    if weights is not None:
+        weights(directory)
+    else:
+        save_tensors(directory / MODEL_WEIGHTS, model_state_for_saving(model) if state is None else state,
                      metadata={"format": "pt", "lmforge": meta["family"]})
     atomic_write_text(directory / MODEL_CONFIG, json.dumps(meta, indent=2))
     if tokenizer_path is not None and Path(tokenizer_path).is_file():
@@ -171,8 +175,9 @@ def is_sharded(ckpt_dir: str | Path) -> bool:
     return (Path(ckpt_dir) / SHARDED / ".metadata").is_file()
 
 
-def _complete(ckpt_dir: Path) -> bool:
-    return (ckpt_dir / MODEL_WEIGHTS).is_file() or is_sharded(ckpt_dir)
+def holds_weights(directory: Path) -> bool:
+    """Whether a model directory has its weights: model.safetensors, or (FSDP) its shards."""
+    return (directory / MODEL_WEIGHTS).is_file() or is_sharded(directory)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -181,9 +186,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = run_dir / CKPT_DIR / LATEST
     if pointer.is_file():
         candidate = run_dir / CKPT_DIR / pointer.read_text(encoding="utf-8").strip()
-        if _complete(candidate):
+        if holds_weights(candidate):
             return candidate
-    steps = sorted(p for p in (run_dir / CKPT_DIR).glob("step_*") if _complete(p))
+    steps = sorted(p for p in (run_dir / CKPT_DIR).glob("step_*") if holds_weights(p))
     return steps[-1] if steps else None
 
 
@@ -433,13 +438,14 @@ def consolidate_sharded(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bo
 def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                            tensors: dict[str, torch.Tensor], tokenizer_path: str | Path | None = None,
                            keep: int = 0, extra_files: dict[str, bytes] | None = None,
-                           weights: dict[str, torch.Tensor] | None | bool = True, staged: bool = False) -> Path:
+                           weights: Callable[[Path], None] | None = None,
+                           model_state: dict[str, torch.Tensor] | None = None, staged: bool = False) -> Path:
     """Write RUN/checkpoints/step_XXXXXXXX atomically, point `latest` at it, keep the newest `keep`.
 
     Everything goes into a hidden temp directory first, which is renamed into place only once
     complete; `latest` is updated after that. A crash at any point leaves the previous checkpoint
-    as the latest complete one. `weights` as in `write_model_dir`; `staged`: the temp directory
-    already holds the processes' shards (`start_staging`, `save_sharded`).
+    as the latest complete one. `weights` and `model_state` (its `state`) as in `write_model_dir`;
+    `staged`: the temp directory already holds the processes' shards (`start_staging`, `save_sharded`).
     """
     run_dir = Path(run_dir)
     root = run_dir / CKPT_DIR
@@ -448,7 +454,7 @@ def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modul
     tmp = staging_dir(run_dir, step)
     if not staged:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_model_dir(tmp, model, tokenizer_path, extra_files, weights=weights)
+    write_model_dir(tmp, model, tokenizer_path, extra_files, weights=weights, state=model_state)
     save_tensors(tmp / TRAIN_STATE_TENSORS, tensors, metadata={"format": "pt", "lmforge": "train_state"})
     atomic_write_text(tmp / TRAIN_STATE_JSON, json.dumps(state, indent=1))
     final = root / name
@@ -463,7 +469,8 @@ def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modul
 
 def write_best_checkpoint(run_dir: str | Path, model: torch.nn.Module, eval_row: dict[str, Any],
                           extra_files: dict[str, bytes] | None = None,
-                          weights: dict[str, torch.Tensor] | bool = True) -> Path:
+                          weights: Callable[[Path], None] | None = None,
+                          model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Replace RUN/checkpoints/best atomically with `model` (a model directory, not resumable) and the
     evaluation row that made it the best. `latest` never points at it, so a run still loads its last
     checkpoint; `LLM.load(RUN/checkpoints/best)` loads this one."""
@@ -471,7 +478,7 @@ def write_best_checkpoint(run_dir: str | Path, model: torch.nn.Module, eval_row:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp_{BEST}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_dir(tmp, model, extra_files=extra_files, weights=weights)
+    write_model_dir(tmp, model, extra_files=extra_files, weights=weights, state=model_state)
     atomic_write_text(tmp / BEST_EVAL, json.dumps(eval_row, indent=1))
     final = root / BEST
     replace_dir_atomically(tmp, final)

@@ -22,7 +22,7 @@ from train_fixtures import (PYTHON, REPO, TINY, make_data_dir, read_metrics, run
                             training_code)
 
 STEPS = ["--train.max_steps", "6", "--train.eval_every", "2", "--train.ckpt_every", "2", "--train.keep_checkpoints", "0",
-         "--train.micro_batch_size", "2"]
+         "--train.micro_batch_size", "2", "--train.keep_best", "true"]
 TIMING = ("elapsed", "tok_per_s", "mfu")
 FSDP = ["--train.parallelism", "fsdp", "--train.grad_accum", "2"]
 
@@ -63,11 +63,12 @@ def test_two_sharded_processes_equal_one_process_at_the_same_global_batch(runs):
             assert (rb["lr"], rb["tokens"]) == (ra["lr"], ra["tokens"])
         else:
             assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
-    wa = load_file(str(runs["single"] / "checkpoints" / "step_00000006" / "model.safetensors"))
-    wb = load_file(str(runs["sharded"] / "checkpoints" / "step_00000006" / "model.safetensors"))
-    assert set(wa) == set(wb)
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=2e-5)
+    for model in ("step_00000006", "best"):  # best: gathered from the shards at the evaluation that improved
+        wa = load_file(str(runs["single"] / "checkpoints" / model / "model.safetensors"))
+        wb = load_file(str(runs["sharded"] / "checkpoints" / model / "model.safetensors"))
+        assert set(wa) == set(wb)
+        for name in wa:
+            torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=2e-5)
     state = json.loads((runs["sharded"] / "checkpoints" / "step_00000006" / "train_state.json").read_text())
     assert state["world_size"] == 2 and state["data_position"]["global_batch"] == 8 and state["optimizer"] is None
 
@@ -194,3 +195,29 @@ def test_sharding_units_are_the_blocks_of_every_family():
     assert found == {"decoder": ["lmforge.models.decoder.Block"] * 2,
                      "encoder": ["lmforge.models.encoder.Block"] * 2,
                      "seq2seq": ["lmforge.models.seq2seq.EncoderBlock"] * 2 + ["lmforge.models.seq2seq.DecoderBlock"] * 2}
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["--train.optimizer", "muon"], "train.optimizer muon orthogonalises whole weight matrices, which "
+                                    "--train.parallelism fsdp splits across processes; use adamw, or ddp"),
+    (["--train.dtype", "float16"], "train.dtype float16 needs a gradient scaler, which --train.parallelism fsdp "
+                                   "does not support; use bfloat16"),
+])
+def test_what_fsdp_cannot_do_is_one_message_before_anything_is_written(runs, tmp_path, monkeypatch, setting, message):
+    """In this process as torchrun's one worker would be (FSDP applies under torchrun at any world size)."""
+    import socket
+
+    from lmforge.errors import LMForgeError
+    from lmforge.train.pretrain import run_training
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(LMForgeError) as e:
+        run_training(str(runs["data"]), str(tmp_path / "run"), overrides=TINY + ["--train.parallelism", "fsdp"] + setting)
+    assert str(e.value) == message
+    assert not (tmp_path / "run").exists()
+    assert not torch.distributed.is_initialized()

@@ -4,12 +4,12 @@
 
 Per optimizer step: set the scheduled learning rate, run grad_accum micro-batches (forward under
 autocast, loss / grad_accum backward; DDP or FSDP syncs gradients only on the last one), unscale
-(fp16), clip the global gradient norm (under FSDP the norm over every shard), step AdamW. Every log_every steps a metrics.jsonl row; every
-eval_every steps validation loss / perplexity / bits per byte plus the job's own metrics (and, with
-train.keep_best, checkpoints/best when the validation loss improved); every ckpt_every steps a
-checkpoint; after either, loss.png (the y-axis named by the objective's `loss_label`, the job's
-`plot_panels` below). Evaluation and a checkpoint always happen at the end, including a stop forced
-by train.max_minutes.
+(fp16), clip the global gradient norm (under FSDP the norm over every shard), step AdamW. Every
+log_every steps a metrics.jsonl row; every eval_every steps validation loss / perplexity / bits per
+byte plus the job's own metrics (and, with train.keep_best, checkpoints/best when the validation
+loss improved); every ckpt_every steps a checkpoint; after either, loss.png (the y-axis named by the
+objective's `loss_label`, the job's `plot_panels` below). Evaluation and a checkpoint always happen
+at the end, including a stop forced by train.max_minutes.
 
 Wall-clock budget (train.max_minutes, counted over resumes; `TimeBudget`): the budget covers
 everything the run does. Once a few steps are timed, the trainer evaluates once to measure what an
@@ -469,11 +469,12 @@ class Trainer:
         improved = math.isfinite(val_loss) and (self.best_val is None or val_loss < self.best_val)
         if improved:
             self.best_val = val_loss
-        weights = D.full_model_state(self.raw) if info.sharded and improved and self.t.keep_best else True
+        gathered = D.full_model_state(self.raw) if info.sharded and improved and self.t.keep_best else None
         if info.is_main:
             self.metrics.write(row)
             if improved and self.t.keep_best:
-                ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files, weights=weights)
+                ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files,
+                                              model_state=gathered)
         return row
 
     def _plot(self) -> None:
@@ -502,13 +503,13 @@ class Trainer:
         if self.device.type == "cuda":
             for r, st in enumerate(D.all_gather_bytes(torch.cuda.get_rng_state(self.device), info)):
                 tensors[f"rng.cuda.r{r}"] = st
-        weights: dict[str, torch.Tensor] | bool = True
+        gathered = None
         if info.sharded:
             if info.is_main:
                 ckpt_io.start_staging(self.out, self.step)
             D.barrier(info)
             ckpt_io.save_sharded(ckpt_io.staging_dir(self.out, self.step), D.sharded_state(self.raw, self.optimizer))
-            weights = D.full_model_state(self.raw) if final else False
+            gathered = D.full_model_state(self.raw) if final else None
             D.barrier(info)  # every shard is on disk before rank 0 renames the directory
         if not info.is_main:
             return
@@ -544,10 +545,15 @@ class Trainer:
                 tensors[f"batches.{name}"] = value.detach().cpu().contiguous()
         ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
                                        keep=self.t.keep_checkpoints, extra_files=self.task.files,
-                                       weights=weights, staged=info.sharded)
+                                       weights=_in_shards if info.sharded and gathered is None else None,
+                                       model_state=gathered, staged=info.sharded)
         if self.parked is not None:
             shutil.rmtree(self.parked, ignore_errors=True)
             self.parked = None
+
+
+def _in_shards(directory: Path) -> None:
+    """A sharded checkpoint's weights: already in directory/sharded (no model.safetensors)."""
 
 
 class TimeBudget:
