@@ -130,24 +130,40 @@ def test_consolidated_model_dir_equals_the_gathered_weights(runs, tmp_path):
     assert not torch.equal(step4.model.tok_emb.weight, LLM.load(str(out6)).model.tok_emb.weight)  # an earlier model
 
 
-def test_lora_under_fsdp_trains_only_the_adapters(runs, tmp_path):
-    """add_lora inside the job's build_model: frozen base and trainable adapters share each block's
-    FSDP group; after training, every base tensor is its initial value and the adapters moved."""
-    code = ("from lmforge.nn.lora import LoRASettings, add_lora\n"
+def lora_training_code(data, out, overrides: list[str]) -> str:
+    """`lmforge train`'s job with add_lora in its build_model (the Python API; r 4 on q, v and down)."""
+    return ("import torch; torch.set_num_threads(1)\n"
+            "from lmforge.nn.lora import LoRASettings, add_lora\n"
             "from lmforge.train.config import build_config\n"
             "from lmforge.train.loop import train_job\n"
             "from lmforge.train.pretrain import pretraining_job\n"
-            f"cfg = build_config(None, {TINY + STEPS + FSDP + ['--train.max_steps', '2']!r}, None)\n"
-            f"job = pretraining_job(cfg, {str(runs['data'])!r})\n"
+            f"cfg = build_config(None, {overrides!r}, None)\n"
+            f"job = pretraining_job(cfg, {str(data)!r})\n"
             "build = job.build_model\n"
             "def build_lora():\n"
             "    model = build()\n"
             "    add_lora(model, LoRASettings(r=4, alpha=8, targets='q,v,down'))\n"
             "    return model\n"
             "job.build_model = build_lora\n"
-            f"train_job(job, cfg.train, {str(tmp_path / 'lora')!r})\n")
-    done = torchrun(code, tmp_path, "lora")
+            f"train_job(job, cfg.train, {str(out)!r})\n")
+
+
+def test_lora_under_fsdp_trains_only_the_adapters(runs, tmp_path):
+    """add_lora inside the job's build_model: frozen base and trainable adapters share each block's
+    FSDP group; the 2 sharded processes train as 1 process does at the same global batch, and every
+    base tensor ends at its initial value while the adapters moved."""
+    short = TINY + STEPS + ["--train.max_steps", "2"]
+    done = torchrun(lora_training_code(runs["data"], tmp_path / "lora", short + FSDP), tmp_path, "lora")
     assert done.returncode == 0, done.stderr[-3000:]
+    one = run_python(lora_training_code(runs["data"], tmp_path / "lora1", short + ["--train.grad_accum", "4"]))
+    assert one.returncode == 0, one.stderr
+    a, b = read_metrics(tmp_path / "lora1"), read_metrics(tmp_path / "lora")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 2]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert (key in ra) == (key in rb)
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5)
     trained = load_file(str(tmp_path / "lora" / "checkpoints" / "step_00000002" / "model.safetensors"))
     torch.manual_seed(1337)  # the loop's init seed (train.seed): the same base weights and adapter A
     from lmforge.models.decoder import Decoder, DecoderConfig
@@ -180,6 +196,42 @@ def test_activation_checkpointing_gives_the_same_losses(runs, tmp_path):
     for ra, rb in zip(a, b):
         for key in ("loss", "grad_norm", "val_loss"):
             assert rb.get(key) == ra.get(key)
+
+
+def test_every_family_shards_and_checkpoints_activations_without_changing_the_numbers(tmp_path):
+    """Encoder, T5 and BART models sharded across 2 processes (with activation checkpointing) give
+    the loss and gradient norm of the whole model in one process (measured: equal loss, norms to 1e-7)."""
+    code = ("import json, os, sys, torch\n"
+            "from lmforge.models.registry import families\n"
+            "from lmforge.train import distributed as D\n"
+            "torch.set_num_threads(1)\n"
+            "info = D.setup('cpu', 'fsdp') if 'RANK' in os.environ else D.DistInfo()\n"
+            "found = {}\n"
+            "for fam, preset in (('encoder', 'encoder-tiny'), ('seq2seq', 't5-tiny'), ('seq2seq', 'bart-tiny')):\n"
+            "    f = families()[fam]\n"
+            "    torch.manual_seed(0)\n"
+            "    model = f.model_cls(f.config_from_preset(preset))\n"
+            "    if info.sharded:\n"
+            "        D.checkpoint_activations(model)\n"
+            "        D.shard(model, info, torch.float32)\n"
+            "    x = torch.randint(5, 500, (2, 16), generator=torch.Generator().manual_seed(1))\n"
+            "    out = model(x) if fam == 'encoder' else model(x, x[:, :12])\n"
+            "    loss = out.float().pow(2).mean()\n"
+            "    loss.backward()\n"
+            "    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)\n"
+            "    found[preset] = [float(loss.detach()), float(norm)]\n"
+            "if info.is_main:\n"
+            "    print(json.dumps(found))\n"
+            "D.teardown(info)\n")
+    whole = run_python(code)
+    assert whole.returncode == 0, whole.stderr
+    sharded = torchrun(code, tmp_path, "families")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    a, b = json.loads(whole.stdout.strip().splitlines()[-1]), json.loads(sharded.stdout.strip().splitlines()[-1])
+    assert sorted(a) == sorted(b) == ["bart-tiny", "encoder-tiny", "t5-tiny"]
+    for preset in a:
+        assert b[preset][0] == pytest.approx(a[preset][0], rel=1e-6)
+        assert b[preset][1] == pytest.approx(a[preset][1], rel=1e-5)
 
 
 def test_sharding_units_are_the_blocks_of_every_family():
