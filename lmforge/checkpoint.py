@@ -9,6 +9,13 @@ A training *run directory* holds `config.yaml`, `metrics.jsonl` and `checkpoints
 (each a model directory plus the training-state sidecar) and `checkpoints/latest`; with
 train.keep_best also `checkpoints/best/` (the best validation model, a model directory).
 
+A checkpoint of a sharded (FSDP) run keeps its model and optimizer in `sharded/`, written by every
+process through torch.distributed.checkpoint (DCP: one `__RANK_0.distcp` file per process plus
+`.metadata`), beside model_config.json and the training-state sidecar; the run's last checkpoint
+also holds the consolidated `model.safetensors` (the full weights gathered to rank 0), so it is a
+model directory like any other. `consolidate_sharded` (`lmforge convert CKPT --out DIR`) turns any
+sharded checkpoint into a model directory, in one process.
+
 Every write goes to a temporary name, is fsynced, then renamed: a checkpoint exists only once it is
 complete, so a run killed at any moment leaves its last complete checkpoint loadable.
 """
@@ -21,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -37,6 +44,7 @@ CKPT_DIR = "checkpoints"
 LATEST = "latest"
 BEST = "best"  # checkpoints/best: the best validation model of a run with train.keep_best
 BEST_EVAL = "best_eval.json"  # in checkpoints/best: the evaluation row that made it the best
+SHARDED = "sharded"  # in a checkpoint of an FSDP run: the DCP shards of the model and the optimizer
 
 
 # ---- atomic file primitives ------------------------------------------------------------------
@@ -137,14 +145,22 @@ def model_config_json(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_path: str | Path | None = None,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+                    extra_files: dict[str, bytes] | None = None,
+                    weights: Callable[[Path], None] | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a model directory (in place; callers wanting atomicity write into a temp dir and rename).
-    `extra_files` (name -> bytes) travel with the model: tokenizer_config.json, chat_template.jinja, ..."""
+    `extra_files` (name -> bytes) travel with the model: tokenizer_config.json, chat_template.jinja, ...
+    `weights(directory)` writes the weights instead of model.safetensors (a sharded checkpoint's are
+    already in sharded/); `state` replaces the model's own state in model.safetensors (a sharded
+    model's weights gathered to rank 0)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = model_config_json(model)
-    save_tensors(directory / MODEL_WEIGHTS, model_state_for_saving(model),
-                 metadata={"format": "pt", "lmforge": meta["family"]})
+    if weights is not None:
+        weights(directory)
+    else:
+        save_tensors(directory / MODEL_WEIGHTS, model_state_for_saving(model) if state is None else state,
+                     metadata={"format": "pt", "lmforge": meta["family"]})
     atomic_write_text(directory / MODEL_CONFIG, json.dumps(meta, indent=2))
     if tokenizer_path is not None and Path(tokenizer_path).is_file():
         if Path(tokenizer_path).resolve() != (directory / TOKENIZER).resolve():
@@ -154,20 +170,30 @@ def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_pat
     return directory
 
 
+def is_sharded(ckpt_dir: str | Path) -> bool:
+    """Whether a checkpoint keeps its model and optimizer as DCP shards (an FSDP run's)."""
+    return (Path(ckpt_dir) / SHARDED / ".metadata").is_file()
+
+
+def holds_weights(directory: Path) -> bool:
+    """Whether a model directory has its weights: model.safetensors, or (FSDP) its shards."""
+    return (directory / MODEL_WEIGHTS).is_file() or is_sharded(directory)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run, or None if it has none yet."""
     run_dir = Path(run_dir)
     pointer = run_dir / CKPT_DIR / LATEST
     if pointer.is_file():
         candidate = run_dir / CKPT_DIR / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / MODEL_WEIGHTS).is_file():
+        if holds_weights(candidate):
             return candidate
-    steps = sorted(p for p in (run_dir / CKPT_DIR).glob("step_*") if (p / MODEL_WEIGHTS).is_file())
+    steps = sorted(p for p in (run_dir / CKPT_DIR).glob("step_*") if holds_weights(p))
     return steps[-1] if steps else None
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run directory resolves to its latest checkpoint; a model directory to itself."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory resolves to its latest checkpoint; a model or checkpoint directory to itself."""
     path = Path(path)
     if not path.exists():
         raise LMForgeError(f"checkpoint not found: {path}")
@@ -181,6 +207,16 @@ def resolve_model_dir(path: str | Path) -> Path:
             raise LMForgeError(f"run {path} has no complete checkpoint yet")
         return ckpt
     raise LMForgeError(f"{path} holds no lmforge checkpoint (no {MODEL_CONFIG}, {MODEL_WEIGHTS} or {CKPT_DIR}/)")
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """`resolve_checkpoint`, for loading the model: a sharded checkpoint without consolidated weights
+    (not the run's last) is named with the command that consolidates it."""
+    ckpt = resolve_checkpoint(path)
+    if not (ckpt / MODEL_WEIGHTS).is_file() and is_sharded(ckpt):
+        raise LMForgeError(f"{ckpt} is a sharded (FSDP) checkpoint without consolidated weights; "
+                           f"`lmforge convert {ckpt} --out DIR` writes them as a model directory")
+    return ckpt
 
 
 def _check_names(expected: dict[str, torch.Tensor], names: set[str], source: Path) -> None:
@@ -338,22 +374,87 @@ def _step_dirs(ckpt_root: Path) -> list[Path]:
     return sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
 
 
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """The hidden directory checkpoint `step` is written into before it is renamed into place."""
+    return Path(run_dir) / CKPT_DIR / f".tmp_{checkpoint_name(step)}"
+
+
+def start_staging(run_dir: str | Path, step: int) -> Path:
+    """An empty `staging_dir` (rank 0 makes it before every process writes its shards into it)."""
+    tmp = staging_dir(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_sharded(ckpt_dir: str | Path, state: dict[str, Any]) -> None:
+    """This process's shards of `state` into CKPT/sharded (DCP; every process calls it, each file
+    fsynced; the checkpoint becomes visible only when its staging directory is renamed)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(Path(ckpt_dir) / SHARDED, sync_files=True))
+
+
+def load_sharded(ckpt_dir: str | Path, state: dict[str, Any]) -> None:
+    """Fill `state` (shaped as it was saved, for this process's shards) from CKPT/sharded, in place."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(Path(ckpt_dir) / SHARDED))
+    except (RuntimeError, ValueError, KeyError, OSError) as e:  # DCP wraps per-rank failures in CheckpointException
+        raise LMForgeError(f"{Path(ckpt_dir) / SHARDED} does not fit this model and optimizer "
+                           f"({str(e).strip().splitlines()[0]})") from None
+
+
+def consolidate_sharded(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """A model directory at `out_dir` from a sharded checkpoint, in this one process: every model
+    tensor of CKPT/sharded read whole (DCP reassembles the shards), plus the checkpoint's
+    model_config.json, tokenizer and other model files. Atomic (temp directory, then rename)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if not is_sharded(ckpt_dir):
+        raise LMForgeError(f"{ckpt_dir} is not a sharded checkpoint (no {SHARDED}/.metadata)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise LMForgeError(f"--out {out_dir} is not empty; pass --overwrite to replace it")
+    reader = dcp.FileSystemReader(ckpt_dir / SHARDED)
+    weights = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in reader.read_metadata().state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = read_json(ckpt_dir / MODEL_CONFIG)
+    save_tensors(tmp / MODEL_WEIGHTS, weights, metadata={"format": "pt", "lmforge": meta["family"]})
+    for f in ckpt_dir.iterdir():  # model_config.json, tokenizer.json, chat template, ...: not the training state
+        if f.is_file() and f.name not in (MODEL_WEIGHTS, TRAIN_STATE_JSON, TRAIN_STATE_TENSORS):
+            atomic_write_bytes(tmp / f.name, f.read_bytes())
+    replace_dir_atomically(tmp, out_dir)
+    return out_dir
+
+
 def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                            tensors: dict[str, torch.Tensor], tokenizer_path: str | Path | None = None,
-                           keep: int = 0, extra_files: dict[str, bytes] | None = None) -> Path:
+                           keep: int = 0, extra_files: dict[str, bytes] | None = None,
+                           weights: Callable[[Path], None] | None = None,
+                           model_state: dict[str, torch.Tensor] | None = None, staged: bool = False) -> Path:
     """Write RUN/checkpoints/step_XXXXXXXX atomically, point `latest` at it, keep the newest `keep`.
 
     Everything goes into a hidden temp directory first, which is renamed into place only once
     complete; `latest` is updated after that. A crash at any point leaves the previous checkpoint
-    as the latest complete one.
+    as the latest complete one. `weights` and `model_state` (its `state`) as in `write_model_dir`;
+    `staged`: the temp directory already holds the processes' shards (`start_staging`, `save_sharded`).
     """
     run_dir = Path(run_dir)
     root = run_dir / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
-    tmp = root / f".tmp_{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_model_dir(tmp, model, tokenizer_path, extra_files)
+    tmp = staging_dir(run_dir, step)
+    if not staged:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_model_dir(tmp, model, tokenizer_path, extra_files, weights=weights, state=model_state)
     save_tensors(tmp / TRAIN_STATE_TENSORS, tensors, metadata={"format": "pt", "lmforge": "train_state"})
     atomic_write_text(tmp / TRAIN_STATE_JSON, json.dumps(state, indent=1))
     final = root / name
@@ -367,7 +468,9 @@ def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modul
 
 
 def write_best_checkpoint(run_dir: str | Path, model: torch.nn.Module, eval_row: dict[str, Any],
-                          extra_files: dict[str, bytes] | None = None) -> Path:
+                          extra_files: dict[str, bytes] | None = None,
+                          weights: Callable[[Path], None] | None = None,
+                          model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Replace RUN/checkpoints/best atomically with `model` (a model directory, not resumable) and the
     evaluation row that made it the best. `latest` never points at it, so a run still loads its last
     checkpoint; `LLM.load(RUN/checkpoints/best)` loads this one."""
@@ -375,7 +478,7 @@ def write_best_checkpoint(run_dir: str | Path, model: torch.nn.Module, eval_row:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp_{BEST}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_dir(tmp, model, extra_files=extra_files)
+    write_model_dir(tmp, model, extra_files=extra_files, weights=weights, state=model_state)
     atomic_write_text(tmp / BEST_EVAL, json.dumps(eval_row, indent=1))
     final = root / BEST
     replace_dir_atomically(tmp, final)

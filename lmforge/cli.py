@@ -11,6 +11,7 @@
     lmforge embed|classify|score MODEL ...       encoder embeddings, classifier labels, reward-model scores
     lmforge info --preset NAME                   parameter count, FLOPs and KV-cache bytes per token
     lmforge convert MODEL --from-hf|--to-hf --out DIR   Hugging Face checkpoint import / export
+    lmforge convert RUN/checkpoints/step_N --out DIR     a sharded (FSDP) checkpoint as a model directory
     lmforge bench train|decode|encoder|seq2seq   side-by-side speed against transformers
     lmforge serve MODEL [--port 8000]            OpenAI-compatible HTTP server (continuous batching, web chat at /)
 
@@ -447,9 +448,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """`convert MODEL --to-hf|--from-hf --out DIR`, or the older `convert --to-hf RUN|--from-hf HF_DIR --out DIR`."""
+    """`convert MODEL --to-hf|--from-hf --out DIR`, or the older `convert --to-hf RUN|--from-hf HF_DIR --out DIR`;
+    `convert CKPT --out DIR` consolidates a sharded (FSDP) checkpoint into a model directory."""
+    from lmforge import checkpoint as ckpt_io
     from lmforge.interop import hf
 
+    if args.from_hf is None and args.to_hf is None and args.model and ckpt_io.is_sharded(args.model):
+        print(f"wrote {ckpt_io.consolidate_sharded(args.model, args.out, overwrite=args.overwrite)}")
+        return 0
     if (args.from_hf is None) == (args.to_hf is None):
         raise LMForgeError("lmforge convert needs exactly one of --from-hf HF_DIR or --to-hf RUN")
     given = args.from_hf if args.from_hf is not None else args.to_hf
@@ -742,10 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per completion")
     add_runtime_arguments(s)
 
-    s = sub.add_parser("convert", help="import from / export to a Hugging Face checkpoint folder",
-                       usage="lmforge convert MODEL (--from-hf | --to-hf) --out DIR [options]")
-    s.add_argument("model", nargs="?", metavar="MODEL", help="what to convert: a Hugging Face folder (--from-hf) or "
-                   "an lmforge run / model directory (--to-hf)")
+    s = sub.add_parser("convert", help="import from / export to a Hugging Face checkpoint folder; consolidate a "
+                                       "sharded (FSDP) checkpoint", usage="lmforge convert MODEL (--from-hf | --to-hf) "
+                                       "--out DIR [options] | lmforge convert RUN/checkpoints/step_N --out DIR")
+    s.add_argument("model", nargs="?", metavar="MODEL", help="what to convert: a Hugging Face folder (--from-hf), "
+                   "an lmforge run / model directory (--to-hf), or a sharded checkpoint (neither: consolidated into "
+                   "a model directory)")
     s.add_argument("--from-hf", nargs="?", const=True, metavar="HF_DIR",
                    help="import a Hugging Face folder (MODEL, or given here) into an lmforge model directory")
     s.add_argument("--to-hf", nargs="?", const=True, metavar="RUN",

@@ -97,6 +97,13 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = config_field(
         "auto", "auto | float32 | bfloat16 | float16; auto = bf16 autocast on CUDA if supported, else fp32")
     device: Literal["auto", "cpu", "cuda"] = config_field("auto", "auto | cpu | cuda; auto = cuda if available")
+    parallelism: Literal["ddp", "fsdp"] = config_field(
+        "ddp", "under torchrun: ddp = a full replica per process (DistributedDataParallel); fsdp = FSDP2, every "
+        "block's weights, gradients and optimizer state sharded across processes (bf16 gathered weights with bf16 "
+        "training, fp32 gradient reduction; sharded checkpoints, the last one also consolidated). A single process "
+        "without torchrun ignores it")
+    activation_checkpointing: bool = config_field(False, "recompute each block's activations in the backward pass "
+                                                  "instead of keeping them (less memory, about a third more compute)")
     peak_flops: Optional[float] = config_field(None, "peak FLOP/s of one device for the MFU figure; default from a small "
                                            "table (GPUs) or a nominal CPU estimate")
     progress: bool = config_field(True, "show a progress bar on stderr")

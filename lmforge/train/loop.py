@@ -3,13 +3,13 @@
     train_job(job, train_cfg, out, resume=None, overwrite=False) -> summary dict
 
 Per optimizer step: set the scheduled learning rate, run grad_accum micro-batches (forward under
-autocast, loss / grad_accum backward; DDP syncs gradients only on the last one), unscale (fp16),
-clip the global gradient norm, step AdamW. Every log_every steps a metrics.jsonl row; every
-eval_every steps validation loss / perplexity / bits per byte plus the job's own metrics (and, with
-train.keep_best, checkpoints/best when the validation loss improved); every ckpt_every steps a
-checkpoint; after either, loss.png (the y-axis named by the objective's `loss_label`, the job's
-`plot_panels` below). Evaluation and a checkpoint always happen at the end, including a stop forced
-by train.max_minutes.
+autocast, loss / grad_accum backward; DDP or FSDP syncs gradients only on the last one), unscale
+(fp16), clip the global gradient norm (under FSDP the norm over every shard), step AdamW. Every
+log_every steps a metrics.jsonl row; every eval_every steps validation loss / perplexity / bits per
+byte plus the job's own metrics (and, with train.keep_best, checkpoints/best when the validation
+loss improved); every ckpt_every steps a checkpoint; after either, loss.png (the y-axis named by the
+objective's `loss_label`, the job's `plot_panels` below). Evaluation and a checkpoint always happen
+at the end, including a stop forced by train.max_minutes.
 
 Wall-clock budget (train.max_minutes, counted over resumes; `TimeBudget`): the budget covers
 everything the run does. Once a few steps are timed, the trainer evaluates once to measure what an
@@ -24,12 +24,14 @@ Run directory handling (resume, --overwrite, what may be written where) is in ru
 `lmforge train` trains is assembled in pretrain.py.
 
 Exact resume: weights, AdamW moments, grad-scaler state, RNG states and the step counter (which
-is the data position, see job.py) are saved; a resumed run continues as if never stopped.
+is the data position, see job.py) are saved; a resumed run continues as if never stopped. Under
+train.parallelism fsdp (distributed.py) every process writes its shards of the weights and AdamW
+moments (checkpoint.py's `sharded/`), and the run's last checkpoint also gathers the full weights
+into model.safetensors, so `LLM.load(RUN)` reads it as any run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -92,7 +94,7 @@ def train_job(task: TrainJob, train_cfg: TrainConfig, out_dir: str | Path, resum
         state, tensors = ckpt_io.load_train_state(ckpt)
         check_resume_matches(ckpt, state, task.config, task.data_fingerprint)
 
-    info = D.setup(train_cfg.device)
+    info = D.setup(train_cfg.device, train_cfg.parallelism)
     trainer = Trainer(task, train_cfg, out, info, ckpt, state, tensors, resume_requested=bool(resume),
                       overwrite=overwrite)
     try:
@@ -125,23 +127,40 @@ class Trainer:
 
     def _build(self) -> None:
         t, info = self.t, self.info
+        self.dtype = _autocast_dtype(t.dtype, self.device)
+        sharded_ckpt = self.ckpt is not None and ckpt_io.is_sharded(self.ckpt)
+        if info.sharded:
+            self._check_sharding(sharded_ckpt)
+        elif sharded_ckpt:
+            raise LMForgeError(f"{self.ckpt} is a sharded (FSDP) checkpoint: resume it under torchrun with "
+                               "--train.parallelism fsdp, or consolidate its weights with `lmforge convert`")
         torch.manual_seed(t.seed)  # identical init on every rank and every device
         raw = self.task.build_model()
-        if self.state is not None:
+        if self.state is not None and not sharded_ckpt:
             weights = ckpt_io.load_tensors(self.ckpt / ckpt_io.MODEL_WEIGHTS)
             ckpt_io.load_state_checked(raw, weights, self.ckpt / ckpt_io.MODEL_WEIGHTS)
         self.raw = raw.to(self.device)
         self.raw.train()
+        if t.activation_checkpointing:
+            D.checkpoint_activations(self.raw)
+        if info.sharded:
+            D.shard(self.raw, info, param_dtype=self.dtype)
         # modules the objective trains beside the model (a distillation projection): in the optimizer
         # and the train state, not in the model files
         self.extra = self.task.extra_modules.to(self.device).train() if self.task.extra_modules is not None else None
+        if self.extra is not None and info.sharded:
+            raise LMForgeError("--train.parallelism fsdp shards the model, not the modules this objective trains "
+                               f"beside it ({type(self.extra).__name__}); use --train.parallelism ddp")
         self.trained = self.raw if self.extra is None else torch.nn.ModuleList([self.raw, self.extra])
-        self.dtype = _autocast_dtype(t.dtype, self.device)
         if hasattr(self.task.train_batches, "bind"):
             self.task.train_batches.bind(self.raw, autocast=self.dtype)
         self.optimizer = build_optimizer(self.trained, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.device.type,
                                          name=t.optimizer, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
                                          muon_weight_decay=t.muon_weight_decay)
+        if sharded_ckpt:  # the weights and AdamW moments of this process's shards
+            shards = D.sharded_state(self.raw, self.optimizer)
+            ckpt_io.load_sharded(self.ckpt, shards)
+            D.load_sharded_state(self.raw, self.optimizer, shards)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         model: torch.nn.Module = torch.compile(self.raw) if t.compile else self.raw
         self.eval_model = model
@@ -155,11 +174,27 @@ class Trainer:
         if self.state is not None:
             self._restore()
 
+    def _check_sharding(self, sharded_ckpt: bool) -> None:
+        """What FSDP cannot do here, said before anything is built."""
+        t = self.t
+        if self.ckpt is not None and not sharded_ckpt:
+            raise LMForgeError(f"{self.ckpt} is not a sharded checkpoint: resume it with --train.parallelism ddp")
+        if t.optimizer == "muon":
+            raise LMForgeError("train.optimizer muon orthogonalises whole weight matrices, which "
+                               "--train.parallelism fsdp splits across processes; use adamw, or ddp")
+        if self.dtype == torch.float16:
+            raise LMForgeError("train.dtype float16 needs a gradient scaler, which --train.parallelism fsdp does not "
+                               "support; use bfloat16")
+        if hasattr(self.task.train_batches, "bind"):
+            raise LMForgeError("on-policy rollouts (grpo, ppo) generate a different number of tokens on each "
+                               "process, which FSDP's per-block all-gathers cannot follow; use --train.parallelism ddp")
+
     def _restore(self) -> None:
         s, tens, info = self.state, self.tensors, self.info
         src = self.ckpt / ckpt_io.TRAIN_STATE_TENSORS
         try:
-            self.optimizer.load_state_dict(ckpt_io.unflatten_state(s["optimizer"], tens, src))
+            if s["optimizer"] is not None:  # None: a sharded checkpoint, loaded with the weights in _build
+                self.optimizer.load_state_dict(ckpt_io.unflatten_state(s["optimizer"], tens, src))
             if s.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(ckpt_io.unflatten_state(s["scaler"], tens, src))
         except (KeyError, ValueError, RuntimeError) as e:
@@ -327,7 +362,7 @@ class Trainer:
                     budget.evaluated(now - mark)
                 mark = now
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or stop or measure:
-                self._checkpoint(self.elapsed_before + (mark - self.session_start))
+                self._checkpoint(self.elapsed_before + (mark - self.session_start), final=stop)
                 if not evaluated:  # runs without evaluations (RL) plot their curves here
                     self._plot()
                 now = _clock()
@@ -376,8 +411,7 @@ class Trainer:
         for a in range(t.grad_accum):
             batch = to_device(self.task.train_batches.micro_batch(step, info.rank * t.grad_accum + a), self.device)
             last = a == t.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not info.enabled else self.model.no_sync()
-            with sync:
+            with D.gradient_sync(self.model, self.raw, info, sync=last):
                 with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                     loss, stats = self.objective(self.model, batch)
                 self.scaler.scale(loss / t.grad_accum).backward()
@@ -411,18 +445,26 @@ class Trainer:
         self.raw.eval()
         sums: dict[str, torch.Tensor] = {}  # per stat: (sum over batches, batches)
         shown = self.t.progress and info.is_main  # a bar only once an evaluation takes a while
-        for i in tqdm(range(info.rank, len(self.eval_set), info.world_size), desc="eval", unit="batch",
+        n = len(self.eval_set)
+        if info.sharded:  # every process runs as many forwards (each one all-gathers): round up, repeat a batch
+            n = -(-n // info.world_size) * info.world_size
+        for i in tqdm(range(info.rank, n, info.world_size), desc="eval", unit="batch",
                       file=sys.stderr, dynamic_ncols=True, leave=False, delay=EVAL_BAR_DELAY, disable=not shown):
-            batch = to_device(self.eval_set[i], self.device)
+            batch = to_device(self.eval_set[i % len(self.eval_set)], self.device)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 loss, stats = self.objective(self.eval_model, batch)
+            if i >= len(self.eval_set):
+                continue  # the repeated batch: run for the collectives only
             for name, value in {**stats, "loss": loss}.items():
                 if name == "tokens":
                     continue
                 acc = sums.setdefault(name, torch.zeros(2, dtype=torch.float64, device=self.device))
                 acc[0] += value.detach().double()
                 acc[1] += 1
-        extra = self.task.evaluate(self.raw) if self.task.evaluate is not None and info.is_main else {}
+        # Under FSDP every process runs the job's evaluation (same inputs, same gathered weights, so the
+        # same forwards); rank 0's figures are the ones written.
+        run_extra = self.task.evaluate is not None and (info.is_main or info.sharded)
+        extra = self.task.evaluate(self.raw) if run_extra else {}
         self.raw.train()
         means: dict[str, float] = {}
         for name in sorted(sums):  # every rank holds the same stat names
@@ -444,10 +486,12 @@ class Trainer:
         improved = math.isfinite(val_loss) and (self.best_val is None or val_loss < self.best_val)
         if improved:
             self.best_val = val_loss
+        gathered = D.full_model_state(self.raw) if info.sharded and improved and self.t.keep_best else None
         if info.is_main:
             self.metrics.write(row)
             if improved and self.t.keep_best:
-                ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files)
+                ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files,
+                                              model_state=gathered)
         return row
 
     def _plot(self) -> None:
@@ -465,7 +509,9 @@ class Trainer:
         plot_loss(self.metrics.rows, self.out / "loss.png", loss_label=self.objective.loss_label, title=title,
                   panels=self.task.plot_panels)
 
-    def _checkpoint(self, elapsed: float) -> None:
+    def _checkpoint(self, elapsed: float, final: bool = False) -> None:
+        """checkpoints/step_N (rank 0 writes it; under FSDP every process first writes its shards into
+        the staging directory, and the final one also gathers the full weights)."""
         info = self.info
         tensors: dict[str, torch.Tensor] = {}
         cpu_states = D.all_gather_bytes(torch.get_rng_state(), info)
@@ -474,9 +520,19 @@ class Trainer:
         if self.device.type == "cuda":
             for r, st in enumerate(D.all_gather_bytes(torch.cuda.get_rng_state(self.device), info)):
                 tensors[f"rng.cuda.r{r}"] = st
+        gathered = None
+        if info.sharded:
+            if info.is_main:
+                ckpt_io.start_staging(self.out, self.step)
+            D.barrier(info)
+            ckpt_io.save_sharded(ckpt_io.staging_dir(self.out, self.step), D.sharded_state(self.raw, self.optimizer))
+            gathered = D.full_model_state(self.raw) if final else None
+            D.barrier(info)  # every shard is on disk before rank 0 renames the directory
         if not info.is_main:
             return
-        opt_struct, _ = ckpt_io.flatten_state(self.optimizer.state_dict(), tensors, "opt")
+        opt_struct = None
+        if not info.sharded:
+            opt_struct, _ = ckpt_io.flatten_state(self.optimizer.state_dict(), tensors, "opt")
         scaler_struct = None
         if self.scaler.is_enabled():
             scaler_struct, _ = ckpt_io.flatten_state(self.scaler.state_dict(), tensors, "scaler")
@@ -508,10 +564,16 @@ class Trainer:
             for name, value in source.state_dict().items():
                 tensors[f"batches.{name}"] = value.detach().cpu().contiguous()
         ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
-                                       keep=self.t.keep_checkpoints, extra_files=self.task.files)
+                                       keep=self.t.keep_checkpoints, extra_files=self.task.files,
+                                       weights=_in_shards if info.sharded and gathered is None else None,
+                                       model_state=gathered, staged=info.sharded)
         if self.parked is not None:
             shutil.rmtree(self.parked, ignore_errors=True)
             self.parked = None
+
+
+def _in_shards(directory: Path) -> None:
+    """A sharded checkpoint's weights: already in directory/sharded (no model.safetensors)."""
 
 
 class TimeBudget:

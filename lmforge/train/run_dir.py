@@ -37,7 +37,7 @@ def resolve_resume(resume: str, out: Path) -> Path | None:
     path = Path(resume)
     if not path.exists():
         raise LMForgeError(f"checkpoint to resume from not found: {path}")
-    return ckpt_io.resolve_model_dir(path)
+    return ckpt_io.resolve_checkpoint(path)
 
 
 def saved_config(resume: str, out: Path) -> dict[str, Any] | None:
