@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 from enum import Enum
 from typing import Literal, Optional, Union
 
@@ -360,3 +361,33 @@ def stream_last_call(stream):
         def __eq__(self, other):
             return other.name == "f" and other.arguments == "{}"
     return Any_()
+
+
+def test_tool_template_round_trips_through_convert_to_hf(tmp_path):
+    """A ChatML model exported with convert --to-hf: transformers renders tools, tool calls and tool
+    results from the exported tokenizer_config exactly as lmforge renders them (text and ids)."""
+    import torch
+
+    from lmforge.checkpoint import write_model_dir
+    from lmforge.interop.hf import convert_to_hf
+    from lmforge.models.decoder import Decoder, config_from_preset
+
+    tok = Tokenizer.train_bpe(["What is 47 + 385? <tool_call> calculator expression Answer: 432 " * 20], vocab_size=300)
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save(tmp_path / "tokenizer.json")
+    torch.manual_seed(0)
+    model = Decoder(config_from_preset("tiny", vocab_size=tok.vocab_size, block_size=64))
+    config = json.dumps(tok.tokenizer_config(64)).encode()
+    write_model_dir(tmp_path / "lm", model, tmp_path / "tokenizer.json", extra_files={"tokenizer_config.json": config})
+    hf_dir = convert_to_hf(str(tmp_path / "lm"), str(tmp_path / "hf"))
+    ref = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    back = Tokenizer.load(Path(hf_dir) / "tokenizer.json")
+    assert back.chat_template == CHATML_TEMPLATE
+    for conv in TOOL_CONVERSATIONS + [PARALLEL]:
+        for gen in (True, False):
+            expected = ref.apply_chat_template(conv, tools=[calculator, count], add_generation_prompt=gen, tokenize=False)
+            assert back.apply_chat_template(conv, tools=[calculator, count], add_generation_prompt=gen,
+                                            tokenize=False) == expected
+            ids = ref.apply_chat_template(conv, tools=[calculator, count], add_generation_prompt=gen)
+            ids = ids["input_ids"] if not isinstance(ids, list) else ids
+            assert back.apply_chat_template(conv, tools=[calculator, count], add_generation_prompt=gen) == list(ids)
