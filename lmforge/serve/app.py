@@ -217,22 +217,21 @@ async def completions(request: Request) -> Response:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state, eng, req = await _read_request(request, ChatCompletionRequest)
-    if req.tools:
-        raise ServeError(400, "tools are not supported by this server", param="tools")
+    req.check_tools()
     kind = (req.response_format or {}).get("type", "text")
     if kind != "text":  # a reply that merely looks like JSON would be worse than a clear refusal
         raise ServeError(400, f"response_format type '{kind}' is not supported by this server (no constrained "
                               "decoding); only 'text'", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise ServeError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-    ids = eng.chat_prompt(req.messages, req.add_generation_prompt)
+    ids = eng.chat_prompt(req.messages, req.add_generation_prompt, req.template_tools())
     if state.cfg.log_prompts:
         log.info("%s messages: %r", request.state.req_id, [m.model_dump() for m in req.messages])
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = asked if asked is not None else max(1, eng.max_model_len - len(ids))
     sampling = req.sampling_request(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-    choices = eng.submit([ids], req.n, sampling, state.metrics, prompt_param="messages")
     fmt = ChatFormat(eng.tokenizer, req, ids)
+    choices = eng.submit([ids], req.n, sampling, state.metrics, prompt_param="messages")
     return await _respond(request, choices, fmt, req.stream, f"chatcmpl-{uuid.uuid4().hex}")
 
 
