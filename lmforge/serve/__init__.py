@@ -4,10 +4,10 @@
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "ROMEO:", "max_tokens": 32}'
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /tokenize, /detokenize,
+Routes: /v1/completions, /v1/chat/completions (decoders), /v1/embeddings (encoders), /v1/models, /health, /tokenize, /detokenize,
 /tokenizer_info, /metrics and a web chat page at /. The modules, by job: app.py (create_app and
 the routes), protocol.py (request schemas, errors), engine.py (the bridge to the scheduler),
-openai_format.py (response bodies and stream chunks), middleware.py (API key, log lines, body limit),
+openai_format.py (response bodies and stream chunks), embeddings.py (/v1/embeddings), middleware.py (API key, log lines, body limit),
 metrics.py (Prometheus), config.py (ServerConfig), client.py (`lmforge chat --url`).
 """
 
@@ -92,6 +92,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
 
         llm = LLM.load(model, device=device, quantize=cfg.quantize, group_size=cfg.group_size,
                        quantize_embeddings=cfg.quantize_embeddings)
+        if "embed" in llm.tasks:  # an encoder: served for /v1/embeddings
+            from lmforge.serve.embeddings import EmbeddingEngine
+
+            return EmbeddingEngine(llm, str(model))
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
             raise LMForgeError(f"--max-model-len {max_model_len} is longer than the model's context ({ctx})")
