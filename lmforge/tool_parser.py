@@ -115,6 +115,21 @@ def parse_tool_calls(text: str, family: str) -> tuple[str, list[ToolCall]]:
     return (joined.strip() if calls else joined), calls
 
 
+def parse_forced_calls(text: str, tool_choice: Any) -> list[ToolCall]:
+    """The calls of a reply constrained by `lmforge.tools.tool_call_schema`: "required" -> a JSON
+    array of {"name", "parameters"}; a named function ({"type": "function", "function": {"name"}})
+    -> its arguments object. Empty when the text does not parse (constrained decoding cut short)."""
+    obj = _loads(text.strip())
+    if tool_choice == "required":
+        calls = [_call(item, "parameters") for item in obj] if isinstance(obj, list) else []
+        return [c for c in calls if c is not None]
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not isinstance(obj, dict):
+        return []
+    return [ToolCall(name, json.dumps(obj, ensure_ascii=False))]
+
+
 class ToolCallStream:
     """`parse_tool_calls` for text that arrives in pieces: `feed(piece)` and, at the end, `finish()`
     return events — ("content", text) for reply text that is certainly not part of a call, and

@@ -193,8 +193,8 @@ def tool_call_schema(tools: list[dict], tool_choice: Any, parallel_tool_calls: b
     """The JSON schema a constrained reply must follow when `tool_choice` forces a call (as vLLM
     constrains it): "required" -> a non-empty array of {"name": one of the tools, "parameters": its
     arguments} (at most one item without parallel calls); a named function ({"type": "function",
-    "function": {"name": N}}) -> the arguments object of N alone. `parse_constrained_calls` reads
-    the reply back."""
+    "function": {"name": N}}) -> the arguments object of N alone. `lmforge.tool_parser.parse_forced_calls`
+    reads the reply back."""
     if tool_choice == "required":
         items = [{"properties": {"name": {"type": "string", "enum": [tool_name(t)]},
                                  "parameters": tool_parameters(t)},

@@ -87,3 +87,34 @@ def test_wrong_route_for_the_model(encoder):
         assert "it is a decoder that generates text; /v1/embeddings needs an encoder model" in r.json()["error"]["message"]
     finally:
         srv.stop()
+
+
+def test_lmforge_serve_serves_an_encoder_for_embeddings(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    from serve_fixtures import REPO, free_port, lmforge
+
+    folder = hf_bert_folder(tmp_path, reference_lib("transformers"))
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(lmforge("serve", str(folder), "--port", str(port)), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": TEXTS}, timeout=30).json()
+        expected = LLM.load(folder).embed(TEXTS).numpy()
+        assert np.allclose(np.array([d["embedding"] for d in r["data"]]), expected, atol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(20)

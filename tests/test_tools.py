@@ -18,7 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmforge.data.chat import render_with_mask
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer
-from lmforge.tool_parser import ToolCallStream, parse_tool_calls, template_family
+from lmforge.tool_parser import ToolCallStream, parse_forced_calls, parse_tool_calls, template_family
 from lmforge.tools import argument_error, function_schema, tool_call_schema
 
 from reference_libs import reference_lib
@@ -391,3 +391,14 @@ def test_tool_template_round_trips_through_convert_to_hf(tmp_path):
             ids = ref.apply_chat_template(conv, tools=[calculator, count], add_generation_prompt=gen)
             ids = ids["input_ids"] if not isinstance(ids, list) else ids
             assert back.apply_chat_template(conv, tools=[calculator, count], add_generation_prompt=gen) == list(ids)
+
+
+def test_parse_forced_calls():
+    named = {"type": "function", "function": {"name": "count"}}
+    assert calls_of(parse_forced_calls('{"word": "fig", "words": ["fig"]}', named)) == [
+        ("count", {"word": "fig", "words": ["fig"]})]
+    text = '[{"name": "calculator", "parameters": {"expression": "1 + 2"}}, {"name": "sort", "parameters": {"words": []}}]'
+    assert calls_of(parse_forced_calls(text, "required")) == [("calculator", {"expression": "1 + 2"}),
+                                                              ("sort", {"words": []})]
+    assert parse_forced_calls('[{"name": "calc', "required") == []
+    assert parse_forced_calls("[1, 2]", named) == []
