@@ -185,3 +185,12 @@ results-parity: dev  # logit differences against transformers, every family (doc
 
 results-test: dev  # how long make test takes (the Quickstart's figure)
 	$(PY) -m lmforge.bench.results --name test-suite --results $(RESULTS) -- $(MAKE) --no-print-directory test
+
+.PHONY: tool-demo
+TOOL_DATA ?= data/tool_tasks
+# SFT of make chat-demo's model on tool-use conversations (calculator, count, sort; a fixed 600 steps),
+# then held-out exact match with tools against the chat-demo model without them on the same 1,000
+# prompts, per task, and the share of valid tool calls; last line one JSON object.
+tool-demo: venv
+	@test -d $(CHAT_RUN) || $(MAKE) chat-demo
+	$(PY) -m lmforge.demo.tool_demo --chat $(CHAT_RUN) --data $(TOOL_DATA) --out runs/tool-demo $(THREADS_FLAG)

@@ -8,6 +8,7 @@
     lmforge generate MODEL --prompt TEXT         sample text (KV cache, temperature / top-k / top-p, beams)
     lmforge eval MODEL --data DIR|FILES          loss, perplexity, bits per byte; classifier / MLM metrics (JSON)
     lmforge chat MODEL                           talk to a chat model in the terminal
+    lmforge agent MODEL --tools module.py        chat with a model that calls the module's functions
     lmforge embed|classify|score MODEL ...       encoder embeddings, classifier labels, reward-model scores
     lmforge info --preset NAME                   parameter count, FLOPs and KV-cache bytes per token
     lmforge convert MODEL --from-hf|--to-hf --out DIR   Hugging Face checkpoint import / export
@@ -492,6 +493,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return repl(backend, sampling, system=args.system)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from lmforge.agent_repl import agent_repl, load_tools
+    from lmforge.infer.llm import LLM
+
+    tools = load_tools(args.tools)
+    llm = LLM.load(args.model, device=args.device, **quantize_options(args))
+    sampling: dict[str, Any] = dict(sampling_options(args), seed=args.seed, kv_cache_dtype=args.kv_cache_dtype)
+    return agent_repl(llm, tools, sampling, max_steps=args.max_steps, yes=args.yes, system=args.system)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from lmforge.serve import serve
 
@@ -799,6 +810,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_arguments(s)
     add_adapter_argument(s)
 
+    s = sub.add_parser("agent", help="chat with a model that calls Python functions (tools) and reads their results")
+    s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    s.add_argument("--tools", required=True, metavar="FILE",
+                   help="a Python file whose public functions (or TOOLS list), with type hints and docstrings, "
+                        "are the tools")
+    s.add_argument("--yes", action="store_true", help="run tool calls without asking for confirmation")
+    s.add_argument("--max-steps", type=_positive_int, default=8,
+                   help="model replies per turn at most (each may call tools; default 8)")
+    s.add_argument("--system", help="system prompt")
+    add_sampling_arguments(s, max_new_tokens=256, temperature=0.0, max_new_help="reply length limit (default 256)")
+    add_kv_cache_argument(s)
+    add_runtime_arguments(s)
+    add_quantize_arguments(s)
+
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
     s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -834,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # verbs that compute: they take --threads (finetune, with its own parser, too)
-COMPUTE_VERBS = {"train", "generate", "eval", "chat", "serve", "embed", "classify", "score", "bench", "quantize", "merge"}
+COMPUTE_VERBS = {"train", "generate", "eval", "chat", "agent", "serve", "embed", "classify", "score", "bench", "quantize", "merge"}
 _TAKES_OVERRIDES = {"train", "info"}
 
 
@@ -881,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return with_threads(args.threads, lambda: cmd_train(args, extra))
         if verb == "info":
             return cmd_info(args, extra)
-        command = {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat,
+        command = {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat, "agent": cmd_agent,
                    "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench, "quantize": cmd_quantize, "merge": cmd_merge,
                    "embed": cmd_embed, "classify": cmd_classify, "score": cmd_score,
                    "data": cmd_data}[verb]

@@ -33,14 +33,35 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from lmforge.errors import LMForgeError
 
-# ChatML, lmforge's own chat template; its markers are the reserved special tokens 2 and 3.
+# ChatML, lmforge's own chat template; its markers are the reserved special tokens 2 and 3. With
+# `tools` it is Hermes-style, as Qwen2.5's: the tool schemas in the system turn inside <tools>, the
+# assistant's calls as <tool_call>{"name": ..., "arguments": {...}}</tool_call>, tool results (role
+# "tool") as <tool_response> blocks of one user turn. Without tools it renders plain ChatML.
 CHATML_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' + tool | tojson }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
+    "\\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% if message['role'] == 'system' and loop.first and tools %}"
+    "{% elif message['role'] in ['system', 'user'] or (message['role'] == 'assistant' and not message.tool_calls) %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant' }}"
+    "{% if message['content'] %}{{ '\\n' + message['content'] }}{% endif %}"
+    "{% for call in message.tool_calls %}{% if call.function is defined %}{% set call = call.function %}{% endif %}"
+    "{{ '\\n<tool_call>\\n{\\\"name\\\": \\\"' + call.name + '\\\", \\\"arguments\\\": ' + call.arguments | tojson + '}\\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 # Tokens that end an assistant turn in common templates (ChatML, Llama-3, Phi-3, Gemma).
@@ -284,10 +305,14 @@ class Tokenizer:
         return missing
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-                    template: str | None = None, **kwargs: Any) -> str:
+                    template: str | None = None, tools: list[Any] | None = None, **kwargs: Any) -> str:
         """The conversation as text, rendered by the Jinja chat template as transformers renders it
-        (sandboxed environment, trim_blocks + lstrip_blocks, `raise_exception`, `tojson`)."""
+        (sandboxed environment, trim_blocks + lstrip_blocks, `raise_exception`, `tojson`; `tools` as
+        JSON schemas or functions, `tool_schemas`; keys whose value is None left out of messages).
+        A tool call's arguments given as a JSON string (OpenAI's format) reach the template as an
+        object, which is what templates render."""
         from lmforge.chat_template import render
+        from lmforge.tools import tool_schemas
 
         template = template or self.chat_template
         if not template:
@@ -295,14 +320,17 @@ class Tokenizer:
                                "and no chat_template.jinja)")
         specials = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
                     "pad_token": self.pad_token or ""}
-        return render(template, messages=messages, add_generation_prompt=add_generation_prompt,
-                      **{**specials, **kwargs})
+        return render(template, messages=[_template_message(m) for m in messages],
+                      add_generation_prompt=add_generation_prompt, tools=tool_schemas(tools),
+                      **{"documents": None, **specials, **kwargs})
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = True, template: str | None = None, **kwargs: Any) -> Any:
+                            tokenize: bool = True, template: str | None = None, tools: list[Any] | None = None,
+                            **kwargs: Any) -> Any:
         """Token ids (or, with tokenize=False, the text) of a conversation, equal to transformers'
-        `tokenizer.apply_chat_template(messages, add_generation_prompt=..., tokenize=...)`."""
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, template=template, **kwargs)
+        `tokenizer.apply_chat_template(messages, tools=..., add_generation_prompt=..., tokenize=...)`."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, template=template,
+                                tools=tools, **kwargs)
         if not tokenize:
             return text
         self.hf.encode_special_tokens = False  # the template's markers are special tokens
@@ -421,6 +449,28 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({type(self.hf.model).__name__}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+
+
+def _template_message(message: Any) -> Any:
+    """A message as chat templates expect it: no None values; tool-call arguments as objects."""
+    if not isinstance(message, dict):
+        return message
+    out = {k: v for k, v in message.items() if v is not None}
+    calls = out.get("tool_calls")
+    if isinstance(calls, list):
+        out["tool_calls"] = [_parsed_arguments(c) for c in calls]
+    return out
+
+
+def _parsed_arguments(call: Any) -> Any:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            args = json.loads(fn["arguments"])
+        except json.JSONDecodeError:
+            return call  # rendered as it is
+        return {**call, "function": {**fn, "arguments": args}}
+    return call
 
 
 def _nonempty(texts: Iterable[str]) -> Iterator[str]:

@@ -362,7 +362,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": -101}}, 400,
      "logit_bias", "logit_bias values must be between -100 and 100, got -101.0 for token 5"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
-     "tools", "tools are not supported by this server"),
+     "tools.0.function", "'tools.0.function' is a required field"),
     ("/tokenize", {"prompt": 5}, 400, "prompt", None),
     ("/tokenize", {}, 400, "prompt", "exactly one"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "outside"),

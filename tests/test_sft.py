@@ -146,7 +146,7 @@ def test_two_processes_equal_one_with_accumulation(setup, tmp_path):
     ('{"text": "hello"}', "train.jsonl:2: unknown format (expected 'messages', 'prompt' + 'completion', or "
                           "'instruction' + 'output' keys; got text)"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', "train.jsonl:2: message 1 has unknown role 'bot' "
-                                                         "(expected system, user or assistant)"),
+                                                         "(expected system, user, assistant or tool)"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "train.jsonl:2: the conversation has no assistant turn"),
     ('{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]}',
      "train.jsonl:2: message 1 (user) has empty content"),

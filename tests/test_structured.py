@@ -304,3 +304,67 @@ def test_benchmark_quick_mode_measures_masks_and_decode_steps(capsys):
         assert b["constrained_tokens"] >= b["batch"] and b["rows_complete_valid_json"] == b["rows_complete"]
         assert 0 < b["mask_ms_per_token"]["p50"] <= b["mask_ms_per_token"]["p99"]
         assert b["decode_step_ms"] > 0 and b["json_schema_step_ms"] > 0
+
+
+# ---- tool_choice "required" / a named function: the reply is constrained to valid calls ------------------
+
+PICK = {"type": "function", "function": {"name": "pick", "description": "pick an operation",
+                                         "parameters": {"type": "object", "properties": {
+                                             "op": {"type": "string", "enum": ["add", "sub"]},
+                                             "twice": {"type": "boolean"}}, "required": ["op", "twice"],
+                                             "additionalProperties": False}}}
+SHOUT = {"type": "function", "function": {"name": "shout", "parameters": {
+    "type": "object", "properties": {"loud": {"type": "boolean"}}, "required": ["loud"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def tool_client():
+    srv, engine = start_server(make_llm(block_size=2048), max_batch=4, max_queue=16)  # tool schemas are long prompts
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    engine.scheduler.stop()
+    srv.stop()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_required_tool_choice_always_gives_calls_that_validate(tool_client, seed):
+    client = tool_client
+    for stream in (False, True):
+        kw = dict(model="tiny-test", messages=[{"role": "user", "content": "go"}], tools=[PICK, SHOUT],
+                  tool_choice="required", parallel_tool_calls=False, seed=seed, max_tokens=200)
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+            name, args = calls[0].function.name, json.loads(calls[1].function.arguments)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+        else:
+            choice = client.chat.completions.create(**kw).choices[0]
+            (call,) = choice.message.tool_calls
+            name, args, reason = call.function.name, json.loads(call.function.arguments), choice.finish_reason
+        assert reason == "tool_calls"
+        if name == "pick":
+            assert set(args) == {"op", "twice"} and args["op"] in ("add", "sub") and type(args["twice"]) is bool
+        else:
+            assert name == "shout" and set(args) == {"loud"} and type(args["loud"]) is bool
+
+
+def test_named_tool_choice_calls_that_function(tool_client):
+    client = tool_client
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "go"}],
+                                           tools=[PICK, SHOUT], seed=seed, max_tokens=200,
+                                           tool_choice={"type": "function", "function": {"name": "shout"}})
+        (call,) = r.choices[0].message.tool_calls
+        assert (call.function.name, r.choices[0].finish_reason, r.choices[0].message.content) == ("shout", "tool_calls", None)
+        assert type(json.loads(call.function.arguments)["loud"]) is bool
+
+
+def test_forced_tool_choice_with_response_format_is_a_400(server):
+    import httpx
+
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": "tiny-test", "messages": [{"role": "user", "content": "go"}], "tools": [PICK],
+        "tool_choice": "required", "response_format": {"type": "json_object"}})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "response_format"
+    assert r.json()["error"]["message"] == ("tool_choice 'required' constrains the reply to tool calls; it cannot be "
+                                            "combined with response_format")

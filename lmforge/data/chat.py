@@ -2,6 +2,10 @@
 
 Formats (one JSON object per line; a file, a directory of *.jsonl or a glob):
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}   conversational
+        tool use: an assistant message may carry "tool_calls" (OpenAI's [{"type": "function",
+        "function": {"name", "arguments"}}], content then optional), a "tool" message the result
+        (content, optional "tool_call_id"); the row's "tools" (OpenAI function schemas) are
+        rendered by the template (lmforge/tools.py)
     {"prompt": str, "completion": str}                                           prompt / completion
     {"instruction": str, "input": str (optional), "output": str}                 Alpaca
 Prompt/completion and Alpaca rows become one user turn and one assistant turn (Alpaca's input is
@@ -25,14 +29,15 @@ from typing import Any, Iterable
 from lmforge.data.table import read_table
 from lmforge.errors import LMForgeError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100
 
 
 @dataclass
 class Example:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     where: str  # "file:line", for messages about this example
+    tools: list[dict[str, Any]] | None = None  # the tool schemas the conversation may call
 
 
 def expand_paths(spec: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -74,18 +79,7 @@ def to_messages(row: Any, where: str) -> list[dict[str, str]]:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise LMForgeError(f"{where}: 'messages' must be a non-empty list")
-        out = []
-        for i, m in enumerate(msgs, 1):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise LMForgeError(f"{where}: message {i} must be an object with 'role' and 'content'")
-            role, content = m["role"], m["content"]
-            if role not in ROLES:
-                raise LMForgeError(f"{where}: message {i} has unknown role {role!r} (expected system, user or assistant)")
-            if not isinstance(content, str):
-                raise LMForgeError(f"{where}: message {i} ({role}) content must be a string, got {type(content).__name__}")
-            if not content.strip():
-                raise LMForgeError(f"{where}: message {i} ({role}) has empty content")
-            out.append({"role": role, "content": content})
+        out = [_message(m, i, where) for i, m in enumerate(msgs, 1)]
         if not any(m["role"] == "assistant" for m in out):
             raise LMForgeError(f"{where}: the conversation has no assistant turn")
         return out
@@ -105,19 +99,63 @@ def to_messages(row: Any, where: str) -> list[dict[str, str]]:
                        f"'output' keys; got {keys})")
 
 
+def _message(m: Any, i: int, where: str) -> dict[str, Any]:
+    """Message i of a conversation, checked: a role, string content (optional on an assistant turn
+    that calls tools), well-formed tool calls."""
+    if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
+        raise LMForgeError(f"{where}: message {i} must be an object with 'role' and 'content'")
+    role, content, calls = m["role"], m.get("content"), m.get("tool_calls")
+    if role not in ROLES:
+        raise LMForgeError(f"{where}: message {i} has unknown role {role!r} (expected system, user, assistant or tool)")
+    if calls is not None:
+        if role != "assistant":
+            raise LMForgeError(f"{where}: message {i} ({role}) has tool_calls; only assistant messages call tools")
+        if not isinstance(calls, list) or not calls or not all(_is_call(c) for c in calls):
+            raise LMForgeError(f"{where}: message {i} tool_calls must be a non-empty list of {{\"type\": \"function\", "
+                               "\"function\": {\"name\": str, \"arguments\": object or JSON string}}")
+        if content is None:
+            return {"role": role, "content": None, "tool_calls": calls}
+    if not isinstance(content, str):
+        raise LMForgeError(f"{where}: message {i} ({role}) content must be a string, got {type(content).__name__}")
+    if not content.strip() and calls is None:
+        raise LMForgeError(f"{where}: message {i} ({role}) has empty content")
+    out: dict[str, Any] = {"role": role, "content": content}
+    if calls is not None:
+        out["tool_calls"] = calls
+    if role == "tool" and isinstance(m.get("tool_call_id"), str):
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
+
+
+def _is_call(call: Any) -> bool:
+    fn = call.get("function") if isinstance(call, dict) else None
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), (dict, str))
+
+
 def read_examples(spec: str | Path | Iterable[str | Path]) -> list[Example]:
-    examples = [Example(to_messages(row, where), where) for path in expand_paths(spec)
+    examples = [Example(to_messages(row, where), where, _tools(row, where)) for path in expand_paths(spec)
                 for where, row in read_table(path, jsonl=True)[0]]
     if not examples:
         raise LMForgeError(f"no examples in {spec}")
     return examples
 
 
-def render_with_mask(tokenizer: Any, messages: list[dict[str, str]], loss_on: str = "completion",
-                     template: str | None = None) -> tuple[list[int], list[int]]:
+def _tools(row: dict[str, Any], where: str) -> list[dict[str, Any]] | None:
+    tools = row.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise LMForgeError(f"{where}: 'tools' must be a list of tool schemas (objects)")
+    return tools or None
+
+
+def render_with_mask(tokenizer: Any, messages: list[dict[str, Any]], loss_on: str = "completion",
+                     template: str | None = None, tools: list[Any] | None = None) -> tuple[list[int], list[int]]:
     """(ids, labels) of a conversation; labels are -100 outside assistant turns (loss_on="completion")
-    or equal to ids everywhere (loss_on="prompt_and_completion")."""
-    text = tokenizer.render_chat(messages, add_generation_prompt=False, template=template)
+    or equal to ids everywhere (loss_on="prompt_and_completion"). Tool calls are assistant turns
+    (trained); tool results are not."""
+    def render(msgs: list[dict[str, Any]], gen: bool) -> str:
+        return tokenizer.render_chat(msgs, add_generation_prompt=gen, template=template, tools=tools)
+
+    text = render(messages, False)
     ids, offsets = tokenizer.encode_with_offsets(text)
     if loss_on == "prompt_and_completion":
         return ids, list(ids)
@@ -125,9 +163,8 @@ def render_with_mask(tokenizer: Any, messages: list[dict[str, str]], loss_on: st
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.render_chat(messages[:i], add_generation_prompt=True, template=template) if i else \
-            tokenizer.render_chat([], add_generation_prompt=True, template=template)
-        upto = tokenizer.render_chat(messages[:i + 1], add_generation_prompt=False, template=template)
+        before = render(messages[:i], True)
+        upto = render(messages[:i + 1], False)
         start = _common_prefix(before, upto)
         end = len(upto.rstrip())  # the end-of-turn token counts; the newline after it does not
         if not text.startswith(upto[:end]):

@@ -21,6 +21,15 @@ left while writing the sum from left to right, but it can write one digit column
 `check(reply, expected)` is the verifier: exact match of the final answer (the text after the last
 "Answer:", or the whole reply when there is none) after trimming whitespace and a final period.
 
+Tool use (`make_split(..., tools=True)`): arithmetic calls a calculator, counting calls
+`count(word, words)`, sorting calls `sort(words)`, and the reply is the answer read from the result:
+    user: "What is 47 + 385?"
+    assistant: tool_calls [calculator({"expression": "47 + 385"})]
+    tool: "432"
+    assistant: "Answer: 432"
+reverse and sequence have no tool and keep their replies. `TOOLS` are the functions (their
+docstrings are the schemas, lmforge/tools.py), executed by the agent loop.
+
 A task instance is (type, arguments); train and test instances are disjoint (a test instance never
 occurs in training under any phrasing), and the split is a pure function of the seed. `write_split`
 writes the `messages` JSONL format of `lmforge finetune sft`, with the task type and the expected
@@ -31,8 +40,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TASK_TYPES = ("add", "subtract", "reverse", "count", "sort", "sequence")
 
@@ -167,6 +177,67 @@ def prompt(inst: tuple, rng: random.Random) -> str:
     return template.format(s=", ".join(str(start + step * i) for i in range(n)))
 
 
+def calculator(expression: str) -> str:
+    """Evaluate a + b or a - b.
+
+    Args:
+        expression: Two whole numbers joined by + or -, e.g. 47 + 385.
+    """
+    m = re.fullmatch(r"\s*(-?\d+)\s*([+-])\s*(-?\d+)\s*", expression)
+    if m is None:
+        raise ValueError(f"expected 'a + b' or 'a - b', got {expression!r}")
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    return str(a + b if op == "+" else a - b)
+
+
+def count(word: str, words: list[str]) -> int:
+    """Count a word in a list.
+
+    Args:
+        word: The word.
+        words: The list.
+    """
+    return list(words).count(word)
+
+
+def sort(words: list[str]) -> str:
+    """Sort words alphabetically.
+
+    Args:
+        words: The words.
+    """
+    return ", ".join(sorted(words))
+
+
+TOOLS: dict[str, Callable[..., Any]] = {"calculator": calculator, "count": count, "sort": sort}
+
+
+def tool_call(inst: tuple) -> tuple[str, dict[str, Any]] | None:
+    """The call that solves a task instance: (tool name, arguments); None for tasks without a tool."""
+    kind = inst[0]
+    if kind in ("add", "subtract"):
+        return "calculator", {"expression": f"{inst[1]} {'+' if kind == 'add' else '-'} {inst[2]}"}
+    if kind == "count":
+        return "count", {"word": inst[1], "words": list(inst[2:])}
+    if kind == "sort":
+        return "sort", {"words": list(inst[1:])}
+    return None
+
+
+def tool_conversation(inst: tuple, user: str) -> list[dict[str, Any]]:
+    """The training conversation of an instance with tools: the call, its result, the answer."""
+    call = tool_call(inst)
+    if call is None:
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": solution(inst)}]
+    name, args = call
+    result = TOOLS[name](**args)
+    return [{"role": "user", "content": user},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]},
+            {"role": "tool", "content": str(result)},
+            {"role": "assistant", "content": f"Answer: {result}"}]
+
+
 def final_answer(reply: str) -> str:
     """The reply's final answer: the text after its last "Answer:", or the whole reply."""
     head, sep, tail = reply.rpartition("Answer:")
@@ -181,8 +252,10 @@ def check(reply: str, expected: str) -> bool:
     return r == expected
 
 
-def make_split(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train and test examples (dicts with messages, task, answer); instances are disjoint."""
+def make_split(n_train: int, n_test: int, seed: int = 0,
+               tools: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and test examples (dicts with messages, task, answer); instances are disjoint. With
+    `tools` the conversations call tools; the prompts are the same as without."""
     rng = random.Random(seed)
     test_inst: list[tuple] = []
     seen: set[tuple] = set()
@@ -198,16 +271,18 @@ def make_split(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict[str,
             seen.add(inst)
             train_inst.append(inst)
     def example(inst: tuple) -> dict[str, Any]:
-        return {"messages": [{"role": "user", "content": prompt(inst, rng)},
-                             {"role": "assistant", "content": solution(inst)}],
-                "task": inst[0], "answer": answer(inst)}
+        user = prompt(inst, rng)
+        messages = tool_conversation(inst, user) if tools else \
+            [{"role": "user", "content": user}, {"role": "assistant", "content": solution(inst)}]
+        return {"messages": messages, "task": inst[0], "answer": answer(inst)}
     return [example(i) for i in train_inst], [example(i) for i in test_inst]
 
 
-def write_split(out: str | Path, n_train: int = 20000, n_test: int = 1000, seed: int = 0) -> dict[str, Path]:
+def write_split(out: str | Path, n_train: int = 20000, n_test: int = 1000, seed: int = 0,
+                tools: bool = False) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = make_split(n_train, n_test, seed)
+    train, test = make_split(n_train, n_test, seed, tools)
     paths = {}
     for name, rows in (("train", train), ("test", test)):
         paths[name] = out / f"{name}.jsonl"

@@ -204,7 +204,7 @@ def render_examples(examples: list[Any], tok: Any, loss_on: str, seq_len: int, l
     out, truncated, dropped, empty = [], 0, 0, 0
     for ex in examples:
         if tok.chat_template:
-            ids, labels = render_with_mask(tok, ex.messages, loss_on)
+            ids, labels = render_with_mask(tok, ex.messages, loss_on, tools=ex.tools)
         else:
             try:
                 ids, labels = render_plain(tok, ex.messages, loss_on)

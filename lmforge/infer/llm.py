@@ -268,8 +268,9 @@ class LLM:
 
     # ---- chat ------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of `messages` rendered with the chat template, ending in the generation prompt."""
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: Sequence[Any] | None = None) -> list[int]:
+        """Token ids of `messages` rendered with the chat template (and `tools`: schemas or functions),
+        ending in the generation prompt."""
         tok = self._need_tokenizer()
         if not getattr(tok, "chat_template", None):
             where = f"the model at {self.path}" if self.path is not None else "this model"
@@ -280,16 +281,18 @@ class LLM:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise LMForgeError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
         checked = to_messages({"messages": list(messages) + [{"role": "assistant", "content": "x"}]}, "messages")[:-1]
-        return render_chat_prompt(tok, checked)
+        return render_chat_prompt(tok, checked, tools=tools)
 
-    def chat(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
+    def chat(self, messages: Sequence[dict[str, Any]], max_new_tokens: int = 256, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              stop: str | Sequence[str] | None = None, seed: int | None = None, kv_cache_dtype: str = "auto",
              response_format: dict[str, Any] | None = None, guided_json: Any = None,
-             guided_regex: str | None = None, guided_choice: Sequence[str] | None = None) -> str:
-        """The assistant's reply to a conversation (rendered with the model's chat template); stops at
-        the end-of-turn token, which is not part of the reply. Structured output as in `generate`."""
-        ids = self.chat_prompt(messages)
+             guided_regex: str | None = None, guided_choice: Sequence[str] | None = None,
+             tools: Sequence[Any] | None = None) -> str:
+        """The assistant's reply to a conversation (rendered with the model's chat template, with
+        `tools` when given); stops at the end-of-turn token, which is not part of the reply.
+        `lmforge.tool_parser.parse_tool_calls` reads the calls in it. Structured output as in `generate`."""
+        ids = self.chat_prompt(messages, tools)
         grammar = self.grammar(response_format, guided_json, guided_regex, guided_choice)
         (gen,) = _generate(self.model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
@@ -297,18 +300,39 @@ class LLM:
                            kv_cache_dtype=kv_cache_dtype, grammar=grammar)
         return gen.text
 
-    def chat_stream(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
+    def chat_stream(self, messages: Sequence[dict[str, Any]], max_new_tokens: int = 256, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                     stop: str | Sequence[str] | None = None, seed: int | None = None,
                     kv_cache_dtype: str = "auto", response_format: dict[str, Any] | None = None,
                     guided_json: Any = None, guided_regex: str | None = None,
-                    guided_choice: Sequence[str] | None = None) -> Iterator[str]:
+                    guided_choice: Sequence[str] | None = None, tools: Sequence[Any] | None = None) -> Iterator[str]:
         """`chat`, yielding the reply in pieces as tokens are produced (they join to `chat`'s reply)."""
-        ids = self.chat_prompt(messages)
+        ids = self.chat_prompt(messages, tools)
         grammar = self.grammar(response_format, guided_json, guided_regex, guided_choice)
         return stream_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=self.stop_ids,
                            stop=stop, seed=seed, kv_cache_dtype=kv_cache_dtype, grammar=grammar)
+
+    def tool_family(self) -> str:
+        """The tool-call format of the chat template ("hermes", "llama3"); an error when it renders no tools."""
+        from lmforge.tool_parser import template_family
+
+        family = template_family(getattr(self._need_tokenizer(), "chat_template", None))
+        if family is None:
+            raise LMForgeError("this model's chat template does not render tools (use lmforge's ChatML template, "
+                               "a Hermes/Qwen2.5-style or a Llama-3.1-style one)")
+        return family
+
+    def run_agent(self, messages: Sequence[dict[str, Any]], tools: dict[str, Any], max_steps: int = 8,
+                  confirm: Any = None, on_event: Any = None, **sampling: Any) -> Any:
+        """Chat with tools that run: each reply's tool calls are executed and their results sent back,
+        until the model answers without a call or after `max_steps` replies (lmforge/infer/agent.py).
+        `tools` maps names to functions with type hints and docstrings; `sampling` goes to `chat`.
+        Returns an AgentResult (messages, steps, finished, reply)."""
+        from lmforge.infer.agent import run_agent
+
+        return run_agent(lambda msgs, schemas: self.chat(msgs, tools=schemas, **sampling), self.tool_family(),
+                         messages, tools, max_steps=max_steps, confirm=confirm, on_event=on_event)
 
     def embed(self, texts: str | Sequence[str], pooling: str | None = None, normalize: bool | None = None,
               batch_size: int = 32) -> torch.Tensor:

@@ -64,19 +64,22 @@ def encode_text_prompts(tokenizer: Any, texts: Sequence[str],
 
 
 def render_chat_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]],
-                       add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of `messages` rendered by the tokenizer's chat template. OpenAI's "developer" role is
-    the system role of newer models: a template that rejects it (most; ChatML among them) is given
-    "system" instead. The template's own error propagates otherwise."""
+                       add_generation_prompt: bool = True, tools: Sequence[Any] | None = None) -> list[int]:
+    """Token ids of `messages` rendered by the tokenizer's chat template (with `tools`, schemas or
+    functions, when given). OpenAI's "developer" role is the system role of newer models: a template
+    that rejects it (most; ChatML among them) is given "system" instead. The template's own error
+    propagates otherwise."""
     messages = list(messages)
+    extra = {"tools": list(tools)} if tools else {}
     try:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=True))
+                                                  tokenize=True, **extra))
     except Exception:
         if not any(m["role"] == "developer" for m in messages):
             raise
     as_system = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
-    return list(tokenizer.apply_chat_template(as_system, add_generation_prompt=add_generation_prompt, tokenize=True))
+    return list(tokenizer.apply_chat_template(as_system, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                              **extra))
 
 
 def results_like(kind: str, per_prompt: Sequence[Any]) -> Any:

@@ -5,11 +5,12 @@
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "ROMEO:", "max_tokens": 32}'
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /tokenize, /detokenize,
+Routes: /v1/completions, /v1/chat/completions (decoders), /v1/embeddings (encoders), /v1/models, /health, /tokenize, /detokenize,
 /tokenizer_info, /metrics and a web chat page at /. The modules, by job: app.py (create_app and
 the routes), protocol.py (request schemas, errors), engine.py (the bridge to the scheduler),
-openai_format.py (response bodies and stream chunks), middleware.py (API key, log lines, body limit),
-metrics.py (Prometheus), config.py (ServerConfig), adapters.py (`--lora`), client.py (`lmforge chat --url`).
+openai_format.py (response bodies and stream chunks), embeddings.py (/v1/embeddings), middleware.py
+(API key, log lines, body limit), metrics.py (Prometheus), config.py (ServerConfig), adapters.py (`--lora`),
+client.py (`lmforge chat --url`).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
                        quantize_embeddings=cfg.quantize_embeddings)
         if adapters:
             load_lora_modules(llm.model, adapters)
+        if "embed" in llm.tasks:  # an encoder: served for /v1/embeddings
+            from lmforge.serve.embeddings import EmbeddingEngine
+
+            return EmbeddingEngine(llm, str(model))
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
             raise LMForgeError(f"--max-model-len {max_model_len} is longer than the model's context ({ctx})")

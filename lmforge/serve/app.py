@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from importlib import resources
+from types import SimpleNamespace
 from typing import AsyncIterator, Callable, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
@@ -22,30 +23,34 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serve.config import ServerConfig
+from lmforge.serve.embeddings import EmbeddingEngine, EmbeddingRequest, embeddings_body
 from lmforge.serve.engine import Choices, Engine
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.middleware import Guard, error_response, read_json
 from lmforge.serve.openai_format import ChatFormat, CompletionFormat
+from lmforge.tools import tool_call_schema
 from lmforge.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ServeError,
                                     TokenizeRequest, unknown_fields)
 
 log = logging.getLogger("lmforge.serve")
 router = APIRouter()
-RequestT = TypeVar("RequestT", TokenizeRequest, DetokenizeRequest, CompletionRequest, ChatCompletionRequest)
+RequestT = TypeVar("RequestT", TokenizeRequest, DetokenizeRequest, CompletionRequest, ChatCompletionRequest,
+                   EmbeddingRequest)
 
 
 class AppState:
     """The app's config, its engine once loaded (or why loading failed) and its metrics."""
 
-    def __init__(self, cfg: ServerConfig, engine: Engine | None):
+    def __init__(self, cfg: ServerConfig, engine: Engine | EmbeddingEngine | None):
         self.cfg = cfg
         self.engine = engine
         self.load_error: str | None = None
         self.unknown_fields: set[str] = set()  # request fields already logged as ignored
         self.created = int(time.time())
-        self.metrics = Metrics(queue_length=lambda: self.engine.scheduler.num_waiting if self.engine else 0,
-                               running_batch_size=lambda: self.engine.scheduler.num_running if self.engine else 0,
-                               speculative=lambda: self.engine.scheduler.spec_stats if self.engine else None)
+        sched = lambda: self.engine.scheduler if isinstance(self.engine, Engine) else None  # noqa: E731
+        self.metrics = Metrics(queue_length=lambda: sched().num_waiting if sched() else 0,
+                               running_batch_size=lambda: sched().num_running if sched() else 0,
+                               speculative=lambda: sched().spec_stats if sched() else None)
 
     def load(self, loader: Callable[[], Engine]) -> None:
         try:
@@ -106,6 +111,11 @@ async def _read_request(request: Request, schema: type[RequestT]) -> tuple[AppSt
     served model (404 otherwise)."""
     state = _state(request)
     eng = state.ready()
+    if (schema is EmbeddingRequest) != isinstance(eng, EmbeddingEngine):  # an encoder embeds; a decoder generates
+        raise ServeError(400, f"{request.url.path} is not available for this model: "
+                              + ("it is a decoder that generates text; /v1/embeddings needs an encoder model "
+                                 "(BERT family, sentence-transformers)" if isinstance(eng, Engine)
+                                 else "it is an encoder model, served for /v1/embeddings"), param="model")
     req = await read_json(request, schema, state.cfg.max_body_bytes)
     state.log_unknown_fields(req)
     state.adapter_of(req.model)
@@ -195,6 +205,8 @@ async def detokenize(request: Request) -> dict:
 @router.get("/tokenizer_info")
 async def tokenizer_info(request: Request) -> dict:
     eng = _state(request).ready()
+    if not isinstance(eng, Engine):
+        raise ServeError(400, "/tokenizer_info is not available for an encoder model served for embeddings")
     tok = eng.require_tokenizer(None)
     return {"tokenizer_class": type(tok).__name__, "eos_token": getattr(tok, "eos_token", None),
             "bos_token": getattr(tok, "bos_token", None), "pad_token": getattr(tok, "pad_token", None),
@@ -229,11 +241,10 @@ async def completions(request: Request) -> Response:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state, eng, req = await _read_request(request, ChatCompletionRequest)
-    if req.tools:
-        raise ServeError(400, "tools are not supported by this server", param="tools")
+    req.check_tools()
     if req.top_logprobs is not None and not req.logprobs:
         raise ServeError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-    ids = eng.chat_prompt(req.messages, req.add_generation_prompt)
+    ids = eng.chat_prompt(req.messages, req.add_generation_prompt, req.template_tools())
     if state.cfg.log_prompts:
         log.info("%s messages: %r", request.state.req_id, [m.model_dump() for m in req.messages])
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -241,9 +252,22 @@ async def chat_completions(request: Request) -> Response:
     sampling = req.sampling_request(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                     adapter=state.adapter_of(req.model))
     sampling.grammar = eng.grammar(req)
-    choices = eng.submit([ids], req.n, sampling, state.metrics, prompt_param="messages")
+    forced = req.forced_tool_choice()
+    if forced is not None:  # the reply is constrained to the calls tool_choice allows, as vLLM does
+        schema = tool_call_schema(req.template_tools(), forced, req.parallel_tool_calls)
+        sampling.grammar = eng.grammar(SimpleNamespace(response_format=None, guided_json=schema, guided_regex=None,
+                                                       guided_choice=None))
     fmt = ChatFormat(eng.tokenizer, req, ids)
+    choices = eng.submit([ids], req.n, sampling, state.metrics, prompt_param="messages")
     return await _respond(request, choices, fmt, req.stream, f"chatcmpl-{uuid.uuid4().hex}")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> dict:
+    state, eng, req = await _read_request(request, EmbeddingRequest)
+    vectors, tokens = await eng.embed(eng.texts(req))
+    request.state.info = f"prompt={tokens} "
+    return embeddings_body(vectors, req.encoding_format, state.cfg.served_model_name, tokens)
 
 
 async def _respond(request: Request, choices: Choices, fmt: CompletionFormat | ChatFormat, stream: bool,

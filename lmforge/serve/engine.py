@@ -88,15 +88,16 @@ class Engine:
             self.check_ids(row, "prompt")
         return [None] * len(prompt), [list(row) for row in prompt]
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of `messages` rendered by the tokenizer's chat template (as `LLM.chat_prompt`)."""
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of `messages` (and `tools`) rendered by the tokenizer's chat template (as `LLM.chat_prompt`)."""
         tok = self.require_tokenizer("messages")
         if getattr(tok, "chat_template", None) is None or not hasattr(tok, "apply_chat_template"):
             raise ServeError(400, "this model has no chat template, so /v1/chat/completions cannot format messages; "
                                   "use /v1/completions with a prompt", param="messages")
-        msgs = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+        msgs = [m.template_message() for m in messages]
         try:
-            return render_chat_prompt(tok, msgs, add_generation_prompt)
+            return render_chat_prompt(tok, msgs, add_generation_prompt, tools)
         except LMForgeError as e:
             raise ServeError(400, str(e), param="messages") from None
         except Exception as e:  # jinja raises its own errors for messages a template rejects

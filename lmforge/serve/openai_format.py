@@ -8,6 +8,8 @@ import json
 from typing import Any, AsyncIterator, Callable
 
 from lmforge.infer.scheduler import StepOutput, TokenLogprob
+from lmforge.tool_parser import (ForcedCallStream, ToolCall, ToolCallStream, parse_forced_calls, parse_tool_calls,
+                                 template_family)
 from lmforge.serve.engine import ChoiceOutput
 from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest, ServeError, StreamOptions
 
@@ -145,10 +147,19 @@ class CompletionFormat:
 
 
 class ChatFormat:
-    """Response bodies of /v1/chat/completions."""
+    """Response bodies of /v1/chat/completions. With tools (and tool_choice not "none") each reply is
+    read by the tool-call parser of the chat template's family: calls become `message.tool_calls`
+    (streamed as `delta.tool_calls`: a first chunk with id, type and name, then the arguments) and
+    the finish reason "tool_calls"; text that is not a call stays the content."""
 
     def __init__(self, tokenizer: Any, req: ChatCompletionRequest, prompt_ids: list[int]):
         self.tok, self.req, self.ids = tokenizer, req, prompt_ids
+        self.family = None
+        if req.template_tools():
+            self.family = template_family(getattr(tokenizer, "chat_template", None))
+            if self.family is None:
+                raise ServeError(400, "this model's chat template does not render tools, so it cannot call them",
+                                 param="tools")
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict:
         def item(i: int, v: float) -> dict:
@@ -157,29 +168,78 @@ class ChatFormat:
         return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, v) for i, v in e.top]}
                             for e in entries]}
 
+    def _calls(self, calls: list[ToolCall]) -> list[ToolCall]:
+        return calls if self.req.parallel_tool_calls else calls[:1]
+
+    def _message(self, o: ChoiceOutput) -> tuple[dict, str]:
+        if self.family is None:
+            return {"role": "assistant", "content": o.text, "refusal": None, "tool_calls": []}, finish_reason(o)
+        forced = self.req.forced_tool_choice()
+        if forced is not None:  # a constrained reply is only calls; one cut short stays text
+            calls = parse_forced_calls(o.text, forced)
+            content = "" if calls else o.text
+        else:
+            content, calls = parse_tool_calls(o.text, self.family)
+        calls = self._calls(calls)
+        reason = "tool_calls" if calls and finish_reason(o) == "stop" else finish_reason(o)
+        return ({"role": "assistant", "content": content if content or not calls else None, "refusal": None,
+                 "tool_calls": [c.openai() for c in calls]}, reason)
+
     def full(self, rid: str, created: int, model: str, outs: list[ChoiceOutput]) -> dict:
-        items = [{"index": i, "message": {"role": "assistant", "content": o.text, "refusal": None, "tool_calls": []},
-                  "logprobs": self.logprobs(o.logprobs) if self.req.logprobs else None,
-                  "finish_reason": finish_reason(o), "stop_reason": o.stop_reason} for i, o in enumerate(outs)]
+        items = []
+        for i, o in enumerate(outs):
+            message, reason = self._message(o)
+            items.append({"index": i, "message": message,
+                          "logprobs": self.logprobs(o.logprobs) if self.req.logprobs else None,
+                          "finish_reason": reason, "stop_reason": o.stop_reason})
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": items,
                 "usage": usage(len(self.ids), sum(o.completion_tokens for o in outs)), "system_fingerprint": None}
 
     def stream(self, rid: str, created: int, model: str, batches: Batches, n_choices: int) -> AsyncIterator[str]:
         frame = EventStream({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model},
                             self.req.stream_options)
+        forced = self.req.forced_tool_choice()
+        parsers = [ForcedCallStream(forced) if forced is not None else ToolCallStream(self.family)
+                   for _ in range(n_choices)] if self.family else []
+        n_calls = [0] * n_choices
 
         def chunk(idx: int, delta: dict, lp: dict | None, reason: str | None,
                   stop_reason: int | str | None = None) -> str:
             return frame.chunk({"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason,
                                 "stop_reason": stop_reason})
 
+        def tool_events(idx: int, events: list, lp: dict | None) -> list[str]:
+            parts = []
+            for kind, value in events:
+                if kind == "content":
+                    parts.append(chunk(idx, {"content": value}, lp, None))
+                    lp = None
+                elif self.req.parallel_tool_calls or n_calls[idx] == 0:
+                    k = n_calls[idx]
+                    n_calls[idx] += 1
+                    head = {"index": k, "id": value.id, "type": "function",
+                            "function": {"name": value.name, "arguments": ""}}
+                    parts.append(chunk(idx, {"tool_calls": [head]}, None, None))
+                    parts.append(chunk(idx, {"tool_calls": [{"index": k, "function": {"arguments": value.arguments}}]},
+                                       None, None))
+            if lp and lp["content"]:  # tokens held back by the parser still report their logprobs
+                parts.append(chunk(idx, {"content": ""}, lp, None))
+            return parts
+
         def on_output(idx: int, o: StepOutput) -> list[str]:
             parts = []
             lp = self.logprobs(o.logprobs or []) if self.req.logprobs else None
-            if o.text or (lp and lp["content"]):
+            if parsers:
+                parts += tool_events(idx, parsers[idx].feed(o.text), lp)
+                if o.finish_reason:
+                    parts += tool_events(idx, parsers[idx].finish(), None)
+            elif o.text or (lp and lp["content"]):
                 parts.append(chunk(idx, {"content": o.text}, lp, None))
             if o.finish_reason:
-                parts.append(chunk(idx, {}, None, finish_reason(o), o.stop_reason))
+                reason = finish_reason(o)
+                if n_calls[idx] and reason == "stop":
+                    reason = "tool_calls"
+                parts.append(chunk(idx, {}, None, reason, o.stop_reason))
             return parts
         roles = "".join(chunk(i, {"role": "assistant", "content": ""}, None, None) for i in range(n_choices))
         return frame.events(batches, on_output, len(self.ids), first=roles)

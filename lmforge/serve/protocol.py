@@ -138,11 +138,26 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = StrictModel
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+
+
+class ToolCallItem(BaseModel):
+    model_config = StrictModel
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     role: str
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallItem]] = None
+    tool_call_id: Optional[str] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -151,6 +166,44 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(p.text for p in self.content)
 
+    def template_message(self) -> dict[str, Any]:
+        """The message as the chat template reads it (tool calls and tool_call_id when present)."""
+        m: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name:
+            m["name"] = self.name
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+            if self.content is None:
+                m["content"] = None
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
+
+
+class FunctionSpec(BaseModel):
+    model_config = StrictModel
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ToolSpec(BaseModel):
+    model_config = StrictModel
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = StrictModel
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = StrictModel
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -158,8 +211,58 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    tools: Optional[list[Any]] = None
+    tools: Optional[list[ToolSpec]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
+
+    def check_tools(self) -> None:
+        """400s naming the field for what OpenAI refuses: a tool_choice without tools or naming an
+        unknown function, a tool message that answers no earlier call; and for what this server
+        cannot do yet: forcing a call needs constrained decoding."""
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ServeError(400, f"tools has two functions named '{dup}'", param="tools")
+        choice = self.tool_choice
+        if choice is not None and not names:
+            raise ServeError(400, "tool_choice is only allowed when tools are given", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ServeError(400, f"tool_choice names the function '{choice.function.name}', which is not among the "
+                                  f"tools ({', '.join(names)})", param="tool_choice")
+        if self.forced_tool_choice() is not None:
+            asked = next((f for f in ("response_format", "guided_json", "guided_regex", "guided_choice")
+                          if getattr(self, f) is not None and not (f == "response_format" and
+                                                                    getattr(self, f).get("type") == "text")), None)
+            if asked is not None:
+                raise ServeError(400, f"tool_choice '{self.tool_choice if isinstance(self.tool_choice, str) else 'function'}' "
+                                      f"constrains the reply to tool calls; it cannot be combined with {asked}",
+                                 param=asked)
+        calls: set[str] = set()
+        for i, m in enumerate(self.messages):
+            if m.role == "assistant" and m.tool_calls:
+                calls.update(c.id for c in m.tool_calls)
+            elif m.role == "tool":
+                if m.tool_call_id is None:
+                    raise ServeError(400, f"messages[{i}] is a tool message without 'tool_call_id'",
+                                     param=f"messages.[{i}].tool_call_id")
+                if m.tool_call_id not in calls:
+                    raise ServeError(400, f"messages[{i}].tool_call_id '{m.tool_call_id}' answers no tool call of an "
+                                          "earlier assistant message", param=f"messages.[{i}].tool_call_id")
+
+    def forced_tool_choice(self) -> Any:
+        """tool_choice when it forces a call ("required", or a named function as a dict), else None."""
+        if self.tool_choice == "required":
+            return "required"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.model_dump()
+        return None
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the prompt shows the model: none with tool_choice "none" (it will not call them)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 class TokenizeRequest(BaseModel):
