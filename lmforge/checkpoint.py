@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -37,6 +37,7 @@ CKPT_DIR = "checkpoints"
 LATEST = "latest"
 BEST = "best"  # checkpoints/best: the best validation model of a run with train.keep_best
 BEST_EVAL = "best_eval.json"  # in checkpoints/best: the evaluation row that made it the best
+LORA_BASE = "lora_base.json"  # in a LoRA run's model directory (adapter, no model.safetensors): its base's path
 
 
 # ---- atomic file primitives ------------------------------------------------------------------
@@ -137,14 +138,21 @@ def model_config_json(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_path: str | Path | None = None,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+                    extra_files: dict[str, bytes] | None = None,
+                    weights: Callable[[Path], None] | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a model directory (in place; callers wanting atomicity write into a temp dir and rename).
-    `extra_files` (name -> bytes) travel with the model: tokenizer_config.json, chat_template.jinja, ..."""
+    `extra_files` (name -> bytes) travel with the model: tokenizer_config.json, chat_template.jinja, ...
+    `weights(directory)` writes the weights instead of model.safetensors (a LoRA run's adapter and
+    LORA_BASE); `state` replaces the model's own state in model.safetensors (a LoRA model's base)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = model_config_json(model)
-    save_tensors(directory / MODEL_WEIGHTS, model_state_for_saving(model),
-                 metadata={"format": "pt", "lmforge": meta["family"]})
+    if weights is not None:
+        weights(directory)
+    else:
+        save_tensors(directory / MODEL_WEIGHTS, model_state_for_saving(model) if state is None else state,
+                     metadata={"format": "pt", "lmforge": meta["family"]})
     atomic_write_text(directory / MODEL_CONFIG, json.dumps(meta, indent=2))
     if tokenizer_path is not None and Path(tokenizer_path).is_file():
         if Path(tokenizer_path).resolve() != (directory / TOKENIZER).resolve():
@@ -154,15 +162,20 @@ def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_pat
     return directory
 
 
+def holds_weights(directory: Path) -> bool:
+    """Whether a model directory has its weights: model.safetensors, or (LoRA) an adapter and its base."""
+    return (directory / MODEL_WEIGHTS).is_file() or (directory / LORA_BASE).is_file()
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run, or None if it has none yet."""
     run_dir = Path(run_dir)
     pointer = run_dir / CKPT_DIR / LATEST
     if pointer.is_file():
         candidate = run_dir / CKPT_DIR / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / MODEL_WEIGHTS).is_file():
+        if holds_weights(candidate):
             return candidate
-    steps = sorted(p for p in (run_dir / CKPT_DIR).glob("step_*") if (p / MODEL_WEIGHTS).is_file())
+    steps = sorted(p for p in (run_dir / CKPT_DIR).glob("step_*") if holds_weights(p))
     return steps[-1] if steps else None
 
 
@@ -340,7 +353,8 @@ def _step_dirs(ckpt_root: Path) -> list[Path]:
 
 def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                            tensors: dict[str, torch.Tensor], tokenizer_path: str | Path | None = None,
-                           keep: int = 0, extra_files: dict[str, bytes] | None = None) -> Path:
+                           keep: int = 0, extra_files: dict[str, bytes] | None = None,
+                           weights: Callable[[Path], None] | None = None) -> Path:
     """Write RUN/checkpoints/step_XXXXXXXX atomically, point `latest` at it, keep the newest `keep`.
 
     Everything goes into a hidden temp directory first, which is renamed into place only once
@@ -353,7 +367,7 @@ def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modul
     name = checkpoint_name(step)
     tmp = root / f".tmp_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_dir(tmp, model, tokenizer_path, extra_files)
+    write_model_dir(tmp, model, tokenizer_path, extra_files, weights=weights)
     save_tensors(tmp / TRAIN_STATE_TENSORS, tensors, metadata={"format": "pt", "lmforge": "train_state"})
     atomic_write_text(tmp / TRAIN_STATE_JSON, json.dumps(state, indent=1))
     final = root / name
@@ -367,7 +381,8 @@ def write_train_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modul
 
 
 def write_best_checkpoint(run_dir: str | Path, model: torch.nn.Module, eval_row: dict[str, Any],
-                          extra_files: dict[str, bytes] | None = None) -> Path:
+                          extra_files: dict[str, bytes] | None = None,
+                          weights: Callable[[Path], None] | None = None) -> Path:
     """Replace RUN/checkpoints/best atomically with `model` (a model directory, not resumable) and the
     evaluation row that made it the best. `latest` never points at it, so a run still loads its last
     checkpoint; `LLM.load(RUN/checkpoints/best)` loads this one."""
@@ -375,7 +390,7 @@ def write_best_checkpoint(run_dir: str | Path, model: torch.nn.Module, eval_row:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp_{BEST}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_dir(tmp, model, extra_files=extra_files)
+    write_model_dir(tmp, model, extra_files=extra_files, weights=weights)
     atomic_write_text(tmp / BEST_EVAL, json.dumps(eval_row, indent=1))
     final = root / BEST
     replace_dir_atomically(tmp, final)

@@ -42,6 +42,7 @@ from lmforge.infer.prompt import GenerationFormat
 from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig
 from lmforge.train.job import TrainJob
+from lmforge.train.adapters import LoRAConfig
 
 IGNORE = -100
 EVAL_METRICS = "eval_metrics.json"
@@ -77,6 +78,7 @@ class Seq2SeqFinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: Seq2SeqDataConfig = field(default_factory=Seq2SeqDataConfig)
     generate: Seq2SeqGenerateConfig = field(default_factory=Seq2SeqGenerateConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CONFIG = Seq2SeqFinetuneConfig  # `lmforge finetune seq2seq --help-config`

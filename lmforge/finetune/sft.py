@@ -29,6 +29,7 @@ from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
 from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig
 from lmforge.train.job import TrainJob
+from lmforge.train.adapters import LoRAConfig
 
 IGNORE = -100
 
@@ -56,6 +57,7 @@ class SFTDataConfig:
 class SFTConfig:
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CONFIG = SFTConfig  # `lmforge finetune sft --help-config`

@@ -326,6 +326,12 @@ def adapter_state_dict(model: nn.Module, name: str = DEFAULT_ADAPTER) -> dict[st
     return out
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of the model under the adapters (the frozen base), in the names it had before
+    `add_lora`: what a LoRA run records as its base when it has no base directory to point to."""
+    return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".adapters." not in f".{k}"}
+
+
 def merge_lora(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold adapter `name` (default: the active one) into plain fp32 linears, in place: the weights
     become base + scaling B A and the LoRA modules disappear. A quantised base is dequantised."""

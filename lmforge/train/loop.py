@@ -43,7 +43,10 @@ import torch
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
 from lmforge.runtime import resolve_device
+from lmforge.nn.lora import base_state_dict, trainable_parameters
 from lmforge.train import distributed as D
+from lmforge.train.adapters import (BASE_DIR, load_trainable_state, prepare_lora, trainable_state,
+                                    write_adapter_model)
 from lmforge.train.config import TrainConfig, config_hash, validate_train
 from lmforge.train.job import TrainJob, to_device
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_loss
@@ -120,6 +123,7 @@ class Trainer:
         self.per_step = self.t.grad_accum * info.world_size  # micro-batches per optimizer step, all ranks
         self.global_batch = self.t.micro_batch_size * self.per_step
         self.parked: Path | None = None
+        self.lora: Any = None  # the adapter's LoRASettings once built (None: full fine-tuning)
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -127,10 +131,17 @@ class Trainer:
         t, info = self.t, self.info
         torch.manual_seed(t.seed)  # identical init on every rank and every device
         raw = self.task.build_model()
-        if self.state is not None:
+        # LoRA / QLoRA: base quantised and frozen, adapters added (train/adapters.py); None: full fine-tuning
+        self.lora = prepare_lora(raw, self.task.lora, self.task.head_modules, seed=t.seed, device=self.device)
+        if self.state is not None and self.lora is not None:  # the checkpoint holds the trained tensors only
+            load_trainable_state(raw, self.tensors, self.ckpt / ckpt_io.TRAIN_STATE_TENSORS)
+        elif self.state is not None:
             weights = ckpt_io.load_tensors(self.ckpt / ckpt_io.MODEL_WEIGHTS)
             ckpt_io.load_state_checked(raw, weights, self.ckpt / ckpt_io.MODEL_WEIGHTS)
         self.raw = raw.to(self.device)
+        self.trainable = [p for p in self.raw.parameters() if p.requires_grad]
+        # the base a LoRA run's adapter goes on, by absolute path (the run may be loaded from elsewhere)
+        self.base = str(Path(self.task.base or self.out / BASE_DIR).resolve()) if self.lora is not None else None
         self.raw.train()
         self.dtype = _autocast_dtype(t.dtype, self.device)
         if hasattr(self.task.train_batches, "bind"):
@@ -194,10 +205,26 @@ class Trainer:
         note = (f"What this run trains: {model_summary(self.raw.cfg, self.raw.num_params())} "
                 "`lmforge info RUN` describes it.")
         write_run_files(out, self.resolved, {**self.task.files, **self.task.run_files}, model_note=note)
+        if self.lora is not None and self.task.base is None and self.state is None:
+            self._write_base()
+
+    def _write_base(self) -> None:
+        """RUN/base: the frozen initial model of a LoRA run that has no base directory (`lmforge train`)."""
+        tmp = self.out / f".tmp_{BASE_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt_io.write_model_dir(tmp, self.raw, extra_files=self.task.files, state=base_state_dict(self.raw))
+        ckpt_io.replace_dir_atomically(tmp, self.out / BASE_DIR)
+
+    def _weights_writer(self) -> Any:
+        """How a checkpoint writes the model's weights: None (model.safetensors) or a LoRA run's adapter."""
+        if self.lora is None:
+            return None
+        return lambda directory: write_adapter_model(directory, self.raw, self.base)
 
     def run_entries(self) -> tuple[str, ...]:
         """The entries of --out this run writes (lmforge's own; nothing else is moved or removed)."""
-        return tuple(dict.fromkeys(RUN_ENTRIES + tuple(self.task.files) + tuple(self.task.run_files)))
+        own = (BASE_DIR,) if self.lora is not None and self.task.base is None else ()
+        return tuple(dict.fromkeys(RUN_ENTRIES + own + tuple(self.task.files) + tuple(self.task.run_files)))
 
     def restore_parked_run(self) -> None:
         """This run stopped before its first checkpoint: put back the run it parked, if any."""
@@ -222,6 +249,10 @@ class Trainer:
         elif self.resume_requested:
             _say(f"no checkpoint in {self.out}; starting a new run", info)
         n_params = self.raw.num_params()
+        if self.lora is not None:
+            trained, total = trainable_parameters(self.raw)
+            _say(f"LoRA r={self.lora.r} on {self.base}: {trained:,} of {total:,} parameters trained "
+                 f"({100 * trained / total:.2f}%)", info)
         _say(f"{n_params / 1e6:.2f}M parameters, device {self.device}, {str(self.dtype).replace('torch.', '')}, "
              f"{info.world_size} process(es), {self.task.description or f'global batch {self.global_batch}'}, "
              f"max {t.max_steps} steps" + (f" / {t.max_minutes:g} min" if t.max_minutes else ""), info)
@@ -379,7 +410,7 @@ class Trainer:
                     stat_sums[name] = stat_sums.get(name, 0) + value.detach().float() / t.grad_accum
         self.scaler.unscale_(self.optimizer)
         # max_norm=inf still returns the norm and leaves the gradients as they are.
-        gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.trainable, t.grad_clip if t.grad_clip > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -433,7 +464,8 @@ class Trainer:
         if info.is_main:
             self.metrics.write(row)
             if improved and self.t.keep_best:
-                ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files)
+                ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files,
+                                              weights=self._weights_writer())
         return row
 
     def _plot(self) -> None:
@@ -490,8 +522,11 @@ class Trainer:
         if hasattr(source, "state_dict"):
             for name, value in source.state_dict().items():
                 tensors[f"batches.{name}"] = value.detach().cpu().contiguous()
+        if self.lora is not None:  # the model directory holds the adapter; resume reads these
+            tensors.update({k: v.detach().cpu().contiguous() for k, v in trainable_state(self.raw).items()})
         ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
-                                       keep=self.t.keep_checkpoints, extra_files=self.task.files)
+                                       keep=self.t.keep_checkpoints, extra_files=self.task.files,
+                                       weights=self._weights_writer())
         if self.parked is not None:
             shutil.rmtree(self.parked, ignore_errors=True)
             self.parked = None
