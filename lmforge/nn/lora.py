@@ -329,7 +329,9 @@ def adapter_state_dict(model: nn.Module, name: str = DEFAULT_ADAPTER) -> dict[st
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state of the model under the adapters (the frozen base), in the names it had before
     `add_lora`: what a LoRA run records as its base when it has no base directory to point to."""
-    return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".adapters." not in f".{k}"}
+    tied = set(model.tied_state_keys()) if hasattr(model, "tied_state_keys") else set()  # stored once, as saved
+    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".adapters." not in f".{k}"}
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 def merge_lora(model: nn.Module, name: str | None = None) -> nn.Module:
