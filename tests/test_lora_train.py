@@ -124,6 +124,9 @@ def test_cli_flags_targets_rslora_and_load_from_elsewhere(fx, tmp_path, capsys, 
     trained = sum(t.numel() for t in adapter_state_dict(llm.model).values())
     assert f"{trained:,} of" in err
     assert cli(["generate", str(out), "--prompt", "What", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    capsys.readouterr()
+    assert cli(["info", str(out)]) == 0
+    assert f"LoRA adapter on        {(fx / 'base').resolve()}" in capsys.readouterr().out
 
 
 def test_dpo_reference_is_the_base_with_adapters_off(fx, tmp_path):
