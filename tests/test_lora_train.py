@@ -143,18 +143,21 @@ def test_dpo_reference_is_the_base_with_adapters_off(fx, tmp_path):
     assert rows[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # policy = reference at step 1: ln 2
 
 
-def test_rl_reference_is_the_policy_with_adapters_off(fx, tmp_path, monkeypatch):
-    from lmforge.finetune import rl as R
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_rl_reference_is_the_policy_with_adapters_off(fx, tmp_path, monkeypatch, method):
+    from lmforge.finetune import base_model
 
-    def no_second_copy(*a, **k):
-        raise AssertionError("a second copy of the base was loaded")
-
-    monkeypatch.setattr(R, "load_base", no_second_copy, raising=False)
-    out = tmp_path / "grpo"
-    flags = STEPS + LORA + EXTRA["grpo"] + ["--train.max_steps", "2", "--grpo.epochs", "2"]
-    _train(fx, "grpo", out, flags)
+    loads = []
+    load_base = base_model.load_base
+    monkeypatch.setattr(base_model, "load_base", lambda *a, **k: loads.append(a) or load_base(*a, **k))
+    out = tmp_path / method
+    _train(fx, method, out, STEPS + LORA + EXTRA[method] + [f"--{method}.epochs", "2"])
+    assert len(loads) == 1  # the policy only: no second copy of the base as the reference
     rows = train_rows(out)
-    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7) and rows[1]["kl"] > 0  # reference = the base, fixed
+    kl = "kl" if method == "grpo" else "objective/kl"
+    assert rows[0][kl] == pytest.approx(0.0, abs=1e-7)  # the policy starts as the base
+    if method == "grpo":  # GRPO's KL is the live policy's: the second step sees the moved policy vs the fixed base
+        assert rows[1][kl] > 0
 
 
 def _stop_after(step):
