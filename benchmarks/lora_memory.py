@@ -10,7 +10,8 @@ adapters), builds the loop's AdamW (`train.optim.build_optimizer`, trainable ten
 two optimizer steps of the SFT objective on batch x seq tokens, every token labelled (the second step
 holds the AdamW moments as every later one does). Its peak RSS is `getrusage` ru_maxrss of that
 process (lmforge.bench.machine.peak_rss_bytes), reported with the RSS before the model was built
-(Python, torch and lmforge imported). `trainable_share`: trained parameters / all parameters.
+(Python, torch and lmforge imported). `trainable_share`: trained parameters / all parameters (the
+base's full-precision count, QLoRA's too, plus the adapters').
 
 Targets: peak RSS of LoRA <= 45% of full fine-tuning's, QLoRA <= 30%, trainable share < 2%.
 `--quick`: the tiny preset at batch 2 x 32, int4 groups of 32 (a smoke run for the tests; its numbers mean nothing).
@@ -52,9 +53,11 @@ def step_memory(variant: str, shape: str, batch: int, seq: int, r: int, group: i
     qlora = variant == "qlora"
     lora = None if variant == "full" else LoRAConfig(r=r, alpha=2 * r, quantize="int4" if qlora else "none",
                                                      group_size=group if qlora else None)
+    base_params = trainable_parameters(model)[1]  # counted before quantising: QLoRA's base holds buffers
     prepare_lora(model, lora, seed=0)
     model.train()
-    trained, total = trainable_parameters(model)
+    trained = trainable_parameters(model)[0]
+    total = base_params + sum(p.numel() for n, p in model.named_parameters() if ".adapters." in n)
     optimizer = build_optimizer(model, 1e-4, 0.0, (0.9, 0.95), 1e-8, "cpu")
     V = model.cfg.vocab_size
     objective = SFTObjective()
