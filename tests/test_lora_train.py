@@ -16,7 +16,7 @@ from lmforge.cli import main as cli
 from lmforge.errors import LMForgeError
 from lmforge.infer.llm import LLM
 from lmforge.models.decoder import Decoder, config_from_preset
-from lmforge.nn.lora import adapter_state_dict, base_state_dict, lora_modules
+from lmforge.nn.lora import adapter_state_dict, base_state_dict, disabled, lora_modules
 from lmforge.nn.quant import QuantizedLinear
 from lmforge.tokenizer import Tokenizer
 from sft_fixtures import task_rows, write_jsonl
@@ -127,6 +127,18 @@ def test_cli_flags_targets_rslora_and_load_from_elsewhere(fx, tmp_path, capsys, 
     capsys.readouterr()
     assert cli(["info", str(out)]) == 0
     assert f"LoRA adapter on        {(fx / 'base').resolve()}" in capsys.readouterr().out
+
+
+def test_a_lora_run_as_base_is_merged_and_the_chain_loads(fx, tmp_path):
+    sft, _ = _train(fx, "sft", tmp_path / "sft", STEPS + LORA + EXTRA["sft"])
+    dpo, _ = _train(fx, "dpo", tmp_path / "dpo", STEPS + LORA, base=str(tmp_path / "sft"))
+    assert json.loads((tmp_path / "dpo" / "checkpoints" / "step_00000002" / "lora_base.json").read_text())["base"] \
+        == str((tmp_path / "sft" / "checkpoints" / "step_00000002").resolve())
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(LLM.load(tmp_path / "dpo").model(x), dpo.eval()(x), atol=1e-5)
+        with disabled(dpo):  # the DPO run's base is the SFT run with its adapter merged
+            assert torch.allclose(dpo(x), sft.eval()(x), atol=1e-5)
 
 
 def test_dpo_reference_is_the_base_with_adapters_off(fx, tmp_path):

@@ -33,9 +33,9 @@ from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
 from lmforge.train import distributed as D
+from lmforge.train.adapters import LoRAConfig
 from lmforge.train.config import TrainConfig
 from lmforge.train.job import TrainJob
-from lmforge.train.adapters import LoRAConfig
 
 EVAL_METRICS = "eval_metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"

@@ -22,8 +22,8 @@ from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
 from lmforge.finetune.preference import DPOObjective, pair_batches, reference_logps, training_pairs
 from lmforge.finetune.scaffold import say
 from lmforge.train import distributed as D
-from lmforge.train.job import TrainJob
 from lmforge.train.adapters import LoRAConfig
+from lmforge.train.job import TrainJob
 
 REF_FILE = "reference_logps.safetensors"
 

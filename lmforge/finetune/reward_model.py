@@ -19,8 +19,8 @@ from lmforge.finetune.align_common import REPORT_PPL, AlignTrainConfig, resolved
 from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
 from lmforge.finetune.preference import RewardObjective, pair_batches, training_pairs
 from lmforge.train import distributed as D
-from lmforge.train.job import TrainJob
 from lmforge.train.adapters import LoRAConfig
+from lmforge.train.job import TrainJob
 
 
 @dataclass

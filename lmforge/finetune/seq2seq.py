@@ -40,9 +40,9 @@ from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
 from lmforge.infer.prompt import GenerationFormat
 from lmforge.train import distributed as D
+from lmforge.train.adapters import LoRAConfig
 from lmforge.train.config import TrainConfig
 from lmforge.train.job import TrainJob
-from lmforge.train.adapters import LoRAConfig
 
 IGNORE = -100
 EVAL_METRICS = "eval_metrics.json"

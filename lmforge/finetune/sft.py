@@ -27,9 +27,9 @@ from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
 from lmforge.train import distributed as D
+from lmforge.train.adapters import LoRAConfig
 from lmforge.train.config import TrainConfig
 from lmforge.train.job import TrainJob
-from lmforge.train.adapters import LoRAConfig
 
 IGNORE = -100
 

@@ -307,7 +307,7 @@ def load_lora_model_dir(directory: Path, device: str) -> tuple[torch.nn.Module, 
 
     from lmforge.interop.adapter_dir import read_adapter_dir
     from lmforge.models.registry import load_tokenizer, read_model_config, read_quantization
-    from lmforge.nn.lora import adapter_state_dict
+    from lmforge.nn.lora import adapter_state_dict, has_lora, merge_lora
     from lmforge.nn.quant import quantize_model
 
     record = read_json(directory / LORA_BASE)
@@ -318,6 +318,8 @@ def load_lora_model_dir(directory: Path, device: str) -> tuple[torch.nn.Module, 
     base_llm = LLM.load(base, device=device)
     family, cfg = read_model_config(directory)
     model = base_llm.model
+    if has_lora(model):  # the base is a LoRA run itself: its adapter folded in, as training started from
+        merge_lora(model)
     missing: set[str] = set()
     if type(model) is not family.model_cls or asdict(model.cfg) != asdict(cfg):
         # the run trained a model made from the base (a classifier, PPO's value head): the base's
