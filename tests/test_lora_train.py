@@ -226,7 +226,7 @@ def test_quantized_linear_passes_gradients_to_its_input():
         x = torch.randn(3, 64, requires_grad=True)
         (q(x) * torch.arange(128.0)).sum().backward()
         ref = torch.arange(128.0) @ q.dequantize()  # d/dx of sum(c * (x W^T)) = c W
-        assert torch.allclose(x.grad, ref.expand(3, -1), atol=1e-2, rtol=1e-2), scheme
+        assert torch.allclose(x.grad, ref.expand(3, -1), atol=1e-5, rtol=1e-5), scheme  # fp32 dx
 
 
 def test_lmforge_train_with_lora_resumes_after_sigkill_exactly(tmp_path):
