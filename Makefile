@@ -96,7 +96,8 @@ TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment \
                   results-distill
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
-                  results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured
+                  results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured \
+                  results-lora-memory
 .PHONY: results results-quality results-speed results-parity results-test $(RESULTS_QUALITY) $(RESULTS_SPEED)
 
 results: dev
@@ -179,6 +180,9 @@ results-quant: dev  # int8 / int4 decode speed and weight memory, then their qua
 results-structured: dev  # JSON-Schema mask cost per token next to a decode step: chat demo and GPT-2-124M shapes, batch 1 and 8
 	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
 	$(TIMED) $(PY) benchmarks/structured.py --chat $(CHAT_RUN) --results $(RESULTS)
+
+results-lora-memory: dev  # peak RSS of an SFT step, GPT-2 124M shape at 8 x 512: full fine-tuning vs LoRA r=16 vs QLoRA int4
+	$(TIMED) $(PY) benchmarks/lora_memory.py --results $(RESULTS)
 
 results-parity: dev  # logit differences against transformers, every family (docs/parity.md)
 	$(TIMED) $(PY) benchmarks/parity.py --results $(RESULTS)

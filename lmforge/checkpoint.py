@@ -45,6 +45,7 @@ LATEST = "latest"
 BEST = "best"  # checkpoints/best: the best validation model of a run with train.keep_best
 BEST_EVAL = "best_eval.json"  # in checkpoints/best: the evaluation row that made it the best
 SHARDED = "sharded"  # in a checkpoint of an FSDP run: the DCP shards of the model and the optimizer
+LORA_BASE = "lora_base.json"  # in a LoRA run's model directory (adapter, no model.safetensors): its base's path
 
 
 # ---- atomic file primitives ------------------------------------------------------------------
@@ -151,8 +152,8 @@ def write_model_dir(directory: str | Path, model: torch.nn.Module, tokenizer_pat
     """Write a model directory (in place; callers wanting atomicity write into a temp dir and rename).
     `extra_files` (name -> bytes) travel with the model: tokenizer_config.json, chat_template.jinja, ...
     `weights(directory)` writes the weights instead of model.safetensors (a sharded checkpoint's are
-    already in sharded/); `state` replaces the model's own state in model.safetensors (a sharded
-    model's weights gathered to rank 0)."""
+    already in sharded/; a LoRA run's adapter and LORA_BASE); `state` replaces the model's own state in
+    model.safetensors (a sharded model's weights gathered to rank 0)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = model_config_json(model)
@@ -176,8 +177,9 @@ def is_sharded(ckpt_dir: str | Path) -> bool:
 
 
 def holds_weights(directory: Path) -> bool:
-    """Whether a model directory has its weights: model.safetensors, or (FSDP) its shards."""
-    return (directory / MODEL_WEIGHTS).is_file() or is_sharded(directory)
+    """Whether a model directory has its weights: model.safetensors, (FSDP) its shards, or (LoRA) an
+    adapter and its base."""
+    return (directory / MODEL_WEIGHTS).is_file() or is_sharded(directory) or (directory / LORA_BASE).is_file()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

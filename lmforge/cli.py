@@ -331,7 +331,8 @@ def _info_of_model(args: argparse.Namespace) -> int:
     """`lmforge info MODEL`: what a run (its latest checkpoint) or model directory holds."""
     from dataclasses import asdict
 
-    from lmforge.checkpoint import MODEL_WEIGHTS, resolve_model_dir
+    from lmforge.checkpoint import LORA_BASE, MODEL_WEIGHTS, read_json, resolve_model_dir
+    from lmforge.interop.peft import ADAPTER_WEIGHTS
     from lmforge.models.registry import model_summary, read_model_config, read_quantization
 
     directory = resolve_model_dir(args.model)
@@ -339,14 +340,19 @@ def _info_of_model(args: argparse.Namespace) -> int:
     info, lines = fam.describe(cfg, args.seq_len)
     summary = model_summary(cfg)
     qc = read_quantization(directory)
-    weight_bytes = (directory / MODEL_WEIGHTS).stat().st_size
+    lora_base = read_json(directory / LORA_BASE)["base"] if (directory / LORA_BASE).is_file() else None
+    weights = directory / (ADAPTER_WEIGHTS if lora_base else MODEL_WEIGHTS)  # a LoRA run: its adapter
+    weight_bytes = weights.stat().st_size
     info = {**info, "quantization": None if qc is None else asdict(qc), "weight_bytes": weight_bytes}
+    if lora_base:
+        info["lora_base"] = lora_base
+        lines.append(f"LoRA adapter on        {lora_base}")
     if qc is not None:
         group = f" in groups of {qc.group_size}" if qc.group_size else " per output channel"
         lines.append(f"quantised              {qc.scheme}{group}, "
                      f"{'embeddings and head too' if qc.embeddings else 'embeddings and head in fp32'}, "
                      f"{qc.compute_dtype} activations")
-    lines.append(f"weights                {weight_bytes:,} bytes ({MODEL_WEIGHTS})")
+    lines.append(f"weights                {weight_bytes:,} bytes ({weights.name})")
     if args.json:
         print(json.dumps({"model": str(directory), "family": fam.name, "summary": summary, **info,
                           "config": asdict(cfg)}, indent=2))

@@ -203,3 +203,30 @@ def test_onednn_linears_give_the_same_loss_gradients_and_logits():
     with torch.inference_mode():
         assert torch.allclose(ref(x), fast(x), atol=1e-5)
     assert set(ref.state_dict()) == set(fast.state_dict())
+
+
+def test_lora_memory_quick_measures_each_variant_in_its_own_process():
+    import subprocess
+    import sys
+
+    from train_fixtures import REPO
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lora_memory.py"), "--quick"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout)
+    assert (r["shape"], r["batch"], r["seq_len"], r["r"]) == ("tiny", 2, 32, 16)
+    rows = r["variants"]
+    assert list(rows) == ["full", "lora", "qlora"]
+    assert rows["full"]["trainable_share"] == 1.0
+    # tiny (d=64, MLP 256, 2 layers), r=16, one pair per linear (all-linear, as PEFT): qkv (64 -> 192),
+    # proj (64 -> 64), fc_in (64 -> 256), fc_out (256 -> 64)
+    per_layer = 16 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert rows["lora"]["trainable_params"] == rows["qlora"]["trainable_params"] == 2 * per_layer == 32768
+    assert rows["lora"]["total_params"] == rows["qlora"]["total_params"] == rows["full"]["total_params"] + 32768
+    for v in rows.values():
+        assert v["peak_rss_bytes"] > v["rss_before_model_bytes"] > 0 and math.isfinite(v["loss"])
+    assert [v["name"] for v in r["verdicts"]] == ["lora_peak_rss_vs_full", "qlora_peak_rss_vs_full",
+                                                  "lora_trainable_share"]
+    assert rows["lora"]["peak_rss_vs_full"] == round(rows["lora"]["peak_rss_bytes"] / rows["full"]["peak_rss_bytes"], 4)

@@ -18,14 +18,26 @@ def load_base(base: str | Path, method: str, needs: str | None = None, trains: s
     Face folder; `needs` is what its model must be able to do (a task of the family registry, e.g.
     "continue" for a language model), `trains` says in words which models the method trains."""
     from lmforge.infer.llm import LLM
+    from lmforge.nn.lora import has_lora, merge_lora
 
     llm = LLM.load(base)
     if needs is not None and needs not in llm.tasks:
         raise LMForgeError(f"--base {base} is a {llm.family.name} model; lmforge finetune {method} trains {trains}")
     if llm.tokenizer is None:
         raise LMForgeError(f"--base {base} has no tokenizer (tokenizer.json); lmforge finetune {method} reads text")
+    if has_lora(llm.model):  # a LoRA run as the base: its adapter folded in, so a new run starts from plain weights
+        merge_lora(llm.model)
     llm.model.train()
     return llm
+
+
+def recorded_base(base: str | Path) -> str:
+    """The absolute path a LoRA run records as its base: a run's latest checkpoint (the run may train
+    on), else the folder itself."""
+    from lmforge.checkpoint import CKPT_DIR, resolve_model_dir
+
+    base = Path(base)
+    return str((resolve_model_dir(base) if (base / CKPT_DIR).is_dir() else base).resolve())
 
 
 def pad_id_of(tokenizer: Any) -> int:

@@ -33,6 +33,7 @@ from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
 from lmforge.train import distributed as D
+from lmforge.train.adapters import LoRAConfig
 from lmforge.train.config import TrainConfig
 from lmforge.train.job import TrainJob
 
@@ -61,9 +62,11 @@ class ClassifyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     model: ClassifyModelConfig = field(default_factory=ClassifyModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CONFIG = ClassifyConfig  # `lmforge finetune classify --help-config`
+HEAD_MODULES = ("score", "cls_transform", "classifier")  # the families' classification heads: trained in full under LoRA
 # Fine-tuning a pretrained encoder: BERT paper's range (lr 2e-5..5e-5, warmup, weight decay 0.01).
 DEFAULTS = {"train": {"max_steps": 300, "lr": 5e-5, "warmup_steps": 30, "weight_decay": 0.01, "micro_batch_size": 16,
                       "eval_every": 100, "ckpt_every": 100, "eval_iters": 1000, "beta2": 0.999, "log_every": 10}}
@@ -223,7 +226,8 @@ def build_job(cfg: ClassifyConfig, args: Any, llm: Any = None) -> TrainJob:
         evaluate=evaluate if val_source else None,
         files=copied_files(base, TOKENIZER_FILES + ("vocab.txt",)),
         data_fingerprint={"dir": str(data), "sha256": data_fingerprint(paths)}, report_perplexity=False,
-        description=f"global batch {t.micro_batch_size * per_step} examples, {len(labels)} labels")
+        description=f"global batch {t.micro_batch_size * per_step} examples, {len(labels)} labels",
+        head_modules=tuple(n for n in HEAD_MODULES if getattr(model, n, None) is not None))
 
 
 @contextlib.contextmanager

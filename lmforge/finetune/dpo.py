@@ -22,6 +22,7 @@ from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
 from lmforge.finetune.preference import DPOObjective, pair_batches, reference_logps, training_pairs
 from lmforge.finetune.scaffold import say
 from lmforge.train import distributed as D
+from lmforge.train.adapters import LoRAConfig
 from lmforge.train.job import TrainJob
 
 REF_FILE = "reference_logps.safetensors"
@@ -42,6 +43,7 @@ class DPOSection:
 class DPORunConfig:
     train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
     dpo: DPOSection = field(default_factory=DPOSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CONFIG = DPORunConfig  # `lmforge finetune dpo --help-config`
@@ -85,11 +87,17 @@ def build_job(cfg: DPORunConfig, args: Any) -> TrainJob:
         ref = cached
         say("dpo", f"reference log-probs reused from {Path(args.out) / REF_FILE}")
     else:
+        from lmforge.nn.lora import disabled
+        from lmforge.train.adapters import prepare_lora
         from lmforge.train.loop import training_precision
 
         device, autocast = training_precision(t)  # on the GPU that will train, not the CPU
+        # LoRA: the policy is base + adapters (QLoRA: over the quantised base) and the reference the
+        # same model with its adapters off, so the loop trains exactly the model the reference saw
+        prepare_lora(model, cfg.lora, seed=t.seed, device=device)
         say("dpo", f"computing reference log-probs of {len(train_enc) + len(val_enc)} pairs on {device}")
-        ref = reference_logps(model.to(device), train_enc + val_enc, pad, autocast=autocast)
+        with disabled(model):
+            ref = reference_logps(model.to(device), train_enc + val_enc, pad, autocast=autocast)
     ref_train, ref_val = ref[:, :len(train_enc)], ref[:, len(train_enc):]
     per_step = t.grad_accum * D.world_size()
     source = pair_batches(train_enc, pad, t.micro_batch_size, per_step, t.seed, ref_train)

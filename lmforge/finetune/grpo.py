@@ -19,6 +19,7 @@ from lmforge.finetune.align_common import RLTrainConfig
 from lmforge.finetune.base_model import load_base
 from lmforge.finetune.rl import add_arguments  # noqa: F401  (--reward, --reward-weights, --ptx-data)
 from lmforge.train import alignment as A
+from lmforge.train.adapters import LoRAConfig
 
 
 @dataclass
@@ -41,6 +42,7 @@ class GRPOSection(R.PtxOptions):
 class GRPORunConfig:
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CONFIG = GRPORunConfig  # `lmforge finetune grpo --help-config`
@@ -51,13 +53,13 @@ def build_job(cfg: GRPORunConfig, args: Any) -> Any:
     if g.num_generations < 2:
         raise LMForgeError(f"grpo.num_generations must be at least 2 (advantages compare completions), got {g.num_generations}")
     llm, rewards, examples, pids = R.rl_inputs("grpo", args)
-    ref = R.frozen_reference("grpo", args.base) if g.beta > 0 else None
+    ref = R.frozen_reference("grpo", args.base, cfg.lora) if g.beta > 0 else None
     names = [rf.name for rf in rewards]
 
     def process(buf: dict) -> dict:
         buf["old_logps"], _, _ = source.logps(source.model, buf)
-        if ref is not None:
-            buf["ref_logps"], _, _ = source.logps(ref, buf)
+        if g.beta > 0:
+            buf["ref_logps"] = R.reference_logps(source, ref, buf)
         adv, st = A.grpo_advantages(buf["scores"], g.num_generations, g.scale_rewards)
         buf["advantages"] = adv
         buf.update(R.rollout_stats(buf, names))

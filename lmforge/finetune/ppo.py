@@ -24,6 +24,7 @@ from lmforge.finetune import rl as R
 from lmforge.finetune.align_common import RLTrainConfig
 from lmforge.finetune.rl import add_arguments  # noqa: F401  (--reward, --reward-weights, --ptx-data)
 from lmforge.train import alignment as A
+from lmforge.train.adapters import LoRAConfig
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PPOSection(R.PtxOptions):
 class PPORunConfig:
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CONFIG = PPORunConfig  # `lmforge finetune ppo --help-config`
@@ -72,14 +74,14 @@ def build_job(cfg: PPORunConfig, args: Any) -> Any:
 
     p, t = cfg.ppo, cfg.train
     llm, rewards, examples, pids = R.rl_inputs("ppo", args)
-    ref = R.frozen_reference("ppo", args.base)  # PPO needs it at every rollout
+    ref = R.frozen_reference("ppo", args.base, cfg.lora)  # PPO needs it at every rollout
     names = [rf.name for rf in rewards]
     ctl = {"kl_coef": float(p.kl_coef)}
 
     def process(buf: dict) -> dict:
         m = buf["mask"]
         old, values, ent = source.logps(source.model, buf, with_values=True)
-        ref_lp, _, _ = source.logps(ref, buf)
+        ref_lp = R.reference_logps(source, ref, buf)
         scores = buf["scores"].clone()
         if p.missing_eos_penalty is not None:
             scores = scores - p.missing_eos_penalty * (~buf["ended"]).float()
@@ -113,6 +115,6 @@ def build_job(cfg: PPORunConfig, args: Any) -> Any:
     base = llm.model
     objective = R.PPOObjective(p.cliprange, p.cliprange_value, p.vf_coef)
     return R.rl_job("ppo", args, cfg, llm, source, objective, p.ptx_coef, p.ptx_micro_batch_size,
-                    build_model=lambda: DecoderWithValueHead.from_decoder(base),
+                    build_model=lambda: DecoderWithValueHead.from_decoder(base), head_modules=("value_head",),
                     description=f"{len(examples)} prompts, {source.n_prompts * source.world} replies per rollout, "
                                 f"{spec.epochs * spec.minibatches} steps per rollout")

@@ -19,6 +19,7 @@ from lmforge.finetune.align_common import REPORT_PPL, AlignTrainConfig, resolved
 from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
 from lmforge.finetune.preference import RewardObjective, pair_batches, training_pairs
 from lmforge.train import distributed as D
+from lmforge.train.adapters import LoRAConfig
 from lmforge.train.job import TrainJob
 
 
@@ -33,6 +34,7 @@ class RewardSection:
 class RewardRunConfig:
     train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
     reward: RewardSection = field(default_factory=RewardSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CONFIG = RewardRunConfig  # `lmforge finetune reward --help-config`
@@ -61,4 +63,5 @@ def build_job(cfg: RewardRunConfig, args: Any) -> TrainJob:
                     eval_batches=val_source.all_batches if val_source else None,
                     files=chat_model_files(llm, args.base), data_fingerprint={"data": data_fingerprint([args.data])},
                     report_perplexity=REPORT_PPL,
-                    description=f"{len(train_enc)} pairs, global batch {t.micro_batch_size * per_step} pairs")
+                    description=f"{len(train_enc)} pairs, global batch {t.micro_batch_size * per_step} pairs",
+                    head_modules=("score",))  # the reward head is trained in full under LoRA

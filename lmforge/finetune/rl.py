@@ -502,14 +502,29 @@ def rl_inputs(method: str, args: Any) -> tuple[Any, list[RewardFn], list[Any], l
     return llm, rewards, examples, [encode_prompt(llm.tokenizer, e.prompt) for e in examples]
 
 
-def frozen_reference(method: str, base: str | Path) -> torch.nn.Module:
-    """A second copy of the base model, in eval mode and without gradients: the KL reference."""
+def frozen_reference(method: str, base: str | Path, lora: Any) -> torch.nn.Module | None:
+    """A second copy of the base model, in eval mode and without gradients: the KL reference; None
+    under LoRA, where the reference is the policy with its adapters disabled (`reference_logps`)."""
     from lmforge.finetune.base_model import load_base
+
+    if lora.r is not None:
+        return None
 
     ref = load_base(base, method).model.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def reference_logps(source: "RolloutSource", ref: torch.nn.Module | None, buf: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference's per-token log-probs of the buffer's rows: the frozen copy, or (LoRA, ref None)
+    the live policy with its adapters off: the base itself, no second copy of its weights."""
+    if ref is not None:
+        return source.logps(ref, buf)[0]
+    from lmforge.nn.lora import disabled
+
+    with disabled(source.model):
+        return source.logps(source.model, buf)[0]
 
 
 def rollout_source(llm: Any, examples: Sequence[Any], prompt_ids: Sequence[Sequence[int]], rewards: Sequence[RewardFn],
@@ -530,7 +545,8 @@ RL_PANELS = {"reward (mean per completion)": ("reward",), "KL to the reference":
 
 
 def rl_job(method: str, args: Any, cfg: Any, llm: Any, source: RolloutSource, objective: Any, ptx_coef: float,
-           ptx_micro_batch_size: int, build_model: Callable[[], torch.nn.Module], description: str) -> Any:
+           ptx_micro_batch_size: int, build_model: Callable[[], torch.nn.Module], description: str,
+           head_modules: tuple[str, ...] = ()) -> Any:
     """The TrainJob of an RL method: its rollouts (plus the ptx rows of --ptx-data) and objective."""
     from lmforge.data.table import data_fingerprint
     from lmforge.finetune.align_common import REPORT_PPL, resolved
@@ -543,4 +559,5 @@ def rl_job(method: str, args: Any, cfg: Any, llm: Any, source: RolloutSource, ob
     return TrainJob(name=method, config=resolved(method, args, cfg), build_model=build_model, objective=objective,
                     train_batches=batches, files=chat_model_files(llm, args.base),
                     data_fingerprint={"data": data_fingerprint([args.data]), **ptx_sha},
-                    report_perplexity=REPORT_PPL, description=description, plot_panels=RL_PANELS)
+                    report_perplexity=REPORT_PPL, description=description, plot_panels=RL_PANELS,
+                    head_modules=head_modules)

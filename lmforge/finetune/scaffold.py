@@ -95,6 +95,7 @@ def method_config(module: Any, args: Any, overrides: Sequence[str] = (), saved: 
 
 def prepare(method: str, args: Any, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
     """(TrainJob, config) of `lmforge finetune METHOD` with these flags, ready for `train_job`."""
+    from lmforge.finetune.base_model import recorded_base
     from lmforge.train.run_dir import saved_config
 
     module = method_module(method)
@@ -104,7 +105,11 @@ def prepare(method: str, args: Any, overrides: Sequence[str] = ()) -> tuple[Any,
         # a method without data.val_fraction records the flag with the run's inputs: resume keeps it too
         args = copy.copy(args)
         args.val_fraction = (saved.get("run") or {}).get("val_fraction")
-    return module.build_job(cfg, args), cfg
+    job = module.build_job(cfg, args)
+    # LoRA (train/adapters.py): every method's job trains the adapters the `lora` section asks for on
+    # this base, recorded by absolute path so the run loads from anywhere
+    job.lora, job.base = cfg.lora, recorded_base(args.base)
+    return job, cfg
 
 
 def run(method: str, args: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:

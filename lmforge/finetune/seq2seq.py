@@ -40,6 +40,7 @@ from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
 from lmforge.infer.prompt import GenerationFormat
 from lmforge.train import distributed as D
+from lmforge.train.adapters import LoRAConfig
 from lmforge.train.config import TrainConfig
 from lmforge.train.job import TrainJob
 
@@ -77,6 +78,7 @@ class Seq2SeqFinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: Seq2SeqDataConfig = field(default_factory=Seq2SeqDataConfig)
     generate: Seq2SeqGenerateConfig = field(default_factory=Seq2SeqGenerateConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CONFIG = Seq2SeqFinetuneConfig  # `lmforge finetune seq2seq --help-config`

@@ -27,6 +27,7 @@ from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import chat_model_files, load_base, pad_id_of
 from lmforge.train import distributed as D
+from lmforge.train.adapters import LoRAConfig
 from lmforge.train.config import TrainConfig
 from lmforge.train.job import TrainJob
 
@@ -56,6 +57,7 @@ class SFTDataConfig:
 class SFTConfig:
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CONFIG = SFTConfig  # `lmforge finetune sft --help-config`
@@ -249,8 +251,12 @@ def build_job(cfg: SFTConfig, args: Any, llm: Any = None) -> TrainJob:
         val_examples = read_examples(args.val_data)
         paths += expand_paths(args.val_data)
     examples, val_examples = split_validation(examples, val_examples, d.val_fraction, t.seed)
+    vocab = model.cfg.vocab_size
     for note in prepare_chat_model(llm, d.template):
         say("sft", note)
+    if cfg.lora.r is not None and llm.model.cfg.vocab_size > vocab and "tok_emb" not in cfg.lora.modules_to_save:
+        raise LMForgeError(f"the base's tokenizer lacks the chat tokens, which add embedding rows the adapter must "
+                           f"train: add tok_emb to --lora.modules_to_save, or use --data.template none")
     train_rows = render_examples(examples, llm.tokenizer, t.loss_on, seq_len, d.long, lambda msg: say("sft", msg))
     val_rows = render_examples(val_examples, llm.tokenizer, t.loss_on, seq_len, d.long) if val_examples else []
     pad = pad_id_of(llm.tokenizer)

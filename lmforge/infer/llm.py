@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from lmforge.checkpoint import GENERATION_FORMAT
+from lmforge.checkpoint import GENERATION_FORMAT, LORA_BASE, TOKENIZER, read_json, resolve_model_dir
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate as _generate
 from lmforge.infer.generate import stream_text
@@ -76,7 +76,12 @@ class LLM:
         from lmforge.interop.hf import is_hf_dir, load_hf_dir
         from lmforge.models.registry import load_model_dir
 
-        model, cfg, tok = (load_hf_dir if is_hf_dir(path) else load_model_dir)(path, device=device)
+        if is_hf_dir(path):
+            model, cfg, tok = load_hf_dir(path, device=device)
+        elif (resolve_model_dir(path) / LORA_BASE).is_file():  # a LoRA run: its base + the adapter
+            model, cfg, tok = load_lora_model_dir(resolve_model_dir(path), device)
+        else:
+            model, cfg, tok = load_model_dir(path, device=device)
         if qc is not None:
             quantize_model(model, qc)
         if adapter is not None:
@@ -366,3 +371,54 @@ class LLM:
         qc = getattr(self.model, "quantization", None)
         weights = f"{n / 1e6:.2f}M parameters" if qc is None else f"{qc.scheme} weights"  # int tensors are buffers
         return f"LLM({self.path or 'in-memory'}, {weights}, tokenizer={'yes' if self.tokenizer else 'no'})"
+
+
+def load_lora_model_dir(directory: Path, device: str) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, config, tokenizer) of a LoRA run's model directory: the base its LORA_BASE names, made
+    into the model the run trained (model_config.json: a classifier keeps the base's body), quantised
+    as it trained (QLoRA), with the adapter and its modules_to_save on top."""
+    from dataclasses import asdict
+
+    from lmforge.interop.peft import load_adapter
+    from lmforge.models.registry import load_tokenizer, read_model_config, read_quantization
+    from lmforge.nn.lora import adapter_state_dict, has_lora, merge_lora
+    from lmforge.nn.quant import quantize_model
+
+    record = read_json(directory / LORA_BASE)
+    base = Path(str(record.get("base", "")))
+    if not base.exists():
+        raise LMForgeError(f"{directory / LORA_BASE}: the base model {base} this adapter was trained on is not "
+                           "there (move it back, or edit the path in that file)")
+    base_llm = LLM.load(base, device=device)
+    family, cfg = read_model_config(directory)
+    model = base_llm.model
+    if has_lora(model):  # the base is a LoRA run itself: its adapter folded in, as training started from
+        merge_lora(model)
+    missing: set[str] = set()
+    if type(model) is not family.model_cls or asdict(model.cfg) != asdict(cfg):
+        # the run trained a model made from the base (a classifier, PPO's value head): the base's
+        # tensors where names and shapes agree, the rest from the adapter's modules_to_save
+        with torch.device("meta"):
+            own = family.model_cls(cfg)
+        own = own.to_empty(device=device)
+        ref, want = model.state_dict(), own.state_dict()
+        shared = {k: v for k, v in ref.items() if k in want and v.shape == want[k].shape}
+        own.load_state_dict(shared, strict=False)
+        missing = set(want) - set(shared) - set(getattr(own, "tied_state_keys", lambda: [])())
+        model = own
+    qc = read_quantization(directory)
+    if qc is not None:
+        quantize_model(model, qc)
+    load_adapter(model, directory)
+    missing -= set(adapter_state_dict(model))
+    if missing:
+        raise LMForgeError(f"{directory}: the base {base} lacks {', '.join(sorted(missing)[:4])} that this model "
+                           "needs and the adapter does not hold")
+    if hasattr(model, "retie"):
+        model.retie()
+    if hasattr(model, "rebuild_buffers"):
+        model.rebuild_buffers()
+    for name, attr in family.dir_files.items():
+        setattr(model, attr, read_json(directory / name) if (directory / name).is_file() else None)
+    tok = load_tokenizer(family, cfg, directory / TOKENIZER) or base_llm.tokenizer
+    return model.to(device), cfg, tok

@@ -294,9 +294,12 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, name: str = DE
         seg = seg or (WHOLE if (start, end) == (0, model.get_submodule(module).out_features) else f"rows_{start}_{end}")
         segments.setdefault(module, {})[seg] = ((start, end), A, B, scaling)
 
+    # modules_to_save by lmforge's module names (the file names them as the HF architecture does)
+    lm_module = {hf.rpartition(".")[0]: lm.rpartition(".")[0] for hf, lm in names.items()}
+    saved_modules = sorted({lm_module.get(m, m) for m in cfg.get("modules_to_save") or []})
     settings = LoRASettings(r=int(cfg["r"]), alpha=alpha0, dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
                             targets=",".join(sorted(segments)), use_rslora=rslora,
-                            modules_to_save=",".join(cfg.get("modules_to_save") or []))
+                            modules_to_save=",".join(saved_modules))
     _load_saved_modules(model, extra, names, weights_path)
     for module, segs in segments.items():
         parent_name, _, child_name = module.rpartition(".")

@@ -243,10 +243,10 @@ def resolve_targets(model: nn.Module, settings: LoRASettings) -> dict[str, dict[
         for name, segs in roles.items():
             if any(_matches(name, s) for s in saved):
                 continue  # trained in full instead
-            if target == ALL_LINEAR:
+            if target == ALL_LINEAR:  # one pair per linear, fused or not (PEFT's all-linear on GPT-2's c_attn)
                 if name.split(".")[-1] in HEADS:
                     continue
-                chosen.setdefault(name, {}).update(segs)
+                chosen[name] = {WHOLE: (0, max(end for _, end in segs.values()))}
                 hit = True
             elif target in segs and target != WHOLE:
                 chosen.setdefault(name, {})[target] = segs[target]
@@ -356,6 +356,14 @@ def adapter_state_dict(model: nn.Module, name: str = DEFAULT_ADAPTER) -> dict[st
             if ".adapters." not in pname and (f".{m}." in f".{pname}" or pname.startswith(f"{m}.")):
                 out[pname.replace(".base.", ".")] = p
     return out
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of the model under the adapters (the frozen base), in the names it had before
+    `add_lora`: what a LoRA run records as its base when it has no base directory to point to."""
+    tied = set(model.tied_state_keys()) if hasattr(model, "tied_state_keys") else set()  # stored once, as saved
+    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".adapters." not in f".{k}"}
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 def merge_lora(model: nn.Module, name: str | None = None) -> nn.Module:

@@ -159,17 +159,23 @@ class QuantizedLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., K) @ W.T (+ bias) in bf16 on the kernel, back in x's dtype."""
-        x_MK = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        if self.k_padded != self.in_features:
-            x_MK = F.pad(x_MK, (0, self.k_padded - self.in_features))
-        if self.scheme == "int8":
-            y_MN = torch._weight_int8pack_mm(x_MK, self.qweight, self.scales)
+        x_MK = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and x_MK.requires_grad:  # QLoRA: gradients flow to x through the frozen W
+            y_MN = _QuantizedMatmul.apply(x_MK, self)
         else:
-            y_MN = torch._weight_int4pack_mm_for_cpu(x_MK, self.qweight, self.group_size, self.scales)
-            y_MN = y_MN[:, :self.out_features]
+            y_MN = self._kernel(x_MK)
         if bias is not None:
             y_MN = y_MN + bias  # bf16 + fp32 bias: one op that also returns fp32
         return y_MN.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _kernel(self, x_MK: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ W.T on PyTorch's weight-only kernel, in bf16: (M, N)."""
+        x_MK = x_MK.to(COMPUTE_DTYPE)
+        if self.k_padded != self.in_features:
+            x_MK = F.pad(x_MK, (0, self.k_padded - self.in_features))
+        if self.scheme == "int8":
+            return torch._weight_int8pack_mm(x_MK, self.qweight, self.scales)
+        return torch._weight_int4pack_mm_for_cpu(x_MK, self.qweight, self.group_size, self.scales)[:, :self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -194,6 +200,20 @@ class QuantizedLinear(nn.Module):
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"scheme={self.scheme}{group}")
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """The kernel's x @ W.T with a backward for x only (PyTorch's int kernels have none): the weight
+    is frozen, and dx = dy @ W (fp32) with W dequantised for the backward and freed after it."""
+
+    @staticmethod
+    def forward(ctx: Any, x_MK: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, x_MK.dtype
+        return layer._kernel(x_MK)
+
+    @staticmethod
+    def backward(ctx: Any, dy_MN: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return (dy_MN.float() @ ctx.layer.dequantize()).to(ctx.dtype), None
 
 
 def _aligned_copies(module: QuantizedLinear, incompatible_keys: Any) -> None:

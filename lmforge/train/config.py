@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 from lmforge.config import config_field, deep_merge, from_dict, load_yaml, parse_overrides
 from lmforge.errors import LMForgeError
 from lmforge.models.decoder import DecoderConfig, config_from_preset
+from lmforge.train.adapters import LoRAConfig
 
 DEFAULT_PRESET = "small"
 
@@ -137,6 +138,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # Train keys that may differ between a checkpoint's config and the config a run is resumed with.

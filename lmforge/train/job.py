@@ -72,6 +72,12 @@ class TrainJob:
     description: str = ""                       # one line for the start message ("global batch ...")
     # loss.png panels under the loss: {y-axis label: metrics.jsonl keys drawn in it} (RL rewards, KL, ...)
     plot_panels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # LoRA / QLoRA (train/adapters.py): the `lora` config section (None or lora.r unset: full fine-tuning),
+    # the base model's directory the adapter goes on (None: the job's initial model, written to RUN/base),
+    # and the modules the job creates fresh (a classifier's head), trained in full under LoRA
+    lora: Any = None
+    base: str | None = None
+    head_modules: tuple[str, ...] = ()
 
 
 @dataclass

@@ -45,7 +45,10 @@ import torch
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
 from lmforge.runtime import resolve_device
+from lmforge.nn.lora import base_state_dict, trainable_parameters
 from lmforge.train import distributed as D
+from lmforge.train.adapters import (BASE_DIR, load_trainable_state, prepare_lora, trainable_state,
+                                    write_adapter_model)
 from lmforge.train.config import TrainConfig, config_hash, validate_train
 from lmforge.train.job import TrainJob, to_device
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_loss
@@ -122,6 +125,7 @@ class Trainer:
         self.per_step = self.t.grad_accum * info.world_size  # micro-batches per optimizer step, all ranks
         self.global_batch = self.t.micro_batch_size * self.per_step
         self.parked: Path | None = None
+        self.lora: Any = None  # the adapter's LoRASettings once built (None: full fine-tuning)
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -136,10 +140,19 @@ class Trainer:
                                "--train.parallelism fsdp, or consolidate its weights with `lmforge convert`")
         torch.manual_seed(t.seed)  # identical init on every rank and every device
         raw = self.task.build_model()
-        if self.state is not None and not sharded_ckpt:
+        # LoRA / QLoRA: base quantised and frozen, adapters added (train/adapters.py); None: full fine-tuning
+        self.lora = prepare_lora(raw, self.task.lora, self.task.head_modules, seed=t.seed, device=self.device)
+        if self.lora is not None and info.sharded:
+            raise LMForgeError("a LoRA run (--lora.r) is not sharded yet: use --train.parallelism ddp (the adapters "
+                               "are small; DDP replicates them cheaply)")
+        if self.state is not None and not sharded_ckpt and self.lora is not None:  # the trained tensors only
+            load_trainable_state(raw, self.tensors, self.ckpt / ckpt_io.TRAIN_STATE_TENSORS)
+        elif self.state is not None and not sharded_ckpt:
             weights = ckpt_io.load_tensors(self.ckpt / ckpt_io.MODEL_WEIGHTS)
             ckpt_io.load_state_checked(raw, weights, self.ckpt / ckpt_io.MODEL_WEIGHTS)
         self.raw = raw.to(self.device)
+        # the base a LoRA run's adapter goes on, by absolute path (the run may be loaded from elsewhere)
+        self.base = str(Path(self.task.base or self.out / BASE_DIR).resolve()) if self.lora is not None else None
         self.raw.train()
         if t.activation_checkpointing:
             D.checkpoint_activations(self.raw)
@@ -152,6 +165,7 @@ class Trainer:
             raise LMForgeError("--train.parallelism fsdp shards the model, not the modules this objective trains "
                                f"beside it ({type(self.extra).__name__}); use --train.parallelism ddp")
         self.trained = self.raw if self.extra is None else torch.nn.ModuleList([self.raw, self.extra])
+        self.trainable = [p for p in self.trained.parameters() if p.requires_grad]  # after sharding: its parameters
         if hasattr(self.task.train_batches, "bind"):
             self.task.train_batches.bind(self.raw, autocast=self.dtype)
         self.optimizer = build_optimizer(self.trained, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.device.type,
@@ -239,10 +253,26 @@ class Trainer:
         note = (f"What this run trains: {model_summary(self.raw.cfg, self.raw.num_params())} "
                 "`lmforge info RUN` describes it.")
         write_run_files(out, self.resolved, {**self.task.files, **self.task.run_files}, model_note=note)
+        if self.lora is not None and self.task.base is None and self.state is None:
+            self._write_base()
+
+    def _write_base(self) -> None:
+        """RUN/base: the frozen initial model of a LoRA run that has no base directory (`lmforge train`)."""
+        tmp = self.out / f".tmp_{BASE_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt_io.write_model_dir(tmp, self.raw, extra_files=self.task.files, state=base_state_dict(self.raw))
+        ckpt_io.replace_dir_atomically(tmp, self.out / BASE_DIR)
+
+    def _weights_writer(self) -> Any:
+        """How a checkpoint writes the model's weights: None (model.safetensors) or a LoRA run's adapter."""
+        if self.lora is None:
+            return None
+        return lambda directory: write_adapter_model(directory, self.raw, self.base)
 
     def run_entries(self) -> tuple[str, ...]:
         """The entries of --out this run writes (lmforge's own; nothing else is moved or removed)."""
-        return tuple(dict.fromkeys(RUN_ENTRIES + tuple(self.task.files) + tuple(self.task.run_files)))
+        own = (BASE_DIR,) if self.lora is not None and self.task.base is None else ()
+        return tuple(dict.fromkeys(RUN_ENTRIES + own + tuple(self.task.files) + tuple(self.task.run_files)))
 
     def restore_parked_run(self) -> None:
         """This run stopped before its first checkpoint: put back the run it parked, if any."""
@@ -267,6 +297,10 @@ class Trainer:
         elif self.resume_requested:
             _say(f"no checkpoint in {self.out}; starting a new run", info)
         n_params = self.raw.num_params()
+        if self.lora is not None:
+            trained, total = trainable_parameters(self.raw)
+            _say(f"LoRA r={self.lora.r} on {self.base}: {trained:,} of {total:,} parameters trained "
+                 f"({100 * trained / total:.2f}%)", info)
         _say(f"{n_params / 1e6:.2f}M parameters, device {self.device}, {str(self.dtype).replace('torch.', '')}, "
              f"{info.world_size} process(es), {self.task.description or f'global batch {self.global_batch}'}, "
              f"max {t.max_steps} steps" + (f" / {t.max_minutes:g} min" if t.max_minutes else ""), info)
@@ -427,7 +461,7 @@ class Trainer:
                     p.grad.copy_(D.all_reduce_mean(p.grad, info))
         self.scaler.unscale_(self.optimizer)
         # max_norm=inf still returns the norm and leaves the gradients as they are.
-        gnorm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.trainable, t.grad_clip if t.grad_clip > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -491,7 +525,7 @@ class Trainer:
             self.metrics.write(row)
             if improved and self.t.keep_best:
                 ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files,
-                                              model_state=gathered)
+                                              weights=self._weights_writer(), model_state=gathered)
         return row
 
     def _plot(self) -> None:
@@ -563,9 +597,12 @@ class Trainer:
         if hasattr(source, "state_dict"):
             for name, value in source.state_dict().items():
                 tensors[f"batches.{name}"] = value.detach().cpu().contiguous()
+        if self.lora is not None:  # the model directory holds the adapter; resume reads these
+            tensors.update({k: v.detach().cpu().contiguous() for k, v in trainable_state(self.raw).items()})
         ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
                                        keep=self.t.keep_checkpoints, extra_files=self.task.files,
-                                       weights=_in_shards if info.sharded and gathered is None else None,
+                                       weights=self._weights_writer() if self.lora is not None else
+                                       _in_shards if info.sharded and gathered is None else None,
                                        model_state=gathered, staged=info.sharded)
         if self.parked is not None:
             shutil.rmtree(self.parked, ignore_errors=True)

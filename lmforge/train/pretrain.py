@@ -73,5 +73,6 @@ def pretraining_job(cfg: RunConfig, data_dir: str | Path) -> TrainJob:
         data_fingerprint={"dir": str(data.directory), "splits": data.meta.get("splits")},
         tokens_per_step=parts.tokens_per_step, flops_per_token=flops, bytes_per_token=parts.bytes_per_token,
         report_perplexity=parts.report_perplexity,
+        lora=cfg.lora,
         description=f"global batch {t.micro_batch_size * ctx.micro_batches_per_step} x {seq_len} tokens")
 
