@@ -48,6 +48,9 @@ HEADS = ("none", "mlm", "sequence", "token")
 SENTENCE_POOLING_FILE = "sentence_pooling.json"
 ACTIVATIONS = ("gelu", "tanh", "relu")
 ATTENTIONS = ("standard", "longformer")
+# Which tokens a longformer reads globally: cls = the first token (classification); question = every
+# token before the first separator, i.e. [CLS] and the first text of a pair (transformers' QA heads).
+GLOBAL_ATTENTION = ("cls", "question")
 LONGFORMER_WINDOW = 512  # transformers' LongformerConfig default
 
 
@@ -501,6 +504,22 @@ class Encoder(nn.Module):
                 and not k.startswith("classifier.")}
         new.load_state_dict(keep, strict=False)
         return new
+
+
+def global_attention_mask(idx_BT: torch.Tensor, how: str, sep_id: Optional[int] = None) -> torch.Tensor:
+    """(B, T) bool global-token mask of `how` (GLOBAL_ATTENTION); "question" needs the separator id."""
+    if how not in GLOBAL_ATTENTION:
+        raise LMForgeError(f"global attention must be one of {', '.join(GLOBAL_ATTENTION)}, got '{how}'")
+    pos_BT = torch.arange(idx_BT.shape[1], device=idx_BT.device).expand_as(idx_BT)
+    if how == "cls":
+        return pos_BT == 0
+    if sep_id is None:
+        raise LMForgeError("global attention 'question' needs a tokenizer with a separator token")
+    is_sep_BT = idx_BT == sep_id
+    if not bool(is_sep_BT.any(1).all()):
+        raise LMForgeError("global attention 'question': a row has no separator token to end its question")
+    first_sep_B1 = is_sep_BT.int().argmax(1, keepdim=True)
+    return pos_BT < first_sep_B1
 
 
 def as_classifier(model: Encoder, labels: list[str], pooling: Optional[str] = None,
