@@ -42,9 +42,10 @@ import torch
 
 VARIANTS = ("longformer", "dense", "dense_math", "transformers")
 FULL = dict(lengths=[512, 1024, 2048, 4096, 8192], window=256, n_layer=6, n_head=4, n_embd=256, vocab_size=4096,
-            repeats=3, memory_lengths=None)
+            repeats=3, memory_lengths=None, memory_variants=VARIANTS)
+# --quick: a tiny shape; memory at the last length only, of the two lmforge variants (one process each)
 QUICK = dict(lengths=[64, 128], window=16, n_layer=2, n_head=2, n_embd=32, vocab_size=256, repeats=1,
-             memory_lengths=[128])
+             memory_lengths=[128], memory_variants=("longformer", "dense"))
 TARGET_AT = 4096
 TARGET_TIME_VS_DENSE, TARGET_MEMORY_VS_DENSE = 0.5, 0.25
 
@@ -146,15 +147,15 @@ def bench(a: dict[str, Any], hf_dir: Path) -> dict[str, Any]:
         row["time_vs_dense_math"] = round(row["longformer_s"] / row["dense_math_s"], 4)
         row["time_vs_transformers"] = round(row["longformer_s"] / row["transformers_s"], 4)
         if a["memory_lengths"] is None or T in a["memory_lengths"]:
-            for v in VARIANTS:
+            for v in a["memory_variants"]:
                 row[f"{v}_working_bytes"] = memory(v, hf_dir, T, a)
-            for d in ("dense", "dense_math"):
-                row[f"memory_vs_{d}"] = round(row["longformer_working_bytes"] / max(row[f"{d}_working_bytes"], 1), 4)
-            row["memory_vs_transformers"] = round(row["longformer_working_bytes"]
-                                                  / max(row["transformers_working_bytes"], 1), 4)
+            for d in ("dense", "dense_math", "transformers"):
+                if f"{d}_working_bytes" in row:
+                        row[f"memory_vs_{d}"] = round(row["longformer_working_bytes"] / max(row[f"{d}_working_bytes"], 1), 4)
         curve[str(T)] = row
         print(f"{T:>6} tokens: " + ", ".join(f"{v} {row[f'{v}_s'] * 1e3:.0f} ms" for v in VARIANTS)
-              + ("; working memory " + ", ".join(f"{v} {row[f'{v}_working_bytes'] / 2**20:.0f} MiB" for v in VARIANTS)
+              + ("; working memory " + ", ".join(f"{v} {row[f'{v}_working_bytes'] / 2**20:.0f} MiB"
+                                                  for v in a["memory_variants"])
                  if "memory_vs_dense" in row else ""),
               file=sys.stderr)
     return curve

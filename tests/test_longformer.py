@@ -6,6 +6,8 @@ padded batches) both ways, that global tokens matter and windows are local, line
 import dataclasses
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,3 +288,20 @@ def test_finetune_classify_with_global_tokens_from_the_cli(tmp_path, capsys):
                                                                        "--model.global_attention", "cls"])
     assert rc == 2 and "--model.global_attention is for longformer encoders" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_benchmark_quick_reports_the_curve_and_agrees_with_transformers(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import longformer as bench
+
+    assert bench.main(["--quick", "--threads", "1", "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert list(r["curve"]) == ["64", "128"] and r["shape"]["window"] == 16 and r["shape"]["global_tokens"] == 1
+    for row in r["curve"].values():
+        assert row["max_abs_diff"] < 1e-4  # lmforge's longformer and transformers' on the same weights
+        for v in bench.VARIANTS:
+            assert row[f"{v}_s"] > 0
+        assert row["time_vs_dense"] == pytest.approx(row["longformer_s"] / row["dense_s"], abs=1e-3)
+    last = r["curve"]["128"]
+    assert last["longformer_working_bytes"] >= 0 and last["dense_working_bytes"] >= 0 and "memory_vs_dense" in last
+    assert r["targets"] == []  # targets are judged at 4,096 tokens only
