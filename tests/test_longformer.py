@@ -53,7 +53,7 @@ def dense_reference(q, k, v, qg, kg, vg, valid, glob, w):
     B, H, T, D = q.shape
     i = torch.arange(T)
     band = (i[:, None] - i[None, :]).abs() <= w
-    allowed = (band[None] | glob[:, None, :]) & valid[:, None, :]
+    allowed = (band[None] | glob[:, None, :]) & valid[:, None, :] | ~valid[:, :, None]  # padding rows: zeroed below
     s = (q @ k.transpose(-1, -2)) / D ** 0.5
     y = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1) @ v
     sg = (qg @ kg.transpose(-1, -2)) / D ** 0.5
@@ -66,7 +66,7 @@ def dense_reference(q, k, v, qg, kg, vg, valid, glob, w):
 def test_window_attention_equals_the_dense_masked_reference(w, chunk):
     torch.manual_seed(0)
     B, H, T, D = 3, 2, 23, 8
-    q, k, v, qg, kg, vg = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(6))
+    q, k, v, qg, kg, vg = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(6))
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[1, 15:] = False
     valid[2, 4:] = False
@@ -74,12 +74,18 @@ def test_window_attention_equals_the_dense_masked_reference(w, chunk):
     glob[0, [0, 11, 22]] = True
     glob[1, 3] = True
     tokens = GlobalTokens.build(valid, glob)
-    y = window_attention(q, k, v, w, tokens, chunk=chunk)
+    y = window_attention(q, k, v, w, tokens, chunk=chunk).transpose(1, 2)
     pos, real = tokens.pos_BG, tokens.real_BG
     yg = global_rows(qg.gather(2, pos[:, None, :, None].expand(B, H, pos.shape[1], D)), kg, vg, tokens)
     for b, g in zip(*real.nonzero(as_tuple=True)):
         y[b, :, pos[b, g]] = yg[b, :, g]
-    torch.testing.assert_close(y, dense_reference(q, k, v, qg, kg, vg, valid, glob, w), atol=1e-12, rtol=0)
+    want = dense_reference(q, k, v, qg, kg, vg, valid, glob, w)
+    torch.testing.assert_close(y, want, atol=1e-12, rtol=0)
+    r = torch.randn_like(want)  # and the gradients (training runs through the same code)
+    got_grads = torch.autograd.grad((y * r).sum(), (q, k, v, qg, kg, vg))
+    want_grads = torch.autograd.grad((want * r).sum(), (q, k, v, qg, kg, vg))
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("suffix", list(SUFFIX_HEAD))

@@ -8,9 +8,11 @@ memory linear in the sequence length. The semantics are those of transformers' L
 
 The n x n score matrix is never built. Queries go in chunks of `chunk` rows; each chunk attends to
 its key span (the chunk plus `one_sided` keys either side, gathered as a strided copy) and to the
-global keys, in one fused scaled_dot_product_attention call per layer over (B * chunks) rows:
-memory B * H * T * (chunk + 2 * one_sided + G). The few global query rows take one more call over
-all T keys (B * H * G * T) and overwrite their rows.
+global keys through fused scaled_dot_product_attention calls, each over a group of chunks (about
+_GROUP_TOKENS queries, so the gathered spans stay a few MB whatever the length); the additive mask
+(B * T * (chunk + 2 * one_sided + G) entries) is built once per forward pass and shared by the
+layers. The few global query rows take one more call over all T keys (B * H * G * T) and overwrite
+their rows. Time and memory are linear in T.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ def _gather_BHGD(x_BHTD: torch.Tensor, pos_BG: torch.Tensor) -> torch.Tensor:
 
 def window_attention(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor, one_sided: int,
                      tokens: GlobalTokens, chunk: int | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Every query over the keys within `one_sided` positions (real, not global) and over the global keys.
-    Rows of padding come out zero; rows of global tokens are left for `global_rows` to overwrite."""
+    """(B, T, H, D): every query over the keys within `one_sided` positions (real, not global) and over
+    the global keys. Rows of padding come out zero; rows of global tokens are left for `global_rows`
+    to overwrite (in place: the result is a fresh buffer)."""
     B, H, T, D = q_BHTD.shape
     w = one_sided
     c = chunk or max(w, 64)  # chunk = w measured fastest on CPU at w = 128 (vs 32, 64, 256)
@@ -94,18 +97,19 @@ def window_attention(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.T
     v_BHnSD = F.pad(v_BHTD, (0, 0, w, w + pad)).unfold(2, S, c).transpose(-1, -2)
     q_BHncD = (F.pad(q_BHTD, (0, 0, 0, pad)) if pad else q_BHTD).view(B, H, n, c, D)
     kg_BHGD, vg_BHGD = _gather_BHGD(k_BHTD, tokens.pos_BG), _gather_BHGD(v_BHTD, tokens.pos_BG)
-    y_BnHcD = q_BHTD.new_empty(B, n, H, c, D)
+    y_BncHD = q_BHTD.new_empty(B, n, c, H, D)  # (B, T, H, D) once flattened: what the output projection reads
     step = max(1, _GROUP_TOKENS // c)  # chunks per call: the gathered key spans stay a few MB
     for i in range(0, n, step):
         m = min(step, n - i)
         kw_BmHKD = torch.cat([kg_BHGD[:, None].expand(B, m, H, G, D), k_BHnSD[:, :, i:i + m].transpose(1, 2)], 3)
         vw_BmHKD = torch.cat([vg_BHGD[:, None].expand(B, m, H, G, D), v_BHnSD[:, :, i:i + m].transpose(1, 2)], 3)
         q_BmHcD = q_BHncD[:, :, i:i + m].transpose(1, 2).reshape(B * m, H, c, D)
-        y_BnHcD[:, i:i + m] = F.scaled_dot_product_attention(
+        y_BncHD[:, i:i + m] = F.scaled_dot_product_attention(
             q_BmHcD, kw_BmHKD.reshape(B * m, H, G + S, D), vw_BmHKD.reshape(B * m, H, G + S, D),
-            attn_mask=bias_Bn1cK[:, i:i + m].reshape(B * m, 1, c, G + S), dropout_p=dropout_p).view(B, m, H, c, D)
-    y_BHTD = y_BnHcD.transpose(1, 2).reshape(B, H, n * c, D)[:, :, :T]
-    return y_BHTD if tokens.all_valid else y_BHTD.masked_fill(~tokens.valid_BT[:, None, :, None], 0.0)
+            attn_mask=bias_Bn1cK[:, i:i + m].reshape(B * m, 1, c, G + S),
+            dropout_p=dropout_p).view(B, m, H, c, D).transpose(2, 3)
+    y_BTHD = y_BncHD.view(B, n * c, H, D)[:, :T]
+    return y_BTHD if tokens.all_valid else y_BTHD.masked_fill_(~tokens.valid_BT[:, :, None, None], 0.0)
 
 
 def global_rows(qg_BHGD: torch.Tensor, kg_BHTD: torch.Tensor, vg_BHTD: torch.Tensor, tokens: GlobalTokens,
@@ -147,7 +151,7 @@ class LongformerAttention(nn.Module):
         q_BHTD, k_BHTD, v_BHTD = (self._heads(t) for t in self.qkv(x_BTC).split(X, dim=-1))
         if rope is not None:
             q_BHTD, k_BHTD = apply_rope(q_BHTD, *rope), apply_rope(k_BHTD, *rope)
-        y_BHTD = window_attention(q_BHTD, k_BHTD, v_BHTD, self.one_sided, tokens, dropout_p=p)
+        y_BTHD = window_attention(q_BHTD, k_BHTD, v_BHTD, self.one_sided, tokens, dropout_p=p)
         if tokens.n_global:
             pos_BG = tokens.pos_BG
             xg_BGC = x_BTC.gather(1, pos_BG[..., None].expand(B, pos_BG.shape[1], C))
@@ -159,7 +163,5 @@ class LongformerAttention(nn.Module):
                 kg_BHTD = apply_rope(kg_BHTD, *rope)
             yg_BHGD = global_rows(qg_BHGD, kg_BHTD, vg_BHTD, tokens, p)
             b_N, g_N = tokens.real_BG.nonzero(as_tuple=True)
-            y_BTHD = y_BHTD.transpose(1, 2).clone()
             y_BTHD[b_N, pos_BG[b_N, g_N]] = yg_BHGD.transpose(1, 2)[b_N, g_N]
-            y_BHTD = y_BTHD.transpose(1, 2)
-        return self.proj(y_BHTD.transpose(1, 2).reshape(B, T, X))
+        return self.proj(y_BTHD.reshape(B, T, X))
