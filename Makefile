@@ -158,8 +158,8 @@ results-bench-encoder: dev
 results-bench-seq2seq: dev
 	$(TIMED) $(VENV)/bin/lmforge bench seq2seq --results $(RESULTS)
 
-results-longformer: dev  # Longformer attention vs dense attention and transformers' LongformerModel, 512 ... 8,192 tokens
-	$(TIMED) $(PY) benchmarks/longformer.py --results $(RESULTS)
+results-longformer: dev  # Longformer attention vs dense and transformers' LongformerModel, 512 ... 8,192 tokens; the play-kind task
+	$(TIMED) $(PY) benchmarks/longformer.py --task --results $(RESULTS)
 
 results-decode-profile: dev  # where a batch-1 decode step's time goes, fp32 / int8 / int4 (torch.profiler)
 	$(TIMED) $(PY) benchmarks/decode_profile.py --new-tokens 128 --results $(RESULTS)

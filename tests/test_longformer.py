@@ -311,3 +311,28 @@ def test_benchmark_quick_reports_the_curve_and_agrees_with_transformers(tmp_path
     last = r["curve"]["128"]
     assert last["longformer_working_bytes"] >= 0 and last["dense_working_bytes"] >= 0 and "memory_vs_dense" in last
     assert r["targets"] == []  # targets are judged at 4,096 tokens only
+
+
+def test_long_document_task_quick_splits_whole_plays_and_trains_both_runs(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import longformer as bench
+
+    rng = random.Random(0)
+    plays = tmp_path / "plays"
+    plays.mkdir()
+    cue = {"comedy": "jest", "history": "crown", "tragedy": "death"}
+    for genre, names in bench.GENRES.items():
+        for name in names:
+            lines = [" ".join(rng.choice(FILLER + [cue[genre]]) for _ in range(8)) + "\n" for _ in range(40)]
+            (plays / f"{name}_gut.txt").write_text("".join(lines))
+    work = tmp_path / "work"
+    work.mkdir()
+    r = bench.run_task(bench.QUICK_TASK, plays, work)
+    test_rows = [json.loads(x) for x in (work / "test.jsonl").read_text().splitlines()]
+    train_rows = [json.loads(x) for x in (work / "train.jsonl").read_text().splitlines()]
+    assert {x["play"] for x in test_rows} == set(bench.TEST_PLAYS)  # whole plays held out
+    assert not {x["play"] for x in train_rows} & set(bench.TEST_PLAYS)
+    assert sum(r["passages"]["test"].values()) == len(test_rows) and r["passages"]["test"]["history"] > 0
+    assert set(r["accuracy"]) == {"whole", "truncated"} and all(0 <= a <= 1 for a in r["accuracy"].values())
+    meta = json.loads((work / "whole/checkpoints/step_00000002/model_config.json").read_text())
+    assert meta["config"]["attention"] == "longformer" and meta["config"]["attention_window"] == [8]
