@@ -130,8 +130,10 @@ def test_export_loads_in_transformers_with_equal_logits(suffix, tmp_path):
         a = ref(input_ids=ids, attention_mask=mask, global_attention_mask=glob).logits
         b = back.eval()(input_ids=ids, attention_mask=mask, global_attention_mask=glob).logits
         c = LLM.load(tmp_path / "lm").model(ids, mask.bool(), global_mask_BT=glob.bool())
+        d = LLM.load(tmp_path / "src").model(ids, mask.bool(), global_mask_BT=glob.bool())  # the HF folder itself
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     torch.testing.assert_close(c, a, atol=1e-4, rtol=0)
+    torch.testing.assert_close(d, a, atol=1e-4, rtol=0)
 
 
 def test_native_longformer_exports_and_rope_shape_refuses(tmp_path):
