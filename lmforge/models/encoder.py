@@ -393,9 +393,7 @@ class Encoder(nn.Module):
         under a sequence head, as transformers' LongformerForSequenceClassification; none otherwise."""
         if self.cfg.attention != "longformer" or self.cfg.head != "sequence":
             return None
-        glob_BT = torch.zeros(idx_BT.shape, dtype=torch.bool, device=idx_BT.device)
-        glob_BT[:, 0] = True
-        return glob_BT
+        return global_attention_mask(idx_BT, "cls")
 
     def encode(self, idx_BT: torch.Tensor, pad_mask_BT: torch.Tensor | None = None,
                token_type_BT: torch.Tensor | None = None, global_mask_BT: torch.Tensor | None = None) -> torch.Tensor:

@@ -152,6 +152,7 @@ class LongformerAttention(nn.Module):
         if rope is not None:
             q_BHTD, k_BHTD = apply_rope(q_BHTD, *rope), apply_rope(k_BHTD, *rope)
         y_BTHD = window_attention(q_BHTD, k_BHTD, v_BHTD, self.one_sided, tokens, dropout_p=p)
+        del q_BHTD, k_BHTD, v_BHTD  # the qkv activations are free again before the global projections (no grad)
         if tokens.n_global:
             pos_BG = tokens.pos_BG
             xg_BGC = x_BTC.gather(1, pos_BG[..., None].expand(B, pos_BG.shape[1], C))
