@@ -97,7 +97,7 @@ RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-alig
                   results-distill
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
                   results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured \
-                  results-lora-memory
+                  results-lora-memory results-longformer
 .PHONY: results results-quality results-speed results-parity results-test $(RESULTS_QUALITY) $(RESULTS_SPEED)
 
 results: dev
@@ -164,6 +164,9 @@ results-bench-encoder: dev
 
 results-bench-seq2seq: dev
 	$(TIMED) $(VENV)/bin/lmforge bench seq2seq --results $(RESULTS)
+
+results-longformer: dev  # Longformer attention vs dense and transformers' LongformerModel, 512 ... 8,192 tokens; the play-kind task
+	$(TIMED) $(PY) benchmarks/longformer.py --task --results $(RESULTS)
 
 results-decode-profile: dev  # where a batch-1 decode step's time goes, fp32 / int8 / int4 (torch.profiler)
 	$(TIMED) $(PY) benchmarks/decode_profile.py --new-tokens 128 --results $(RESULTS)

@@ -7,7 +7,8 @@ Data: CSV / TSV / JSONL with a text column (and an optional text-pair column) an
 (strings or ints). Labels are mapped to ids in a stable order and stored with the model (`labels`
 of an encoder, `id2label` of a decoder classifier). Encoders classify their [CLS] / pooled state
 (BERT's pooler, RoBERTa / ModernBERT heads; `--model.pooling mean` for mean pooling); decoders
-read the last real token (models/heads.py, as GPT2ForSequenceClassification). Every eval writes
+read the last real token (models/heads.py, as GPT2ForSequenceClassification). A longformer encoder
+reads [CLS] globally (`--model.global_attention question`: the first text of each pair). Every eval writes
 accuracy, macro-F1 and per-class figures to metrics.jsonl, the full set (with the confusion
 matrix) to RUN/eval_metrics.json and a plot to RUN/confusion_matrix.png. Texts longer than the
 context are truncated and counted. Runs in the one training loop (resume, accumulation, ...).
@@ -32,6 +33,7 @@ from lmforge.data.table import data_fingerprint
 from lmforge.config import config_field
 from lmforge.errors import LMForgeError
 from lmforge.finetune.base_model import TOKENIZER_FILES, copied_files, load_base, pad_id_of
+from lmforge.models.encoder import global_attention_mask
 from lmforge.train import distributed as D
 from lmforge.train.adapters import LoRAConfig
 from lmforge.train.config import TrainConfig
@@ -55,6 +57,7 @@ class ClassifyDataConfig:
 class ClassifyModelConfig:
     pooling: Optional[Literal["cls", "mean"]] = config_field(None, "encoders: what the head reads; default the model's own (cls; a sentence-transformers folder's pooling)")
     dropout: Optional[float] = config_field(None, "encoders: dropout while fine-tuning; default the model's own")
+    global_attention: Optional[Literal["cls", "question"]] = config_field(None, "longformer encoders: global tokens: cls (default) | question (the first text of a pair)")
 
 
 @dataclass
@@ -113,9 +116,12 @@ def labeled_batch(ids: Sequence[list[int]], types: Optional[Sequence[list[int]]]
 
 
 def classifier_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, num_labels): every classifier takes ids and a padding mask, encoders token types too."""
-    types = {"token_type_BT": batch["token_type_ids"]} if "token_type_ids" in batch else {}
-    return model(batch["input_ids"], pad_mask_BT=batch["attention_mask"], **types)
+    """(B, num_labels): every classifier takes ids and a padding mask, encoders token types too (and a
+    longformer its global tokens)."""
+    extra = {"token_type_BT": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    if "global_attention_mask" in batch:
+        extra["global_mask_BT"] = batch["global_attention_mask"]
+    return model(batch["input_ids"], pad_mask_BT=batch["attention_mask"], **extra)
 
 
 class ClassifyObjective:
@@ -175,6 +181,8 @@ def build_job(cfg: ClassifyConfig, args: Any, llm: Any = None) -> TrainJob:
     with _seeded(t.seed):
         model = family.as_classifier(llm.model, labels, pooling=pooling, dropout=m.dropout)
     limit = d.max_length or family.max_tokens(model.cfg)
+    if m.global_attention is not None and getattr(model.cfg, "attention", None) != "longformer":
+        raise LMForgeError(f"--model.global_attention is for longformer encoders; --base {base} is not one")
     model.train()
 
     def encode(exs: list[Any]) -> tuple[list[list[int]], Optional[list[list[int]]], int]:
@@ -191,10 +199,17 @@ def build_job(cfg: ClassifyConfig, args: Any, llm: Any = None) -> TrainJob:
         say("classify", f"truncated {cut} training and {vcut} validation texts longer than {limit} tokens")
     pad = pad_id_of(llm.tokenizer)
     per_step = t.grad_accum * D.world_size()
-    source = ExampleBatches(len(ids), lambda rows: labeled_batch(ids, types, y_train, rows, pad, limit),
-                            t.micro_batch_size, per_step, t.seed)
-    val_source = ExampleBatches(len(vids), lambda rows: labeled_batch(vids, vtypes, y_val, rows, pad, limit),
-                                t.micro_batch_size, 1, t.seed, shuffle=False) if vids else None
+    def batch_of(ids_: Sequence[list[int]], types_: Any, ys: Sequence[int], rows: list[int]) -> dict[str, torch.Tensor]:
+        batch = labeled_batch(ids_, types_, ys, rows, pad, limit)
+        if m.global_attention is not None:
+            batch["global_attention_mask"] = global_attention_mask(batch["input_ids"], m.global_attention,
+                                                                   llm.tokenizer.sep_id)
+        return batch
+
+    source = ExampleBatches(len(ids), lambda rows: batch_of(ids, types, y_train, rows), t.micro_batch_size, per_step,
+                            t.seed)
+    val_source = ExampleBatches(len(vids), lambda rows: batch_of(vids, vtypes, y_val, rows), t.micro_batch_size, 1,
+                                t.seed, shuffle=False) if vids else None
     counts = {n: y_train.count(i) for i, n in enumerate(labels)}
     say("classify", f"{len(examples)} training examples, {len(val_examples)} validation; labels "
                     + ", ".join(f"{n} ({c})" for n, c in counts.items()))

@@ -2,6 +2,8 @@
 
 An encoder's tokenizer frames each text (`[CLS] a [SEP] b [SEP]` with token types); a decoder
 classifier reads `text [\n pair] EOS` and scores the last real token (data/labeled.decoder_rows).
+A longformer encoder reads [CLS] globally, or with global_attention="question" the first text of
+each pair (models/encoder.global_attention_mask).
 Which of the two a model takes is its family's `encoder_tokenizer` (models/registry.py).
 """
 
@@ -15,6 +17,7 @@ import torch
 from lmforge.data.labeled import decoder_rows
 from lmforge.errors import LMForgeError
 from lmforge.infer.embed import PAD_MULTIPLE, need_tokenizer, texts_arg
+from lmforge.models.encoder import global_attention_mask
 from lmforge.models.registry import CLASSIFY, family_of
 
 
@@ -28,9 +31,10 @@ def label_names(model: torch.nn.Module) -> list[str]:
 
 @torch.no_grad()
 def class_logits(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], pairs: Optional[Sequence[str]] = None,
-                 batch_size: int = 32, max_length: Optional[int] = None, progress: bool = False) -> tuple[torch.Tensor, int]:
+                 batch_size: int = 32, max_length: Optional[int] = None, progress: bool = False,
+                 global_attention: Optional[str] = None) -> tuple[torch.Tensor, int]:
     """((N, num_labels) logits, number of texts truncated to the context); `progress` shows a bar of the
-    batches on stderr."""
+    batches on stderr; `global_attention` ("cls" | "question"): a longformer's global tokens."""
     from tqdm import tqdm
 
     family = family_of(model)
@@ -39,6 +43,8 @@ def class_logits(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], p
                            "(`lmforge finetune classify`, or a Hugging Face …ForSequenceClassification folder)")
     if getattr(model.cfg, "head", "sequence") != "sequence":
         raise LMForgeError(f"this encoder has no sequence-classification head (model.head is '{model.cfg.head}')")
+    if global_attention is not None and getattr(model.cfg, "attention", None) != "longformer":
+        raise LMForgeError("global_attention is for longformer encoders (model.attention longformer)")
     device = model.tok_emb.weight.device
     outs, cut = [], 0
     limit = max_length or model.cfg.block_size
@@ -48,7 +54,10 @@ def class_logits(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], p
         if family.encoder_tokenizer:
             b = need_tokenizer(tokenizer).batch(chunk, chunk_pairs, max_length, pad_to_multiple_of=PAD_MULTIPLE)
             cut += b["truncated"]
-            outs.append(model(b["input_ids"].to(device), b["attention_mask"].to(device), b["token_type_ids"].to(device)))
+            glob = None if global_attention is None else global_attention_mask(
+                b["input_ids"], global_attention, need_tokenizer(tokenizer).sep_id).to(device)
+            outs.append(model(b["input_ids"].to(device), b["attention_mask"].to(device), b["token_type_ids"].to(device),
+                              global_mask_BT=glob))
         else:
             idx, mask, n = decoder_rows(tokenizer, chunk, chunk_pairs, limit)
             cut += n
@@ -59,13 +68,13 @@ def class_logits(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], p
 
 
 def classify(model: torch.nn.Module, tokenizer: Any, texts: Any, text_pairs: Any = None,
-             batch_size: int = 32) -> list[dict[str, Any]]:
+             batch_size: int = 32, global_attention: Optional[str] = None) -> list[dict[str, Any]]:
     """One {"label", "score", "probs"} per text (regression: score = the predicted value, probs empty)."""
     texts = texts_arg(texts, "classify")
     pairs = None if text_pairs is None else texts_arg(text_pairs, "classify (text_pairs)")
     if pairs is not None and len(pairs) != len(texts):
         raise LMForgeError(f"{len(texts)} texts but {len(pairs)} text pairs")
-    logits, _ = class_logits(model, tokenizer, texts, pairs, batch_size)
+    logits, _ = class_logits(model, tokenizer, texts, pairs, batch_size, global_attention=global_attention)
     names = label_names(model)
     if logits.shape[-1] == 1:
         return [{"label": names[0], "score": float(v), "probs": {}} for v in logits[:, 0]]

@@ -349,11 +349,13 @@ class LLM:
         return embed(self.model, self.tokenizer, texts, pooling=pooling, normalize=normalize, batch_size=batch_size)
 
     def classify(self, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
-                 batch_size: int = 32) -> list[dict[str, Any]]:
-        """[{"label": str, "score": float, "probs": {label: p}}] per text, for encoder or decoder classifiers."""
+                 batch_size: int = 32, global_attention: str | None = None) -> list[dict[str, Any]]:
+        """[{"label": str, "score": float, "probs": {label: p}}] per text, for encoder or decoder classifiers.
+        global_attention (longformer encoders): "cls" (the default) | "question" (the first text of each pair)."""
         from lmforge.infer.classify import classify
 
-        return classify(self.model, self.tokenizer, texts, text_pairs, batch_size=batch_size)
+        return classify(self.model, self.tokenizer, texts, text_pairs, batch_size=batch_size,
+                        global_attention=global_attention)
 
     def score(self, prompt: Any, completion: Any) -> Any:
         """Reward-model score of `completion` as the reply to `prompt` (str or messages) -> float;

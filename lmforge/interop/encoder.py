@@ -1,4 +1,4 @@
-"""Hugging Face interop of the encoder family: BERT, RoBERTa, DistilBERT and ModernBERT in and out
+"""Hugging Face interop of the encoder family: BERT, RoBERTa, DistilBERT, ModernBERT and Longformer in and out
 (the interop protocol: lmforge/interop/__init__.py).
 
     load_hf(dir)                    HF folder -> (Encoder, EncoderConfig, Tokenizer or None)
@@ -6,7 +6,9 @@
     convert_to_hf(model_dir, out)   lmforge encoder -> HF folder that transformers loads
 
 One table per family maps lmforge tensor names to Hugging Face names; separate q/k/v projections
-are stacked into lmforge's fused `attn.qkv` ([q; k; v] rows). Which head an architecture has
+are stacked into lmforge's fused `attn.qkv` ([q; k; v] rows); Longformer's global projections into
+`attn.q_global` (query_global) and `attn.kv_global` ([key_global; value_global]). Longformer is
+RoBERTa's body with LongformerSelfAttention, so it shares RoBERTa's table. Which head an architecture has
 (`…Model`, `…ForMaskedLM`, `…ForSequenceClassification`, `…ForTokenClassification`) sets
 `EncoderConfig.head`. A sentence-transformers folder (modules.json) loads as its transformer with
 its pooling and normalisation kept in `sentence_pooling.json` (models/encoder.SENTENCE_POOLING_FILE),
@@ -35,14 +37,17 @@ from lmforge.interop.files import (DEFAULT_MAX_SHARD_SIZE, HF_CONFIG, HF_CONFIG_
 from lmforge.models.encoder import SENTENCE_POOLING_FILE, EncoderConfig
 from lmforge.models.registry import build_model, get_family
 
-KINDS = ("bert", "roberta", "distilbert", "modernbert")
-_CLASS = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "modernbert": "ModernBert"}
+KINDS = ("bert", "roberta", "distilbert", "modernbert", "longformer")
+_CLASS = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "modernbert": "ModernBert",
+          "longformer": "Longformer"}
+_ROBERTA_BODY = ("roberta", "longformer")  # learned positions counted from pad_id + 1, post-LN, RoBERTa heads
 _SUFFIX = {"Model": "none", "ForMaskedLM": "mlm", "ForSequenceClassification": "sequence",
            "ForTokenClassification": "token"}
 ENCODER_ARCHITECTURES = {f"{c}{s}": (k, h) for k, c in _CLASS.items() for s, h in _SUFFIX.items()}
 ENCODER_ARCHITECTURES["BertForPreTraining"] = ("bert", "mlm")  # the NSP head is dropped
 ARCHITECTURES = tuple(ENCODER_ARCHITECTURES)
-_PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "modernbert": "model."}
+_PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "modernbert": "model.",
+           "longformer": "longformer."}
 _TOKENIZER_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, "vocab.txt", "vocab.json", "merges.txt")
 
 
@@ -85,7 +90,7 @@ def config_from_hf(hf: dict, source: str = "config.json", arch: Optional[str] = 
     num_labels, labels = _labels(hf, head) if head in ("sequence", "token") else (2, None)
     common: dict[str, Any] = dict(vocab_size=_need(hf, "vocab_size", source), head=head, num_labels=num_labels,
                                   labels=labels, pad_id=int(hf.get("pad_token_id") or 0))
-    if kind in ("bert", "roberta"):
+    if kind in ("bert",) + _ROBERTA_BODY:
         if hf.get("hidden_act", "gelu") != "gelu":
             raise LMForgeError(f"{source}: hidden_act '{hf.get('hidden_act')}' is not supported (only gelu)")
         if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -97,9 +102,11 @@ def config_from_hf(hf: dict, source: str = "config.json", arch: Optional[str] = 
                    prenorm=False, bias=True, norm_bias=True, norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
                    dropout=float(hf.get("hidden_dropout_prob", 0.1)), pooler=arch.endswith("Model"),
                    classifier_pooling="cls", classifier_act="tanh", classifier_norm=False,
-                   classifier_dense=kind == "roberta" and head == "sequence")
-        if kind == "roberta":
+                   classifier_dense=kind in _ROBERTA_BODY and head == "sequence")
+        if kind in _ROBERTA_BODY:
             cfg["position_offset"] = cfg["pad_id"] + 1
+        if kind == "longformer":
+            cfg.update(attention="longformer", attention_window=_need(hf, "attention_window", source))
         if kind == "bert" and head == "sequence":
             cfg["pooler"] = True  # BertForSequenceClassification classifies the pooler output
     elif kind == "distilbert":
@@ -150,6 +157,12 @@ def config_from_hf(hf: dict, source: str = "config.json", arch: Optional[str] = 
 
 def hf_kind(cfg: EncoderConfig) -> str:
     """Which transformers family an lmforge encoder config is (or a one-line error)."""
+    if cfg.attention == "longformer":
+        if cfg.pos_encoding == "learned" and not cfg.prenorm and cfg.mlp == "gelu" and cfg.bias and cfg.norm_bias \
+                and cfg.position_offset:
+            return "longformer"
+        raise LMForgeError("this longformer encoder has no Hugging Face equivalent: LongformerModel is RoBERTa-shaped "
+                           "(pos_encoding learned, position_offset, post-LN, gelu, biases)")
     if cfg.pos_encoding == "rope":
         if cfg.prenorm and cfg.mlp == "geglu" and cfg.classifier_norm and cfg.classifier_act == "gelu" and not cfg.pooler:
             return "modernbert"
@@ -161,7 +174,7 @@ def hf_kind(cfg: EncoderConfig) -> str:
         if cfg.type_vocab_size > 0:
             return "bert"
     raise LMForgeError("this encoder (pos_encoding={}, prenorm={}, mlp={}) has no Hugging Face equivalent; BERT, "
-                       "RoBERTa, DistilBERT and ModernBERT shapes export".format(cfg.pos_encoding, cfg.prenorm, cfg.mlp))
+                       "RoBERTa, DistilBERT, ModernBERT and Longformer shapes export".format(cfg.pos_encoding, cfg.prenorm, cfg.mlp))
 
 
 def config_to_hf(cfg: EncoderConfig, kind: Optional[str] = None, dtype: torch.dtype = torch.float32) -> dict:
@@ -176,13 +189,15 @@ def config_to_hf(cfg: EncoderConfig, kind: Optional[str] = None, dtype: torch.dt
         hf["label2id"] = {n: i for i, n in enumerate(names)}
         if cfg.head == "sequence":
             hf["problem_type"] = "regression" if cfg.num_labels == 1 else "single_label_classification"
-    if kind in ("bert", "roberta"):
+    if kind in ("bert",) + _ROBERTA_BODY:
         hf.update(num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, hidden_size=cfg.n_embd,
                   intermediate_size=cfg.mlp_hidden, type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
                   hidden_act="gelu", hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
                   position_embedding_type="absolute")
-        if kind == "roberta":
+        if kind in _ROBERTA_BODY:
             hf.update(bos_token_id=0, eos_token_id=2)
+        if kind == "longformer":
+            hf.update(attention_window=list(cfg.attention_window), sep_token_id=2)
     elif kind == "distilbert":
         hf.update(n_layers=cfg.n_layer, n_heads=cfg.n_head, dim=cfg.n_embd, hidden_dim=cfg.mlp_hidden, activation="gelu",
                   dropout=cfg.dropout, attention_dropout=cfg.dropout, sinusoidal_pos_embds=False,
@@ -219,7 +234,7 @@ def tensor_map(cfg: EncoderConfig, kind: str) -> list[tuple[str, list[str]]]:
     p = _PREFIX[kind]
     nb = cfg.norm_bias
     m: list[tuple[str, list[str]]] = []
-    if kind in ("bert", "roberta"):
+    if kind in ("bert",) + _ROBERTA_BODY:
         m += [("tok_emb.weight", [p + "embeddings.word_embeddings.weight"]),
               ("pos_emb.weight", [p + "embeddings.position_embeddings.weight"])]
         if cfg.type_vocab_size:
@@ -229,6 +244,10 @@ def tensor_map(cfg: EncoderConfig, kind: str) -> list[tuple[str, list[str]]]:
             h = f"{p}encoder.layer.{i}."
             b = f"blocks.{i}."
             m += _qkv(b + "attn.qkv", h + "attention.self.query", h + "attention.self.key", h + "attention.self.value", True)
+            if kind == "longformer":
+                sa = h + "attention.self."
+                m += _lin(b + "attn.q_global", sa + "query_global")
+                m += [(f"{b}attn.kv_global.{t}", [f"{sa}key_global.{t}", f"{sa}value_global.{t}"]) for t in ("weight", "bias")]
             m += _lin(b + "attn.proj", h + "attention.output.dense") + _lin(b + "norm1", h + "attention.output.LayerNorm")
             m += _lin(b + "mlp.fc_in", h + "intermediate.dense") + _lin(b + "mlp.fc_out", h + "output.dense")
             m += _lin(b + "norm2", h + "output.LayerNorm")
@@ -282,7 +301,7 @@ def tensor_map(cfg: EncoderConfig, kind: str) -> list[tuple[str, list[str]]]:
 
 
 def export_architecture(cfg: EncoderConfig, origin: dict | None = None) -> str:
-    """The transformers family `convert --to-hf` writes (bert, roberta, distilbert, modernbert)."""
+    """The transformers family `convert --to-hf` writes (bert, roberta, distilbert, modernbert, longformer)."""
     return hf_kind(cfg)
 
 
@@ -302,7 +321,7 @@ def hf_tensor_parts(cfg: EncoderConfig, kind: str) -> dict[str, tuple[list[tuple
 # versions, tied decoders, BertForPreTraining's NSP head, a pooler under …ForMaskedLM).
 _IGNORABLE = re.compile(r"(position_ids|token_type_ids|rotary_emb\..*|cls\.seq_relationship\..*|"
                         r"cls\.predictions\.decoder\.(weight|bias)|lm_head\.decoder\.(weight|bias)|"
-                        r"vocab_projector\.weight|decoder\.weight|(bert|roberta)\.pooler\.dense\.(weight|bias))$")
+                        r"vocab_projector\.weight|decoder\.weight|(bert|roberta|longformer)\.pooler\.dense\.(weight|bias))$")
 
 
 def state_from_hf(names: list[str], get, cfg: EncoderConfig, kind: str, where: str) -> dict[str, torch.Tensor]:
@@ -399,7 +418,7 @@ def _read(hf_dir: Path):
     cfg, arch = config_from_hf(hf, str(body / HF_CONFIG))
     kind = ENCODER_ARCHITECTURES[arch][0]
     src = WeightSource(body)
-    if kind in ("bert", "roberta") and cfg.head != "sequence":  # a pooler is optional: keep it when saved
+    if kind in ("bert",) + _ROBERTA_BODY and cfg.head != "sequence":  # a pooler is optional: keep it when saved
         pooled = any(n.endswith("pooler.dense.weight") for n in src.names())
         if pooled != cfg.pooler:
             cfg = dataclasses.replace(cfg, pooler=pooled)

@@ -11,6 +11,10 @@ Two block layouts, chosen by `EncoderConfig.prenorm`:
 Attention is lmforge.nn's `Attention` run without a causal mask; a padding mask hides padded keys,
 and with `local_window` every layer that is not a global one (layer i is global when
 i % global_every == 0) sees only keys within local_window // 2 positions (ModernBERT).
+`attention="longformer"` instead gives every layer Longformer's sliding window (attention_window // 2
+positions each side) plus global tokens with their own projections (lmforge/nn/longformer.py), in
+time and memory linear in length; `global_mask_BT` says which tokens are global ([CLS] by default
+for a sequence head, as transformers' LongformerForSequenceClassification).
 
 Heads: the MLM decoder is tied to the token embedding (logits = transform(h) @ E^T + bias).
 Sequence classification pools [CLS] (or the mean over real tokens), then the BERT pooler (dense +
@@ -36,12 +40,18 @@ from lmforge.errors import LMForgeError
 from lmforge.models.presets import describe_shape, preset_config
 from lmforge.nn.layers import Attention, AttentionContext, rope_cos_sin, rope_inv_freq
 from lmforge.nn.linear import Linear
+from lmforge.nn.longformer import GlobalTokens, LongformerAttention
 
 HEADS = ("none", "mlm", "sequence", "token")
 # A sentence-transformers model's pooling settings, kept in its lmforge model directory:
 # {"pooling": "mean" | "cls", "normalize": bool, "max_seq_length": n}; `LLM.embed` follows them.
 SENTENCE_POOLING_FILE = "sentence_pooling.json"
 ACTIVATIONS = ("gelu", "tanh", "relu")
+ATTENTIONS = ("standard", "longformer")
+# Which tokens a longformer reads globally: cls = the first token (classification); question = every
+# token before the first separator, i.e. [CLS] and the first text of a pair (transformers' QA heads).
+GLOBAL_ATTENTION = ("cls", "question")
+LONGFORMER_WINDOW = 512  # transformers' LongformerConfig default
 
 
 
@@ -65,6 +75,8 @@ class EncoderConfig:
     local_window: Optional[int] = config_field(None, "local layers attend within +-local_window//2 positions (ModernBERT: 128); none = all global")
     local_rope_theta: float = config_field(10000.0, "RoPE base of local layers")
     global_every: int = config_field(3, "with local_window: layer i is global when i % global_every == 0")
+    attention: str = config_field("standard", "standard (full; ModernBERT local layers with local_window) | longformer (sliding window + global tokens)")
+    attention_window: Optional[list[int]] = config_field(None, f"longformer: window per layer, two-sided (attention_window // 2 keys each side, even); one value = every layer (default {LONGFORMER_WINDOW})")
     prenorm: bool = config_field(True, "pre-LN blocks + final norm (modern) or post-LN blocks (BERT)")
     bias: bool = config_field(False, "biases in attention and MLP linears")
     norm_bias: bool = config_field(False, "biases in LayerNorms")
@@ -89,6 +101,10 @@ class EncoderConfig:
             self.labels = [str(x) for x in self.labels]
             if self.head in ("sequence", "token"):
                 self.num_labels = len(self.labels)
+        if self.attention == "longformer":
+            win = self.attention_window if self.attention_window is not None else LONGFORMER_WINDOW
+            win = [int(w) for w in (win if isinstance(win, (list, tuple)) else [win])]
+            self.attention_window = win * self.n_layer if len(win) == 1 else win
         self.validate()
 
     @property
@@ -97,7 +113,7 @@ class EncoderConfig:
 
     def validate(self) -> None:
         choices = {"pos_encoding": ("learned", "rope"), "mlp": ("gelu", "geglu"), "head": HEADS,
-                   "classifier_pooling": ("cls", "mean"), "classifier_act": ACTIVATIONS}
+                   "classifier_pooling": ("cls", "mean"), "classifier_act": ACTIVATIONS, "attention": ATTENTIONS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise LMForgeError(f"model.{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
@@ -110,6 +126,18 @@ class EncoderConfig:
             raise LMForgeError(f"rope needs an even head dim, got {self.head_dim}")
         if self.local_window is not None and self.local_window < 2:
             raise LMForgeError(f"model.local_window must be at least 2, got {self.local_window}")
+        if self.attention == "longformer":
+            if self.local_window is not None:
+                raise LMForgeError("model.local_window and model.attention longformer exclude each other "
+                                   "(longformer layers use model.attention_window)")
+            if len(self.attention_window) != self.n_layer:
+                raise LMForgeError(f"model.attention_window has {len(self.attention_window)} values; give one, "
+                                   f"or one per layer ({self.n_layer})")
+            bad = [w for w in self.attention_window if w <= 0 or w % 2]
+            if bad:
+                raise LMForgeError(f"model.attention_window values must be positive and even, got {bad[0]}")
+        elif self.attention_window is not None:
+            raise LMForgeError("model.attention_window is for model.attention longformer")
         if self.labels is not None and self.head in ("sequence", "token") and len(set(self.labels)) != len(self.labels):
             raise LMForgeError("model.labels holds a name twice")
         if not 0.0 <= self.dropout < 1.0:
@@ -130,6 +158,8 @@ class EncoderConfig:
         ln = C * (1 + self.norm_bias)
         emb = V * C + (self.block_size * C if self.pos_encoding == "learned" else 0) + self.type_vocab_size * C + ln
         attn = 3 * C * C + C * C + 4 * C * self.bias
+        if self.attention == "longformer":  # query_global, key_global, value_global
+            attn += 3 * C * C + 3 * C * self.bias
         n_in = 2 * Fh if self.mlp == "geglu" else Fh
         mlp = C * n_in + Fh * C + (n_in + C) * self.bias
         block = attn + mlp + 2 * ln
@@ -149,11 +179,13 @@ class EncoderConfig:
         return self.classifier_dense and not (head == "sequence" and self.pooler)
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> int:
-        """Training FLOPs per token: 6 * (non-embedding params) + 12 * L * C * T (attention scores)."""
+        """Training FLOPs per token: 6 * (non-embedding params) + 12 * L * C * T (attention scores;
+        a longformer layer's T is its window + 1)."""
         T = seq_len or self.block_size
         C = self.n_embd
         non_emb = self.num_params(head="none") - self.vocab_size * C - (self.block_size * C if self.pos_encoding == "learned" else 0)
-        return 6 * non_emb + 12 * self.n_layer * C * T
+        spans = [min(T, w + 1) for w in self.attention_window] if self.attention == "longformer" else [T] * self.n_layer
+        return 6 * non_emb + 12 * C * sum(spans)
 
 
 # Published shapes. bert-base BertModel (with pooler) = 109,482,240; ModernBERT-base from
@@ -255,25 +287,30 @@ class Block(nn.Module):
         self.prenorm = cfg.prenorm
         # pre-LN: the first block reads the freshly normalised embeddings, so it has no norm1
         self.norm1 = None if cfg.prenorm and layer == 0 else _norm(cfg)
-        self.attn = Attention(cfg.n_embd, cfg.n_head, cfg.n_head, cfg.head_dim, bias=cfg.bias, qkv_bias=cfg.bias,
-                              dropout=cfg.dropout)
+        if cfg.attention == "longformer":
+            self.attn = LongformerAttention(cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.attention_window[layer],
+                                            bias=cfg.bias, dropout=cfg.dropout)
+        else:
+            self.attn = Attention(cfg.n_embd, cfg.n_head, cfg.n_head, cfg.head_dim, bias=cfg.bias, qkv_bias=cfg.bias,
+                                  dropout=cfg.dropout)
         self.norm2 = _norm(cfg)
         self.mlp = EncoderMLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTC: torch.Tensor, mask: torch.Tensor | None, rope: Any) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, ctx: AttentionContext | GlobalTokens, rope: Any) -> torch.Tensor:
+        """ctx: the padding (and local band) mask, or a longformer layer's real and global tokens."""
         if self.prenorm:
             h = self.norm1(x_BTC) if self.norm1 is not None else x_BTC
-            x_BTC = x_BTC + self.drop(self.attn(h, AttentionContext(mask=mask), rope=rope))
+            x_BTC = x_BTC + self.drop(self.attn(h, ctx, rope=rope))
             return x_BTC + self.drop(self.mlp(self.norm2(x_BTC)))
-        x_BTC = self.norm1(x_BTC + self.drop(self.attn(x_BTC, AttentionContext(mask=mask), rope=rope)))
+        x_BTC = self.norm1(x_BTC + self.drop(self.attn(x_BTC, ctx, rope=rope)))
         return self.norm2(x_BTC + self.drop(self.mlp(x_BTC)))
 
 
 class Encoder(nn.Module):
     """Bidirectional encoder with an optional task head (`cfg.head`).
 
-    forward(idx_BT, pad_mask_BT=None, token_type_BT=None) returns, by head:
+    forward(idx_BT, pad_mask_BT=None, token_type_BT=None, global_mask_BT=None) returns, by head:
         none -> hidden states (B, T, C); mlm -> vocabulary logits (B, T, V);
         sequence -> (B, num_labels); token -> (B, T, num_labels).
     `encode` gives the hidden states whatever the head; `mlm_logits(h_NC)` runs the MLM head on
@@ -351,9 +388,17 @@ class Encoder(nn.Module):
             local = band_TT[None, None] if glob is None else band_TT[None, None] & glob
         return glob, local
 
+    def default_global_mask(self, idx_BT: torch.Tensor) -> torch.Tensor | None:
+        """Longformer: which tokens are global when the caller does not say: [CLS] (the first token)
+        under a sequence head, as transformers' LongformerForSequenceClassification; none otherwise."""
+        if self.cfg.attention != "longformer" or self.cfg.head != "sequence":
+            return None
+        return global_attention_mask(idx_BT, "cls")
+
     def encode(self, idx_BT: torch.Tensor, pad_mask_BT: torch.Tensor | None = None,
-               token_type_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, C). pad_mask_BT: True for real tokens (padding keys are hidden)."""
+               token_type_BT: torch.Tensor | None = None, global_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C). pad_mask_BT: True for real tokens (padding keys are hidden).
+        global_mask_BT (longformer): True for global tokens; default `default_global_mask`."""
         cfg = self.cfg
         B, T = idx_BT.shape
         device = idx_BT.device
@@ -375,8 +420,16 @@ class Encoder(nn.Module):
                 x_BTC = x_BTC + self.type_emb(token_type_BT)
         x_BTC = self.drop(self.emb_norm(x_BTC))
 
-        valid_BT = pad_mask_BT.bool() if pad_mask_BT is not None and not bool(pad_mask_BT.all()) else None
-        glob, local = self._masks(T, valid_BT, device)
+        if cfg.attention == "longformer":
+            valid_BT = pad_mask_BT.bool() if pad_mask_BT is not None else torch.ones_like(idx_BT, dtype=torch.bool)
+            if global_mask_BT is None:
+                global_mask_BT = self.default_global_mask(idx_BT)
+            glob = local = GlobalTokens.build(valid_BT, global_mask_BT if global_mask_BT is not None
+                                              else torch.zeros_like(valid_BT))
+        else:
+            valid_BT = pad_mask_BT.bool() if pad_mask_BT is not None and not bool(pad_mask_BT.all()) else None
+            masks = self._masks(T, valid_BT, device)
+            glob, local = AttentionContext(mask=masks[0]), AttentionContext(mask=masks[1])
         rope = loc_rope = None
         if cfg.pos_encoding == "rope":
             rope = (self.rope_cos[:T][None], self.rope_sin[:T][None])
@@ -419,9 +472,11 @@ class Encoder(nn.Module):
         return self.classifier(self.drop(x))
 
     def forward(self, idx_BT: torch.Tensor, pad_mask_BT: torch.Tensor | None = None,
-                token_type_BT: torch.Tensor | None = None, select_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """select_BT (mlm head): logits (N, V) of the True positions only, as MLM training needs."""
-        h_BTC = self.encode(idx_BT, pad_mask_BT, token_type_BT)
+                token_type_BT: torch.Tensor | None = None, select_BT: torch.Tensor | None = None,
+                global_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """select_BT (mlm head): logits (N, V) of the True positions only, as MLM training needs.
+        global_mask_BT: a longformer's global tokens (see `encode`)."""
+        h_BTC = self.encode(idx_BT, pad_mask_BT, token_type_BT, global_mask_BT)
         head = self.cfg.head
         if head == "mlm":
             return self.mlm_logits(h_BTC if select_BT is None else h_BTC[select_BT])
@@ -447,6 +502,22 @@ class Encoder(nn.Module):
                 and not k.startswith("classifier.")}
         new.load_state_dict(keep, strict=False)
         return new
+
+
+def global_attention_mask(idx_BT: torch.Tensor, how: str, sep_id: Optional[int] = None) -> torch.Tensor:
+    """(B, T) bool global-token mask of `how` (GLOBAL_ATTENTION); "question" needs the separator id."""
+    if how not in GLOBAL_ATTENTION:
+        raise LMForgeError(f"global attention must be one of {', '.join(GLOBAL_ATTENTION)}, got '{how}'")
+    pos_BT = torch.arange(idx_BT.shape[1], device=idx_BT.device).expand_as(idx_BT)
+    if how == "cls":
+        return pos_BT == 0
+    if sep_id is None:
+        raise LMForgeError("global attention 'question' needs a tokenizer with a separator token")
+    is_sep_BT = idx_BT == sep_id
+    if not bool(is_sep_BT.any(1).all()):
+        raise LMForgeError("global attention 'question': a row has no separator token to end its question")
+    first_sep_B1 = is_sep_BT.int().argmax(1, keepdim=True)
+    return pos_BT < first_sep_B1
 
 
 def as_classifier(model: Encoder, labels: list[str], pooling: Optional[str] = None,
