@@ -119,8 +119,10 @@ def run_rounds(fed: Federation, grid: Grid) -> None:
         aggregated, metrics = strategy.aggregate_train(r, replies)
         if aggregated is None:
             raise LMForgeError(f"round {r}: no client replied")
-        arrays = aggregated
-        state = arrays.to_torch_state_dict()
+        # The global model stays in the model's dtype (FedAdam's numpy step returns float64), so a
+        # resumed run continues from exactly what the uninterrupted one holds.
+        state = {k: v.float() for k, v in aggregated.to_torch_state_dict().items()}
+        arrays = ArrayRecord(state)
         row = {"round": r, **evaluate_global(fed, state), "client_loss": float(metrics["train_loss"]),
                "bytes_sent": payload_bytes(messages), "bytes_received": payload_bytes(replies),
                "nodes": sorted(m.metadata.dst_node_id for m in messages), "lr": lr,
