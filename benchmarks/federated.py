@@ -1,7 +1,7 @@
 """FedAvg against centralised training and FedSGD on the LEAF-style Shakespeare federation.
 
     python benchmarks/federated.py [--data data/federated-shakespeare] [--out runs/federated] [--clients 100]
-                                   [--clients-per-round 10] [--rounds 30] [--local-steps 5] [--quick]
+                                   [--clients-per-round 10] [--rounds 20] [--local-steps 5] [--quick]
                                    [--results PATH]
 
 The demo model's shape (recipe demo: 4 x 256, SwiGLU, Muon) with a smaller batch; three runs from
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/federated")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--clients-per-round", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-steps", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="a tiny model, 4 clients, 2 rounds: checks the chain runs")
     add_results_flag(p, "federated")

@@ -708,8 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the figures and the resolved config as JSON")
 
     s = sub.add_parser("data", help="built-in datasets: sentiment (VADER's human-rated sentences, from PyPI), "
-                       "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare), federated-shakespeare "
-                       "(one client per speaking role per play, LEAF-style, for lmforge federated)")
+                       "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare), "
+                       "federated-shakespeare (one client per speaking role per play, LEAF-style, for lmforge "
+                       "federated)")
     s.add_argument("name", choices=["sentiment", "folio", "federated-shakespeare"], help="which dataset to build")
     s.add_argument("--out", required=True, help="output directory (train/val/test.jsonl + out-of-domain tests)")
     s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
@@ -724,20 +725,24 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Config keys: lmforge train --help-config")
     s.add_argument("--data", required=True, help="federated data directory (lmforge data federated-shakespeare)")
     s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--clients", type=_positive_int, required=True, help="clients of the federation (the data's first N)")
+    s.add_argument("--clients", type=_positive_int, required=True,
+                   help="clients of the federation (the data's first N)")
     s.add_argument("--clients-per-round", type=_positive_int, required=True, help="clients sampled each round")
     s.add_argument("--rounds", type=_positive_int, required=True, help="federated rounds")
     s.add_argument("--local-steps", type=_positive_int, required=True, help="optimizer steps per client per round")
     s.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"],
                    help="Flower strategy (default fedavg)")
-    s.add_argument("--proximal-mu", type=float, default=0.01, help="fedprox: weight of the proximal term (default 0.01)")
-    s.add_argument("--server-lr", type=float, default=0.01, help="fedadam: the server's Adam step size eta (default 0.01)")
+    s.add_argument("--proximal-mu", type=float, default=0.01,
+                   help="fedprox: weight of the proximal term (default 0.01)")
+    s.add_argument("--server-lr", type=float, default=0.01,
+                   help="fedadam: the server's Adam step size eta (default 0.01)")
     s.add_argument("--base", help="start from this model (run or model directory) instead of a fresh one")
     s.add_argument("--config", help="YAML config file with sections model, train")
     s.add_argument("--recipe", help="a config shipped with lmforge: demo, speedrun, baseline")
-    s.add_argument("--engine", default="auto", choices=["auto", "simulation", "inprocess"],
+    s.add_argument("--engine", default="auto", choices=["auto", "simulation", "inprocess", "deployment"],
                    help="simulation: Flower's simulation engine (needs ray); inprocess: the same apps on an "
-                        "in-process grid; auto (default): simulation when ray is installed")
+                        "in-process grid; auto (default): simulation when ray is installed; deployment: write "
+                        "RUN/run_config.toml and print the flower-superlink / flower-supernode / flwr run commands")
     s.add_argument("--resume", action="store_true", help="continue the run in --out after its last completed round")
     s.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     add_runtime_arguments(s, device=False)
@@ -844,7 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # verbs that compute: they take --threads (finetune, with its own parser, too)
-COMPUTE_VERBS = {"train", "federated", "generate", "eval", "chat", "serve", "embed", "classify", "score", "bench", "quantize", "merge"}
+COMPUTE_VERBS = {"train", "generate", "eval", "chat", "serve", "embed", "classify", "score", "bench", "quantize", "merge",
+                 "federated"}
 _TAKES_OVERRIDES = {"train", "info", "federated"}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
@@ -105,17 +106,63 @@ def test_one_client_one_round_is_plain_local_training(tmp_path, one_thread):
         assert torch.equal(fed[k], plain[k]), k
 
 
+def test_a_model_carrying_a_lora_adapter_exchanges_only_the_adapter(tmp_path, one_thread):
+    """With a LoRA adapter on the model (nn/lora.py) a client trains and returns the adapter alone;
+    the frozen base weights stay as they were."""
+    from lmforge.federated.client import local_training
+    from lmforge.federated.setup import Federation, exchanged_state, federation
+    from lmforge.nn.lora import LoRASettings, add_lora, adapter_state_dict
+
+    data = federated_data(tmp_path / "data", 2)
+    fed = federation(settings(data, tmp_path / "run"))
+    template = fed.new_model()
+    add_lora(template, LoRASettings(r=2, targets="q,v"))
+    fed = Federation(**{**fed.__dict__, "template": template})
+    start = exchanged_state(template)
+    assert set(start) == set(adapter_state_dict(template)) and all(".lora_" in k for k in start)
+    state, loss = local_training(fed, 0, start, server_round=1, lr=3e-3, muon_lr=0.02)
+    assert set(state) == set(start) and loss > 0
+    changed = [k for k in start if not torch.equal(start[k], state[k])]
+    assert any(".lora_B." in k for k in changed)  # B starts at zero and moved
+    trained = fed.new_model(state)
+    base = {k: v for k, v in template.state_dict().items() if ".adapters." not in k}
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in base.items())
+
+
+def test_base_model_starts_the_federation_and_fixes_its_architecture(tmp_path, one_thread):
+    from lmforge.federated.run import run_federated
+    from lmforge.federated.setup import federation, run_config_of
+    from lmforge.train.pretrain import run_training
+
+    data = federated_data(tmp_path / "data", 2)
+    run_training(str(data), str(tmp_path / "base"), overrides=FED_TINY + ["--train.max_steps", "2"])
+    base_dir = ckpt_io.latest_checkpoint(tmp_path / "base")
+    train_only = [a for a in FED_TINY if not a.startswith("--model.") and a != "tiny"]
+    with pytest.raises(LMForgeError, match=r"fixes the model; drop the model.\* keys \(preset\)"):
+        run_federated(str(data), str(tmp_path / "fed"), clients=2, clients_per_round=1, rounds=1, local_steps=1,
+                      base=str(tmp_path / "base"), overrides=FED_TINY, engine="inprocess")
+    run_federated(str(data), str(tmp_path / "fed"), clients=2, clients_per_round=1, rounds=1, local_steps=1,
+                  base=str(tmp_path / "base"), overrides=train_only, engine="inprocess")
+    saved = yaml.safe_load((tmp_path / "fed" / "config.yaml").read_text())["federated"]  # the run's settings
+    run_config = run_config_of({**saved, "out": str(tmp_path / "fed"), "config": json.dumps(saved["config"])})
+    template = federation(run_config).template  # round 0's global model: the base's weights
+    assert all(torch.equal(v, weights(base_dir)[k]) for k, v in ckpt_io.model_state_for_saving(template).items())
+    assert (json.loads((tmp_path / "fed" / "model" / "model_config.json").read_text())
+            == json.loads((base_dir / "model_config.json").read_text()))
+
+
 RESUME_ARGS = ["--clients", "3", "--clients-per-round", "2", "--rounds", "3", "--local-steps", "2",
                "--strategy", "fedadam", "--engine", "inprocess", *FED_TINY]
 
 
-def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path):
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, one_thread):
     """A run SIGKILLed while round 3's clients train resumes from round 2's global model (and FedAdam's
     moments) and ends where the uninterrupted run ends, bit for bit, with the same sampled nodes."""
+    from lmforge.cli import main
+
     data = federated_data(tmp_path / "data", 3)
     cli = ["federated", "--data", str(data), *RESUME_ARGS]
-    whole = run_python(f"from lmforge.cli import main; raise SystemExit(main({cli + ['--out', str(tmp_path / 'a')]!r}))")
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert main(cli + ["--out", str(tmp_path / "a")]) == 0
     kill = ("import os, signal\n"
             "import lmforge.federated.client as c\n"
             "_local = c.local_training\n"
@@ -129,15 +176,14 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path):
     assert killed.returncode == -9
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    again = run_python(f"from lmforge.cli import main; raise SystemExit(main({b + ['--resume']!r}))")
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "b" / "model" / "federated_state.json").read_text())["round"] == 2
+    assert main(b + ["--resume"]) == 0
     wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ra = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
-    assert strip(ra) == strip(rb)
-    assert len(ra) == 3 and ra[-1]["val_bits_per_byte"] < ra[0]["val_bits_per_byte"] + 1.0
+    assert strip(ra) == strip(rb) and [r["round"] for r in ra] == [1, 2, 3]
     assert json.loads((tmp_path / "b" / "model" / "federated_state.json").read_text())["round"] == 3
 
 
@@ -152,20 +198,35 @@ def test_cli_refuses_a_used_run_and_bad_settings(tmp_path, capsys, one_thread):
     assert not (tmp_path / "run").exists()
     assert main(base[:4] + ["5"] + base[5:] + ["--clients-per-round", "1"]) == 2
     assert f"error: --clients 5: {data} holds 2 clients" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # a user error writes nothing
     assert main(base + ["--clients-per-round", "1"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rounds"] == 1 and (tmp_path / "run" / "loss.png").is_file()
     assert main(base + ["--clients-per-round", "1"]) == 2
     assert "already holds a federated run; pass --resume" in capsys.readouterr().err
     assert main(base + ["--clients-per-round", "1", "--resume", "--train.lr", "1e-2"]) == 2
-    assert "the settings differ from those" in capsys.readouterr().err
+    assert (f"error: the settings differ from those {tmp_path / 'run'} was started with: train.lr (0.003 -> 0.01); "
+            "only --rounds may change on --resume") in capsys.readouterr().err
     assert main(base + ["--clients-per-round", "1", "--engine", "simulation", "--overwrite"]) == 2
     assert "only backend in flwr is Ray, and ray is not installed" in capsys.readouterr().err
+    deploy = base + ["--clients-per-round", "2", "--engine", "deployment", "--overwrite"]
+    assert main(deploy) == 0  # writes Flower's run config for `flwr run`, runs nothing
+    printed = json.loads(capsys.readouterr().out)
+    import tomllib
+
+    run_config = tomllib.loads((tmp_path / "run" / "run_config.toml").read_text())
+    assert run_config["clients"] == 2 and run_config["data"] == str(data) and run_config["rounds"] == 1
+    assert json.loads(run_config["config"])["train"]["seq_len"] == 16
+    toml_path = tmp_path / "run" / "run_config.toml"
+    assert printed["flwr_run"].endswith(f"local-deployment --run-config {toml_path} --stream")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 PLAYS = {
-    "hamlet_gut.txt": "HAMLET\n\n\nHAMLET.\nTo be, or not to be, that is the question.\n\nHORATIO.\nHail to your lordship.\n",
-    "macbeth_gut.txt": ("MACBETH\n\n\nFIRST WITCH.\nWhen shall we three meet again?\nIn thunder, lightning, or in rain?\n\n"
+    "hamlet_gut.txt": ("HAMLET\n\n\nHAMLET.\nTo be, or not to be, that is the question.\n\n"
+                       "HORATIO.\nHail to your lordship.\n"),
+    "macbeth_gut.txt": ("MACBETH\n\n\nFIRST WITCH.\nWhen shall we three meet again?\n"
+                        "In thunder, lightning, or in rain?\n\n"
                         "MACBETH.\nSo foul and fair a day I have not seen.\n\n[Enter Banquo.]\n\n"
                         "FIRST WITCH.\nAll hail, Macbeth!\n\nMACBETH.\nStay, you imperfect speakers.\n"),
     "tempest_gut.txt": "THE TEMPEST\n\n\nPROSPERO.\nWe are such stuff as dreams are made on.\n",
@@ -204,8 +265,8 @@ def test_federated_shakespeare_clients_are_roles_of_training_plays_only(tmp_path
     texts = {(c["play"], c["role"]): tok.decode(train[c["offset"]:c["offset"] + c["tokens"] - 1].tolist())
              for c in clients}
     assert texts == {
-        ("macbeth", "FIRST WITCH"): "FIRST WITCH.\nWhen shall we three meet again?\nIn thunder, lightning, or in rain?\n"
-                                    "\nFIRST WITCH.\nAll hail, Macbeth!\n",
+        ("macbeth", "FIRST WITCH"): "FIRST WITCH.\nWhen shall we three meet again?\n"
+                                    "In thunder, lightning, or in rain?\n\nFIRST WITCH.\nAll hail, Macbeth!\n",
         ("macbeth", "MACBETH"): "MACBETH.\nSo foul and fair a day I have not seen.\n\nMACBETH.\nStay, you imperfect "
                                 "speakers.\n",
         ("tempest", "PROSPERO"): "PROSPERO.\nWe are such stuff as dreams are made on.\n"}

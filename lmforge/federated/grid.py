@@ -54,7 +54,8 @@ class InProcessGrid(Grid):
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids number them
-            self._replies[message.metadata.message_id] = self.client_app(message, self.contexts[message.metadata.dst_node_id])
+            context = self.contexts[message.metadata.dst_node_id]
+            self._replies[message.metadata.message_id] = self.client_app(message, context)
             ids.append(message.metadata.message_id)
         return ids
 

@@ -11,6 +11,8 @@ The model and training config are `lmforge train`'s (--recipe < --config < --mod
               pip install "flwr[simulation]")
   inprocess   the apps on an in-process Grid (grid.py), sequentially: no ray needed
   auto        simulation when ray is installed, else inprocess
+  deployment  Flower's deployment engine (flower-superlink / flower-supernode processes): runs
+              nothing here, writes RUN/run_config.toml and returns the `flwr run` command
 RUN holds config.yaml (the federated settings + the train config), metrics.jsonl, loss.png and
 model/ (server.py). A RUN holding a federated run needs --resume (continue after its last completed
 round; only --rounds may change) or --overwrite.
@@ -31,10 +33,12 @@ import yaml
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
 from lmforge.federated.setup import SETTINGS, check_settings, federation, run_config_of
-from lmforge.train.config import build_config, gather_config_dict
+from lmforge.train.config import build_config, config_differences, gather_config_dict
 
-ENGINES = ("auto", "simulation", "inprocess")
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "loss.png", "model")
+ENGINES = ("auto", "simulation", "inprocess", "deployment")
+FLOWER_APP = Path(__file__).parent / "flower_app"  # the apps as a Flower App (its pyproject.toml)
+RUN_CONFIG_TOML = "run_config.toml"
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "loss.png", "model", "run_config.toml")
 RESUMABLE = ("rounds",)  # settings that may change on resume
 
 
@@ -60,8 +64,11 @@ def run_federated(data: str, out: str, *, clients: int, clients_per_round: int, 
                               "strategy": strategy, "proximal-mu": proximal_mu, "server-lr": server_lr,
                               "base": base or "", "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True)})
     check_settings(settings)
-    _prepare_out(Path(out), settings, resume, overwrite)
-    fed = federation(settings)  # every check of data, clients and model before the first round
+    _check_out(Path(out), settings, resume, overwrite)
+    fed = federation(settings)  # every check of data, clients and model before anything is written
+    _start_out(Path(out), settings, overwrite)
+    if engine == "deployment":
+        return _deployment(Path(out), settings)
     from lmforge.federated.client import make_client_app
     from lmforge.federated.server import make_server_app
 
@@ -69,7 +76,8 @@ def run_federated(data: str, out: str, *, clients: int, clients_per_round: int, 
 
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
-    flwr_log.setLevel(logging.ERROR)  # Flower's per-round INFO lines (and its note that fraction_evaluate=0 skips client evaluation)
+    # Flower's per-round INFO lines, and its warning that fraction_evaluate=0 skips client-side evaluation
+    flwr_log.setLevel(logging.ERROR)
     try:
         if _engine(engine) == "simulation":
             from flwr.simulation import run_simulation
@@ -89,6 +97,19 @@ def run_federated(data: str, out: str, *, clients: int, clients_per_round: int, 
     return {"run_dir": str(out), "rounds": last.get("round", 0), "val_bits_per_byte": last.get("val_bits_per_byte"),
             "client_loss": last.get("client_loss"), "model": str(Path(out) / "model"),
             "clients": len(fed.clients)}
+
+
+def _deployment(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """RUN/run_config.toml (Flower's run config of this run) and the commands that run it."""
+    toml = "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())  # JSON scalars are TOML scalars
+    ckpt_io.atomic_write_text(out / RUN_CONFIG_TOML, toml)
+    n = settings["clients"]
+    nodes = [f"flower-supernode --insecure --superlink 127.0.0.1:9092 --port {9094 + p} "
+             f"--node-config 'partition-id={p} num-partitions={n}'" for p in range(n)]
+    return {"run_dir": str(out), "run_config": str(out / RUN_CONFIG_TOML),
+            "superlink": "flower-superlink --insecure --disable-runtime-dependency-installation --port 9092",
+            "supernodes": nodes,
+            "flwr_run": f"flwr run {FLOWER_APP} local-deployment --run-config {out / RUN_CONFIG_TOML} --stream"}
 
 
 def _engine(engine: str) -> str:
@@ -115,8 +136,8 @@ def _base_model_section(base: str, data: str) -> dict[str, Any]:
     return base_model_section(base)
 
 
-def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs; on --resume the saved settings must match; write RUN/config.yaml."""
+def _check_out(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs; on --resume the saved settings must match (reads only)."""
     saved_path = out / ckpt_io.RUN_CONFIG
     has_run = (out / "model").is_dir() or (out / ckpt_io.RUN_METRICS).is_file()
     if out.exists() and not out.is_dir():
@@ -129,10 +150,17 @@ def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, overwrite: b
     if has_run and resume and saved_path.is_file():
         saved = (yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}).get("federated", {})
         now = _config_yaml(settings)["federated"]
-        diffs = [f"{k} ({saved.get(k)} -> {now[k]})" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+        diffs = [f"{k} ({saved.get(k)} -> {now[k]})" for k in now
+                 if k not in (*RESUMABLE, "config") and saved.get(k) != now[k]]
+        diffs += config_differences(saved.get("config") or {}, now["config"])
         if diffs:
             raise LMForgeError(f"the settings differ from those {out} was started with: {'; '.join(diffs)}; "
                                f"only {', '.join('--' + k for k in RESUMABLE)} may change on --resume")
+
+
+def _start_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """--overwrite: remove the old run's entries; then RUN/config.yaml."""
+    saved_path = out / ckpt_io.RUN_CONFIG
     if overwrite:
         for name in RUN_ENTRIES:
             p = out / name

@@ -100,6 +100,7 @@ def evaluate_global(fed: Federation, state: dict[str, torch.Tensor]) -> dict[str
 
 def run_rounds(fed: Federation, grid: Grid) -> None:
     out = Path(fed.settings["out"])
+    out.mkdir(parents=True, exist_ok=True)  # under the deployment engine nothing made it before
     strategy = make_strategy(fed)
     done, state = resume_point(fed, strategy)
     rows = [r for r in read_rows(out / ckpt_io.RUN_METRICS) if r.get("round", 0) <= done] \

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from lmforge.checkpoint import load_state_checked, model_state_for_saving
+from lmforge.config import from_dict
 from lmforge.data.dataset import TokenData
 from lmforge.data.federated_shakespeare import read_clients
 from lmforge.errors import LMForgeError
 from lmforge.nn.lora import adapter_state_dict, has_lora
-from lmforge.config import from_dict
 from lmforge.train.config import RunConfig
 from lmforge.train.job import TrainJob
 from lmforge.train.pretrain import pretraining_job
