@@ -106,6 +106,28 @@ def test_one_client_one_round_is_plain_local_training(tmp_path, one_thread):
         assert torch.equal(fed[k], plain[k]), k
 
 
+def test_fedprox_adds_the_proximal_term_and_runs_a_round(tmp_path, one_thread):
+    """FedProx's client loss is the objective's plus mu/2 * ||w - w_global||^2 (Li et al.), and a
+    --strategy fedprox round sends `proximal-mu` to the clients through Flower's FedProx."""
+    from lmforge.federated.client import ProximalObjective
+    from lmforge.federated.run import run_federated
+    from lmforge.federated.setup import exchanged_state, federation
+
+    data = federated_data(tmp_path / "data", 2)
+    fed = federation(settings(data, tmp_path / "unused"))
+    model = fed.new_model()
+    anchor = {k: v + 0.5 for k, v in exchanged_state(model).items()}
+    batch = fed.server_job.eval_batches()[0]
+    inner, _ = fed.server_job.objective(model, batch)
+    loss, stats = ProximalObjective(fed.server_job.objective, anchor, mu=0.1)(model, batch)
+    n = sum(v.numel() for k, v in anchor.items() if k in dict(model.named_parameters()))
+    assert float(stats["proximal"]) == pytest.approx(0.25 * n, rel=1e-5)
+    assert float(loss) == pytest.approx(float(inner) + 0.05 * 0.25 * n, rel=1e-5)
+    out = run_federated(str(data), str(tmp_path / "prox"), clients=2, clients_per_round=2, rounds=1, local_steps=1,
+                        strategy="fedprox", proximal_mu=0.1, overrides=FED_TINY, engine="inprocess")
+    assert out["rounds"] == 1 and out["client_loss"] > 0
+
+
 def test_a_model_carrying_a_lora_adapter_exchanges_only_the_adapter(tmp_path, one_thread):
     """With a LoRA adapter on the model (nn/lora.py) a client trains and returns the adapter alone;
     the frozen base weights stay as they were."""

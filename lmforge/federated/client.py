@@ -31,6 +31,7 @@ from lmforge.train.loop import train_job
 from lmforge.train.metrics import read_rows
 from lmforge.train.pretrain import pretraining_job
 
+
 def make_client_app(settings: dict[str, Any] | None = None) -> ClientApp:
     """The ClientApp; it reads the federation from `settings`, else from Flower's run config."""
     app = ClientApp()

@@ -7,7 +7,7 @@ mean, weights `num-examples`; FedProx: the same, clients add the proximal term; 
 averaged update, server-side). The new global model is evaluated on the held-out plays (the val
 split: loss and bits per byte as `lmforge train` computes them) and written, in this order:
   RUN/metrics.jsonl  one row per round: round, val_loss, val_bits_per_byte, client_loss (the clients'
-                     mean local loss, weighted like the aggregation), bytes_sent / bytes_received
+                     mean local loss, weighted like the aggregation; FedProx's includes its term), bytes_sent / bytes_received
                      (ArrayRecord payload bytes to and from the clients), nodes (sampled node ids),
                      lr, elapsed
   RUN/loss.png       val bits per byte and client loss against the round
