@@ -104,7 +104,7 @@ clean:
 RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment \
-                  results-distill
+                  results-distill results-lora-chat results-tool-demo results-federated
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
                   results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured \
                   results-lora-memory results-longformer
@@ -196,6 +196,14 @@ results-structured: dev  # JSON-Schema mask cost per token next to a decode step
 
 results-lora-memory: dev  # peak RSS of an SFT step, GPT-2 124M shape at 8 x 512: full fine-tuning vs LoRA r=16 vs QLoRA int4
 	$(TIMED) $(PY) benchmarks/lora_memory.py --results $(RESULTS)
+
+results-lora-chat: dev  # the chat demo's SFT, full vs LoRA r=64 all-linear, at the same 8-minute budget (a quiet machine)
+	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
+	$(TIMED) $(PY) benchmarks/lora_chat.py --base $(DEMO_RUN) --data $(CHAT_DATA) --minutes 8 --results $(RESULTS)
+
+results-tool-demo: dev  # make tool-demo: SFT on tool-use conversations, exact match with tools vs the chat demo without
+	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
+	$(TIMED) $(PY) -m lmforge.demo.tool_demo --chat $(CHAT_RUN) --data $(TOOL_DATA) --out runs/tool-demo --results $(RESULTS)
 
 results-parity: dev  # logit differences against transformers, every family (docs/parity.md)
 	$(TIMED) $(PY) benchmarks/parity.py --results $(RESULTS)
