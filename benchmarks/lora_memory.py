@@ -36,7 +36,8 @@ TARGETS = {"lora": 0.45, "qlora": 0.30}  # peak RSS / full fine-tuning's, at mos
 TRAINABLE_TARGET = 0.02
 
 
-def step_memory(variant: str, shape: str, batch: int, seq: int, r: int, group: int) -> dict[str, Any]:
+def step_memory(variant: str, shape: str, batch: int, seq: int, r: int, group: int,
+                checkpointing: bool = False) -> dict[str, Any]:
     """In this process: peak RSS of two SFT optimizer steps of `variant` (run in a fresh process)."""
     import torch
 
@@ -55,6 +56,10 @@ def step_memory(variant: str, shape: str, batch: int, seq: int, r: int, group: i
                                                      group_size=group if qlora else None)
     base_params = trainable_parameters(model)[1]  # counted before quantising: QLoRA's base holds buffers
     prepare_lora(model, lora, seed=0)
+    if checkpointing:  # --train.activation_checkpointing: blocks recompute their activations in backward
+        from lmforge.train.distributed import checkpoint_activations
+
+        checkpoint_activations(model)
     model.train()
     trained = trainable_parameters(model)[0]
     total = base_params + sum(p.numel() for n, p in model.named_parameters() if ".adapters." in n)
@@ -75,18 +80,20 @@ def step_memory(variant: str, shape: str, batch: int, seq: int, r: int, group: i
             "loss": round(float(loss), 4), "step_seconds": round((time.perf_counter() - t0) / 2, 2)}
 
 
-def measure(variant: str, shape: str, batch: int, seq: int, r: int, group: int) -> dict[str, Any]:
+def measure(variant: str, shape: str, batch: int, seq: int, r: int, group: int,
+            checkpointing: bool = False) -> dict[str, Any]:
     """`step_memory` in a fresh process (so each peak is its own)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--shape", shape, "--batch", str(batch),
-           "--seq", str(seq), "--r", str(r), "--group-size", str(group)]
+           "--seq", str(seq), "--r", str(r), "--group-size", str(group)] + \
+        (["--activation-checkpointing"] if checkpointing else [])
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{variant}: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(shape: str, batch: int, seq: int, r: int, group: int) -> dict[str, Any]:
-    rows = {v: measure(v, shape, batch, seq, r, group) for v in VARIANTS}
+def run(shape: str, batch: int, seq: int, r: int, group: int, checkpointing: bool = False) -> dict[str, Any]:
+    rows = {v: measure(v, shape, batch, seq, r, group, checkpointing) for v in VARIANTS}
     full = rows["full"]["peak_rss_bytes"]
     verdicts = []
     for v, goal in TARGETS.items():
@@ -101,6 +108,7 @@ def run(shape: str, batch: int, seq: int, r: int, group: int) -> dict[str, Any]:
     from lmforge.bench.machine import machine_info
 
     return {"shape": shape, "batch": batch, "seq_len": seq, "r": r, "targets": "all-linear", "quantize": f"int4 g{group}",
+            "activation_checkpointing": checkpointing,
             "variants": rows, "verdicts": verdicts, "machine": machine_info()}
 
 
@@ -114,6 +122,8 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--group-size", type=int, default=128, help="QLoRA's int4 group size")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="every variant with --train.activation_checkpointing (blocks recompute activations)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the JSON result here")
     add_results_flag(p, "lora-memory")
@@ -121,10 +131,11 @@ def main() -> int:
     if args.quick:
         args.shape, args.batch, args.seq, args.group_size = "tiny", 2, 32, 32
     if args.child:
-        print(json.dumps(step_memory(args.child, args.shape, args.batch, args.seq, args.r, args.group_size)))
+        print(json.dumps(step_memory(args.child, args.shape, args.batch, args.seq, args.r, args.group_size,
+                                         args.activation_checkpointing)))
         return 0
     t0 = time.perf_counter()
-    result = run(args.shape, args.batch, args.seq, args.r, args.group_size)
+    result = run(args.shape, args.batch, args.seq, args.r, args.group_size, args.activation_checkpointing)
     for v in result["verdicts"]:
         print(v["text"], "met" if v["met"] else "NOT met", file=sys.stderr)
     publish("lora-memory", result, json_path=args.json, results=args.results, wall_s=time.perf_counter() - t0)
