@@ -179,7 +179,8 @@ def png_img(fig: Any, alt: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return (f'<div class="fig"><img alt="{esc(alt)}" '
+            f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"></div>')
 
 
 def not_applicable(result: dict[str, Any]) -> str:
