@@ -89,7 +89,8 @@ def test_default_threads_honours_omp_num_threads_else_half_the_usable_cores(monk
         runtime.set_threads(0)
 
 
-COMPUTING = ["train", "generate", "eval", "chat", "agent", "serve", "embed", "classify", "score", "bench", "quantize", "merge"]
+COMPUTING = ["train", "generate", "eval", "chat", "agent", "serve", "embed", "classify", "score", "bench", "quantize", "merge",
+             "report", "explain"]
 
 
 def test_every_verb_that_computes_takes_threads_with_its_help():

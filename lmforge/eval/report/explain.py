@@ -161,7 +161,7 @@ class Explained:
         tasks = self.llm.tasks
         if "classify" in tasks:
             return "label"
-        if self.family == "seq2seq":
+        if "generate" in tasks and "continue" not in tasks:  # an encoder-decoder: its output is a new target
             return "first_target_token"
         if "generate" in tasks:
             return "next_token"
