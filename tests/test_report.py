@@ -92,7 +92,7 @@ def test_report_json_keys_html_and_energy_section(run, tmp_path):
     saved = json.loads((tmp_path / "card" / "report.json").read_text())
     assert set(saved) == {"model", "data", "compute", "energy", "explanations"}
     assert saved["model"]["family"] == "decoder" and saved["model"]["parameters"] == report["model"]["parameters"]
-    assert saved["data"] == {"dir": str(d / "data"), "source": "the run's recorded data directory",
+    assert saved["data"] == {"dir": str((d / "data").resolve()), "source": "the run's recorded data directory",
                              "meta": saved["data"]["meta"]}
     e = saved["energy"]
     assert {"kwh", "kg_co2e", "method"} <= set(e) and e["method"] == "estimated"

@@ -130,8 +130,10 @@ def _data_card(data_dir: Path | None, given: bool) -> dict[str, Any]:
             recorded = json.loads(meta.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             recorded = None
-        if isinstance(recorded, dict):
-            card["meta"] = {k: v for k, v in recorded.items() if isinstance(v, (str, int, float, bool, dict, list))}
+        if isinstance(recorded, dict):  # what the data is, not every source file's record
+            card["meta"] = {k: v for k, v in recorded.items() if isinstance(v, (str, int, float, bool, dict))}
+            if isinstance(recorded.get("sources"), list):
+                card["meta"]["n_sources"] = len(recorded["sources"])
     return card
 
 

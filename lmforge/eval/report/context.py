@@ -47,4 +47,4 @@ def recorded_data_dir(model_path: Path | None) -> Path | None:
         return None
     state, _ = ckpt_io.load_train_state(ckpt, with_tensors=False)
     recorded = (state.get("data") or {}).get("dir")
-    return Path(recorded) if recorded and Path(recorded).is_dir() else None
+    return Path(recorded).resolve() if recorded and Path(recorded).is_dir() else None

@@ -71,9 +71,10 @@ def run(ctx: ReportContext) -> dict[str, Any]:
         return _absent(f"the run {run_dir} has no checkpoint yet")
     state, _ = ckpt_io.load_train_state(ckpt, with_tensors=False)
     energy = state.get("energy")
-    if not energy or energy.get("kwh") is None:
-        return _absent(f"the run {run_dir} has no energy figures (trained before lmforge logged them, or the "
-                       f"tracker was unavailable: {(energy or {}).get('error')})")
+    if not energy:
+        return _absent(f"the run {run_dir} has no energy figures: it was trained before lmforge logged them")
+    if energy.get("kwh") is None:
+        return _absent(f"the run {run_dir} has no energy figures: codecarbon was unavailable ({energy.get('error')})")
     tokens = int(state.get("tokens") or 0)
     seq_len = ((state.get("config") or {}).get("train") or {}).get("seq_len")
     per_token = ctx.llm.config.flops_per_token(seq_len)
