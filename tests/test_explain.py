@@ -37,7 +37,8 @@ def captum_attributions(llm, ex: Explained, steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("make", [decoder_llm, lambda: decoder_llm(pos_encoding="rope"), decoder_classifier_llm,
-                                  encoder_llm], ids=["decoder", "decoder-rope", "decoder-classifier", "encoder-classifier"])
+                                  encoder_llm],
+                         ids=["decoder", "decoder-rope", "decoder-classifier", "encoder-classifier"])
 def test_integrated_gradients_equal_captum_and_are_complete(make):
     llm = make()
     ex = Explained(llm, TEXT, None)

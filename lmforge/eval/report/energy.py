@@ -18,6 +18,7 @@ training figures: the section says so.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from lmforge import checkpoint as ckpt_io
@@ -106,8 +107,6 @@ def run(ctx: ReportContext) -> dict[str, Any]:
 
 def _metrics_rows(run_dir: Any) -> list[dict[str, Any]]:
     """metrics.jsonl rows of the run (none when it has no metrics file)."""
-    import json
-
     path = run_dir / ckpt_io.RUN_METRICS
     rows = []
     if path.is_file():
@@ -131,7 +130,8 @@ def html(result: dict[str, Any]) -> str:
                     ("method", result["method"]),
                     ("grid", f"{d.get('region')} ({_fmt(d.get('carbon_intensity_g_per_kwh'), ' g CO2e/kWh')})"),
                     ("tokens trained", f"{result['tokens']:,}"),
-                    ("FLOPs", f"{result['flops']:.4g} ({result['flops_per_token']:,} per token at T={result['seq_len']})"),
+                    ("FLOPs", f"{result['flops']:.4g} ({result['flops_per_token']:,} per token at "
+                              f"T={result['seq_len']})"),
                     ("training time", _fmt(result.get("training_seconds"), " s")),
                     ("kWh per PFLOP", _fmt(result.get("kwh_per_pflop")))])]
     methods = d.get("component_methods") or {}
@@ -141,7 +141,8 @@ def html(result: dict[str, Any]) -> str:
     if result["extrapolated"]:
         rows = []
         for e in result["extrapolated"]:
-            for label, key in (("this run's tokens", "same_tokens"), (f"{TOKENS_PER_PARAM} tokens/param", "compute_optimal")):
+            for label, key in (("this run's tokens", "same_tokens"),
+                               (f"{TOKENS_PER_PARAM} tokens/param", "compute_optimal")):
                 x = e[key]
                 rows.append((e["preset"], f"{e['parameters']:,}", label, f"{x['tokens']:.3g}", f"{x['flops']:.3g}",
                              _fmt(x["kwh"]), _fmt(x["kg_co2e"])))

@@ -30,7 +30,6 @@ relative to that difference (within 1% is the bar; more steps close it).
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
-from lmforge.eval.report import esc, not_applicable, png_img, table
+from lmforge.eval.report import esc, png_img, table
 from lmforge.eval.report.context import ReportContext
 from lmforge.models.seq2seq import MultiHeadAttention
 from lmforge.nn.layers import Attention
@@ -153,7 +152,8 @@ class Explained:
         self.baseline_token = self.tok.id_to_token(pad)
         if self.kind == "masked_token":
             if self.tok.mask_id not in self.ids:
-                raise LMForgeError(f"a masked-LM encoder explains the token at a mask: put {self.tok.id_to_token(self.tok.mask_id)} in the text")
+                mask = self.tok.id_to_token(self.tok.mask_id)
+                raise LMForgeError(f"a masked-LM encoder explains the token at a mask: put {mask} in the text")
             self.position = self.ids.index(self.tok.mask_id)
         self.target_id, self.target_name = self._target(target)
 
@@ -414,6 +414,4 @@ def html(result: dict[str, Any]) -> str:
         for stack in ex["attention"]:
             if stack in ex["rollout"] or len(ex["attention"]) == 1:
                 parts.append(png_img(attention_figure(ex, stack), f"attention {stack}: {ex['text']}"))
-    if not math.isfinite(sum(e["completeness"]["relative_error"] for e in result["examples"])):
-        parts.append('<p class="na">An output difference is zero, so the completeness gap is undefined.</p>')
     return "\n".join(parts)
