@@ -44,24 +44,29 @@ def run(tmp_path_factory):
 
 def test_every_run_logs_energy_with_its_method(run):
     d, summary = run
-    e = summary["energy"]
-    assert e["method"] == "estimated"  # this machine has no readable RAPL counters and no GPU
-    assert e["kwh"] > 0 and e["kg_co2e"] > 0 and e["region"] == "FRA"
+    from codecarbon.core.cpu import is_rapl_available
+    from codecarbon.core.gpu import is_nvidia_system
     from codecarbon.input import DataSource
 
+    rapl, nvidia = is_rapl_available(), is_nvidia_system()
+    method = "measured" if rapl else "partly measured" if nvidia else "estimated"  # this machine: estimated
+    e = summary["energy"]
+    assert e["method"] == method
+    assert e["kwh"] > 0 and e["kg_co2e"] > 0 and e["region"] == "FRA"
     # CO2e = kWh x the grid intensity codecarbon's offline data give France
     assert e["carbon_intensity_g_per_kwh"] == pytest.approx(
         DataSource().get_global_energy_mix_data()["FRA"]["carbon_intensity"], rel=1e-3)
-    assert e["component_methods"]["cpu"].startswith("estimated: codecarbon cpu_load")
-    assert e["component_methods"]["gpu"] == "no GPU"
+    assert e["component_methods"]["cpu"].startswith("measured: RAPL" if rapl else "estimated: codecarbon cpu_load")
+    gpu = e["component_methods"]["gpu"]
+    assert gpu.startswith("measured: NVML") if nvidia else gpu == "no GPU"
     rows = [r for r in read_metrics(d / "run") if "loss" in r]
     assert all({"energy_kwh", "kg_co2e", "energy_method"} <= set(r) for r in rows)
     measured = [r for r in rows if r["energy_method"] != "pending"]
-    assert measured and all(r["energy_method"] == "estimated" for r in measured)
+    assert measured and all(r["energy_method"] == method for r in measured)
     kwh = [r["energy_kwh"] for r in measured]
     assert kwh == sorted(kwh) and kwh[-1] <= e["kwh"]
     state = json.loads(next((d / "run" / "checkpoints").glob("step_*/train_state.json")).read_text())
-    assert state["energy"]["method"] == "estimated" and 0 < state["energy"]["kwh"] <= e["kwh"]
+    assert state["energy"]["method"] == method and 0 < state["energy"]["kwh"] <= e["kwh"]
 
 
 def test_resumed_run_counts_energy_on(run, tmp_path):
@@ -95,7 +100,7 @@ def test_report_json_keys_html_and_energy_section(run, tmp_path):
     assert saved["data"] == {"dir": str((d / "data").resolve()), "source": "the run's recorded data directory",
                              "meta": saved["data"]["meta"]}
     e = saved["energy"]
-    assert {"kwh", "kg_co2e", "method"} <= set(e) and e["method"] == "estimated"
+    assert {"kwh", "kg_co2e", "method"} <= set(e) and e["method"] == summary["energy"]["method"]
     state = json.loads(open(e["checkpoint"] + "/train_state.json").read())
     assert e["kwh"] == state["energy"]["kwh"] and e["tokens"] == state["tokens"] == summary["tokens"]
     llm = LLM.load(d / "run")
@@ -137,6 +142,8 @@ def test_section_names_and_errors(tmp_path, capsys):
     with pytest.raises(LMForgeError, match="unknown report section 'energi'; sections: bias, energy, explain, "
                                            "explanations, memorisation"):
         section_keys("energi")
+    assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "card"), "--option", "seed"]) == 2
+    assert "error: --option takes NAME=VALUE, got 'seed'" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "card")]) == 2
     assert "error: checkpoint not found" in capsys.readouterr().err and not (tmp_path / "card").exists()
 
