@@ -16,6 +16,8 @@
     lmforge bench train|decode|encoder|seq2seq   side-by-side speed against transformers
     lmforge serve MODEL [--port 8000]            OpenAI-compatible HTTP server (continuous batching, web chat at /)
     lmforge federated --data DIR --clients N ... --out RUN   federated training with Flower (FedAvg, FedProx, FedAdam)
+    lmforge report MODEL --out DIR               model card: bias, memorisation, energy and CO2, explanations
+    lmforge explain MODEL "text" --out DIR       attention maps + rollout, integrated-gradients attributions
 
 MODEL is a run directory (its latest checkpoint), a model directory or a Hugging Face folder; the
 older spellings --ckpt MODEL (and --base MODEL for finetune) still work. Verbs that compute take
@@ -647,6 +649,39 @@ def cmd_finetune(argv: list[str], prog: str | None = None) -> int:
 BENCHMARKS = ("train", "decode", "encoder", "seq2seq")  # each a module of lmforge.bench with run(opts)
 
 
+def _report_options(pairs: list[str] | None) -> dict[str, Any]:
+    """--option NAME=VALUE pairs (values read as YAML scalars: 8, 0.5, true, gpt2)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise LMForgeError(f"--option takes NAME=VALUE, got '{pair}'")
+        options[name.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lmforge.eval.report import ALL, build_report
+
+    report = build_report(model_of(args, "report"), args.out, data=args.data, sections=args.sections or ALL,
+                          **_report_options(args.option))
+    done = [k for k in report if k not in ("model", "data", "compute")]
+    print(f"wrote {args.out}/report.json and {args.out}/report.html ({', '.join(done)})")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from lmforge.eval.report.explain import explain_to_dir
+    from lmforge.infer.llm import LLM
+
+    llm = LLM.load(model_of(args, "explain"), device=args.device)
+    result = explain_to_dir(llm, args.text, args.out, target=args.target, steps=args.steps)
+    print(json.dumps({k: result[k] for k in ("tokens", "target", "attributions", "completeness") if k in result}))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -909,6 +944,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("distill", help="train a student to match a teacher: soft targets, DistilBERT, TinyBERT, GKD "
                                    "(lmforge distill --help)", add_help=False)
 
+    s = sub.add_parser("report", help="model card of a model (report.json + self-contained report.html): bias, "
+                                      "memorisation and privacy, energy and CO2, explanations")
+    add_model_argument(s)
+    s.add_argument("--out", required=True, help="directory for report.json and report.html")
+    s.add_argument("--data", help="the prepared data directory the model was trained on (default: the one its run "
+                                  "recorded)")
+    s.add_argument("--sections", help="comma-separated: bias,memorisation,energy,explain (default: all)")
+    s.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="a section option (repeatable), e.g. extrapolate_to=gpt2 or explain_texts='a|b'; see "
+                        "docs/report.md")
+    add_runtime_arguments(s, device=False)
+
+    s = sub.add_parser("explain", help="why a model gives its output for one text: attention maps per layer and head "
+                                       "with rollout, integrated-gradients token attributions (PNG + JSON)")
+    add_model_argument(s)
+    s.add_argument("text", help="the input text")
+    s.add_argument("--target", help="a classifier's label (default: the predicted one) or the next token of a "
+                                    "language model (default: the most likely one)")
+    s.add_argument("--out", required=True, help="directory for explain.json, attention.png and attributions.png")
+    s.add_argument("--steps", type=_positive_int, default=64, help="integration steps (Gauss-Legendre, default 64)")
+    add_runtime_arguments(s)
+
     s = sub.add_parser("bench", help="speed side by side with transformers")
     s.add_argument("what", choices=BENCHMARKS, help="what to time: training, decoding, encoders or seq2seq models")
     s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
@@ -922,7 +979,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # verbs that compute: they take --threads (finetune, with its own parser, too)
 COMPUTE_VERBS = {"train", "generate", "eval", "chat", "agent", "serve", "embed", "classify", "score", "bench",
-                 "quantize", "merge", "federated"}
+                 "quantize", "merge", "federated", "report", "explain"}
 _TAKES_OVERRIDES = {"train", "info", "federated"}
 
 
@@ -974,7 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat, "agent": cmd_agent,
                    "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench, "quantize": cmd_quantize, "merge": cmd_merge,
                    "embed": cmd_embed, "classify": cmd_classify, "score": cmd_score,
-                   "data": cmd_data}[verb]
+                   "data": cmd_data, "report": cmd_report, "explain": cmd_explain}[verb]
         if verb in COMPUTE_VERBS:
             return with_threads(args.threads, lambda: command(args))
         return command(args)

@@ -196,7 +196,8 @@ def test_run_directory_contents(data, tmp_path):
                                                             (6, True)]
     for r in rows:
         if "loss" in r:
-            assert set(r) == {"step", "loss", "lr", "tokens", "grad_norm", "tok_per_s", "mfu", "elapsed"}
+            assert set(r) == {"step", "loss", "lr", "tokens", "grad_norm", "tok_per_s", "mfu", "elapsed",
+                              "energy_kwh", "kg_co2e", "energy_method"}
             assert r["tok_per_s"] > 0 and 0 < r["mfu"] < 1
         else:
             assert set(r) == {"step", "val_loss", "val_ppl", "val_bpb", "val_partial", "val_tokens", "val_tokens_total",

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -367,6 +368,15 @@ class LLM:
                 else [prompt] * len(completion)
             return score(self.model, self.tokenizer, prompts, list(completion))
         return score(self.model, self.tokenizer, [prompt], [completion])[0]
+
+    def report(self, out: str | Path, data: str | Path | None = None, sections: Sequence[str] | str | None = None,
+               **options: Any) -> dict[str, Any]:
+        """The model card of this model (`lmforge report`): writes out/report.json and out/report.html
+        and returns the report. `sections`: bias, memorisation, energy, explain (default all);
+        `options`: the sections' options (docs/report.md)."""
+        # eval sits above infer: named by path and imported on first use, as the registry does
+        report = importlib.import_module("lmforge.eval.report")
+        return report.build_report(self, out, data=data, sections=sections or report.ALL, **options)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
