@@ -217,7 +217,7 @@ def run(ctx: ReportContext) -> dict[str, Any]:
     llm, opts = ctx.llm, ctx.options
     if CONTINUE not in llm.tasks:
         return {"applies": False, "reason": f"extraction and membership inference need a decoder that continues "
-                                            f"text; this is a {llm.family.name} model"}
+                                            f"text, not a model of the {llm.family.name} family"}
     if ctx.data is None:
         return {"applies": False, "reason": "no prepared data directory (--data) to draw training and held-out "
                                             "windows from"}
