@@ -190,3 +190,20 @@ def test_the_section_says_when_it_does_not_apply(data, trained, tmp_path):
     assert "does not apply" in memorisation.html(out)
     with pytest.raises(LMForgeError, match=re.escape("prefix_tokens + suffix_tokens = 128 exceeds the model's context (96)")):
         report(trained, data, tmp_path, prefix_tokens=64, suffix_tokens=64)
+
+
+def test_benchmark_quick_reports_every_figure(tmp_path, capsys, one_thread):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("memorisation_bench", Path(__file__).parents[1] / "benchmarks/memorisation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["quick"], res["steps"], res["demo"], res["canary_repeats"]) == (True, 40, None, [1, 4, 16])
+    fit = res["overfit"]
+    assert set(fit["auc_by_attack"]) == {"loss", "zlib"} and 0 <= fit["membership_auc"] <= 1
+    assert 0 <= fit["extraction_rate_heldout"] <= fit["token_match_heldout"] <= 1
+    assert set(fit["canary_exposure_by_repeats"]) == {"1", "4", "16"}
+    assert (tmp_path / "overfit" / "checkpoints").is_dir()
