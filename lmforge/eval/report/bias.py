@@ -216,7 +216,7 @@ def run(ctx: ReportContext) -> dict[str, Any]:
         skipped = {"applies": False, "reason": why_not}
         result.update(crows_pairs=skipped, stereoset=skipped, winobias=skipped)
     else:
-        sets = load_bias_sets(progress=False)
+        sets = load_bias_sets()  # says on stderr when it downloads the wheel (once)
         method = "pseudo-log-likelihood of shared tokens (Nangia et al. 2020)" if _is_mlm(llm) else \
             "log-likelihood after BOS/EOS (lm-eval crows_pairs_english)"
         crows = _limit(sets["crows_pairs"], limit, ctx.generator)
@@ -261,7 +261,7 @@ def html(result: dict[str, Any]) -> str:
         fig, ax = new_figure(6.5, 3.2)
         ax.barh(types, [100 * crows["by_type"][t]["pct_stereotype"] for t in types], color="#6a8caf")
         ax.axvline(50, color="k", lw=1, ls="--")
-        ax.set_xlabel("% pairs where the more stereotyping sentence is preferred (50 = unbiased)")
+        ax.set_xlabel("% of pairs preferring the more stereotyping sentence (50 = unbiased)")
         ax.set_xlim(0, 100)
         rows = [[t, 100 * v["pct_stereotype"], v["likelihood_diff"], v["n_pairs"]] for t, v in crows["by_type"].items()]
         parts.append(

@@ -41,11 +41,14 @@ def causal_token_logprobs(model: torch.nn.Module, tokenizer: Any, texts: Sequenc
         rows.append(ids if ids and ids[0] == prefix else [prefix, *ids])
     ctx = int(model.cfg.block_size)
     device = model.tok_emb.weight.device
-    out: list[np.ndarray] = []
-    for i in range(0, len(rows), batch_size):
-        chunk = [r[-(ctx + 1):] for r in rows[i:i + batch_size]]  # lm-eval keeps the last max_length + 1
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar lengths: little padding
+    out: list[np.ndarray] = [np.zeros(0)] * len(rows)
+    for i in range(0, len(order), batch_size):
+        which = order[i:i + batch_size]
+        chunk = [rows[k][-(ctx + 1):] for k in which]  # lm-eval keeps the last max_length + 1
         ids_BT, mask_BT = padded(chunk, 0, device)
         logp_BTV = F.log_softmax(at_least_fp32(model(ids_BT[:, :-1], pad_mask_BT=mask_BT[:, :-1])), dim=-1)
         lp_BT = logp_BTV.gather(-1, ids_BT[:, 1:, None])[..., 0]
-        out += [lp_BT[j, :len(r) - 1].double().cpu().numpy() for j, r in enumerate(chunk)]
+        for j, (k, r) in enumerate(zip(which, chunk)):
+            out[k] = lp_BT[j, :len(r) - 1].double().cpu().numpy()
     return out
