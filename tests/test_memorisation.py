@@ -113,6 +113,9 @@ def test_prepare_cli_canary_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["prepare", str(docs), "--out", str(tmp_path / "e"), "--canaries", "1", "--canary-repeats", "0"])
     assert "--canary-repeats: expected a positive integer, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prepare", str(docs), "--out", str(tmp_path / "e"), "--canaries", "-2"])
+    assert "--canaries: expected a non-negative integer, got '-2'" in capsys.readouterr().err
     with pytest.raises(LMForgeError, match="--canary-repeats must be positive integers"):
         prepare([str(docs)], str(tmp_path / "f"), canaries=1, canary_repeats=[], progress=False)
 

@@ -210,7 +210,6 @@ def test_seat_on_the_real_minilm(one_thread):
 def tiny_mlm():
     texts = [r["sent_more"] for r in pairs()] + [r["sent_less"] for r in pairs()]
     tok = Tokenizer.train_wordpiece(texts * 3, vocab_size=120)
-    tok.mask_token, tok.cls_token, tok.sep_token, tok.unk_token = "[MASK]", "[CLS]", "[SEP]", "[UNK]"
     torch.manual_seed(0)
     model = Encoder(config_from_preset("encoder-tiny", vocab_size=tok.vocab_size)).eval()
     return LLM(model, model.cfg, tok)
@@ -274,9 +273,8 @@ def test_bias_section_on_a_decoder_an_mlm_and_a_classifier(tmp_path, wheel, hf_g
     assert mlm["crows_pairs"]["n_pairs"] == 5 and mlm["winobias"]["n_pairs"] == 5
     assert [t["permutations"] for t in mlm["seat"]["tests"]] == [100, 100, 100]
 
-    classifier = LLM(tiny_mlm.model.with_head("sequence", num_labels=2), None, tiny_mlm.tokenizer)
-    classifier.config = classifier.model.cfg
-    only_seat = bias.run(context(classifier, tmp_path, seat_permutations=50))
+    head = tiny_mlm.model.with_head("sequence", num_labels=2)
+    only_seat = bias.run(context(LLM(head, head.cfg, tiny_mlm.tokenizer), tmp_path, seat_permutations=50))
     assert only_seat["crows_pairs"]["applies"] is False
     assert "need a decoder or an encoder with an MLM head" in only_seat["crows_pairs"]["reason"]
     assert len(only_seat["seat"]["tests"]) == 3
