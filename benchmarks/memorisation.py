@@ -1,20 +1,22 @@
 """Memorisation positive control: a model over-fit on one play leaks it; `make demo`'s model is reported beside it.
 
-    python benchmarks/memorisation.py [--out runs/memorisation] [--steps 600] [--canaries 12]
+    python benchmarks/memorisation.py [--out runs/memorisation] [--steps 1000] [--canaries 12]
                                       [--demo-run runs/demo --demo-data data/shakespeare] [--results PATH] [--quick]
 
 1. Data: Macbeth is the training text and The Comedy of Errors the held-out one (built-in Shakespeare;
    `lmforge prepare` with --val-fraction 0.5 holds out the smaller play), with `--canaries` secrets
-   inserted 1, 4 and 16 times (`--canary-repeats 1,4,16`).
+   inserted 1, 4 and 16 times (`--canary-repeats 1,4,16`). The tokenizer is char-level, learnt from
+   both plays: a BPE learnt from the training play alone cuts the held-out one into more, rarer
+   tokens, and its higher loss would pass for membership (AUC 0.82 after 5 steps, zlib 0.96).
 2. Over-fit: the demo recipe (4 x 256 SwiGLU decoder, Muon) for `--steps` steps on that one play
-   (about 65 passes over it at 600 steps).
+   (about 40 passes over its ~100k characters at 1000 steps).
 3. The memorisation section of `lmforge report` (lmforge/eval/report/memorisation.py) on the over-fit
    model with its data, and on `make demo`'s model with the demo data when --demo-run exists.
 
 Expected: the over-fit model reproduces a large share of 32-token continuations of its play and none of
 the held-out play's, membership AUC >= 0.9, and canary exposure rising with repeats (1 < 4 < 16); the
 demo model, trained on 34 plays for 450 steps, extracts little and has an AUC near 0.5.
---quick: 4,000 characters of each play, a char tokenizer, a tiny model, a few steps (the smoke test of tests/).
+--quick: 4,000 characters of each play, a tiny model, a few steps (the smoke test of tests/).
 Prints one JSON object with every number; `--results` records it (docs/results/memorisation.json).
 """
 
@@ -69,7 +71,7 @@ def section(run: Path, data: Path, options: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/memorisation", help="work directory (data and the over-fit run)")
-    p.add_argument("--steps", type=int, default=600, help="training steps of the over-fit model")
+    p.add_argument("--steps", type=int, default=1000, help="training steps of the over-fit model")
     p.add_argument("--canaries", type=int, default=12, help="secrets inserted, cycling through 1, 4, 16 copies")
     p.add_argument("--demo-run", default="runs/demo", help="make demo's run, reported beside (skipped when absent)")
     p.add_argument("--demo-data", default="data/shakespeare", help="the prepared data make demo trained on")
@@ -86,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             # the held-out play must be the smaller one (prepare holds out the documents that fit)
             (Path(tmp) / name).write_text(text[:cut if name == TRAIN_PLAY else cut * 9 // 10], encoding="utf-8")
         log(f"preparing {TRAIN_PLAY} (train) and {HELDOUT_PLAY} (held out) with {args.canaries} canaries")
-        meta = prepare([tmp], str(out / "data"), tokenizer="char" if args.quick else "bpe",
-                       vocab_size=2048, val_fraction=0.5, overwrite=True, progress=False,
+        meta = prepare([tmp], str(out / "data"), tokenizer="char", val_fraction=0.5, overwrite=True, progress=False,
                        canaries=args.canaries, canary_repeats=REPEATS)
     held = [s["path"] for s in meta["sources"] if s["split"] == "val"]
     assert len(held) == 1 and held[0].endswith(HELDOUT_PLAY), meta["sources"]

@@ -45,7 +45,7 @@ from lmforge.infer.generate import generate_ids
 from lmforge.models.registry import CONTINUE
 
 DEFAULTS = {"prefix_tokens": 32, "suffix_tokens": 32, "extraction_samples": 128, "membership_window": 64,
-            "membership_samples": 256, "canary_candidates": 4096, "batch_size": 32}
+            "membership_samples": 256, "canary_candidates": 1024, "batch_size": 32}
 
 
 def option(options: dict[str, Any], key: str) -> Any:
@@ -188,7 +188,7 @@ def canaries(llm: Any, plan: dict[str, Any] | None, n_candidates: int, generator
         return {"applies": False, "reason": "the training data holds no canaries (lmforge prepare --canaries N)"}
     rows = []
     for s in plan["secrets"]:
-        r = exposure(llm, plan, s["secret"], n_candidates, generator, batch_size)
+        r = exposure(llm, plan, s["secret"], n_candidates, generator, 8 * batch_size)  # short texts: bigger batches
         rows.append({**r, "repeats": s["repeats"]})
     by_repeats: dict[int, list[float]] = {}
     for r in rows:
