@@ -190,6 +190,10 @@ def test_the_section_says_when_it_does_not_apply(data, trained, tmp_path):
     assert out == {"applies": False, "reason": "extraction and membership inference need a decoder that continues "
                                                "text, not a model of the encoder family"}
     assert report(trained, None, tmp_path)["reason"].startswith("no prepared data directory")
+    short = tmp_path / "short"
+    prepare([str(write_docs(tmp_path / "docs", n=4, words=5))], str(short), tokenizer="char", val_fraction=0.5,
+            progress=False)
+    assert report(trained, short, tmp_path)["reason"] == f"no 32-token window fits inside one document of the train split of {short}"
     assert "does not apply" in memorisation.html(out)
     with pytest.raises(LMForgeError, match=re.escape("prefix_tokens + suffix_tokens = 128 exceeds the model's context (96)")):
         report(trained, data, tmp_path, prefix_tokens=64, suffix_tokens=64)

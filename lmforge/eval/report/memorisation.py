@@ -76,8 +76,6 @@ def windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
 
 def extraction(model: torch.nn.Module, rows: np.ndarray, k: int, m: int, batch_size: int) -> dict[str, Any]:
     """Greedy continuation of each row's first k tokens for m tokens, against its next m tokens."""
-    if len(rows) == 0:
-        return {"rate": None, "token_match": None, "n": 0}
     exact, match = [], []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -234,13 +232,19 @@ def run(ctx: ReportContext) -> dict[str, Any]:
     if k + m > ctx_len:
         raise LMForgeError(f"prefix_tokens + suffix_tokens = {k + m} exceeds the model's context ({ctx_len})")
     g = ctx.generator
-    n_ex = option(opts, "extraction_samples")
-    ex_train = extraction(llm.model, windows(train, window_starts(train, data.eos_id, k + m, n_ex, g), k + m), k, m, batch)
-    ex_val = extraction(llm.model, windows(val, window_starts(val, data.eos_id, k + m, n_ex, g), k + m), k, m, batch)
     L = min(option(opts, "membership_window"), ctx_len + 1)
-    n_mi = option(opts, "membership_samples")
-    mi = membership(llm, windows(train, window_starts(train, data.eos_id, L, n_mi, g), L),
-                    windows(val, window_starts(val, data.eos_id, L, n_mi, g), L), _reference(opts, llm), batch)
+    drawn = {}
+    for name, tokens in (("train", train), ("val", val)):
+        for use, length, n in (("extraction", k + m, option(opts, "extraction_samples")),
+                               ("membership", L, option(opts, "membership_samples"))):
+            rows = windows(tokens, window_starts(tokens, data.eos_id, length, n, g), length)
+            if len(rows) == 0:
+                return {"applies": False, "reason": f"no {length}-token window fits inside one document of the "
+                                                    f"{name} split of {ctx.data}"}
+            drawn[name, use] = rows
+    ex_train = extraction(llm.model, drawn["train", "extraction"], k, m, batch)
+    ex_val = extraction(llm.model, drawn["val", "extraction"], k, m, batch)
+    mi = membership(llm, drawn["train", "membership"], drawn["val", "membership"], _reference(opts, llm), batch)
     return {
         "applies": True,
         "extraction_rate_train": ex_train["rate"],
