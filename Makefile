@@ -104,7 +104,7 @@ clean:
 RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment \
-                  results-distill results-lora-chat results-tool-demo results-federated
+                  results-distill results-lora-chat results-tool-demo results-federated results-memorisation
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
                   results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured \
                   results-lora-memory results-longformer
@@ -157,6 +157,11 @@ results-distill: dev  # the sentiment MiniLM and the chat-demo model distilled i
 	@test -d runs/sentiment/minilm || $(MAKE) --no-print-directory results-sentiment
 	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
 	$(TIMED) $(PY) benchmarks/distill.py --out runs/distill --minutes 10 --results $(RESULTS)
+
+results-memorisation: dev  # a model over-fit on one play (extraction, membership AUC, canary exposure) beside make demo's
+	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
+	$(TIMED) $(PY) benchmarks/memorisation.py --out runs/memorisation --demo-run $(DEMO_RUN) --demo-data $(DEMO_DATA) \
+	    --results $(RESULTS)
 
 results-bench: dev
 	$(TIMED) $(PY) benchmarks/run.py --results $(RESULTS)

