@@ -30,7 +30,7 @@ import torch
 from lmforge import checkpoint as ckpt_io
 from lmforge.config import from_dict
 from lmforge.errors import LMForgeError
-from lmforge.models import decoder, encoder, heads, seq2seq
+from lmforge.models import clip, decoder, encoder, heads, seq2seq
 from lmforge.models.presets import describe_shape, preset_config, shape_row, unknown_name
 from lmforge.nn.quant import QuantConfig, check_device, quantized_skeleton
 from lmforge.tokenizer import Tokenizer
@@ -44,6 +44,7 @@ __all__ = ["Family", "FAMILIES", "get_family", "families", "family_of", "family_
 # CONTINUE: generated text continues the prompt (decoders), where an encoder-decoder's is a new target.
 GENERATE, CONTINUE, STREAM = "generate", "continue", "stream"
 EMBED, CLASSIFY, SCORE, MASKED_LM = "embed", "classify", "score", "masked_lm"
+EMBED_IMAGE, ZERO_SHOT = "embed_image", "zero_shot"  # image embeddings; images classified by label texts
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            describe_shape, lambda name, cfg: shape_row(name, cfg, "seq2seq"), frozenset({GENERATE}),
            interop="lmforge.interop.seq2seq", generation="lmforge.infer.seq2seq",
            dir_files={ckpt_io.GENERATION_FORMAT: "generation_format"}),
+    Family("clip", clip.CLIPConfig, clip.CLIP, clip.PRESETS, clip.config_from_preset, clip.describe, clip.list_row,
+           frozenset({EMBED, EMBED_IMAGE, ZERO_SHOT}),
+           tasks_of=lambda cfg: frozenset({EMBED} if cfg.parts == "text" else {EMBED_IMAGE} if cfg.parts == "vision"
+                                          else {EMBED, EMBED_IMAGE, ZERO_SHOT}),
+           interop="lmforge.interop.clip"),
 )}
 
 
