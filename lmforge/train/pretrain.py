@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmforge.data.dataset import TokenData
 from lmforge.errors import LMForgeError
 from lmforge.train import distributed as D
 from lmforge.train.config import RunConfig, build_config, effective_seq_len, resolve_model, resolved_dict, validate
@@ -41,7 +40,8 @@ def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, resume: str
 def pretraining_job(cfg: RunConfig, data_dir: str | Path) -> TrainJob:
     """The TrainJob of `lmforge train`: a fresh model of the preset's family, trained with
     train.objective on the splits of a prepared data directory."""
-    data = TokenData(data_dir)
+    spec = pretraining_spec(cfg.train.objective)
+    data = spec.open_data(data_dir)  # token memmaps (TokenData), or image-text rows for clip
     data.split(cfg.data.train_split), data.split(cfg.data.val_split)  # check the split names
     model_cfg = resolve_model(cfg, data.vocab_size)
     validate(cfg, model_cfg)
@@ -51,7 +51,6 @@ def pretraining_job(cfg: RunConfig, data_dir: str | Path) -> TrainJob:
     from lmforge.models.registry import family_of
 
     family = family_of(model_cfg)
-    spec = pretraining_spec(t.objective)
     if spec.family is not None and spec.family != family.name:
         raise LMForgeError(f"train.objective {t.objective} trains a {spec.family} model, but model.preset "
                            f"{cfg.model.preset} is a {family.name}; choose a {spec.family} preset")
