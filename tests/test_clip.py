@@ -169,3 +169,77 @@ def test_infonce_against_a_hand_computation():
     rows = [-math.log(math.exp(logits[i, i]) / sum(math.exp(x) for x in logits[i])) for i in range(3)]
     cols = [-math.log(math.exp(logits[i, i]) / sum(math.exp(logits[j, i]) for j in range(3))) for i in range(3)]
     assert contrastive_loss(logits).item() == pytest.approx((sum(rows) / 3 + sum(cols) / 3) / 2, abs=1e-6)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def emoji_dir(tmp_path, monkeypatch):
+    from emoji_fixtures import fake_pins
+    from lmforge.data.emoji import build_emoji
+
+    build_emoji(tmp_path / "emoji", from_file=fake_pins(monkeypatch, tmp_path), progress=False)
+    return tmp_path / "emoji"
+
+
+TRAIN = ["--train.objective", "clip", "--model.preset", "clip-tiny", "--train.max_steps", "8",
+         "--train.micro_batch_size", "8", "--train.eval_every", "4", "--train.eval_iters", "2", "--train.ckpt_every", "4",
+         "--train.progress", "false", "--train.lr", "3e-3", "--train.warmup_steps", "2", "--train.log_every", "1"]
+
+
+def test_clip_objective_batches_are_distinct_pairs_of_a_pure_function(emoji_dir):
+    from lmforge.data.image_text import ImageTextData
+    from lmforge.train.clip import PairBatches, caption_ids, pixels_of
+
+    data = ImageTextData(emoji_dir)
+    train, tok = data.split("train"), data.tokenizer()
+    cfg = config_from_preset("clip-tiny")
+    px = pixels_of(train, cfg)
+    assert px.shape == (len(train), 3, 32, 32)
+    src = PairBatches(px, caption_ids(tok, train.captions(), 32), train.captions(), 8, seed=5, pad_id=tok.pad_id)
+    a, b = src.micro_batch(3, 1), src.micro_batch(3, 1)
+    assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(a["input_ids"], src.micro_batch(3, 0)["input_ids"])
+    texts = [tok.decode(r, skip_special=True) for r in a["input_ids"].tolist()]
+    assert len(set(texts)) == 8  # distinct captions: no false negatives
+    ends = a["input_ids"].eq(0).int().argmax(-1)  # every row's EOS (id 0) sits after its caption
+    assert all(a["input_ids"][i, :ends[i]].ne(0).all() for i in range(8))
+
+
+def test_clip_pretraining_runs_and_resumes_bit_exactly(emoji_dir, tmp_path):
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from lmforge.train.pretrain import run_training
+    from train_fixtures import killed_cli
+
+    full = run_training(str(emoji_dir), str(tmp_path / "full"), overrides=TRAIN)
+    assert full["steps"] == 8 and full["val_ppl"] is None and full["val_loss"] < math.log(8) + 0.5
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["chance_acc"] == pytest.approx(1 / 8) and rows[0]["loss"] == pytest.approx(math.log(8), abs=0.1)
+    # SIGKILL after step 4 (its checkpoint written), resume: same losses and weights as the run without a stop
+    proc = subprocess.run(killed_cli(4, ["train", "--data", str(emoji_dir), "--out", str(tmp_path / "part"),
+                                         "--threads", str(torch.get_num_threads()), *TRAIN]), capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run_training(str(emoji_dir), str(tmp_path / "part"), overrides=TRAIN, resume="auto")
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    assert losses("full") == losses("part") and len(losses("full")) == 8
+    wa = load_file(tmp_path / "full/checkpoints/step_00000008/model.safetensors")
+    wb = load_file(tmp_path / "part/checkpoints/step_00000008/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and "logit_scale" in wa
+
+
+def test_clip_objective_errors(emoji_dir, tmp_path):
+    from lmforge.train.pretrain import run_training
+
+    with pytest.raises(LMForgeError, match="train.objective clip trains both towers; model.parts is 'vision'"):
+        run_training(str(emoji_dir), str(tmp_path / "r1"), overrides=TRAIN + ["--model.parts", "vision"])
+    with pytest.raises(LMForgeError, match=r"model.eos_id \(5\) is not the tokenizer's EOS \(0\)"):
+        run_training(str(emoji_dir), str(tmp_path / "r2"), overrides=TRAIN + ["--model.eos_id", "5"])
+    with pytest.raises(LMForgeError, match="is not an image-text directory"):
+        run_training(str(tmp_path), str(tmp_path / "r3"), overrides=TRAIN)
