@@ -373,18 +373,47 @@ def _read_lines(args: argparse.Namespace, what: str) -> tuple[str, list[str]]:
 def cmd_embed(args: argparse.Namespace) -> int:
     from lmforge.infer.llm import LLM
 
-    model, texts = _read_lines(args, "embed")
-    llm = LLM.load(model, device=args.device)
-    emb = llm.embed(texts, pooling=args.pooling, normalize=False if args.no_normalize else None,
-                    batch_size=args.batch_size)
-    for text, row in zip(texts, emb.tolist()):
-        print(json.dumps({"text": text, "embedding": [round(v, 7) for v in row]}))
+    if args.image:  # a CLIP model: image embeddings (and those of any texts given too)
+        model, texts = texts_and_model(args, "embed")
+        if args.file:
+            from lmforge.finetune.classify import read_texts
+
+            texts += read_texts(args.file)
+        llm = LLM.load(model, device=args.device)
+        emb = llm.embed_image(args.image, normalize=not args.no_normalize, batch_size=args.batch_size)
+        for path, row in zip(args.image, emb.tolist()):
+            print(json.dumps({"image": path, "embedding": [round(v, 7) for v in row]}))
+    else:
+        model, texts = _read_lines(args, "embed")
+        llm = LLM.load(model, device=args.device)
+    if texts:
+        emb = llm.embed(texts, pooling=args.pooling, normalize=False if args.no_normalize else None,
+                        batch_size=args.batch_size)
+        for text, row in zip(texts, emb.tolist()):
+            print(json.dumps({"text": text, "embedding": [round(v, 7) for v in row]}))
     return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from lmforge.infer.llm import LLM
 
+    if args.image or args.labels:  # zero-shot image classification by a CLIP model
+        if not (args.image and args.labels):
+            raise LMForgeError("lmforge classify: zero-shot image classification needs both --image FILE and "
+                               "--labels a,b,c")
+        model, texts = texts_and_model(args, "classify")
+        if texts or args.file:
+            raise LMForgeError("lmforge classify: give texts or --image files, not both")
+        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+        llm = LLM.load(model, device=args.device)
+        results = llm.zero_shot(args.image, labels, template=args.template, batch_size=args.batch_size)
+        for path, r in zip(args.image, results):
+            if args.json:
+                print(json.dumps({"image": path, **r}))
+            else:
+                probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probs"].items())
+                print(f"{r['label']}\t{probs}\t{path}")
+        return 0
     model, texts = _read_lines(args, "classify")
     llm = LLM.load(model, device=args.device)
     for text, r in zip(texts, llm.classify(texts, batch_size=args.batch_size)):
@@ -748,17 +777,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-style", default="twitter", choices=["google", "apple", "twitter", "facebook"],
                    help="emoji: the style held out from training (default twitter)")
 
-    s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)",
-                       usage="lmforge embed MODEL [TEXT ...] [--file FILE] [options]")
-    add_texts_arguments(s, "the encoder (run / model directory, HF or sentence-transformers folder)")
+    s = sub.add_parser("embed", help="sentence embeddings of an encoder, or image / text embeddings of a CLIP model "
+                       "(one JSON line per text or image)",
+                       usage="lmforge embed MODEL [TEXT ...] [--file FILE] [--image FILE ...] [options]")
+    add_texts_arguments(s, "the encoder or CLIP model (run / model directory, HF or sentence-transformers folder)")
+    s.add_argument("--image", nargs="+", metavar="FILE", default=None, help="CLIP: image files to embed")
     s.add_argument("--pooling", choices=["mean", "cls"], default=None, help="default: the model's own, else mean")
     s.add_argument("--no-normalize", action="store_true", help="keep the raw pooled vectors (default: unit length)")
     s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
     add_runtime_arguments(s)
 
-    s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify)",
-                       usage="lmforge classify MODEL [TEXT ...] [--file FILE] [options]")
-    add_texts_arguments(s, "the classifier (run / model directory or HF …ForSequenceClassification folder)")
+    s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify), or "
+                       "zero-shot image classification by a CLIP model (--image FILE --labels a,b,c)",
+                       usage="lmforge classify MODEL [TEXT ...] [--file FILE] [--image FILE ... --labels a,b,c] "
+                             "[options]")
+    add_texts_arguments(s, "the classifier (run / model directory or HF …ForSequenceClassification folder) or CLIP "
+                           "model")
+    s.add_argument("--image", nargs="+", metavar="FILE", default=None, help="CLIP: image files to classify")
+    s.add_argument("--labels", default=None, help="CLIP: the labels, comma-separated")
+    s.add_argument("--template", default="a picture of {}", help="CLIP: the text of a label ({} is the label; "
+                                                                  "default 'a picture of {}')")
     s.add_argument("--json", action="store_true", help="one JSON object per text")
     s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
     add_runtime_arguments(s)

@@ -243,3 +243,83 @@ def test_clip_objective_errors(emoji_dir, tmp_path):
         run_training(str(emoji_dir), str(tmp_path / "r2"), overrides=TRAIN + ["--model.eos_id", "5"])
     with pytest.raises(LMForgeError, match="is not an image-text directory"):
         run_training(str(tmp_path), str(tmp_path / "r3"), overrides=TRAIN)
+
+
+# ---- using a model: LLM and the CLI ------------------------------------------------------------
+
+@pytest.fixture
+def trained(emoji_dir, tmp_path):
+    from lmforge.train.pretrain import run_training
+
+    run_training(str(emoji_dir), str(tmp_path / "run"), overrides=TRAIN)
+    return tmp_path / "run"
+
+
+def test_llm_embed_image_embed_and_zero_shot(trained, emoji_dir):
+    from lmforge import LLM
+    from lmforge.data.images import preprocess
+
+    llm = LLM.load(trained)
+    assert llm.tasks == {"embed", "embed_image", "zero_shot"}
+    paths = [emoji_dir / r["image"] for r in map(json.loads, (emoji_dir / "test_style.jsonl").read_text().splitlines()[:3])]
+    img = llm.embed_image([str(p) for p in paths])
+    cfg, model = llm.config, llm.model
+    px = preprocess(paths, cfg.resize_size, cfg.image_size, cfg.image_mean, cfg.image_std)
+    with torch.no_grad():
+        want_img = torch.nn.functional.normalize(model.embed_image(px), dim=-1)
+        labels = ["thing number 1", "thing number 2", "group 4"]
+        ids = llm.tokenizer.batch(labels)["input_ids"]
+        want_txt = torch.nn.functional.normalize(model.embed_text(ids), dim=-1)
+        prompts = llm.tokenizer.batch([f"a picture of {x}" for x in labels])["input_ids"]
+        prompt_txt = torch.nn.functional.normalize(model.embed_text(prompts), dim=-1)
+    assert img.shape == (3, cfg.projection_dim) and close(img, want_img, 1e-6)[0]
+    txt = llm.embed(labels)
+    assert close(txt, want_txt, 1e-6)[0] and close(txt.norm(dim=-1), torch.ones(3), 1e-5)[0]
+    assert close(llm.embed(labels, normalize=False).norm(dim=-1), model.embed_text(ids).norm(dim=-1).detach())[0]
+    res = llm.zero_shot([str(p) for p in paths], labels)
+    probs = (model.logit_scale.exp() * want_img @ prompt_txt.t()).softmax(-1).detach()
+    for r, p in zip(res, probs):
+        assert r["label"] == labels[int(p.argmax())] and r["score"] == pytest.approx(float(p.max()), abs=1e-6)
+        assert list(r["probs"]) == labels and sum(r["probs"].values()) == pytest.approx(1.0)
+    with pytest.raises(LMForgeError, match="a CLIP model pools its text at the EOS token; pooling cannot be chosen"):
+        llm.embed(["x"], pooling="mean")
+    with pytest.raises(LMForgeError, match="the template must hold '\\{\\}' where the label goes, got 'a picture'"):
+        llm.zero_shot(paths[0], labels, template="a picture")
+    with pytest.raises(LMForgeError, match="image file not found: nope.png"):
+        llm.embed_image("nope.png")
+
+
+def test_vision_only_model_refuses_text_tasks(tmp_path):
+    from lmforge import LLM
+    from lmforge.checkpoint import write_model_dir
+
+    write_model_dir(tmp_path / "v", CLIP(config_from_preset("clip-tiny", parts="vision")))
+    llm = LLM.load(tmp_path / "v")
+    assert llm.tasks == {"embed_image"}
+    with pytest.raises(LMForgeError, match="embed needs an encoder model .* or a CLIP model with a text tower"):
+        llm.embed(["x"])
+    with pytest.raises(LMForgeError, match="zero_shot needs a CLIP model with both towers; this is a clip model"):
+        llm.zero_shot([], ["a"])
+
+
+def test_cli_embed_image_and_classify_labels(trained, emoji_dir, capsys):
+    from lmforge import LLM
+    from lmforge.cli import main
+
+    image = str(emoji_dir / json.loads((emoji_dir / "test_style.jsonl").read_text().splitlines()[0])["image"])
+    assert main(["embed", str(trained), "thing number 1", "--image", image]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    llm = LLM.load(trained)
+    assert [next(iter(x)) for x in lines] == ["image", "text"] and lines[0]["image"] == image
+    assert close(torch.tensor(lines[0]["embedding"]), llm.embed_image(image)[0], 1e-6)[0]
+    assert close(torch.tensor(lines[1]["embedding"]), llm.embed("thing number 1")[0], 1e-6)[0]
+    assert main(["classify", str(trained), "--image", image, "--labels", "a cat, thing number 0,group 3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = llm.zero_shot(image, ["a cat", "thing number 0", "group 3"])[0]
+    assert got["image"] == image and got["label"] == want["label"]
+    assert got["probs"] == pytest.approx(want["probs"], abs=1e-6)
+    assert main(["classify", str(trained), "--image", image, "--labels", "x,y", "--template", "an emoji of {}"]) == 0
+    label, probs, path = capsys.readouterr().out.strip().split("\t")
+    assert path == image and label in ("x", "y") and probs.startswith("x=")
+    assert main(["classify", str(trained), "--image", image]) == 2
+    assert "zero-shot image classification needs both --image FILE and --labels a,b,c" in capsys.readouterr().err

@@ -60,6 +60,7 @@ class Family:
     tasks_of: Callable[[Any], frozenset[str]] | None = None  # those of one config, when they depend on it
     interop: str | None = None                 # module reading / writing its Hugging Face folders (None: no HF form)
     generation: str | None = None              # inference module with `generate_for_llm(llm, prompt, **options)`
+    embedding: str | None = None               # inference module with `embed_for_llm(llm, texts, **options)`
     encoder_tokenizer: bool = False            # its tokenizer frames inputs as [CLS] a [SEP] (roles cls/sep/mask)
     # `lmforge finetune classify`: (model, labels, pooling=, dropout=) -> a classifier on its body (None: cannot)
     as_classifier: Callable[..., torch.nn.Module] | None = None
@@ -80,6 +81,11 @@ class Family:
         if self.generation is None:
             raise LMForgeError(f"a {self.name} model does not generate text")
         return importlib.import_module(self.generation)
+
+    def embedding_module(self) -> ModuleType:
+        if self.embedding is None:
+            raise LMForgeError(f"a {self.name} model does not embed text")
+        return importlib.import_module(self.embedding)
 
     def preset_changes(self, cfg: Any) -> list[str] | None:
         """The keys of `cfg` that differ from its preset (`cfg.preset`); vocab_size aside, as it
@@ -106,7 +112,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("encoder", encoder.EncoderConfig, encoder.Encoder, encoder.PRESETS, encoder.config_from_preset,
            encoder.describe, lambda name, cfg: shape_row(name, cfg, "encoder"), frozenset({EMBED, CLASSIFY, MASKED_LM}),
            tasks_of=lambda cfg: frozenset({EMBED, CLASSIFY} if cfg.head == "sequence" else {EMBED, MASKED_LM}),
-           interop="lmforge.interop.encoder", encoder_tokenizer=True,
+           interop="lmforge.interop.encoder", embedding="lmforge.infer.embed", encoder_tokenizer=True,
            max_tokens=lambda cfg: int(cfg.block_size - cfg.position_offset),
            dir_files={encoder.SENTENCE_POOLING_FILE: "sentence_pooling"}, as_classifier=encoder.as_classifier),
     Family("seq2seq", seq2seq.Seq2SeqConfig, seq2seq.Seq2Seq, seq2seq.PRESETS, seq2seq.config_from_preset,
@@ -117,7 +123,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            frozenset({EMBED, EMBED_IMAGE, ZERO_SHOT}),
            tasks_of=lambda cfg: frozenset({EMBED} if cfg.parts == "text" else {EMBED_IMAGE} if cfg.parts == "vision"
                                           else {EMBED, EMBED_IMAGE, ZERO_SHOT}),
-           interop="lmforge.interop.clip"),
+           interop="lmforge.interop.clip", embedding="lmforge.infer.clip"),
 )}
 
 
