@@ -323,3 +323,26 @@ def test_cli_embed_image_and_classify_labels(trained, emoji_dir, capsys):
     assert path == image and label in ("x", "y") and probs.startswith("x=")
     assert main(["classify", str(trained), "--image", image]) == 2
     assert "zero-shot image classification needs both --image FILE and --labels a,b,c" in capsys.readouterr().err
+
+
+def test_v1_embeddings_serves_clip_text_embeddings(trained):
+    import httpx
+
+    from lmforge import LLM
+    from lmforge.serve.app import create_app
+    from lmforge.serve.config import ServerConfig
+    from lmforge.serve.embeddings import EmbeddingEngine
+    from serve_fixtures import NAME, ServerThread
+
+    llm = LLM.load(trained)
+    srv = ServerThread(create_app(ServerConfig(served_model_name=NAME), engine=EmbeddingEngine(llm)))
+    try:
+        texts = ["thing number 4", "group 2"]
+        body = httpx.post(srv.url + "/v1/embeddings", json={"model": NAME, "input": texts}).json()
+        got = torch.tensor([d["embedding"] for d in body["data"]])
+        assert got.shape == (2, llm.config.projection_dim) and close(got, llm.embed(texts), 1e-6)[0]
+        assert body["usage"]["prompt_tokens"] == sum(len(r) for r in llm.tokenizer.encode_pairs(texts)[0])
+        r = httpx.post(srv.url + "/v1/embeddings", json={"model": NAME, "input": texts, "dimensions": 3})
+        assert r.status_code == 400 and f"this model's embeddings have {llm.config.projection_dim}" in r.text
+    finally:
+        srv.stop()
