@@ -346,3 +346,33 @@ def test_v1_embeddings_serves_clip_text_embeddings(trained):
         assert r.status_code == 400 and f"this model's embeddings have {llm.config.projection_dim}" in r.text
     finally:
         srv.stop()
+
+
+def test_benchmark_quick_reports_every_figure_with_its_anchors(emoji_dir, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("clip_bench", Path(__file__).parents[1] / "benchmarks" / "clip.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    assert bench.main(["--quick", "--data", str(emoji_dir), "--out", str(tmp_path / "b"), "--threads", "1",
+                       "--json", str(tmp_path / "clip.json"), "--picture", str(tmp_path / "ex.png")]) == 0
+    torch.set_num_threads(threads)
+    r = json.loads((tmp_path / "clip.json").read_text())
+    n_emoji = len((emoji_dir / "emoji.jsonl").read_text().splitlines())
+    for part in ("held_out_style", "held_out_emoji"):
+        ret, cat = r[part]["retrieval"], r[part]["category_acc"]
+        assert set(ret) == {"model", "pixel_nn", "chance", "candidates"} and ret["candidates"] == n_emoji
+        assert ret["chance"] == {"r1": 1 / n_emoji, "r5": 5 / n_emoji}
+        assert all(0 <= ret[k]["r1"] <= ret[k]["r5"] <= 1 for k in ("model", "pixel_nn"))
+        assert set(cat) == {"zero_shot", "zero_shot_name", "pixel_nn", "chance", "majority"} and cat["chance"] == 1 / 9
+    assert r["held_out_emoji"]["retrieval"]["pixel_nn"]["r1"] == 0  # its emoji are in no training image
+    assert r["held_out_style"]["retrieval"]["pixel_nn"]["r1"] > 0.5  # the fake styles differ only slightly
+    speed = r["speed"]["trained"]
+    assert speed["max_abs_diff"] < 1e-4 and speed["lmforge_images_per_s"] > 0 and speed["speedup"] > 0
+    assert r["steps"] == 4 and len(r["categories"]) == 9
+    from PIL import Image
+
+    with Image.open(tmp_path / "ex.png") as im:
+        assert im.size == (1200, 160)

@@ -192,7 +192,10 @@ class MLP(nn.Module):
         elif self.kind == "relu2":
             h_BTF = F.relu(h_BTF).square()
         elif self.kind == "quick_gelu":
-            h_BTF = h_BTF * torch.sigmoid(1.702 * h_BTF)
+            if h_BTF.requires_grad:
+                h_BTF = h_BTF * torch.sigmoid(1.702 * h_BTF)
+            else:  # inference: x * sigmoid(1.702 x) = silu(1.702 x) / 1.702 in place, no activation-sized temporaries
+                h_BTF = F.silu(h_BTF.mul_(1.702), inplace=True).mul_(1 / 1.702)
         elif self.kind == "gelu_exact":
             h_BTF = F.gelu(h_BTF)
         else:
