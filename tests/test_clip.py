@@ -376,3 +376,22 @@ def test_benchmark_quick_reports_every_figure_with_its_anchors(emoji_dir, tmp_pa
 
     with Image.open(tmp_path / "ex.png") as im:
         assert im.size == (1200, 160)
+
+
+def test_cli_convert_both_ways_and_llm_load_of_a_hugging_face_folder(trained, tmp_path, capsys):
+    from lmforge import LLM
+    from lmforge.cli import main
+
+    assert main(["convert", str(trained), "--to-hf", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    capsys.readouterr()
+    ref = tf.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    a, b, c = LLM.load(trained), LLM.load(tmp_path / "hf"), LLM.load(tmp_path / "back")
+    assert b.tokenizer is not None and b.tokenizer.eos_id == a.config.eos_id == b.config.eos_id
+    labels = ["thing number 1", "group 5"]
+    assert torch.equal(a.embed(labels), b.embed(labels)) and torch.equal(a.embed(labels), c.embed(labels))
+    ids = a.tokenizer.batch(labels)["input_ids"]
+    with torch.no_grad():
+        want = ref.get_text_features(input_ids=ids).pooler_output
+    assert close(b.model.embed_text(ids), want)[0]
+    assert b.config.resize_size == a.config.resize_size and b.config.image_mean == a.config.image_mean
