@@ -395,3 +395,38 @@ def test_cli_convert_both_ways_and_llm_load_of_a_hugging_face_folder(trained, tm
         want = ref.get_text_features(input_ids=ids).pooler_output
     assert close(b.model.embed_text(ids), want)[0]
     assert b.config.resize_size == a.config.resize_size and b.config.image_mean == a.config.image_mean
+
+
+def test_torchrun_two_processes_train_like_one_with_accumulation(emoji_dir, tmp_path):
+    """torchrun (gloo, CPU): 2 processes x grad_accum 1 see the micro-batches of 1 process x grad_accum 2."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from lmforge.train.pretrain import run_training
+    from train_fixtures import PYTHON, REPO, read_metrics
+
+    common = TRAIN[:TRAIN.index("--train.max_steps")] + ["--train.max_steps", "3", "--train.eval_every", "3",
+                                                         "--train.micro_batch_size", "4", "--train.progress", "false",
+                                                         "--train.warmup_steps", "1", "--train.ckpt_every", "3"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the float sums of the torchrun processes (one thread each)
+    try:
+        run_training(str(emoji_dir), str(tmp_path / "one"), overrides=common + ["--train.grad_accum", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    two = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                          "lmforge.cli", "train", "--data", str(emoji_dir), "--out", str(tmp_path / "two"), *common,
+                          "--train.grad_accum", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        key = "loss" if "loss" in ra else "val_loss"
+        assert rb[key] == pytest.approx(ra[key], rel=1e-5)
+    wa = load_file(str(tmp_path / "one/checkpoints/step_00000003/model.safetensors"))
+    wb = load_file(str(tmp_path / "two/checkpoints/step_00000003/model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=2e-5)
