@@ -171,6 +171,28 @@ def test_infonce_against_a_hand_computation():
     assert contrastive_loss(logits).item() == pytest.approx((sum(rows) / 3 + sum(cols) / 3) / 2, abs=1e-6)
 
 
+def test_golden_objective_loss_equals_transformers_return_loss(tmp_path):
+    """The clip objective's loss on a batch is CLIPModel(return_loss=True)'s (same weights), and the
+    temperature is capped at 100 in training only."""
+    from lmforge.train.clip import CLIPObjective
+
+    ref = tf.CLIPModel(hf_clip()).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    model, _, _ = load_hf_dir(tmp_path / "hf")
+    batch = {"pixels": pixels(), "input_ids": text_batch()}
+    loss, stats = CLIPObjective()(model, batch)
+    with torch.no_grad():
+        want = ref(input_ids=batch["input_ids"], pixel_values=batch["pixels"], return_loss=True)
+    assert close(loss, want.loss, 1e-5)[0]
+    assert stats["acc"].item() == (want.logits_per_image.argmax(-1) == torch.arange(3)).float().mean().item()
+    assert stats["chance_acc"].item() == pytest.approx(1 / 3)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(500.0))
+        capped, _ = CLIPObjective()(model, batch)
+        cos = model(batch["pixels"], batch["input_ids"]) / 500.0
+    assert close(capped, contrastive_loss(100.0 * cos), 1e-5)[0] and not close(capped, contrastive_loss(500.0 * cos))[0]
+
+
 # ---- training ----------------------------------------------------------------------------------
 
 @pytest.fixture
