@@ -198,8 +198,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(C, eps=eps)
         self.mlp = MLP(C, hidden, ACTS[act], bias=True)
 
-    def forward(self, x_BTC: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x_BTC = x_BTC + self.attn(self.norm1(x_BTC), ctx)
+    def forward(self, x_BTC: torch.Tensor, ctx: AttentionContext, keep: Optional[int] = None) -> torch.Tensor:
+        """keep: only the first `keep` positions leave the block (they still attend to every position);
+        the MLP runs on those alone."""
+        a_BTC = self.attn(self.norm1(x_BTC), ctx)
+        x_BTC = x_BTC + a_BTC if keep is None else x_BTC[:, :keep] + a_BTC[:, :keep]
         return x_BTC + self.mlp(self.norm2(x_BTC))
 
 
@@ -218,8 +221,10 @@ class VisionTower(nn.Module):
         self.post_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.image_size = cfg.image_size
 
-    def forward(self, pixels_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden states (B, 1 + patches, C), pooled class token (B, C))."""
+    def forward(self, pixels_BCHW: torch.Tensor, pooled_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states (B, 1 + patches, C), pooled class token (B, C)). pooled_only: the last block
+        computes the class token alone (its MLP and residual skip the patches), so the hidden states
+        returned are (B, 1, C)."""
         B, _, H, W = pixels_BCHW.shape
         if H != self.image_size or W != self.image_size:
             raise LMForgeError(f"images must be {self.image_size}x{self.image_size} after preprocessing, got {H}x{W}")
@@ -227,8 +232,9 @@ class VisionTower(nn.Module):
         x_BNC = torch.cat([self.cls_emb.expand(B, 1, -1), p_BCN.transpose(1, 2)], dim=1) + self.pos_emb.weight
         x_BNC = self.pre_norm(x_BNC)
         ctx = AttentionContext()
-        for block in self.blocks:
-            x_BNC = block(x_BNC, ctx)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x_BNC = block(x_BNC, ctx, keep=1 if pooled_only and i == last else None)
         return x_BNC, self.post_norm(x_BNC[:, 0])
 
 
@@ -314,7 +320,7 @@ class CLIP(nn.Module):
 
     def embed_image(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         """(B, embedding_dim): the projected class token (a vision-only model: the pooled class token)."""
-        _, pooled_BC = self._need(self.vision, "vision")(pixels_BCHW)
+        _, pooled_BC = self._need(self.vision, "vision")(pixels_BCHW, pooled_only=True)
         return self.visual_proj(pooled_BC) if self.visual_proj is not None else pooled_BC
 
     def embed_text(self, idx_BT: torch.Tensor) -> torch.Tensor:
