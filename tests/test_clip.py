@@ -452,3 +452,18 @@ def test_torchrun_two_processes_train_like_one_with_accumulation(emoji_dir, tmp_
     wb = load_file(str(tmp_path / "two/checkpoints/step_00000003/model.safetensors"))
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=2e-5)
+
+
+def test_serving_a_vision_only_model_is_one_clear_error(tmp_path):
+    import os
+    import subprocess
+
+    from lmforge.checkpoint import write_model_dir
+    from serve_fixtures import REPO, free_port, lmforge
+
+    write_model_dir(tmp_path / "v", CLIP(config_from_preset("clip-tiny", parts="vision")))
+    r = subprocess.run(lmforge("serve", str(tmp_path / "v"), "--port", str(free_port())), cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1] == (f"error: {tmp_path / 'v'} is a clip model that neither generates nor embeds "
+                                         "text (it can: embed_image); the server has nothing to serve it for")
