@@ -50,6 +50,11 @@ def test_build_writes_splits_by_whole_emoji_and_style(tmp_path, monkeypatch):
     assert held and not held & {r["code"] for r in tr + va + ts}
     assert {r["code"] for r in te} == held and {r["style"] for r in te} == set(emoji.STYLES)
     assert {r["code"] for r in va} == {c for c, s in split_of.items() if s == "val"}
+    from lmforge.data.sampling import fixed_shuffle
+
+    for part in (tr, va, ts, te):  # each file in its fixed shuffle
+        assert part == fixed_shuffle(part, key=lambda r: f"{r['code']}/{r['style']}")
+    assert [r["code"] for r in tr[:6]] != sorted(r["code"] for r in tr[:6])
     # an emoji a style does not draw has no row in it
     code = {i: f"{0x1F300 + i:X}" for i in range(N_EMOJI)}
     for style, i in MISSING:

@@ -20,7 +20,7 @@ DIR/
   images/<style>/<image>.png      the 64x64 PNGs, as in the packages
   emoji.jsonl                     one row per emoji: code, name, short_names, category, subcategory, caption, split
   train.jsonl val.jsonl test_style.jsonl test_emoji.jsonl
-                                  rows {"image": "images/<style>/<file>", "caption", "code", "name", "category",
+                                  in a fixed shuffle (lmforge.data.sampling.fixed_shuffle), rows {"image": "images/<style>/<file>", "caption", "code", "name", "category",
                                         "subcategory", "style"}
   tokenizer.json                  byte-level BPE trained on the training captions; every text ends with <|endoftext|>
   meta.json                       sources (pins), styles, splits, categories, counts
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lmforge.data.fetch import PinnedFile, Purpose, fetch_pinned
+from lmforge.data.sampling import fixed_shuffle
 from lmforge.errors import LMForgeError
 
 VERSION = "16.0.0"
@@ -157,7 +158,8 @@ def build_emoji(out: str | Path, overwrite: bool = False, from_file: str | Path 
                 target = tmp / r["image"]
                 if not target.exists():
                     target.write_bytes(images[style][file])
-            atomic_write_text(tmp / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[name]))
+            shuffled = fixed_shuffle(rows[name], key=lambda r: f"{r['code']}/{r['style']}")  # any first part: a fair sample
+            atomic_write_text(tmp / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in shuffled))
         atomic_write_text(tmp / "emoji.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in index))
         tokenizer.save(tmp / "tokenizer.json")
         meta = {"source": {s: {"package": p.spec, "sha256": p.sha256, "license": "MIT"} for s, p in PINS.items()},
