@@ -104,7 +104,8 @@ clean:
 RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment \
-                  results-distill results-lora-chat results-tool-demo results-federated results-memorisation
+                  results-distill results-lora-chat results-tool-demo results-federated results-memorisation \
+                  results-clip
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
                   results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured \
                   results-lora-memory results-longformer
@@ -152,6 +153,9 @@ results-folio: dev  # make folio-bench, the decoder on whole speeches (the contr
 
 results-sentiment: dev
 	$(TIMED) $(PY) benchmarks/sentiment.py --out runs/sentiment --ood-limit 1000 --results $(RESULTS)
+
+results-clip: dev  # CLIP from scratch on the emoji data (9 min, 2 threads) against chance / pixel-NN / majority anchors
+	$(TIMED) $(PY) benchmarks/clip.py --out runs/clip --minutes 9 --threads 2 --picture docs/clip_examples.png --results $(RESULTS)
 
 results-distill: dev  # the sentiment MiniLM and the chat-demo model distilled into small students, against training them alone
 	@test -d runs/sentiment/minilm || $(MAKE) --no-print-directory results-sentiment

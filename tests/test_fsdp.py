@@ -243,7 +243,8 @@ def test_sharding_units_are_the_blocks_of_every_family():
             with torch.device("meta"):  # shapes only
                 model = fam.model_cls(fam.config_from_preset(next(iter(fam.presets))))
             found[fam.name] = [f"{type(b).__module__}.{type(b).__name__}" for b in transformer_blocks(model)]
-    assert found == {"decoder": ["lmforge.models.decoder.Block"] * 2,
+    assert found == {"clip": ["lmforge.models.clip.Block"] * 4,  # clip-tiny: 2 vision + 2 text blocks
+                     "decoder": ["lmforge.models.decoder.Block"] * 2,
                      "encoder": ["lmforge.models.encoder.Block"] * 2,
                      "seq2seq": ["lmforge.models.seq2seq.EncoderBlock"] * 2 + ["lmforge.models.seq2seq.DecoderBlock"] * 2}
 
