@@ -495,6 +495,7 @@ def cmd_data(args: argparse.Namespace) -> int:
               f"held out for evaluation: {', '.join(f['held_out_plays'])} ({meta['splits']['val']['tokens']:,} tokens)")
         for lo, hi, n in size_histogram(sizes):
             print(f"  {lo:>7,} - {hi - 1:>7,} tokens  {n:>4}  {'#' * n}")
+        return 0
     if args.name == "emoji":  # captioned emoji images in four styles (npm emoji-datasource-*)
         from lmforge.data.emoji import build_emoji
 

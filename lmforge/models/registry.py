@@ -111,7 +111,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            generation="lmforge.infer.causal"),
     Family("encoder", encoder.EncoderConfig, encoder.Encoder, encoder.PRESETS, encoder.config_from_preset,
            encoder.describe, lambda name, cfg: shape_row(name, cfg, "encoder"), frozenset({EMBED, CLASSIFY, MASKED_LM}),
-           tasks_of=lambda cfg: frozenset({EMBED, CLASSIFY} if cfg.head == "sequence" else {EMBED, MASKED_LM}),
+           tasks_of=lambda cfg: frozenset({EMBED, CLASSIFY} if cfg.head == "sequence" else
+                                          {EMBED, MASKED_LM} if cfg.head == "mlm" else {EMBED}),
            interop="lmforge.interop.encoder", embedding="lmforge.infer.embed", encoder_tokenizer=True,
            max_tokens=lambda cfg: int(cfg.block_size - cfg.position_offset),
            dir_files={encoder.SENTENCE_POOLING_FILE: "sentence_pooling"}, as_classifier=encoder.as_classifier),
