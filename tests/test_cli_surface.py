@@ -90,7 +90,7 @@ def test_default_threads_honours_omp_num_threads_else_half_the_usable_cores(monk
 
 
 COMPUTING = ["train", "generate", "eval", "chat", "agent", "serve", "embed", "classify", "score", "bench", "quantize",
-             "merge", "federated"]
+             "merge", "federated", "report", "explain"]
 
 
 def test_every_verb_that_computes_takes_threads_with_its_help():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lmforge.train import distill as D
 from reference_libs import reference_lib
+from train_fixtures import MEASURED
 
 
 # ---- losses on tiny tensors --------------------------------------------------------------------
@@ -227,7 +228,7 @@ def test_distill_tinybert_projection_resumes_exactly(classify_teacher, tmp_path,
     assert main([*args, "--out", str(tmp_path / "b"), "--resume", "auto"]) == 0
     capsys.readouterr()
     a, b = (metric_rows(tmp_path / run) for run in "ab")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed", "tok_per_s", "mfu")} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]  # noqa: E731
     assert len(a) == 6 and strip(a) == strip(b)
     assert {"embedding_mse", "hidden_mse", "attention_mse"} <= set(a[-1])
     for name in ("model.safetensors", "train_state.safetensors"):

@@ -18,12 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_fixtures import (PYTHON, REPO, TINY, make_data_dir, read_metrics, run_python, sigkill_after_step,
-                            training_code)
+from train_fixtures import (MEASURED, PYTHON, REPO, TINY, make_data_dir, read_metrics, run_python,
+                            sigkill_after_step, training_code)
 
 STEPS = ["--train.max_steps", "6", "--train.eval_every", "2", "--train.ckpt_every", "2", "--train.keep_checkpoints", "0",
          "--train.micro_batch_size", "2", "--train.keep_best", "true"]
-TIMING = ("elapsed", "tok_per_s", "mfu")
 FSDP = ["--train.parallelism", "fsdp", "--train.grad_accum", "2"]
 
 
@@ -95,7 +94,7 @@ def test_kill_and_resume_of_a_sharded_run_is_exact(runs):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
     def untimed(run):
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(run)]
+        return [{k: v for k, v in row.items() if k not in MEASURED} for row in read_metrics(run)]
 
     assert untimed(resumed) == untimed(runs["sharded"])  # every loss, grad norm and val loss to the last bit
     final = "checkpoints/step_00000006/model.safetensors"
@@ -244,7 +243,8 @@ def test_sharding_units_are_the_blocks_of_every_family():
             with torch.device("meta"):  # shapes only
                 model = fam.model_cls(fam.config_from_preset(next(iter(fam.presets))))
             found[fam.name] = [f"{type(b).__module__}.{type(b).__name__}" for b in transformer_blocks(model)]
-    assert found == {"decoder": ["lmforge.models.decoder.Block"] * 2,
+    assert found == {"clip": ["lmforge.models.clip.Block"] * 4,  # clip-tiny: 2 vision + 2 text blocks
+                     "decoder": ["lmforge.models.decoder.Block"] * 2,
                      "encoder": ["lmforge.models.encoder.Block"] * 2,
                      "seq2seq": ["lmforge.models.seq2seq.EncoderBlock"] * 2 + ["lmforge.models.seq2seq.DecoderBlock"] * 2}
 

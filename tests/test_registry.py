@@ -37,7 +37,7 @@ def test_families_are_found_from_models_and_configs():
                 fam.config_from_preset("tiny")
             model = fam.model_cls(cfg)
         assert family_of(model) is fam and family_of(cfg) is fam and model.family == fam.name
-    with pytest.raises(LMForgeError, match="unknown model family 'nope'; known: decoder, decoder_classifier, "
+    with pytest.raises(LMForgeError, match="unknown model family 'nope'; known: clip, decoder, decoder_classifier, "
                                            "decoder_value, encoder, seq2seq"):
         get_family("nope")
 
@@ -48,6 +48,9 @@ def test_capabilities_follow_the_config():
     assert enc.tasks(enc.config_from_preset("encoder-tiny")) == {"embed", "masked_lm"}
     assert get_family("decoder").tasks(None) == {"generate", "continue", "stream"}
     assert get_family("seq2seq").tasks(None) == {"generate"}
+    clip = get_family("clip")
+    assert [clip.tasks(clip.config_from_preset("clip-tiny", parts=p)) for p in ("both", "vision", "text")] == [
+        {"embed", "embed_image", "zero_shot"}, {"embed_image"}, {"embed"}]
     assert get_family("decoder_classifier").tasks(None) == {"classify", "score"}
 
 

@@ -113,7 +113,8 @@ def test_resume_refuses_a_changed_config(data, short_run):
     ck = short_run / "checkpoints" / "step_00000002"
     assert msg == (f"the config differs from the one checkpoint {ck} was trained with: model.n_layer (2 -> 3); "
                    "train.lr (0.003 -> 0.001); only the train keys max_steps, max_minutes, eval_every, eval_iters, "
-                   "log_every, ckpt_every, keep_checkpoints, keep_best, progress, compile, device and peak_flops may change")
+                   "log_every, ckpt_every, keep_checkpoints, keep_best, progress, compile, device, peak_flops and "
+                   "carbon_region may change")
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "train_state.safetensors"])

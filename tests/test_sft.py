@@ -16,7 +16,7 @@ from lmforge.finetune.sft import IGNORE, PackedRows, SFTObjective
 from lmforge.infer.llm import LLM
 from lmforge.models.decoder import Decoder, config_from_preset
 from sft_fixtures import make_base, task_rows, write_jsonl
-from train_fixtures import PYTHON, REPO, killed_cli, read_metrics
+from train_fixtures import MEASURED, PYTHON, REPO, killed_cli, read_metrics
 from reference_libs import reference_lib
 
 TRAIN = ["--train.max_steps", "6", "--train.seq_len", "64", "--train.micro_batch_size", "4", "--train.lr", "3e-3",
@@ -113,7 +113,7 @@ def test_resume_after_sigkill_is_bit_identical(setup, tmp_path):
     assert crash.returncode == -9, crash.stderr[-2000:]
     resumed = run([PYTHON, "-m", "lmforge.cli", *args, "--out", str(killed), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed", "tok_per_s", "mfu")} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]  # noqa: E731
     assert strip(read_metrics(killed)) == strip(read_metrics(full))
     from safetensors.torch import load_file
 

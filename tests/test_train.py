@@ -196,7 +196,8 @@ def test_run_directory_contents(data, tmp_path):
                                                             (6, True)]
     for r in rows:
         if "loss" in r:
-            assert set(r) == {"step", "loss", "lr", "tokens", "grad_norm", "tok_per_s", "mfu", "elapsed"}
+            assert set(r) == {"step", "loss", "lr", "tokens", "grad_norm", "tok_per_s", "mfu", "elapsed",
+                              "energy_kwh", "kg_co2e", "energy_method"}
             assert r["tok_per_s"] > 0 and 0 < r["mfu"] < 1
         else:
             assert set(r) == {"step", "val_loss", "val_ppl", "val_bpb", "val_partial", "val_tokens", "val_tokens_total",
@@ -524,9 +525,9 @@ def test_objective_table_lists_every_objective_and_refuses_others(data, tmp_path
 
     assert {name: (s.family, s.default_preset) for name, s in PRETRAINING.items()} == {
         "causal_lm": (None, None), "mlm": ("encoder", "encoder-small"),
-        "span_corruption": ("seq2seq", "t5-cpu"), "text_infilling": ("seq2seq", "bart-cpu")}
+        "span_corruption": ("seq2seq", "t5-cpu"), "text_infilling": ("seq2seq", "bart-cpu"), "clip": ("clip", "clip-emoji")}
     assert _error(data, tmp_path / "r", "--train.objective", "mlmm") == \
-        "unknown objective 'mlmm' in train.objective; available: causal_lm, mlm, span_corruption, text_infilling"
+        "unknown objective 'mlmm' in train.objective; available: causal_lm, mlm, span_corruption, text_infilling, clip"
     assert _error(data, tmp_path / "r", "--train.objective", "span_corruption", "--model.preset", "tiny") == \
         "train.objective span_corruption trains a seq2seq model, but model.preset tiny is a decoder; choose a seq2seq preset"
     assert not (tmp_path / "r").exists()

@@ -86,6 +86,8 @@ def make_data_dir(path: Path, train_chars: int = 40_000, val_chars: int = 6_000,
 
 
 # Tiny, fast training settings shared by the tests (a 2-layer, 64-wide model, 32-token windows).
+# metrics.jsonl row fields that depend on the clock and the machine (everything else reproduces exactly)
+MEASURED = ("elapsed", "tok_per_s", "mfu", "energy_kwh", "kg_co2e", "energy_method")
 TINY = ["--model.preset", "tiny", "--train.seq_len", "32", "--train.micro_batch_size", "4",
         "--train.lr", "3e-3", "--train.warmup_steps", "2", "--train.eval_iters", "2",
         "--train.log_every", "1", "--train.progress", "false", "--train.device", "cpu"]

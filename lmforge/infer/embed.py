@@ -59,3 +59,9 @@ def embed(model: torch.nn.Module, tokenizer: Any, texts: Any, pooling: Optional[
     if not out:
         return torch.zeros(0, model.cfg.n_embd)
     return torch.cat(out).float().cpu()
+
+
+def embed_for_llm(llm: Any, texts: Any, pooling: Optional[str] = None, normalize: Optional[bool] = None,
+                  batch_size: int = 32) -> torch.Tensor:
+    """`LLM.embed` of an encoder."""
+    return embed(llm.model, llm.tokenizer, texts, pooling=pooling, normalize=normalize, batch_size=batch_size)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -341,12 +342,31 @@ class LLM:
 
     def embed(self, texts: str | Sequence[str], pooling: str | None = None, normalize: bool | None = None,
               batch_size: int = 32) -> torch.Tensor:
-        """Sentence embeddings (N, C) of an encoder: pooling "mean" (over real tokens) or "cls", L2-normalised
-        when normalize. None = the model's sentence-transformers settings, else "mean" and True."""
-        from lmforge.infer.embed import embed
+        """Text embeddings (N, C). An encoder: pooling "mean" (over real tokens) or "cls", L2-normalised when
+        normalize (None = the model's sentence-transformers settings, else "mean" and True). A CLIP model:
+        its text tower's projected EOS state, unit length unless normalize=False."""
+        self._need("embed", "embed needs an encoder model (BERT family or a sentence-transformers folder) or a "
+                            "CLIP model with a text tower")
+        return self.family.embedding_module().embed_for_llm(self, texts, pooling=pooling, normalize=normalize,
+                                                            batch_size=batch_size)
 
-        self._need("embed", "embed needs an encoder model (BERT family or a sentence-transformers folder)")
-        return embed(self.model, self.tokenizer, texts, pooling=pooling, normalize=normalize, batch_size=batch_size)
+    def embed_image(self, images: Any, normalize: bool = True, batch_size: int = 32) -> torch.Tensor:
+        """Image embeddings (N, D) of a CLIP model (PIL images or image file paths), unit length unless
+        normalize=False; preprocessed as transformers' CLIPImageProcessor does."""
+        from lmforge.infer.clip import embed_images
+
+        self._need("embed_image", f"embed_image needs a CLIP model with a vision tower; this is a {self.family.name} model")
+        return embed_images(self.model, images, normalize=normalize, batch_size=batch_size)
+
+    def zero_shot(self, images: Any, labels: Sequence[str], template: str = "a picture of {}",
+                  batch_size: int = 32) -> list[dict[str, Any]]:
+        """Zero-shot classification of images by label texts (a CLIP model with both towers):
+        [{"label", "score", "probs": {label: p}}] per image, the probabilities a softmax over the labels
+        of exp(logit_scale) x cos(image, template.format(label))."""
+        from lmforge.infer.clip import zero_shot
+
+        self._need("zero_shot", f"zero_shot needs a CLIP model with both towers; this is a {self.family.name} model")
+        return zero_shot(self.model, self.tokenizer, images, labels, template=template, batch_size=batch_size)
 
     def classify(self, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
                  batch_size: int = 32, global_attention: str | None = None) -> list[dict[str, Any]]:
@@ -367,6 +387,15 @@ class LLM:
                 else [prompt] * len(completion)
             return score(self.model, self.tokenizer, prompts, list(completion))
         return score(self.model, self.tokenizer, [prompt], [completion])[0]
+
+    def report(self, out: str | Path, data: str | Path | None = None, sections: Sequence[str] | str | None = None,
+               **options: Any) -> dict[str, Any]:
+        """The model card of this model (`lmforge report`): writes out/report.json and out/report.html
+        and returns the report. `sections`: bias, memorisation, energy, explain (default all);
+        `options`: the sections' options (docs/report.md)."""
+        # eval sits above infer: named by path and imported on first use, as the registry does
+        report = importlib.import_module("lmforge.eval.report")
+        return report.build_report(self, out, data=data, sections=sections or report.ALL, **options)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())

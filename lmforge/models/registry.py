@@ -30,7 +30,7 @@ import torch
 from lmforge import checkpoint as ckpt_io
 from lmforge.config import from_dict
 from lmforge.errors import LMForgeError
-from lmforge.models import decoder, encoder, heads, seq2seq
+from lmforge.models import clip, decoder, encoder, heads, seq2seq
 from lmforge.models.presets import describe_shape, preset_config, shape_row, unknown_name
 from lmforge.nn.quant import QuantConfig, check_device, quantized_skeleton
 from lmforge.tokenizer import Tokenizer
@@ -44,6 +44,7 @@ __all__ = ["Family", "FAMILIES", "get_family", "families", "family_of", "family_
 # CONTINUE: generated text continues the prompt (decoders), where an encoder-decoder's is a new target.
 GENERATE, CONTINUE, STREAM = "generate", "continue", "stream"
 EMBED, CLASSIFY, SCORE, MASKED_LM = "embed", "classify", "score", "masked_lm"
+EMBED_IMAGE, ZERO_SHOT = "embed_image", "zero_shot"  # image embeddings; images classified by label texts
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Family:
     tasks_of: Callable[[Any], frozenset[str]] | None = None  # those of one config, when they depend on it
     interop: str | None = None                 # module reading / writing its Hugging Face folders (None: no HF form)
     generation: str | None = None              # inference module with `generate_for_llm(llm, prompt, **options)`
+    embedding: str | None = None               # inference module with `embed_for_llm(llm, texts, **options)`
     encoder_tokenizer: bool = False            # its tokenizer frames inputs as [CLS] a [SEP] (roles cls/sep/mask)
     # `lmforge finetune classify`: (model, labels, pooling=, dropout=) -> a classifier on its body (None: cannot)
     as_classifier: Callable[..., torch.nn.Module] | None = None
@@ -79,6 +81,11 @@ class Family:
         if self.generation is None:
             raise LMForgeError(f"a {self.name} model does not generate text")
         return importlib.import_module(self.generation)
+
+    def embedding_module(self) -> ModuleType:
+        if self.embedding is None:
+            raise LMForgeError(f"a {self.name} model does not embed text")
+        return importlib.import_module(self.embedding)
 
     def preset_changes(self, cfg: Any) -> list[str] | None:
         """The keys of `cfg` that differ from its preset (`cfg.preset`); vocab_size aside, as it
@@ -104,14 +111,20 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            generation="lmforge.infer.causal"),
     Family("encoder", encoder.EncoderConfig, encoder.Encoder, encoder.PRESETS, encoder.config_from_preset,
            encoder.describe, lambda name, cfg: shape_row(name, cfg, "encoder"), frozenset({EMBED, CLASSIFY, MASKED_LM}),
-           tasks_of=lambda cfg: frozenset({EMBED, CLASSIFY} if cfg.head == "sequence" else {EMBED, MASKED_LM}),
-           interop="lmforge.interop.encoder", encoder_tokenizer=True,
+           tasks_of=lambda cfg: frozenset({EMBED, CLASSIFY} if cfg.head == "sequence" else
+                                          {EMBED, MASKED_LM} if cfg.head == "mlm" else {EMBED}),
+           interop="lmforge.interop.encoder", embedding="lmforge.infer.embed", encoder_tokenizer=True,
            max_tokens=lambda cfg: int(cfg.block_size - cfg.position_offset),
            dir_files={encoder.SENTENCE_POOLING_FILE: "sentence_pooling"}, as_classifier=encoder.as_classifier),
     Family("seq2seq", seq2seq.Seq2SeqConfig, seq2seq.Seq2Seq, seq2seq.PRESETS, seq2seq.config_from_preset,
            describe_shape, lambda name, cfg: shape_row(name, cfg, "seq2seq"), frozenset({GENERATE}),
            interop="lmforge.interop.seq2seq", generation="lmforge.infer.seq2seq",
            dir_files={ckpt_io.GENERATION_FORMAT: "generation_format"}),
+    Family("clip", clip.CLIPConfig, clip.CLIP, clip.PRESETS, clip.config_from_preset, clip.describe, clip.list_row,
+           frozenset({EMBED, EMBED_IMAGE, ZERO_SHOT}),
+           tasks_of=lambda cfg: frozenset({EMBED} if cfg.parts == "text" else {EMBED_IMAGE} if cfg.parts == "vision"
+                                          else {EMBED, EMBED_IMAGE, ZERO_SHOT}),
+           interop="lmforge.interop.clip", embedding="lmforge.infer.clip"),
 )}
 
 

@@ -226,6 +226,17 @@ class MultiHeadAttention(nn.Module):
         k_BSX, v_BSX = self.kv(mem_BSC).chunk(2, dim=-1)
         return self.heads(k_BSX), self.heads(v_BSX)
 
+    def scores(self, x_BTC: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pre-softmax attention scores q.k * scale, (B, H, T, S), without the mask (no cache): what
+        explanations read; the fused attention kernel never materialises them. `kv`: cross-attention's
+        keys and values (`memory_kv`)."""
+        if self.cross:
+            q_BHTD, k_BHSD = self.heads(self.q(x_BTC)), kv[0]
+        else:
+            q_BTX, k_BTX, _ = self.qkv(x_BTC).chunk(3, dim=-1)
+            q_BHTD, k_BHSD = self.heads(q_BTX), self.heads(k_BTX)
+        return q_BHTD @ k_BHSD.transpose(-1, -2) * self.scale
+
     def forward(self, x_BTC: torch.Tensor, *, mask: torch.Tensor | None, is_causal: bool = False,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:

@@ -165,6 +165,7 @@ class MLP(nn.Module):
     'gelu': fc_in -> GELU (tanh approximation, as GPT-2) -> fc_out.
     'swiglu': fc_in produces [gate; up] in one matmul -> silu(gate) * up -> fc_out (Llama).
     'relu2': fc_in -> relu(x)^2 -> fc_out (Primer / modded-nanoGPT).
+    'quick_gelu': fc_in -> x * sigmoid(1.702 x) -> fc_out (OpenAI CLIP); 'gelu_exact': the erf GELU.
     """
 
     def __init__(self, dim: int, hidden: int, kind: str, bias: bool):
@@ -190,6 +191,13 @@ class MLP(nn.Module):
             h_BTF = F.gelu(h_BTF, approximate="tanh")
         elif self.kind == "relu2":
             h_BTF = F.relu(h_BTF).square()
+        elif self.kind == "quick_gelu":
+            if h_BTF.requires_grad:
+                h_BTF = h_BTF * torch.sigmoid(1.702 * h_BTF)
+            else:  # inference: x * sigmoid(1.702 x) = silu(1.702 x) / 1.702 in place, no activation-sized temporaries
+                h_BTF = F.silu(h_BTF.mul_(1.702), inplace=True).mul_(1 / 1.702)
+        elif self.kind == "gelu_exact":
+            h_BTF = F.gelu(h_BTF)
         else:
             raise ValueError(f"unknown mlp '{self.kind}'")
         return self.fc_out(h_BTF)

@@ -104,6 +104,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
             from lmforge.serve.embeddings import EmbeddingEngine
 
             return EmbeddingEngine(llm, str(model))
+        if "generate" not in llm.tasks:
+            raise LMForgeError(f"{model} is a {llm.family.name} model that neither generates nor embeds text "
+                               f"(it can: {', '.join(sorted(llm.tasks))}); the server has nothing to serve it for")
         ctx = int(llm.model.cfg.block_size)
         if max_model_len is not None and max_model_len > ctx:
             raise LMForgeError(f"--max-model-len {max_model_len} is longer than the model's context ({ctx})")

@@ -1,4 +1,5 @@
-"""/v1/embeddings for encoder models (BERT family, sentence-transformers folders): the request
+"""/v1/embeddings for encoder models (BERT family, sentence-transformers folders) and the text tower of
+CLIP models (their projected, unit-length text embeddings, as `LLM.embed`): the request
 schema, the engine that embeds (one batch at a time, off the event loop) and OpenAI's response body,
 with `encoding_format` "float" (a list of numbers) or "base64" (the float32 little-endian bytes, as
 OpenAI sends them: `numpy.frombuffer(base64.b64decode(s), dtype="<f4")` reads them back)."""
@@ -27,14 +28,15 @@ class EmbeddingRequest(BaseModel):
 
 
 class EmbeddingEngine:
-    """An encoder model served for embeddings: `LLM.embed` (the model's pooling and normalisation)."""
+    """An encoder or CLIP model served for embeddings: `LLM.embed` (the model's pooling and normalisation)."""
 
     def __init__(self, llm: Any, model_path: str | None = None):
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.model_path = model_path
         self.max_model_len = int(llm.model.cfg.block_size)
-        self.width = int(llm.model.cfg.n_embd)
+        # a CLIP model's embeddings live in its projection space, an encoder's are its hidden states
+        self.width = int(getattr(llm.model.cfg, "embedding_dim", llm.model.cfg.n_embd))
         self._lock = threading.Lock()  # one batch at a time: torch already uses the model's threads
 
     def texts(self, req: EmbeddingRequest) -> list[str]:

@@ -22,6 +22,8 @@ from lmforge.config import config_field, deep_merge, from_dict, load_yaml, parse
 from lmforge.errors import LMForgeError
 from lmforge.models.decoder import DecoderConfig, config_from_preset
 from lmforge.train.adapters import LoRAConfig
+from lmforge.train.energy import DEFAULT_REGION as DEFAULT_CARBON_REGION
+from lmforge.train.energy import REGION_HELP as CARBON_REGION_HELP
 
 DEFAULT_PRESET = "small"
 
@@ -108,6 +110,8 @@ class TrainConfig:
     peak_flops: Optional[float] = config_field(None, "peak FLOP/s of one device for the MFU figure; default from a small "
                                            "table (GPUs) or a nominal CPU estimate")
     progress: bool = config_field(True, "show a progress bar on stderr")
+    carbon_region: str = config_field(DEFAULT_CARBON_REGION, f"{CARBON_REGION_HELP}; metrics.jsonl rows and the run "
+                                      "summary carry energy_kwh and kg_co2e (lmforge/train/energy.py)")
 
 
 @dataclass
@@ -143,7 +147,8 @@ class RunConfig:
 
 # Train keys that may differ between a checkpoint's config and the config a run is resumed with.
 RESUMABLE_TRAIN_KEYS = ("max_steps", "max_minutes", "eval_every", "eval_iters", "log_every", "ckpt_every",
-                        "keep_checkpoints", "keep_best", "progress", "compile", "device", "peak_flops")
+                        "keep_checkpoints", "keep_best", "progress", "compile", "device", "peak_flops",
+                        "carbon_region")
 RESUMABLE_CHANGES = frozenset(f"train.{k}" for k in RESUMABLE_TRAIN_KEYS)
 
 

@@ -84,7 +84,8 @@ class TrainJob:
 class PretrainContext:
     """What a pretraining objective gets to build its batches (`lmforge train --train.objective NAME`)."""
 
-    train_tokens: Any            # np.ndarray memmap of the train split (documents separated by EOS)
+    train_tokens: Any            # np.ndarray memmap of the train split (documents separated by EOS); the
+                                 # rows of an image-text split for clip (PretrainSpec.open_data reads the data)
     val_tokens: Any              # the same for the validation split
     seq_len: int
     micro_batch_size: int

@@ -50,6 +50,7 @@ from lmforge.train import distributed as D
 from lmforge.train.adapters import (BASE_DIR, load_trainable_state, prepare_lora, trainable_state,
                                     write_adapter_model)
 from lmforge.train.config import TrainConfig, config_hash, validate_train
+from lmforge.train.energy import EnergyTracker
 from lmforge.train.job import TrainJob, to_device
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_loss
 from lmforge.train.optim import build_optimizer, lr_at
@@ -106,6 +107,7 @@ def train_job(task: TrainJob, train_cfg: TrainConfig, out_dir: str | Path, resum
         trainer.restore_parked_run()
         raise
     finally:
+        trainer.energy.stop()  # codecarbon's threads end with the run, however it ends
         D.teardown(info)
 
 
@@ -126,6 +128,7 @@ class Trainer:
         self.global_batch = self.t.micro_batch_size * self.per_step
         self.parked: Path | None = None
         self.lora: Any = None  # the adapter's LoRASettings once built (None: full fine-tuning)
+        self.energy = EnergyTracker(train_cfg.carbon_region, enabled=info.is_main, processes=info.world_size)
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -227,6 +230,7 @@ class Trainer:
             self.horizon = self.t.max_steps  # max_steps may have changed on resume
         self.best_val = s.get("best_val_loss")
         self.last_val = s.get("last_eval")
+        self.energy.restore(s.get("energy"))
         if self.extra is not None:
             try:  # copied in place: the optimizer holds these parameters already
                 self.extra.load_state_dict({k[len("extra."):]: v for k, v in tens.items() if k.startswith("extra.")})
@@ -284,6 +288,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         t, info = self.t, self.info
+        self.energy.start()
         self.eval_set = list(self.task.eval_batches()) if self.task.eval_batches is not None else []
         if t.keep_best and not self.eval_set:
             raise LMForgeError("train.keep_best keeps the checkpoint of the lowest validation loss, but this run "
@@ -330,6 +335,7 @@ class Trainer:
             "val_bpb": self.last_val.get("val_bpb") if self.last_val else None,
             "seconds": round(seconds, 2),
             "checkpoint": str(ckpt_io.latest_checkpoint(self.out)) if info.is_main else None,
+            "energy": self.energy.stop(),  # kWh, kg CO2e and how they were obtained (train/energy.py)
         }
         if t.keep_best:
             best = self.out / ckpt_io.CKPT_DIR / ckpt_io.BEST
@@ -424,6 +430,7 @@ class Trainer:
                "elapsed": round(self.elapsed_before + (now - self.session_start), 3)}
         for name, value in stats_t.items():  # the objective's own numbers (accuracy, kl, ...)
             row[name] = float(D.all_reduce_mean(value, info))
+        row.update(self.energy.figures())  # energy_kwh, kg_co2e, energy_method
         self.metrics.write(row)
         if not math.isfinite(loss_val):
             raise LMForgeError(f"the training loss became {loss_val} at step {self.step}; lower train.lr "
@@ -581,6 +588,7 @@ class Trainer:
                          "warmup_steps": self.t.warmup_steps, "total_steps": self.horizon},
             "best_val_loss": self.best_val,
             "last_eval": self.last_val,
+            "energy": self.energy.state(),
             "world_size": info.world_size,
             "config_hash": config_hash(self.resolved),
             "config": self.resolved,

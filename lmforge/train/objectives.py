@@ -8,10 +8,13 @@ its `make(ctx) -> PretrainParts` and one row here; the loop stays as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+from lmforge.data.dataset import TokenData
+from lmforge.data.image_text import ImageTextData
 from lmforge.errors import LMForgeError
 from lmforge.train.causal_lm import make_causal_lm
+from lmforge.train.clip import make_clip
 from lmforge.train.denoise import make_span_corruption, make_text_infilling
 from lmforge.train.job import PretrainContext, PretrainParts
 from lmforge.train.mlm import make_mlm
@@ -22,6 +25,8 @@ class PretrainSpec:
     family: str | None          # the model family it trains (None: any whose model maps ids to next-token logits)
     default_preset: str | None  # the preset used while model.preset is the decoder default (None: keep that)
     make: Callable[[PretrainContext], PretrainParts]
+    # reads the data directory: its splits are what PretrainContext.train_tokens / val_tokens hold
+    open_data: Callable[[Any], Any] = TokenData
 
 
 PRETRAINING: dict[str, PretrainSpec] = {
@@ -29,6 +34,7 @@ PRETRAINING: dict[str, PretrainSpec] = {
     "mlm": PretrainSpec(family="encoder", default_preset="encoder-small", make=make_mlm),
     "span_corruption": PretrainSpec(family="seq2seq", default_preset="t5-cpu", make=make_span_corruption),
     "text_infilling": PretrainSpec(family="seq2seq", default_preset="bart-cpu", make=make_text_infilling),
+    "clip": PretrainSpec(family="clip", default_preset="clip-emoji", make=make_clip, open_data=ImageTextData),
 }
 
 

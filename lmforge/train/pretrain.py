@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmforge.data.dataset import TokenData
 from lmforge.errors import LMForgeError
 from lmforge.train import distributed as D
 from lmforge.train.config import RunConfig, build_config, effective_seq_len, resolve_model, resolved_dict, validate
@@ -43,7 +42,8 @@ def pretraining_job(cfg: RunConfig, data_dir: str | Path, train_tokens: Any = No
     """The TrainJob of `lmforge train`: a fresh model of the preset's family, trained with
     train.objective on the splits of a prepared data directory. `train_tokens` (named `train_name`
     in messages) replace the train split: a federated client's shard of it."""
-    data = TokenData(data_dir)
+    spec = pretraining_spec(cfg.train.objective)
+    data = spec.open_data(data_dir)  # token memmaps (TokenData), or image-text rows for clip
     data.split(cfg.data.train_split), data.split(cfg.data.val_split)  # check the split names
     model_cfg = resolve_model(cfg, data.vocab_size)
     validate(cfg, model_cfg)
@@ -53,7 +53,6 @@ def pretraining_job(cfg: RunConfig, data_dir: str | Path, train_tokens: Any = No
     from lmforge.models.registry import family_of
 
     family = family_of(model_cfg)
-    spec = pretraining_spec(t.objective)
     if spec.family is not None and spec.family != family.name:
         raise LMForgeError(f"train.objective {t.objective} trains a {spec.family} model, but model.preset "
                            f"{cfg.model.preset} is a {family.name}; choose a {spec.family} preset")
