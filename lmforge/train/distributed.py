@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,11 @@ def setup(device_pref: str, parallelism: str = "ddp") -> DistInfo:
 
 def teardown(info: DistInfo) -> None:
     if (info.enabled or info.sharded) and dist.is_initialized():
+        # gloo's worker threads free finished collectives (their tensors' Python objects) under the GIL;
+        # if the group is destroyed while one still waits for it, the joining main thread (holding the
+        # GIL) and that worker wait for each other forever. A barrier and a GIL-free pause first.
+        dist.barrier()
+        time.sleep(0.05)
         dist.destroy_process_group()
 
 

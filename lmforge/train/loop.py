@@ -32,6 +32,7 @@ into model.safetensors, so `LLM.load(RUN)` reads it as any run.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -108,6 +109,12 @@ def train_job(task: TrainJob, train_cfg: TrainConfig, out_dir: str | Path, resum
         raise
     finally:
         trainer.energy.stop()  # codecarbon's threads end with the run, however it ends
+        # DDP's reducer holds the process group: dropped here, the group is destroyed inside
+        # destroy_process_group (which releases the GIL) rather than by the interpreter's cleanup, where
+        # gloo's worker threads, still freeing a finished all_gather, wait for the GIL the joining main
+        # thread holds (a deadlock seen under load: the last rank never exits)
+        trainer.model = None
+        gc.collect()
         D.teardown(info)
 
 
