@@ -30,15 +30,20 @@ def lora_flags(r: int, lr: float, modules_to_save: str = "") -> list[str]:
     return ["--lora.r", str(r), "--lora.alpha", str(2 * r), "--lora.targets", "all-linear", "--train.lr", str(lr)] + saved
 
 
-def trainable_share(run: Path) -> dict:
+def trainable_share(base: Path, lora: list[str]) -> dict:
+    """Trainable parameters of the run as trained: the base, with the run's adapter added the way
+    training adds it (a reloaded PEFT file can hold more: shared A matrices split per module)."""
     from lmforge.infer.llm import LLM
-    from lmforge.nn.lora import freeze_base, has_lora, trainable_parameters
+    from lmforge.nn.lora import LoRASettings, add_lora, trainable_parameters
 
-    model = LLM.load(run).model
-    if not has_lora(model):
+    model = LLM.load(base).model
+    if not lora:
         n = sum(p.numel() for p in model.parameters())
         return {"trainable": n, "total": n, "share": 1.0}
-    freeze_base(model)
+    flags = dict(zip(lora[::2], lora[1::2]))
+    add_lora(model, LoRASettings(r=int(flags["--lora.r"]), alpha=float(flags["--lora.alpha"]),
+                                 targets=flags["--lora.targets"],
+                                 modules_to_save=flags.get("--lora.modules_to_save", "")))
     trainable, total = trainable_parameters(model)
     return {"trainable": trainable, "total": total, "share": trainable / total}
 
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"][name] = {"accuracy": scores["accuracy"], "stderr": scores["stderr"],
                                 "stop_rate": scores["stop_rate"],
                                 "per_task": scores["per_task"], "steps": trained_steps(out / name),
-                                "train_minutes": round(minutes, 2), **trainable_share(out / name)}
+                                "train_minutes": round(minutes, 2), **trainable_share(base, extra)}
         print(f"lora_chat: {name}: exact match {100 * scores['accuracy']:.1f}% in {minutes:.1f} min, "
               f"{result['runs'][name]['steps']} steps", file=sys.stderr, flush=True)
     if {"full", "lora"} <= set(result["runs"]):
