@@ -17,7 +17,6 @@ documents its own (docs/report.md).
 from __future__ import annotations
 
 import dataclasses
-import html as html_lib
 import importlib
 import json
 import os
@@ -31,6 +30,7 @@ import torch
 from lmforge.checkpoint import atomic_write_text
 from lmforge.errors import LMForgeError
 from lmforge.eval.report.context import ReportContext, recorded_data_dir
+from lmforge.eval.report.plots import esc, table
 
 SECTIONS = {"bias": "lmforge.eval.report.bias", "memorisation": "lmforge.eval.report.memorisation",
             "energy": "lmforge.eval.report.energy", "explanations": "lmforge.eval.report.explain"}
@@ -157,32 +157,6 @@ table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding
 vertical-align:top}th{background:#f4f4f6}img{max-width:100%;height:auto}code{background:#f4f4f6;padding:0 .2em}
 .note{color:#555;font-size:.92em}.na{color:#8a5a00;background:#fff6e0;padding:.5em .8em;border-radius:4px}
 """
-
-
-def esc(x: Any) -> str:
-    """HTML-escaped text of a value (the sections' fragments use it too)."""
-    return html_lib.escape(str(x))
-
-
-def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
-    """An HTML table of escaped cells."""
-    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table>{head}{body}</table>"
-
-
-def png_img(fig: Any, alt: str) -> str:
-    """A matplotlib figure as an inline <img> (base64 PNG), and the figure closed."""
-    import base64
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return (f'<div class="fig"><img alt="{esc(alt)}" '
-            f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"></div>')
 
 
 def not_applicable(result: dict[str, Any]) -> str:

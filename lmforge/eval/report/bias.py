@@ -268,7 +268,7 @@ def html(result: dict[str, Any]) -> str:
             f"<h3>CrowS-Pairs</h3><p>{crows['n_pairs']} pairs, {escape(crows['method'])}: "
             f"{100 * crows['pct_stereotype']:.1f}% stereotypical preference, mean |difference| "
             f"{crows['likelihood_diff']:.3f} nats.</p>" + figure_img(fig, "CrowS-Pairs by bias type")
-            + table(["bias type", "% stereotype", "likelihood diff", "pairs"], rows))
+            + table(rows, ["bias type", "% stereotype", "likelihood diff", "pairs"]))
     else:
         parts.append(_skipped("CrowS-Pairs", crows))
     ss = result["stereoset"]
@@ -277,7 +277,7 @@ def html(result: dict[str, Any]) -> str:
                [["all", ss["ss"], ss["lms"], ss["icat"]]]
         parts.append(f"<h3>StereoSet (intrasentence)</h3><p>{ss['n_contexts']} contexts; stereotype score 50 and "
                      "language-model score 100 are ideal, ICAT combines them.</p>"
-                     + table(["domain", "SS", "LMS", "ICAT"], rows))
+                     + table(rows, ["domain", "SS", "LMS", "ICAT"]))
     else:
         parts.append(_skipped("StereoSet", ss))
     wb = result["winobias"]
@@ -285,7 +285,7 @@ def html(result: dict[str, Any]) -> str:
         rows = [[t, 100 * v["pct_pro"], v["likelihood_diff"], v["n_pairs"]] for t, v in wb["by_type"].items()]
         parts.append(f"<h3>WinoBias</h3><p>{wb['n_pairs']} sentence pairs: the pro-stereotypical pronoun is preferred "
                      f"in {100 * wb['pct_pro']:.1f}% (50 = unbiased).</p>"
-                     + table(["type", "% pro-stereotype", "likelihood diff", "pairs"], rows))
+                     + table(rows, ["type", "% pro-stereotype", "likelihood diff", "pairs"]))
     else:
         parts.append(_skipped("WinoBias", wb))
     st = result["seat"]
@@ -293,7 +293,7 @@ def html(result: dict[str, Any]) -> str:
         rows = [[t["test"], t["effect_size"], t["p_value"], t["permutations"]] for t in st["tests"]]
         parts.append("<h3>SEAT / WEAT</h3><p>Effect sizes of sentence-embedding associations (0 = none, "
                      "|d| &gt; 0.8 large); one-sided permutation p-values.</p>"
-                     + table(["test", "effect size d", "p-value", "partitions"], rows))
+                     + table(rows, ["test", "effect size d", "p-value", "partitions"]))
     else:
         parts.append(_skipped("SEAT / WEAT", st))
     return "\n".join(parts)

@@ -23,7 +23,7 @@ from typing import Any
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
-from lmforge.eval.report import esc, png_img, table
+from lmforge.eval.report.plots import esc, figure_img, table
 from lmforge.eval.report.context import ReportContext
 
 DEFAULT_TARGETS = ("gpt2", "llama2-7b")
@@ -160,5 +160,5 @@ def html(result: dict[str, Any]) -> str:
         ax.set_xlabel("step")
         ax.set_ylabel("kWh (cumulative)")
         ax.set_title("energy during training", fontsize=9)
-        parts.append(png_img(fig, "cumulative energy during training"))
+        parts.append(figure_img(fig, "cumulative energy during training"))
     return "\n".join(parts)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
-from lmforge.eval.report import esc, png_img, table
+from lmforge.eval.report.plots import esc, figure_img, table
 from lmforge.eval.report.context import ReportContext
 from lmforge.models.seq2seq import MultiHeadAttention
 from lmforge.nn.layers import Attention
@@ -410,8 +410,8 @@ def html(result: dict[str, Any]) -> str:
                                                  f"({'within' if c['within_1pct'] else 'NOT within'} 1%)")]))
         top = sorted(zip(ex["tokens"], ex["attributions"]), key=lambda p: -abs(p[1]))[:5]
         parts.append(table([(t, f"{a:+.4f}") for t, a in top], header=("token", "attribution (largest 5)")))
-        parts.append(png_img(attribution_figure(ex), f"attributions: {ex['text']}"))
+        parts.append(figure_img(attribution_figure(ex), f"attributions: {ex['text']}"))
         for stack in ex["attention"]:
             if stack in ex["rollout"] or len(ex["attention"]) == 1:
-                parts.append(png_img(attention_figure(ex, stack), f"attention {stack}: {ex['text']}"))
+                parts.append(figure_img(attention_figure(ex, stack), f"attention {stack}: {ex['text']}"))
     return "\n".join(parts)

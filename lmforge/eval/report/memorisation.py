@@ -266,9 +266,9 @@ def html(result: dict[str, Any]) -> str:
              f"{ex['suffix_tokens']} tokens: reproduced exactly for {100 * result['extraction_rate_train']:.1f}% of "
              f"{ex['train']['n']} training windows and {100 * result['extraction_rate_heldout']:.1f}% of "
              f"{ex['heldout']['n']} held-out ones.</p>"
-             + table(["split", "exact", "token match", "windows"],
-                     [["train", ex["train"]["rate"], ex["train"]["token_match"], ex["train"]["n"]],
-                      ["held-out", ex["heldout"]["rate"], ex["heldout"]["token_match"], ex["heldout"]["n"]]])]
+             + table([["train", ex["train"]["rate"], ex["train"]["token_match"], ex["train"]["n"]],
+                      ["held-out", ex["heldout"]["rate"], ex["heldout"]["token_match"], ex["heldout"]["n"]]],
+                     ["split", "exact", "token match", "windows"])]
     mi = result["membership"]
     fig, ax = new_figure(4.5, 4.0)
     for name, a in mi["attacks"].items():
@@ -286,7 +286,7 @@ def html(result: dict[str, Any]) -> str:
                 for c in can["canaries"]]
         parts.append(f"<h3>Canaries</h3><p>Exposure of secrets inserted as '{escape(can['template'])}' "
                      f"(max {can['canaries'][0]['max_exposure']:.1f} bits = always ranked first).</p>"
-                     + table(["secret", "repeats", "exposure (bits)", "rank", "rank is"], rows))
+                     + table(rows, ["secret", "repeats", "exposure (bits)", "rank", "rank is"]))
     else:
         parts.append(f"<h3>Canaries</h3><p>{escape(can['reason'])}.</p>")
     return "\n".join(parts)

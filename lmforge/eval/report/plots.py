@@ -1,11 +1,16 @@
-"""Figures of the report as inline PNGs (the HTML has no external assets)."""
+"""The report's HTML pieces: escaped text, tables, figures as inline PNGs (no external assets)."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
-from typing import Any
+from typing import Any, Sequence
+
+
+def esc(x: Any) -> str:
+    """HTML-escaped text of a value."""
+    return html.escape(str(x))
 
 
 def new_figure(width: float = 6.0, height: float = 3.5) -> tuple[Any, Any]:
@@ -17,18 +22,21 @@ def new_figure(width: float = 6.0, height: float = 3.5) -> tuple[Any, Any]:
 
 
 def figure_img(fig: Any, alt: str) -> str:
-    """An <img> tag holding `fig` as a base64 PNG."""
+    """`fig` as an inline <img> (base64 PNG); a pyplot figure is closed."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return (f'<div class="fig"><img alt="{esc(alt)}" '
+            f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode("ascii")}"></div>')
 
 
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    """A plain HTML table; floats with 4 significant digits."""
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
+    """An HTML table of escaped cells; floats with 4 significant digits."""
     def cell(v: Any) -> str:
-        return html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
+        return esc(f"{v:.4g}" if isinstance(v, float) else v)
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
