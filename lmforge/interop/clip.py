@@ -26,8 +26,8 @@ from lmforge.checkpoint import MODEL_WEIGHTS, TOKENIZER, atomic_write_text, load
 from lmforge.errors import LMForgeError
 from lmforge.interop.files import (DEFAULT_MAX_SHARD_SIZE, HF_CONFIG, HF_CONFIG_SIDECAR, SPECIAL_TOKENS_MAP,
                                    TOKENIZER_CONFIG, TempDir, WeightSource, check_out, load_hf_tokenizer,
-                                   read_hf_config, read_json_file, tensors_in_memory, write_hf_weights,
-                                   write_model_config)
+                                   read_hf_config, read_json_file, state_from_plan, tensors_in_memory,
+                                   write_hf_weights, write_model_config)
 from lmforge.models.clip import ACTS, CLIPConfig
 from lmforge.models.registry import build_model, get_family
 
@@ -192,22 +192,7 @@ def state_from_hf(names: list[str], get, cfg: CLIPConfig, where: str) -> dict[st
         bare = get
         names = [prefix + n for n in names]
         get = lambda name: bare(name[len(prefix):])  # noqa: E731
-    have = set(names)
-    plan = tensor_map(cfg)
-    wanted = {h for _, hs in plan for h in hs}
-    missing = sorted(wanted - have)
-    if missing:
-        raise LMForgeError(f"the weights in {where} lack tensors that config.json implies: {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''}")
-    extra = sorted(n for n in have - wanted if not _IGNORABLE.search(n))
-    if extra:
-        raise LMForgeError(f"the weights in {where} hold tensors this architecture does not use: "
-                           f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-    state = {}
-    for lm, hs in plan:
-        pieces = [get(h) for h in hs]
-        state[lm] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-    return state
+    return state_from_plan(tensor_map(cfg), set(names), get, where, _IGNORABLE)
 
 
 def state_to_hf(state: dict[str, torch.Tensor], cfg: CLIPConfig) -> dict[str, torch.Tensor]:

@@ -33,7 +33,8 @@ from lmforge.errors import LMForgeError
 from lmforge.interop.files import (DEFAULT_MAX_SHARD_SIZE, HF_CONFIG, HF_CONFIG_SIDECAR, SENTENCE_TRANSFORMERS_MODULES,
                                    SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TempDir, WeightSource, check_out,
                                    load_hf_tokenizer, read_hf_config, read_json_file, tensors_in_memory,
-                                   stacked_parts, write_hf_weights, write_model_config)
+                                   stacked_parts, state_from_plan, write_hf_weights,
+                                   write_model_config)
 from lmforge.models.encoder import SENTENCE_POOLING_FILE, EncoderConfig
 from lmforge.models.registry import build_model, get_family
 
@@ -334,21 +335,7 @@ def state_from_hf(names: list[str], get, cfg: EncoderConfig, kind: str, where: s
     def full(n: str) -> str:
         return n[len(p):] if bare and n.startswith(p) else n
 
-    plan = tensor_map(cfg, kind)
-    wanted = {full(h) for _, hs in plan for h in hs}
-    missing = sorted(wanted - have)
-    if missing:
-        raise LMForgeError(f"the weights in {where} lack tensors that config.json implies: {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''}")
-    extra = sorted(n for n in have - wanted if not _IGNORABLE.search(n))
-    if extra:
-        raise LMForgeError(f"the weights in {where} hold tensors this architecture does not use: "
-                           f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-    state = {}
-    for lm, hs in plan:
-        parts = [get(full(h)) for h in hs]
-        state[lm] = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-    return state
+    return state_from_plan(tensor_map(cfg, kind), have, get, where, _IGNORABLE, name=full)
 
 
 def state_to_hf(state: dict[str, torch.Tensor], cfg: EncoderConfig, kind: str) -> dict[str, torch.Tensor]:

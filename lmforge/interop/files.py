@@ -362,3 +362,25 @@ def stacked_parts(mapping: Any, rows: dict[str, int]) -> dict[str, tuple[list[tu
         n = rows[lm] // len(hf_names)
         out[lm] = ([(h, i * n, (i + 1) * n) for i, h in enumerate(hf_names)], False)
     return out
+
+
+def state_from_plan(plan: Any, have: set[str], get: Callable[[str], torch.Tensor], where: str,
+                    ignorable: Any, name: Callable[[str], str] = lambda h: h) -> dict[str, torch.Tensor]:
+    """lmforge state from a (lmforge name, [HF names stacked along dim 0]) plan over the HF tensors
+    `have` (read with `get`); `name` maps a plan's HF name to the file's. A tensor the plan needs and
+    the file lacks, or one the file holds that the plan does not use (unless `ignorable` matches it),
+    is an error naming up to five of them."""
+    wanted = {name(h) for _, hs in plan for h in hs}
+    missing = sorted(wanted - have)
+    if missing:
+        raise LMForgeError(f"the weights in {where} lack tensors that config.json implies: {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''}")
+    extra = sorted(n for n in have - wanted if not ignorable.search(n))
+    if extra:
+        raise LMForgeError(f"the weights in {where} hold tensors this architecture does not use: "
+                           f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    state = {}
+    for lm, hs in plan:
+        parts = [get(name(h)) for h in hs]
+        state[lm] = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    return state
