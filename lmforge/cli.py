@@ -48,6 +48,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -537,7 +547,9 @@ def cmd_federated(args: argparse.Namespace, extra: list[str]) -> int:
                             rounds=args.rounds, local_steps=args.local_steps, strategy=args.strategy,
                             proximal_mu=args.proximal_mu, server_lr=args.server_lr, base=args.base,
                             config_file=args.config, recipe=args.recipe, overrides=extra, engine=args.engine,
-                            resume=args.resume, overwrite=args.overwrite)
+                            resume=args.resume, overwrite=args.overwrite,
+                            dp_clipping_norm=args.dp_clipping_norm or 0.0, dp_noise_multiplier=args.dp_noise_multiplier,
+                            dp_clipping=args.dp_clipping, dp_delta=args.dp_delta)
     print(json.dumps(summary))
     return 0
 
@@ -892,6 +904,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fedprox: weight of the proximal term (default 0.01)")
     s.add_argument("--server-lr", type=float, default=0.01,
                    help="fedadam: the server's Adam step size eta (default 0.01)")
+    s.add_argument("--dp-clipping-norm", type=_positive_float, default=None,
+                   help="differential privacy: clip each client's update to this L2 norm and add Gaussian noise "
+                        "to the aggregate (Flower's fixed-clipping DP wrapper; fedavg or fedprox)")
+    s.add_argument("--dp-noise-multiplier", type=float, default=1.0,
+                   help="DP: noise standard deviation in units of clipping-norm / clients-per-round (default 1.0; "
+                        "0 clips without noise and reports no epsilon)")
+    s.add_argument("--dp-clipping", default="server", choices=["server", "client"],
+                   help="DP: where updates are clipped, by the server's wrapper or by each client (default server)")
+    s.add_argument("--dp-delta", type=float, default=1e-5,
+                   help="DP: the delta at which the spent epsilon is reported (default 1e-5)")
     s.add_argument("--base", help="start from this model (run or model directory) instead of a fresh one")
     s.add_argument("--config", help="YAML config file with sections model, train")
     s.add_argument("--recipe", help="a config shipped with lmforge: demo, speedrun, baseline")

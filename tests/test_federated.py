@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,66 @@ def test_fedprox_adds_the_proximal_term_and_runs_a_round(tmp_path, one_thread):
     assert out["rounds"] == 1 and out["client_loss"] > 0
 
 
+def test_differential_privacy_is_flowers_clipping_noise_and_rdp_epsilon(tmp_path, one_thread):
+    """--dp-clipping-norm C: each client's update is clipped to L2 norm C (by the server's wrapper or by
+    each client's fixedclipping_mod: the same global model), the aggregate gets Gaussian noise of
+    std z * C / K drawn from numpy's generator seeded for the round, and metrics report the epsilon of
+    Flower's RDP accountant, which a resumed run restores."""
+    from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
+                                                   SamplingMethod)
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    from lmforge.federated.run import run_federated
+    from lmforge.federated.setup import exchanged_state, federation
+
+    data = federated_data(tmp_path / "data", 2)
+    common = dict(clients=2, clients_per_round=2, local_steps=2, overrides=FED_TINY, engine="inprocess")
+    plain = run_federated(str(data), str(tmp_path / "plain"), rounds=1, **common)
+    assert "epsilon" not in plain
+    clip = 0.05
+    run_federated(str(data), str(tmp_path / "server"), rounds=1, dp_clipping_norm=clip, dp_noise_multiplier=0.0,
+                  **common)
+    run_federated(str(data), str(tmp_path / "client"), rounds=1, dp_clipping_norm=clip, dp_noise_multiplier=0.0,
+                  dp_clipping="client", **common)
+    dp = dict(dp_clipping_norm=clip, dp_noise_multiplier=0.7, dp_delta=1e-4, **common)
+    run_federated(str(data), str(tmp_path / "noisy"), rounds=1, **dp)
+    start = exchanged_state(federation(settings(data, tmp_path / "x")).template)
+    norm = lambda w: float(torch.sqrt(sum(((w[k] - start[k]).double() ** 2).sum() for k in start)))  # noqa: E731
+    assert norm(weights(tmp_path / "plain" / "model")) > 4 * clip  # clipping binds
+    server, client = weights(tmp_path / "server" / "model"), weights(tmp_path / "client" / "model")
+    assert 0.5 * clip < norm(server) <= clip * (1 + 1e-5)  # the mean of two updates of norm C
+    assert all(torch.allclose(server[k], client[k], atol=1e-7) for k in start)
+    # round 1 of the noisy run = the clipped aggregate + N(0, (z C / K)^2), Flower's draw, array by array
+    np.random.seed(zlib.crc32(b"1337/1"))
+    noisy = weights(tmp_path / "noisy" / "model")
+    for k in start:  # Flower draws array by array in the ArrayRecord's order, the exchanged state's
+        expected = server[k].numpy() + np.random.normal(0, 0.7 * clip / 2, server[k].shape).astype(np.float32)
+        assert np.allclose(noisy[k].numpy(), expected, atol=1e-6), k
+    # epsilon: Flower's RDP accountant, one release per round, kept across --resume
+    resumed = run_federated(str(data), str(tmp_path / "noisy"), rounds=2, resume=True, **dp)
+    accountant = RdpAccountant(PrivacyConfig(target_delta=1e-4, population_size=2,
+                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    eps = []
+    for _ in range(2):
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=0.7, sample_size=2, population_size=2))
+        eps.append(accountant.get_epsilon(1e-4))
+    rows = [json.loads(line) for line in (tmp_path / "noisy" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epsilon"] for r in rows] == pytest.approx(eps, rel=1e-9) and eps[1] > eps[0] > 0
+    assert resumed["epsilon"] == pytest.approx(eps[1]) and resumed["dp_delta"] == 1e-4
+    saved = json.loads((tmp_path / "noisy" / "model" / "federated_state.json").read_text())["dp"]
+    assert saved["epsilon"] == pytest.approx(eps[1]) and saved["releases"] == 2 and saved["clipping_norm"] == clip
+    from lmforge.eval.report import memorisation  # the report's privacy section reads the record
+
+    card = memorisation.differential_privacy(tmp_path / "noisy")
+    assert card["epsilon"] == saved["epsilon"] and card["noise_multiplier"] == 0.7 and "accountant" not in card
+    assert f"epsilon {eps[1]:.2f} at delta 0.0001" in memorisation.html({"applies": False, "reason": "x",
+                                                                          "differential_privacy": card})
+    with pytest.raises(LMForgeError, match="needs --strategy fedavg or fedprox"):
+        run_federated(str(data), str(tmp_path / "adam"), rounds=1, strategy="fedadam", dp_clipping_norm=clip,
+                      **common)
+
+
 def test_a_model_carrying_a_lora_adapter_exchanges_only_the_adapter(tmp_path, one_thread):
     """With a LoRA adapter on the model (nn/lora.py) a client trains and returns the adapter alone;
     the frozen base weights stay as they were."""
@@ -142,7 +203,7 @@ def test_a_model_carrying_a_lora_adapter_exchanges_only_the_adapter(tmp_path, on
     fed = Federation(**{**fed.__dict__, "template": template})
     start = exchanged_state(template)
     assert set(start) == set(adapter_state_dict(template)) and all(".lora_" in k for k in start)
-    state, loss = local_training(fed, 0, start, server_round=1, lr=3e-3, muon_lr=0.02)
+    state, loss, _ = local_training(fed, 0, start, server_round=1, lr=3e-3, muon_lr=0.02)
     assert set(state) == set(start) and loss > 0
     changed = [k for k in start if not torch.equal(start[k], state[k])]
     assert any(".lora_B." in k for k in changed)  # B starts at zero and moved
@@ -218,6 +279,12 @@ def test_cli_refuses_a_used_run_and_bad_settings(tmp_path, capsys, one_thread):
     assert main(base + ["--clients-per-round", "3"]) == 2
     assert "error: --clients-per-round 3 exceeds --clients 2" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(base + ["--clients-per-round", "1", "--dp-clipping-norm", "0"])
+    assert "--dp-clipping-norm: expected a positive number, got '0'" in capsys.readouterr().err
+    assert main(base + ["--clients-per-round", "1", "--dp-clipping-norm", "1", "--strategy", "fedadam"]) == 2
+    assert ("error: differential privacy (--dp-clipping-norm) needs --strategy fedavg or fedprox"
+            in capsys.readouterr().err)
     assert main(base[:4] + ["5"] + base[5:] + ["--clients-per-round", "1"]) == 2
     assert f"error: --clients 5: {data} holds 2 clients" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # a user error writes nothing

@@ -2,7 +2,8 @@
 
     run_federated(data, out, clients=..., clients_per_round=..., rounds=..., local_steps=..., strategy=...,
                   base=None, config_file=None, recipe=None, overrides=(), engine="auto", resume=False,
-                  overwrite=False) -> summary dict
+                  overwrite=False, dp_clipping_norm=0.0, dp_noise_multiplier=1.0, dp_clipping="server",
+                  dp_delta=1e-5) -> summary dict
 
 The model and training config are `lmforge train`'s (--recipe < --config < --model.* / --train.*), or
 --base MODEL's architecture and weights. They travel to the apps in Flower's run config
@@ -46,7 +47,8 @@ def run_federated(data: str, out: str, *, clients: int, clients_per_round: int, 
                   strategy: str = "fedavg", proximal_mu: float = 0.01, server_lr: float = 0.01,
                   base: str | None = None, config_file: str | None = None, recipe: str | None = None,
                   overrides: Sequence[str] | dict = (), engine: str = "auto", resume: bool = False,
-                  overwrite: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False, dp_clipping_norm: float = 0.0, dp_noise_multiplier: float = 1.0,
+                  dp_clipping: str = "server", dp_delta: float = 1e-5) -> dict[str, Any]:
     """Run the federation (see the module docstring); returns a summary of the run."""
     if engine not in ENGINES:
         raise LMForgeError(f"unknown --engine '{engine}'; choose one of: {', '.join(ENGINES)}")
@@ -62,7 +64,9 @@ def run_federated(data: str, out: str, *, clients: int, clients_per_round: int, 
     settings = run_config_of({"data": str(Path(data)), "out": str(Path(out)), "clients": clients,
                               "clients-per-round": clients_per_round, "rounds": rounds, "local-steps": local_steps,
                               "strategy": strategy, "proximal-mu": proximal_mu, "server-lr": server_lr,
-                              "base": base or "", "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True)})
+                              "base": base or "", "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+                              "dp-clipping-norm": dp_clipping_norm, "dp-noise-multiplier": dp_noise_multiplier,
+                              "dp-clipping": dp_clipping, "dp-delta": dp_delta})
     check_settings(settings)
     _check_out(Path(out), settings, resume, overwrite)
     fed = federation(settings)  # every check of data, clients and model before anything is written
@@ -96,7 +100,8 @@ def run_federated(data: str, out: str, *, clients: int, clients_per_round: int, 
     last = rows[-1] if rows else {}
     return {"run_dir": str(out), "rounds": last.get("round", 0), "val_bits_per_byte": last.get("val_bits_per_byte"),
             "client_loss": last.get("client_loss"), "model": str(Path(out) / "model"),
-            "clients": len(fed.clients)}
+            "clients": len(fed.clients), **({"epsilon": last["epsilon"], "dp_delta": last["dp_delta"]}
+                                            if "epsilon" in last else {})}
 
 
 def _deployment(out: Path, settings: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,16 @@ split: loss and bits per byte as `lmforge train` computes them) and written, in 
 A killed run resumes from RUN/model: its round, weights and strategy state; metrics rows of later
 rounds are dropped and written again.
 
+Differential privacy (--dp-clipping-norm C): Flower's fixed-clipping wrapper around FedAvg / FedProx,
+DifferentialPrivacyServerSideFixedClipping (the server clips each client's update to L2 norm C) or
+...ClientSideFixedClipping (each client clips its own, Flower's fixedclipping_mod), then adds Gaussian
+noise of standard deviation z * C / K to the aggregate (z = --dp-noise-multiplier, K = clients per
+round; McMahan et al., 2018). Under DP every client weighs the same (it reports the tokens of its
+round, equal for all), which the accounting assumes. Flower's RDP accountant (flwr[dp]: Google's
+dp-accounting) composes one release per round, without sampling amplification (Flower's only choice
+for fixed clipping): metrics.jsonl's `epsilon` is the client-level epsilon spent so far at --dp-delta,
+and RUN/model/federated_state.json keeps it (and the accountant's state, for --resume).
+
 Client learning rate: constant within a round, cosine over rounds from train.lr to train.min_lr
 (train.muon_lr scaled alike); fresh optimizer state every round, as clients are sampled anew.
 """
@@ -29,13 +39,16 @@ import random
 import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy)
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
@@ -65,15 +78,46 @@ server_app = make_server_app()  # the deployment engine's (flower-superlink): se
 
 
 def make_strategy(fed: Federation) -> Strategy:
-    """The Flower strategy of --strategy; sampling `clients-per-round` of `clients` nodes."""
+    """The Flower strategy of --strategy; sampling `clients-per-round` of `clients` nodes; inside
+    Flower's fixed-clipping DP wrapper when --dp-clipping-norm is given."""
     s = fed.settings
     n, k = s["clients"], s["clients-per-round"]
     common = dict(fraction_train=k / n, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=n)
     if s["strategy"] == "fedprox":
-        return FedProx(**common, proximal_mu=s["proximal-mu"])
-    if s["strategy"] == "fedadam":
+        strategy: Strategy = FedProx(**common, proximal_mu=s["proximal-mu"])
+    elif s["strategy"] == "fedadam":
         return FedAdam(**common, eta=s["server-lr"], beta_1=FEDADAM_BETAS[0], beta_2=FEDADAM_BETAS[1], tau=FEDADAM_TAU)
-    return FedAvg(**common)
+    else:
+        strategy = FedAvg(**common)
+    if s["dp-clipping-norm"] <= 0:
+        return strategy
+    wrapper = (DifferentialPrivacyServerSideFixedClipping if s["dp-clipping"] == "server"
+               else DifferentialPrivacyClientSideFixedClipping)
+    return wrapper(strategy, noise_multiplier=s["dp-noise-multiplier"], clipping_norm=s["dp-clipping-norm"],
+                   num_sampled_clients=k, accountant=privacy_accountant(fed))
+
+
+def privacy_accountant(fed: Federation) -> Any:
+    """Flower's RDP accountant over the `clients` population, or None without noise (no epsilon)."""
+    s = fed.settings
+    if s["dp-noise-multiplier"] <= 0:
+        return None
+    try:
+        from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+        return RdpAccountant(PrivacyConfig(target_delta=s["dp-delta"], population_size=s["clients"],
+                                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                           sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    except ImportError as e:
+        raise LMForgeError('--dp-noise-multiplier reports epsilon with Flower\'s RDP accountant: '
+                           'pip install "flwr[dp]"') from e
+
+
+def privacy_spent(strategy: Strategy) -> dict[str, float]:
+    """{'epsilon': spent so far, 'dp_delta'} of a DP strategy with an accountant, else {}."""
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    return {} if spent is None else {"epsilon": float(spent.epsilon), "dp_delta": float(spent.delta)}
 
 
 def round_lr(fed: Federation, server_round: int) -> tuple[float, float]:
@@ -111,6 +155,7 @@ def run_rounds(fed: Federation, grid: Grid) -> None:
     start = time.perf_counter()
     for r in range(done + 1, fed.settings["rounds"] + 1):
         random.seed(f"{fed.cfg.train.seed}/{r}")  # Flower samples nodes with Python's random
+        np.random.seed(zlib.crc32(f"{fed.cfg.train.seed}/{r}".encode()))  # and draws DP noise with numpy's
         lr, muon_lr = round_lr(fed, r)
         messages = list(strategy.configure_train(r, arrays, ConfigRecord({"lr": lr, "muon-lr": muon_lr}), grid))
         replies = list(grid.send_and_receive(messages))
@@ -127,7 +172,7 @@ def run_rounds(fed: Federation, grid: Grid) -> None:
         row = {"round": r, **evaluate_global(fed, state), "client_loss": float(metrics["train_loss"]),
                "bytes_sent": payload_bytes(messages), "bytes_received": payload_bytes(replies),
                "nodes": sorted(m.metadata.dst_node_id for m in messages), "lr": lr,
-               "elapsed": round(elapsed_before + time.perf_counter() - start, 3)}
+               **privacy_spent(strategy), "elapsed": round(elapsed_before + time.perf_counter() - start, 3)}
         rows.append(row)
         with open(out / ckpt_io.RUN_METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -141,6 +186,9 @@ def resume_point(fed: Federation, strategy: Strategy) -> tuple[int, dict[str, to
     if not (d / STATE_FILE).is_file():
         return 0, exchanged_state(fed.template)
     saved = ckpt_io.read_json(d / STATE_FILE)
+    accountant = getattr(strategy, "accountant", None)
+    if accountant is not None and "accountant" in saved.get("dp", {}):
+        accountant.load_state_dict(saved["dp"]["accountant"])
     if isinstance(strategy, FedAdam) and (d / SERVER_TENSORS).is_file():
         tensors = ckpt_io.load_tensors(d / SERVER_TENSORS)
         strategy.m_t = {k[2:]: v.numpy() for k, v in tensors.items() if k.startswith("m.")}
@@ -155,8 +203,16 @@ def save_global(fed: Federation, state: dict[str, torch.Tensor], server_round: i
     out = Path(fed.settings["out"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}.partial-", dir=out))
     try:
-        extra = {STATE_FILE: json.dumps({"round": server_round, "rounds": fed.settings["rounds"],
-                                         "strategy": fed.settings["strategy"]}, indent=2).encode()}
+        saved: dict[str, Any] = {"round": server_round, "rounds": fed.settings["rounds"],
+                                 "strategy": fed.settings["strategy"]}
+        if fed.settings["dp-clipping-norm"] > 0:
+            accountant = getattr(strategy, "accountant", None)
+            saved["dp"] = {"clipping_norm": fed.settings["dp-clipping-norm"], "clipping": fed.settings["dp-clipping"],
+                           "noise_multiplier": fed.settings["dp-noise-multiplier"],
+                           "clients_per_round": fed.settings["clients-per-round"],
+                           "population": fed.settings["clients"], "releases": server_round, **privacy_spent(strategy),
+                           **({"accountant": accountant.state_dict()} if accountant is not None else {})}
+        extra = {STATE_FILE: json.dumps(saved, indent=2).encode()}
         ckpt_io.write_model_dir(tmp, fed.new_model(state), tokenizer_path=fed.data.tokenizer_path, extra_files=extra)
         if isinstance(strategy, FedAdam) and strategy.m_t:
             tensors = {f"m.{k}": torch.from_numpy(v) for k, v in strategy.m_t.items()}

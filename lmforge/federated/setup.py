@@ -30,9 +30,12 @@ from lmforge.train.job import TrainJob
 from lmforge.train.pretrain import pretraining_job
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-# Flower run-config keys (Flower's spelling: dashes) -> their type.
+DP_CLIPPING = ("server", "client")  # where Flower's fixed-clipping DP wrapper clips the client updates
+# Flower run-config keys (Flower's spelling: dashes) -> their type. dp-clipping-norm 0 = no differential privacy.
 SETTINGS = {"data": str, "out": str, "clients": int, "clients-per-round": int, "rounds": int, "local-steps": int,
-            "strategy": str, "proximal-mu": float, "server-lr": float, "base": str, "config": str}
+            "strategy": str, "proximal-mu": float, "server-lr": float, "base": str, "config": str,
+            "dp-clipping-norm": float, "dp-noise-multiplier": float, "dp-clipping": str, "dp-delta": float}
+DP_DEFAULTS = {"dp-clipping-norm": 0.0, "dp-noise-multiplier": 1.0, "dp-clipping": "server", "dp-delta": 1e-5}
 
 
 @dataclass
@@ -79,7 +82,8 @@ def load_exchanged_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def run_config_of(settings: dict[str, Any]) -> dict[str, Any]:
-    """Checked Flower run config from `lmforge federated`'s settings."""
+    """Checked Flower run config from `lmforge federated`'s settings (the DP keys default to off)."""
+    settings = {**DP_DEFAULTS, **settings}
     missing = sorted(set(SETTINGS) - set(settings))
     if missing:
         raise LMForgeError(f"the federated run config lacks {', '.join(missing)}")
@@ -88,6 +92,7 @@ def run_config_of(settings: dict[str, Any]) -> dict[str, Any]:
 
 def federation(run_config: dict[str, Any]) -> Federation:
     """The Federation of a Flower run config (built once per process and run config)."""
+    run_config = {**DP_DEFAULTS, **run_config}
     return _federation(json.dumps({k: run_config[k] for k in SETTINGS}, sort_keys=True))
 
 
@@ -131,6 +136,19 @@ def check_settings(s: dict[str, Any]) -> None:
         raise LMForgeError(f"--proximal-mu must not be negative, got {s['proximal-mu']}")
     if s["server-lr"] <= 0:
         raise LMForgeError(f"--server-lr must be positive, got {s['server-lr']}")
+    if s["dp-clipping-norm"] < 0:
+        raise LMForgeError(f"--dp-clipping-norm must be positive, got {s['dp-clipping-norm']}")
+    if s["dp-noise-multiplier"] < 0:
+        raise LMForgeError(f"--dp-noise-multiplier must not be negative, got {s['dp-noise-multiplier']}")
+    if s["dp-clipping"] not in DP_CLIPPING:
+        raise LMForgeError(f"unknown --dp-clipping '{s['dp-clipping']}'; choose one of: {', '.join(DP_CLIPPING)}")
+    if not 0 < s["dp-delta"] < 1:
+        raise LMForgeError(f"--dp-delta must lie strictly between 0 and 1, got {s['dp-delta']}")
+    if s["dp-clipping-norm"] > 0 and s["strategy"] == "fedadam":
+        # Flower's wrapper adds the noise to the strategy's output; FedAdam's per-coordinate step
+        # divides by its second moment, so the output's sensitivity is no longer clipping_norm / K.
+        raise LMForgeError("differential privacy (--dp-clipping-norm) needs --strategy fedavg or fedprox: Flower's "
+                           "DP wrapper noises the aggregate, and FedAdam's server step rescales it, so no epsilon holds")
 
 
 def base_model_section(base: str) -> dict[str, Any]:

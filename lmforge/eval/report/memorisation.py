@@ -22,14 +22,21 @@ of its length. exposure = log2 |R| - log2 rank(secret). When |R| <= `canary_cand
 is scored (exact rank); otherwise that many random candidates are, and the rank is extrapolated from a
 normal fit of their log-perplexities (the paper fits a skew-normal): exposure = -log2 P[X <= x_secret],
 capped at log2 |R|.
+
+Differential privacy: a model `lmforge federated --dp-clipping-norm` trained carries its guarantee in
+federated_state.json (client-level epsilon at delta from Flower's RDP accountant, the clipping norm,
+noise multiplier and rounds); the section reports it as `differential_privacy`, beside the attacks
+that test it empirically.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import zlib
 from html import escape
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +51,7 @@ from lmforge.eval.report.plots import figure_img, new_figure, table
 from lmforge.infer.generate import generate_ids
 from lmforge.models.registry import CONTINUE
 
+FEDERATED_STATE = "federated_state.json"  # written into the global model's directory by lmforge federated
 DEFAULTS = {"prefix_tokens": 32, "suffix_tokens": 32, "extraction_samples": 128, "membership_window": 64,
             "membership_samples": 256, "canary_candidates": 1024, "batch_size": 32}
 
@@ -210,8 +218,28 @@ def _reference(options: dict[str, Any], llm: Any) -> Any:
     return ref
 
 
+def differential_privacy(model_path: Path | None) -> dict[str, Any] | None:
+    """The DP record of a federated run's global model (MODEL or MODEL/model), or None."""
+    if model_path is None:
+        return None
+    for d in (Path(model_path), Path(model_path) / "model"):
+        if (d / FEDERATED_STATE).is_file():
+            dp = json.loads((d / FEDERATED_STATE).read_text(encoding="utf-8")).get("dp")
+            if dp:
+                return {k: v for k, v in dp.items() if k != "accountant"} | {"method": "federated DP-FedAvg, "
+                        "Flower fixed clipping + Gaussian noise, RDP accountant (client level, no sampling amplification)"}
+            return None
+    return None
+
+
 def run(ctx: ReportContext) -> dict[str, Any]:
     """Options: the DEFAULTS keys above, and reference_model (a path or an LLM) for the reference attack."""
+    result = _attacks(ctx)
+    dp = differential_privacy(ctx.llm.path)
+    return result if dp is None else {**result, "differential_privacy": dp}
+
+
+def _attacks(ctx: ReportContext) -> dict[str, Any]:
     llm, opts = ctx.llm, ctx.options
     if CONTINUE not in llm.tasks:
         return {"applies": False, "reason": f"extraction and membership inference need a decoder that continues "
@@ -259,8 +287,15 @@ def run(ctx: ReportContext) -> dict[str, Any]:
 
 
 def html(result: dict[str, Any]) -> str:
+    dp = result.get("differential_privacy")
+    dp_html = "" if dp is None else (
+        f"<h3>Differential privacy</h3><p>Trained federated with client-level DP: updates clipped to L2 norm "
+        f"{dp['clipping_norm']:g}, Gaussian noise multiplier {dp['noise_multiplier']:g}, {dp['releases']} rounds of "
+        f"{dp['clients_per_round']} of {dp['population']} clients: "
+        + (f"epsilon {dp['epsilon']:.2f} at delta {dp['dp_delta']:g}" if "epsilon" in dp else "no noise, no epsilon")
+        + ".</p>")
     if not result.get("applies", False):
-        return f"<p>Memorisation: does not apply ({escape(result.get('reason', ''))}).</p>"
+        return dp_html + f"<p>Memorisation: does not apply ({escape(result.get('reason', ''))}).</p>"
     ex = result["extraction"]
     parts = [f"<h3>Extraction</h3><p>Greedy continuation of {ex['prefix_tokens']}-token prefixes for "
              f"{ex['suffix_tokens']} tokens: reproduced exactly for {100 * result['extraction_rate_train']:.1f}% of "
@@ -289,4 +324,4 @@ def html(result: dict[str, Any]) -> str:
                      + table(rows, ["secret", "repeats", "exposure (bits)", "rank", "rank is"]))
     else:
         parts.append(f"<h3>Canaries</h3><p>{escape(can['reason'])}.</p>")
-    return "\n".join(parts)
+    return dp_html + "\n".join(parts)
