@@ -60,7 +60,7 @@ sentiment-bench: dev  # VADER, TF-IDF+LogReg, fine-tuned all-MiniLM-L6-v2, from-
 CHAT_RUN  ?= runs/chat-demo
 CHAT_DATA ?= data/chat_tasks
 # GRPO, PPO, DPO, a reward model and PPO with it, from make chat-demo's SFT model, each a fixed number
-# of steps (GRPO 473, PPO 950); prints each stage's steps and minutes (about 45 min on 2 cores).
+# of steps (GRPO 473, PPO 950); prints each stage's steps and minutes (about 1.5 hours on 2 cores).
 align-demo: venv
 	@test -d $(CHAT_RUN) || $(MAKE) chat-demo
 	$(PY) -m lmforge.demo.align_demo --sft $(CHAT_RUN) --data $(CHAT_DATA) --out runs/align-demo $(THREADS_FLAG)

@@ -14,9 +14,11 @@ Chain (each stage starts from the SFT model; all on the CPU):
                       along at weight 0, so the log shows whether the policy exploits the model
     sft_more          the control (not a default stage): as much compute spent on more SFT of the chat
                       demo's training conversations instead (1,500 steps of the chat-demo recipe at lr 1e-4)
-Every stage trains a fixed number of steps, so every machine trains the same models: GRPO 473 and
-PPO 950 (about 12 minutes each on the quiet 2-core build machine; PPO's count is an estimate), DPO 2 and the reward model 3
-epochs of the pairs. `--minutes M` opts into a wall-clock budget per stage instead.
+Every stage trains a fixed number of steps, so every machine trains the same models: GRPO 473,
+PPO 950, DPO 2 and the reward model 3 epochs of the pairs, the control 1,500 SFT steps. On the 2-core
+build machine at 2 threads (docs/results/align-demo.json) that took: sampling 9 min, GRPO 20 (with a
+test run beside it; about 12 alone), PPO 26, DPO 4, reward model 4, PPO with it 30, the control 28:
+about 2 hours with the control. `--minutes M` opts into a wall-clock budget per stage instead.
 Printed: one table (stage, accuracy +- standard error, mean reply length, KL to SFT, steps, minutes)
 and, as the last line, one JSON object with each stage's accuracy and reward_model_pair_accuracy;
 `--results` records every figure (docs/results/align-demo.json).
@@ -50,9 +52,8 @@ from lmforge.runtime import THREADS_HELP, set_threads
 
 VERIFIER = "lmforge.finetune.rewards:task_verifier"
 GRPO_STEPS = 473  # what 12 minutes of GRPO reached on the quiet 2-core build machine
-PPO_STEPS = 950  # estimated (not measured) for about 12 minutes there: a PPO step trains on 32 replies,
-                 # a GRPO step on 8 prompts x 8, at about the same cost per reply
-SFT_MORE_STEPS = 1500  # the control: about 12 minutes of the chat-demo recipe's SFT steps there
+PPO_STEPS = 950  # chosen for about 12 minutes there; measured 26 (align-demo.json): a PPO step costs twice the estimate
+SFT_MORE_STEPS = 1500  # the control: chosen for about 12 minutes of chat-demo SFT steps; measured 28 there
 
 
 def log(msg: str) -> None:
