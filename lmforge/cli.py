@@ -38,34 +38,27 @@ from lmforge.errors import LMForgeError
 T = TypeVar("T")
 
 
-def _positive_int(text: str) -> int:
+def _checked(text: str, convert: Callable[[str], T], ok: Callable[[T], bool], what: str) -> T:
+    """An argparse type: `text` converted, or "expected WHAT, got 'TEXT'"."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _checked(text, int, lambda v: v > 0, "a positive integer")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'")
-    return value
+    return _checked(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'")
-    return value
+    return _checked(text, int, lambda v: v >= 0, "a non-negative integer")
 
 
 def _repeats(text: str) -> int | list[int]:

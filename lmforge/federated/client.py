@@ -28,6 +28,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.federated.setup import Federation, exchanged_state, federation
@@ -64,8 +65,6 @@ def train(message: Message, context: Context, settings: dict[str, Any]) -> Messa
 def client_side_clipping(message: Message, context: Context, call_next: Any) -> Message:
     """Flower's fixedclipping_mod on the rounds whose config carries a clipping norm (the client-side
     DP wrapper's); other messages pass through, so one ClientApp serves every run config."""
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
     config = message.content.config_records.get("config") if message.has_content() else None
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(message, context, call_next)

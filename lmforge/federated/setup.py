@@ -92,7 +92,6 @@ def run_config_of(settings: dict[str, Any]) -> dict[str, Any]:
 
 def federation(run_config: dict[str, Any]) -> Federation:
     """The Federation of a Flower run config (built once per process and run config)."""
-    run_config = {**DP_DEFAULTS, **run_config}
     return _federation(json.dumps({k: run_config[k] for k in SETTINGS}, sort_keys=True))
 
 
