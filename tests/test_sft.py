@@ -74,6 +74,31 @@ def test_objective_counts_only_labelled_tokens(one_thread):
     assert int(stats["tokens"]) == 16
 
 
+@pytest.mark.parametrize("tied,softcap", [(True, None), (False, 10.0)])
+def test_head_loss_is_fused_and_equals_the_logits_path(tied, softcap, monkeypatch):
+    """A plain head never builds the (N, vocab) logits; loss and both gradients equal F.cross_entropy's."""
+    torch.manual_seed(0)
+    model = Decoder(config_from_preset("tiny", vocab_size=300, tie_embeddings=tied, logit_softcap=softcap))
+    h = torch.randn(70, model.cfg.n_embd, requires_grad=True)
+    y = torch.randint(0, 300, (70,))
+    y[[5, 40]] = IGNORE
+    ref = F.cross_entropy(model.head(h), y, ignore_index=IGNORE)
+    ref_gh, ref_gw = torch.autograd.grad(ref, (h, model.lm_head.weight))
+    calls = []
+    monkeypatch.setattr(type(model.lm_head), "forward", lambda *a: calls.append(a) or 1 / 0)
+    loss = model.head_loss(h, y)
+    gh, gw = torch.autograd.grad(loss, (h, model.lm_head.weight))
+    assert calls == []  # fused: the head module itself never ran
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    assert torch.allclose(gh, ref_gh, atol=1e-6) and torch.allclose(gw, ref_gw, atol=1e-6)
+    model.lm_head.weight.requires_grad_(False)  # a frozen (LoRA) base: only the hidden states' gradient
+    assert torch.allclose(torch.autograd.grad(model.head_loss(h, y), h)[0], ref_gh, atol=1e-6)
+    with torch.no_grad():
+        assert model.head_loss(h, y).item() == pytest.approx(ref.item(), abs=1e-5)
+    none = torch.full((3,), IGNORE)
+    assert model.head_loss(h[:3], none).item() == 0.0  # nothing labelled: 0, as the objective's old sum / max(n, 1)
+
+
 def test_golden_loss_and_run_directory(setup, tmp_path, one_thread):
     root, base, train, val = setup
     out = tmp_path / "run"

@@ -86,72 +86,16 @@ TARGET_PEAK_FRACTION = 0.85  # achieved FLOP/s >= 85% of the measured matmul pea
 
 
 from lmforge.nn.linear import OneDNNLinear, onednn_linear, onednn_available, use_onednn_linears  # noqa: E402,F401
+from lmforge.nn.losses import linear_cross_entropy  # noqa: E402
 
 
-# ---- fused LM head + cross entropy ----------------------------------------------------------
-
-class _ChunkedLinearCE(torch.autograd.Function):
-    """mean cross entropy of (h @ w.T) against targets, one block of rows at a time.
-
-    Forward also computes both gradients (softmax - onehot is at hand then), so the (N, V) logits
-    never exist whole and nothing but two gradient buffers is kept for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, h_NC: torch.Tensor, w_VC: torch.Tensor, y_N: torch.Tensor, rows: int,
-                ignore_index: int, softcap: float | None) -> torch.Tensor:
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        N = h_NC.shape[0]
-        valid_N = y_N != ignore_index
-        n_valid = int(valid_N.sum())
-        inv = 1.0 / max(n_valid, 1)
-        total = torch.zeros((), dtype=torch.float32, device=h_NC.device)
-        grad_h_NC = torch.empty_like(h_NC) if need_grad else None
-        grad_w_VC = torch.zeros_like(w_VC) if need_grad else None
-        dnn = h_NC.device.type == "cpu" and h_NC.dtype == torch.float32 and onednn_available()
-        for s in range(0, N, rows):
-            h_RC, y_R, ok_R = h_NC[s:s + rows], y_N[s:s + rows], valid_N[s:s + rows]
-            z_RV = (onednn_linear(h_RC, w_VC) if dnn else h_RC @ w_VC.t()).float()
-            if softcap:
-                t_RV = torch.tanh(z_RV / softcap)
-                z_RV = softcap * t_RV
-            y_safe_R = torch.where(ok_R, y_R, 0)
-            lse_R = torch.logsumexp(z_RV, dim=-1)
-            picked_R = z_RV.gather(1, y_safe_R[:, None]).squeeze(1)
-            total += ((lse_R - picked_R) * ok_R).sum()
-            if need_grad:
-                g_RV = z_RV.sub_(lse_R[:, None]).exp_()  # softmax, in place
-                g_RV.scatter_add_(1, y_safe_R[:, None], -ok_R[:, None].to(g_RV.dtype))
-                g_RV.mul_((ok_R.to(g_RV.dtype) * inv)[:, None])
-                if softcap:
-                    g_RV.mul_(1.0 - t_RV.square())
-                g_RV = g_RV.to(h_NC.dtype)
-                if dnn:
-                    grad_h_NC[s:s + rows] = onednn_linear(g_RV, w_VC.t())
-                    grad_w_VC += onednn_linear(g_RV.t(), h_RC.t())
-                else:
-                    torch.mm(g_RV, w_VC, out=grad_h_NC[s:s + rows])
-                    grad_w_VC.addmm_(g_RV.t(), h_RC)
-        if need_grad:
-            ctx.save_for_backward(grad_h_NC, grad_w_VC)
-        return total * inv
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_h_NC, grad_w_VC = ctx.saved_tensors
-        return grad_h_NC * grad_out, grad_w_VC * grad_out, None, None, None, None
-
+# ---- fused LM head + cross entropy (lmforge.nn.losses) ----------------------------------------
 
 def chunked_linear_cross_entropy(h_NC: torch.Tensor, w_VC: torch.Tensor, y_N: torch.Tensor, *,
                                  rows: int | None = None, ignore_index: int = -100,
                                  softcap: float | None = None) -> torch.Tensor:
-    """F.cross_entropy(softcap(h @ w.T), y, ignore_index) without materialising the logits.
-
-    rows: rows per block; default keeps a block's fp32 logits near 4 MiB (cache-sized), at least 64.
-    """
-    if rows is None:
-        rows = max(64, (4 << 20) // (4 * w_VC.shape[0]))
-    return _ChunkedLinearCE.apply(h_NC, w_VC, y_N, int(rows), ignore_index, softcap)
+    """F.cross_entropy(softcap(h @ w.T), y, ignore_index) without materialising the logits."""
+    return linear_cross_entropy(h_NC, w_VC, y_N, rows=rows, ignore_index=ignore_index, softcap=softcap)
 
 
 def hidden_states(model: nn.Module, x_BT: torch.Tensor) -> torch.Tensor:

@@ -163,11 +163,8 @@ class SFTObjective:
         # often a small share of a packed row, and the head is a quarter of a small model's FLOPs.
         h_BTC = model(batch["input_ids"], segment_BT=batch["segment_ids"], hidden=True)
         labelled_BT = y_BT != IGNORE
-        n = labelled_BT.sum()
-        head = getattr(model, "module", model).head  # under DDP the wrapper holds the model
-        logits_NV = head(h_BTC[labelled_BT])
-        loss_sum = F.cross_entropy(logits_NV.float(), y_BT[labelled_BT], reduction="sum")
-        loss = loss_sum / n.clamp(min=1)
+        core = getattr(model, "module", model)  # under DDP the wrapper holds the model
+        loss = core.head_loss(h_BTC[labelled_BT], y_BT[labelled_BT])  # no (N, vocab) logits on a plain head
         # tokens = real (non-padding) input tokens, as tok/s counts them in pretraining
         return loss, {"loss": loss.detach(), "tokens": (batch["segment_ids"] >= 0).sum()}
 

@@ -16,12 +16,14 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
 from lmforge.models.presets import preset_config
 from lmforge.models.tied_head import TiedHeadHooks
 from lmforge.nn.linear import Linear
 from lmforge.nn.kv_cache import KVCache
+from lmforge.nn.losses import linear_cross_entropy
 from lmforge.nn.layers import (MLP, Attention, AttentionContext, InlineDropout, causal_context, make_norm,
                                 packed_attention, packed_context, rope_cos_sin, rope_inv_freq, sinusoidal_table)
 
@@ -292,6 +294,18 @@ class Decoder(TiedHeadHooks, InlineDropout, nn.Module):
         if hidden:
             return x_BTC
         return self.head(x_BTC)
+
+    def head_loss(self, h_NC: torch.Tensor, y_N: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross entropy of the head's logits for final hidden states `h_NC` against `y_N`.
+
+        A plain head runs fused with the loss in row blocks (nn/losses.py), so the (N, vocab) logits
+        never exist whole: at GPT-2's vocabulary they outweigh the model. Adapted or quantised heads,
+        and autocast, take the plain path."""
+        w_VC = self.lm_head.weight if type(self.lm_head) in (Linear, nn.Linear) and self.lm_head.bias is None else None
+        if w_VC is not None and w_VC.dtype == h_NC.dtype and not torch.is_autocast_enabled(h_NC.device.type):
+            return linear_cross_entropy(h_NC, w_VC, y_N, ignore_index=ignore_index, softcap=self.cfg.logit_softcap)
+        loss_sum = F.cross_entropy(self.head(h_NC).float(), y_N, ignore_index=ignore_index, reduction="sum")
+        return loss_sum / (y_N != ignore_index).sum().clamp(min=1)  # 0, not nan, when nothing is counted
 
     def head(self, x_BTC: torch.Tensor) -> torch.Tensor:
         """Final hidden states -> logits (the LM head, with the soft-cap when configured)."""
