@@ -215,7 +215,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     """`resolve_checkpoint`, for loading the model: a sharded checkpoint without consolidated weights
     (not the run's last) is named with the command that consolidates it."""
     ckpt = resolve_checkpoint(path)
-    if not (ckpt / MODEL_WEIGHTS).is_file() and is_sharded(ckpt):
+    if not (ckpt / MODEL_WEIGHTS).is_file() and not (ckpt / LORA_BASE).is_file() and is_sharded(ckpt):
         raise LMForgeError(f"{ckpt} is a sharded (FSDP) checkpoint without consolidated weights; "
                            f"`lmforge convert {ckpt} --out DIR` writes them as a model directory")
     return ckpt
@@ -418,6 +418,10 @@ def consolidate_sharded(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bo
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not is_sharded(ckpt_dir):
         raise LMForgeError(f"{ckpt_dir} is not a sharded checkpoint (no {SHARDED}/.metadata)")
+    if (ckpt_dir / LORA_BASE).is_file():  # a sharded LoRA run's: the shards hold only the adapter
+        raise LMForgeError(f"{ckpt_dir} is a LoRA checkpoint whose adapter is already a model directory: load it "
+                           f"as it is, or merge it into its base ({LORA_BASE}) with `lmforge merge BASE {ckpt_dir} "
+                           "--out DIR`")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise LMForgeError(f"--out {out_dir} is not empty; pass --overwrite to replace it")
     reader = dcp.FileSystemReader(ckpt_dir / SHARDED)

@@ -4,7 +4,8 @@
 - a sharded run killed after its step-4 checkpoint and resumed ends exactly as the uninterrupted one;
 - the last checkpoint's model.safetensors (weights gathered to rank 0) equals, bit for bit, what
   `lmforge convert CKPT --out DIR` consolidates offline from the shards; LLM.load reads both;
-- LoRA: the adapters are sharded with their blocks and are all that trains;
+- LoRA (`--lora.r`): the adapters are sharded with their blocks, trained and checkpointed alone, and
+  resume exactly;
 - activation checkpointing recomputes the same losses (fp32).
 """
 
@@ -129,57 +130,65 @@ def test_consolidated_model_dir_equals_the_gathered_weights(runs, tmp_path):
     assert not torch.equal(step4.model.tok_emb.weight, LLM.load(str(out6)).model.tok_emb.weight)  # an earlier model
 
 
-def lora_training_code(data, out, overrides: list[str]) -> str:
-    """`lmforge train`'s job with add_lora in its build_model (the Python API; r 4 on q, v and down)."""
-    return ("import torch; torch.set_num_threads(1)\n"
-            "from lmforge.nn.lora import LoRASettings, add_lora\n"
-            "from lmforge.train.config import build_config\n"
-            "from lmforge.train.loop import train_job\n"
-            "from lmforge.train.pretrain import pretraining_job\n"
-            f"cfg = build_config(None, {overrides!r}, None)\n"
-            f"job = pretraining_job(cfg, {str(data)!r})\n"
-            "build = job.build_model\n"
-            "def build_lora():\n"
-            "    model = build()\n"
-            "    add_lora(model, LoRASettings(r=4, alpha=8, targets='q,v,down'))\n"
-            "    return model\n"
-            "job.build_model = build_lora\n"
-            f"train_job(job, cfg.train, {str(out)!r})\n")
+LORA = ["--lora.r", "4", "--lora.alpha", "8", "--lora.targets", "q,v,down"]
 
 
-def test_lora_under_fsdp_trains_only_the_adapters(runs, tmp_path):
-    """add_lora inside the job's build_model: frozen base and trainable adapters share each block's
-    FSDP group; the 2 sharded processes train as 1 process does at the same global batch, and every
-    base tensor ends at its initial value while the adapters moved."""
-    short = TINY + STEPS + ["--train.max_steps", "2"]
-    done = torchrun(lora_training_code(runs["data"], tmp_path / "lora", short + FSDP), tmp_path, "lora")
-    assert done.returncode == 0, done.stderr[-3000:]
-    one = run_python(lora_training_code(runs["data"], tmp_path / "lora1", short + ["--train.grad_accum", "4"]))
+def test_a_lora_run_shards_its_adapters_and_resumes_exactly(runs, tmp_path):
+    """`--lora.r` under FSDP: frozen base and adapters share each block's group; 2 sharded processes
+    train as 1 process does at the same global batch; the shards hold only the adapters and their
+    AdamW moments, every checkpoint's model directory is the adapter in PEFT's format (gathered from
+    the shards), and a run killed after its step-2 checkpoint resumes to the same last bit."""
+    from lmforge import LLM
+    from lmforge.errors import LMForgeError
+
+    args = TINY + STEPS + LORA + ["--train.max_steps", "4"]
+    data, single, sharded, resumed = runs["data"], tmp_path / "single", tmp_path / "sharded", tmp_path / "resumed"
+    one = run_python(training_code(data, single, args + ["--train.grad_accum", "4"]))
     assert one.returncode == 0, one.stderr
-    a, b = read_metrics(tmp_path / "lora1"), read_metrics(tmp_path / "lora")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 2]
+    two = torchrun(training_code(data, sharded, args + FSDP), tmp_path, "lora")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(single), read_metrics(sharded)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 2, 3, 4, 4]
     for ra, rb in zip(a, b):
         for key in ("loss", "grad_norm", "val_loss"):
             assert (key in ra) == (key in rb)
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-5)
-    trained = load_file(str(tmp_path / "lora" / "checkpoints" / "step_00000002" / "model.safetensors"))
-    torch.manual_seed(1337)  # the loop's init seed (train.seed): the same base weights and adapter A
-    from lmforge.models.decoder import Decoder, DecoderConfig
-    from lmforge.nn.lora import LoRASettings, add_lora
+    ckpt = sharded / "checkpoints" / "step_00000004"
+    assert {"adapter_config.json", "adapter_model.safetensors", "lora_base.json", "sharded"} <= \
+        {p.name for p in ckpt.iterdir()} and not (ckpt / "model.safetensors").exists()
+    import torch.distributed.checkpoint as dcp
 
-    cfg = json.loads((tmp_path / "lora" / "checkpoints" / "step_00000002" / "model_config.json").read_text())
-    init = Decoder(DecoderConfig(**cfg["config"]))
-    add_lora(init, LoRASettings(r=4, alpha=8, targets="q,v,down"))
-    start = {k: v for k, v in init.state_dict().items() if k != "lm_head.weight"}
-    assert set(trained) == set(start)
-    adapters = sorted(k for k in start if ".adapters." in k)
-    assert len(adapters) == 2 * 3 * 2  # 2 blocks x (q, v, down) x (A, B)
-    for name in start:
-        if name in adapters:
-            assert not torch.equal(trained[name], start[name]), name
-        else:
-            assert torch.equal(trained[name], start[name]), name
+    keys = dcp.FileSystemReader(ckpt / "sharded").read_metadata().state_dict_metadata
+    model_keys = sorted(k for k in keys if k.startswith("model."))
+    assert len(model_keys) == 2 * 3 * 2 and all(".adapters." in k for k in model_keys)  # 2 blocks x (q, v, down) x (A, B)
+    wa = load_file(str(single / "checkpoints" / "step_00000004" / "adapter_model.safetensors"))
+    wb = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert set(wa) == set(wb) and len(wa) == 2 * 2 * 2  # PEFT's GPT-2 names: q and v stacked in c_attn
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=2e-5)
+        if "lora_B" in name:
+            assert wb[name].abs().max() > 0, name  # B starts at zero: it trained
+    base_a, base_b = load_file(str(single / "base" / "model.safetensors")), load_file(str(sharded / "base" / "model.safetensors"))
+    assert set(base_a) == set(base_b) and all(torch.equal(base_a[k], base_b[k]) for k in base_a)  # the initial model
+    idx = torch.tensor([[5, 9, 12, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(LLM.load(str(sharded)).model(idx), LLM.load(str(single)).model(idx), rtol=1e-4, atol=1e-4)
+    with pytest.raises(LMForgeError, match="is a LoRA checkpoint whose adapter is already a model directory"):
+        from lmforge.checkpoint import consolidate_sharded
+
+        consolidate_sharded(ckpt, tmp_path / "out")
+
+    kill = sigkill_after_step(2).replace("if step == 2:", "if step == 2 and os.environ['RANK'] == '0':")
+    killed = torchrun(kill + training_code(data, resumed, args + FSDP), tmp_path, "lora-killed")
+    assert killed.returncode != 0
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    again = torchrun(training_code(data, resumed, args + FSDP, resume="auto"), tmp_path, "lora-resumed")
+    assert again.returncode == 0, again.stderr[-3000:]
+    strip = lambda run: [{k: v for k, v in r.items() if k not in MEASURED} for r in read_metrics(run)]  # noqa: E731
+    assert strip(resumed) == strip(sharded)
+    wc = load_file(str(resumed / "checkpoints" / "step_00000004" / "adapter_model.safetensors"))
+    assert all(torch.equal(wb[k], wc[k]) for k in wb)
 
 
 def test_activation_checkpointing_gives_the_same_losses(runs, tmp_path):
@@ -254,6 +263,9 @@ def test_sharding_units_are_the_blocks_of_every_family():
                                     "--train.parallelism fsdp splits across processes; use adamw, or ddp"),
     (["--train.dtype", "float16"], "train.dtype float16 needs a gradient scaler, which --train.parallelism fsdp "
                                    "does not support; use bfloat16"),
+    (["--lora.r", "4", "--lora.quantize", "int8"], "--train.parallelism fsdp shards parameters, and a quantised base "
+                                                   "(lora.quantize) is held in buffers that every process would keep "
+                                                   "whole; use --train.parallelism ddp"),
 ])
 def test_what_fsdp_cannot_do_is_one_message_before_anything_is_written(runs, tmp_path, monkeypatch, setting, message):
     """In this process as torchrun's one worker would be (FSDP applies under torchrun at any world size)."""

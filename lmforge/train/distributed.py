@@ -152,12 +152,43 @@ def _without_tied(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """This process's shards of the model and the optimizer, keyed by parameter name (for DCP)."""
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, trained_only: bool = False) -> dict[str, Any]:
+    """This process's shards of the model and the optimizer, keyed by parameter name (for DCP).
+    trained_only: the model's trained tensors alone (a LoRA run: its frozen base is not saved)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": _without_tied(model, get_model_state_dict(model)),
-            "optim": get_optimizer_state_dict(model, optimizer)}
+    state = _without_tied(model, get_model_state_dict(model))
+    if trained_only:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
+    return {"model": state, "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def full_trained_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: whole tensor} of every trained parameter, gathered from the FSDP shards; every rank
+    must call it (the gathers are collectives), and every rank gets the tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def parameters_replaced(model: nn.Module, values: dict[str, torch.Tensor] | None):
+    """`values` in place of the named parameters for the duration (whole tensors over FSDP's
+    shards, for code that reads the modules, such as the adapter writer); the same parameter
+    objects are put back after. None: nothing replaced."""
+    saved = []
+    try:
+        for name, value in (values or {}).items():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            saved.append((module, leaf, module._parameters[leaf]))
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        yield
+    finally:
+        for module, leaf, p in reversed(saved):
+            module._parameters[leaf] = p
 
 
 def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
 from lmforge.runtime import resolve_device
 from lmforge.nn.lora import base_state_dict, trainable_parameters
+from lmforge.nn.quant import quantization_of
 from lmforge.train import distributed as D
 from lmforge.train.adapters import (BASE_DIR, load_trainable_state, prepare_lora, trainable_state,
                                     write_adapter_model)
@@ -152,9 +153,9 @@ class Trainer:
         raw = self.task.build_model()
         # LoRA / QLoRA: base quantised and frozen, adapters added (train/adapters.py); None: full fine-tuning
         self.lora = prepare_lora(raw, self.task.lora, self.task.head_modules, seed=t.seed, device=self.device)
-        if self.lora is not None and info.sharded:
-            raise LMForgeError("a LoRA run (--lora.r) is not sharded yet: use --train.parallelism ddp (the adapters "
-                               "are small; DDP replicates them cheaply)")
+        if self.lora is not None and info.sharded and quantization_of(raw) is not None:
+            raise LMForgeError("--train.parallelism fsdp shards parameters, and a quantised base (lora.quantize) is "
+                               "held in buffers that every process would keep whole; use --train.parallelism ddp")
         if self.state is not None and not sharded_ckpt and self.lora is not None:  # the trained tensors only
             load_trainable_state(raw, self.tensors, self.ckpt / ckpt_io.TRAIN_STATE_TENSORS)
         elif self.state is not None and not sharded_ckpt:
@@ -163,6 +164,9 @@ class Trainer:
         self.raw = raw.to(self.device)
         # the base a LoRA run's adapter goes on, by absolute path (the run may be loaded from elsewhere)
         self.base = str(Path(self.task.base or self.out / BASE_DIR).resolve()) if self.lora is not None else None
+        # RUN/base of a LoRA run without a base directory, taken while the weights are whole (unsharded)
+        self.initial_base = (base_state_dict(raw) if self.lora is not None and self.task.base is None
+                             and self.state is None and info.is_main else None)
         self.raw.train()
         if t.activation_checkpointing:
             D.checkpoint_activations(self.raw)
@@ -182,7 +186,7 @@ class Trainer:
                                          name=t.optimizer, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
                                          muon_weight_decay=t.muon_weight_decay)
         if sharded_ckpt:  # the weights and AdamW moments of this process's shards
-            shards = D.sharded_state(self.raw, self.optimizer)
+            shards = D.sharded_state(self.raw, self.optimizer, trained_only=self.lora is not None)
             ckpt_io.load_sharded(self.ckpt, shards)
             D.load_sharded_state(self.raw, self.optimizer, shards)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -271,7 +275,8 @@ class Trainer:
         """RUN/base: the frozen initial model of a LoRA run that has no base directory (`lmforge train`)."""
         tmp = self.out / f".tmp_{BASE_DIR}"
         shutil.rmtree(tmp, ignore_errors=True)
-        ckpt_io.write_model_dir(tmp, self.raw, extra_files=self.task.files, state=base_state_dict(self.raw))
+        ckpt_io.write_model_dir(tmp, self.raw, extra_files=self.task.files, state=self.initial_base)
+        self.initial_base = None
         ckpt_io.replace_dir_atomically(tmp, self.out / BASE_DIR)
 
     def _weights_writer(self) -> Any:
@@ -534,13 +539,24 @@ class Trainer:
         improved = math.isfinite(val_loss) and (self.best_val is None or val_loss < self.best_val)
         if improved:
             self.best_val = val_loss
-        gathered = D.full_model_state(self.raw) if info.sharded and improved and self.t.keep_best else None
+        gathered, adapter = self._gathered(info.sharded and improved and self.t.keep_best)
         if info.is_main:
             self.metrics.write(row)
             if improved and self.t.keep_best:
-                ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files,
-                                              weights=self._weights_writer(), model_state=gathered)
+                with D.parameters_replaced(self.raw, adapter):
+                    ckpt_io.write_best_checkpoint(self.out, self.raw, row, extra_files=self.task.files,
+                                                  weights=self._weights_writer(), model_state=gathered)
         return row
+
+    def _gathered(self, wanted: bool) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+        """(the whole model's weights on rank 0, a LoRA run's trained tensors on every rank), gathered
+        from the FSDP shards when `wanted`; every rank calls it. A LoRA run's model directory is its
+        adapter, so only the trained tensors are gathered (the frozen base stays sharded)."""
+        if not wanted:
+            return None, None
+        if self.lora is not None:
+            return None, D.full_trained_parameters(self.raw)
+        return D.full_model_state(self.raw), None
 
     def _plot(self) -> None:
         """loss.png: the loss on the objective's axis, and the job's panels under it."""
@@ -568,13 +584,15 @@ class Trainer:
         if self.device.type == "cuda":
             for r, st in enumerate(D.all_gather_bytes(torch.cuda.get_rng_state(self.device), info)):
                 tensors[f"rng.cuda.r{r}"] = st
-        gathered = None
+        gathered = adapter = None
         if info.sharded:
             if info.is_main:
                 ckpt_io.start_staging(self.out, self.step)
             D.barrier(info)
-            ckpt_io.save_sharded(ckpt_io.staging_dir(self.out, self.step), D.sharded_state(self.raw, self.optimizer))
-            gathered = D.full_model_state(self.raw) if final else None
+            ckpt_io.save_sharded(ckpt_io.staging_dir(self.out, self.step),
+                                 D.sharded_state(self.raw, self.optimizer, trained_only=self.lora is not None))
+            # the final checkpoint holds the whole model; a LoRA run's, every one, its (small) adapter
+            gathered, adapter = self._gathered(final or self.lora is not None)
             D.barrier(info)  # every shard is on disk before rank 0 renames the directory
         if not info.is_main:
             return
@@ -612,13 +630,14 @@ class Trainer:
         if hasattr(source, "state_dict"):
             for name, value in source.state_dict().items():
                 tensors[f"batches.{name}"] = value.detach().cpu().contiguous()
-        if self.lora is not None:  # the model directory holds the adapter; resume reads these
+        if self.lora is not None and not info.sharded:  # the model directory holds the adapter; resume reads these
             tensors.update({k: v.detach().cpu().contiguous() for k, v in trainable_state(self.raw).items()})
-        ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
-                                       keep=self.t.keep_checkpoints, extra_files=self.task.files,
-                                       weights=self._weights_writer() if self.lora is not None else
-                                       _in_shards if info.sharded and gathered is None else None,
-                                       model_state=gathered, staged=info.sharded)
+        with D.parameters_replaced(self.raw, adapter):
+            ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
+                                           keep=self.t.keep_checkpoints, extra_files=self.task.files,
+                                           weights=self._weights_writer() if self.lora is not None else
+                                           _in_shards if info.sharded and gathered is None else None,
+                                           model_state=gathered, staged=info.sharded)
         if self.parked is not None:
             shutil.rmtree(self.parked, ignore_errors=True)
             self.parked = None
