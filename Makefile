@@ -104,7 +104,7 @@ clean:
 RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment \
-                  results-distill results-lora-chat results-tool-demo results-federated results-memorisation \
+                  results-distill results-lora-chat results-tool-demo results-federated results-memorisation results-report \
                   results-clip
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
                   results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured \
@@ -166,6 +166,11 @@ results-memorisation: dev  # a model over-fit on one play (extraction, membershi
 	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
 	$(TIMED) $(PY) benchmarks/memorisation.py --out runs/memorisation --demo-run $(DEMO_RUN) --demo-data $(DEMO_DATA) \
 	    --results $(RESULTS)
+
+results-report: dev  # lmforge report, every section, on make demo's model and the sentiment MiniLM: wall time each
+	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
+	@test -d runs/sentiment/minilm || $(MAKE) --no-print-directory results-sentiment
+	$(TIMED) $(PY) benchmarks/report_timing.py --demo $(DEMO_RUN) --sentiment runs/sentiment/minilm --results $(RESULTS)
 
 results-bench: dev
 	$(TIMED) $(PY) benchmarks/run.py --results $(RESULTS)
