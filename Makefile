@@ -211,6 +211,8 @@ results-structured: dev  # JSON-Schema mask cost per token next to a decode step
 results-lora-memory: dev  # peak RSS of an SFT step, GPT-2 124M shape at 8 x 512: full fine-tuning vs LoRA r=16 vs QLoRA int4
 	$(TIMED) $(PY) benchmarks/lora_memory.py --results $(RESULTS)
 	$(TIMED) $(PY) benchmarks/lora_memory.py --activation-checkpointing --results $(RESULTS)lora-memory-checkpointing.json
+	$(TIMED) $(PY) benchmarks/lora_memory.py --activation-checkpointing --mmap-threshold 131072 \
+	    --results $(RESULTS)lora-memory-checkpointing-mmap.json
 
 results-lora-chat: dev  # the chat demo's SFT, full vs LoRA r=64 all-linear, at the same 8-minute budget (a quiet machine)
 	@test -d $(CHAT_RUN) || $(MAKE) --no-print-directory results-chat-demo

@@ -211,12 +211,13 @@ def test_lora_memory_quick_measures_each_variant_in_its_own_process():
 
     from train_fixtures import REPO
 
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lora_memory.py"), "--quick"], cwd=REPO,
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lora_memory.py"), "--quick",
+                           "--mmap-threshold", "131072"], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads(done.stdout)
-    assert (r["shape"], r["batch"], r["seq_len"], r["r"]) == ("tiny", 2, 32, 16)
+    assert (r["shape"], r["batch"], r["seq_len"], r["r"], r["malloc_mmap_threshold"]) == ("tiny", 2, 32, 16, 131072)
     rows = r["variants"]
     assert list(rows) == ["full", "lora", "qlora"]
     assert rows["full"]["trainable_share"] == 1.0
@@ -230,3 +231,5 @@ def test_lora_memory_quick_measures_each_variant_in_its_own_process():
     assert [v["name"] for v in r["verdicts"]] == ["lora_peak_rss_vs_full", "qlora_peak_rss_vs_full",
                                                   "lora_trainable_share"]
     assert rows["lora"]["peak_rss_vs_full"] == round(rows["lora"]["peak_rss_bytes"] / rows["full"]["peak_rss_bytes"], 4)
+    above = {v: rows[v]["peak_rss_bytes"] - rows[v]["rss_before_model_bytes"] for v in rows}
+    assert rows["qlora"]["peak_above_start_vs_full"] == round(above["qlora"] / above["full"], 4)
