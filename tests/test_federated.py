@@ -16,6 +16,7 @@ import yaml
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
+from lmforge.train.metrics import read_rows
 from tests.train_fixtures import PYTHON, REPO, TINY, make_data_dir, run_python
 
 FED_TINY = TINY + ["--train.seq_len", "16", "--train.micro_batch_size", "2"]
@@ -377,10 +378,14 @@ def test_federated_shakespeare_clients_are_roles_of_training_plays_only(tmp_path
 
 def test_make_federated_demo_quick_prints_one_json_line(tmp_path):
     data = federated_data(tmp_path / "data", 4)
-    done = subprocess.run([PYTHON, "benchmarks/federated.py", "--quick", "--data", str(data),
+    done = subprocess.run([PYTHON, "benchmarks/federated.py", "--quick", "--data", str(data), "--fedsgd-rounds", "3",
                            "--out", str(tmp_path / "bench")], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(last) >= {"centralised_bpb", "fedavg_bpb", "fedsgd_bpb", "rounds_to_target_fedavg",
                          "rounds_to_target_fedsgd"}
+    assert (last["rounds"], last["fedsgd_rounds"]) == (2, 3)
+    assert [r["round"] for r in read_rows(tmp_path / "bench" / "fedsgd" / "metrics.jsonl")] == [1, 2, 3]
+    assert last["target_bpb"] == max(last["fedavg_bpb"], last["fedsgd_bpb"])
+    assert last["rounds_ratio"] == last["rounds_to_target_fedsgd"] / last["rounds_to_target_fedavg"]
