@@ -104,7 +104,7 @@ clean:
 RESULTS ?= docs/results/
 TIMED    = $(PY) -m lmforge.bench.results --name $@ --
 RESULTS_QUALITY = results-demo results-demo-shape results-chat-demo results-align-demo results-folio results-sentiment \
-                  results-distill results-lora-chat results-tool-demo results-federated results-memorisation results-report \
+                  results-distill results-lora-chat results-tool-demo results-federated results-memorisation results-report results-report-card \
                   results-clip
 RESULTS_SPEED   = results-bench results-speedrun results-serve results-align-bench results-bench-encoder \
                   results-bench-seq2seq results-quant results-decode-profile results-speculative results-structured \
@@ -171,6 +171,11 @@ results-report: dev  # lmforge report, every section, on make demo's model and t
 	@test -d $(DEMO_RUN) || $(MAKE) --no-print-directory results-demo
 	@test -d runs/sentiment/minilm || $(MAKE) --no-print-directory results-sentiment
 	$(TIMED) $(PY) benchmarks/report_timing.py --demo $(DEMO_RUN) --sentiment runs/sentiment/minilm --results $(RESULTS)
+
+results-report-card: dev  # README's picture: the memorisation section of the over-fit control's report (make results-memorisation first)
+	@test -d runs/memorisation/overfit || $(MAKE) --no-print-directory results-memorisation
+	$(PY) -m lmforge.cli report runs/memorisation/overfit --sections memorisation --out runs/report-card
+	$(PY) benchmarks/report_screenshot.py runs/report-card --section memorisation --out docs/report_card.png
 
 results-bench: dev
 	$(TIMED) $(PY) benchmarks/run.py --results $(RESULTS)

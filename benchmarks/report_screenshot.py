@@ -1,11 +1,12 @@
 """A picture of one section of a `lmforge report` page, for the README (docs/report_card.png).
 
-    python benchmarks/report_screenshot.py CARD_DIR [--section explanations] [--out docs/report_card.png]
+    python benchmarks/report_screenshot.py CARD_DIR [--section memorisation] [--out docs/report_card.png]
                                            [--width 900]
 
 Opens CARD_DIR/report.html in headless Chromium (Debian's, through Playwright; nothing is fetched:
 the page is self-contained) and saves the section's element as a PNG. The page comes from
-`lmforge report MODEL --out CARD_DIR` (make results-report writes runs/report-timing/demo).
+`lmforge report MODEL --out CARD_DIR`; `make results-report-card` reports the memorisation benchmark's
+over-fit model and saves its memorisation section as docs/report_card.png.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("card", help="a report's output directory (holds report.html)")
-    p.add_argument("--section", default="explanations", help="the section's id: bias, memorisation, energy, explanations")
+    p.add_argument("--section", default="memorisation", help="the section's id: bias, memorisation, energy, explanations")
     p.add_argument("--out", default="docs/report_card.png")
     p.add_argument("--width", type=int, default=900, help="viewport width in CSS pixels")
     a = p.parse_args(argv)
