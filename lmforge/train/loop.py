@@ -27,7 +27,8 @@ Exact resume: weights, AdamW moments, grad-scaler state, RNG states and the step
 is the data position, see job.py) are saved; a resumed run continues as if never stopped. Under
 train.parallelism fsdp (distributed.py) every process writes its shards of the weights and AdamW
 moments (checkpoint.py's `sharded/`), and the run's last checkpoint also gathers the full weights
-into model.safetensors, so `LLM.load(RUN)` reads it as any run.
+into model.safetensors, so `LLM.load(RUN)` reads it as any run. A sharded LoRA run's shards hold
+only the trained tensors and their moments, and every checkpoint gathers its adapter (PEFT's files).
 """
 
 from __future__ import annotations
