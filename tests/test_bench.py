@@ -105,6 +105,8 @@ def test_hf_gpt2_weights_give_equal_logits():
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_chunked_linear_cross_entropy_matches_reference(softcap):
+    from lmforge.nn.losses import linear_cross_entropy
+
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 16, generator=g, requires_grad=True)
     w = torch.randn(50, 16, generator=g, requires_grad=True)
@@ -115,7 +117,7 @@ def test_chunked_linear_cross_entropy_matches_reference(softcap):
         z = softcap * torch.tanh(z / softcap)
     ref = F.cross_entropy(z, y, ignore_index=-100)
     gh, gw = torch.autograd.grad(2.0 * ref, (h, w))
-    got = btrain.chunked_linear_cross_entropy(h, w, y, rows=8, softcap=softcap)  # 37 rows: uneven last block
+    got = linear_cross_entropy(h, w, y, rows=8, softcap=softcap)  # 37 rows: uneven last block
     gh2, gw2 = torch.autograd.grad(2.0 * got, (h, w))
     assert got.item() == pytest.approx(ref.item(), abs=1e-5)
     assert torch.allclose(gh, gh2, atol=1e-6) and torch.allclose(gw, gw2, atol=1e-6)

@@ -89,15 +89,6 @@ from lmforge.nn.linear import OneDNNLinear, onednn_linear, onednn_available, use
 from lmforge.nn.losses import linear_cross_entropy  # noqa: E402
 
 
-# ---- fused LM head + cross entropy (lmforge.nn.losses) ----------------------------------------
-
-def chunked_linear_cross_entropy(h_NC: torch.Tensor, w_VC: torch.Tensor, y_N: torch.Tensor, *,
-                                 rows: int | None = None, ignore_index: int = -100,
-                                 softcap: float | None = None) -> torch.Tensor:
-    """F.cross_entropy(softcap(h @ w.T), y, ignore_index) without materialising the logits."""
-    return linear_cross_entropy(h_NC, w_VC, y_N, rows=rows, ignore_index=ignore_index, softcap=softcap)
-
-
 def hidden_states(model: nn.Module, x_BT: torch.Tensor) -> torch.Tensor:
     """The final-norm output (B, T, C) of an lmforge Decoder: what the LM head would multiply.
 
@@ -126,7 +117,7 @@ class ChunkedCausalLMObjective:
     def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
         x_BT, y_BT = batch
         h_BTC = hidden_states(model, x_BT)
-        loss = chunked_linear_cross_entropy(h_BTC.flatten(0, 1), model.lm_head.weight, y_BT.flatten(),
+        loss = linear_cross_entropy(h_BTC.flatten(0, 1), model.lm_head.weight, y_BT.flatten(),
                                             rows=self.rows, ignore_index=self.ignore_index,
                                             softcap=model.cfg.logit_softcap)
         return loss, {"loss": loss.detach()}
@@ -206,7 +197,7 @@ def op_category(name: str) -> str:
         return "matmul"
     if "adam" in n or n.startswith("aten::_foreach") or "optimizer" in n or "clip_grad" in n:
         return "optimizer"
-    if "softmax" in n or "nll_loss" in n or "cross_entropy" in n or "logsumexp" in n or "chunkedlinearce" in n:
+    if "softmax" in n or "nll_loss" in n or "cross_entropy" in n or "logsumexp" in n or "linearcrossentropy" in n:
         return "loss"
     if any(k in n for k in ("layer_norm", "rms_norm", "gelu", "tanh", "silu", "relu")):
         return "norm_activation"
