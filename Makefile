@@ -39,10 +39,12 @@ chat-demo: venv
 	$(PY) -m lmforge.demo.chat_demo --base $(DEMO_RUN) --out runs/chat-demo $(THREADS_FLAG)
 
 # The layer contract (pyproject.toml [tool.importlinter]; --no-cache leaves no cache folder in the
-# checkout) first, then the suite; -rs prints why a test skipped.
+# checkout) first, then the suite; -rs prints why a test skipped. -n auto: one pytest-xdist worker per
+# core (most tests compute on one thread), a module's tests on one worker (--dist loadscope: its
+# fixtures are built once).
 test: dev
 	$(VENV)/bin/lint-imports --no-cache
-	$(VENV)/bin/python -m pytest -x -rs --durations=10
+	$(VENV)/bin/python -m pytest -x -rs --durations=10 -n auto --dist loadscope
 
 # On a GPU machine: each fine-tuning method on CUDA against the CPU (make test hides CUDA).
 # LMFORGE_REQUIRE_GPU=1: a machine without a CUDA device (or a CPU build of torch) fails, never skips.

@@ -17,6 +17,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def cli_threads(monkeypatch):
+    """In-process CLI calls compute on 1 thread, as the killed/resumed subprocesses of the resume tests
+    do (OMP_NUM_THREADS=1) and as a 2-core CI machine's default (half the cores) does: bit-exact resume
+    checks compare runs whose float reductions must split the same way, whatever the caller exported."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run faster on one thread, and far faster when other processes share the cores."""
