@@ -18,7 +18,7 @@ Held-out emoji: zero-shot category accuracy against the majority class (and the 
 Speed: images/s of LLM.embed_image's model call and of CLIPVisionModel (same weights, same pixels, fp32),
        at the trained model's shape and at ViT-B/32 (224 px), --threads threads; glibc malloc tuned for both.
 
-    python benchmarks/clip.py [--data DIR] [--out runs/clip] [--minutes 9] [--threads 2] [--picture PNG]
+    python benchmarks/clip.py [--data DIR] [--out runs/clip] [--minutes 9] [--threads 2] [--augment 1] [--picture PNG]
                               [--quick] [--results PATH] [--json PATH]
 
 --quick: a few steps of clip-tiny and the small speed shape only (tests). Prints one JSON object.
@@ -63,7 +63,7 @@ def train(data: Path, run: Path, args: argparse.Namespace) -> float:
                   "--train.eval_every", "100000", "--train.eval_iters", "4"]
     cmd = LMFORGE + ["train", "--data", str(data), "--out", str(run), "--overwrite", "--threads", str(args.threads),
                      "--train.objective", "clip", "--train.lr", str(args.lr), "--train.ckpt_every", "100000",
-                     "--train.progress", "false", *budget]
+                     "--train.progress", "false", "--objective.image_augment", str(args.augment), *budget]
     log(" ".join(cmd[2:]))
     t0 = time.time()
     subprocess.run(cmd, check=True)
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128, help="pairs per micro-batch (the contrastive batch)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--augment", type=float, default=1.0, help="objective.image_augment: strength of the random views (0: none)")
     p.add_argument("--picture", help="write the held-out examples picture here (PNG)")
     p.add_argument("--json", help="also write the JSON here")
     p.add_argument("--quick", action="store_true", help="a few training steps, the small speed shape only")
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge import LLM
 
     llm = LLM.load(out / "run")
-    result: dict[str, Any] = {"train_minutes": round(minutes, 2), "threads": args.threads,
+    result: dict[str, Any] = {"train_minutes": round(minutes, 2), "threads": args.threads, "image_augment": args.augment,
+                              "batch": args.batch, "lr": args.lr,
                               "preset": "clip-tiny" if args.quick else args.preset,
                               "params": llm.model.num_params(), "steps": json.loads(
                                   (out / "run" / "metrics.jsonl").read_text().splitlines()[-1]).get("step")}

@@ -228,6 +228,30 @@ def test_clip_objective_batches_are_distinct_pairs_of_a_pure_function(emoji_dir)
     assert all(a["input_ids"][i, :ends[i]].ne(0).all() for i in range(8))
 
 
+def test_image_augment_views_are_random_valid_and_reproducible():
+    from lmforge.data.images import augment
+
+    cfg = config_from_preset("clip-tiny")
+    mean, std = cfg.image_mean, cfg.image_std
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    img = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    img[:, :, :8] = 1.0  # a white band: the background colour
+    px = (img - m) / s
+    view = lambda seed, strength=1.0: augment(px, torch.Generator().manual_seed(seed), mean, std, strength)  # noqa: E731
+    a = view(3)
+    assert a.shape == px.shape and a.dtype == px.dtype
+    assert torch.equal(a, view(3)) and not torch.equal(a, view(4))  # a function of the generator's state
+    assert torch.equal(view(3, 0.0), px)  # strength 0: the pixels untouched
+    rgb = a * s + m
+    assert rgb.min() >= -1e-6 and rgb.max() <= 1 + 1e-6  # still pixels in [0, 1]
+    assert all((a[i] - px[i]).abs().max() > 0.05 for i in range(6))  # every image gets its own view
+    white = (torch.ones(4, 3, 32, 32) - m) / s  # a white image stays one flat colour (corners fill white)
+    w = augment(white, torch.Generator().manual_seed(1), mean, std) * s + m
+    assert (w - w.mean((2, 3), keepdim=True)).abs().max() < 1e-5
+    weak = (view(3, 0.1) - px).abs().mean()
+    assert weak < (a - px).abs().mean() / 2  # strength scales the ranges
+
+
 def test_clip_pretraining_runs_and_resumes_bit_exactly(emoji_dir, tmp_path):
     import subprocess
 
@@ -236,15 +260,16 @@ def test_clip_pretraining_runs_and_resumes_bit_exactly(emoji_dir, tmp_path):
     from lmforge.train.pretrain import run_training
     from train_fixtures import killed_cli
 
-    full = run_training(str(emoji_dir), str(tmp_path / "full"), overrides=TRAIN)
+    train = [*TRAIN, "--objective.image_augment", "1"]  # random views, drawn per (seed, step, index) too
+    full = run_training(str(emoji_dir), str(tmp_path / "full"), overrides=train)
     assert full["steps"] == 8 and full["val_ppl"] is None and full["val_loss"] < math.log(8) + 0.5
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["chance_acc"] == pytest.approx(1 / 8) and rows[0]["loss"] == pytest.approx(math.log(8), abs=0.1)
     # SIGKILL after step 4 (its checkpoint written), resume: same losses and weights as the run without a stop
     proc = subprocess.run(killed_cli(4, ["train", "--data", str(emoji_dir), "--out", str(tmp_path / "part"),
-                                         "--threads", str(torch.get_num_threads()), *TRAIN]), capture_output=True, text=True)
+                                         "--threads", str(torch.get_num_threads()), *train]), capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    run_training(str(emoji_dir), str(tmp_path / "part"), overrides=TRAIN, resume="auto")
+    run_training(str(emoji_dir), str(tmp_path / "part"), overrides=train, resume="auto")
 
     def losses(run):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -263,6 +288,8 @@ def test_clip_objective_errors(emoji_dir, tmp_path):
         run_training(str(emoji_dir), str(tmp_path / "r1"), overrides=TRAIN + ["--model.parts", "vision"])
     with pytest.raises(LMForgeError, match=r"model.eos_id \(5\) is not the tokenizer's EOS \(0\)"):
         run_training(str(emoji_dir), str(tmp_path / "r2"), overrides=TRAIN + ["--model.eos_id", "5"])
+    with pytest.raises(LMForgeError, match=r"objective.image_augment must be >= 0 \(0 = no augmentation\), got -1.0"):
+        run_training(str(emoji_dir), str(tmp_path / "r4"), overrides=TRAIN + ["--objective.image_augment", "-1"])
     with pytest.raises(LMForgeError, match="is not an image-text directory"):
         run_training(str(tmp_path), str(tmp_path / "r3"), overrides=TRAIN)
 

@@ -8,7 +8,8 @@ tower pools).
 A micro-batch is `micro_batch_size` pairs of DISTINCT captions (two styles of one emoji in a batch
 would be false negatives): a permutation of the distinct captions and, for each, one of its images,
 both drawn from a generator seeded by (seed, step, index), so a resumed run sees exactly the batches
-of the uninterrupted one. The loss is the symmetric InfoNCE over the micro-batch's pairs
+of the uninterrupted one. With `objective.image_augment` > 0 each image is a random view drawn from the
+same generator (lmforge.data.images.augment: resized crop, rotation, flip, mild colour jitter). The loss is the symmetric InfoNCE over the micro-batch's pairs
 (models/clip.contrastive_loss; no gathering across processes: each micro-batch is its own set of
 negatives), with the temperature capped at 100 as CLIP does. Stats: acc (image -> text top-1 within
 the batch) and its chance level 1 / batch.
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from lmforge.data.image_text import ImageTextSplit
-from lmforge.data.images import preprocess
+from lmforge.data.images import augment, preprocess
 from lmforge.data.masking import mask_generator
 from lmforge.errors import LMForgeError
 from lmforge.models.clip import contrastive_loss
@@ -54,7 +55,8 @@ class PairBatches:
     """Training micro-batches {"pixels", "input_ids"} of distinct captions (see the module docstring)."""
 
     def __init__(self, pixels: torch.Tensor, ids: list[list[int]], captions: list[str], micro_batch_size: int,
-                 seed: int, pad_id: int, name: str = "train split"):
+                 seed: int, pad_id: int, name: str = "train split", augment_strength: float = 0.0,
+                 mean: Any = None, std: Any = None):
         by_caption: dict[str, list[int]] = defaultdict(list)
         for i, c in enumerate(captions):
             by_caption[c].append(i)
@@ -63,13 +65,17 @@ class PairBatches:
             raise LMForgeError(f"the {name} has {len(self.groups)} distinct captions, fewer than "
                                f"train.micro_batch_size ({micro_batch_size}); lower train.micro_batch_size")
         self.pixels, self.ids, self.mb, self.seed, self.pad_id = pixels, ids, micro_batch_size, seed, pad_id
+        self.augment_strength, self.mean, self.std = augment_strength, mean, std
 
     def micro_batch(self, step: int, index: int) -> dict[str, torch.Tensor]:
         g = mask_generator(self.seed, step, index)
         chosen = torch.randperm(len(self.groups), generator=g)[:self.mb].tolist()
         picks = torch.randint(0, 1 << 30, (self.mb,), generator=g).tolist()
         rows = [self.groups[c][p % len(self.groups[c])] for c, p in zip(chosen, picks)]
-        return {"pixels": self.pixels[rows], "input_ids": pad_ids([self.ids[r] for r in rows], self.pad_id)}
+        pixels = self.pixels[rows]
+        if self.augment_strength > 0:  # drawn after the rows: the same (seed, step, index), the same views
+            pixels = augment(pixels, g, self.mean, self.std, self.augment_strength)
+        return {"pixels": pixels, "input_ids": pad_ids([self.ids[r] for r in rows], self.pad_id)}
 
 
 def eval_batches(split: ImageTextSplit, pixels: torch.Tensor, ids: list[list[int]], micro_batch_size: int,
@@ -118,9 +124,12 @@ def make_clip(ctx: PretrainContext) -> PretrainParts:
     if eos != cfg.eos_id:
         raise LMForgeError(f"model.eos_id ({cfg.eos_id}) is not the tokenizer's EOS ({eos}), which ends every caption; "
                            f"set --model.eos_id {eos}")
+    strength = float(ctx.options.image_augment)
+    if strength < 0:
+        raise LMForgeError(f"objective.image_augment must be >= 0 (0 = no augmentation), got {strength}")
     train_ids = caption_ids(tok, train.captions(), ctx.seq_len)
     batches = PairBatches(pixels_of(train, cfg), train_ids, train.captions(), ctx.micro_batch_size, ctx.seed,
-                          tok.pad_id, ctx.train_name)
+                          tok.pad_id, ctx.train_name, strength, cfg.image_mean, cfg.image_std)
     val_pixels, val_ids = pixels_of(val, cfg), caption_ids(tok, val.captions(), ctx.seq_len)
     fixed = eval_batches(val, val_pixels, val_ids, ctx.micro_batch_size, ctx.eval_iters, tok.pad_id)
     if not fixed:

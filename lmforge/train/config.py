@@ -134,6 +134,8 @@ class ObjectiveConfig:
     infill_ratio: float = config_field(0.3, "text_infilling: share of tokens replaced by mask spans (BART)")
     poisson_lambda: float = config_field(3.0, "text_infilling: mean span length, Poisson distributed (BART)")
     permute_sentences: bool = config_field(True, "text_infilling: shuffle the sentences of each window first (BART)")
+    image_augment: float = config_field(0.0, "clip: strength of the random view of each training image (resized crop, "
+                                        "rotation, flip, colour jitter, grey scale; lmforge.data.images.augment); 0 = none")
 
 
 @dataclass
