@@ -421,10 +421,19 @@ def test_benchmark_quick_reports_every_figure_with_its_anchors(emoji_dir, tmp_pa
     speed = r["speed"]["trained"]
     assert speed["max_abs_diff"] < 1e-4 and speed["lmforge_images_per_s"] > 0 and speed["speedup"] > 0
     assert r["steps"] == 4 and len(r["categories"]) == 9
+    fit = r["training_images"]
+    assert fit["images"] == len((emoji_dir / "train.jsonl").read_text().splitlines())
+    assert 0 <= fit["retrieval"]["model"]["r1"] <= fit["retrieval"]["model"]["r5"] <= 1
     from PIL import Image
 
     with Image.open(tmp_path / "ex.png") as im:
         assert im.size == (1200, 160)
+    # --skip-train evaluates the run already there, with the same figures
+    assert bench.main(["--quick", "--skip-train", "--data", str(emoji_dir), "--out", str(tmp_path / "b"), "--threads", "1",
+                       "--json", str(tmp_path / "again.json")]) == 0
+    torch.set_num_threads(threads)
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["held_out_style"] == r["held_out_style"] and again["steps"] == 4 and again["trained_before"] is True
 
 
 def test_cli_convert_both_ways_and_llm_load_of_a_hugging_face_folder(trained, tmp_path, capsys):
