@@ -158,6 +158,7 @@ results-sentiment: dev
 
 results-clip: dev  # CLIP from scratch on the emoji data (9 min, 2 threads) against chance / pixel-NN / majority anchors
 	$(TIMED) $(PY) benchmarks/clip.py --out runs/clip --minutes 9 --threads 2 --picture docs/clip_examples.png --results $(RESULTS)
+	$(PY) benchmarks/clip.py --out runs/clip --skip-train --threads 2 --results $(patsubst %/,%,$(RESULTS))/clip-fit.json
 
 results-distill: dev  # the sentiment MiniLM and the chat-demo model distilled into small students, against training them alone
 	@test -d runs/sentiment/minilm || $(MAKE) --no-print-directory results-sentiment
