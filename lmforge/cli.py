@@ -538,7 +538,8 @@ def cmd_federated(args: argparse.Namespace, extra: list[str]) -> int:
 
     summary = run_federated(args.data, args.out, clients=args.clients, clients_per_round=args.clients_per_round,
                             rounds=args.rounds, local_steps=args.local_steps, strategy=args.strategy,
-                            proximal_mu=args.proximal_mu, server_lr=args.server_lr, base=args.base,
+                            proximal_mu=args.proximal_mu, server_lr=args.server_lr,
+                            server_momentum=args.server_momentum, base=args.base,
                             config_file=args.config, recipe=args.recipe, overrides=extra, engine=args.engine,
                             resume=args.resume, overwrite=args.overwrite,
                             dp_clipping_norm=args.dp_clipping_norm or 0.0, dp_noise_multiplier=args.dp_noise_multiplier,
@@ -891,12 +892,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clients-per-round", type=_positive_int, required=True, help="clients sampled each round")
     s.add_argument("--rounds", type=_positive_int, required=True, help="federated rounds")
     s.add_argument("--local-steps", type=_positive_int, required=True, help="optimizer steps per client per round")
-    s.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"],
-                   help="Flower strategy (default fedavg)")
+    s.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam", "fedavgm"],
+                   help="Flower strategy (default fedavg; fedavgm: FedAvg with server momentum)")
     s.add_argument("--proximal-mu", type=float, default=0.01,
                    help="fedprox: weight of the proximal term (default 0.01)")
-    s.add_argument("--server-lr", type=float, default=0.01,
-                   help="fedadam: the server's Adam step size eta (default 0.01)")
+    s.add_argument("--server-lr", type=float, default=None,
+                   help="the server's step size: fedadam's Adam eta (default 0.01), fedavgm's learning rate "
+                        "(default 1.0)")
+    s.add_argument("--server-momentum", type=float, default=0.9,
+                   help="fedavgm: the server's momentum on the averaged update (default 0.9)")
     s.add_argument("--dp-clipping-norm", type=_positive_float, default=None,
                    help="differential privacy: clip each client's update to this L2 norm and add Gaussian noise "
                         "to the aggregate (Flower's fixed-clipping DP wrapper; fedavg or fedprox)")

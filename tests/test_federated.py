@@ -236,16 +236,18 @@ def test_base_model_starts_the_federation_and_fixes_its_architecture(tmp_path, o
 
 
 RESUME_ARGS = ["--clients", "3", "--clients-per-round", "2", "--rounds", "3", "--local-steps", "2",
-               "--strategy", "fedadam", "--engine", "inprocess", *FED_TINY]
+               "--engine", "inprocess", *FED_TINY]
 
 
-def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, one_thread):
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, one_thread, strategy):
     """A run SIGKILLed while round 3's clients train resumes from round 2's global model (and FedAdam's
-    moments) and ends where the uninterrupted run ends, bit for bit, with the same sampled nodes."""
+    moments, or FedAvgM's momentum) and ends where the uninterrupted run ends, bit for bit, with the same
+    sampled nodes."""
     from lmforge.cli import main
 
     data = federated_data(tmp_path / "data", 3)
-    cli = ["federated", "--data", str(data), *RESUME_ARGS]
+    cli = ["federated", "--data", str(data), *RESUME_ARGS, "--strategy", strategy]
     assert main(cli + ["--out", str(tmp_path / "a")]) == 0
     kill = ("import os, signal\n"
             "import lmforge.federated.client as c\n"
@@ -269,6 +271,35 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, one_thread)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
     assert strip(ra) == strip(rb) and [r["round"] for r in ra] == [1, 2, 3]
     assert json.loads((tmp_path / "b" / "model" / "federated_state.json").read_text())["round"] == 3
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["federated"]
+    assert saved["server-lr"] == {"fedadam": 0.01, "fedavgm": 1.0}[strategy]  # each strategy's own default
+    server = ckpt_io.load_tensors(tmp_path / "a" / "model" / "server_state.safetensors")
+    assert set(server) == ({f"{m}.{k}" for m in "mv" for k in wa} if strategy == "fedadam" else {f"momentum.{k}" for k in wa})
+
+
+def test_fedavgm_steps_with_flowers_server_momentum(tmp_path, one_thread):
+    """FedAvgM's global model is w - lr * m, m = momentum * m + (w - mean of the clients' models), the
+    pseudo-gradient of Hsu et al.; with momentum 0 and lr 1 it is FedAvg's mean itself."""
+    from lmforge.federated.run import run_federated
+
+    data = federated_data(tmp_path / "data", 2)
+    common = dict(clients=2, clients_per_round=2, local_steps=1, overrides=FED_TINY, engine="inprocess")
+    run_federated(str(data), str(tmp_path / "avg"), rounds=2, **common)
+    run_federated(str(data), str(tmp_path / "m0"), rounds=2, strategy="fedavgm", server_momentum=0.0, **common)
+    wa, w0 = weights(tmp_path / "avg" / "model"), weights(tmp_path / "m0" / "model")
+    assert all(torch.equal(wa[k], w0[k]) for k in wa)
+    # one round of FedAvgM at lr 0.5: halfway from the start to FedAvg's round-1 mean
+    run_federated(str(data), str(tmp_path / "avg1"), rounds=1, **common)
+    run_federated(str(data), str(tmp_path / "half"), rounds=1, strategy="fedavgm", server_lr=0.5, **common)
+    from lmforge.federated.setup import exchanged_state, federation, run_config_of
+
+    saved = yaml.safe_load((tmp_path / "half" / "config.yaml").read_text())["federated"]
+    run_config = run_config_of({**saved, "out": str(tmp_path / "half"), "config": json.dumps(saved["config"])})
+    start = exchanged_state(federation(run_config).template)
+    mean, half = weights(tmp_path / "avg1" / "model"), weights(tmp_path / "half" / "model")
+    assert all(torch.allclose(half[k], start[k] - 0.5 * (start[k] - mean[k]), atol=1e-6) for k in mean)
+    momentum = ckpt_io.load_tensors(tmp_path / "half" / "model" / "server_state.safetensors")
+    assert all(torch.allclose(momentum[f"momentum.{k}"], start[k] - mean[k], atol=1e-6) for k in mean)
 
 
 def test_cli_refuses_a_used_run_and_bad_settings(tmp_path, capsys, one_thread):
@@ -286,6 +317,10 @@ def test_cli_refuses_a_used_run_and_bad_settings(tmp_path, capsys, one_thread):
     assert main(base + ["--clients-per-round", "1", "--dp-clipping-norm", "1", "--strategy", "fedadam"]) == 2
     assert ("error: differential privacy (--dp-clipping-norm) needs --strategy fedavg or fedprox"
             in capsys.readouterr().err)
+    assert main(base + ["--clients-per-round", "1", "--dp-clipping-norm", "1", "--strategy", "fedavgm"]) == 2
+    assert "and FedAvgM's server step rescales it, so no epsilon holds" in capsys.readouterr().err
+    assert main(base + ["--clients-per-round", "1", "--strategy", "fedavgm", "--server-momentum", "1"]) == 2
+    assert "error: --server-momentum must lie in [0, 1), got 1.0" in capsys.readouterr().err
     assert main(base[:4] + ["5"] + base[5:] + ["--clients-per-round", "1"]) == 2
     assert f"error: --clients 5: {data} holds 2 clients" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # a user error writes nothing
@@ -297,6 +332,12 @@ def test_cli_refuses_a_used_run_and_bad_settings(tmp_path, capsys, one_thread):
     assert main(base + ["--clients-per-round", "1", "--resume", "--train.lr", "1e-2"]) == 2
     assert (f"error: the settings differ from those {tmp_path / 'run'} was started with: train.lr (0.003 -> 0.01); "
             "only --rounds may change on --resume") in capsys.readouterr().err
+    config = tmp_path / "run" / "config.yaml"  # a run recorded before --server-momentum existed resumes
+    saved = yaml.safe_load(config.read_text())
+    del saved["federated"]["server-momentum"]
+    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert main(base[:6] + ["2"] + base[7:] + ["--clients-per-round", "1", "--resume"]) == 0
+    capsys.readouterr()
     assert main(base + ["--clients-per-round", "1", "--engine", "simulation", "--overwrite"]) == 2
     assert "only backend in flwr is Ray, and ray is not installed" in capsys.readouterr().err
     deploy = base + ["--clients-per-round", "2", "--engine", "deployment", "--overwrite"]
@@ -379,13 +420,16 @@ def test_federated_shakespeare_clients_are_roles_of_training_plays_only(tmp_path
 def test_make_federated_demo_quick_prints_one_json_line(tmp_path):
     data = federated_data(tmp_path / "data", 4)
     done = subprocess.run([PYTHON, "benchmarks/federated.py", "--quick", "--data", str(data), "--fedsgd-rounds", "3",
-                           "--out", str(tmp_path / "bench")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           "--strategy", "fedavgm", "--out", str(tmp_path / "bench")], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(last) >= {"centralised_bpb", "fedavg_bpb", "fedsgd_bpb", "rounds_to_target_fedavg",
                          "rounds_to_target_fedsgd"}
-    assert (last["rounds"], last["fedsgd_rounds"]) == (2, 3)
+    assert (last["rounds"], last["fedsgd_rounds"], last["strategy"]) == (2, 3, "fedavgm")
+    strategies = [yaml.safe_load((tmp_path / "bench" / run / "config.yaml").read_text())["federated"]["strategy"]
+                  for run in ("fedavg", "fedsgd")]
+    assert strategies == ["fedavgm", "fedavg"]  # the multi-step row takes --strategy; FedSGD stays plain
     assert [r["round"] for r in read_rows(tmp_path / "bench" / "fedsgd" / "metrics.jsonl")] == [1, 2, 3]
     assert last["target_bpb"] == max(last["fedavg_bpb"], last["fedsgd_bpb"])
     assert last["rounds_ratio"] == last["rounds_to_target_fedsgd"] / last["rounds_to_target_fedavg"]

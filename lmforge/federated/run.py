@@ -33,7 +33,8 @@ import yaml
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
-from lmforge.federated.setup import SETTINGS, check_settings, federation, run_config_of
+from lmforge.federated.setup import (LATER_DEFAULTS, SETTINGS, check_settings, default_server_lr, federation,
+                                     run_config_of)
 from lmforge.train.config import build_config, config_differences, gather_config_dict
 
 ENGINES = ("auto", "simulation", "inprocess", "deployment")
@@ -44,7 +45,8 @@ RESUMABLE = ("rounds",)  # settings that may change on resume
 
 
 def run_federated(data: str, out: str, *, clients: int, clients_per_round: int, rounds: int, local_steps: int,
-                  strategy: str = "fedavg", proximal_mu: float = 0.01, server_lr: float = 0.01,
+                  strategy: str = "fedavg", proximal_mu: float = 0.01, server_lr: float | None = None,
+                  server_momentum: float = 0.9,
                   base: str | None = None, config_file: str | None = None, recipe: str | None = None,
                   overrides: Sequence[str] | dict = (), engine: str = "auto", resume: bool = False,
                   overwrite: bool = False, dp_clipping_norm: float = 0.0, dp_noise_multiplier: float = 1.0,
@@ -63,7 +65,9 @@ def run_federated(data: str, out: str, *, clients: int, clients_per_round: int, 
     cfg = build_config(overrides=given)
     settings = run_config_of({"data": str(Path(data)), "out": str(Path(out)), "clients": clients,
                               "clients-per-round": clients_per_round, "rounds": rounds, "local-steps": local_steps,
-                              "strategy": strategy, "proximal-mu": proximal_mu, "server-lr": server_lr,
+                              "strategy": strategy, "proximal-mu": proximal_mu,
+                              "server-lr": default_server_lr(strategy) if server_lr is None else server_lr,
+                              "server-momentum": server_momentum,
                               "base": base or "", "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
                               "dp-clipping-norm": dp_clipping_norm, "dp-noise-multiplier": dp_noise_multiplier,
                               "dp-clipping": dp_clipping, "dp-delta": dp_delta})
@@ -155,8 +159,8 @@ def _check_out(out: Path, settings: dict[str, Any], resume: bool, overwrite: boo
     if has_run and resume and saved_path.is_file():
         saved = (yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}).get("federated", {})
         now = _config_yaml(settings)["federated"]
-        diffs = [f"{k} ({saved.get(k)} -> {now[k]})" for k in now
-                 if k not in (*RESUMABLE, "config") and saved.get(k) != now[k]]
+        diffs = [f"{k} ({saved.get(k, LATER_DEFAULTS.get(k))} -> {now[k]})" for k in now
+                 if k not in (*RESUMABLE, "config") and saved.get(k, LATER_DEFAULTS.get(k)) != now[k]]
         diffs += config_differences(saved.get("config") or {}, now["config"])
         if diffs:
             raise LMForgeError(f"the settings differ from those {out} was started with: {'; '.join(diffs)}; "

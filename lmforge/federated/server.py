@@ -4,7 +4,7 @@ Each round r: the strategy samples `clients-per-round` of the connected nodes (P
 seeded with (train.seed, r) so a resumed run samples as the uninterrupted one) and sends them the
 global model and the round's config (`round_lr`); it aggregates their replies (FedAvg: the weighted
 mean, weights `num-examples`; FedProx: the same, clients add the proximal term; FedAdam: Adam on the
-averaged update, server-side). The new global model is evaluated on the held-out plays (the val
+averaged update, server-side; FedAvgM: SGD with momentum on it, Hsu et al. 2019). The new global model is evaluated on the held-out plays (the val
 split: loss and bits per byte as `lmforge train` computes them) and written, in this order:
   RUN/metrics.jsonl  one row per round: round, val_loss, val_bits_per_byte, client_loss (the clients'
                      mean local loss, weighted like the aggregation; FedProx's includes its term), bytes_sent / bytes_received
@@ -12,7 +12,8 @@ split: loss and bits per byte as `lmforge train` computes them) and written, in 
                      lr, elapsed
   RUN/loss.png       val bits per byte and client loss against the round
   RUN/model/         the global model, an lmforge model directory (replaced atomically), holding
-                     federated_state.json (the round it ends) and, for FedAdam, server_state.safetensors
+                     federated_state.json (the round it ends) and, for FedAdam and FedAvgM,
+                     server_state.safetensors (their moments)
 A killed run resumes from RUN/model: its round, weights and strategy state; metrics rows of later
 rounds are dropped and written again.
 
@@ -48,7 +49,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
-                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy)
+                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedAvgM, FedProx,
+                                     Strategy)
 
 from lmforge import checkpoint as ckpt_io
 from lmforge.errors import LMForgeError
@@ -87,6 +89,8 @@ def make_strategy(fed: Federation) -> Strategy:
         strategy: Strategy = FedProx(**common, proximal_mu=s["proximal-mu"])
     elif s["strategy"] == "fedadam":
         return FedAdam(**common, eta=s["server-lr"], beta_1=FEDADAM_BETAS[0], beta_2=FEDADAM_BETAS[1], tau=FEDADAM_TAU)
+    elif s["strategy"] == "fedavgm":
+        return FedAvgM(**common, server_learning_rate=s["server-lr"], server_momentum=s["server-momentum"])
     else:
         strategy = FedAvg(**common)
     if s["dp-clipping-norm"] <= 0:
@@ -169,6 +173,8 @@ def run_rounds(fed: Federation, grid: Grid) -> None:
         # resumed run continues from exactly what the uninterrupted one holds.
         state = {k: v.float() for k, v in aggregated.to_torch_state_dict().items()}
         arrays = ArrayRecord(state)
+        if isinstance(strategy, FedAvgM):
+            strategy.current_arrays = arrays  # its next step starts from the float32 model a resume loads
         row = {"round": r, **evaluate_global(fed, state), "client_loss": float(metrics["train_loss"]),
                "bytes_sent": payload_bytes(messages), "bytes_received": payload_bytes(replies),
                "nodes": sorted(m.metadata.dst_node_id for m in messages), "lr": lr,
@@ -193,6 +199,10 @@ def resume_point(fed: Federation, strategy: Strategy) -> tuple[int, dict[str, to
         tensors = ckpt_io.load_tensors(d / SERVER_TENSORS)
         strategy.m_t = {k[2:]: v.numpy() for k, v in tensors.items() if k.startswith("m.")}
         strategy.v_t = {k[2:]: v.numpy() for k, v in tensors.items() if k.startswith("v.")}
+    if isinstance(strategy, FedAvgM) and (d / SERVER_TENSORS).is_file():
+        tensors = ckpt_io.load_tensors(d / SERVER_TENSORS)
+        keys = list(exchanged_state(fed.template))  # Flower keeps the momentum as a list in the arrays' order
+        strategy.momentum_vector = [tensors[f"momentum.{k}"].numpy() for k in keys]
     model = fed.new_model()
     ckpt_io.load_state_checked(model, ckpt_io.load_tensors(d / ckpt_io.MODEL_WEIGHTS), d / ckpt_io.MODEL_WEIGHTS)
     return int(saved["round"]), exchanged_state(model)
@@ -217,6 +227,10 @@ def save_global(fed: Federation, state: dict[str, torch.Tensor], server_round: i
         if isinstance(strategy, FedAdam) and strategy.m_t:
             tensors = {f"m.{k}": torch.from_numpy(v) for k, v in strategy.m_t.items()}
             tensors.update({f"v.{k}": torch.from_numpy(v) for k, v in strategy.v_t.items()})
+            ckpt_io.save_tensors(tmp / SERVER_TENSORS, tensors)
+        if isinstance(strategy, FedAvgM) and strategy.momentum_vector is not None:
+            tensors = {f"momentum.{k}": torch.from_numpy(np.ascontiguousarray(v))
+                       for k, v in zip(state, strategy.momentum_vector, strict=True)}
             ckpt_io.save_tensors(tmp / SERVER_TENSORS, tensors)
         ckpt_io.replace_dir_atomically(tmp, out / MODEL_DIR)
     except BaseException:

@@ -29,13 +29,20 @@ from lmforge.train.config import RunConfig
 from lmforge.train.job import TrainJob
 from lmforge.train.pretrain import pretraining_job
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 DP_CLIPPING = ("server", "client")  # where Flower's fixed-clipping DP wrapper clips the client updates
 # Flower run-config keys (Flower's spelling: dashes) -> their type. dp-clipping-norm 0 = no differential privacy.
 SETTINGS = {"data": str, "out": str, "clients": int, "clients-per-round": int, "rounds": int, "local-steps": int,
-            "strategy": str, "proximal-mu": float, "server-lr": float, "base": str, "config": str,
+            "strategy": str, "proximal-mu": float, "server-lr": float, "server-momentum": float, "base": str, "config": str,
             "dp-clipping-norm": float, "dp-noise-multiplier": float, "dp-clipping": str, "dp-delta": float}
 DP_DEFAULTS = {"dp-clipping-norm": 0.0, "dp-noise-multiplier": 1.0, "dp-clipping": "server", "dp-delta": 1e-5}
+# Keys newer than some recorded runs, with the value those runs had in effect (their --resume compares them).
+LATER_DEFAULTS = {"server-momentum": 0.9}
+
+
+def default_server_lr(strategy: str) -> float:
+    """--server-lr when not given: FedAdam's eta 0.01 (Flower's default: 0.1); FedAvgM's plain step 1.0."""
+    return 1.0 if strategy == "fedavgm" else 0.01
 
 
 @dataclass
@@ -83,7 +90,7 @@ def load_exchanged_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 def run_config_of(settings: dict[str, Any]) -> dict[str, Any]:
     """Checked Flower run config from `lmforge federated`'s settings (the DP keys default to off)."""
-    settings = {**DP_DEFAULTS, **settings}
+    settings = {**DP_DEFAULTS, **LATER_DEFAULTS, **settings}
     missing = sorted(set(SETTINGS) - set(settings))
     if missing:
         raise LMForgeError(f"the federated run config lacks {', '.join(missing)}")
@@ -135,6 +142,8 @@ def check_settings(s: dict[str, Any]) -> None:
         raise LMForgeError(f"--proximal-mu must not be negative, got {s['proximal-mu']}")
     if s["server-lr"] <= 0:
         raise LMForgeError(f"--server-lr must be positive, got {s['server-lr']}")
+    if not 0 <= s["server-momentum"] < 1:
+        raise LMForgeError(f"--server-momentum must lie in [0, 1), got {s['server-momentum']}")
     if s["dp-clipping-norm"] < 0:
         raise LMForgeError(f"--dp-clipping-norm must be positive, got {s['dp-clipping-norm']}")
     if s["dp-noise-multiplier"] < 0:
@@ -143,11 +152,13 @@ def check_settings(s: dict[str, Any]) -> None:
         raise LMForgeError(f"unknown --dp-clipping '{s['dp-clipping']}'; choose one of: {', '.join(DP_CLIPPING)}")
     if not 0 < s["dp-delta"] < 1:
         raise LMForgeError(f"--dp-delta must lie strictly between 0 and 1, got {s['dp-delta']}")
-    if s["dp-clipping-norm"] > 0 and s["strategy"] == "fedadam":
+    if s["dp-clipping-norm"] > 0 and s["strategy"] in ("fedadam", "fedavgm"):
         # Flower's wrapper adds the noise to the strategy's output; FedAdam's per-coordinate step
-        # divides by its second moment, so the output's sensitivity is no longer clipping_norm / K.
-        raise LMForgeError("differential privacy (--dp-clipping-norm) needs --strategy fedavg or fedprox: Flower's "
-                           "DP wrapper noises the aggregate, and FedAdam's server step rescales it, so no epsilon holds")
+        # divides by its second moment and FedAvgM's adds past rounds' steps, so the output's
+        # sensitivity is no longer clipping_norm / K.
+        name = {"fedadam": "FedAdam", "fedavgm": "FedAvgM"}[s["strategy"]]
+        raise LMForgeError(f"differential privacy (--dp-clipping-norm) needs --strategy fedavg or fedprox: Flower's "
+                           f"DP wrapper noises the aggregate, and {name}'s server step rescales it, so no epsilon holds")
 
 
 def base_model_section(base: str) -> dict[str, Any]:
