@@ -4,8 +4,9 @@ Each round r: the strategy samples `clients-per-round` of the connected nodes (P
 seeded with (train.seed, r) so a resumed run samples as the uninterrupted one) and sends them the
 global model and the round's config (`round_lr`); it aggregates their replies (FedAvg: the weighted
 mean, weights `num-examples`; FedProx: the same, clients add the proximal term; FedAdam: Adam on the
-averaged update, server-side; FedAvgM: SGD with momentum on it, Hsu et al. 2019). The new global model is evaluated on the held-out plays (the val
-split: loss and bits per byte as `lmforge train` computes them) and written, in this order:
+averaged update, server-side; FedAvgM: SGD with momentum on it, Hsu et al. 2019). The new global
+model is evaluated on the held-out plays (the val split: loss and bits per byte as `lmforge train`
+computes them) and written, in this order:
   RUN/metrics.jsonl  one row per round: round, val_loss, val_bits_per_byte, client_loss (the clients'
                      mean local loss, weighted like the aggregation; FedProx's includes its term), bytes_sent / bytes_received
                      (ArrayRecord payload bytes to and from the clients), nodes (sampled node ids),
