@@ -9,7 +9,8 @@ A micro-batch is `micro_batch_size` pairs of DISTINCT captions (two styles of on
 would be false negatives): a permutation of the distinct captions and, for each, one of its images,
 both drawn from a generator seeded by (seed, step, index), so a resumed run sees exactly the batches
 of the uninterrupted one. With `objective.image_augment` > 0 each image is a random view drawn from the
-same generator (lmforge.data.images.augment: resized crop, rotation, flip, mild colour jitter). The loss is the symmetric InfoNCE over the micro-batch's pairs
+same generator (lmforge.data.images.augment: resized crop, rotation, flip, mild colour jitter). The
+loss is the symmetric InfoNCE over the micro-batch's pairs
 (models/clip.contrastive_loss; no gathering across processes: each micro-batch is its own set of
 negatives), with the temperature capped at 100 as CLIP does. Stats: acc (image -> text top-1 within
 the batch) and its chance level 1 / batch.
