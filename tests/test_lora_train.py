@@ -16,7 +16,8 @@ from lmforge.cli import main as cli
 from lmforge.errors import LMForgeError
 from lmforge.infer.llm import LLM
 from lmforge.models.decoder import Decoder, config_from_preset
-from lmforge.nn.lora import adapter_state_dict, base_state_dict, disabled, lora_modules
+from lmforge.nn.linear import Linear
+from lmforge.nn.lora import LoRALinear, adapter_state_dict, base_state_dict, disabled, lora_modules
 from lmforge.nn.quant import QuantizedLinear
 from lmforge.tokenizer import Tokenizer
 from sft_fixtures import task_rows, write_jsonl
@@ -232,6 +233,67 @@ def test_quantized_linear_passes_gradients_to_its_input():
         (q(x) * torch.arange(128.0)).sum().backward()
         ref = torch.arange(128.0) @ q.dequantize()  # d/dx of sum(c * (x W^T)) = c W
         assert torch.allclose(x.grad, ref.expand(3, -1), atol=1e-5, rtol=1e-5), scheme  # fp32 dx
+
+
+
+def _segmented_lora(base, dtype):
+    """A LoRA linear over `base` (64 -> 96) with segments q (rows 0-32, r 4) and v (rows 64-96, r 8): rows
+    32-64 have none, as k does when only q,v are targeted. B is random (a fresh one is zero)."""
+    m = LoRALinear(base)
+    m.add_adapter("default", {"q": (0, 32), "v": (64, 96)}, {"q": 4, "v": 8}, {"q": 2.0, "v": 0.5}, 0.0)
+    m.adapters.to(dtype)
+    for b in m.adapters["default"].lora_B.values():
+        torch.nn.init.normal_(b.weight)
+    return m
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "int4"])
+def test_training_forward_of_a_lora_linear_is_the_formula_with_its_gradients(base_kind):
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True)
+    base = lin if base_kind == "linear" else QuantizedLinear.from_linear(lin, "int4", 32)
+    for p in base.parameters():
+        p.requires_grad = False
+    m = _segmented_lora(base, torch.float32)
+    a = m.adapters["default"]
+    W = lin.weight.detach() if base_kind == "linear" else base.dequantize()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    c = torch.randn(3, 5, 96)
+    y = m(x)
+    assert type(y.grad_fn).__name__ == "_LoRALinearFnBackward"  # training takes the fused function
+    (y * c).sum().backward()
+    # the reference: plain autograd over the formula y = x W.T + b + s_q (x A_q.T) B_q.T on q's rows, ...
+    x2 = x.detach().clone().requires_grad_(True)
+    ws = {f"{ab}{seg}": getattr(a, f"lora_{ab}")[seg].weight.detach().clone().requires_grad_(True)
+          for ab in "AB" for seg in ("q", "v")}
+    ref = x2 @ W.t() + base.bias.detach()
+    if base_kind == "int4":  # the kernel multiplies in bf16: its values, the fp32 weight's gradient
+        ref = ref + (base(x2) - ref).detach()
+    delta_q = 2.0 * (x2 @ ws["Aq"].t()) @ ws["Bq"].t()
+    delta_v = 0.5 * (x2 @ ws["Av"].t()) @ ws["Bv"].t()
+    ref = ref + torch.cat([delta_q, torch.zeros(3, 5, 32), delta_v], dim=-1)
+    (ref * c).sum().backward()
+    assert torch.allclose(y, ref, atol=1e-5), (y - ref).abs().max()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-4), (x.grad - x2.grad).abs().max()
+    for seg in ("q", "v"):
+        assert torch.allclose(a.lora_A[seg].weight.grad, ws[f"A{seg}"].grad, atol=1e-4), seg
+        assert torch.allclose(a.lora_B[seg].weight.grad, ws[f"B{seg}"].grad, atol=1e-4), seg
+    assert lin.weight.grad is None
+    with torch.no_grad():  # inference keeps the plain graph (what serving and parity tests compare)
+        assert torch.allclose(m(x), y, atol=1e-5)
+
+
+def test_fused_lora_linear_passes_gradcheck_and_leaves_dropout_to_the_plain_graph():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 96, bias=False).double().requires_grad_(False)
+    m = _segmented_lora(base, torch.float64)
+    x = torch.randn(2, 3, 64, dtype=torch.float64, requires_grad=True)
+    weights = [p for p in m.adapters.parameters()]
+    assert torch.autograd.gradcheck(lambda x, *w: m(x), (x, *weights))
+    m.adapters["default"].dropout = torch.nn.Dropout(0.1)
+    assert type(m(x).grad_fn).__name__ != "_LoRALinearFnBackward"  # its mask lives in the plain graph
+    m.eval()
+    assert type(m(x).grad_fn).__name__ == "_LoRALinearFnBackward"  # dropout off: fused again
 
 
 def test_lmforge_train_with_lora_resumes_after_sigkill_exactly(tmp_path):

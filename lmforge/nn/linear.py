@@ -30,11 +30,19 @@ def onednn_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x_MK, w_NK, b_N, "none", [], "")
 
 
+def frozen_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b) outside autograd: oneDNN where `Linear` would use it, else F.linear (any strides)."""
+    if _ENABLED and x_MK.device.type == "cpu" and x_MK.dtype in (torch.float32, torch.bfloat16) and w_NK.dtype == x_MK.dtype:
+        return onednn_linear(x_MK, w_NK, b_N)
+    return F.linear(x_MK, w_NK, b_N)
+
+
 class _OneDNNLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None) -> torch.Tensor:
         x_MK = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x_MK, w_NK)
+        # a frozen weight needs no dW, so its input need not outlive the forward on this linear's account
+        ctx.save_for_backward(x_MK if w_NK.requires_grad else None, w_NK)
         ctx.x_shape, ctx.has_bias = x.shape, b_N is not None
         return onednn_linear(x_MK, w_NK, b_N).view(*x.shape[:-1], w_NK.shape[0])
 
