@@ -15,7 +15,7 @@ from reference_libs import reference_lib
 transformers = reference_lib("transformers")
 peft = reference_lib("peft")
 
-from lmforge.checkpoint import write_model_dir  # noqa: E402
+from lmforge.checkpoint import load_tensors, write_model_dir  # noqa: E402
 from lmforge.errors import LMForgeError  # noqa: E402
 from lmforge.interop.hf import convert_to_hf  # noqa: E402
 from lmforge.interop.peft import load_adapter, save_adapter  # noqa: E402
@@ -206,3 +206,41 @@ def test_seq2seq_adapter_equals_peft(tmp_path, kind, direction):
         base = seq2seq_model(kind)(input_ids=src, decoder_input_ids=tgt).logits
     assert (ref - got).abs().max().item() < TOL
     assert (ref - base).abs().max().item() > 1e-2  # the adapter acts
+
+
+@pytest.mark.parametrize("case,modules", [
+    ("gpt2", ["c_attn", "c_proj", "c_fc"]), ("gpt2", ["c_attn"]), ("llama", ["q_proj", "v_proj"]),
+    ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("llama", ["model.layers.1.self_attn.q_proj", "down_proj"])])
+def test_peft_target_names_select_the_modules_peft_selects(tmp_path, case, modules):
+    """`--lora.targets q_proj,v_proj` (PEFT's target_modules, as written for the HF architecture) puts
+    adapters of the same shapes on the same modules as `peft.get_peft_model` does on the export."""
+    from lmforge.interop.peft import hf_module_rows
+
+    cfg = GPT2_STYLE if case == "gpt2" else LLAMA_STYLE
+    model = make_model(**cfg)
+    write_model_dir(tmp_path / "base", model)
+    lora.add_lora(model, lora.LoRASettings(r=4, targets=",".join(modules)), aliases=hf_module_rows(model))
+    save_adapter(model, tmp_path / "ours", base=tmp_path / "base")
+    convert_to_hf(tmp_path / "base", tmp_path / "hf")
+    peft_model = peft.get_peft_model(load_in_transformers(tmp_path / "hf"),
+                                     peft.LoraConfig(r=4, target_modules=modules, fan_in_fan_out=case == "gpt2"))
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    ours = load_tensors(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs = load_tensors(tmp_path / "theirs" / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+def test_a_peft_name_that_matches_nothing_lists_the_hf_names_and_overlaps_are_refused():
+    from lmforge.interop.peft import hf_module_rows
+
+    model = make_model(**LLAMA_STYLE)
+    with pytest.raises(LMForgeError) as err:
+        lora.add_lora(model, lora.LoRASettings(r=4, targets="q_proj,qproj"), aliases=hf_module_rows(model))
+    assert str(err.value).endswith("or as Hugging Face names them down_proj,gate_proj,k_proj,lm_head,o_proj,"
+                                   "q_proj,up_proj,v_proj")
+    assert str(err.value).startswith("lora.targets: 'qproj' matches no linear layer of this model")
+    model = make_model(**GPT2_STYLE)
+    with pytest.raises(LMForgeError, match=r"^lora.targets: segments 'q' and 'all' of blocks.0.attn.qkv overlap "
+                                           r"\(rows 0-64 and 0-192\); target one of them$"):
+        lora.add_lora(model, lora.LoRASettings(r=4, targets="c_attn,q"), aliases=hf_module_rows(model))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import load_tensors, write_model_dir
+from lmforge.checkpoint import load_tensors, resolve_checkpoint, write_model_dir
 from lmforge.cli import main as cli
 from lmforge.errors import LMForgeError
 from lmforge.infer.llm import LLM
@@ -134,6 +134,17 @@ def test_cli_flags_targets_rslora_and_load_from_elsewhere(fx, tmp_path, capsys, 
     assert cli(["info", str(out)]) == 0
     assert f"LoRA adapter on        {(fx / 'base').resolve()}" in capsys.readouterr().out
 
+
+
+def test_cli_targets_accept_peft_module_names(fx, tmp_path):
+    """The base has GPT-2's layout, so PEFT's names for it (c_attn: q|k|v, c_fc: the MLP's input) work."""
+    out = tmp_path / "run"
+    assert cli(["finetune", "sft", "--base", str(fx / "base"), "--data", str(fx / "chat.jsonl"), "--out", str(out),
+                *STEPS, "--train.seq_len", "64", "--lora.r", "2", "--lora.targets", "c_attn,c_fc"]) == 0
+    config = json.loads((resolve_checkpoint(out) / "adapter_config.json").read_text())
+    assert config["target_modules"] == [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")]
+    segments = {n: sorted(m.adapters["default"].segments) for n, m in lora_modules(LLM.load(out).model).items()}
+    assert segments == {f"blocks.{i}.{m}": [seg] for i in range(2) for m, seg in (("attn.qkv", "all"), ("mlp.fc_in", "up"))}
 
 def test_a_lora_run_as_base_is_merged_and_the_chain_loads(fx, tmp_path):
     sft, _ = _train(fx, "sft", tmp_path / "sft", STEPS + LORA + EXTRA["sft"])

@@ -31,8 +31,8 @@ import torch
 from lmforge.checkpoint import atomic_write_text, load_tensors, save_tensors
 from lmforge.errors import LMForgeError
 from lmforge.interop.files import HF_CONFIG, HF_CONFIG_SIDECAR, read_json_file
-from lmforge.nn.lora import (DEFAULT_ADAPTER, WHOLE, LoRALinear, LoRASettings, freeze_base, linear_roles,
-                             lora_modules)
+from lmforge.nn.lora import (DEFAULT_ADAPTER, LoRALinear, LoRASettings, freeze_base, linear_roles,
+                             lora_modules, segment_name)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -78,6 +78,14 @@ def _module_parts(model: torch.nn.Module, base: str | Path | None) -> tuple[str 
         if entry is not None:
             parts[module] = [(name[: -len(".weight")], start, end) for name, start, end in entry[0]]
     return arch, parts
+
+
+def hf_module_rows(model: torch.nn.Module, base: str | Path | None = None) -> dict[str, list[tuple[str, int, int]]]:
+    """{lmforge linear: [(its module in the exported HF architecture, first row, end row)]}: what
+    `--lora.targets` also accepts (PEFT's target_modules: q_proj, c_attn, ...); {} for a family
+    without a Hugging Face tensor map."""
+    arch, parts = _module_parts(model, base)
+    return parts if arch is not None else {}
 
 
 def _tensor_names(model: torch.nn.Module, base: str | Path | None) -> dict[str, str]:
@@ -290,8 +298,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, name: str = DE
         r = A.shape[0]
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), hf_module, alpha0))
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        seg = next((role for role, rows in roles[module].items() if rows == (start, end)), None)
-        seg = seg or (WHOLE if (start, end) == (0, model.get_submodule(module).out_features) else f"rows_{start}_{end}")
+        seg = segment_name(roles[module], start, end, model.get_submodule(module).out_features)
         segments.setdefault(module, {})[seg] = ((start, end), A, B, scaling)
 
     # modules_to_save by lmforge's module names (the file names them as the HF architecture does)

@@ -320,9 +320,21 @@ def _matches(module_name: str, target: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
 
 
-def resolve_targets(model: nn.Module, settings: LoRASettings) -> dict[str, dict[str, tuple[int, int]]]:
+def segment_name(roles: dict[str, tuple[int, int]], start: int, end: int, out_features: int) -> str:
+    """The segment of a linear that rows [start, end) make: the role that owns exactly them, "all" for
+    every row, else "rows_START_END"."""
+    role = next((r for r, rows in roles.items() if rows == (start, end)), None)
+    return role or (WHOLE if (start, end) == (0, out_features) else f"rows_{start}_{end}")
+
+
+def resolve_targets(model: nn.Module, settings: LoRASettings,
+                    aliases: dict[str, list[tuple[str, int, int]]] | None = None) -> dict[str, dict[str, tuple[int, int]]]:
     """{linear name: {segment: rows}} the adapter goes on. A target that matches nothing is an error
-    that lists what is there."""
+    that lists what is there.
+
+    `aliases`: {linear name: [(its name elsewhere, first row, end row)]}, the modules the linears are in
+    the Hugging Face architecture the model exports to (q_proj, c_attn, ...). A target none of lmforge's
+    names match is looked up there by PEFT's rule, so PEFT's `target_modules` work as they are."""
     roles = linear_roles(model)
     saved = settings.save_list()
     targets = settings.target_list()
@@ -345,21 +357,38 @@ def resolve_targets(model: nn.Module, settings: LoRASettings) -> dict[str, dict[
             elif _matches(name, target):
                 chosen.setdefault(name, {}).update(segs)
                 hit = True
+        for name, parts in (aliases or {}).items() if not hit else ():
+            if name not in roles or any(_matches(name, s) for s in saved):
+                continue
+            out_features = max(end for _, end in roles[name].values())
+            for other, start, end in parts:
+                if _matches(other, target):
+                    chosen.setdefault(name, {})[segment_name(roles[name], start, end, out_features)] = (start, end)
+                    hit = True
         if not hit:
             present_roles = sorted({s for segs in roles.values() for s in segs if s != WHOLE},
                                    key=lambda s: ROLES.index(s) if s in ROLES else len(ROLES))
             short = sorted({n.split(".")[-1] for n in roles})
+            elsewhere = sorted({other.split(".")[-1] for parts in (aliases or {}).values() for other, _, _ in parts})
             raise LMForgeError(f"lora.targets: '{target}' matches no linear layer of this model; available: "
                                f"{ALL_LINEAR}, roles {','.join(present_roles) or '(none)'}, "
-                               f"modules {','.join(short)}")
+                               f"modules {','.join(short)}"
+                               + (f", or as Hugging Face names them {','.join(elsewhere)}" if elsewhere else ""))
+    for name, segs in chosen.items():
+        spans = sorted(segs.items(), key=lambda kv: kv[1])
+        for (s1, (_, end1)), (s2, (start2, _)) in zip(spans, spans[1:]):
+            if start2 < end1:
+                raise LMForgeError(f"lora.targets: segments '{s1}' and '{s2}' of {name} overlap (rows "
+                                   f"{segs[s1][0]}-{end1} and {start2}-{segs[s2][1]}); target one of them")
     return chosen
 
 
 def add_lora(model: nn.Module, settings: LoRASettings, name: str = DEFAULT_ADAPTER,
-             freeze: bool = True) -> list[str]:
+             freeze: bool = True, aliases: dict[str, list[tuple[str, int, int]]] | None = None) -> list[str]:
     """Put adapter `name` on the linears `settings.targets` selects (wrapping them in LoRALinear once),
-    freeze everything else except `modules_to_save`; returns the adapted module names."""
-    chosen = resolve_targets(model, settings)
+    freeze everything else except `modules_to_save`; returns the adapted module names. `aliases`: as
+    `resolve_targets` takes them."""
+    chosen = resolve_targets(model, settings, aliases)
     for module_name in settings.save_list():
         if not any(_matches(n, module_name) for n, _ in model.named_modules()):
             names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})

@@ -22,7 +22,7 @@ import torch.nn as nn
 from lmforge import checkpoint as ckpt_io
 from lmforge.config import config_field
 from lmforge.errors import LMForgeError
-from lmforge.interop.peft import save_adapter
+from lmforge.interop.peft import hf_module_rows, save_adapter
 from lmforge.nn.lora import DEFAULT_ADAPTER, LoRASettings, add_lora
 from lmforge.nn.quant import check_device, quant_config, quantization_of, quantize_model
 
@@ -38,7 +38,8 @@ class LoRAConfig:
     alpha: Optional[float] = config_field(None, "the update is scaled by alpha / r (none = r: scaling 1)")
     dropout: float = config_field(0.0, "dropout on the adapters' input")
     targets: str = config_field("all-linear", "all-linear (every linear but the LM head) | comma list of roles "
-                                "q,k,v,o,gate,up,down and/or module names")
+                                "q,k,v,o,gate,up,down and/or module names, lmforge's or PEFT's for the exported "
+                                "HF architecture (q_proj,v_proj; c_attn)")
     use_rslora: bool = config_field(False, "rsLoRA: scale by alpha / sqrt(r) instead of alpha / r")
     modules_to_save: str = config_field("", "comma list of modules trained in full and saved with the adapter "
                                         "(a method's fresh head, e.g. classify's, always is)")
@@ -74,7 +75,7 @@ def prepare_lora(model: nn.Module, cfg: LoRAConfig | None, head_modules: Sequenc
         quantize_model(model, qc)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        add_lora(model, settings)
+        add_lora(model, settings, aliases=hf_module_rows(model))  # PEFT's names of the modules work too
     return settings
 
 
