@@ -244,3 +244,25 @@ def test_a_peft_name_that_matches_nothing_lists_the_hf_names_and_overlaps_are_re
     with pytest.raises(LMForgeError, match=r"^lora.targets: segments 'q' and 'all' of blocks.0.attn.qkv overlap "
                                            r"\(rows 0-64 and 0-192\); target one of them$"):
         lora.add_lora(model, lora.LoRASettings(r=4, targets="c_attn,q"), aliases=hf_module_rows(model))
+
+
+def test_peft_loads_a_lora_training_run_directory(tmp_path):
+    """`lmforge train --lora.r` writes its random base to RUN/base and keeps the latest adapter at the top of
+    RUN: PEFT on the base's export, given the run directory itself, gives the run's logits."""
+    from lmforge.cli import main as cli
+    from train_fixtures import TINY, make_data_dir
+
+    data = make_data_dir(tmp_path / "data", train_chars=4_000, val_chars=1_000)
+    run = tmp_path / "run"
+    assert cli(["train", "--data", str(data), "--out", str(run), *TINY, "--train.max_steps", "3", "--train.lr", "5e-2",
+                "--train.eval_every", "0", "--lora.r", "4", "--lora.targets", "q,v,o,up,down"]) == 0
+    convert_to_hf(run / "base", tmp_path / "hf")
+    hf = load_in_transformers(tmp_path / "hf")
+    llm = LLM.load(run)
+    idx = torch.randint(0, llm.model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = hf(idx).logits
+        theirs = peft.PeftModel.from_pretrained(hf, str(run)).eval()(idx).logits
+        ours = llm.model(idx)
+    assert (ours - base_logits).abs().max().item() > 1e-3  # the trained adapter acts
+    assert (ours - theirs).abs().max().item() < TOL

@@ -141,7 +141,10 @@ def test_cli_targets_accept_peft_module_names(fx, tmp_path):
     out = tmp_path / "run"
     assert cli(["finetune", "sft", "--base", str(fx / "base"), "--data", str(fx / "chat.jsonl"), "--out", str(out),
                 *STEPS, "--train.seq_len", "64", "--lora.r", "2", "--lora.targets", "c_attn,c_fc"]) == 0
-    config = json.loads((resolve_checkpoint(out) / "adapter_config.json").read_text())
+    latest = resolve_checkpoint(out)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the run's top holds the latest adapter too
+        assert (out / name).read_bytes() == (latest / name).read_bytes(), name
+    config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_modules"] == [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")]
     segments = {n: sorted(m.adapters["default"].segments) for n, m in lora_modules(LLM.load(out).model).items()}
     assert segments == {f"blocks.{i}.{m}": [seg] for i in range(2) for m, seg in (("attn.qkv", "all"), ("mlp.fc_in", "up"))}

@@ -22,7 +22,7 @@ import torch.nn as nn
 from lmforge import checkpoint as ckpt_io
 from lmforge.config import config_field
 from lmforge.errors import LMForgeError
-from lmforge.interop.peft import hf_module_rows, save_adapter
+from lmforge.interop.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, hf_module_rows, save_adapter
 from lmforge.nn.lora import DEFAULT_ADAPTER, LoRASettings, add_lora
 from lmforge.nn.quant import check_device, quant_config, quantization_of, quantize_model
 
@@ -104,3 +104,13 @@ def write_adapter_model(directory: Path, model: nn.Module, base: str) -> None:
     save_adapter(model, directory, base=base)
     ckpt_io.atomic_write_text(directory / ckpt_io.LORA_BASE,
                               json.dumps({"base": base, "adapter": DEFAULT_ADAPTER}, indent=2))
+
+
+RUN_ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+
+
+def publish_adapter(checkpoint: Path, run_dir: Path) -> None:
+    """The checkpoint's adapter files at the top of the run too, so that PEFT reads the run directory
+    (`PeftModel.from_pretrained(model, RUN)`); lmforge's own commands read the latest checkpoint."""
+    for name in RUN_ADAPTER_FILES:  # the config last: whoever finds it finds the weights beside it
+        ckpt_io.atomic_write_bytes(run_dir / name, (checkpoint / name).read_bytes())

@@ -50,8 +50,8 @@ from lmforge.runtime import resolve_device
 from lmforge.nn.lora import base_state_dict, trainable_parameters
 from lmforge.nn.quant import quantization_of
 from lmforge.train import distributed as D
-from lmforge.train.adapters import (BASE_DIR, load_trainable_state, prepare_lora, trainable_state,
-                                    write_adapter_model)
+from lmforge.train.adapters import (BASE_DIR, RUN_ADAPTER_FILES, load_trainable_state, prepare_lora,
+                                    publish_adapter, trainable_state, write_adapter_model)
 from lmforge.train.config import TrainConfig, config_hash, validate_train
 from lmforge.train.energy import EnergyTracker
 from lmforge.train.job import TrainJob, to_device
@@ -289,6 +289,7 @@ class Trainer:
     def run_entries(self) -> tuple[str, ...]:
         """The entries of --out this run writes (lmforge's own; nothing else is moved or removed)."""
         own = (BASE_DIR,) if self.lora is not None and self.task.base is None else ()
+        own += RUN_ADAPTER_FILES if self.lora is not None else ()
         return tuple(dict.fromkeys(RUN_ENTRIES + own + tuple(self.task.files) + tuple(self.task.run_files)))
 
     def restore_parked_run(self) -> None:
@@ -634,11 +635,13 @@ class Trainer:
         if self.lora is not None and not info.sharded:  # the model directory holds the adapter; resume reads these
             tensors.update({k: v.detach().cpu().contiguous() for k, v in trainable_state(self.raw).items()})
         with D.parameters_replaced(self.raw, adapter):
-            ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
+            written = ckpt_io.write_train_checkpoint(self.out, self.step, self.raw, state, tensors,
                                            keep=self.t.keep_checkpoints, extra_files=self.task.files,
                                            weights=self._weights_writer() if self.lora is not None else
                                            _in_shards if info.sharded and gathered is None else None,
                                            model_state=gathered, staged=info.sharded)
+        if self.lora is not None:
+            publish_adapter(written, self.out)
         if self.parked is not None:
             shutil.rmtree(self.parked, ignore_errors=True)
             self.parked = None
