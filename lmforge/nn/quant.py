@@ -187,9 +187,10 @@ class QuantizedLinear(nn.Module):
             w_RK = self.qweight[flat].float() * self.scales[flat].float()[:, None]
         else:
             G = self.group_size
-            q_RGS = unpack_int4_rows(self.qweight, flat, self.k_padded).float().view(len(flat), -1, G)
+            w_RGS = unpack_int4_rows(self.qweight, flat, self.k_padded).float().view(len(flat), -1, G)
             sz_RG2 = self.scales[:, flat].float().transpose(0, 1)
-            w_RK = ((q_RGS - 8) * sz_RG2[..., :1] + sz_RG2[..., 1:]).view(len(flat), -1)
+            # (q - 8) * scale + zero in place: one (R, K) fp32 tensor, not four (QLoRA's backward runs this per linear)
+            w_RK = w_RGS.sub_(8).mul_(sz_RG2[..., :1]).add_(sz_RG2[..., 1:]).view(len(flat), -1)
         return w_RK[:, :self.in_features].view(*idx.shape, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
