@@ -219,8 +219,9 @@ results-structured: dev  # JSON-Schema mask cost per token next to a decode step
 	$(TIMED) $(PY) benchmarks/structured.py --chat $(CHAT_RUN) --results $(RESULTS)
 
 results-lora-memory: dev  # peak RSS of an SFT step, GPT-2 124M shape at 8 x 512: full fine-tuning vs LoRA r=16 vs QLoRA int4
-	$(TIMED) $(PY) benchmarks/lora_memory.py --results $(RESULTS)
-	$(TIMED) $(PY) benchmarks/lora_memory.py --activation-checkpointing --results $(RESULTS)lora-memory-checkpointing.json
+	$(TIMED) $(PY) benchmarks/lora_memory.py --repeat 3 --results $(RESULTS)
+	$(TIMED) $(PY) benchmarks/lora_memory.py --repeat 3 --activation-checkpointing \
+	    --results $(RESULTS)lora-memory-checkpointing.json
 	$(TIMED) $(PY) benchmarks/lora_memory.py --activation-checkpointing --mmap-threshold 131072 \
 	    --results $(RESULTS)lora-memory-checkpointing-mmap.json
 

@@ -214,7 +214,7 @@ def test_lora_memory_quick_measures_each_variant_in_its_own_process():
     from train_fixtures import REPO
 
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lora_memory.py"), "--quick",
-                           "--mmap-threshold", "131072"], cwd=REPO,
+                           "--mmap-threshold", "131072", "--repeat", "3"], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -230,6 +230,7 @@ def test_lora_memory_quick_measures_each_variant_in_its_own_process():
     assert rows["lora"]["total_params"] == rows["qlora"]["total_params"] == rows["full"]["total_params"] + 32768
     for v in rows.values():
         assert v["peak_rss_bytes"] > v["rss_before_model_bytes"] > 0 and math.isfinite(v["loss"])
+        assert r["repeat"] == 3 and v["peak_rss_bytes"] == sorted(v["peak_rss_bytes_runs"])[1]  # the median of 3
     assert [v["name"] for v in r["verdicts"]] == ["lora_peak_rss_vs_full", "qlora_peak_rss_vs_full",
                                                   "lora_trainable_share"]
     assert rows["lora"]["peak_rss_vs_full"] == round(rows["lora"]["peak_rss_bytes"] / rows["full"]["peak_rss_bytes"], 4)
