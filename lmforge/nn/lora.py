@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import LMForgeError
+from lmforge.nn.linear import Linear, frozen_linear
+from lmforge.nn.quant import QuantizedLinear
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 WHOLE = "all"  # the segment name of a linear that is not fused (all its rows)
@@ -173,8 +175,6 @@ class LoRALinear(nn.Module):
         adapter = self.adapters[self.active]
         if self.training and not isinstance(adapter.dropout, nn.Identity):
             return False  # dropout on the adapters' input: the plain graph keeps its mask
-        from lmforge.nn.quant import QuantizedLinear
-
         base = self.base
         if isinstance(base, nn.Linear):
             if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
@@ -187,8 +187,6 @@ class LoRALinear(nn.Module):
 
     def merged_weight(self, name: str | None = None) -> torch.Tensor:
         """The fp32 weight base + scaling B A of adapter `name` (default: the active one)."""
-        from lmforge.nn.quant import QuantizedLinear
-
         base = self.base.dequantize() if isinstance(self.base, QuantizedLinear) else self.base.weight.float()
         name = name or self.active
         return base + self.adapters[name].delta_weight()[: self.out_features] if name else base
@@ -219,8 +217,6 @@ class _LoRALinearFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, w_NK: torch.Tensor | None, b_N: torch.Tensor | None,
                 quantized: nn.Module | None, spans: tuple[tuple[int, int, float], ...],
                 *weights: torch.Tensor) -> torch.Tensor:
-        from lmforge.nn.linear import frozen_linear
-
         K = x.shape[-1]
         x_MK = x.reshape(-1, K)
         if quantized is None:
@@ -241,8 +237,6 @@ class _LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        from lmforge.nn.linear import frozen_linear
-
         x_MK, w_NK, *rest = ctx.saved_tensors
         n = len(ctx.spans)
         h_list, weights = rest[:n], rest[n:]
@@ -292,8 +286,6 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def _is_linear(m: nn.Module) -> bool:
-    from lmforge.nn.quant import QuantizedLinear
-
     return isinstance(m, (nn.Linear, QuantizedLinear)) and not isinstance(m, LoRALinear)
 
 
@@ -489,8 +481,6 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_lora(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold adapter `name` (default: the active one) into plain fp32 linears, in place: the weights
     become base + scaling B A and the LoRA modules disappear. A quantised base is dequantised."""
-    from lmforge.nn.linear import Linear
-
     for full, m in lora_modules(model).items():
         w = m.merged_weight(name)
         lin = Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device)
