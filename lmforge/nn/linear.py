@@ -30,11 +30,17 @@ def onednn_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x_MK, w_NK, b_N, "none", [], "")
 
 
+def use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x @ w.T goes to oneDNN: fp32 / bf16 CPU tensors of one dtype, eager mode. Under
+    torch.compile the graph keeps plain matmuls (inductor cannot lower this op on unpacked weights,
+    and picks its own CPU kernels)."""
+    return (_ENABLED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
+            and not torch.compiler.is_compiling())
+
+
 def frozen_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b) outside autograd: oneDNN where `Linear` would use it, else F.linear (any strides)."""
-    if _ENABLED and x_MK.device.type == "cpu" and x_MK.dtype in (torch.float32, torch.bfloat16) and w_NK.dtype == x_MK.dtype:
-        return onednn_linear(x_MK, w_NK, b_N)
-    return F.linear(x_MK, w_NK, b_N)
+    return onednn_linear(x_MK, w_NK, b_N) if use_onednn(x_MK, w_NK) else F.linear(x_MK, w_NK, b_N)
 
 
 class _OneDNNLinearFn(torch.autograd.Function):
@@ -64,8 +70,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (not _ENABLED or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != x.dtype
-                or torch.is_autocast_enabled("cpu")):
+        if not use_onednn(x, w) or torch.is_autocast_enabled("cpu"):
             return F.linear(x, w, self.bias)
         if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad):
             # inference: no autograd node, one oneDNN call (this is the decode hot path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.nn.linear import onednn_available, onednn_linear
+from lmforge.nn.linear import onednn_linear, use_onednn
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -25,7 +25,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h_NC.device)
         grad_h_NC = torch.empty_like(h_NC) if grad_h else None
         grad_w_VC = torch.zeros_like(w_VC) if grad_w else None
-        dnn = h_NC.device.type == "cpu" and h_NC.dtype == w_VC.dtype == torch.float32 and onednn_available()
+        dnn = h_NC.dtype == torch.float32 and use_onednn(h_NC, w_VC)
         for s in range(0, N, rows):
             h_RC, y_R, ok_R = h_NC[s:s + rows], y_N[s:s + rows], valid_N[s:s + rows]
             z_RV = (onednn_linear(h_RC, w_VC) if dnn else h_RC @ w_VC.t()).float()
