@@ -246,7 +246,7 @@ class _LoRALinearFn(torch.autograd.Function):
             if ctx.quantized is None:
                 gx_MK = frozen_linear(g_MN, w_NK.t())  # dy @ W
             else:
-                gx_MK = (g_MN.float() @ ctx.quantized.dequantize()).to(x_MK.dtype)
+                gx_MK = ctx.quantized.input_grad(g_MN, x_MK.dtype)
         grads: list[torch.Tensor | None] = []
         for i, (start, end, scaling) in enumerate(ctx.spans):
             A_RK, B_SR = weights[2 * i], weights[2 * i + 1]
@@ -349,14 +349,15 @@ def resolve_targets(model: nn.Module, settings: LoRASettings,
             elif _matches(name, target):
                 chosen.setdefault(name, {}).update(segs)
                 hit = True
-        for name, parts in (aliases or {}).items() if not hit else ():
-            if name not in roles or any(_matches(name, s) for s in saved):
-                continue
-            out_features = max(end for _, end in roles[name].values())
-            for other, start, end in parts:
-                if _matches(other, target):
-                    chosen.setdefault(name, {})[segment_name(roles[name], start, end, out_features)] = (start, end)
-                    hit = True
+        if not hit and aliases:  # PEFT's name for the module in the exported architecture
+            for name, parts in aliases.items():
+                if name not in roles or any(_matches(name, s) for s in saved):
+                    continue
+                out_features = max(end for _, end in roles[name].values())
+                for other, start, end in parts:
+                    if _matches(other, target):
+                        chosen.setdefault(name, {})[segment_name(roles[name], start, end, out_features)] = (start, end)
+                        hit = True
         if not hit:
             present_roles = sorted({s for segs in roles.values() for s in segs if s != WHOLE},
                                    key=lambda s: ROLES.index(s) if s in ROLES else len(ROLES))

@@ -193,6 +193,10 @@ class QuantizedLinear(nn.Module):
             w_RK = w_RGS.sub_(8).mul_(sz_RG2[..., :1]).add_(sz_RG2[..., 1:]).view(len(flat), -1)
         return w_RK[:, :self.in_features].view(*idx.shape, self.in_features)
 
+    def input_grad(self, dy_MN: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dy @ W for the frozen weight: the gradient of x (QLoRA), in fp32 with W dequantised and freed after."""
+        return (dy_MN.float() @ self.dequantize()).to(dtype)
+
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight (N, K) the kernel multiplies by (the reference of its matmul)."""
         return self.rows(torch.arange(self.out_features, device=self.qweight.device))
@@ -214,7 +218,7 @@ class _QuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy_MN: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return (dy_MN.float() @ ctx.layer.dequantize()).to(ctx.dtype), None
+        return ctx.layer.input_grad(dy_MN, ctx.dtype), None
 
 
 def _aligned_copies(module: QuantizedLinear, incompatible_keys: Any) -> None:
